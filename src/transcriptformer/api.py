@@ -1,0 +1,163 @@
+"""Python API: load a checkpoint, run it on cells, get NumPy arrays back.
+
+>>> import transcriptformer
+>>> model = transcriptformer.load("checkpoints/tf_sapiens", device="cpu")
+>>> result = model.predict("cells.h5ad", batch_size=8)
+>>> result["embeddings"].shape
+(n_cells, 2048)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import torch
+
+from transcriptformer.checkpoint import Checkpoint, load_checkpoint
+from transcriptformer.data.tokenize import TokenizedCells, TokenizerSettings, tokenize_anndata
+from transcriptformer.model.attention import Backend
+
+DEFAULT_OUTPUT_KEYS = ("embeddings", "llh", "gene_llh", "mu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` or ``"auto"``: CUDA when available, else MPS, else CPU; otherwise ``device`` itself."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for, but this torch build sees no CUDA GPU")
+    return device
+
+
+class TranscriptFormerModel:
+    """A loaded checkpoint ready for inference.
+
+    Parameters
+    ----------
+    checkpoint : Checkpoint
+        From :func:`~transcriptformer.checkpoint.load_checkpoint`.
+    device : torch.device
+        Where the model runs.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, device: torch.device):
+        self.checkpoint = checkpoint
+        self.device = device
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The underlying :class:`~transcriptformer.model.transcriptformer.TranscriptFormer`."""
+        return self.checkpoint.model
+
+    def tokenize(
+        self,
+        data: ad.AnnData | str | Path,
+        *,
+        gene_col_name: str | None = None,
+        use_raw: bool | None = None,
+        clip_counts: float | None = 30.0,
+        filter_to_vocab: bool = True,
+        remove_duplicate_genes: bool = False,
+    ) -> TokenizedCells:
+        """Turn an AnnData (or ``.h5ad`` path) into model inputs; see :func:`tokenize_anndata`.
+
+        ``gene_col_name`` defaults to the checkpoint's; ``clip_counts`` to the original inference's 30.
+        """
+        data_config = self.checkpoint.config.data_config
+        settings = TokenizerSettings(
+            seq_len=self.checkpoint.config.model_config.seq_len,
+            pad_zeros=data_config.pad_zeros,
+            sort_genes=data_config.sort_genes,
+            normalize_to_scale=data_config.normalize_to_scale,
+            clip_counts=clip_counts,
+        )
+        return tokenize_anndata(
+            data,
+            self.checkpoint.gene_vocab,
+            self.checkpoint.aux_vocabs,
+            settings,
+            gene_col_name=gene_col_name or data_config.gene_col_name,
+            use_raw=use_raw,
+            filter_to_vocab=filter_to_vocab,
+            remove_duplicate_genes=remove_duplicate_genes,
+            pad_token=data_config.gene_pad_token,
+            aux_unknown_token=data_config.aux_pad_token,
+        )
+
+    def predict(
+        self,
+        data: ad.AnnData | str | Path | TokenizedCells,
+        *,
+        batch_size: int = 8,
+        output_keys: Collection[str] = DEFAULT_OUTPUT_KEYS,
+        **tokenize_kwargs,
+    ) -> dict[str, np.ndarray]:
+        """Embeddings and likelihoods of every cell, in input order.
+
+        Parameters
+        ----------
+        data
+            AnnData, ``.h5ad`` path, or cells already tokenized with :meth:`tokenize`.
+        batch_size
+            Cells per forward pass; results do not depend on it.
+        output_keys
+            Any of ``embeddings``, ``llh``, ``gene_llh``, ``mu`` and ``cge`` (see
+            :meth:`TranscriptFormer.predict`).
+        **tokenize_kwargs
+            Passed to :meth:`tokenize`.
+
+        Returns
+        -------
+        dict of str to ndarray
+            The requested outputs, plus ``gene_token_indices`` and ``gene_counts`` ``(n_cells, seq_len)``
+            (the model inputs, which say which gene each per-position output belongs to) and
+            ``aux_token_indices``.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        cells = data if isinstance(data, TokenizedCells) else self.tokenize(data, **tokenize_kwargs)
+        chunks: dict[str, list[np.ndarray]] = {}
+        for start in range(0, len(cells), batch_size):
+            batch = cells.batch(np.arange(start, min(start + batch_size, len(cells))))
+            on_device = batch.to(self.device)
+            outputs = self.model.predict(
+                on_device.gene_tokens, on_device.gene_counts, on_device.aux_tokens, output_keys=output_keys
+            )
+            outputs |= {
+                "gene_token_indices": batch.gene_tokens,
+                "gene_counts": batch.gene_counts,
+                "aux_token_indices": batch.aux_tokens,
+            }
+            for key, value in outputs.items():
+                chunks.setdefault(key, []).append(value.cpu().numpy())
+        return {key: np.concatenate(parts) for key, parts in chunks.items()}
+
+    def embed(self, data: ad.AnnData | str | Path, *, batch_size: int = 8, **tokenize_kwargs) -> np.ndarray:
+        """Cell embeddings ``(n_cells, E)``."""
+        return self.predict(data, batch_size=batch_size, output_keys=("embeddings",), **tokenize_kwargs)["embeddings"]
+
+
+def load(
+    path: str | Path, device: str | torch.device | None = "auto", attention_backend: Backend = "auto"
+) -> TranscriptFormerModel:
+    """Load a checkpoint directory for inference.
+
+    Parameters
+    ----------
+    path
+        Checkpoint directory in the published layout.
+    device
+        ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+    attention_backend
+        ``"auto"``, ``"flex"`` or ``"chunked"``.
+    """
+    device = resolve_device(device)
+    return TranscriptFormerModel(load_checkpoint(path, device, attention_backend), device)

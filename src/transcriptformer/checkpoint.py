@@ -1,0 +1,118 @@
+"""Load a checkpoint directory in the published layout (SPEC section 2).
+
+::
+
+    <ckpt>/config.json
+    <ckpt>/model_weights.pt             plain state_dict, loaded with weights_only=True
+    <ckpt>/vocabs/<col>_vocab.json      one per aux column
+    <ckpt>/vocabs/<species>_gene.h5     gene-embedding tables named in data_config.esm2_mappings
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from transcriptformer.config import TranscriptFormerConfig
+from transcriptformer.data.vocab import GeneVocab, build_gene_vocab, load_aux_vocab
+from transcriptformer.model.attention import Backend
+from transcriptformer.model.transcriptformer import SpecialTokens, TranscriptFormer
+
+WEIGHTS_FILE = "model_weights.pt"
+CONFIG_FILE = "config.json"
+VOCAB_DIR = "vocabs"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: its config, vocabularies and model (in eval mode).
+
+    Attributes
+    ----------
+    path : Path
+        The checkpoint directory.
+    config : TranscriptFormerConfig
+    gene_vocab : GeneVocab
+    aux_vocabs : dict
+        Column -> value -> index.
+    model : TranscriptFormer
+    """
+
+    path: Path
+    config: TranscriptFormerConfig
+    gene_vocab: GeneVocab
+    aux_vocabs: dict[str, dict[str, int]]
+    model: TranscriptFormer
+
+
+def read_vocabularies(path: Path, config: TranscriptFormerConfig) -> tuple[GeneVocab, dict[str, dict[str, int]]]:
+    """Build the gene vocabulary and read the aux vocabularies of a checkpoint directory."""
+    data = config.data_config
+    vocab_dir = path / VOCAB_DIR
+    if not data.esm2_mappings:
+        raise ValueError(f"{path / CONFIG_FILE}: data_config.esm2_mappings lists no gene-embedding file")
+    gene_files = [vocab_dir / name for name in data.esm2_mappings]
+    aux_files = {col: vocab_dir / f"{col}_vocab.json" for col in data.aux_cols}
+    missing = [str(p) for p in [*gene_files, *aux_files.values()] if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {path} is missing vocabulary files: {missing}")
+    gene_vocab = build_gene_vocab(data.special_tokens, gene_files)
+    aux_vocabs = {col: load_aux_vocab(f, data.aux_pad_token) for col, f in aux_files.items()}
+    return gene_vocab, aux_vocabs
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a plain state_dict safely (``weights_only=True``: no arbitrary unpickling)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a plain state_dict of tensors")
+    return state
+
+
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", attention_backend: Backend = "auto"
+) -> Checkpoint:
+    """Load a checkpoint directory; the weights must match the architecture exactly (strict).
+
+    Parameters
+    ----------
+    path
+        Directory with ``config.json``, ``model_weights.pt`` and ``vocabs/``.
+    device
+        Where to put the model.
+    attention_backend
+        See :class:`~transcriptformer.model.transcriptformer.TranscriptFormer`.
+    """
+    path = Path(path)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).exists():
+            raise FileNotFoundError(f"{path} is not a TranscriptFormer checkpoint: {name} is missing")
+    config = TranscriptFormerConfig.from_json(path / CONFIG_FILE)
+    gene_vocab, aux_vocabs = read_vocabularies(path, config)
+    state = load_state_dict(path / WEIGHTS_FILE)
+
+    table = state["gene_embeddings.embedding.weight"]
+    if table.shape[0] != len(gene_vocab):
+        raise ValueError(
+            f"{path}: the gene embedding in {WEIGHTS_FILE} has {table.shape[0]} rows but the vocabulary built "
+            f"from {config.data_config.esm2_mappings} and the special tokens has {len(gene_vocab)} entries"
+        )
+    model = TranscriptFormer(
+        config.model_config,
+        config.loss_config,
+        gene_table=torch.zeros_like(table),
+        special_tokens=special_tokens_of(gene_vocab, config.data_config.gene_pad_token),
+        aux_vocabs=aux_vocabs,
+        aux_unknown_token=config.data_config.aux_pad_token,
+        attention_backend=attention_backend,
+    )
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    return Checkpoint(path=path, config=config, gene_vocab=gene_vocab, aux_vocabs=aux_vocabs, model=model)
+
+
+def special_tokens_of(vocab: GeneVocab, pad_token: str = "[PAD]") -> SpecialTokens:
+    """The padding, ``[START]`` and ``[END]`` indices of a vocabulary."""
+    return SpecialTokens(pad=vocab.special(pad_token), start=vocab.special("[START]"), end=vocab.special("[END]"))

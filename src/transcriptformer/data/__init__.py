@@ -1,0 +1,1 @@
+"""Data pipeline: vocabularies and AnnData tokenization."""

@@ -1,0 +1,307 @@
+"""From an AnnData to gene tokens, counts and aux tokens (SPEC section 4).
+
+:func:`tokenize_anndata` selects the count matrix and gene ids, drops genes the vocabulary lacks and
+returns :class:`TokenizedCells`, which keeps the counts sparse and builds padded batches on demand.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from transcriptformer.data.vocab import GeneVocab
+
+
+@dataclass(frozen=True)
+class TokenizerSettings:
+    """How one cell becomes a sequence; the defaults are the original's inference defaults.
+
+    Attributes
+    ----------
+    seq_len : int
+        Number of gene positions per cell.
+    pad_zeros : bool
+        Genes with count 0 become ``[PAD]``.
+    sort_genes : bool
+        Order expressed genes by count (descending) instead of by ``var`` order.
+    normalize_to_scale : float
+        When > 0, counts are scaled to this total per cell (over the vocabulary's genes).
+    clip_counts : float or None
+        Upper bound on counts, applied last.
+    """
+
+    seq_len: int
+    pad_zeros: bool = True
+    sort_genes: bool = False
+    normalize_to_scale: float = 0.0
+    clip_counts: float | None = 30.0
+
+
+@dataclass
+class Batch:
+    """Model inputs for ``B`` cells.
+
+    Attributes
+    ----------
+    gene_tokens : Tensor
+        ``(B, L)`` long.
+    gene_counts : Tensor
+        ``(B, L)`` float32.
+    aux_tokens : Tensor
+        ``(B, A)`` long.
+    """
+
+    gene_tokens: torch.Tensor
+    gene_counts: torch.Tensor
+    aux_tokens: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        """Move every tensor to ``device``."""
+        return Batch(self.gene_tokens.to(device), self.gene_counts.to(device), self.aux_tokens.to(device))
+
+
+@dataclass
+class TokenizedCells:
+    """Cells ready for the model: sparse counts over the vocabulary's genes and their tokens.
+
+    Attributes
+    ----------
+    counts : scipy.sparse.csr_matrix
+        ``(n_cells, n_genes)`` raw counts of the genes kept, columns in ``var`` order.
+    gene_tokens : ndarray
+        ``(n_genes,)`` vocabulary index of each kept column.
+    gene_ids : ndarray
+        ``(n_genes,)`` gene id of each kept column.
+    aux_tokens : ndarray
+        ``(n_cells, n_aux)`` aux-column tokens.
+    obs_names : pandas.Index
+        Cell names, in input order.
+    settings : TokenizerSettings
+        Sequence construction settings.
+    pad_token : int
+        Index of ``[PAD]``.
+    """
+
+    counts: sp.csr_matrix
+    gene_tokens: np.ndarray
+    gene_ids: np.ndarray
+    aux_tokens: np.ndarray
+    obs_names: pd.Index
+    settings: TokenizerSettings
+    pad_token: int
+
+    def __len__(self) -> int:
+        return self.counts.shape[0]
+
+    def sequence(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """Column indices and counts of one cell's sequence (expressed genes first), before padding."""
+        start, stop = self.counts.indptr[row], self.counts.indptr[row + 1]
+        cols, values = self.counts.indices[start:stop], self.counts.data[start:stop]
+        expressed = values > 0
+        cols, values = cols[expressed], values[expressed].astype(np.float32)
+        if self.settings.normalize_to_scale > 0 and values.size:
+            values = values / values.sum() * self.settings.normalize_to_scale
+        order = np.argsort(-values, kind="stable") if self.settings.sort_genes else np.argsort(cols, kind="stable")
+        cols, values = cols[order], values[order]
+        if not self.settings.pad_zeros and cols.size < self.settings.seq_len:
+            zero_cols = np.setdiff1d(np.arange(self.counts.shape[1]), cols, assume_unique=True)
+            zero_cols = zero_cols[: self.settings.seq_len - cols.size]
+            cols = np.concatenate([cols, zero_cols])
+            values = np.concatenate([values, np.zeros(zero_cols.size, np.float32)])
+        return cols[: self.settings.seq_len], values[: self.settings.seq_len]
+
+    def n_tokens(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Number of unpadded positions of each cell in ``rows``."""
+        return np.array([self.sequence(r)[0].size for r in rows], dtype=np.int64)
+
+    def batch(self, rows: Sequence[int] | np.ndarray, length: int | None = None) -> Batch:
+        """Build the padded model inputs of ``rows``.
+
+        Parameters
+        ----------
+        rows
+            Cell indices.
+        length
+            Sequence length of the batch; ``seq_len`` by default.
+        """
+        length = self.settings.seq_len if length is None else length
+        tokens = np.full((len(rows), length), self.pad_token, dtype=np.int64)
+        counts = np.zeros((len(rows), length), dtype=np.float32)
+        for i, row in enumerate(rows):
+            cols, values = self.sequence(row)
+            cols, values = cols[:length], values[:length]
+            tokens[i, : cols.size] = self.gene_tokens[cols]
+            counts[i, : cols.size] = values
+        if self.settings.pad_zeros:
+            tokens[counts == 0] = self.pad_token
+        if self.settings.clip_counts is not None:
+            np.minimum(counts, self.settings.clip_counts, out=counts)
+        aux = self.aux_tokens[np.asarray(rows, dtype=np.int64)]
+        return Batch(torch.from_numpy(tokens), torch.from_numpy(counts), torch.from_numpy(aux))
+
+
+def read_anndata(data: ad.AnnData | str | Path) -> ad.AnnData:
+    """Return ``data`` itself, or read it from an ``.h5ad`` path."""
+    if isinstance(data, ad.AnnData):
+        return data
+    path = Path(data)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    return ad.read_h5ad(path)
+
+
+def select_counts(adata: ad.AnnData, use_raw: bool | None = None) -> tuple[sp.csr_matrix | np.ndarray, pd.DataFrame]:
+    """Pick the count matrix and its gene table: ``raw`` when present (or forced), else ``X``.
+
+    Parameters
+    ----------
+    use_raw
+        ``None`` uses ``adata.raw`` when it exists; ``True`` requires it; ``False`` uses ``adata.X``.
+
+    Returns
+    -------
+    X, var
+        The matrix and the ``var`` frame that describes its columns.
+    """
+    if use_raw and adata.raw is None:
+        raise ValueError("use_raw=True but the AnnData has no .raw")
+    if adata.raw is not None and use_raw is not False:
+        return adata.raw.X, adata.raw.var
+    if adata.X is None:
+        raise ValueError("the AnnData has no .X")
+    return adata.X, adata.var
+
+
+def gene_ids_from_var(var: pd.DataFrame, gene_col_name: str) -> pd.Series:
+    """Gene ids of each column, version suffix dropped; NaN or empty ids become ``None``.
+
+    ``gene_col_name`` names a ``var`` column, or ``"index"`` for ``var_names``.
+    """
+    if gene_col_name == "index":
+        raw_ids = var.index.to_series()
+    elif gene_col_name in var.columns:
+        raw_ids = var[gene_col_name]
+    else:
+        raise KeyError(
+            f"gene id column {gene_col_name!r} not in var (columns: {list(var.columns)}); "
+            "pass gene_col_name='index' to use var_names"
+        )
+    ids = raw_ids.astype("object").where(raw_ids.notna(), None)
+    ids = ids.map(lambda g: None if g is None else str(g).strip().split(".", 1)[0] or None)
+    return ids.reset_index(drop=True)
+
+
+def check_duplicates(gene_ids: pd.Series, keep_first: bool) -> np.ndarray:
+    """Boolean mask of columns to keep; an error names duplicated ids unless ``keep_first``."""
+    duplicated = gene_ids.notna() & gene_ids.duplicated(keep="first")
+    if duplicated.any() and not keep_first:
+        names = sorted(set(gene_ids[duplicated]))
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        raise ValueError(
+            f"{len(names)} gene id(s) occur more than once after version stripping: {shown}. "
+            "Pass remove_duplicate_genes=True to keep the first occurrence of each."
+        )
+    return ~duplicated.to_numpy()
+
+
+def aux_tokens_from_obs(
+    obs: pd.DataFrame, aux_vocabs: Mapping[str, Mapping[str, int]], unknown_token: str = "unknown"
+) -> np.ndarray:
+    """``(n_cells, n_aux)`` tokens; a value missing from a vocabulary, or a missing column, is unknown."""
+    columns = []
+    for col, vocab in aux_vocabs.items():
+        unknown = vocab[unknown_token]
+        if col not in obs.columns:
+            warnings.warn(f"aux column {col!r} not in obs; treating every cell's {col} as unknown", stacklevel=3)
+            columns.append(np.full(len(obs), unknown, dtype=np.int64))
+            continue
+        values = obs[col].astype("object")
+        columns.append(np.array([vocab.get(str(v), unknown) if pd.notna(v) else unknown for v in values]))
+    return np.stack(columns, axis=1).astype(np.int64) if columns else np.zeros((len(obs), 0), np.int64)
+
+
+def warn_if_not_counts(X: sp.csr_matrix) -> None:
+    """Warn when the first cells hold non-integer or negative values: the model expects raw counts."""
+    sample = X[: min(X.shape[0], 1000)].data
+    if sample.size and (np.any(sample < 0) or not np.all(np.mod(sample, 1) == 0)):
+        warnings.warn(
+            "the count matrix holds non-integer or negative values; TranscriptFormer expects raw counts "
+            "(use the layer or .raw that holds them)",
+            stacklevel=3,
+        )
+
+
+def tokenize_anndata(
+    data: ad.AnnData | str | Path,
+    gene_vocab: GeneVocab,
+    aux_vocabs: Mapping[str, Mapping[str, int]],
+    settings: TokenizerSettings,
+    *,
+    gene_col_name: str = "ensembl_id",
+    use_raw: bool | None = None,
+    filter_to_vocab: bool = True,
+    remove_duplicate_genes: bool = False,
+    pad_token: str = "[PAD]",
+    aux_unknown_token: str = "unknown",
+) -> TokenizedCells:
+    """Prepare an AnnData for the model.
+
+    Parameters
+    ----------
+    data
+        An AnnData or the path of an ``.h5ad`` file.
+    gene_vocab, aux_vocabs
+        The checkpoint's vocabularies.
+    settings
+        Sequence construction settings.
+    gene_col_name
+        ``var`` column with gene ids (``"index"`` for ``var_names``).
+    use_raw
+        See :func:`select_counts`.
+    filter_to_vocab
+        Drop genes the vocabulary lacks. When ``False``, such genes are an error.
+    remove_duplicate_genes
+        Keep the first of duplicated gene ids instead of raising.
+
+    Returns
+    -------
+    TokenizedCells
+    """
+    adata = read_anndata(data)
+    X, var = select_counts(adata, use_raw)
+    gene_ids = gene_ids_from_var(var, gene_col_name)
+    keep = gene_ids.notna().to_numpy() & check_duplicates(gene_ids, remove_duplicate_genes)
+    tokens = gene_vocab.lookup([g or "" for g in gene_ids])
+    missing = keep & (tokens < 0)
+    if missing.any() and not filter_to_vocab:
+        raise ValueError(
+            f"{int(missing.sum())} gene(s) are not in the model's vocabulary (e.g. {list(gene_ids[missing][:5])}); "
+            "enable vocabulary filtering to drop them"
+        )
+    keep &= tokens >= 0
+    if not keep.any():
+        raise ValueError(
+            f"none of the {len(gene_ids)} genes of the data is in the model's vocabulary "
+            f"(gene ids read from var[{gene_col_name!r}], e.g. {list(gene_ids.dropna()[:3])})"
+        )
+    columns = np.flatnonzero(keep)
+    counts = sp.csr_matrix(X[:, columns], dtype=np.float32)
+    counts.sort_indices()
+    warn_if_not_counts(counts)
+    return TokenizedCells(
+        counts=counts,
+        gene_tokens=tokens[columns],
+        gene_ids=gene_ids.to_numpy()[columns],
+        aux_tokens=aux_tokens_from_obs(adata.obs, aux_vocabs, aux_unknown_token),
+        obs_names=adata.obs_names.copy(),
+        settings=settings,
+        pad_token=gene_vocab.special(pad_token),
+    )

@@ -1,0 +1,109 @@
+"""Gene and auxiliary-token vocabularies (SPEC section 3)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+
+@dataclass
+class GeneVocab:
+    """Map gene ids and special tokens to rows of the gene-embedding table.
+
+    Special tokens come first in their configured order, then the genes of each embedding file in file
+    order and key order; a gene seen twice keeps its first index.
+
+    Parameters
+    ----------
+    index : dict
+        Token (special token or gene id) -> integer index.
+    special_tokens : list of str
+        The special tokens, which hold indices ``0 .. len(special_tokens) - 1``.
+    """
+
+    index: dict[str, int]
+    special_tokens: list[str]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, token: str) -> bool:
+        return token in self.index
+
+    def __getitem__(self, token: str) -> int:
+        return self.index[token]
+
+    def special(self, token: str) -> int:
+        """Index of a special token such as ``"[PAD]"``, read from the vocabulary."""
+        if token not in self.special_tokens:
+            raise KeyError(f"{token!r} is not a special token of this vocabulary ({self.special_tokens})")
+        return self.index[token]
+
+    @property
+    def gene_ids(self) -> list[str]:
+        """Gene ids (non-special tokens) in index order."""
+        return [t for t in self.index if t not in self.special_tokens]
+
+    def lookup(self, gene_ids: Sequence[str]) -> np.ndarray:
+        """Indices of ``gene_ids``; ``-1`` where a gene is not in the vocabulary."""
+        return np.fromiter((self.index.get(g, -1) for g in gene_ids), dtype=np.int64, count=len(gene_ids))
+
+    @classmethod
+    def build(cls, special_tokens: Sequence[str], gene_ids: Iterable[str]) -> GeneVocab:
+        """Build the vocabulary from special tokens followed by gene ids, first occurrence wins."""
+        index: dict[str, int] = {}
+        for token in [*special_tokens, *gene_ids]:
+            index.setdefault(token, len(index))
+        return cls(index=index, special_tokens=list(special_tokens))
+
+
+def read_embedding_keys(path: str | Path) -> list[str]:
+    """Gene ids stored in a gene-embedding ``.h5`` file, in file order."""
+    with h5py.File(path, "r") as f:
+        return _decode(f["keys"][:])
+
+
+def read_embedding_table(path: str | Path, gene_ids: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """Read a gene-embedding ``.h5`` file (dataset ``keys``, group ``arrays`` of one vector per gene).
+
+    Parameters
+    ----------
+    path
+        The ``<species>_gene.h5`` file.
+    gene_ids
+        Genes to read; all keys of the file when omitted.
+
+    Returns
+    -------
+    ids, table
+        The gene ids and a ``(len(ids), width)`` float32 array, rows in the order of ``ids``.
+    """
+    with h5py.File(path, "r") as f:
+        if "keys" not in f or "arrays" not in f:
+            raise ValueError(f"{path}: not a gene-embedding file (expected dataset 'keys' and group 'arrays')")
+        ids = list(gene_ids) if gene_ids is not None else _decode(f["keys"][:])
+        rows = [np.asarray(f["arrays"][g], dtype=np.float32) for g in ids]
+    return ids, np.stack(rows) if rows else np.zeros((0, 0), np.float32)
+
+
+def _decode(keys: np.ndarray) -> list[str]:
+    return [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
+
+
+def build_gene_vocab(special_tokens: Sequence[str], embedding_files: Sequence[str | Path]) -> GeneVocab:
+    """Gene vocabulary of a checkpoint: special tokens, then the keys of each embedding file in order."""
+    return GeneVocab.build(special_tokens, (g for path in embedding_files for g in read_embedding_keys(path)))
+
+
+def load_aux_vocab(path: str | Path, unknown_token: str = "unknown") -> dict[str, int]:
+    """Read ``vocabs/<col>_vocab.json``; it must contain the ``unknown_token`` entry."""
+    with open(path) as f:
+        vocab = {str(k): int(v) for k, v in json.load(f).items()}
+    if unknown_token not in vocab:
+        raise ValueError(f"{path}: auxiliary vocabulary has no {unknown_token!r} entry")
+    return vocab

@@ -1,0 +1,1 @@
+"""TranscriptFormer model: attention, layers, likelihoods."""

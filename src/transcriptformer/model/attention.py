@@ -1,0 +1,221 @@
+"""Expression-aware causal self-attention and its backends.
+
+The attention score of query ``q`` and key ``kv`` is (SPEC section 5)::
+
+    s = q.k * scale + bias[kv] * (q_idx > kv_idx or embed_mode)
+    s = cap * tanh(clamp(s, -1e6, 1e6) / cap)            # softcap, when cap > 0
+    allowed iff kv_idx <= q_idx and key kv is not padding
+
+where ``bias = log1p(count + eps)`` of the (shifted) input sequence. Two backends compute exactly this:
+
+* ``"flex"``: :func:`torch.nn.attention.flex_attention.flex_attention` with a :class:`BlockMask`, compiled on
+  CUDA. The block mask is built once per forward and shared by all layers.
+* ``"chunked"``: plain tensor math over blocks of query rows, so that no more than ``max_score_elements``
+  scores exist at a time. It needs no ``torch.compile`` and is the default on CPU.
+
+Mask and score functions are pure element-wise tensor expressions: no Python branching on tensor values and
+key indices clamped into range, so that ``create_block_mask`` and ``vmap`` accept them for any batch size and
+any length, including lengths that are not a multiple of the block size.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+Backend = Literal["auto", "flex", "chunked"]
+BACKENDS = ("auto", "flex", "chunked")
+
+# Largest number of attention scores (batch x heads x query rows x keys) the chunked backend holds at once.
+DEFAULT_MAX_SCORE_ELEMENTS = 1 << 24
+
+
+def softcap(x: Tensor, cap: float) -> Tensor:
+    """Smoothly limit ``x`` to ``(-cap, cap)``; identity when ``cap <= 0``."""
+    if cap <= 0:
+        return x
+    return cap * torch.tanh(torch.clamp(x, -1e6, 1e6) / cap)
+
+
+def padding_mask_mod(kv_is_pad: Tensor) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """Causal mask that also hides padded keys.
+
+    Parameters
+    ----------
+    kv_is_pad : Tensor
+        ``(B, N)`` bool, True where the key position is padding.
+    """
+    last = kv_is_pad.shape[1] - 1
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        in_range = kv_idx <= last
+        is_pad = kv_is_pad[b, torch.clamp(kv_idx, 0, last)]
+        return (kv_idx <= q_idx) & in_range & ~is_pad
+
+    return mask_mod
+
+
+def count_bias_score_mod(
+    count_bias: Tensor, cap: float, embed_mode: bool
+) -> Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """Add the key's log-count bias (strictly below the diagonal, or everywhere in embed mode), then softcap.
+
+    Parameters
+    ----------
+    count_bias : Tensor
+        ``(B, N)`` float, ``log1p(count + eps)`` of each key position.
+    cap : float
+        Softcap; no cap when ``<= 0``.
+    embed_mode : bool
+        Whether the bias also applies on the diagonal (inference).
+    """
+    last = count_bias.shape[1] - 1
+
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        bias = count_bias[b, torch.clamp(kv_idx, 0, last)]
+        applies = (q_idx > kv_idx) | embed_mode
+        return softcap(score + bias * applies, cap)
+
+    return score_mod
+
+
+@dataclass
+class AttentionInputs:
+    """Everything that the attention layers of one forward pass share.
+
+    Attributes
+    ----------
+    count_bias : Tensor
+        ``(B, N)`` log-count bias of each key.
+    kv_is_pad : Tensor
+        ``(B, N)`` True where a key is padding.
+    softcap : float
+        Score softcap.
+    embed_mode : bool
+        Apply the count bias on the diagonal too.
+    block_mask : BlockMask or None
+        Built for the flex backend only.
+    """
+
+    count_bias: Tensor
+    kv_is_pad: Tensor
+    softcap: float
+    embed_mode: bool
+    block_mask: BlockMask | None = None
+
+    @property
+    def score_mod(self) -> Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]:
+        """The flex score modification for these inputs."""
+        return count_bias_score_mod(self.count_bias, self.softcap, self.embed_mode)
+
+
+def resolve_backend(backend: Backend, device: torch.device) -> Literal["flex", "chunked"]:
+    """Pick the attention backend: compiled flex attention on CUDA, chunked math elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "flex" if device.type == "cuda" else "chunked"
+    return backend
+
+
+def build_attention_inputs(
+    counts: Tensor,
+    is_pad: Tensor,
+    *,
+    eps: float,
+    cap: float,
+    embed_mode: bool,
+    backend: Literal["flex", "chunked"],
+    block_size: int = 128,
+) -> AttentionInputs:
+    """Prepare the shared attention inputs of one forward pass.
+
+    Parameters
+    ----------
+    counts : Tensor
+        ``(B, N)`` counts of the input sequence (aux positions count 1).
+    is_pad : Tensor
+        ``(B, N)`` True where the input position is padding.
+    """
+    inputs = AttentionInputs(torch.log1p(counts + eps), is_pad, cap, embed_mode)
+    if backend == "flex":
+        batch, length = is_pad.shape
+        inputs.block_mask = create_block_mask(
+            padding_mask_mod(is_pad), batch, None, length, length, device=is_pad.device, BLOCK_SIZE=block_size
+        )
+    return inputs
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable[..., Tensor]:
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attend(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) -> Tensor:
+    """Attention through FlexAttention; compiled on CUDA, eager (reference speed) elsewhere."""
+    attend = _compiled_flex_attention() if q.is_cuda else flex_attention
+    return attend(q, k, v, score_mod=inputs.score_mod, block_mask=inputs.block_mask)
+
+
+def chunked_attend(
+    q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, max_score_elements: int = DEFAULT_MAX_SCORE_ELEMENTS
+) -> Tensor:
+    """Exact attention in blocks of query rows; keys beyond the block's last row are skipped (causal).
+
+    Parameters
+    ----------
+    q, k, v : Tensor
+        ``(B, H, N, D)``.
+    inputs : AttentionInputs
+        Shared bias and padding of this forward pass.
+    max_score_elements : int
+        Upper bound on the number of scores materialised at once.
+
+    Returns
+    -------
+    Tensor
+        ``(B, H, N, D)``; a query with no visible key gets zeros, as in flex attention.
+    """
+    batch, heads, length, head_dim = q.shape
+    scale = 1.0 / math.sqrt(head_dim)
+    rows_per_block = max(1, max_score_elements // (batch * heads * length))
+    positions = torch.arange(length, device=q.device)
+    out = torch.empty_like(q)
+    for start in range(0, length, rows_per_block):
+        stop = min(length, start + rows_per_block)
+        q_idx = positions[start:stop, None]  # (R, 1)
+        kv_idx = positions[None, :stop]  # (1, K)
+        scores = torch.matmul(q[:, :, start:stop], k[:, :, :stop].transpose(-1, -2)) * scale  # (B, H, R, K)
+        bias = inputs.count_bias[:, None, None, :stop] * ((q_idx > kv_idx) | inputs.embed_mode)
+        scores = softcap(scores + bias, inputs.softcap)
+        allowed = (kv_idx <= q_idx) & ~inputs.kv_is_pad[:, None, None, :stop]  # (B, 1, R, K)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+        out[:, :, start:stop] = torch.matmul(probs.to(v.dtype), v[:, :, :stop])
+    return out
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Multi-head self-attention with four projections ``linears.0..3`` (Q, K, V, output)."""
+
+    def __init__(self, embed_dim: int, num_heads: int, bias: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.linears = nn.ModuleList([nn.Linear(embed_dim, embed_dim, bias=bias) for _ in range(4)])
+
+    def forward(self, x: Tensor, inputs: AttentionInputs) -> Tensor:
+        """Attend over ``x`` of shape ``(B, N, E)``; returns ``(B, N, E)``."""
+        batch, length, width = x.shape
+        q, k, v = (lin(x).view(batch, length, self.num_heads, -1).transpose(1, 2) for lin in self.linears[:3])
+        if inputs.block_mask is not None:
+            out = flex_attend(q, k, v, inputs)
+        else:
+            out = chunked_attend(q, k, v, inputs)
+        return self.linears[3](out.transpose(1, 2).reshape(batch, length, width))

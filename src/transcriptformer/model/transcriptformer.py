@@ -1,0 +1,260 @@
+"""The TranscriptFormer model (SPEC sections 5 and 6).
+
+State-dict keys match the published checkpoints::
+
+    gene_embeddings.{embedding,mlp}.*     aux_embeddings.<col>.weight
+    transformer_encoder.encoder_layers.N.{self_attn.linears.0-3,linear1,linear2,norm1,norm2}.*
+    mu.{gene_embedding,mlp}.*             gene_id_head.layers.*
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from transcriptformer.config import LossConfig, ModelConfig
+from transcriptformer.model.attention import Backend, build_attention_inputs, resolve_backend
+from transcriptformer.model.layers import MLP, CountHead, GeneEmbedding, TransformerEncoder
+from transcriptformer.model.likelihood import (
+    gene_cross_entropy,
+    masked_mean,
+    next_token_targets,
+    zero_truncated_poisson_nll,
+)
+
+OUTPUT_KEYS = ("embeddings", "llh", "gene_llh", "mu", "cge")
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Indices of the special gene tokens the model relies on, read from the vocabulary."""
+
+    pad: int
+    start: int
+    end: int
+
+
+@dataclass
+class ModelOutput:
+    """Raw outputs of one forward pass over ``B`` cells of ``L`` gene positions.
+
+    Attributes
+    ----------
+    hidden : Tensor
+        ``(B, L, E)`` last-layer output at the gene positions (contextual gene embeddings).
+    embeddings : Tensor
+        ``(B, E)`` cell embeddings.
+    mu : Tensor or None
+        ``(B, L)`` expected counts; 0 at padded positions.
+    gene_logits : Tensor or None
+        ``(B, L, V)`` gene-id logits (before softcap).
+    """
+
+    hidden: Tensor
+    embeddings: Tensor
+    mu: Tensor | None = None
+    gene_logits: Tensor | None = None
+
+
+class TranscriptFormer(nn.Module):
+    """Autoregressive transformer over the (gene, count) pairs of a cell.
+
+    Parameters
+    ----------
+    model_config, loss_config
+        Architecture and likelihood settings.
+    gene_table : Tensor
+        ``(V, esm_dim)`` frozen gene-embedding table, rows in vocabulary order.
+    special_tokens : SpecialTokens
+        Indices of ``[PAD]``, ``[START]`` and ``[END]``.
+    aux_vocabs : mapping of str to mapping of str to int
+        Vocabulary of each auxiliary column, in column order.
+    aux_unknown_token : str
+        Entry of each aux vocabulary that marks an unknown (masked) value.
+    attention_backend : {"auto", "flex", "chunked"}
+        ``"auto"`` uses compiled flex attention on CUDA and the chunked exact path elsewhere.
+    """
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        loss_config: LossConfig,
+        gene_table: Tensor,
+        special_tokens: SpecialTokens,
+        aux_vocabs: Mapping[str, Mapping[str, int]],
+        aux_unknown_token: str = "unknown",
+        attention_backend: Backend = "auto",
+    ):
+        super().__init__()
+        cfg = model_config
+        self.model_config = model_config
+        self.loss_config = loss_config
+        self.special_tokens = special_tokens
+        self.attention_backend = attention_backend
+        vocab_size, embed_dim = gene_table.shape[0], cfg.embed_dim
+
+        self.gene_embeddings = GeneEmbedding(gene_table, embed_dim, cfg.dropout)
+        self.aux_embeddings = nn.ModuleDict({col: nn.Embedding(len(v), embed_dim) for col, v in aux_vocabs.items()})
+        self.aux_unknown = [vocab[aux_unknown_token] for vocab in aux_vocabs.values()]
+        self.transformer_encoder = TransformerEncoder(
+            cfg.num_layers,
+            embed_dim=embed_dim,
+            num_heads=cfg.num_heads,
+            ffn_dim=cfg.model_dim,
+            dropout=cfg.dropout,
+            activation=cfg.activation,
+            attn_bias=cfg.attn_bias,
+            ffn_bias=cfg.fw_bias,
+        )
+        self.mu = CountHead(embed_dim, vocab_size, cfg.dropout)
+        if loss_config.gene_id_loss_weight > 0:
+            self.gene_id_head = MLP(embed_dim, cfg.gene_head_hidden_dim, vocab_size, cfg.dropout)
+        else:
+            self.gene_id_head = None
+
+    def shifted_inputs(self, gene_tokens: Tensor, gene_counts: Tensor) -> tuple[Tensor, Tensor]:
+        """Shift right: ``[START], t[:, :-1]`` and ``1, c[:, :-1]``."""
+        start = torch.full_like(gene_tokens[:, :1], self.special_tokens.start)
+        tokens = torch.cat([start, gene_tokens[:, :-1]], dim=1)
+        counts = torch.cat([torch.ones_like(gene_counts[:, :1]), gene_counts[:, :-1]], dim=1)
+        return tokens, counts
+
+    def forward(
+        self,
+        gene_tokens: Tensor,
+        gene_counts: Tensor,
+        aux_tokens: Tensor | None = None,
+        *,
+        embed_mode: bool = True,
+        compute_mu: bool = True,
+        compute_gene_logits: bool = True,
+    ) -> ModelOutput:
+        """Run the model.
+
+        Parameters
+        ----------
+        gene_tokens : Tensor
+            ``(B, L)`` long, vocabulary indices, ``[PAD]`` after the cell's genes.
+        gene_counts : Tensor
+            ``(B, L)`` float counts (0 at padding).
+        aux_tokens : Tensor, optional
+            ``(B, A)`` long, one token per aux column; required when the model has aux columns.
+        embed_mode : bool
+            Inference mode of the original (count bias on the attention diagonal); ``False`` for training.
+        compute_mu, compute_gene_logits : bool
+            Skip a head whose output is not needed.
+        """
+        gene_counts = gene_counts.float()
+        in_tokens, in_counts = self.shifted_inputs(gene_tokens, gene_counts)
+        x = self.gene_embeddings(in_tokens)  # (B, L, E)
+        is_pad = in_tokens == self.special_tokens.pad  # (B, L)
+        counts = in_counts
+        if self.aux_embeddings:
+            aux_x, aux_is_pad = self._embed_aux(aux_tokens, gene_tokens.shape[0])
+            x = torch.cat([aux_x, x], dim=1)  # (B, A + L, E)
+            is_pad = torch.cat([aux_is_pad, is_pad], dim=1)
+            counts = torch.cat([torch.ones_like(aux_is_pad, dtype=counts.dtype), counts], dim=1)
+
+        cfg = self.model_config
+        attention = build_attention_inputs(
+            counts,
+            is_pad,
+            eps=cfg.log_counts_eps,
+            cap=cfg.softcap,
+            embed_mode=embed_mode,
+            backend=resolve_backend(self.attention_backend, x.device),
+            block_size=cfg.block_len,
+        )
+        hidden = self.transformer_encoder(x, attention)[:, x.shape[1] - gene_tokens.shape[1] :]  # (B, L, E)
+
+        valid = ~is_pad[:, -gene_tokens.shape[1] :, None]
+        out = ModelOutput(hidden=hidden, embeddings=(hidden * valid).sum(1) / cfg.seq_len)
+        if compute_mu:
+            out.mu = self._expected_counts(hidden, gene_tokens, gene_counts)
+        if compute_gene_logits and self.gene_id_head is not None:
+            out.gene_logits = self.gene_id_head(hidden)
+        return out
+
+    def _embed_aux(self, aux_tokens: Tensor | None, batch_size: int) -> tuple[Tensor, Tensor]:
+        """``(B, A, E)`` aux embeddings and ``(B, A)`` mask of unknown values."""
+        if aux_tokens is None or aux_tokens.shape != (batch_size, len(self.aux_embeddings)):
+            raise ValueError(
+                f"this model needs aux_tokens of shape ({batch_size}, {len(self.aux_embeddings)}) for the columns "
+                f"{list(self.aux_embeddings)}, got {None if aux_tokens is None else tuple(aux_tokens.shape)}"
+            )
+        embedded = [emb(aux_tokens[:, i]) for i, emb in enumerate(self.aux_embeddings.values())]
+        unknown = torch.tensor(self.aux_unknown, device=aux_tokens.device)
+        return torch.stack(embedded, dim=1), aux_tokens == unknown
+
+    def _expected_counts(self, hidden: Tensor, gene_tokens: Tensor, gene_counts: Tensor) -> Tensor:
+        """Count head: softmax over the cell's unpadded positions, times its total count."""
+        logits = self.mu(hidden, self.gene_embeddings(gene_tokens), gene_tokens)
+        logits = logits.float().masked_fill(gene_tokens == self.special_tokens.pad, float("-inf"))
+        return torch.softmax(logits, dim=-1) * gene_counts.sum(-1, keepdim=True)
+
+    def likelihoods(self, out: ModelOutput, gene_tokens: Tensor, gene_counts: Tensor) -> dict[str, Tensor]:
+        """Per-position count NLL and gene cross-entropy of a forward pass.
+
+        Returns
+        -------
+        dict
+            ``count_nll`` (when ``mu`` was computed) and ``gene_nll`` (when gene logits were), both ``(B, L)``
+            and 0 at padded positions, plus ``mask`` ``(B, L)``, True at scored positions.
+        """
+        mask = gene_tokens != self.special_tokens.pad
+        target_tokens, target_counts = next_token_targets(
+            gene_tokens, gene_counts.float(), self.special_tokens.end, self.model_config.seq_len - 1
+        )
+        result = {"mask": mask}
+        if out.mu is not None:
+            eps = self.model_config.log_counts_eps
+            count_nll = zero_truncated_poisson_nll(out.mu, target_counts, eps, self.loss_config.softplus_approx)
+            result["count_nll"] = torch.where(mask, count_nll, 0.0)
+        if out.gene_logits is not None:
+            gene_nll = gene_cross_entropy(out.gene_logits, target_tokens, self.model_config.softcap)
+            result["gene_nll"] = torch.where(mask, gene_nll, 0.0)
+        return result
+
+    @torch.no_grad()
+    def predict(
+        self,
+        gene_tokens: Tensor,
+        gene_counts: Tensor,
+        aux_tokens: Tensor | None = None,
+        output_keys: Collection[str] = ("embeddings", "llh", "gene_llh", "mu"),
+    ) -> dict[str, Tensor]:
+        """Inference outputs of the original release, computing only the heads they need.
+
+        Parameters
+        ----------
+        output_keys
+            Any of ``embeddings`` ``(B, E)``, ``llh`` ``(B,)`` (mean count NLL over the cell's genes),
+            ``gene_llh`` ``(B, L)`` (gene-id cross-entropy per position), ``mu`` ``(B, L)`` and ``cge``
+            ``(B, L, E)`` (contextual gene embeddings).
+        """
+        unknown = set(output_keys) - set(OUTPUT_KEYS)
+        if unknown:
+            raise ValueError(f"unknown output keys {sorted(unknown)}; choose from {OUTPUT_KEYS}")
+        if "gene_llh" in output_keys and self.gene_id_head is None:
+            raise ValueError("gene_llh needs a gene-id head, and this model has none (gene_id_loss_weight = 0)")
+        needs_mu = bool({"llh", "mu"} & set(output_keys))
+        out = self(
+            gene_tokens,
+            gene_counts,
+            aux_tokens,
+            embed_mode=True,
+            compute_mu=needs_mu,
+            compute_gene_logits="gene_llh" in output_keys,
+        )
+        scores = self.likelihoods(out, gene_tokens, gene_counts)
+        available = {
+            "embeddings": lambda: out.embeddings,
+            "llh": lambda: masked_mean(scores["count_nll"], scores["mask"]),
+            "gene_llh": lambda: scores["gene_nll"],
+            "mu": lambda: out.mu,
+            "cge": lambda: out.hidden,
+        }
+        return {key: available[key]().float() for key in output_keys}
