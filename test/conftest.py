@@ -1,0 +1,33 @@
+"""Shared fixtures: the reference checkpoint and its expected outputs, bundled under test/data."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import transcriptformer
+
+DATA_DIR = Path(__file__).parent / "data"
+REFERENCE_DIR = DATA_DIR / "reference_tiny"
+REFERENCE_INPUT = REFERENCE_DIR / "input.h5ad"
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    return REFERENCE_DIR
+
+
+@pytest.fixture(scope="session")
+def reference_input() -> Path:
+    return REFERENCE_INPUT
+
+
+@pytest.fixture(scope="session")
+def expected() -> dict[str, np.ndarray]:
+    with np.load(REFERENCE_DIR / "expected.npz") as npz:
+        return dict(npz)
+
+
+@pytest.fixture(scope="session")
+def reference_model() -> transcriptformer.TranscriptFormerModel:
+    return transcriptformer.load(REFERENCE_DIR, device="cpu")

@@ -1,0 +1,122 @@
+"""Mask and score functions under create_block_mask/vmap, and every attention backend against a dense reference."""
+
+import math
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_block_mask
+
+from transcriptformer.model.attention import (
+    AttentionInputs,
+    build_attention_inputs,
+    chunked_attend,
+    count_bias_score_mod,
+    flex_attend,
+    padding_mask_mod,
+)
+
+
+def dummy_inputs(batch: int, length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts and a (B, N) pad mask: each row padded from a random point on, plus some scattered pads."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.randint(1, 30, (batch, length), generator=gen).float()
+    lengths = torch.randint(1, length + 1, (batch,), generator=gen)
+    is_pad = torch.arange(length)[None, :] >= lengths[:, None]
+    is_pad |= torch.rand(batch, length, generator=gen) < 0.1
+    counts[is_pad] = 0
+    return counts, is_pad
+
+
+def dense_reference(q, k, v, counts, is_pad, eps, cap, embed_mode):
+    """Expression-aware attention written out as one dense score matrix (SPEC section 5)."""
+    n = q.shape[-2]
+    q_idx = torch.arange(n)[:, None]
+    kv_idx = torch.arange(n)[None, :]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    bias = torch.log1p(counts + eps)[:, None, None, :]
+    scores = scores + bias * ((q_idx > kv_idx) | embed_mode)
+    scores = cap * torch.tanh(torch.clamp(scores, -1e6, 1e6) / cap)
+    allowed = (kv_idx <= q_idx) & ~is_pad[:, None, None, :]
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # a query that sees no key outputs zeros
+    return probs @ v
+
+
+@pytest.mark.parametrize(("batch", "length"), [(1, 1), (3, 127), (2, 128), (4, 200), (5, 2047)])
+def test_create_block_mask_accepts_any_shape(batch, length):
+    counts, is_pad = dummy_inputs(batch, length)
+    block_mask = create_block_mask(padding_mask_mod(is_pad), batch, None, length, length, device="cpu")
+    dense = block_mask.to_dense()  # (B, 1, q_blocks, kv_blocks)
+    n_blocks = math.ceil(length / 128)
+    assert dense.shape == (batch, 1, n_blocks, n_blocks)
+    # Causal: no block above the diagonal is visited.
+    assert not torch.triu(dense[:, 0].bool(), diagonal=1).any()
+
+
+def test_mask_mod_under_vmap_matches_dense_mask():
+    batch, length = 3, 131  # not a multiple of the block size
+    _, is_pad = dummy_inputs(batch, length)
+    mask_mod = padding_mask_mod(is_pad)
+    b = torch.arange(batch)[:, None, None]
+    q_idx = torch.arange(length + 125)[None, :, None]  # indices beyond N, as create_block_mask's padding makes
+    kv_idx = torch.arange(length + 125)[None, None, :]
+    over_kv = torch.vmap(mask_mod, in_dims=(None, None, None, 0))
+    vmapped = torch.vmap(torch.vmap(over_kv, in_dims=(None, None, 0, None)), in_dims=(0, None, None, None))
+    got = vmapped(torch.arange(batch), torch.tensor(0), torch.arange(length + 125), torch.arange(length + 125))
+    in_range = kv_idx < length
+    padded = torch.nn.functional.pad(is_pad, (0, 125), value=True)
+    expected = (kv_idx <= q_idx) & in_range & ~padded[b, kv_idx.clamp(max=length + 124)]
+    assert torch.equal(got, expected)
+
+
+def test_score_mod_under_vmap_matches_formula():
+    batch, length, cap = 2, 70, 10.0
+    counts, _ = dummy_inputs(batch, length)
+    bias = torch.log1p(counts + 1e-6)
+    for embed_mode in (True, False):
+        score_mod = count_bias_score_mod(bias, cap, embed_mode)
+        score = torch.randn(length, length) * 20
+        vmapped = torch.vmap(torch.vmap(score_mod, in_dims=(0, None, None, None, 0)), in_dims=(0, None, None, 0, None))
+        got = vmapped(score, torch.tensor(1), torch.tensor(0), torch.arange(length), torch.arange(length))
+        applies = (torch.arange(length)[:, None] > torch.arange(length)[None, :]) | embed_mode
+        expected = cap * torch.tanh((score + bias[1][None, :] * applies) / cap)
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("embed_mode", [True, False])
+@pytest.mark.parametrize(("batch", "length"), [(2, 64), (3, 131), (1, 300)])
+def test_backends_match_dense_reference(batch, length, embed_mode):
+    heads, head_dim, eps, cap = 4, 16, 1e-6, 10.0
+    counts, is_pad = dummy_inputs(batch, length, seed=batch + length)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(batch, heads, length, head_dim, generator=gen) for _ in range(3))
+    expected = dense_reference(q, k, v, counts, is_pad, eps, cap, embed_mode)
+
+    for backend in ("flex", "chunked"):
+        inputs = build_attention_inputs(
+            counts, is_pad, eps=eps, cap=cap, embed_mode=embed_mode, backend=backend, block_size=128
+        )
+        got = flex_attend(q, k, v, inputs) if backend == "flex" else chunked_attend(q, k, v, inputs)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"backend {backend}")
+
+
+def test_chunked_attention_is_exact_for_any_block_of_rows():
+    batch, heads, length, head_dim = 2, 2, 97, 8
+    counts, is_pad = dummy_inputs(batch, length, seed=7)
+    q, k, v = (torch.randn(batch, heads, length, head_dim) for _ in range(3))
+    inputs = AttentionInputs(torch.log1p(counts + 1e-6), is_pad, softcap=10.0, embed_mode=True)
+    whole = chunked_attend(q, k, v, inputs, max_score_elements=batch * heads * length * length)
+    for rows in (1, 5, 32):
+        blocked = chunked_attend(q, k, v, inputs, max_score_elements=batch * heads * length * rows)
+        torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_query_without_visible_key_outputs_zeros():
+    counts = torch.ones(1, 4)
+    is_pad = torch.tensor([[True, False, False, False]])  # the first query can only see itself, a pad
+    q, k, v = (torch.randn(1, 1, 4, 8) for _ in range(3))
+    for backend in ("flex", "chunked"):
+        inputs = build_attention_inputs(counts, is_pad, eps=1e-6, cap=10.0, embed_mode=True, backend=backend)
+        out = flex_attend(q, k, v, inputs) if backend == "flex" else chunked_attend(q, k, v, inputs)
+        assert torch.equal(out[0, 0, 0], torch.zeros(8)), backend
+        assert torch.isfinite(out).all(), backend
