@@ -1,0 +1,34 @@
+"""The Python API: load a checkpoint directory, run it on cells, get NumPy arrays."""
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+import transcriptformer
+
+
+def test_load_and_predict_in_a_few_lines(reference_dir, reference_input, expected):
+    model = transcriptformer.load(reference_dir, device="cpu")
+    result = model.predict(reference_input, batch_size=16, output_keys=("embeddings", "llh"))
+    assert set(result) == {"embeddings", "llh", "gene_token_indices", "gene_counts", "aux_token_indices"}
+    assert isinstance(result["embeddings"], np.ndarray) and result["embeddings"].dtype == np.float32
+    np.testing.assert_allclose(result["llh"], expected["llh"], rtol=1e-4)
+    np.testing.assert_allclose(model.embed(reference_input), expected["embeddings"], rtol=1e-4, atol=1e-6)
+
+
+def test_predict_accepts_pretokenized_cells_and_subsets(reference_model, reference_input, expected):
+    adata = ad.read_h5ad(reference_input)[10:20].copy()
+    cells = reference_model.tokenize(adata)
+    result = reference_model.predict(cells, batch_size=3, output_keys=("mu",))
+    np.testing.assert_allclose(result["mu"], expected["mu"][10:20], rtol=1e-4, atol=1e-6)
+
+
+def test_bad_arguments(reference_model, reference_input, reference_dir):
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        reference_model.predict(reference_input, batch_size=0)
+    with pytest.raises(FileNotFoundError, match="not a TranscriptFormer checkpoint"):
+        transcriptformer.load(reference_dir / "vocabs", device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="sees no CUDA GPU"):
+            transcriptformer.load(reference_dir, device="cuda")
