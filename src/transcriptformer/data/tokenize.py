@@ -1,13 +1,14 @@
 """From an AnnData to gene tokens, counts and aux tokens (SPEC section 4).
 
-:func:`tokenize_anndata` selects the count matrix and gene ids, drops genes the vocabulary lacks and
-returns :class:`TokenizedCells`, which keeps the counts sparse and builds padded batches on demand.
+:class:`CellTokenizer` selects the genes of a count source (:mod:`transcriptformer.data.sources`), drops the
+ones the vocabulary lacks and reads cells in row blocks as :class:`TokenizedCells`, which keep the counts
+sparse and build padded batches on demand. :func:`tokenize_anndata` does all of it at once.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from transcriptformer.data.sources import CountReader, open_counts
 from transcriptformer.data.vocab import GeneVocab
 
 
@@ -158,28 +160,6 @@ def read_anndata(data: ad.AnnData | str | Path) -> ad.AnnData:
     return ad.read_h5ad(path)
 
 
-def select_counts(adata: ad.AnnData, use_raw: bool | None = None) -> tuple[sp.csr_matrix | np.ndarray, pd.DataFrame]:
-    """Pick the count matrix and its gene table: ``raw`` when present (or forced), else ``X``.
-
-    Parameters
-    ----------
-    use_raw
-        ``None`` uses ``adata.raw`` when it exists; ``True`` requires it; ``False`` uses ``adata.X``.
-
-    Returns
-    -------
-    X, var
-        The matrix and the ``var`` frame that describes its columns.
-    """
-    if use_raw and adata.raw is None:
-        raise ValueError("use_raw=True but the AnnData has no .raw")
-    if adata.raw is not None and use_raw is not False:
-        return adata.raw.X, adata.raw.var
-    if adata.X is None:
-        raise ValueError("the AnnData has no .X")
-    return adata.X, adata.var
-
-
 def gene_ids_from_var(var: pd.DataFrame, gene_col_name: str) -> pd.Series:
     """Gene ids of each column, version suffix dropped; NaN or empty ids become ``None``.
 
@@ -239,44 +219,23 @@ def warn_if_not_counts(X: sp.csr_matrix) -> None:
         )
 
 
-def tokenize_anndata(
-    data: ad.AnnData | str | Path,
+@dataclass(frozen=True)
+class GeneSelection:
+    """Columns of a count matrix that the model reads, with their tokens and gene ids."""
+
+    columns: np.ndarray
+    tokens: np.ndarray
+    gene_ids: np.ndarray
+
+
+def select_genes(
+    var: pd.DataFrame,
     gene_vocab: GeneVocab,
-    aux_vocabs: Mapping[str, Mapping[str, int]],
-    settings: TokenizerSettings,
-    *,
     gene_col_name: str = "ensembl_id",
-    use_raw: bool | None = None,
     filter_to_vocab: bool = True,
     remove_duplicate_genes: bool = False,
-    pad_token: str = "[PAD]",
-    aux_unknown_token: str = "unknown",
-) -> TokenizedCells:
-    """Prepare an AnnData for the model.
-
-    Parameters
-    ----------
-    data
-        An AnnData or the path of an ``.h5ad`` file.
-    gene_vocab, aux_vocabs
-        The checkpoint's vocabularies.
-    settings
-        Sequence construction settings.
-    gene_col_name
-        ``var`` column with gene ids (``"index"`` for ``var_names``).
-    use_raw
-        See :func:`select_counts`.
-    filter_to_vocab
-        Drop genes the vocabulary lacks. When ``False``, such genes are an error.
-    remove_duplicate_genes
-        Keep the first of duplicated gene ids instead of raising.
-
-    Returns
-    -------
-    TokenizedCells
-    """
-    adata = read_anndata(data)
-    X, var = select_counts(adata, use_raw)
+) -> GeneSelection:
+    """Keep the columns whose gene id is present, unique (or first) and in the vocabulary."""
     gene_ids = gene_ids_from_var(var, gene_col_name)
     keep = gene_ids.notna().to_numpy() & check_duplicates(gene_ids, remove_duplicate_genes)
     tokens = gene_vocab.lookup([g or "" for g in gene_ids])
@@ -293,15 +252,106 @@ def tokenize_anndata(
             f"(gene ids read from var[{gene_col_name!r}], e.g. {list(gene_ids.dropna()[:3])})"
         )
     columns = np.flatnonzero(keep)
-    counts = sp.csr_matrix(X[:, columns], dtype=np.float32)
-    counts.sort_indices()
-    warn_if_not_counts(counts)
-    return TokenizedCells(
-        counts=counts,
-        gene_tokens=tokens[columns],
-        gene_ids=gene_ids.to_numpy()[columns],
-        aux_tokens=aux_tokens_from_obs(adata.obs, aux_vocabs, aux_unknown_token),
-        obs_names=adata.obs_names.copy(),
-        settings=settings,
-        pad_token=gene_vocab.special(pad_token),
-    )
+    return GeneSelection(columns=columns, tokens=tokens[columns], gene_ids=gene_ids.to_numpy()[columns])
+
+
+@dataclass
+class CellTokenizer:
+    """Turns cells into model inputs with a checkpoint's vocabularies (SPEC section 4).
+
+    Attributes
+    ----------
+    gene_vocab, aux_vocabs
+        The checkpoint's vocabularies.
+    settings
+        Sequence construction settings.
+    gene_col_name
+        ``var`` column with gene ids (``"index"`` for ``var_names``).
+    filter_to_vocab
+        Drop genes the vocabulary lacks. When ``False``, such genes are an error.
+    remove_duplicate_genes
+        Keep the first of duplicated gene ids instead of raising.
+    pad_token, aux_unknown_token
+        Names of the gene padding token and of the unknown entry of aux vocabularies.
+    """
+
+    gene_vocab: GeneVocab
+    aux_vocabs: Mapping[str, Mapping[str, int]]
+    settings: TokenizerSettings
+    gene_col_name: str = "ensembl_id"
+    filter_to_vocab: bool = True
+    remove_duplicate_genes: bool = False
+    pad_token: str = "[PAD]"
+    aux_unknown_token: str = "unknown"
+
+    def prepare(self, reader: CountReader) -> PreparedCells:
+        """Select the reader's genes and read its aux columns; counts are read later, in row blocks."""
+        selection = select_genes(
+            reader.var, self.gene_vocab, self.gene_col_name, self.filter_to_vocab, self.remove_duplicate_genes
+        )
+        aux = aux_tokens_from_obs(reader.obs, self.aux_vocabs, self.aux_unknown_token)
+        return PreparedCells(reader, selection, aux, self.settings, self.gene_vocab.special(self.pad_token))
+
+
+@dataclass
+class PreparedCells:
+    """Cells of one source, ready to be tokenized in row blocks of any size."""
+
+    reader: CountReader
+    selection: GeneSelection
+    aux_tokens: np.ndarray
+    settings: TokenizerSettings
+    pad_token: int
+
+    def __len__(self) -> int:
+        return self.reader.n_obs
+
+    def cells(self, start: int = 0, stop: int | None = None) -> TokenizedCells:
+        """Tokenized cells ``start .. stop - 1`` (all by default)."""
+        stop = len(self) if stop is None else stop
+        counts = self.reader.rows(start, stop)[:, self.selection.columns].astype(np.float32)
+        counts.sort_indices()
+        if start == 0:
+            warn_if_not_counts(counts)
+        return TokenizedCells(
+            counts=counts,
+            gene_tokens=self.selection.tokens,
+            gene_ids=self.selection.gene_ids,
+            aux_tokens=self.aux_tokens[start:stop],
+            obs_names=self.reader.obs.index[start:stop],
+            settings=self.settings,
+            pad_token=self.pad_token,
+        )
+
+    def chunks(self, chunk_size: int) -> Iterator[tuple[int, TokenizedCells]]:
+        """Consecutive blocks of at most ``chunk_size`` cells, with the index of each block's first cell."""
+        for start in range(0, len(self), chunk_size):
+            yield start, self.cells(start, min(start + chunk_size, len(self)))
+
+
+def tokenize_anndata(
+    data: ad.AnnData | str | Path,
+    gene_vocab: GeneVocab,
+    aux_vocabs: Mapping[str, Mapping[str, int]],
+    settings: TokenizerSettings,
+    *,
+    use_raw: bool | None = None,
+    **tokenizer_options,
+) -> TokenizedCells:
+    """Tokenize every cell of an AnnData (or of a ``.h5ad``, ``.zarr`` or 10x ``.h5`` file) at once.
+
+    Parameters
+    ----------
+    data
+        An AnnData or a file path.
+    gene_vocab, aux_vocabs, settings
+        See :class:`CellTokenizer`.
+    use_raw
+        ``None`` uses ``raw`` when present; ``True`` requires it; ``False`` uses ``X``.
+    **tokenizer_options
+        ``gene_col_name``, ``filter_to_vocab``, ``remove_duplicate_genes``, ``pad_token``,
+        ``aux_unknown_token`` (see :class:`CellTokenizer`).
+    """
+    tokenizer = CellTokenizer(gene_vocab, aux_vocabs, settings, **tokenizer_options)
+    with open_counts(data, use_raw) as reader:
+        return tokenizer.prepare(reader).cells()
