@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import anndata as ad
@@ -17,10 +17,14 @@ import numpy as np
 import torch
 
 from transcriptformer.checkpoint import Checkpoint, load_checkpoint
+from transcriptformer.data.batching import plan_batches
 from transcriptformer.data.tokenize import TokenizedCells, TokenizerSettings, tokenize_anndata
-from transcriptformer.model.attention import Backend
+from transcriptformer.model.attention import Backend, resolve_backend
 
 DEFAULT_OUTPUT_KEYS = ("embeddings", "llh", "gene_llh", "mu")
+PER_POSITION_KEYS = ("gene_llh", "mu", "cge", "gene_token_indices", "gene_counts")
+# Batch lengths are rounded up to this multiple on the flex backend, so compiled kernels see few shapes.
+FLEX_LENGTH_MULTIPLE = 128
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -97,6 +101,7 @@ class TranscriptFormerModel:
         data: ad.AnnData | str | Path | TokenizedCells,
         *,
         batch_size: int = 8,
+        max_tokens: int | None = None,
         output_keys: Collection[str] = DEFAULT_OUTPUT_KEYS,
         **tokenize_kwargs,
     ) -> dict[str, np.ndarray]:
@@ -105,9 +110,11 @@ class TranscriptFormerModel:
         Parameters
         ----------
         data
-            AnnData, ``.h5ad`` path, or cells already tokenized with :meth:`tokenize`.
+            AnnData, file path, or cells already tokenized with :meth:`tokenize`.
         batch_size
             Cells per forward pass; results do not depend on it.
+        max_tokens
+            Token budget per forward pass instead of a fixed ``batch_size``.
         output_keys
             Any of ``embeddings``, ``llh``, ``gene_llh``, ``mu`` and ``cge`` (see
             :meth:`TranscriptFormer.predict`).
@@ -119,26 +126,53 @@ class TranscriptFormerModel:
         dict of str to ndarray
             The requested outputs, plus ``gene_token_indices`` and ``gene_counts`` ``(n_cells, seq_len)``
             (the model inputs, which say which gene each per-position output belongs to) and
-            ``aux_token_indices``.
+            ``aux_token_indices``. Per-position outputs are 0 at padding.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         cells = data if isinstance(data, TokenizedCells) else self.tokenize(data, **tokenize_kwargs)
-        chunks: dict[str, list[np.ndarray]] = {}
-        for start in range(0, len(cells), batch_size):
-            batch = cells.batch(np.arange(start, min(start + batch_size, len(cells))))
+        results: dict[str, np.ndarray] = {}
+        for rows, outputs in self.iter_batches(
+            cells, batch_size=batch_size, max_tokens=max_tokens, output_keys=output_keys
+        ):
+            for key, value in outputs.items():
+                if key not in PER_POSITION_KEYS:
+                    results.setdefault(key, np.zeros((len(cells), *value.shape[1:]), value.dtype))[rows] = value
+                    continue
+                shape = (len(cells), cells.settings.seq_len, *value.shape[2:])
+                padding = cells.pad_token if key == "gene_token_indices" else 0
+                results.setdefault(key, np.full(shape, padding, value.dtype))[rows, : value.shape[1]] = value
+        return results
+
+    def iter_batches(
+        self,
+        cells: TokenizedCells,
+        *,
+        batch_size: int = 8,
+        max_tokens: int | None = None,
+        output_keys: Collection[str] = DEFAULT_OUTPUT_KEYS,
+    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Run the model over length-aware batches of ``cells``.
+
+        Yields
+        ------
+        rows, outputs
+            The cells (indices into ``cells``) of one forward pass and their outputs; per-position outputs
+            are trimmed to the batch's length (see :mod:`transcriptformer.data.batching`).
+        """
+        multiple = FLEX_LENGTH_MULTIPLE if resolve_backend(self.model.attention_backend, self.device) == "flex" else 1
+        plan = plan_batches(
+            cells.n_tokens(), cells.settings.seq_len, batch_size=batch_size, max_tokens=max_tokens, multiple=multiple
+        )
+        for planned in plan:
+            batch = cells.batch(planned.rows, planned.length)
             on_device = batch.to(self.device)
             outputs = self.model.predict(
                 on_device.gene_tokens, on_device.gene_counts, on_device.aux_tokens, output_keys=output_keys
             )
-            outputs |= {
-                "gene_token_indices": batch.gene_tokens,
-                "gene_counts": batch.gene_counts,
-                "aux_token_indices": batch.aux_tokens,
-            }
-            for key, value in outputs.items():
-                chunks.setdefault(key, []).append(value.cpu().numpy())
-        return {key: np.concatenate(parts) for key, parts in chunks.items()}
+            arrays = {key: value.cpu().numpy() for key, value in outputs.items()}
+            arrays["gene_token_indices"] = batch.gene_tokens.numpy()
+            arrays["gene_counts"] = batch.gene_counts.numpy()
+            arrays["aux_token_indices"] = batch.aux_tokens.numpy()
+            yield planned.rows, arrays
 
     def embed(self, data: ad.AnnData | str | Path, *, batch_size: int = 8, **tokenize_kwargs) -> np.ndarray:
         """Cell embeddings ``(n_cells, E)``."""

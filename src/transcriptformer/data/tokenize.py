@@ -18,6 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from transcriptformer.data.gene_symbols import ensembl_ids_for_symbols
 from transcriptformer.data.sources import CountReader, open_counts
 from transcriptformer.data.vocab import GeneVocab
 
@@ -120,9 +121,14 @@ class TokenizedCells:
             values = np.concatenate([values, np.zeros(zero_cols.size, np.float32)])
         return cols[: self.settings.seq_len], values[: self.settings.seq_len]
 
-    def n_tokens(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Number of unpadded positions of each cell in ``rows``."""
-        return np.array([self.sequence(r)[0].size for r in rows], dtype=np.int64)
+    def n_tokens(self) -> np.ndarray:
+        """Number of unpadded positions of each cell: its expressed genes (all genes without ``pad_zeros``)."""
+        if self.settings.pad_zeros:
+            expressed_before = np.concatenate([[0], np.cumsum(self.counts.data > 0)])[self.counts.indptr]
+            genes = np.diff(expressed_before)
+        else:
+            genes = np.full(len(self), self.counts.shape[1])
+        return np.minimum(genes, self.settings.seq_len).astype(np.int64)
 
     def batch(self, rows: Sequence[int] | np.ndarray, length: int | None = None) -> Batch:
         """Build the padded model inputs of ``rows``.
@@ -163,7 +169,8 @@ def read_anndata(data: ad.AnnData | str | Path) -> ad.AnnData:
 def gene_ids_from_var(var: pd.DataFrame, gene_col_name: str) -> pd.Series:
     """Gene ids of each column, version suffix dropped; NaN or empty ids become ``None``.
 
-    ``gene_col_name`` names a ``var`` column, or ``"index"`` for ``var_names``.
+    ``gene_col_name`` names a ``var`` column, or ``"index"`` for ``var_names``. Gene symbols in it are mapped to
+    Ensembl ids (see :mod:`transcriptformer.data.gene_symbols`), with a report of how many mapped.
     """
     if gene_col_name == "index":
         raw_ids = var.index.to_series()
@@ -175,6 +182,7 @@ def gene_ids_from_var(var: pd.DataFrame, gene_col_name: str) -> pd.Series:
             "pass gene_col_name='index' to use var_names"
         )
     ids = raw_ids.astype("object").where(raw_ids.notna(), None)
+    ids = ensembl_ids_for_symbols(ids, source=f"var[{gene_col_name!r}]")
     ids = ids.map(lambda g: None if g is None else str(g).strip().split(".", 1)[0] or None)
     return ids.reset_index(drop=True)
 
