@@ -34,7 +34,7 @@ Backend = Literal["auto", "flex", "chunked"]
 BACKENDS = ("auto", "flex", "chunked")
 
 # Largest number of attention scores (batch x heads x query rows x keys) the chunked backend holds at once.
-DEFAULT_MAX_SCORE_ELEMENTS = 1 << 24
+DEFAULT_MAX_SCORE_ELEMENTS = 1 << 22
 
 
 def softcap(x: Tensor, cap: float) -> Tensor:
@@ -192,8 +192,8 @@ def chunked_attend(
         stop = min(length, start + rows_per_block)
         q_idx = positions[start:stop, None]  # (R, 1)
         kv_idx = positions[None, :stop]  # (1, K)
-        scores = torch.matmul(q[:, :, start:stop], k[:, :, :stop].transpose(-1, -2)) * scale  # (B, H, R, K)
         bias = inputs.count_bias[:, None, None, :stop] * ((q_idx > kv_idx) | inputs.embed_mode)
+        scores = torch.matmul(q[:, :, start:stop], k[:, :, :stop].transpose(-1, -2)) * scale  # (B, H, R, K)
         scores = softcap(scores + bias, inputs.softcap)
         allowed = (kv_idx <= q_idx) & ~inputs.kv_is_pad[:, None, None, :stop]  # (B, 1, R, K)
         scores = scores.masked_fill(~allowed, float("-inf"))
