@@ -92,7 +92,7 @@ def test_backends_match_dense_reference(batch, length, embed_mode):
     q, k, v = (torch.randn(batch, heads, length, head_dim, generator=gen) for _ in range(3))
     expected = dense_reference(q, k, v, counts, is_pad, eps, cap, embed_mode)
 
-    for backend in ("flex", "chunked"):
+    for backend in ("flex", "chunked", "dense"):
         inputs = build_attention_inputs(
             counts, is_pad, eps=eps, cap=cap, embed_mode=embed_mode, backend=backend, block_size=128
         )
@@ -104,11 +104,10 @@ def test_chunked_attention_is_exact_for_any_block_of_rows():
     batch, heads, length, head_dim = 2, 2, 97, 8
     counts, is_pad = dummy_inputs(batch, length, seed=7)
     q, k, v = (torch.randn(batch, heads, length, head_dim) for _ in range(3))
-    inputs = AttentionInputs(torch.log1p(counts + 1e-6), is_pad, softcap=10.0, embed_mode=True)
-    whole = chunked_attend(q, k, v, inputs, max_score_elements=batch * heads * length * length)
+    whole = chunked_attend(q, k, v, AttentionInputs(torch.log1p(counts + 1e-6), is_pad, 10.0, True, None, None))
     for rows in (1, 5, 32):
-        blocked = chunked_attend(q, k, v, inputs, max_score_elements=batch * heads * length * rows)
-        torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-6)
+        inputs = AttentionInputs(torch.log1p(counts + 1e-6), is_pad, 10.0, True, None, batch * heads * length * rows)
+        torch.testing.assert_close(chunked_attend(q, k, v, inputs), whole, rtol=1e-6, atol=1e-6)
 
 
 def test_query_without_visible_key_outputs_zeros():

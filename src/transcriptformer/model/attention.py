@@ -12,6 +12,8 @@ where ``bias = log1p(count + eps)`` of the (shifted) input sequence. Two backend
   CUDA. The block mask is built once per forward and shared by all layers.
 * ``"chunked"``: plain tensor math over blocks of query rows, so that no more than ``max_score_elements``
   scores exist at a time. It needs no ``torch.compile`` and is the default on CPU.
+* ``"dense"``: the same math on the whole score matrix at once (the straightforward reference; memory grows
+  with the square of the length).
 
 Mask and score functions are pure element-wise tensor expressions: no Python branching on tensor values and
 key indices clamped into range, so that ``create_block_mask`` and ``vmap`` accept them for any batch size and
@@ -30,8 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-Backend = Literal["auto", "flex", "chunked"]
-BACKENDS = ("auto", "flex", "chunked")
+Backend = Literal["auto", "flex", "chunked", "dense"]
+BACKENDS = ("auto", "flex", "chunked", "dense")
 
 # Largest number of attention scores (batch x heads x query rows x keys) the chunked backend holds at once.
 DEFAULT_MAX_SCORE_ELEMENTS = 1 << 22
@@ -102,6 +104,8 @@ class AttentionInputs:
         Apply the count bias on the diagonal too.
     block_mask : BlockMask or None
         Built for the flex backend only.
+    max_score_elements : int or None
+        Score block bound of the chunked backend; None for the whole matrix at once.
     """
 
     count_bias: Tensor
@@ -109,6 +113,7 @@ class AttentionInputs:
     softcap: float
     embed_mode: bool
     block_mask: BlockMask | None = None
+    max_score_elements: int | None = DEFAULT_MAX_SCORE_ELEMENTS
 
     @property
     def score_mod(self) -> Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]:
@@ -116,7 +121,7 @@ class AttentionInputs:
         return count_bias_score_mod(self.count_bias, self.softcap, self.embed_mode)
 
 
-def resolve_backend(backend: Backend, device: torch.device) -> Literal["flex", "chunked"]:
+def resolve_backend(backend: Backend, device: torch.device) -> Literal["flex", "chunked", "dense"]:
     """Pick the attention backend: compiled flex attention on CUDA, chunked math elsewhere."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
@@ -132,7 +137,7 @@ def build_attention_inputs(
     eps: float,
     cap: float,
     embed_mode: bool,
-    backend: Literal["flex", "chunked"],
+    backend: Literal["flex", "chunked", "dense"],
     block_size: int = 128,
 ) -> AttentionInputs:
     """Prepare the shared attention inputs of one forward pass.
@@ -145,6 +150,8 @@ def build_attention_inputs(
         ``(B, N)`` True where the input position is padding.
     """
     inputs = AttentionInputs(torch.log1p(counts + eps), is_pad, cap, embed_mode)
+    if backend == "dense":
+        inputs.max_score_elements = None
     if backend == "flex":
         batch, length = is_pad.shape
         inputs.block_mask = create_block_mask(
@@ -155,7 +162,9 @@ def build_attention_inputs(
 
 @functools.cache
 def _compiled_flex_attention() -> Callable[..., Tensor]:
-    return torch.compile(flex_attention, dynamic=False)
+    # Default dynamic-shape policy: the first shape is compiled static, a new shape recompiles with dynamic sizes,
+    # so varying batch sizes and lengths do not exhaust the recompile limit.
+    return torch.compile(flex_attention)
 
 
 def flex_attend(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) -> Tensor:
@@ -164,9 +173,7 @@ def flex_attend(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) -> Ten
     return attend(q, k, v, score_mod=inputs.score_mod, block_mask=inputs.block_mask)
 
 
-def chunked_attend(
-    q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, max_score_elements: int = DEFAULT_MAX_SCORE_ELEMENTS
-) -> Tensor:
+def chunked_attend(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) -> Tensor:
     """Exact attention in blocks of query rows; keys beyond the block's last row are skipped (causal).
 
     Parameters
@@ -174,9 +181,7 @@ def chunked_attend(
     q, k, v : Tensor
         ``(B, H, N, D)``.
     inputs : AttentionInputs
-        Shared bias and padding of this forward pass.
-    max_score_elements : int
-        Upper bound on the number of scores materialised at once.
+        Shared bias and padding of this forward pass, and the bound on scores held at once.
 
     Returns
     -------
@@ -185,7 +190,8 @@ def chunked_attend(
     """
     batch, heads, length, head_dim = q.shape
     scale = 1.0 / math.sqrt(head_dim)
-    rows_per_block = max(1, max_score_elements // (batch * heads * length))
+    bound = inputs.max_score_elements
+    rows_per_block = length if bound is None else max(1, bound // (batch * heads * length))
     positions = torch.arange(length, device=q.device)
     out = torch.empty_like(q)
     for start in range(0, length, rows_per_block):

@@ -1,0 +1,213 @@
+"""Inference throughput of a random-weight checkpoint of a named size on cells with realistic gene counts.
+
+Prints cells/s, tokens/s, achieved FLOP/s against this machine's measured matmul peak (same dtype) and peak
+RSS. ``--compare-naive`` also runs, in the same process and on the same cells, the straightforward path
+(every cell at full length, fixed batches in input order, the whole score matrix at once) and prints the
+speed ratio and the largest difference between the two paths' outputs.
+
+Examples::
+
+    python benchmarks/bench_inference.py --size mid --cells 48 --compare-naive
+    python benchmarks/bench_inference.py --size sapiens --device cuda --precision bf16 --cells 2000 --batch-size 32
+"""
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import torch
+
+import transcriptformer
+from transcriptformer.checkpoint import save_checkpoint
+from transcriptformer.config import DataConfig, LossConfig, ModelConfig, TranscriptFormerConfig
+from transcriptformer.data.vocab import GeneVocab
+from transcriptformer.model.transcriptformer import SpecialTokens, TranscriptFormer
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "human_fulltranscriptome_559.h5ad"
+
+SIZES = {
+    "tiny": dict(num_layers=2, num_heads=4, embed_dim=64, model_dim=128, gene_head_hidden_dim=64, esm_dim=32),
+    "mid": dict(num_layers=6, num_heads=8, embed_dim=512, model_dim=512, gene_head_hidden_dim=512, esm_dim=2560),
+    "sapiens": dict(
+        num_layers=12, num_heads=16, embed_dim=2048, model_dim=2048, gene_head_hidden_dim=2048, esm_dim=2560
+    ),
+}
+SAPIENS_VOCAB = 23_829
+DTYPES = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+def build_checkpoint(size: str, gene_ids: list[str], directory: Path, seq_len: int) -> Path:
+    """Write a random-weight checkpoint whose vocabulary holds ``gene_ids`` (padded to the published size)."""
+    shape = dict(SIZES[size])
+    esm_dim = shape.pop("esm_dim")
+    if size == "sapiens" and len(gene_ids) < SAPIENS_VOCAB:
+        gene_ids = gene_ids + [f"ENSGFILL{i:011d}" for i in range(SAPIENS_VOCAB - len(gene_ids))]
+    table_file = directory / "homo_sapiens_gene.h5"
+    rng = np.random.default_rng(0)
+    with h5py.File(table_file, "w") as f:
+        f["keys"] = np.array(gene_ids, dtype="S")
+        arrays = f.create_group("arrays")
+        for gene in gene_ids:
+            arrays[gene] = rng.standard_normal(esm_dim, dtype=np.float32)
+    config = TranscriptFormerConfig(
+        data_config=DataConfig(aux_cols=[], esm2_mappings=[table_file.name]),
+        model_config=ModelConfig(seq_len=seq_len, **shape),
+        loss_config=LossConfig(),
+    )
+    vocab = GeneVocab.build(config.data_config.special_tokens, gene_ids)
+    torch.manual_seed(0)
+    table = torch.randn(len(vocab), esm_dim)
+    special = SpecialTokens(pad=vocab.special("[PAD]"), start=vocab.special("[START]"), end=vocab.special("[END]"))
+    model = TranscriptFormer(config.model_config, config.loss_config, table, special, aux_vocabs={})
+    return save_checkpoint(directory / size, config, model, {}, [table_file])
+
+
+def measured_matmul_peak(device: torch.device, dtype: torch.dtype, width: int) -> float:
+    """Best FLOP/s of a (4096 x width) @ (width x width) matmul on ``device`` in ``dtype``."""
+    a = torch.randn(4096, width, device=device, dtype=dtype)
+    b = torch.randn(width, width, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(10):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        synchronize(device)
+        best = min(best, (time.perf_counter() - start) / 5)
+    return 2 * 4096 * width * width / best
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def forward_flops(config: ModelConfig, esm_dim: int, vocab: int, shapes: list[tuple[int, int]], keys) -> float:
+    """Useful FLOPs of forward passes of ``(batch, length)`` shapes: matmuls only, causal attention counted once."""
+    e, f, h = config.embed_dim, config.model_dim, config.gene_head_hidden_dim
+    per_token = 2 * (esm_dim * e + e * e) + config.num_layers * 2 * (4 * e * e + 2 * e * f)
+    if {"mu", "llh"} & set(keys):
+        per_token += 2 * (esm_dim * e + e * e) + 2 * (2 * e * e // 2 + e // 2)
+    if "gene_llh" in keys:
+        per_token += 2 * (e * h + h * vocab)
+    attention_per_pair = config.num_layers * 2 * 2 * e  # QK^T and PV over all heads
+    return sum(b * n * per_token + b * n * (n + 1) / 2 * attention_per_pair for b, n in shapes)
+
+
+def run(model, cells, args, naive: bool) -> tuple[float, list[tuple[int, int]], np.ndarray]:
+    """Time one pass over ``cells``; returns seconds, the (batch, length) shapes run and the embeddings."""
+    device = model.device
+    keys = tuple(args.output_keys)
+    autocast = torch.autocast(device.type, dtype=DTYPES[args.precision], enabled=args.precision != "32")
+    shapes, rows_seen, embeddings = [], [], []
+    synchronize(device)
+    start = time.perf_counter()
+    with autocast:
+        if naive:
+            for first in range(0, len(cells), args.batch_size):
+                rows = np.arange(first, min(first + args.batch_size, len(cells)))
+                batch = cells.batch(rows).to(device)
+                out = model.model.predict(batch.gene_tokens, batch.gene_counts, batch.aux_tokens, keys)
+                rows_seen.append(rows)
+                embeddings.append(out["embeddings"].cpu().numpy())
+                shapes.append(tuple(batch.gene_tokens.shape))
+        else:
+            for rows, out in model.iter_batches(
+                cells, batch_size=args.batch_size, max_tokens=args.max_tokens, output_keys=keys
+            ):
+                rows_seen.append(rows)
+                embeddings.append(out["embeddings"])
+                shapes.append(out["gene_token_indices"].shape)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    order = np.argsort(np.concatenate(rows_seen))
+    return seconds, shapes, np.concatenate(embeddings)[order]
+
+
+def report(label: str, cells, n_tokens, seconds: float, flops: float, peak: float, shapes) -> None:
+    positions = sum(b * n for b, n in shapes)
+    print(
+        f"{label}: {len(cells) / seconds:.2f} cells/s, {n_tokens.sum() / seconds:.0f} tokens/s "
+        f"({positions / seconds:.0f} positions/s incl. padding), {flops / seconds / 1e9:.1f} GFLOP/s useful = "
+        f"{100 * flops / seconds / peak:.0f}% of the measured matmul peak"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="mid")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="h5ad with raw counts and var['ensembl_id']")
+    parser.add_argument("--cells", type=int, default=48, help="number of cells to run (taken from the start)")
+    parser.add_argument(
+        "--full-length", action="store_true", help="only cells with at least seq-len genes, repeated to --cells"
+    )
+    parser.add_argument("--seq-len", type=int, default=2047)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=sorted(DTYPES), default="32")
+    parser.add_argument("--backend", choices=("auto", "flex", "chunked", "dense"), default="auto")
+    parser.add_argument("--output-keys", nargs="+", default=["embeddings"])
+    parser.add_argument("--compare-naive", action="store_true")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    adata = ad.read_h5ad(args.data)
+    if args.full_length:
+        long_cells = np.flatnonzero(np.diff(adata.X.indptr) >= 2 * args.seq_len)  # leaves room for unmatched ids
+        adata = adata[np.resize(long_cells, args.cells)].copy()
+        adata.obs_names_make_unique()
+    else:
+        adata = adata[: args.cells].copy()
+    ids = adata.var["ensembl_id"].dropna().astype(str).str.split(".").str[0]
+    gene_ids = list(dict.fromkeys(ids))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_checkpoint(args.size, gene_ids, Path(tmp), args.seq_len)
+        model = transcriptformer.load(path, device=device, attention_backend=args.backend)
+    config = model.checkpoint.config.model_config
+    esm_dim = SIZES[args.size]["esm_dim"]
+    cells = model.tokenize(adata)
+    n_tokens = cells.n_tokens()
+    print(
+        f"{args.size}: {config.num_layers} layers x {config.embed_dim} wide, vocab {len(model.checkpoint.gene_vocab)}, "
+        f"seq_len {config.seq_len}; {len(cells)} cells, tokens per cell median {int(np.median(n_tokens))} "
+        f"(max {n_tokens.max()}); device {device}, precision {args.precision}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    warm = cells.batch(np.arange(min(2, len(cells))))
+    model.model.predict(warm.gene_tokens.to(device), warm.gene_counts.to(device), warm.aux_tokens.to(device))
+
+    peak = measured_matmul_peak(device, DTYPES[args.precision], config.embed_dim)
+    print(f"measured matmul peak ({args.precision}): {peak / 1e9:.1f} GFLOP/s")
+    vocab = len(model.checkpoint.gene_vocab)
+    seconds, shapes, fast = run(model, cells, args, naive=False)
+    flops = forward_flops(config, esm_dim, vocab, shapes, args.output_keys)
+    report("length-aware", cells, n_tokens, seconds, flops, peak, shapes)
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    if args.compare_naive:
+        model.model.attention_backend = "dense"
+        naive_seconds, naive_shapes, slow = run(model, cells, args, naive=True)
+        naive_flops = forward_flops(config, esm_dim, vocab, naive_shapes, args.output_keys)
+        report(
+            f"naive (length {config.seq_len}, input order, dense scores)",
+            cells,
+            n_tokens,
+            naive_seconds,
+            naive_flops,
+            peak,
+            naive_shapes,
+        )
+        difference = np.abs(fast - slow).max() / np.abs(slow).max()
+        print(
+            f"speed-up {naive_seconds / seconds:.2f}x; largest embedding difference {difference:.1e} (relative to max)"
+        )
+
+
+if __name__ == "__main__":
+    main()
