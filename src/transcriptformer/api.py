@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from transcriptformer.checkpoint import Checkpoint, load_checkpoint
-from transcriptformer.data.batching import plan_batches
-from transcriptformer.data.tokenize import TokenizedCells, TokenizerSettings, tokenize_anndata
+from transcriptformer.data.batching import PlannedBatch, plan_batches
+from transcriptformer.data.sources import open_counts
+from transcriptformer.data.tokenize import CellTokenizer, TokenizedCells, TokenizerSettings
 from transcriptformer.model.attention import Backend, resolve_backend
 
 DEFAULT_OUTPUT_KEYS = ("embeddings", "llh", "gene_llh", "mu")
@@ -71,10 +72,28 @@ class TranscriptFormerModel:
         filter_to_vocab: bool = True,
         remove_duplicate_genes: bool = False,
     ) -> TokenizedCells:
-        """Turn an AnnData (or ``.h5ad`` path) into model inputs; see :func:`tokenize_anndata`.
+        """Turn an AnnData (or ``.h5ad`` path) into model inputs, all cells at once.
 
         ``gene_col_name`` defaults to the checkpoint's; ``clip_counts`` to the original inference's 30.
         """
+        tokenizer = self.cell_tokenizer(
+            gene_col_name=gene_col_name,
+            clip_counts=clip_counts,
+            filter_to_vocab=filter_to_vocab,
+            remove_duplicate_genes=remove_duplicate_genes,
+        )
+        with open_counts(data, use_raw) as reader:
+            return tokenizer.prepare(reader).cells()
+
+    def cell_tokenizer(
+        self,
+        *,
+        gene_col_name: str | None = None,
+        clip_counts: float | None = 30.0,
+        filter_to_vocab: bool = True,
+        remove_duplicate_genes: bool = False,
+    ) -> CellTokenizer:
+        """The checkpoint's tokenizer, to read cells in row blocks (arguments as in :meth:`tokenize`)."""
         data_config = self.checkpoint.config.data_config
         settings = TokenizerSettings(
             seq_len=self.checkpoint.config.model_config.seq_len,
@@ -83,13 +102,11 @@ class TranscriptFormerModel:
             normalize_to_scale=data_config.normalize_to_scale,
             clip_counts=clip_counts,
         )
-        return tokenize_anndata(
-            data,
+        return CellTokenizer(
             self.checkpoint.gene_vocab,
             self.checkpoint.aux_vocabs,
             settings,
             gene_col_name=gene_col_name or data_config.gene_col_name,
-            use_raw=use_raw,
             filter_to_vocab=filter_to_vocab,
             remove_duplicate_genes=remove_duplicate_genes,
             pad_token=data_config.gene_pad_token,
@@ -158,11 +175,7 @@ class TranscriptFormerModel:
             The cells (indices into ``cells``) of one forward pass and their outputs; per-position outputs
             are trimmed to the batch's length (see :mod:`transcriptformer.data.batching`).
         """
-        multiple = FLEX_LENGTH_MULTIPLE if resolve_backend(self.model.attention_backend, self.device) == "flex" else 1
-        plan = plan_batches(
-            cells.n_tokens(), cells.settings.seq_len, batch_size=batch_size, max_tokens=max_tokens, multiple=multiple
-        )
-        for planned in plan:
+        for planned in self.batch_plan(cells, batch_size=batch_size, max_tokens=max_tokens):
             batch = cells.batch(planned.rows, planned.length)
             on_device = batch.to(self.device)
             outputs = self.model.predict(
@@ -173,6 +186,15 @@ class TranscriptFormerModel:
             arrays["gene_counts"] = batch.gene_counts.numpy()
             arrays["aux_token_indices"] = batch.aux_tokens.numpy()
             yield planned.rows, arrays
+
+    def batch_plan(
+        self, cells: TokenizedCells, *, batch_size: int = 8, max_tokens: int | None = None
+    ) -> list[PlannedBatch]:
+        """The length-aware batches :meth:`iter_batches` runs ``cells`` in (see :func:`plan_batches`)."""
+        multiple = FLEX_LENGTH_MULTIPLE if resolve_backend(self.model.attention_backend, self.device) == "flex" else 1
+        return plan_batches(
+            cells.n_tokens(), cells.settings.seq_len, batch_size=batch_size, max_tokens=max_tokens, multiple=multiple
+        )
 
     def embed(self, data: ad.AnnData | str | Path, *, batch_size: int = 8, **tokenize_kwargs) -> np.ndarray:
         """Cell embeddings ``(n_cells, E)``."""

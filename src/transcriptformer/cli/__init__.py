@@ -14,7 +14,16 @@ from collections.abc import Sequence
 from transcriptformer import __version__
 
 # Modules under transcriptformer.cli, in the order their subcommands are listed in --help.
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "inference",
+    "train",
+    "finetune",
+    "merge_adapters",
+    "download",
+    "download_data",
+    "doctor",
+    "build_vocab",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

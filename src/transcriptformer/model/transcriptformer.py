@@ -114,6 +114,9 @@ class TranscriptFormer(nn.Module):
             self.gene_id_head = MLP(embed_dim, cfg.gene_head_hidden_dim, vocab_size, cfg.dropout)
         else:
             self.gene_id_head = None
+        # Gene-id head class of each vocabulary entry, -1 where the head has none; set by a gene-table swap
+        # (transcriptformer.ood). None: the vocabulary is the one the head was trained on.
+        self.register_buffer("gene_head_classes", None, persistent=False)
 
     def shifted_inputs(self, gene_tokens: Tensor, gene_counts: Tensor) -> tuple[Tensor, Tensor]:
         """Shift right: ``[START], t[:, :-1]`` and ``1, c[:, :-1]``."""
@@ -214,9 +217,17 @@ class TranscriptFormer(nn.Module):
             count_nll = zero_truncated_poisson_nll(out.mu, target_counts, eps, self.loss_config.softplus_approx)
             result["count_nll"] = torch.where(mask, count_nll, 0.0)
         if out.gene_logits is not None:
-            gene_nll = gene_cross_entropy(out.gene_logits, target_tokens, self.model_config.softcap)
-            result["gene_nll"] = torch.where(mask, gene_nll, 0.0)
+            classes, has_class = self.gene_head_targets(target_tokens)
+            gene_nll = gene_cross_entropy(out.gene_logits, classes, self.model_config.softcap)
+            result["gene_nll"] = torch.where(mask, torch.where(has_class, gene_nll, torch.nan), 0.0)
         return result
+
+    def gene_head_targets(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Gene-id head class of each token and whether it has one (after a gene-table swap, new genes have none)."""
+        if self.gene_head_classes is None:
+            return tokens, torch.ones_like(tokens, dtype=torch.bool)
+        classes = self.gene_head_classes[tokens]
+        return classes.clamp(min=0), classes >= 0
 
     @torch.no_grad()
     def predict(

@@ -1,0 +1,87 @@
+"""``transcriptformer build-vocab``: a gene-embedding table for a new species from its proteins and ESM-2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from transcriptformer.api import resolve_device
+from transcriptformer.esm_vocab import DEFAULT_LAYER, DEFAULT_MAX_RESIDUES, GENE_ID_RULES, build_vocab
+
+EXAMPLES = """\
+examples:
+  # Ensembl peptide FASTA (headers carry gene:ENS...), the ESM-2 model the published tables used
+  transcriptformer build-vocab --fasta Xenopus_tropicalis.UCB_Xtro_10.0.pep.all.fa.gz \\
+      --esm-model esm2_t36_3B_UR50D.pt --species xenopus_tropicalis --check-data frog_cells.h5ad
+
+  # UniProt proteome, gene names from GN=
+  transcriptformer build-vocab --fasta proteome.fasta --gene-id-rule uniprot --esm-model esm2_t36_3B_UR50D.pt \\
+      --species my_species --check-data cells.h5ad --gene-col-name gene_symbol
+
+Then: transcriptformer inference ... --pretrained-embedding <species>_gene.h5
+
+documentation: docs/downloads.md (new species)
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``build-vocab`` subcommand."""
+    parser = subparsers.add_parser(
+        "build-vocab",
+        help="build <species>_gene.h5 from a protein FASTA with a local ESM-2 model",
+        description="Embed the longest protein of each gene with ESM-2 (mean over residues) and write a "
+        "gene-embedding table for a species no checkpoint knows.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--fasta", required=True, help="protein FASTA, plain or .gz (several isoforms per gene)")
+    parser.add_argument(
+        "--esm-model", required=True, help="fair-esm ESM-2 checkpoint (.pt), or a model name in the torch hub cache"
+    )
+    parser.add_argument("--species", required=True, help="species name of the file: <species>_gene.h5")
+    parser.add_argument("--output-dir", default=".", help="folder of the output file (.)")
+    parser.add_argument(
+        "--gene-id-rule",
+        default="ensembl",
+        help=f"how to read the gene id from a header: {', '.join(GENE_ID_RULES)}, or a regular expression with "
+        "one group (ensembl)",
+    )
+    parser.add_argument("--keep-version", action="store_true", help="keep a .N version suffix on gene ids")
+    parser.add_argument(
+        "--layer", type=int, default=DEFAULT_LAYER, help=f"ESM-2 layer to average ({DEFAULT_LAYER}, as published)"
+    )
+    parser.add_argument(
+        "--max-residues", type=int, default=DEFAULT_MAX_RESIDUES, help=f"truncate proteins ({DEFAULT_MAX_RESIDUES})"
+    )
+    parser.add_argument("--tokens-per-batch", type=int, default=8192, help="padded tokens per ESM-2 pass (8192)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--check-data", default=None, help="an .h5ad file: report how many of its genes get a vector")
+    parser.add_argument("--gene-col-name", default="ensembl_id", help="gene id column of --check-data (ensembl_id)")
+    parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the table and print the report; exit code 1 on bad input."""
+    output = Path(args.output_dir) / f"{args.species}_gene.h5"
+    try:
+        report = build_vocab(
+            args.fasta,
+            args.esm_model,
+            output,
+            rule=args.gene_id_rule,
+            strip_version=not args.keep_version,
+            layer=args.layer,
+            max_residues=args.max_residues,
+            tokens_per_batch=args.tokens_per_batch,
+            device=resolve_device(args.device),
+            check_data=args.check_data,
+            gene_col_name=args.gene_col_name,
+            progress=not args.no_progress,
+        )
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0

@@ -1,0 +1,75 @@
+"""``transcriptformer download``: fetch and unpack the published checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from transcriptformer.hub.artifacts import BASE_URL_ENV, CHOICES, ArchiveError, download_artifact, resolve_artifacts
+from transcriptformer.hub.http import DownloadError, RetryPolicy
+
+EXAMPLES = f"""\
+examples:
+  transcriptformer download tf-sapiens
+  transcriptformer download all --checkpoint-dir /data/checkpoints
+  transcriptformer download tf-exemplar --base-url https://mirror.example.org/transcriptformer
+
+An interrupted download resumes where it stopped when the command is run again. The base URL can also be set
+with ${BASE_URL_ENV}.
+
+documentation: docs/downloads.md
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``download`` subcommand."""
+    parser = subparsers.add_parser(
+        "download",
+        help="download and unpack published checkpoints",
+        description="Download the published TranscriptFormer checkpoints (resumable, verified, safely extracted).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "model",
+        choices=CHOICES,
+        help="tf-sapiens, tf-exemplar, tf-metazoa, all-embeddings (the gene-embedding tables of every species), "
+        "or all (the three models and the embeddings)",
+    )
+    parser.add_argument(
+        "--checkpoint-dir", default="./checkpoints", help="folder that receives <model>/ (./checkpoints)"
+    )
+    parser.add_argument(
+        "--base-url", default=None, help=f"download from this address instead of the public bucket (${BASE_URL_ENV})"
+    )
+    parser.add_argument("--sha256", default=None, help="expected SHA-256 of the archive (single model only)")
+    parser.add_argument("--retries", type=int, default=5, help="attempts per archive before giving up (5)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds a connection may stall (60)")
+    parser.add_argument("--force", action="store_true", help="download again and replace an existing folder")
+    parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Download every requested artifact; exit code 1 on the first failure."""
+    artifacts = resolve_artifacts(args.model)
+    if args.sha256 and len(artifacts) > 1:
+        print("error: --sha256 applies to a single model, not to", args.model, file=sys.stderr)
+        return 2
+    retry = RetryPolicy(attempts=args.retries, timeout_s=args.timeout)
+    for artifact in artifacts:
+        try:
+            path = download_artifact(
+                artifact,
+                args.checkpoint_dir,
+                base_url=args.base_url,
+                sha256=args.sha256,
+                force=args.force,
+                retry=retry,
+                progress=not args.no_progress,
+            )
+        except (DownloadError, ArchiveError, FileExistsError) as err:
+            print(f"error: {artifact.name}: {err}", file=sys.stderr)
+            return 1
+        print(f"{artifact.name}: ready in {path}")
+    return 0

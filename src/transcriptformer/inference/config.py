@@ -1,0 +1,242 @@
+"""Typed settings of an inference run and Hydra-style overrides on them.
+
+The settings form one tree, laid out like the original release's ``inference_config.yaml`` so that its override
+keys keep working::
+
+    model:
+      checkpoint_path, model_type
+      data_config:       transcriptformer.config.DataConfig   (gene_col_name, clip_counts, normalize_to_scale, ...)
+      model_config:      transcriptformer.config.ModelConfig
+      loss_config:       transcriptformer.config.LossConfig
+      inference_config:  InferenceConfig                      (batch_size, output_keys, obs_keys, ...)
+
+:func:`apply_overrides` parses ``key=value`` strings with Hydra's override grammar (lists, ``null``, quoted
+strings) and sets them through OmegaConf, which checks every key and type against the dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import OverrideType
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from transcriptformer.checkpoint import CONFIG_FILE
+from transcriptformer.config import DataConfig, LossConfig, ModelConfig, TranscriptFormerConfig
+from transcriptformer.model.attention import BACKENDS
+
+OUTPUT_KEYS = ("embeddings", "llh", "gene_llh", "mu", "cge")
+PER_GENE_KEYS = ("gene_llh", "mu")
+PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+MODEL_TYPES = ("transcriptformer", "esm2ce")
+EMB_TYPES = ("cell", "cge")
+ALL_OBS_KEYS = "all"
+
+
+@dataclass
+class InferenceConfig:
+    """What to run on, where, and what to write.
+
+    Attributes
+    ----------
+    data_files : list of str
+        Input ``.h5ad`` files; their cells are concatenated in this order.
+    output_path, output_filename : str
+        The output file is ``output_path / output_filename``.
+    batch_size : int
+        Cells per forward pass; outputs do not depend on it.
+    max_tokens : int or None
+        Token budget per forward pass (cells x batch length) instead of a fixed ``batch_size``.
+    output_keys : list of str
+        Any of ``embeddings``, ``llh``, ``gene_llh``, ``mu`` and ``cge`` (contextual gene embeddings).
+    obs_keys : list of str
+        ``obs`` columns to keep; ``["all"]`` keeps every column.
+    precision : str or None
+        ``"32"``, ``"16-mixed"`` or ``"bf16-mixed"``; ``None`` picks ``16-mixed`` on CUDA and ``32`` elsewhere.
+    pretrained_embedding : list of str
+        Gene-embedding files that replace the model's own table (out-of-distribution species).
+    emb_type : str
+        ``"cell"``, or ``"cge"`` to also write contextual gene embeddings (same as adding ``cge`` to
+        ``output_keys``).
+    device : str
+        ``auto``, ``cpu``, ``cuda`` or ``mps``.
+    num_gpus : int
+        Worker processes, one per GPU; ``-1``: every visible GPU. On CPU: the number of CPU processes.
+    n_data_workers : int
+        Threads that read and tokenize the next units of cells while the model runs, per process (0: none).
+    use_raw : bool or None
+        Counts from ``adata.raw.X`` (True), ``adata.X`` (False), or ``raw`` when present (None).
+    remove_duplicate_genes : bool
+        Keep the first of duplicated gene ids instead of stopping with an error.
+    overwrite : bool
+        Replace an existing output file.
+    chunk_size : int
+        Cells per unit of work; each unit's outputs are written to disk when it is done.
+    attention_backend : str
+        One of :data:`transcriptformer.model.attention.BACKENDS`; ``auto`` picks flex on CUDA, chunked elsewhere.
+    """
+
+    data_files: list[str] = field(default_factory=list)
+    output_path: str = "./inference_results"
+    output_filename: str = "embeddings.h5ad"
+    batch_size: int = 8
+    max_tokens: int | None = None
+    output_keys: list[str] = field(default_factory=lambda: ["embeddings"])
+    obs_keys: list[str] = field(default_factory=lambda: [ALL_OBS_KEYS])
+    precision: str | None = None
+    pretrained_embedding: list[str] = field(default_factory=list)
+    emb_type: str = "cell"
+    device: str = "auto"
+    num_gpus: int = 1
+    n_data_workers: int = 0
+    use_raw: bool | None = None
+    remove_duplicate_genes: bool = False
+    overwrite: bool = False
+    chunk_size: int = 1024
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choices("output_keys", self.output_keys, OUTPUT_KEYS)
+        _check_choices("precision", [self.precision] if self.precision else [], PRECISIONS)
+        _check_choices("device", [self.device], DEVICES)
+        _check_choices("emb_type", [self.emb_type], EMB_TYPES)
+        _check_choices("attention_backend", [self.attention_backend], BACKENDS)
+        for name in ("batch_size", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.num_gpus == 0 or self.num_gpus < -1:
+            raise ValueError(f"num_gpus must be -1 (all) or >= 1, got {self.num_gpus}")
+        if self.n_data_workers < 0:
+            raise ValueError(f"n_data_workers must be >= 0, got {self.n_data_workers}")
+        if not self.output_keys:
+            raise ValueError("output_keys is empty: ask for at least one output")
+        if not self.obs_keys:
+            raise ValueError(f"obs_keys is empty: list columns, or [{ALL_OBS_KEYS}] for every column")
+
+    @property
+    def wanted_outputs(self) -> list[str]:
+        """``output_keys``, plus ``cge`` when ``emb_type`` is ``cge``, without repeats."""
+        keys = [*self.output_keys, *(["cge"] if self.emb_type == "cge" else [])]
+        return list(dict.fromkeys(keys))
+
+
+@dataclass
+class ModelSection:
+    """The ``model`` node: the checkpoint, the model family, and all settings."""
+
+    checkpoint_path: str = ""
+    model_type: str = "transcriptformer"
+    data_config: DataConfig = field(default_factory=DataConfig)
+    model_config: ModelConfig = field(default_factory=ModelConfig)
+    loss_config: LossConfig = field(default_factory=LossConfig)
+    inference_config: InferenceConfig = field(default_factory=InferenceConfig)
+
+    def __post_init__(self) -> None:
+        _check_choices("model_type", [self.model_type], MODEL_TYPES)
+        wanted = self.inference_config.wanted_outputs
+        if self.model_type == "esm2ce" and wanted != ["embeddings"]:
+            raise ValueError(f"model_type esm2ce only computes cell embeddings; output_keys asked for {wanted}")
+        if "gene_llh" in wanted and self.loss_config.gene_id_loss_weight <= 0:
+            raise ValueError("gene_llh needs a gene-id head, and this checkpoint has none (gene_id_loss_weight = 0)")
+
+
+@dataclass
+class RunConfig:
+    """Every setting of an inference run."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint_path: str | Path,
+        inference: InferenceConfig | None = None,
+        model_type: str = "transcriptformer",
+    ) -> RunConfig:
+        """Settings for a checkpoint directory: the data, model and loss settings of its ``config.json``.
+
+        Parameters
+        ----------
+        checkpoint_path
+            The checkpoint directory.
+        inference
+            Run settings; the original release's defaults when omitted.
+        model_type
+            ``transcriptformer`` or ``esm2ce``.
+        """
+        path = Path(checkpoint_path)
+        if not (path / CONFIG_FILE).exists():
+            raise FileNotFoundError(f"{path} is not a TranscriptFormer checkpoint: {CONFIG_FILE} is missing")
+        checkpoint = TranscriptFormerConfig.from_json(path / CONFIG_FILE)
+        section = ModelSection(
+            checkpoint_path=str(checkpoint_path),
+            model_type=model_type,
+            data_config=checkpoint.data_config,
+            model_config=checkpoint.model_config,
+            loss_config=checkpoint.loss_config,
+            inference_config=inference or InferenceConfig(),
+        )
+        return cls(section)
+
+    @property
+    def inference(self) -> InferenceConfig:
+        """Shortcut to ``model.inference_config``."""
+        return self.model.inference_config
+
+    @property
+    def checkpoint_config(self) -> TranscriptFormerConfig:
+        """The checkpoint part of the settings, as the model loader takes it."""
+        return TranscriptFormerConfig(self.model.data_config, self.model.model_config, self.model.loss_config)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict of every setting."""
+        return dataclasses.asdict(self)
+
+
+def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
+    """Set ``key=value`` overrides (Hydra's grammar) on a copy of ``config``, checking keys and types.
+
+    Examples: ``model.data_config.normalize_to_scale=10000``,
+    ``model.inference_config.output_keys=[embeddings,llh]``, ``model.inference_config.obs_keys.0=cell_type``,
+    ``model.data_config.clip_counts=null``.
+    """
+    if not overrides:
+        return config
+    tree = OmegaConf.structured(config)
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            override = parser.parse_override(text)
+        except HydraException as error:
+            raise ValueError(f"cannot parse config override {text!r}: {error}") from None
+        if override.is_sweep_override():
+            raise ValueError(f"config override {text!r} is a sweep; give a single value (lists go in [...])")
+        if override.type != OverrideType.CHANGE:
+            raise ValueError(f"config override {text!r}: only key=value is supported, not adding or deleting keys")
+        try:
+            OmegaConf.update(tree, override.key_or_group, override.value(), merge=False)
+        except OmegaConfBaseException as error:
+            raise ValueError(f"config override {text!r}: {_first_line(error)}") from None
+    try:
+        return OmegaConf.to_object(tree)
+    except (OmegaConfBaseException, ValueError) as error:
+        raise ValueError(f"config overrides {list(overrides)}: {_first_line(error)}") from None
+
+
+def _check_choices(name: str, values: Sequence[str], choices: Sequence[str]) -> None:
+    unknown = [v for v in values if v not in choices]
+    if unknown:
+        raise ValueError(f"{name}: {unknown} not among {list(choices)}")
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0]

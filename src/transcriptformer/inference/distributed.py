@@ -1,0 +1,125 @@
+"""Several inference processes: one per GPU, or several CPU processes.
+
+The processes exchange no tensors. Each one runs its share of the work units and writes their outputs to disk,
+then all meet at a barrier (a gloo process group, which needs no GPU), and rank 0 merges the units in input order
+into the single output file. They are started in one of two ways:
+
+* ``transcriptformer inference --num-gpus N``: :func:`spawn` starts N processes with ``torch.multiprocessing``.
+* ``torchrun --nproc-per-node N $(which transcriptformer) inference ...``: torchrun starts them, and
+  :func:`torchrun_rank` reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# How long a process that has finished its share waits for the slowest one at the final barrier.
+BARRIER_TIMEOUT = timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class Rank:
+    """A process' place among the inference processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process merges the outputs and reports."""
+        return self.rank == 0
+
+
+def torchrun_rank() -> Rank | None:
+    """The rank torchrun (or any launcher that sets ``RANK`` and ``WORLD_SIZE``) gave this process, if any."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    return Rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_world_size(device: torch.device, num_gpus: int) -> int:
+    """Number of processes for ``--num-gpus`` on ``device``.
+
+    On CUDA, ``-1`` means every visible GPU; on CPU, ``num_gpus`` processes (``-1``: one); MPS has one device.
+    """
+    if device.type == "cuda":
+        available = torch.cuda.device_count()
+        wanted = available if num_gpus == -1 else num_gpus
+        if wanted > available:
+            raise ValueError(f"--num-gpus {num_gpus} asks for {wanted} GPUs but {available} are visible")
+        return wanted
+    if device.type == "mps":
+        if num_gpus > 1:
+            raise ValueError(f"--num-gpus {num_gpus}: an MPS device runs one process")
+        return 1
+    return 1 if num_gpus == -1 else num_gpus
+
+
+def device_of(rank: Rank, device: torch.device) -> torch.device:
+    """The device of one process: ``cuda:<local rank>`` when several processes share a machine's GPUs."""
+    if device.type == "cuda" and rank.world_size > 1:
+        return torch.device("cuda", rank.local_rank)
+    return device
+
+
+def share_cpu_threads(rank: Rank, device: torch.device) -> None:
+    """Split the CPU cores between CPU processes, so that they do not oversubscribe the machine."""
+    if device.type == "cpu" and rank.world_size > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // rank.world_size))
+
+
+@contextmanager
+def process_group(rank: Rank, init_method: str | None) -> Iterator[None]:
+    """Join the processes' gloo group for the duration of the block (nothing to do for a single process)."""
+    if rank.world_size == 1:
+        yield
+        return
+    dist.init_process_group(
+        "gloo", init_method=init_method, rank=rank.rank, world_size=rank.world_size, timeout=BARRIER_TIMEOUT
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier(rank: Rank) -> None:
+    """Wait until every process has reached this point."""
+    if rank.world_size > 1:
+        dist.barrier()
+
+
+def spawn(worker: Callable[..., None], world_size: int, *args) -> None:
+    """Run ``worker(rank, init_method, *args)`` in ``world_size`` new processes on this machine and wait for them.
+
+    Raises
+    ------
+    RuntimeError
+        When a process fails; the message ends with that process' error.
+    """
+    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    try:
+        mp.spawn(_run_spawned, args=(world_size, init_method, worker, args), nprocs=world_size, join=True)
+    except mp.ProcessRaisedException as error:
+        last_line = str(error).strip().splitlines()[-1]
+        raise RuntimeError(f"an inference process failed: {last_line}") from error
+
+
+def _run_spawned(index: int, world_size: int, init_method: str, worker: Callable[..., None], args: tuple) -> None:
+    worker(Rank(index, world_size, index), init_method, *args)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,203 @@
+import argparse
+from pathlib import Path
+
+import anndata as ad
+import esm
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from transcriptformer.checkpoint import load_checkpoint
+from transcriptformer.cli import main
+from transcriptformer.data.tokenize import TokenizerSettings, tokenize_anndata
+from transcriptformer.data.vocab import build_gene_vocab, read_embedding_table
+from transcriptformer.esm_vocab import (
+    batches_by_tokens,
+    build_vocab,
+    clean_sequence,
+    gene_id_pattern,
+    load_esm2,
+    longest_isoforms,
+)
+from transcriptformer.ood import swap_gene_embeddings
+
+REFERENCE = Path(__file__).parent / "data" / "reference_tiny"
+LAYERS, WIDTH = 2, 32  # the reference checkpoint's ESM width is 32, so the table can be swapped into it
+SPECIAL = ["unknown", "[PAD]", "[START]", "[END]", "[RD]", "[CELL]", "[MASK]"]
+
+
+def random_protein(rng: np.random.Generator, length: int) -> str:
+    return "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), length))
+
+
+@pytest.fixture(scope="module")
+def genes() -> list[str]:
+    """Three mouse genes of the reference cells, so the table can be used on them."""
+    return list(ad.read_h5ad(REFERENCE / "input.h5ad").var["ensembl_id"][:3])
+
+
+@pytest.fixture(scope="module")
+def proteins(genes) -> dict[str, str]:
+    rng = np.random.default_rng(0)
+    return {
+        "a_short": random_protein(rng, 40),
+        "a_long": random_protein(rng, 90),
+        "b": random_protein(rng, 25).lower() + "*",
+        "c": random_protein(rng, 130),
+    }
+
+
+@pytest.fixture(scope="module")
+def fasta(tmp_path_factory, genes, proteins) -> Path:
+    """Ensembl-style peptide FASTA: two isoforms of gene 0, a stop codon, a header without gene, wrapped lines."""
+    a, b, c = genes
+
+    def entry(protein_id, gene, sequence):
+        tag = f" gene:{gene}.4 transcript:ENSMUST0000{protein_id}.1 gene_biotype:protein_coding" if gene else ""
+        lines = [sequence[i : i + 60] for i in range(0, len(sequence), 60)]
+        return f">ENSMUSP0000{protein_id}.1 pep chromosome:GRCm39:1:1:100:1{tag}\n" + "\n".join(lines) + "\n"
+
+    text = (
+        entry(1, a, proteins["a_short"])
+        + entry(2, b, proteins["b"])
+        + entry(3, None, "MKV")
+        + entry(4, a, proteins["a_long"])
+        + entry(5, c, proteins["c"])
+    )
+    path = tmp_path_factory.mktemp("fasta") / "tiny.pep.all.fa"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def esm_file(tmp_path_factory) -> tuple[Path, esm.ESM2]:
+    """A tiny randomly initialised ESM-2, saved like a fair-esm checkpoint."""
+    torch.manual_seed(0)
+    model = esm.ESM2(num_layers=LAYERS, embed_dim=WIDTH, attention_heads=4, alphabet="ESM-1b").eval()
+    settings = argparse.Namespace(
+        encoder_layers=LAYERS, encoder_embed_dim=WIDTH, encoder_attention_heads=4, token_dropout=True
+    )
+    state = {f"encoder.sentence_encoder.{k}": v for k, v in model.state_dict().items()}
+    path = tmp_path_factory.mktemp("esm") / "esm2_t2_tiny.pt"
+    torch.save({"cfg": {"model": settings}, "model": state}, path)
+    return path, model
+
+
+def mean_embedding(model: esm.ESM2, sequence: str, layer: int = LAYERS) -> np.ndarray:
+    """Reference: one sequence alone, mean over its residues."""
+    alphabet = esm.Alphabet.from_architecture("ESM-1b")
+    tokens = torch.tensor([[alphabet.cls_idx, *alphabet.encode(sequence), alphabet.eos_idx]])
+    with torch.no_grad():
+        hidden = model(tokens, repr_layers=[layer])["representations"][layer]
+    return hidden[0, 1:-1].mean(0).numpy()
+
+
+def test_gene_id_rules():
+    ensembl = "ENSP00000369497.3 pep chromosome:GRCh38:13:1:2:1 gene:ENSG00000139618.17 gene_symbol:BRCA2"
+    assert gene_id_pattern("ensembl").search(ensembl).group(1) == "ENSG00000139618.17"
+    assert gene_id_pattern("gene_symbol").search(ensembl).group(1) == "BRCA2"
+    uniprot = "sp|P51587|BRCA2_HUMAN Breast cancer type 2 OS=Homo sapiens OX=9606 GN=BRCA2 PE=1 SV=3"
+    assert gene_id_pattern("uniprot").search(uniprot).group(1) == "BRCA2"
+    assert (
+        gene_id_pattern("ncbi").search("lcl|NC_000013.11_prot_NP_000050.3_1 [gene=BRCA2] [protein=x]").group(1)
+        == "BRCA2"
+    )
+    assert gene_id_pattern(r"locus=(\w+)").search("p1 locus=At1g01010").group(1) == "At1g01010"
+    with pytest.raises(ValueError, match="exactly one capturing group"):
+        gene_id_pattern(r"gene:\S+")
+
+
+def test_longest_isoform_per_gene(fasta, genes, proteins):
+    found = longest_isoforms(fasta)
+    assert list(found.sequences) == genes  # order of first appearance, version suffix dropped
+    assert found.sequences[genes[0]] == proteins["a_long"]
+    assert found.sequences[genes[1]] == proteins["b"][:-1].upper()
+    assert (found.n_records, found.n_without_id) == (5, 1)
+    assert clean_sequence("mk*v?j*") == "MKXVXX"
+    with pytest.raises(ValueError, match="none of the 5 FASTA headers matched the gene id rule 'uniprot'"):
+        longest_isoforms(fasta, rule="uniprot")
+
+
+def test_batches_respect_the_token_budget():
+    lengths = {"a": 100, "b": 90, "c": 50, "d": 40, "e": 300}
+    batches = batches_by_tokens(lengths, tokens_per_batch=200)
+    assert batches == [["e"], ["a", "b"], ["c", "d"]]
+    assert sorted(g for b in batches for g in b) == sorted(lengths)
+
+
+def test_build_vocab_writes_mean_embeddings_of_the_longest_isoform(tmp_path, fasta, esm_file, genes, proteins):
+    model_path, model = esm_file
+    out = tmp_path / "tiny_species_gene.h5"
+    report = build_vocab(fasta, model_path, out, layer=LAYERS, max_residues=100, tokens_per_batch=150, progress=False)
+    assert (report.n_genes, report.n_records, report.n_without_id, report.n_truncated) == (3, 5, 1, 1)
+    assert report.width == WIDTH
+
+    with h5py.File(out, "r") as f:  # SPEC section 2 layout
+        assert [k.decode() for k in f["keys"][:]] == genes
+        assert sorted(f["arrays"]) == sorted(genes)
+    ids, table = read_embedding_table(out)
+    assert ids == genes and table.shape == (3, WIDTH) and table.dtype == np.float32
+
+    # Batched, padded and truncated embedding equals each protein embedded on its own.
+    expected = [
+        mean_embedding(model, proteins["a_long"]),
+        mean_embedding(model, proteins["b"][:-1].upper()),
+        mean_embedding(model, proteins["c"][:100]),
+    ]
+    np.testing.assert_allclose(table, np.stack(expected), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(table[0], mean_embedding(model, proteins["a_short"]), atol=1e-3)
+
+    vocab = build_gene_vocab(SPECIAL, [out])
+    assert [vocab[g] for g in genes] == [7, 8, 9]
+
+
+def test_new_table_runs_in_a_model(tmp_path, fasta, esm_file, genes):
+    out = tmp_path / "tiny_species_gene.h5"
+    build_vocab(fasta, esm_file[0], out, layer=LAYERS, progress=False)
+    checkpoint = swap_gene_embeddings(load_checkpoint(REFERENCE), [out])
+    assert checkpoint.gene_vocab.gene_ids == genes
+    cells = tokenize_anndata(
+        REFERENCE / "input.h5ad", checkpoint.gene_vocab, checkpoint.aux_vocabs, TokenizerSettings(seq_len=127)
+    )
+    assert list(cells.gene_ids) == genes
+    batch = cells.batch(np.arange(len(cells)))
+    outputs = checkpoint.model.predict(batch.gene_tokens, batch.gene_counts, batch.aux_tokens, ["embeddings", "mu"])
+    assert outputs["embeddings"].shape == (len(cells), 64) and torch.isfinite(outputs["embeddings"]).all()
+
+
+class Trap:
+    """Unpickling this object would create a file: what a hostile checkpoint could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoints_are_loaded_safely(tmp_path, esm_file):
+    plain = tmp_path / "plain.pt"
+    torch.save(esm_file[1].state_dict(), plain)
+    with pytest.raises(ValueError, match="not a fair-esm ESM-2 checkpoint"):
+        load_esm2(plain)
+    hostile = tmp_path / "esm2_hostile.pt"
+    torch.save({"cfg": {"model": Trap(tmp_path / "pwned")}, "model": {}}, hostile)
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        load_esm2(hostile)
+    assert not (tmp_path / "pwned").exists()
+    with pytest.raises(FileNotFoundError, match="no ESM-2 checkpoint"):
+        load_esm2(tmp_path / "missing.pt")
+
+
+def test_cli_reports_coverage(tmp_path, fasta, esm_file, capsys):
+    args = ["build-vocab", "--fasta", str(fasta), "--esm-model", str(esm_file[0]), "--species", "tiny_species",
+            "--output-dir", str(tmp_path), "--layer", "2", "--device", "cpu", "--no-progress",
+            "--check-data", str(REFERENCE / "input.h5ad")]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"wrote 3 gene vectors of width {WIDTH} to {tmp_path / 'tiny_species_gene.h5'}" in out
+    assert "5 FASTA records, 1 without a gene id (skipped), 0 genes truncated" in out
+    assert "coverage of the dataset: 3 of 1,122 genes (0.3%)" in out
+    assert main([*args[:-2], "--layer", "3"]) == 1
+    assert "layer must be between 1 and 2" in capsys.readouterr().err

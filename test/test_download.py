@@ -1,0 +1,261 @@
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from local_http_server import LocalServer, unused_port_url
+from transcriptformer.checkpoint import load_checkpoint
+from transcriptformer.cli import main
+from transcriptformer.hub.artifacts import (
+    ARTIFACTS,
+    COMPLETION_MARKER,
+    ArchiveError,
+    artifact_url,
+    download_artifact,
+    resolve_artifacts,
+)
+from transcriptformer.hub.http import ChecksumError, DownloadError, RetryPolicy, download_file
+
+REFERENCE = Path(__file__).parent / "data" / "reference_tiny"
+FAST = RetryPolicy(attempts=4, backoff_s=0.01, timeout_s=10)
+SAPIENS = ARTIFACTS["tf-sapiens"]
+
+
+@pytest.fixture
+def server():
+    with LocalServer() as s:
+        yield s
+
+
+def tar_gz(add_members) -> bytes:
+    """A .tar.gz built by ``add_members(tar)``."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        add_members(tar)
+    return buffer.getvalue()
+
+
+def add_bytes(tar: tarfile.TarFile, name: str, data: bytes, **info) -> None:
+    member = tarfile.TarInfo(name)
+    member.size = len(data)
+    for key, value in info.items():
+        setattr(member, key, value)
+    tar.addfile(member, io.BytesIO(data))
+
+
+def checkpoint_archive(top: str = "tf_sapiens") -> bytes:
+    """The reference checkpoint packed like a published archive: one top-level folder."""
+    return tar_gz(lambda tar: tar.add(REFERENCE, arcname=top, filter=lambda m: None if "input" in m.name else m))
+
+
+def incompressible_archive(n_bytes: int = 3_000_000) -> bytes:
+    data = np.random.default_rng(0).bytes(n_bytes)
+    return tar_gz(lambda tar: add_bytes(tar, "tf_sapiens/model_weights.pt", data))
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_artifact_names_and_urls(monkeypatch):
+    assert [a.directory for a in resolve_artifacts("all")] == [
+        "tf_sapiens",
+        "tf_exemplar",
+        "tf_metazoa",
+        "all_embeddings",
+    ]
+    assert artifact_url(SAPIENS) == "https://czi-transcriptformer.s3.amazonaws.com/weights/tf_sapiens.tar.gz"
+    monkeypatch.setenv("TRANSCRIPTFORMER_ARTIFACTS_URL", "http://mirror.local/tf/")
+    assert artifact_url(SAPIENS) == "http://mirror.local/tf/tf_sapiens.tar.gz"
+    assert artifact_url(SAPIENS, "http://other") == "http://other/tf_sapiens.tar.gz"
+    with pytest.raises(ValueError, match="unknown artifact 'tf-sapien'"):
+        resolve_artifacts("tf-sapien")
+
+
+def test_downloaded_checkpoint_loads(server, tmp_path):
+    archive = server.add("/tf_sapiens.tar.gz", checkpoint_archive()).body
+    path = download_artifact(SAPIENS, tmp_path, base_url=server.base_url, retry=FAST, progress=False)
+    assert path == tmp_path / "tf_sapiens"
+    for name in ["config.json", "model_weights.pt", "vocabs/assay_vocab.json", "vocabs/mus_musculus_gene.h5"]:
+        assert (path / name).read_bytes() == (REFERENCE / name).read_bytes()
+    checkpoint = load_checkpoint(path)
+    assert len(checkpoint.gene_vocab) > 7
+    marker = json.loads((path / COMPLETION_MARKER).read_text())
+    assert marker["archive_sha256"] == sha256(archive) and marker["archive_bytes"] == len(archive)
+    assert leftovers(tmp_path) == ["tf_sapiens"]  # no archive, partial file or staging folder left
+
+
+def test_dropped_connection_resumes_with_range(server, tmp_path):
+    served = server.add("/tf_sapiens.tar.gz", incompressible_archive())
+    served.faults.append(("drop", 1_000_000))
+    result = download_file(server.url("/tf_sapiens.tar.gz"), tmp_path / "a.tar.gz", retry=FAST, progress=False)
+    assert result.path.read_bytes() == served.body and result.sha256 == sha256(served.body)
+    assert server.requests == [("/tf_sapiens.tar.gz", None), ("/tf_sapiens.tar.gz", "bytes=1000000-")]
+    assert server.bytes_sent == len(served.body)  # nothing was sent twice
+
+
+def test_interrupted_download_resumes_in_a_later_run(server, tmp_path):
+    served = server.add("/x.tar.gz", incompressible_archive())
+    served.faults.append(("drop", 700_000))
+    dest = tmp_path / "x.tar.gz"
+    with pytest.raises(DownloadError, match="after 1 attempt"):
+        download_file(server.url("/x.tar.gz"), dest, retry=RetryPolicy(attempts=1), progress=False)
+    assert not dest.exists()  # a half-done download never looks complete
+    assert (tmp_path / "x.tar.gz.part").stat().st_size == 700_000
+    download_file(server.url("/x.tar.gz"), dest, retry=FAST, progress=False)
+    assert dest.read_bytes() == served.body
+    assert server.requests[-1] == ("/x.tar.gz", "bytes=700000-")
+    assert leftovers(tmp_path) == ["x.tar.gz"]
+
+
+@pytest.mark.parametrize("meta", ['{"url": "http://elsewhere/x.tar.gz", "validator": "\\"abc\\""}', "not json", None])
+def test_untrusted_partial_file_is_discarded(server, tmp_path, meta):
+    served = server.add("/x.tar.gz", incompressible_archive(200_000))
+    (tmp_path / "x.tar.gz.part").write_bytes(b"junk from somewhere else")
+    if meta is not None:
+        (tmp_path / "x.tar.gz.part.json").write_text(meta)
+    download_file(server.url("/x.tar.gz"), tmp_path / "x.tar.gz", retry=FAST, progress=False)
+    assert (tmp_path / "x.tar.gz").read_bytes() == served.body
+    assert server.requests == [("/x.tar.gz", None)]
+
+
+def test_file_changed_between_runs_is_fetched_whole(server, tmp_path):
+    served = server.add("/x.tar.gz", incompressible_archive())
+    served.faults.append(("drop", 500_000))
+    dest = tmp_path / "x.tar.gz"
+    with pytest.raises(DownloadError):
+        download_file(server.url("/x.tar.gz"), dest, retry=RetryPolicy(attempts=1), progress=False)
+    new = server.add("/x.tar.gz", incompressible_archive(2_000_000)[::-1])
+    download_file(server.url("/x.tar.gz"), dest, retry=FAST, progress=False)
+    assert dest.read_bytes() == new.body  # If-Range: the stale half was not glued to the new file
+
+
+def test_server_without_range_support_restarts(tmp_path):
+    with LocalServer(supports_range=False) as server:
+        served = server.add("/x.tar.gz", incompressible_archive())
+        served.faults.append(("drop", 1_000_000))
+        download_file(server.url("/x.tar.gz"), tmp_path / "x", retry=FAST, progress=False)
+    assert (tmp_path / "x").read_bytes() == served.body
+    assert server.bytes_sent == len(served.body) + 1_000_000
+
+
+def test_server_errors_are_retried(server, tmp_path):
+    served = server.add("/x", b"payload" * 1000)
+    served.faults += [("status", 503), ("status", 502)]
+    download_file(server.url("/x"), tmp_path / "x", retry=FAST, progress=False)
+    assert (tmp_path / "x").read_bytes() == served.body and len(server.requests) == 3
+
+
+def test_missing_file_fails_at_once(server, tmp_path):
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download_artifact(SAPIENS, tmp_path, base_url=server.base_url, retry=FAST, progress=False)
+    assert len(server.requests) == 1
+    assert not (tmp_path / "tf_sapiens").exists()
+
+
+def test_offline_gives_a_clear_message(tmp_path):
+    url = unused_port_url()
+    with pytest.raises(
+        DownloadError, match=r"could not reach 127\.0\.0\.1:\d+ .* after 2 attempt\(s\): are you offline"
+    ):
+        download_artifact(
+            SAPIENS, tmp_path, base_url=url, retry=RetryPolicy(attempts=2, backoff_s=0.01), progress=False
+        )
+    assert not (tmp_path / "tf_sapiens").exists()
+
+
+def test_checksum_mismatch_discards_the_download(server, tmp_path):
+    good = checkpoint_archive()
+    server.add("/tf_sapiens.tar.gz", good)
+    with pytest.raises(ChecksumError, match="SHA-256 mismatch"):
+        download_artifact(SAPIENS, tmp_path, base_url=server.base_url, sha256="0" * 64, retry=FAST, progress=False)
+    assert not (tmp_path / "tf_sapiens").exists()
+    assert leftovers(tmp_path / ".downloads") == []
+    with pytest.raises(ChecksumError, match=f"expected {len(good) + 1} bytes, received {len(good)}"):
+        download_file(server.url("/tf_sapiens.tar.gz"), tmp_path / "x", size=len(good) + 1, progress=False)
+
+
+def test_corrupted_archive_is_refused(server, tmp_path):
+    good = checkpoint_archive()
+    corrupted = bytearray(good)
+    corrupted[len(good) // 2 : len(good) // 2 + 64] = bytes(64)
+    server.add("/tf_sapiens.tar.gz", bytes(corrupted))
+    # With the published checksum the corruption is caught before extraction ...
+    with pytest.raises(ChecksumError):
+        download_artifact(SAPIENS, tmp_path, base_url=server.base_url, sha256=sha256(good), progress=False)
+    # ... and without one, by the archive reader; either way nothing is extracted.
+    with pytest.raises(ArchiveError, match="not a valid"):
+        download_artifact(SAPIENS, tmp_path, base_url=server.base_url, progress=False)
+    assert leftovers(tmp_path) == []
+
+
+def device_member(tar: tarfile.TarFile) -> None:
+    add_bytes(tar, "tf_sapiens/config.json", b"{}")
+    add_bytes(tar, "tf_sapiens/dev", b"", type=tarfile.CHRTYPE, devmajor=1, devminor=3)
+
+
+def link_member(tar: tarfile.TarFile) -> None:
+    add_bytes(tar, "tf_sapiens/config.json", b"{}")
+    add_bytes(tar, "tf_sapiens/vocabs", b"", type=tarfile.SYMTYPE, linkname="../../outside")
+
+
+@pytest.mark.parametrize(
+    ("build", "reason"),
+    [
+        (lambda tar: add_bytes(tar, "tf_sapiens/../../escaped.txt", b"pwned"), "outside the destination"),
+        (lambda tar: add_bytes(tar, "/tmp/absolute-escape.txt", b"pwned"), "absolute path"),
+        (link_member, "outside the destination"),
+        (device_member, "special file"),
+    ],
+    ids=["dotdot", "absolute", "symlink", "device"],
+)
+def test_unsafe_archives_are_refused(server, tmp_path, build, reason):
+    checkpoints = tmp_path / "checkpoints"
+    server.add("/tf_sapiens.tar.gz", tar_gz(build))
+    with pytest.raises(ArchiveError, match=f"unsafe member.*{reason}"):
+        download_artifact(SAPIENS, checkpoints, base_url=server.base_url, progress=False)
+    assert leftovers(checkpoints) == []
+    assert leftovers(tmp_path) == ["checkpoints"]
+    assert not Path("/tmp/absolute-escape.txt").exists()
+
+
+def test_archive_without_the_expected_folder(server, tmp_path):
+    server.add("/tf_sapiens.tar.gz", checkpoint_archive(top="something_else"))
+    with pytest.raises(ArchiveError, match=r"no top-level folder tf_sapiens/ \(it holds \['something_else'\]\)"):
+        download_artifact(SAPIENS, tmp_path, base_url=server.base_url, progress=False)
+    assert leftovers(tmp_path) == []
+
+
+def test_existing_folder_is_kept_unless_forced(server, tmp_path):
+    server.add("/tf_sapiens.tar.gz", checkpoint_archive())
+    mine = tmp_path / "tf_sapiens"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my own files")
+    with pytest.raises(FileExistsError, match="not a finished download"):
+        download_artifact(SAPIENS, tmp_path, base_url=server.base_url, progress=False)
+    assert (mine / "notes.txt").read_text() == "my own files"
+    download_artifact(SAPIENS, tmp_path, base_url=server.base_url, force=True, progress=False)
+    assert not (mine / "notes.txt").exists() and (mine / "config.json").exists()
+
+
+def test_cli_downloads_once_and_reports_failures(server, tmp_path, capsys):
+    server.add("/tf_sapiens.tar.gz", checkpoint_archive())
+    args = ["download", "tf-sapiens", "--checkpoint-dir", str(tmp_path), "--base-url", server.base_url]
+    assert main([*args, "--no-progress"]) == 0
+    assert "tf-sapiens: ready in" in capsys.readouterr().out
+    assert main([*args, "--no-progress"]) == 0  # already complete: nothing fetched again
+    assert len(server.requests) == 1
+    assert os.listdir(tmp_path / "tf_sapiens")
+    code = main(["download", "tf-exemplar", "--checkpoint-dir", str(tmp_path), "--base-url", server.base_url])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "error: tf-exemplar:" in err and "HTTP 404" in err
