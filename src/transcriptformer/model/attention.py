@@ -3,7 +3,7 @@
 The attention score of query ``q`` and key ``kv`` is (SPEC section 5)::
 
     s = q.k * scale + bias[kv] * (q_idx > kv_idx or embed_mode)
-    s = cap * tanh(clamp(s, -1e6, 1e6) / cap)            # softcap, when cap > 0
+    s = cap * tanh(clamp(s, -1e6, 1e6) / cap)            # softcap, when cap > 0 (the clamp changes nothing)
     allowed iff kv_idx <= q_idx and key kv is not padding
 
 where ``bias = log1p(count + eps)`` of the (shifted) input sequence. Two backends compute exactly this:
@@ -40,10 +40,14 @@ DEFAULT_MAX_SCORE_ELEMENTS = 1 << 22
 
 
 def softcap(x: Tensor, cap: float) -> Tensor:
-    """Smoothly limit ``x`` to ``(-cap, cap)``; identity when ``cap <= 0``."""
+    """Smoothly limit ``x`` to ``(-cap, cap)``; identity when ``cap <= 0``.
+
+    The original clamps ``x`` to +-1e6 first; tanh is exactly +-1 in floating point far below that bound (and at
+    +-inf), so the clamp changes no value and is left out.
+    """
     if cap <= 0:
         return x
-    return cap * torch.tanh(torch.clamp(x, -1e6, 1e6) / cap)
+    return cap * torch.tanh(x / cap)
 
 
 def padding_mask_mod(kv_is_pad: Tensor) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
@@ -189,23 +193,37 @@ def chunked_attend(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) -> 
         ``(B, H, N, D)``; a query with no visible key gets zeros, as in flex attention.
     """
     batch, heads, length, head_dim = q.shape
-    scale = 1.0 / math.sqrt(head_dim)
     bound = inputs.max_score_elements
     rows_per_block = length if bound is None else max(1, bound // (batch * heads * length))
+    # Contiguous operands keep every block's matmuls free of copies; the scale is folded into the queries.
+    q = q.contiguous() * (1.0 / math.sqrt(head_dim))
+    k, v = k.contiguous(), v.contiguous()
+    key_bias = inputs.count_bias[:, None, None, :]  # (B, 1, 1, N)
+    key_mask = torch.zeros_like(inputs.count_bias).masked_fill(inputs.kv_is_pad, float("-inf"))[:, None, None, :]
+    first_visible_key = _first_visible_key(inputs.kv_is_pad)[:, None, None, None]  # (B, 1, 1, 1)
     positions = torch.arange(length, device=q.device)
     out = torch.empty_like(q)
     for start in range(0, length, rows_per_block):
         stop = min(length, start + rows_per_block)
         q_idx = positions[start:stop, None]  # (R, 1)
         kv_idx = positions[None, :stop]  # (1, K)
-        bias = inputs.count_bias[:, None, None, :stop] * ((q_idx > kv_idx) | inputs.embed_mode)
-        scores = torch.matmul(q[:, :, start:stop], k[:, :, :stop].transpose(-1, -2)) * scale  # (B, H, R, K)
-        scores = softcap(scores + bias, inputs.softcap)
-        allowed = (kv_idx <= q_idx) & ~inputs.kv_is_pad[:, None, None, :stop]  # (B, 1, R, K)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+        bias = key_bias[..., :stop] if inputs.embed_mode else key_bias[..., :stop] * (q_idx > kv_idx)
+        causal_mask = torch.zeros(stop - start, stop, device=q.device).masked_fill(kv_idx > q_idx, float("-inf"))
+        scores = torch.matmul(q[:, :, start:stop], k[:, :, :stop].transpose(-1, -2))  # (B, H, R, K)
+        scores = softcap(scores + bias, inputs.softcap) + (key_mask[..., :stop] + causal_mask)
+        sees_nothing = q_idx < first_visible_key  # (B, 1, R, 1): rows that would be all -inf (NaN softmax)
+        if sees_nothing.any():
+            probs = torch.softmax(scores.masked_fill(sees_nothing, 0.0), dim=-1).masked_fill(sees_nothing, 0.0)
+        else:
+            probs = torch.softmax(scores, dim=-1)
         out[:, :, start:stop] = torch.matmul(probs.to(v.dtype), v[:, :, :stop])
     return out
+
+
+def _first_visible_key(kv_is_pad: Tensor) -> Tensor:
+    """``(B,)`` index of each row's first key that is not padding (N when there is none)."""
+    visible = ~kv_is_pad
+    return torch.where(visible.any(1), visible.int().argmax(1), kv_is_pad.shape[1])
 
 
 class MultiHeadSelfAttention(nn.Module):
