@@ -7,7 +7,7 @@ import pytest
 
 from transcriptformer.cli import main
 from transcriptformer.inference import contextual_embeddings
-from transcriptformer.inference.output import ChunkOutputs, build_anndata, concat_obs, write_h5ad_atomic
+from transcriptformer.inference.output import ChunkOutputs, concat_obs, write_output
 
 
 @pytest.fixture(scope="module")
@@ -78,23 +78,46 @@ def test_obs_of_several_files_keep_every_value_and_can_be_written(tmp_path):
     assert obs["n"].tolist() == ["1", "2", "x", "y"]
     assert obs["label"].tolist() == ["a", "b", "b", "z"]
     outputs = ChunkOutputs(n_cells=4, cell_values={"embeddings": np.zeros((4, 2), np.float32)})
+    write_output(tmp_path / "out.h5ad", obs, pd.Index([], name="gene_id"), [outputs], {"package_version": "test"})
     with pytest.warns(UserWarning, match="Observation names are not unique"):  # kept as the inputs had them
-        adata = build_anndata(obs, pd.Index([], name="gene_id"), outputs, {"package_version": "test"})
-    write_h5ad_atomic(adata, tmp_path / "out.h5ad", overwrite=False)
-    with pytest.warns(UserWarning, match="Observation names are not unique"):
         back = ad.read_h5ad(tmp_path / "out.h5ad")
     assert back.obs["good"].tolist()[:2] == [True, False] and back.obs["good"].isna().sum() == 2
 
 
-def test_atomic_write_keeps_an_existing_file(tmp_path):
+def test_file_written_chunk_by_chunk_holds_every_output(chunk, tmp_path, reference_model):
+    obs = pd.DataFrame({"label": list("abcdefghij")}, index=[f"cell{i}" for i in range(10)])
+    genes = pd.Index(reference_model.checkpoint.gene_vocab.gene_ids, name="gene_id")
+    halves = [chunk.take(np.arange(3)), chunk.take(np.arange(3, 10))]
+    write_output(tmp_path / "out.h5ad", obs, genes, iter(halves), {"package_version": "test"})
+    back = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert list(back.obs_names) == list(obs.index) and list(back.obs["label"]) == list(obs["label"])
+    assert list(back.var_names) == list(genes)
+    np.testing.assert_array_equal(back.obsm["embeddings"], chunk.cell_values["embeddings"])
+    np.testing.assert_array_equal(back.obs["llh"], chunk.cell_values["llh"])
+    np.testing.assert_array_equal(back.uns["llh"]["llh"], chunk.cell_values["llh"])
+    for key in ("mu", "gene_llh"):
+        assert (back.layers[key] != chunk.gene_values[key]).nnz == 0
+    for key in ("embeddings", "cell_index", "gene_index"):
+        np.testing.assert_array_equal(back.uns["cge"][key], chunk.cge[key])
+    assert back.uns["transcriptformer"]["package_version"] == "test"
+
+
+def test_output_rows_must_match_obs(chunk, tmp_path):
+    obs = pd.DataFrame(index=[f"cell{i}" for i in range(12)])
+    with pytest.raises(ValueError, match="10 cells of outputs for 12 rows of obs"):
+        write_output(tmp_path / "out.h5ad", obs, pd.Index([]), [chunk], {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_keeps_an_existing_file(chunk, tmp_path):
     target = tmp_path / "out.h5ad"
     target.write_bytes(b"an earlier result")
-    adata = ad.AnnData(obsm={"embeddings": np.zeros((3, 2), np.float32)})
+    obs = pd.DataFrame(index=[f"cell{i}" for i in range(10)])
     with pytest.raises(FileExistsError, match="pass --overwrite"):
-        write_h5ad_atomic(adata, target, overwrite=False)
+        write_output(target, obs, pd.Index([]), [ChunkOutputs(10, dict(chunk.cell_values))], {}, overwrite=False)
     assert target.read_bytes() == b"an earlier result"
-    write_h5ad_atomic(adata, target, overwrite=True)
-    assert ad.read_h5ad(target).n_obs == 3
+    write_output(target, obs, pd.Index([]), [ChunkOutputs(10, dict(chunk.cell_values))], {}, overwrite=True)
+    assert ad.read_h5ad(target).n_obs == 10
     assert [p.name for p in tmp_path.iterdir()] == ["out.h5ad"]
 
 

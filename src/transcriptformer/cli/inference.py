@@ -70,6 +70,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     io.add_argument("--output-filename", default="embeddings.h5ad", help="output file name (embeddings.h5ad)")
     io.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: keep it)")
     io.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run with the same settings from its last completed chunk of cells",
+    )
+    io.add_argument(
         "--output-keys",
         nargs="+",
         choices=OUTPUT_KEYS,
@@ -135,6 +140,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     model.add_argument("--batch-size", type=int, default=8, help="cells per forward pass (8)")
     model.add_argument(
+        "--max-tokens-per-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="token budget per forward pass (cells x trimmed length) instead of a fixed --batch-size",
+    )
+    model.add_argument(
+        "--chunk-size",
+        type=int,
+        default=1024,
+        help="cells read, run and saved together; memory and --resume granularity (1024)",
+    )
+    model.add_argument(
         "--precision",
         choices=PRECISIONS,
         default=None,
@@ -182,6 +200,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         use_raw=USE_RAW[args.use_raw],
         remove_duplicate_genes=args.remove_duplicate_genes,
         overwrite=args.overwrite,
+        resume=args.resume,
+        max_tokens=args.max_tokens_per_batch,
+        chunk_size=args.chunk_size,
         attention_backend=args.attention_backend,
     )
     config = RunConfig.from_checkpoint(args.checkpoint_path, inference, args.model_type)

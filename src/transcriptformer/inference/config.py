@@ -77,6 +77,8 @@ class InferenceConfig:
         Keep the first of duplicated gene ids instead of stopping with an error.
     overwrite : bool
         Replace an existing output file.
+    resume : bool
+        Continue an interrupted run with the same settings: units whose outputs were saved are not run again.
     chunk_size : int
         Cells per unit of work; each unit's outputs are written to disk when it is done.
     attention_backend : str
@@ -99,6 +101,7 @@ class InferenceConfig:
     use_raw: bool | None = None
     remove_duplicate_genes: bool = False
     overwrite: bool = False
+    resume: bool = False
     chunk_size: int = 1024
     attention_backend: str = "auto"
 

@@ -19,14 +19,16 @@ Layout of the written ``.h5ad`` (``n`` cells of all input files, ``g`` genes mat
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from anndata.io import sparse_dataset, write_elem
 
 CGE_ARRAYS = ("embeddings", "cell_index", "gene_index")
 
@@ -176,32 +178,113 @@ def _writable(values: pd.Series) -> pd.Series:
     return values.where(values.isna(), values.astype(str))
 
 
-def build_anndata(obs: pd.DataFrame, genes: pd.Index, outputs: ChunkOutputs, metadata: dict) -> ad.AnnData:
-    """Assemble the output AnnData (layout in the module docstring).
+def write_output(
+    path: Path,
+    obs: pd.DataFrame,
+    genes: pd.Index,
+    chunks: Iterable[ChunkOutputs],
+    metadata: dict,
+    overwrite: bool = False,
+) -> None:
+    """Write the output ``.h5ad`` (layout in the module docstring) from chunks of consecutive cells.
+
+    Each chunk goes to disk before the next is read, so memory holds one chunk's outputs (plus the small
+    per-cell ``llh``) whatever the number of cells. The file is written under a temporary name and renamed
+    into place: an existing ``path`` is kept unless ``overwrite``, and an interrupted write leaves no output.
 
     Parameters
     ----------
+    path
+        The output file.
     obs
         One row per cell, in output order.
     genes
         Gene ids of the gene axis.
-    outputs
-        All cells' outputs.
+    chunks
+        The outputs of all cells, in order.
     metadata
         Stored as ``uns["transcriptformer"]``.
     """
-    if outputs.n_cells != len(obs):
-        raise ValueError(f"{outputs.n_cells} cells of outputs for {len(obs)} rows of obs")
-    obs = obs.copy()
-    uns: dict = {"transcriptformer": metadata}
-    if "llh" in outputs.cell_values:
-        obs["llh"] = outputs.cell_values["llh"]
-        uns["llh"] = pd.DataFrame({"llh": outputs.cell_values["llh"]}, index=obs.index.astype(str))
-    if outputs.cge:
-        uns["cge"] = dict(outputs.cge)
-    obsm = {"embeddings": outputs.cell_values["embeddings"]} if "embeddings" in outputs.cell_values else None
-    var = pd.DataFrame(index=pd.Index(genes, name="gene_id"))
-    return ad.AnnData(obs=obs, var=var, obsm=obsm, layers=dict(outputs.gene_values), uns=uns)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.h5ad")
+    try:
+        with h5py.File(temporary, "w") as f:
+            writer = _OutputWriter(f, len(obs), len(genes))
+            for chunk in chunks:
+                writer.append(chunk)
+            writer.finish(obs, genes, metadata)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _as_written_by_anndata(obs: pd.DataFrame) -> pd.DataFrame:
+    """``obs`` with string columns made categorical (missing values included), as ``AnnData.write_h5ad`` does."""
+    holder = ad.AnnData(obs=obs)
+    holder.strings_to_categoricals()
+    return holder.obs
+
+
+class _OutputWriter:
+    """Appends chunks of outputs to an open ``.h5ad`` file in AnnData's on-disk format."""
+
+    def __init__(self, file: h5py.File, n_cells: int, n_genes: int):
+        self.file, self.n_cells, self.n_genes = file, n_cells, n_genes
+        self.written = 0
+        self.llh: list[np.ndarray] = []
+        for group in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+            write_elem(file, group, {})
+        write_elem(file["uns"], "cge", {})
+
+    def append(self, chunk: ChunkOutputs) -> None:
+        """Write the outputs of the next ``chunk.n_cells`` cells."""
+        rows = slice(self.written, self.written + chunk.n_cells)
+        if rows.stop > self.n_cells:
+            raise ValueError(f"more cells of outputs than the {self.n_cells} rows of obs")
+        for key, values in chunk.cell_values.items():
+            if key == "llh":
+                self.llh.append(values)
+            else:
+                self._dataset(self.file["obsm"], key, (self.n_cells, *values.shape[1:]), values.dtype)[rows] = values
+        for key, matrix in chunk.gene_values.items():
+            if key in self.file["layers"]:
+                sparse_dataset(self.file["layers"][key]).append(matrix)
+            else:
+                write_elem(self.file["layers"], key, matrix)
+        for key, values in chunk.cge.items():
+            values = values + self.written if key == "cell_index" else values
+            dataset = self._dataset(self.file["uns/cge"], key, (0, *values.shape[1:]), values.dtype, growing=True)
+            dataset.resize(dataset.shape[0] + len(values), axis=0)
+            dataset[-len(values) :] = values
+        self.written = rows.stop
+
+    def finish(self, obs: pd.DataFrame, genes: pd.Index, metadata: dict) -> None:
+        """Write obs (with ``llh``), var and uns once every chunk is in."""
+        if self.written != self.n_cells:
+            raise ValueError(f"{self.written} cells of outputs for {self.n_cells} rows of obs")
+        obs = obs.copy()
+        if self.llh:
+            obs["llh"] = np.concatenate(self.llh)
+            write_elem(
+                self.file["uns"], "llh", pd.DataFrame({"llh": obs["llh"].to_numpy()}, index=obs.index.astype(str))
+            )
+        if not len(self.file["uns/cge"]):
+            del self.file["uns/cge"]
+        write_elem(self.file, "obs", _as_written_by_anndata(obs))
+        write_elem(self.file, "var", pd.DataFrame(index=pd.Index(genes, name="gene_id")))
+        write_elem(self.file["uns"], "transcriptformer", metadata)
+        self.file.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+
+    @staticmethod
+    def _dataset(group: h5py.Group, key: str, shape: tuple, dtype, growing: bool = False) -> h5py.Dataset:
+        """The array ``key`` of ``group``, created (AnnData-encoded) on first use."""
+        if key not in group:
+            maxshape = (None, *shape[1:]) if growing else None
+            group.create_dataset(key, shape=shape, dtype=dtype, maxshape=maxshape, chunks=True if growing else None)
+            group[key].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        return group[key]
 
 
 def contextual_embeddings(adata: ad.AnnData, gene_id: str) -> tuple[pd.Index, np.ndarray]:
@@ -224,19 +307,3 @@ def contextual_embeddings(adata: ad.AnnData, gene_id: str) -> tuple[pd.Index, np
     cge = adata.uns["cge"]
     rows = cge["gene_index"] == adata.var_names.get_loc(gene_id)
     return adata.obs_names[cge["cell_index"][rows]], cge["embeddings"][rows]
-
-
-def write_h5ad_atomic(adata: ad.AnnData, path: Path, overwrite: bool) -> None:
-    """Write ``adata`` to a temporary file next to ``path``, then rename it into place.
-
-    An existing ``path`` is kept unless ``overwrite``; an interrupted write leaves no partial output.
-    """
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.h5ad")
-    try:
-        adata.write_h5ad(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

@@ -40,7 +40,7 @@ from transcriptformer.data.tokenize import PreparedCells, TokenizedCells
 from transcriptformer.inference import distributed
 from transcriptformer.inference.config import ALL_OBS_KEYS, RunConfig
 from transcriptformer.inference.distributed import Rank
-from transcriptformer.inference.output import ChunkOutputs, build_anndata, concat_obs, write_h5ad_atomic
+from transcriptformer.inference.output import ChunkOutputs, concat_obs, write_output
 from transcriptformer.ood import swap_gene_embeddings
 
 CELL_KEYS = ("embeddings", "llh")
@@ -308,9 +308,44 @@ def key_by_gene(session: Session, outputs: dict[str, np.ndarray]) -> ChunkOutput
     )
 
 
+# Settings that change how a run is carried out but not its results; a resumed run may change them.
+RESUMABLE_CHANGES = ("overwrite", "resume", "n_data_workers", "num_gpus")
+
+
+def run_fingerprint(session: Session) -> str:
+    """Identifies what a run computes: its settings, its inputs (path, size, mtime) and the weights."""
+    settings = session.config.to_dict()
+    for key in RESUMABLE_CHANGES:
+        settings["model"]["inference_config"].pop(key)
+    inputs = [(str(f.path.resolve()), f.path.stat().st_size, f.path.stat().st_mtime_ns) for f in session.files]
+    weights = sha256_of(Path(session.config.model.checkpoint_path) / WEIGHTS_FILE)
+    described = json.dumps({"settings": settings, "inputs": inputs, "weights": weights}, sort_keys=True, default=str)
+    return hashlib.sha256(described.encode()).hexdigest()
+
+
+def open_parts_dir(session: Session) -> None:
+    """Start the directory of unit outputs afresh, or check that it belongs to the run being resumed."""
+    manifest = session.parts_dir / "run.json"
+    fingerprint = run_fingerprint(session)
+    if session.config.inference.resume and manifest.exists():
+        if json.loads(manifest.read_text())["fingerprint"] != fingerprint:
+            raise ValueError(
+                f"the interrupted run in {session.parts_dir} had other settings, inputs or weights; "
+                "run without --resume to start over"
+            )
+        return
+    shutil.rmtree(session.parts_dir, ignore_errors=True)
+    session.parts_dir.mkdir(parents=True)
+    manifest.write_text(json.dumps({"fingerprint": fingerprint}))
+
+
 def process_units(session: Session, units: Sequence[WorkUnit], rank: Rank) -> None:
-    """Run ``units`` and save each one's outputs, in input order of its cells, as soon as it is done."""
-    session.parts_dir.mkdir(parents=True, exist_ok=True)
+    """Run ``units`` and save each one's outputs, in input order of its cells, as soon as it is done.
+
+    With ``resume``, units whose outputs are already saved are skipped.
+    """
+    if session.config.inference.resume:
+        units = [unit for unit in units if not session.part_file(unit).exists()]
     n_cells = sum(unit.stop - unit.start for unit in units)
     description = f"rank {rank.rank}" if rank.world_size > 1 else "inference"
     with tqdm(total=n_cells, unit="cell", desc=description, position=rank.rank, disable=None, delay=1) as bar:
@@ -319,12 +354,12 @@ def process_units(session: Session, units: Sequence[WorkUnit], rank: Rank) -> No
 
 
 def merge_and_write(session: Session, world_size: int) -> None:
-    """Merge every unit's outputs in input order and write the output file."""
-    outputs = ChunkOutputs.concat([ChunkOutputs.load(session.part_file(unit)) for unit in session.units])
+    """Merge every unit's outputs in input order into the output file, one unit in memory at a time."""
     obs = concat_obs([f.obs for f in session.files])
     obs["source_file"] = pd.Categorical(obs["source_file"], categories=[str(f.path) for f in session.files])
-    adata = build_anndata(obs, session.genes, outputs, run_metadata(session, world_size))
-    write_h5ad_atomic(adata, session.output_file, session.config.inference.overwrite)
+    chunks = (ChunkOutputs.load(session.part_file(unit)) for unit in session.units)
+    metadata = run_metadata(session, world_size)
+    write_output(session.output_file, obs, session.genes, chunks, metadata, session.config.inference.overwrite)
 
 
 def run_metadata(session: Session, world_size: int) -> dict:
@@ -439,15 +474,23 @@ def run_worker(rank: Rank, init_method: str | None, config: RunConfig, started: 
                 f"({processes(rank.world_size)}), precision {session.precision}",
                 flush=True,
             )
+        if rank.is_main:
+            open_parts_dir(session)
+            done = sum(session.part_file(unit).exists() for unit in session.units)
+            if done:
+                print(f"Resuming: {done} of {len(session.units)} units were already done", flush=True)
+        distributed.barrier(rank)
         try:
             process_units(session, session.units[rank.rank :: rank.world_size], rank)
             distributed.barrier(rank)
+        except BaseException:
             if rank.is_main:
-                merge_and_write(session, rank.world_size)
-                print(format_summary(session, rank.world_size, time.time() - started), flush=True)
-        finally:
-            if rank.is_main:
-                shutil.rmtree(session.parts_dir, ignore_errors=True)
+                print(f"Interrupted: finished units are kept in {session.parts_dir}; rerun with --resume", flush=True)
+            raise
+        if rank.is_main:
+            merge_and_write(session, rank.world_size)
+            shutil.rmtree(session.parts_dir)
+            print(format_summary(session, rank.world_size, time.time() - started), flush=True)
 
 
 def run_inference(config: RunConfig, *, dry_run: bool = False) -> Path:
