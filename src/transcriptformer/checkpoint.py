@@ -1,4 +1,4 @@
-"""Load a checkpoint directory in the published layout (SPEC section 2).
+"""Load and save checkpoint directories in the published layout (SPEC section 2).
 
 ::
 
@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +75,10 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(
-    path: str | Path, device: str | torch.device = "cpu", attention_backend: Backend = "auto"
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    attention_backend: Backend = "auto",
+    config: TranscriptFormerConfig | None = None,
 ) -> Checkpoint:
     """Load a checkpoint directory; the weights must match the architecture exactly (strict).
 
@@ -84,12 +90,15 @@ def load_checkpoint(
         Where to put the model.
     attention_backend
         See :class:`~transcriptformer.model.transcriptformer.TranscriptFormer`.
+    config
+        Use this configuration instead of the directory's ``config.json`` (for example one with overridden
+        fields); the weights must still match it.
     """
     path = Path(path)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).exists():
             raise FileNotFoundError(f"{path} is not a TranscriptFormer checkpoint: {name} is missing")
-    config = TranscriptFormerConfig.from_json(path / CONFIG_FILE)
+    config = config or TranscriptFormerConfig.from_json(path / CONFIG_FILE)
     gene_vocab, aux_vocabs = read_vocabularies(path, config)
     state = load_state_dict(path / WEIGHTS_FILE)
 
@@ -116,3 +125,54 @@ def load_checkpoint(
 def special_tokens_of(vocab: GeneVocab, pad_token: str = "[PAD]") -> SpecialTokens:
     """The padding, ``[START]`` and ``[END]`` indices of a vocabulary."""
     return SpecialTokens(pad=vocab.special(pad_token), start=vocab.special("[START]"), end=vocab.special("[END]"))
+
+
+def save_checkpoint(
+    path: str | Path,
+    config: TranscriptFormerConfig,
+    model: torch.nn.Module,
+    aux_vocabs: dict[str, dict[str, int]],
+    gene_embedding_files: list[str | Path],
+    overwrite: bool = False,
+) -> Path:
+    """Write a checkpoint directory in the published layout, which :func:`load_checkpoint` reads back.
+
+    Parameters
+    ----------
+    path
+        Directory to create (or fill).
+    config
+        The checkpoint's config; its ``esm2_mappings`` are set to the names of ``gene_embedding_files``.
+    model
+        A :class:`TranscriptFormer`; its state_dict is saved as plain CPU tensors.
+    aux_vocabs
+        Vocabulary of each aux column, written as ``vocabs/<col>_vocab.json``.
+    gene_embedding_files
+        Gene-embedding ``.h5`` files, in vocabulary order, copied into ``vocabs/``.
+    overwrite
+        Replace the config and weights of an existing checkpoint at ``path``.
+
+    Raises
+    ------
+    FileExistsError
+        When ``path`` already holds a checkpoint and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if not overwrite and any((path / name).exists() for name in (CONFIG_FILE, WEIGHTS_FILE)):
+        raise FileExistsError(f"{path} already holds a checkpoint; choose another directory or allow overwriting")
+    names = [Path(f).name for f in gene_embedding_files]
+    if len(set(names)) != len(names):
+        raise ValueError(f"gene-embedding files must have distinct names, got {names}")
+    vocab_dir = path / VOCAB_DIR
+    vocab_dir.mkdir(parents=True, exist_ok=True)
+    for source in map(Path, gene_embedding_files):
+        if source.resolve() != (vocab_dir / source.name).resolve():
+            shutil.copyfile(source, vocab_dir / source.name)
+    for col, vocab in aux_vocabs.items():
+        (vocab_dir / f"{col}_vocab.json").write_text(json.dumps(vocab, indent=2) + "\n")
+    data_config = dataclasses.replace(config.data_config, esm2_mappings=names, aux_cols=list(aux_vocabs))
+    saved = dataclasses.replace(config, data_config=data_config)
+    (path / CONFIG_FILE).write_text(json.dumps(saved.to_dict(), indent=2) + "\n")
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    torch.save(state, path / WEIGHTS_FILE)
+    return path

@@ -1,0 +1,206 @@
+"""``transcriptformer finetune``: train LoRA adapters on a checkpoint with your cells.
+
+::
+
+    transcriptformer finetune --checkpoint-path CKPT --train-files cells.h5ad --lora-r 4 --output-path adapters/mine
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from transcriptformer.training.config import (
+    PRECISIONS,
+    TARGET_ALIASES,
+    DataSettings,
+    FinetuneConfig,
+    LoraSettings,
+    OptimSettings,
+    TrainerSettings,
+)
+from transcriptformer.training.objective import LossTerms
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``finetune`` subcommand."""
+    parser = subparsers.add_parser(
+        "finetune",
+        help="train LoRA adapters on a checkpoint with your cells",
+        description="Fine-tune a TranscriptFormer checkpoint with LoRA adapters (peft); base weights stay frozen. "
+        "Writes the adapters alone (adapter_config.json + adapter_model.safetensors) to --output-path.",
+    )
+    add_finetune_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``finetune`` (shared with ``finetune_lora.py``)."""
+    lora, optim, trainer = LoraSettings(), OptimSettings(), TrainerSettings()
+    io = parser.add_argument_group("model and data")
+    io.add_argument("--checkpoint-path", required=True, help="base checkpoint directory (published layout)")
+    io.add_argument("--train-files", nargs="+", required=True, metavar="H5AD", help="training cells (.h5ad files)")
+    io.add_argument("--val-files", nargs="+", default=[], metavar="H5AD", help="validation cells (.h5ad files)")
+    io.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="share of the training cells held out for validation when no --val-files are given (default: 0)",
+    )
+    io.add_argument("--gene-col-name", default=None, help="var column with gene ids (default: the checkpoint's)")
+    io.add_argument(
+        "--use-raw",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="read counts from adata.raw: auto (when present), true, or false (adata.X)",
+    )
+    io.add_argument(
+        "--output-path",
+        help="adapter directory to write (required unless --dry-run); a name such as adapters.pt is a directory too",
+    )
+    io.add_argument("--overwrite", action="store_true", help="replace adapters already at --output-path")
+    io.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes (default: 0)")
+
+    adapters = parser.add_argument_group("LoRA")
+    adapters.add_argument("--lora-r", type=int, default=lora.r, help=f"adapter rank (default: {lora.r})")
+    adapters.add_argument("--lora-alpha", type=float, default=lora.alpha, help=f"LoRA alpha (default: {lora.alpha})")
+    adapters.add_argument(
+        "--lora-dropout", type=float, default=lora.dropout, help=f"dropout on adapter inputs (default: {lora.dropout})"
+    )
+    adapters.add_argument(
+        "--lora-target-modules",
+        nargs="+",
+        default=lora.target_modules,
+        metavar="MODULE",
+        help=f"layers to adapt: {', '.join(TARGET_ALIASES)} or module names such as linears.0 "
+        f"(default: {' '.join(lora.target_modules)})",
+    )
+    adapters.add_argument(
+        "--train-heads", action="store_true", help="also train full copies of the count and gene-id heads"
+    )
+
+    loop = parser.add_argument_group("optimisation")
+    loop.add_argument("--epochs", type=int, default=trainer.max_epochs, help="passes over the training cells")
+    loop.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: no limit)")
+    loop.add_argument("--batch-size", type=int, default=8, help="cells per batch and device (default: 8)")
+    loop.add_argument("--accumulate-grad-batches", type=int, default=1, help="batches per optimizer step")
+    loop.add_argument("--lr", type=float, default=optim.lr, help=f"peak learning rate (default: {optim.lr})")
+    loop.add_argument("--weight-decay", type=float, default=optim.weight_decay, help="AdamW weight decay")
+    loop.add_argument("--warmup-steps", type=int, default=optim.warmup_steps, help="linear warm-up steps")
+    loop.add_argument(
+        "--gradient-clip", type=float, default=trainer.gradient_clip_val, help="gradient-norm clip (0: off)"
+    )
+    loop.add_argument(
+        "--early-stopping-patience",
+        type=int,
+        default=0,
+        help="stop after this many validations without improvement (0: off; needs validation cells)",
+    )
+    loop.add_argument("--seed", type=int, default=trainer.seed, help="seed of data order, split and dropout")
+
+    run_group = parser.add_argument_group("hardware, checkpoints and logs")
+    run_group.add_argument(
+        "--devices",
+        default=trainer.devices,
+        help="cpu or 0: CPU; N: N GPUs (DDP when N > 1); auto: every GPU, else CPU (default: auto)",
+    )
+    run_group.add_argument("--num-nodes", type=int, default=1, help="machines for multi-node DDP (default: 1)")
+    run_group.add_argument("--precision", choices=PRECISIONS, default="32", help="numeric precision (default: 32)")
+    run_group.add_argument(
+        "--attention-backend",
+        choices=("auto", "flex", "chunked"),
+        default="auto",
+        help="attention implementation (default: auto = flex on CUDA, chunked elsewhere)",
+    )
+    run_group.add_argument(
+        "--run-dir", default=None, help="metrics.csv and resumable checkpoints (default: OUTPUT_PATH/training_run)"
+    )
+    run_group.add_argument(
+        "--checkpoint-every-n-steps",
+        type=int,
+        default=0,
+        help="resumable checkpoint every N steps (0: each epoch)",
+    )
+    run_group.add_argument("--resume", default=None, help="resume from a Lightning checkpoint, or 'last'")
+    run_group.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="load model and data, run one forward and backward pass, print 'Dry-run complete'; writes nothing",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """The :class:`FinetuneConfig` the flags describe."""
+    use_raw = {"auto": None, "true": True, "false": False}[args.use_raw]
+    return FinetuneConfig(
+        checkpoint_path=args.checkpoint_path,
+        output_path=args.output_path or "",
+        data=DataSettings(
+            train_files=list(args.train_files),
+            val_files=list(args.val_files),
+            val_fraction=args.val_fraction,
+            gene_col_name=args.gene_col_name,
+            use_raw=use_raw,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+        ),
+        optim=OptimSettings(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps),
+        trainer=TrainerSettings(
+            devices=args.devices,
+            num_nodes=args.num_nodes,
+            precision=args.precision,
+            max_epochs=args.epochs,
+            max_steps=args.max_steps,
+            accumulate_grad_batches=args.accumulate_grad_batches,
+            gradient_clip_val=args.gradient_clip,
+            checkpoint_every_n_steps=args.checkpoint_every_n_steps,
+            early_stopping_patience=args.early_stopping_patience,
+            seed=args.seed,
+            run_dir=args.run_dir,
+            resume=args.resume,
+            attention_backend=args.attention_backend,
+        ),
+        lora=LoraSettings(
+            r=args.lora_r,
+            alpha=args.lora_alpha,
+            dropout=args.lora_dropout,
+            target_modules=list(args.lora_target_modules),
+            train_heads=args.train_heads,
+        ),
+    )
+
+
+# Errors caused by the command's input (paths, settings, data), reported in one line without a traceback.
+USER_ERRORS = (FileNotFoundError, FileExistsError, KeyError, ValueError)
+
+
+def report_user_error(command: str, error: Exception) -> int:
+    """Print ``error`` the way argparse does and return the exit code 2."""
+    message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+    if error.__cause__ is not None:
+        message += f": {error.__cause__}"
+    print(f"transcriptformer {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fine-tune, or check the setup with ``--dry-run``."""
+    from transcriptformer.training.run import run_finetuning
+
+    if not args.output_path and not args.dry_run:
+        return report_user_error("finetune", ValueError("--output-path is required (unless --dry-run)"))
+    try:
+        result = run_finetuning(config_from_args(args), dry_run_only=args.dry_run, overwrite=args.overwrite)
+    except USER_ERRORS as error:
+        return report_user_error("finetune", error)
+    if args.dry_run:
+        print_dry_run(result)
+    else:
+        print(f"adapters saved to {result}")
+    return 0
+
+
+def print_dry_run(terms: LossTerms) -> None:
+    """Report a successful dry run."""
+    print(f"one batch: {terms.summary()}; forward and backward passed")
+    print("Dry-run complete")

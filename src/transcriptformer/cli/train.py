@@ -1,0 +1,65 @@
+"""``transcriptformer train``: pretrain a model from scratch, configured by Hydra YAML with overrides.
+
+::
+
+    transcriptformer train --config conf/demo.yaml trainer.max_epochs=5 optim.lr=1e-3
+
+writes a checkpoint directory in the published layout to ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from transcriptformer.cli.finetune import USER_ERRORS, print_dry_run, report_user_error
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``train`` subcommand."""
+    parser = subparsers.add_parser(
+        "train",
+        help="pretrain a model from scratch on .h5ad files (Hydra config)",
+        description="Train a new TranscriptFormer from .h5ad files and gene-embedding files. Settings come from a "
+        "Hydra YAML file (see conf/) and KEY=VALUE overrides; the result is a checkpoint directory that "
+        "'transcriptformer inference' loads.",
+    )
+    parser.add_argument(
+        "--config", default=None, metavar="YAML", help="config file, e.g. conf/demo.yaml (default: built-in defaults)"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="Hydra overrides, e.g. optim.lr=1e-3 trainer.devices=cpu data.train_files=[a.h5ad,b.h5ad]",
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build model and data, run one forward and backward pass, print 'Dry-run complete'; writes nothing",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compose the config, then train (or print it, or dry-run)."""
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from transcriptformer.training.config import compose_train_config
+    from transcriptformer.training.run import run_pretraining
+
+    try:
+        config = compose_train_config(args.config, args.overrides)
+        if args.print_config:
+            print(OmegaConf.to_yaml(OmegaConf.structured(config)), end="")
+            return 0
+        result = run_pretraining(config, dry_run_only=args.dry_run)
+    except (*USER_ERRORS, HydraException, OmegaConfBaseException) as error:
+        return report_user_error("train", error)
+    if args.dry_run:
+        print_dry_run(result)
+    else:
+        print(f"checkpoint saved to {result}")
+    return 0

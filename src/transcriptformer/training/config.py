@@ -1,0 +1,278 @@
+"""Typed settings of training and fine-tuning, and their Hydra composition.
+
+``transcriptformer train`` reads a YAML file of ``conf/`` (model size, data, optimisation) whose keys map onto
+:class:`TrainConfig`; command-line overrides use Hydra's grammar (``optim.lr=1e-3``,
+``data.train_files=[a.h5ad,b.h5ad]``). ``transcriptformer finetune`` fills :class:`FinetuneConfig` from its flags.
+The model architecture reuses :class:`~transcriptformer.config.ModelConfig`, the tokenization
+:class:`~transcriptformer.config.DataConfig`: the checkpoint written at the end carries both unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra import compose, initialize, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from transcriptformer.config import DataConfig, LossConfig, ModelConfig
+
+PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+SCHEMA_NAME = "train_schema"
+
+# Friendly names of the linear layers LoRA can adapt, as suffixes of module names (peft's matching rule).
+TARGET_ALIASES: dict[str, tuple[str, ...]] = {
+    "attention": ("self_attn.linears.0", "self_attn.linears.1", "self_attn.linears.2", "self_attn.linears.3"),
+    "ffn": ("linear1", "linear2"),
+    "q": ("self_attn.linears.0",),
+    "k": ("self_attn.linears.1",),
+    "v": ("self_attn.linears.2",),
+    "o": ("self_attn.linears.3",),
+    "ffn1": ("linear1",),
+    "ffn2": ("linear2",),
+}
+
+
+@dataclass
+class DataSettings:
+    """Which cells to train on and how to batch them.
+
+    Attributes
+    ----------
+    train_files : list of str
+        ``.h5ad`` files of training cells.
+    val_files : list of str
+        ``.h5ad`` files of validation cells; when empty, ``val_fraction`` of the training cells is held out.
+    val_fraction : float
+        Share of each training file held out for validation (seeded) when no ``val_files`` are given.
+    gene_col_name : str or None
+        ``var`` column with gene ids; the checkpoint's when ``None``.
+    use_raw : bool or None
+        Count matrix: ``adata.raw`` when present (``None``), forced (``True``) or ``adata.X`` (``False``).
+    batch_size : int
+        Cells per batch (per device).
+    num_workers : int
+        Data-loader worker processes.
+    """
+
+    train_files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)
+    val_fraction: float = 0.0
+    gene_col_name: str | None = None
+    use_raw: bool | None = None
+    batch_size: int = 8
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class OptimSettings:
+    """AdamW with linear warm-up and cosine decay.
+
+    Attributes
+    ----------
+    lr : float
+        Peak learning rate.
+    weight_decay : float
+        AdamW weight decay (not applied to biases, norms and embeddings).
+    betas : list of float
+        AdamW betas.
+    warmup_steps : int
+        Optimizer steps of linear warm-up from 0 to ``lr``.
+    min_lr_ratio : float
+        Learning rate at the end of the cosine decay, as a fraction of ``lr``.
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainerSettings:
+    """How Lightning runs: devices, precision, length, logging, checkpoints.
+
+    Attributes
+    ----------
+    devices : str
+        ``"cpu"`` or ``"0"``: CPU; ``"N"``: N GPUs (DDP when N > 1); ``"auto"``: every GPU, else CPU.
+    num_nodes : int
+        Machines taking part (Lightning's multi-node DDP).
+    precision : str
+        ``"32"``, ``"16-mixed"`` (GPU) or ``"bf16-mixed"``.
+    max_epochs : int
+        Passes over the training cells.
+    max_steps : int
+        Optimizer steps at most; ``-1`` for no limit.
+    accumulate_grad_batches : int
+        Batches per optimizer step.
+    gradient_clip_val : float
+        Gradient-norm clipping threshold; 0 disables clipping.
+    log_every_n_steps : int
+        Logging interval in optimizer steps.
+    checkpoint_every_n_steps : int
+        Save a resumable checkpoint every N optimizer steps; 0 saves at each epoch end.
+    keep_checkpoints : int
+        Checkpoints kept: the best by validation loss when there is validation, else the latest; -1 keeps all.
+    early_stopping_patience : int
+        Stop after this many validations without improvement of the validation loss; 0 disables.
+    seed : int
+        Seed of the initialisation, the data order, the validation split and dropout.
+    run_dir : str or None
+        Where Lightning writes ``metrics.csv`` and ``checkpoints/``; ``<output>/training_run`` when ``None``.
+    resume : str or None
+        A Lightning checkpoint to resume from, or ``"last"`` for the latest one in ``run_dir``.
+    attention_backend : str
+        ``"auto"`` (compiled flex attention on CUDA, chunked elsewhere), ``"flex"`` or ``"chunked"``.
+    """
+
+    devices: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32"
+    max_epochs: int = 1
+    max_steps: int = -1
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float = 1.0
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 0
+    keep_checkpoints: int = 1
+    early_stopping_patience: int = 0
+    seed: int = 0
+    run_dir: str | None = None
+    resume: str | None = None
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.devices = str(self.devices)
+        self.precision = str(self.precision)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches must be >= 1, got {self.accumulate_grad_batches}")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters (through ``peft``).
+
+    Attributes
+    ----------
+    r : int
+        Adapter rank.
+    alpha : float
+        Scaling numerator: the update is ``alpha / r * B A``.
+    dropout : float
+        Dropout on the adapter input.
+    target_modules : list of str
+        ``attention`` (Q, K, V, output projections), ``ffn`` (both FFN linears), ``q``, ``k``, ``v``, ``o``,
+        ``ffn1``, ``ffn2``, or module names of the model (e.g. ``linears.0``).
+    train_heads : bool
+        Also train full copies of the count head and gene-id head.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["attention", "ffn"])
+    train_heads: bool = False
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    """Pretraining from scratch (``transcriptformer train``).
+
+    Attributes
+    ----------
+    output_dir : str
+        Checkpoint directory written at the end, in the published layout.
+    model : ModelConfig
+        Architecture.
+    loss : LossConfig
+        Objective weights.
+    tokens : DataConfig
+        Tokenization, stored as the checkpoint's ``data_config``; ``esm2_mappings`` lists the paths of the
+        gene-embedding ``.h5`` files (copied into ``vocabs/``), ``aux_cols`` the ``obs`` columns whose values
+        become aux tokens (their vocabularies are read from the training files).
+    data, optim, trainer
+        See :class:`DataSettings`, :class:`OptimSettings`, :class:`TrainerSettings`.
+    """
+
+    output_dir: str = "checkpoints/transcriptformer"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    tokens: DataConfig = field(default_factory=DataConfig)
+    data: DataSettings = field(default_factory=lambda: DataSettings(val_fraction=0.1))
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+
+
+@dataclass
+class FinetuneConfig:
+    """LoRA fine-tuning of a checkpoint (``transcriptformer finetune``).
+
+    Attributes
+    ----------
+    checkpoint_path : str
+        Base checkpoint directory.
+    output_path : str
+        Adapter directory written at the end (``adapter_config.json`` + ``adapter_model.safetensors``).
+    data, optim, trainer, lora
+        See :class:`DataSettings`, :class:`OptimSettings`, :class:`TrainerSettings`, :class:`LoraSettings`.
+    """
+
+    checkpoint_path: str
+    output_path: str
+    data: DataSettings = field(default_factory=DataSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+def compose_train_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Compose a Hydra YAML config and command-line overrides into a validated :class:`TrainConfig`.
+
+    The typed schema is registered with Hydra as ``train_schema``; a YAML file lists it first in its defaults
+    list (``defaults: [train_schema, model: tiny, _self_]``) so that every field can be overridden.
+
+    Parameters
+    ----------
+    config_file
+        A YAML file, e.g. ``conf/demo.yaml``; its folder is the Hydra config directory, so its defaults list
+        may name groups such as ``model: tiny``. Without a file, the dataclass defaults apply.
+    overrides
+        Hydra overrides, e.g. ``["optim.lr=1e-3", "trainer.max_epochs=5"]``.
+
+    Raises
+    ------
+    hydra.errors.ConfigCompositionException
+        When an override does not apply (its cause says why, e.g. a value of the wrong type).
+    omegaconf.errors.ValidationError
+        When a value of the file does not fit the type of its field.
+    """
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
+    if config_file is None:
+        with initialize(config_path=None, version_base=None):
+            composed = compose(config_name=SCHEMA_NAME, overrides=list(overrides or []))
+    else:
+        config_file = Path(config_file).resolve()
+        if not config_file.is_file():
+            raise FileNotFoundError(f"no such config file: {config_file}")
+        with initialize_config_dir(config_dir=str(config_file.parent), version_base=None):
+            composed = compose(config_name=config_file.stem, overrides=list(overrides or []))
+    if OmegaConf.get_type(composed) is not TrainConfig:  # a file without train_schema in its defaults
+        composed = OmegaConf.merge(OmegaConf.structured(TrainConfig), composed)
+    return OmegaConf.to_object(composed)

@@ -1,0 +1,137 @@
+"""LoRA adapters for TranscriptFormer through ``peft``: wrap, save, load, merge.
+
+Adapters are saved alone in the ``peft`` layout, which Hugging Face users know::
+
+    <adapter>/adapter_config.json        rank, alpha, dropout, target modules, base checkpoint path
+    <adapter>/adapter_model.safetensors  the adapter (and trained head) weights only
+
+>>> from transcriptformer.checkpoint import load_checkpoint
+>>> from transcriptformer.training.lora import load_adapters
+>>> checkpoint = load_checkpoint("checkpoints/tf_sapiens")
+>>> model = load_adapters(checkpoint.model, "adapters/my_cells")  # a TranscriptFormer with merged weights
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from transcriptformer.model.transcriptformer import TranscriptFormer
+from transcriptformer.training.config import TARGET_ALIASES, LoraSettings
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+
+HEAD_MODULES = ("mu", "gene_id_head")
+
+
+def resolve_target_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Expand aliases (see :data:`TARGET_ALIASES`) and check that every target names a linear layer.
+
+    Raises
+    ------
+    ValueError
+        When a name matches no ``nn.Linear`` of ``model``.
+    """
+    linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    targets: list[str] = []
+    for name in names:
+        for target in TARGET_ALIASES.get(name, (name,)):
+            if not any(n == target or n.endswith("." + target) for n in linear_names):
+                raise ValueError(
+                    f"LoRA target {target!r} matches no linear layer of the model; use one of "
+                    f"{sorted(TARGET_ALIASES)} or a module name such as {linear_names[0]!r}"
+                )
+            if target not in targets:
+                targets.append(target)
+    if not targets:
+        raise ValueError("no LoRA target module given")
+    return targets
+
+
+def add_lora_adapters(model: TranscriptFormer, settings: LoraSettings, base_checkpoint: str | None = None) -> PeftModel:
+    """Wrap ``model`` with fresh LoRA adapters; every base weight is frozen.
+
+    The adapters start as an exact identity (``B = 0``), so the wrapped model computes what ``model`` does.
+
+    Parameters
+    ----------
+    model
+        The base model; its modules are modified in place.
+    settings
+        Rank, alpha, dropout, target modules and whether the heads are trained too.
+    base_checkpoint
+        Path of the base checkpoint, recorded in ``adapter_config.json``.
+    """
+    model.name_or_path = base_checkpoint  # the Hugging Face attribute that peft records in adapter_config.json
+    heads = [name for name in HEAD_MODULES if getattr(model, name, None) is not None] if settings.train_heads else []
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=resolve_target_modules(model, settings.target_modules),
+        modules_to_save=heads or None,
+    )
+    return get_peft_model(model, config)
+
+
+def save_adapters(model: PeftModel, path: str | Path, overwrite: bool = False) -> Path:
+    """Write the adapter weights (safetensors) and their config to the directory ``path``.
+
+    Raises
+    ------
+    FileExistsError
+        When ``path`` is a file, or already holds adapters and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.is_file():
+        raise FileExistsError(f"{path} is a file; adapters are saved as a directory")
+    if (path / ADAPTER_WEIGHTS_FILE).exists() and not overwrite:
+        raise FileExistsError(f"{path} already holds adapters; choose another output path or allow overwriting")
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def load_adapters(
+    model: TranscriptFormer, path: str | Path, merge: bool = True, trainable: bool = False
+) -> TranscriptFormer | PeftModel:
+    """Apply saved adapters to a loaded base model.
+
+    Parameters
+    ----------
+    model
+        The base model the adapters were trained on (its modules are modified in place).
+    path
+        Adapter directory written by :func:`save_adapters`.
+    merge
+        Fold the adapters into the base weights and return a plain :class:`TranscriptFormer` (no extra cost at
+        inference); otherwise return the ``peft`` model with separate adapters.
+    trainable
+        Keep the adapters trainable (only with ``merge=False``).
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` holds no adapters.
+    """
+    path = Path(path)
+    missing = [name for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE) if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} is not an adapter directory: {', '.join(missing)} missing")
+    if merge and trainable:
+        raise ValueError("merged adapters cannot stay trainable; pass merge=False to keep training them")
+    peft_model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
+    return merge_adapters(peft_model) if merge else peft_model
+
+
+def merge_adapters(model: PeftModel) -> TranscriptFormer:
+    """Fold the adapters (and trained heads) into the base weights; returns the plain base model."""
+    return model.merge_and_unload()
+
+
+def base_model(model: nn.Module) -> TranscriptFormer:
+    """The :class:`TranscriptFormer` inside a ``peft`` model (with its adapter layers), or ``model`` itself."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model

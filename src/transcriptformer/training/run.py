@@ -1,0 +1,150 @@
+"""End-to-end runs behind ``transcriptformer train`` and ``transcriptformer finetune``.
+
+Both load the cells with the model's own tokenizer, train with Lightning and write what inference loads: a
+checkpoint directory in the published layout (pretraining) or an adapter directory (LoRA fine-tuning). With
+``dry_run_only`` they stop after one forward and backward pass and write nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import anndata as ad
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from transcriptformer.api import TranscriptFormerModel
+from transcriptformer.checkpoint import CONFIG_FILE, VOCAB_DIR, Checkpoint, load_checkpoint, save_checkpoint
+from transcriptformer.data.tokenize import TokenizedCells, read_anndata
+from transcriptformer.training import lora
+from transcriptformer.training.config import DataSettings, FinetuneConfig, TrainConfig, TrainerSettings
+from transcriptformer.training.datamodule import CellDataModule, build_datasets
+from transcriptformer.training.module import TranscriptFormerModule
+from transcriptformer.training.objective import LossTerms
+from transcriptformer.training.scratch import new_checkpoint
+from transcriptformer.training.trainer import dry_run, fit, resolve_hardware
+
+RUN_DIR_NAME = "training_run"
+
+
+def tokenize_files(
+    checkpoint: Checkpoint, sources: Sequence[str | Path | ad.AnnData], data: DataSettings
+) -> list[TokenizedCells]:
+    """Tokenize training or validation cells with the checkpoint's vocabularies and tokenization settings."""
+    api = TranscriptFormerModel(checkpoint, torch.device("cpu"))
+    clip_counts = checkpoint.config.data_config.clip_counts
+    return [
+        api.tokenize(source, gene_col_name=data.gene_col_name, use_raw=data.use_raw, clip_counts=clip_counts)
+        for source in sources
+    ]
+
+
+def build_datamodule(
+    checkpoint: Checkpoint,
+    data: DataSettings,
+    seed: int,
+    train_sources: Sequence[str | Path | ad.AnnData] | None = None,
+) -> CellDataModule:
+    """Tokenized training (and validation) cells in a :class:`CellDataModule`.
+
+    Parameters
+    ----------
+    checkpoint
+        Vocabularies and tokenization settings.
+    data
+        Files, validation split and batching.
+    seed
+        Seed of the validation split and of the training order.
+    train_sources
+        Training cells already read (same order as ``data.train_files``); read from the files otherwise.
+    """
+    require_training_files(data)
+    train = tokenize_files(checkpoint, train_sources or data.train_files, data)
+    val = tokenize_files(checkpoint, data.val_files, data)
+    train_set, val_set = build_datasets(train, val, data.val_fraction, seed)
+    return CellDataModule(train_set, val_set, train[0].pad_token, data.batch_size, data.num_workers, seed)
+
+
+def require_training_files(data: DataSettings) -> None:
+    """Fail early, with a clear message, when no training file is given."""
+    if not data.train_files:
+        raise ValueError("no training file given (data.train_files / --train-files)")
+
+
+def run_dir_of(trainer: TrainerSettings, output: str | Path) -> Path:
+    """The run directory: ``trainer.run_dir``, or ``<output>/training_run``."""
+    return Path(trainer.run_dir) if trainer.run_dir else Path(output) / RUN_DIR_NAME
+
+
+def first_device(trainer: TrainerSettings) -> torch.device:
+    """The device a dry run uses: the first GPU of ``--devices``, else the CPU."""
+    return torch.device("cuda:0" if resolve_hardware(trainer.devices).accelerator == "gpu" else "cpu")
+
+
+def run_pretraining(
+    cfg: TrainConfig, dry_run_only: bool = False, callbacks: Sequence[Callback] = ()
+) -> Path | LossTerms:
+    """Train a new model from scratch and write its checkpoint directory to ``cfg.output_dir``.
+
+    Returns
+    -------
+    Path or LossTerms
+        The checkpoint directory; the loss of the single batch with ``dry_run_only``.
+    """
+    output = Path(cfg.output_dir)
+    if not dry_run_only and (output / CONFIG_FILE).exists():
+        raise FileExistsError(f"{output} already holds a checkpoint; choose another output_dir")
+    require_training_files(cfg.data)
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    adatas = [read_anndata(path) for path in cfg.data.train_files]
+    checkpoint = new_checkpoint(cfg, adatas)
+    data = build_datamodule(checkpoint, cfg.data, cfg.trainer.seed, train_sources=adatas)
+    module = TranscriptFormerModule(checkpoint.model, cfg.optim, cfg.trainer.seed)
+    if dry_run_only:
+        return dry_run(module, data, first_device(cfg.trainer))
+    trainer = fit(module, data, cfg.trainer, run_dir_of(cfg.trainer, output), dataclasses.asdict(cfg), callbacks)
+    if trainer.is_global_zero:
+        save_checkpoint(
+            output, checkpoint.config, checkpoint.model, checkpoint.aux_vocabs, list(cfg.tokens.esm2_mappings)
+        )
+    return output
+
+
+def run_finetuning(
+    cfg: FinetuneConfig, dry_run_only: bool = False, overwrite: bool = False, callbacks: Sequence[Callback] = ()
+) -> Path | LossTerms:
+    """Train LoRA adapters on a checkpoint and save them to ``cfg.output_path``.
+
+    Returns
+    -------
+    Path or LossTerms
+        The adapter directory; the loss of the single batch with ``dry_run_only``.
+    """
+    output = Path(cfg.output_path)
+    if not dry_run_only and not overwrite and (output / lora.ADAPTER_WEIGHTS_FILE).exists():
+        raise FileExistsError(f"{output} already holds adapters; choose another output path")
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # the initial adapter weights
+    checkpoint = load_checkpoint(cfg.checkpoint_path, attention_backend=cfg.trainer.attention_backend)
+    data = build_datamodule(checkpoint, cfg.data, cfg.trainer.seed)
+    model = lora.add_lora_adapters(checkpoint.model, cfg.lora, base_checkpoint=str(checkpoint.path))
+    module = TranscriptFormerModule(model, cfg.optim, cfg.trainer.seed)
+    if dry_run_only:
+        return dry_run(module, data, first_device(cfg.trainer))
+    trainer = fit(module, data, cfg.trainer, run_dir_of(cfg.trainer, output), dataclasses.asdict(cfg), callbacks)
+    if trainer.is_global_zero:
+        lora.save_adapters(module.model.cpu(), output, overwrite=True)
+    return output
+
+
+def merge_adapters_into_checkpoint(
+    checkpoint_path: str | Path, adapter_path: str | Path, output_path: str | Path, overwrite: bool = False
+) -> Path:
+    """Fold saved adapters into their base checkpoint and write the result as a new checkpoint directory."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    merged = lora.load_adapters(checkpoint.model, adapter_path, merge=True)
+    vocab_dir = checkpoint.path / VOCAB_DIR
+    gene_files = [vocab_dir / name for name in checkpoint.config.data_config.esm2_mappings]
+    return save_checkpoint(output_path, checkpoint.config, merged, checkpoint.aux_vocabs, gene_files, overwrite)

@@ -1,0 +1,79 @@
+"""The training command lines, run as a user would: from the repository root, in a subprocess where it matters."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+import transcriptformer
+from transcriptformer.cli import main
+from transcriptformer.training.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_adapters
+
+REPO = Path(__file__).parent.parent
+REFERENCE = REPO / "test/data/reference_tiny"
+CELLS = REFERENCE / "input.h5ad"
+BASE = ["--checkpoint-path", str(REFERENCE), "--train-files", str(CELLS)]
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    cli = "import sys; from transcriptformer.cli import main; sys.exit(main())"
+    return subprocess.run([sys.executable, "-c", cli, *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cli_dry_run(tmp_path):
+    flags = "--batch-size 4 --lora-r 4 --devices cpu --dry-run --output-path adapters".split()
+    result = run_cli(["finetune", *BASE, *flags], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "forward and backward passed" in result.stdout
+    assert result.stdout.rstrip().endswith("Dry-run complete")
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_train_dry_run_from_hydra_config(tmp_path):
+    overrides = [
+        "model=tiny",
+        "output_dir=model",
+        f"data.train_files=[{CELLS}]",
+        f"tokens.esm2_mappings=[{REFERENCE / 'vocabs/mus_musculus_gene.h5'}]",
+        "trainer.devices=cpu",
+    ]
+    result = run_cli(["train", "--config", str(REPO / "conf/train.yaml"), "--dry-run", *overrides], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith("Dry-run complete")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_documented_reproduction_command_trains_loadable_adapters(tmp_path):
+    # The command of the documentation, word for word, with the reference checkpoint and its 64 real cells.
+    flags = "--epochs 1 --batch-size 4 --lora-r 4 --lora-alpha 16 --devices 0 --output-path adapters_epoch1.pt"
+    command = [sys.executable, str(REPO / "finetune_lora.py"), *BASE, *flags.split()]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    adapters = tmp_path / "adapters_epoch1.pt"
+    assert "adapters saved to adapters_epoch1.pt" in result.stdout
+    assert (adapters / ADAPTER_CONFIG_FILE).is_file()
+    weights = load_file(adapters / ADAPTER_WEIGHTS_FILE)
+    assert {tuple(w.shape) for k, w in weights.items() if "lora_A" in k} == {(4, 64), (4, 128)}
+    metrics = (adapters / "training_run" / "metrics.csv").read_text().splitlines()
+    assert metrics[-1].startswith(",0,15,")  # 64 cells / batch 4 = 16 steps; the last row is the epoch's mean
+    model = transcriptformer.load(REFERENCE, device="cpu")
+    assert load_adapters(model.model, adapters) is model.model  # merged into the loaded model
+
+    merged = tmp_path / "merged"
+    merge = ["merge-adapters", "--checkpoint-path", str(REFERENCE), "--adapter", str(adapters), "--output-path"]
+    assert main([*merge, str(merged)]) == 0
+    assert transcriptformer.load(merged, device="cpu").predict(CELLS, batch_size=32)["llh"].shape == (64,)
+    assert main(["finetune", *BASE, "--output-path", str(adapters)]) == 2  # adapters are never overwritten
+
+
+def test_finetune_reports_bad_input(tmp_path, capsys):
+    missing = ["--checkpoint-path", str(tmp_path / "missing"), "--train-files", str(CELLS), "--dry-run"]
+    assert main(["finetune", *missing]) == 2
+    assert "is not a TranscriptFormer checkpoint" in capsys.readouterr().err
+    assert main(["finetune", *BASE, "--devices", "cpu", "--precision", "16-mixed", "--output-path", "a"]) == 2
+    assert "16-mixed needs a GPU" in capsys.readouterr().err
+    assert main(["finetune", *BASE, "--lora-target-modules", "qkv", "--dry-run"]) == 2
+    assert "'qkv' matches no linear layer" in capsys.readouterr().err
+    assert main(["finetune", *BASE]) == 2
+    assert "--output-path is required" in capsys.readouterr().err
