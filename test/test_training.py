@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import transcriptformer
 from transcriptformer.checkpoint import load_checkpoint
+from transcriptformer.data.batching import batch_length
 from transcriptformer.data.tokenize import read_anndata
 from transcriptformer.model.likelihood import masked_mean
 from transcriptformer.training.config import (
@@ -93,7 +94,7 @@ def test_trimmed_batches_give_the_same_loss(reference_dir, cells):
     trimmed = collate_cells([CellDataset(cells, rows)[i] for i in range(len(rows))], cells.pad_token)
     n_genes = (full.gene_tokens != cells.pad_token).sum(1)
     assert (
-        trimmed.gene_tokens.shape == (8, int(n_genes.max()))
+        trimmed.gene_tokens.shape == (8, batch_length(int(n_genes.max()), cells.settings.seq_len))
         and trimmed.gene_tokens.shape[1] < full.gene_tokens.shape[1]
     )
     torch.testing.assert_close(trimmed.aux_tokens, full.aux_tokens)

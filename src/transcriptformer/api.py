@@ -20,12 +20,10 @@ from transcriptformer.checkpoint import Checkpoint, load_checkpoint
 from transcriptformer.data.batching import PlannedBatch, plan_batches
 from transcriptformer.data.sources import open_counts
 from transcriptformer.data.tokenize import CellTokenizer, TokenizedCells, TokenizerSettings
-from transcriptformer.model.attention import Backend, resolve_backend
+from transcriptformer.model.attention import Backend, preferred_length_multiple
 
 DEFAULT_OUTPUT_KEYS = ("embeddings", "llh", "gene_llh", "mu")
 PER_POSITION_KEYS = ("gene_llh", "mu", "cge", "gene_token_indices", "gene_counts")
-# Batch lengths are rounded up to this multiple on the flex backend, so compiled kernels see few shapes.
-FLEX_LENGTH_MULTIPLE = 128
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -191,7 +189,7 @@ class TranscriptFormerModel:
         self, cells: TokenizedCells, *, batch_size: int = 8, max_tokens: int | None = None
     ) -> list[PlannedBatch]:
         """The length-aware batches :meth:`iter_batches` runs ``cells`` in (see :func:`plan_batches`)."""
-        multiple = FLEX_LENGTH_MULTIPLE if resolve_backend(self.model.attention_backend, self.device) == "flex" else 1
+        multiple = preferred_length_multiple(self.model.attention_backend, self.device)
         return plan_batches(
             cells.n_tokens(), cells.settings.seq_len, batch_size=batch_size, max_tokens=max_tokens, multiple=multiple
         )
@@ -202,7 +200,10 @@ class TranscriptFormerModel:
 
 
 def load(
-    path: str | Path, device: str | torch.device | None = "auto", attention_backend: Backend = "auto"
+    path: str | Path,
+    device: str | torch.device | None = "auto",
+    attention_backend: Backend = "auto",
+    adapter: str | Path | None = None,
 ) -> TranscriptFormerModel:
     """Load a checkpoint directory for inference.
 
@@ -213,7 +214,9 @@ def load(
     device
         ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
     attention_backend
-        ``"auto"``, ``"flex"`` or ``"chunked"``.
+        ``"auto"``, ``"flex"``, ``"chunked"`` or ``"dense"``.
+    adapter
+        LoRA adapters (from ``transcriptformer finetune``) to merge into the weights.
     """
     device = resolve_device(device)
-    return TranscriptFormerModel(load_checkpoint(path, device, attention_backend), device)
+    return TranscriptFormerModel(load_checkpoint(path, device, attention_backend, adapter=adapter), device)

@@ -79,6 +79,7 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     attention_backend: Backend = "auto",
     config: TranscriptFormerConfig | None = None,
+    adapter: str | Path | None = None,
 ) -> Checkpoint:
     """Load a checkpoint directory; the weights must match the architecture exactly (strict).
 
@@ -93,6 +94,8 @@ def load_checkpoint(
     config
         Use this configuration instead of the directory's ``config.json`` (for example one with overridden
         fields); the weights must still match it.
+    adapter
+        A LoRA adapter directory (from ``transcriptformer finetune``) to merge into the weights.
     """
     path = Path(path)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -118,6 +121,10 @@ def load_checkpoint(
         attention_backend=attention_backend,
     )
     model.load_state_dict(state, strict=True)
+    if adapter is not None:
+        from transcriptformer.training.lora import load_adapters  # peft is imported only when adapters are used
+
+        model = load_adapters(model, adapter)
     model.to(device).eval()
     return Checkpoint(path=path, config=config, gene_vocab=gene_vocab, aux_vocabs=aux_vocabs, model=model)
 

@@ -25,15 +25,18 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anndata as ad
-import esm
 import h5py
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from transcriptformer.data.tokenize import gene_ids_from_var
+
+if TYPE_CHECKING:
+    import esm
 
 GENE_ID_RULES = {
     "ensembl": r"\bgene:(\S+)",  # Ensembl peptide FASTA: >ENSP... pep ... gene:ENSG00000139618.17 transcript:...
@@ -173,6 +176,8 @@ def load_esm2(path: str | Path) -> tuple[esm.ESM2, esm.Alphabet]:
     ``path`` may also be a model name (``esm2_t36_3B_UR50D``) already in the torch hub cache, where fair-esm
     stores the files it downloads.
     """
+    import esm  # fair-esm is needed by this command only
+
     path = Path(path)
     if not path.exists() and path.suffix != ".pt":
         path = Path(torch.hub.get_dir()) / "checkpoints" / f"{path.name}.pt"

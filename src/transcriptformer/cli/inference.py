@@ -138,6 +138,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="H5",
         help="gene-embedding file(s) replacing the model's table, for a species it was not trained on",
     )
+    model.add_argument(
+        "--adapter",
+        default=None,
+        metavar="DIR",
+        help="LoRA adapters from 'transcriptformer finetune', merged into the checkpoint's weights",
+    )
     model.add_argument("--batch-size", type=int, default=8, help="cells per forward pass (8)")
     model.add_argument(
         "--max-tokens-per-batch",
@@ -193,6 +199,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         obs_keys=args.obs_keys,
         precision=args.precision,
         pretrained_embedding=args.pretrained_embedding,
+        adapter=args.adapter,
         emb_type=args.emb_type,
         device=args.device,
         num_gpus=args.num_gpus,

@@ -122,8 +122,9 @@ def map_symbols_to_ensembl(ids: pd.Series, species: str | None = None) -> tuple[
     ids, mapping
         The mapped series (same index) and a report of what was mapped.
     """
-    values = ids.map(lambda g: None if g is None else str(g).strip())
-    is_candidate = values.map(lambda g: g is not None and not looks_like_ensembl_id(g)).astype(bool)
+    values = ids.map(lambda g: None if pd.isna(g) else str(g).strip())
+    # pandas may store the None of a mapped object column as NaN: test for strings, not for None.
+    is_candidate = values.map(lambda g: isinstance(g, str) and not looks_like_ensembl_id(g)).astype(bool)
     candidates = values[is_candidate]
     species = species or symbol_species(candidates)
     if species is None:

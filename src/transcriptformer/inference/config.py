@@ -62,6 +62,8 @@ class InferenceConfig:
         ``"32"``, ``"16-mixed"`` or ``"bf16-mixed"``; ``None`` picks ``16-mixed`` on CUDA and ``32`` elsewhere.
     pretrained_embedding : list of str
         Gene-embedding files that replace the model's own table (out-of-distribution species).
+    adapter : str or None
+        LoRA adapter directory merged into the weights.
     emb_type : str
         ``"cell"``, or ``"cge"`` to also write contextual gene embeddings (same as adding ``cge`` to
         ``output_keys``).
@@ -94,6 +96,7 @@ class InferenceConfig:
     obs_keys: list[str] = field(default_factory=lambda: [ALL_OBS_KEYS])
     precision: str | None = None
     pretrained_embedding: list[str] = field(default_factory=list)
+    adapter: str | None = None
     emb_type: str = "cell"
     device: str = "auto"
     num_gpus: int = 1

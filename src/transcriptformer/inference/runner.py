@@ -176,7 +176,11 @@ def prepare(config: RunConfig, device: torch.device) -> Session:
         raise ValueError("no input file: give one or more with --data-file")
     check_output_free(config)
     checkpoint = load_checkpoint(
-        config.model.checkpoint_path, device, inference.attention_backend, config=config.checkpoint_config
+        config.model.checkpoint_path,
+        device,
+        inference.attention_backend,
+        config=config.checkpoint_config,
+        adapter=inference.adapter,
     )
     if inference.pretrained_embedding:
         checkpoint = swap_gene_embeddings(checkpoint, inference.pretrained_embedding)
@@ -382,6 +386,8 @@ def run_metadata(session: Session, world_size: int) -> dict:
     }
     if session.config.inference.pretrained_embedding:
         metadata["pretrained_embedding"] = list(session.config.inference.pretrained_embedding)
+    if session.config.inference.adapter:
+        metadata["adapter"] = str(Path(session.config.inference.adapter).resolve())
     return metadata
 
 

@@ -35,6 +35,9 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 Backend = Literal["auto", "flex", "chunked", "dense"]
 BACKENDS = ("auto", "flex", "chunked", "dense")
 
+# Block size of flex attention's block masks.
+FLEX_BLOCK_SIZE = 128
+
 # Largest number of attention scores (batch x heads x query rows x keys) the chunked backend holds at once.
 DEFAULT_MAX_SCORE_ELEMENTS = 1 << 22
 
@@ -134,6 +137,15 @@ def resolve_backend(backend: Backend, device: torch.device) -> Literal["flex", "
     return backend
 
 
+def preferred_length_multiple(backend: Backend, device: torch.device) -> int:
+    """Multiple to round sequence lengths up to for ``backend`` on ``device``.
+
+    The block size for (compiled) flex attention, which then sees few distinct shapes and recompiles little;
+    1 (exact trimming) for the other backends.
+    """
+    return FLEX_BLOCK_SIZE if resolve_backend(backend, device) == "flex" else 1
+
+
 def build_attention_inputs(
     counts: Tensor,
     is_pad: Tensor,
@@ -142,7 +154,7 @@ def build_attention_inputs(
     cap: float,
     embed_mode: bool,
     backend: Literal["flex", "chunked", "dense"],
-    block_size: int = 128,
+    block_size: int = FLEX_BLOCK_SIZE,
 ) -> AttentionInputs:
     """Prepare the shared attention inputs of one forward pass.
 

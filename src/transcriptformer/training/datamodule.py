@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from transcriptformer.data.batching import batch_length
 from transcriptformer.data.tokenize import Batch, TokenizedCells
 
 # Batches per group of cells sorted by length in the training order.
@@ -49,18 +50,18 @@ class CellDataset(Dataset[Batch]):
 
     def lengths(self) -> np.ndarray:
         """Unpadded sequence length of each cell (without building the sequences)."""
-        seq_len = self.cells.settings.seq_len
-        if not self.cells.settings.pad_zeros:
-            return np.full(len(self.rows), seq_len)
-        expressed = (self.cells.counts[self.rows] > 0).getnnz(axis=1)
-        return np.minimum(expressed, seq_len)
+        return self.cells.n_tokens()[self.rows]
 
 
-def collate_cells(items: Sequence[Batch], pad_token: int) -> Batch:
-    """Stack one-cell batches and cut the trailing positions that are padding in every cell."""
+def collate_cells(items: Sequence[Batch], pad_token: int, length_multiple: int = 1) -> Batch:
+    """Stack one-cell batches and cut the trailing positions that are padding in every cell.
+
+    The length kept is :func:`~transcriptformer.data.batching.batch_length` of the longest cell, rounded up to
+    ``length_multiple`` (the attention backend's preference).
+    """
     tokens = torch.cat([item.gene_tokens for item in items])
-    used = torch.nonzero((tokens != pad_token).any(0))
-    length = int(used.max()) + 1 if used.numel() else 1
+    longest = int((tokens != pad_token).sum(1).max())
+    length = batch_length(longest, tokens.shape[1], length_multiple)
     return Batch(
         gene_tokens=tokens[:, :length],
         gene_counts=torch.cat([item.gene_counts for item in items])[:, :length],
@@ -193,6 +194,8 @@ class CellDataModule(L.LightningDataModule):
         Loader worker processes.
     seed
         Seed of the training order.
+    length_multiple
+        Batch lengths are rounded up to a multiple of this (see :func:`preferred_length_multiple`).
     """
 
     def __init__(
@@ -203,6 +206,7 @@ class CellDataModule(L.LightningDataModule):
         batch_size: int,
         num_workers: int = 0,
         seed: int = 0,
+        length_multiple: int = 1,
     ):
         super().__init__()
         self.train = train
@@ -210,7 +214,9 @@ class CellDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
-        self.collate: Callable[[Sequence[Batch]], Batch] = partial(collate_cells, pad_token=pad_token)
+        self.collate: Callable[[Sequence[Batch]], Batch] = partial(
+            collate_cells, pad_token=pad_token, length_multiple=length_multiple
+        )
 
     @property
     def has_validation(self) -> bool:

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from transcriptformer.api import TranscriptFormerModel
 from transcriptformer.checkpoint import CONFIG_FILE, VOCAB_DIR, Checkpoint, load_checkpoint, save_checkpoint
 from transcriptformer.data.tokenize import TokenizedCells, read_anndata
+from transcriptformer.model.attention import preferred_length_multiple
 from transcriptformer.training import lora
 from transcriptformer.training.config import DataSettings, FinetuneConfig, TrainConfig, TrainerSettings
 from transcriptformer.training.datamodule import CellDataModule, build_datasets
@@ -47,6 +48,7 @@ def build_datamodule(
     data: DataSettings,
     seed: int,
     train_sources: Sequence[str | Path | ad.AnnData] | None = None,
+    device: torch.device | None = None,
 ) -> CellDataModule:
     """Tokenized training (and validation) cells in a :class:`CellDataModule`.
 
@@ -60,12 +62,15 @@ def build_datamodule(
         Seed of the validation split and of the training order.
     train_sources
         Training cells already read (same order as ``data.train_files``); read from the files otherwise.
+    device
+        Where the model trains, which decides how batch lengths are rounded (the CPU by default).
     """
     require_training_files(data)
     train = tokenize_files(checkpoint, train_sources or data.train_files, data)
     val = tokenize_files(checkpoint, data.val_files, data)
     train_set, val_set = build_datasets(train, val, data.val_fraction, seed)
-    return CellDataModule(train_set, val_set, train[0].pad_token, data.batch_size, data.num_workers, seed)
+    multiple = preferred_length_multiple(checkpoint.model.attention_backend, device or torch.device("cpu"))
+    return CellDataModule(train_set, val_set, train[0].pad_token, data.batch_size, data.num_workers, seed, multiple)
 
 
 def require_training_files(data: DataSettings) -> None:
@@ -101,7 +106,7 @@ def run_pretraining(
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     adatas = [read_anndata(path) for path in cfg.data.train_files]
     checkpoint = new_checkpoint(cfg, adatas)
-    data = build_datamodule(checkpoint, cfg.data, cfg.trainer.seed, train_sources=adatas)
+    data = build_datamodule(checkpoint, cfg.data, cfg.trainer.seed, adatas, first_device(cfg.trainer))
     module = TranscriptFormerModule(checkpoint.model, cfg.optim, cfg.trainer.seed)
     if dry_run_only:
         return dry_run(module, data, first_device(cfg.trainer))
@@ -128,7 +133,7 @@ def run_finetuning(
         raise FileExistsError(f"{output} already holds adapters; choose another output path")
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # the initial adapter weights
     checkpoint = load_checkpoint(cfg.checkpoint_path, attention_backend=cfg.trainer.attention_backend)
-    data = build_datamodule(checkpoint, cfg.data, cfg.trainer.seed)
+    data = build_datamodule(checkpoint, cfg.data, cfg.trainer.seed, device=first_device(cfg.trainer))
     model = lora.add_lora_adapters(checkpoint.model, cfg.lora, base_checkpoint=str(checkpoint.path))
     module = TranscriptFormerModule(model, cfg.optim, cfg.trainer.seed)
     if dry_run_only:
