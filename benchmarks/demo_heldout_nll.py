@@ -10,7 +10,7 @@ r_g(j)`` with ``r_g`` gene g's mean count over the training cells that express i
 Example::
 
     python benchmarks/demo_heldout_nll.py
-    python benchmarks/demo_heldout_nll.py data.train_files=[path/to/mouse_brain_1k.h5ad]
+    python benchmarks/demo_heldout_nll.py data.train_files=[path/to/other_cells.h5ad]
 """
 
 import argparse
