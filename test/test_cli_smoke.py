@@ -1,9 +1,11 @@
 """The training command lines, run as a user would: from the repository root, in a subprocess where it matters."""
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 import transcriptformer
@@ -77,3 +79,16 @@ def test_finetune_reports_bad_input(tmp_path, capsys):
     assert "'qkv' matches no linear layer" in capsys.readouterr().err
     assert main(["finetune", *BASE]) == 2
     assert "--output-path is required" in capsys.readouterr().err
+
+
+def test_finetune_in_two_processes_with_ddp(tmp_path):
+    # The DDP code path of --devices N GPUs, run with two CPU processes (gloo): the cells are split between them.
+    flags = "--epochs 1 --batch-size 4 --lora-r 4 --devices cpu:2 --output-path adapters".split()
+    command = [sys.executable, "-m", "transcriptformer", "finetune", *BASE, *flags]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "adapters" / "training_run" / "metrics.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert (last["epoch"], last["step"]) == ("0", "7")  # 64 cells / 2 processes / batch 4 = 8 steps each
+    model = load_adapters(transcriptformer.load(REFERENCE, device="cpu").model, tmp_path / "adapters")
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -31,7 +31,7 @@ from transcriptformer.training.module import warmup_cosine
 from transcriptformer.training.objective import training_loss
 from transcriptformer.training.run import run_finetuning, run_pretraining
 from transcriptformer.training.scratch import aux_vocabs_from_obs, build_gene_table, new_checkpoint
-from transcriptformer.training.trainer import check_precision, resolve_hardware
+from transcriptformer.training.trainer import Hardware, check_precision, resolve_hardware
 
 REPO = Path(__file__).parent.parent
 GENE_TABLE = REPO / "test/data/reference_tiny/vocabs/mus_musculus_gene.h5"
@@ -127,8 +127,11 @@ def test_warmup_then_cosine_schedule():
 
 def test_hardware_and_precision_settings():
     assert resolve_hardware("cpu").accelerator == resolve_hardware("0").accelerator == "cpu"
-    with pytest.raises(ValueError, match="devices must be 'cpu', 'auto' or a number"):
+    assert resolve_hardware("cpu:2") == Hardware("cpu", 2, "ddp")
+    with pytest.raises(ValueError, match="devices must be 'cpu', 'cpu:N', 'auto' or a number"):
         resolve_hardware("gpu0")
+    with pytest.raises(ValueError, match="'cpu:N' needs a number of processes N >= 1"):
+        resolve_hardware("cpu:0")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="GPU\\(s\\) asked for"):
             resolve_hardware("2")

@@ -102,7 +102,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument(
         "--devices",
         default=trainer.devices,
-        help="cpu or 0: CPU; N: N GPUs (DDP when N > 1); auto: every GPU, else CPU (default: auto)",
+        help="cpu or 0: CPU; cpu:N: N CPU processes (DDP over gloo); N: N GPUs (DDP when N > 1); "
+        "auto: every GPU, else CPU (default: auto)",
     )
     run_group.add_argument("--num-nodes", type=int, default=1, help="machines for multi-node DDP (default: 1)")
     run_group.add_argument("--precision", choices=PRECISIONS, default="32", help="numeric precision (default: 32)")

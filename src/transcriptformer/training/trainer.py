@@ -1,6 +1,6 @@
 """Lightning's Trainer set up from :class:`TrainerSettings`: devices, precision, logging, checkpoints, resume.
 
-``devices``: ``"cpu"`` or ``"0"`` trains on the CPU, ``"N"`` on N GPUs (DDP when N > 1; several machines
+``devices``: ``"cpu"`` or ``"0"`` trains on the CPU (``"cpu:N"``: N CPU processes with DDP), ``"N"`` on N GPUs (DDP when N > 1; several machines
 with ``num_nodes`` and Lightning's cluster environment variables), ``"auto"`` on every GPU when there is one.
 """
 
@@ -45,12 +45,15 @@ def resolve_hardware(devices: str, num_nodes: int = 1) -> Hardware:
     value = devices.strip().lower()
     if value == "auto":
         value = str(torch.cuda.device_count()) if torch.cuda.is_available() else "cpu"
-    if value in ("cpu", "0"):
+    if value in ("cpu", "0") or value.startswith("cpu:"):
         if num_nodes > 1:
             raise ValueError("training on several nodes needs GPUs: pass --devices N with N >= 1")
-        return Hardware("cpu", 1, "auto")
+        processes = value.removeprefix("cpu:") if value.startswith("cpu:") else "1"
+        if not processes.isdigit() or int(processes) < 1:
+            raise ValueError(f"devices 'cpu:N' needs a number of processes N >= 1, got {devices!r}")
+        return Hardware("cpu", int(processes), "ddp" if int(processes) > 1 else "auto")
     if not value.isdigit():
-        raise ValueError(f"devices must be 'cpu', 'auto' or a number of GPUs (0 = CPU), got {devices!r}")
+        raise ValueError(f"devices must be 'cpu', 'cpu:N', 'auto' or a number of GPUs (0 = CPU), got {devices!r}")
     count = int(value)
     available = torch.cuda.device_count()
     if count > available:
