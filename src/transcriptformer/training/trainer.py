@@ -1,7 +1,8 @@
 """Lightning's Trainer set up from :class:`TrainerSettings`: devices, precision, logging, checkpoints, resume.
 
-``devices``: ``"cpu"`` or ``"0"`` trains on the CPU (``"cpu:N"``: N CPU processes with DDP), ``"N"`` on N GPUs (DDP when N > 1; several machines
-with ``num_nodes`` and Lightning's cluster environment variables), ``"auto"`` on every GPU when there is one.
+``devices``: ``"cpu"`` or ``"0"`` trains on the CPU (``"cpu:N"``: N CPU processes with DDP), ``"N"`` on N GPUs
+(DDP when N > 1; several machines with ``num_nodes`` and Lightning's cluster environment variables), ``"auto"`` on
+every GPU when there is one.
 """
 
 from __future__ import annotations
