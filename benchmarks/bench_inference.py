@@ -18,14 +18,13 @@ import time
 from pathlib import Path
 
 import anndata as ad
-import h5py
 import numpy as np
 import torch
 
 import transcriptformer
 from transcriptformer.checkpoint import save_checkpoint
 from transcriptformer.config import DataConfig, LossConfig, ModelConfig, TranscriptFormerConfig
-from transcriptformer.data.vocab import GeneVocab
+from transcriptformer.data.vocab import GeneVocab, write_embedding_table
 from transcriptformer.model.transcriptformer import SpecialTokens, TranscriptFormer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,11 +49,7 @@ def build_checkpoint(size: str, gene_ids: list[str], directory: Path, seq_len: i
         gene_ids = gene_ids + [f"ENSGFILL{i:011d}" for i in range(SAPIENS_VOCAB - len(gene_ids))]
     table_file = directory / "homo_sapiens_gene.h5"
     rng = np.random.default_rng(0)
-    with h5py.File(table_file, "w") as f:
-        f["keys"] = np.array(gene_ids, dtype="S")
-        arrays = f.create_group("arrays")
-        for gene in gene_ids:
-            arrays[gene] = rng.standard_normal(esm_dim, dtype=np.float32)
+    write_embedding_table(table_file, {gene: rng.standard_normal(esm_dim, dtype=np.float32) for gene in gene_ids})
     config = TranscriptFormerConfig(
         data_config=DataConfig(aux_cols=[], esm2_mappings=[table_file.name]),
         model_config=ModelConfig(seq_len=seq_len, **shape),

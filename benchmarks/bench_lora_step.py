@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 
 import anndata as ad
-import h5py
 import numpy as np
 import torch
 
 from transcriptformer.api import TranscriptFormerModel
 from transcriptformer.checkpoint import Checkpoint, load_checkpoint
 from transcriptformer.data.tokenize import Batch, TokenizedCells, read_anndata
+from transcriptformer.data.vocab import write_embedding_table
 from transcriptformer.training.config import LoraSettings, compose_train_config
 from transcriptformer.training.datamodule import CellDataset, collate_cells
 from transcriptformer.training.lora import add_lora_adapters
@@ -68,11 +68,7 @@ def mid_case(cells_path: Path, workdir: Path) -> tuple[Checkpoint, Batch]:
     gene_ids = list(dict.fromkeys(adata.var["ensembl_id"].astype(str)))
     table_file = workdir / "homo_sapiens_gene.h5"
     rng = np.random.default_rng(0)
-    with h5py.File(table_file, "w") as f:
-        f["keys"] = np.array(gene_ids, dtype="S")
-        arrays = f.create_group("arrays")
-        for gene in gene_ids:
-            arrays[gene] = rng.standard_normal(ESM_WIDTH, dtype=np.float32)
+    write_embedding_table(table_file, {gene: rng.standard_normal(ESM_WIDTH, dtype=np.float32) for gene in gene_ids})
     overrides = ["model=mid", f"tokens.esm2_mappings=[{table_file}]", f"output_dir={workdir / 'mid'}"]
     checkpoint = new_checkpoint(compose_train_config(REPO / "conf" / "train.yaml", overrides), [adata])
     return checkpoint, longest_cells_batch(tokenize(checkpoint, adata))

@@ -1,7 +1,6 @@
 """Gene-embedding swaps for out-of-distribution species (SPEC section 7), on real mouse and human cells."""
 
 import anndata as ad
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -10,6 +9,7 @@ import transcriptformer
 from conftest import DATA_DIR
 from transcriptformer.checkpoint import load_checkpoint
 from transcriptformer.cli import main
+from transcriptformer.data.vocab import write_embedding_table
 from transcriptformer.ood import swap_gene_embeddings
 
 OUTPUTS = ("embeddings", "llh", "gene_llh", "mu", "cge")
@@ -18,11 +18,7 @@ HUMAN_PBMC = DATA_DIR / "pbmc_40cells.h5ad"
 
 def write_table(path, gene_ids, rows):
     """A gene-embedding file in the published layout: dataset ``keys``, group ``arrays``."""
-    with h5py.File(path, "w") as f:
-        f.create_dataset("keys", data=np.array(gene_ids, dtype="S"))
-        arrays = f.create_group("arrays")
-        for gene, row in zip(gene_ids, rows, strict=True):
-            arrays.create_dataset(gene, data=row)
+    write_embedding_table(path, dict(zip(gene_ids, rows, strict=True)))
     return path
 
 

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import os
 import pickle
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -28,12 +26,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anndata as ad
-import h5py
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from transcriptformer.data.tokenize import gene_ids_from_var
+from transcriptformer.data.vocab import write_embedding_table
 
 if TYPE_CHECKING:
     import esm
@@ -257,26 +255,6 @@ def embed_proteins(
         for row, gene in enumerate(batch):
             vectors[gene] = hidden[row, 1 : lengths[gene] - 1].mean(0).numpy()
     return {gene: vectors[gene] for gene in sequences}
-
-
-def write_embedding_table(path: str | Path, vectors: Mapping[str, np.ndarray]) -> None:
-    """Write a gene-embedding file (dataset ``keys``, group ``arrays``), atomically."""
-    bad = [gene for gene in vectors if "/" in gene or gene in (".", "")]
-    if bad:
-        raise ValueError(f"gene ids cannot be HDF5 names: {bad[:5]} (they contain '/' or are empty)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(handle)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("keys", data=np.array(list(vectors), dtype="S"))
-            arrays = f.create_group("arrays")
-            for gene, vector in vectors.items():
-                arrays.create_dataset(gene, data=np.asarray(vector, dtype=np.float32))
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def dataset_coverage(data: str | Path, gene_col_name: str, genes: Mapping[str, object]) -> tuple[int, int]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +91,26 @@ def read_embedding_table(path: str | Path, gene_ids: Sequence[str] | None = None
         ids = list(gene_ids) if gene_ids is not None else _decode(f["keys"][:])
         rows = [np.asarray(f["arrays"][g], dtype=np.float32) for g in ids]
     return ids, np.stack(rows) if rows else np.zeros((0, 0), np.float32)
+
+
+def write_embedding_table(path: str | Path, vectors: Mapping[str, np.ndarray]) -> None:
+    """Write a gene-embedding file (dataset ``keys``, group ``arrays``), atomically."""
+    bad = [gene for gene in vectors if "/" in gene or gene in (".", "")]
+    if bad:
+        raise ValueError(f"gene ids cannot be HDF5 names: {bad[:5]} (they contain '/' or are empty)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("keys", data=np.array(list(vectors), dtype="S"))
+            arrays = f.create_group("arrays")
+            for gene, vector in vectors.items():
+                arrays.create_dataset(gene, data=np.asarray(vector, dtype=np.float32))
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _decode(keys: np.ndarray) -> list[str]:
