@@ -2,12 +2,15 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
+import transcriptformer
 from transcriptformer.model.attention import (
     AttentionInputs,
+    BlockMaskCache,
     build_attention_inputs,
     chunked_attend,
     count_bias_score_mod,
@@ -119,3 +122,29 @@ def test_query_without_visible_key_outputs_zeros():
         out = flex_attend(q, k, v, inputs) if backend == "flex" else chunked_attend(q, k, v, inputs)
         assert torch.equal(out[0, 0, 0], torch.zeros(8)), backend
         assert torch.isfinite(out).all(), backend
+
+
+def test_block_masks_of_seen_padding_patterns_are_reused():
+    cache = BlockMaskCache(max_entries=2)
+    _, first = dummy_inputs(3, 200, seed=1)
+    _, second = dummy_inputs(3, 200, seed=2)
+    mask = cache.get(first, 128)
+    assert cache.get(first.clone(), 128) is mask  # same pattern, another tensor: reused
+    other = cache.get(second, 128)
+    assert other is not mask and len(cache) == 2
+    expected = create_block_mask(padding_mask_mod(second), 3, None, 200, 200, device="cpu")
+    assert torch.equal(other.to_dense(), expected.to_dense())
+    cache.get(torch.zeros(3, 200, dtype=torch.bool), 128)  # a third pattern evicts the least recently used
+    assert len(cache) == 2 and cache.get(first, 128) is not mask
+
+
+def test_forward_passes_share_cached_block_masks(reference_dir, reference_input, expected):
+    model = transcriptformer.load(reference_dir, device="cpu", attention_backend="flex")
+    cells = model.tokenize(reference_input)
+    first = model.predict(cells, batch_size=16)
+    masks_after_first = len(model.model.block_masks)
+    second = model.predict(cells, batch_size=16)
+    assert masks_after_first == 4 and len(model.model.block_masks) == 4  # 4 batches, their masks reused
+    for key in ("embeddings", "llh", "gene_llh", "mu"):
+        np.testing.assert_array_equal(second[key], first[key])
+        np.testing.assert_allclose(second[key], expected[key], rtol=1e-4, atol=1e-4 * np.abs(expected[key]).max())

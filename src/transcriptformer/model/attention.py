@@ -9,7 +9,8 @@ The attention score of query ``q`` and key ``kv`` is (SPEC section 5)::
 where ``bias = log1p(count + eps)`` of the (shifted) input sequence. Two backends compute exactly this:
 
 * ``"flex"``: :func:`torch.nn.attention.flex_attention.flex_attention` with a :class:`BlockMask`, compiled on
-  CUDA. The block mask is built once per forward and shared by all layers.
+  CUDA. The block mask is built once per forward and shared by all layers, and a model keeps the masks of
+  recent padding patterns (:class:`BlockMaskCache`) to reuse them in later batches.
 * ``"chunked"``: plain tensor math over blocks of query rows, so that no more than ``max_score_elements``
   scores exist at a time. It needs no ``torch.compile`` and is the default on CPU.
 * ``"dense"``: the same math on the whole score matrix at once (the straightforward reference; memory grows
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -137,6 +139,42 @@ def resolve_backend(backend: Backend, device: torch.device) -> Literal["flex", "
     return backend
 
 
+class BlockMaskCache:
+    """The flex block masks of recently seen padding patterns, reused instead of rebuilt.
+
+    A block mask depends only on which positions are padding. Length-aware batching gives the many cells longer
+    than the sequence length identical all-valid patterns, so their batches share one block mask.
+
+    Parameters
+    ----------
+    max_entries : int
+        Patterns kept (least recently used first out); 0 builds every mask anew.
+    """
+
+    def __init__(self, max_entries: int = 16):
+        self.max_entries = max_entries
+        self._masks: OrderedDict[tuple, BlockMask] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def get(self, is_pad: Tensor, block_size: int) -> BlockMask:
+        """The block mask of the ``(B, N)`` padding pattern ``is_pad`` (causal, padded keys hidden)."""
+        batch, length = is_pad.shape
+        key = (str(is_pad.device), batch, length, block_size, is_pad.cpu().numpy().tobytes())
+        if key in self._masks:
+            self._masks.move_to_end(key)
+            return self._masks[key]
+        mask = create_block_mask(
+            padding_mask_mod(is_pad), batch, None, length, length, device=is_pad.device, BLOCK_SIZE=block_size
+        )
+        if self.max_entries > 0:
+            self._masks[key] = mask
+            while len(self._masks) > self.max_entries:
+                self._masks.popitem(last=False)
+        return mask
+
+
 def preferred_length_multiple(backend: Backend, device: torch.device) -> int:
     """Multiple to round sequence lengths up to for ``backend`` on ``device``.
 
@@ -155,6 +193,7 @@ def build_attention_inputs(
     embed_mode: bool,
     backend: Literal["flex", "chunked", "dense"],
     block_size: int = FLEX_BLOCK_SIZE,
+    block_masks: BlockMaskCache | None = None,
 ) -> AttentionInputs:
     """Prepare the shared attention inputs of one forward pass.
 
@@ -164,15 +203,15 @@ def build_attention_inputs(
         ``(B, N)`` counts of the input sequence (aux positions count 1).
     is_pad : Tensor
         ``(B, N)`` True where the input position is padding.
+    block_masks : BlockMaskCache, optional
+        Where the flex backend finds block masks of padding patterns it has seen.
     """
     inputs = AttentionInputs(torch.log1p(counts + eps), is_pad, cap, embed_mode)
     if backend == "dense":
         inputs.max_score_elements = None
     if backend == "flex":
-        batch, length = is_pad.shape
-        inputs.block_mask = create_block_mask(
-            padding_mask_mod(is_pad), batch, None, length, length, device=is_pad.device, BLOCK_SIZE=block_size
-        )
+        cache = block_masks if block_masks is not None else BlockMaskCache(max_entries=0)
+        inputs.block_mask = cache.get(is_pad, block_size)
     return inputs
 
 

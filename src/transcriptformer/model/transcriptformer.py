@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from transcriptformer.config import LossConfig, ModelConfig
-from transcriptformer.model.attention import Backend, build_attention_inputs, resolve_backend
+from transcriptformer.model.attention import Backend, BlockMaskCache, build_attention_inputs, resolve_backend
 from transcriptformer.model.layers import MLP, CountHead, GeneEmbedding, TransformerEncoder
 from transcriptformer.model.likelihood import (
     gene_cross_entropy,
@@ -94,6 +94,7 @@ class TranscriptFormer(nn.Module):
         self.loss_config = loss_config
         self.special_tokens = special_tokens
         self.attention_backend = attention_backend
+        self.block_masks = BlockMaskCache()
         vocab_size, embed_dim = gene_table.shape[0], cfg.embed_dim
 
         self.gene_embeddings = GeneEmbedding(gene_table, embed_dim, cfg.dropout)
@@ -170,6 +171,7 @@ class TranscriptFormer(nn.Module):
             embed_mode=embed_mode,
             backend=resolve_backend(self.attention_backend, x.device),
             block_size=cfg.block_len,
+            block_masks=self.block_masks,
         )
         hidden = self.transformer_encoder(x, attention)[:, x.shape[1] - gene_tokens.shape[1] :]  # (B, L, E)
 
