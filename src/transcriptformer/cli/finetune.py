@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lightning.pytorch.utilities import rank_zero_only
-
 from transcriptformer.training.config import (
     PRECISIONS,
     TARGET_ALIASES,
@@ -199,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print_dry_run(result)
     else:
+        from lightning.pytorch.utilities import rank_zero_only  # imported by the run already
+
         if rank_zero_only.rank == 0:  # under DDP, every process returns here
             print(f"adapters saved to {result}")
     return 0

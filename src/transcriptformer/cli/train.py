@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 
-from lightning.pytorch.utilities import rank_zero_only
-
 from transcriptformer.cli.finetune import USER_ERRORS, print_dry_run, report_user_error
 
 
@@ -63,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print_dry_run(result)
     else:
+        from lightning.pytorch.utilities import rank_zero_only  # imported by the run already
+
         if rank_zero_only.rank == 0:  # under DDP, every process returns here
             print(f"checkpoint saved to {result}")
     return 0
