@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from transcriptformer.cli.inference import USE_RAW
 from transcriptformer.training.config import (
     PRECISIONS,
     TARGET_ALIASES,
@@ -50,7 +51,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--gene-col-name", default=None, help="var column with gene ids (default: the checkpoint's)")
     io.add_argument(
         "--use-raw",
-        choices=("auto", "true", "false"),
+        choices=list(USE_RAW),
         default="auto",
         help="read counts from adata.raw: auto (when present), true, or false (adata.X)",
     )
@@ -132,7 +133,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     """The :class:`FinetuneConfig` the flags describe."""
-    use_raw = {"auto": None, "true": True, "false": False}[args.use_raw]
+    use_raw = USE_RAW[args.use_raw]
     return FinetuneConfig(
         checkpoint_path=args.checkpoint_path,
         output_path=args.output_path or "",

@@ -16,6 +16,7 @@ A cell's outputs depend on the cell alone: not on its batch mates, the batch siz
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -129,6 +130,11 @@ class Session:
     def output_file(self) -> Path:
         """Where the merged ``.h5ad`` goes."""
         return output_file_of(self.config)
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        """SHA-256 of the checkpoint's weights file, read once per run (it is large)."""
+        return sha256_of(Path(self.config.model.checkpoint_path) / WEIGHTS_FILE)
 
     @property
     def parts_dir(self) -> Path:
@@ -322,8 +328,9 @@ def run_fingerprint(session: Session) -> str:
     for key in RESUMABLE_CHANGES:
         settings["model"]["inference_config"].pop(key)
     inputs = [(str(f.path.resolve()), f.path.stat().st_size, f.path.stat().st_mtime_ns) for f in session.files]
-    weights = sha256_of(Path(session.config.model.checkpoint_path) / WEIGHTS_FILE)
-    described = json.dumps({"settings": settings, "inputs": inputs, "weights": weights}, sort_keys=True, default=str)
+    described = json.dumps(
+        {"settings": settings, "inputs": inputs, "weights": session.weights_sha256}, sort_keys=True, default=str
+    )
     return hashlib.sha256(described.encode()).hexdigest()
 
 
@@ -374,7 +381,7 @@ def run_metadata(session: Session, world_size: int) -> dict:
         "torch_version": str(torch.__version__),
         "anndata_version": importlib.metadata.version("anndata"),
         "checkpoint_path": str(checkpoint),
-        "weights_sha256": sha256_of(checkpoint / WEIGHTS_FILE),
+        "weights_sha256": session.weights_sha256,
         "model_type": session.config.model.model_type,
         "device": session.model.device.type,
         "processes": world_size,
