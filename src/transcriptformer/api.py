@@ -18,7 +18,6 @@ import torch
 
 from transcriptformer.checkpoint import Checkpoint, load_checkpoint
 from transcriptformer.data.batching import PlannedBatch, plan_batches
-from transcriptformer.data.sources import open_counts
 from transcriptformer.data.tokenize import CellTokenizer, TokenizedCells, TokenizerSettings
 from transcriptformer.model.attention import Backend, preferred_length_multiple
 
@@ -80,8 +79,7 @@ class TranscriptFormerModel:
             filter_to_vocab=filter_to_vocab,
             remove_duplicate_genes=remove_duplicate_genes,
         )
-        with open_counts(data, use_raw) as reader:
-            return tokenizer.prepare(reader).cells()
+        return tokenizer.tokenize(data, use_raw)
 
     def cell_tokenizer(
         self,

@@ -292,6 +292,14 @@ class CellTokenizer:
     pad_token: str = "[PAD]"
     aux_unknown_token: str = "unknown"
 
+    def tokenize(self, data: ad.AnnData | str | Path, use_raw: bool | None = None) -> TokenizedCells:
+        """Every cell of an AnnData (or of a ``.h5ad``, ``.zarr`` or 10x ``.h5`` file) at once.
+
+        ``use_raw``: ``None`` uses ``raw`` when present; ``True`` requires it; ``False`` uses ``X``.
+        """
+        with open_counts(data, use_raw) as reader:
+            return self.prepare(reader).cells()
+
     def prepare(self, reader: CountReader) -> PreparedCells:
         """Select the reader's genes and read its aux columns; counts are read later, in row blocks."""
         selection = select_genes(
@@ -360,6 +368,4 @@ def tokenize_anndata(
         ``gene_col_name``, ``filter_to_vocab``, ``remove_duplicate_genes``, ``pad_token``,
         ``aux_unknown_token`` (see :class:`CellTokenizer`).
     """
-    tokenizer = CellTokenizer(gene_vocab, aux_vocabs, settings, **tokenizer_options)
-    with open_counts(data, use_raw) as reader:
-        return tokenizer.prepare(reader).cells()
+    return CellTokenizer(gene_vocab, aux_vocabs, settings, **tokenizer_options).tokenize(data, use_raw)
