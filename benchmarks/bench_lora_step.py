@@ -31,9 +31,9 @@ from transcriptformer.api import TranscriptFormerModel
 from transcriptformer.checkpoint import Checkpoint, load_checkpoint
 from transcriptformer.data.tokenize import Batch, TokenizedCells, read_anndata
 from transcriptformer.data.vocab import write_embedding_table
+from transcriptformer.model.lora import add_lora_adapters
 from transcriptformer.training.config import LoraSettings, compose_train_config
 from transcriptformer.training.datamodule import CellDataset, collate_cells
-from transcriptformer.training.lora import add_lora_adapters
 from transcriptformer.training.module import parameter_groups
 from transcriptformer.training.objective import training_loss
 from transcriptformer.training.scratch import new_checkpoint
@@ -53,7 +53,7 @@ def longest_cells_batch(cells: TokenizedCells, n: int = 4) -> Batch:
     """The ``n`` cells with the most genes, batched as training batches them."""
     rows = np.argsort(-(cells.counts > 0).getnnz(axis=1), kind="stable")[:n]
     dataset = CellDataset(cells, rows)
-    return collate_cells([dataset[i] for i in range(len(rows))], cells.pad_token)
+    return collate_cells([dataset[i] for i in range(len(rows))], cells.pad_index)
 
 
 def fixture_case() -> tuple[Checkpoint, Batch]:
@@ -69,7 +69,7 @@ def mid_case(cells_path: Path, workdir: Path) -> tuple[Checkpoint, Batch]:
     table_file = workdir / "homo_sapiens_gene.h5"
     rng = np.random.default_rng(0)
     write_embedding_table(table_file, {gene: rng.standard_normal(ESM_WIDTH, dtype=np.float32) for gene in gene_ids})
-    overrides = ["model=mid", f"tokens.esm2_mappings=[{table_file}]", f"output_dir={workdir / 'mid'}"]
+    overrides = ["model_config=mid", f"data_config.esm2_mappings=[{table_file}]", f"output_dir={workdir / 'mid'}"]
     checkpoint = new_checkpoint(compose_train_config(REPO / "conf" / "train.yaml", overrides), [adata])
     return checkpoint, longest_cells_batch(tokenize(checkpoint, adata))
 

@@ -10,6 +10,8 @@ import transcriptformer
 DATA_DIR = Path(__file__).parent / "data"
 REFERENCE_DIR = DATA_DIR / "reference_tiny"
 REFERENCE_INPUT = REFERENCE_DIR / "input.h5ad"
+# The outputs that the original implementation computed for the reference cells (expected.npz).
+PARITY_OUTPUTS = ("embeddings", "llh", "gene_llh", "mu")
 
 
 @pytest.fixture(scope="session")

@@ -30,5 +30,5 @@ def test_bad_arguments(reference_model, reference_input, reference_dir):
     with pytest.raises(FileNotFoundError, match="not a TranscriptFormer checkpoint"):
         transcriptformer.load(reference_dir / "vocabs", device="cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="sees no CUDA GPU"):
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
             transcriptformer.load(reference_dir, device="cuda")

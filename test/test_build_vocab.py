@@ -10,9 +10,7 @@ import torch
 
 from transcriptformer.checkpoint import load_checkpoint
 from transcriptformer.cli import main
-from transcriptformer.data.tokenize import TokenizerSettings, tokenize_anndata
-from transcriptformer.data.vocab import build_gene_vocab, read_embedding_table
-from transcriptformer.esm_vocab import (
+from transcriptformer.data.esm_vocab import (
     batches_by_tokens,
     build_vocab,
     clean_sequence,
@@ -20,7 +18,7 @@ from transcriptformer.esm_vocab import (
     load_esm2,
     longest_isoforms,
 )
-from transcriptformer.ood import swap_gene_embeddings
+from transcriptformer.data.vocab import build_gene_vocab, read_embedding_table
 
 REFERENCE = Path(__file__).parent / "data" / "reference_tiny"
 LAYERS, WIDTH = 2, 32  # the reference checkpoint's ESM width is 32, so the table can be swapped into it
@@ -155,11 +153,9 @@ def test_build_vocab_writes_mean_embeddings_of_the_longest_isoform(tmp_path, fas
 def test_new_table_runs_in_a_model(tmp_path, fasta, esm_file, genes):
     out = tmp_path / "tiny_species_gene.h5"
     build_vocab(fasta, esm_file[0], out, layer=LAYERS, progress=False)
-    checkpoint = swap_gene_embeddings(load_checkpoint(REFERENCE), [out])
+    checkpoint = load_checkpoint(REFERENCE).with_gene_embeddings([out])
     assert checkpoint.gene_vocab.gene_ids == genes
-    cells = tokenize_anndata(
-        REFERENCE / "input.h5ad", checkpoint.gene_vocab, checkpoint.aux_vocabs, TokenizerSettings(seq_len=127)
-    )
+    cells = checkpoint.tokenizer().tokenize(REFERENCE / "input.h5ad")
     assert list(cells.gene_ids) == genes
     batch = cells.batch(np.arange(len(cells)))
     outputs = checkpoint.model.predict(batch.gene_tokens, batch.gene_counts, batch.aux_tokens, ["embeddings", "mu"])

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import transcriptformer
 from transcriptformer.cli import main
-from transcriptformer.training.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_adapters
+from transcriptformer.model.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_adapters
 
 REPO = Path(__file__).parent.parent
 REFERENCE = REPO / "test/data/reference_tiny"
@@ -34,10 +34,10 @@ def test_cli_dry_run(tmp_path):
 
 def test_train_dry_run_from_hydra_config(tmp_path):
     overrides = [
-        "model=tiny",
+        "model_config=tiny",
         "output_dir=model",
         f"data.train_files=[{CELLS}]",
-        f"tokens.esm2_mappings=[{REFERENCE / 'vocabs/mus_musculus_gene.h5'}]",
+        f"data_config.esm2_mappings=[{REFERENCE / 'vocabs/mus_musculus_gene.h5'}]",
         "trainer.devices=cpu",
     ]
     result = run_cli(["train", "--config", str(REPO / "conf/train.yaml"), "--dry-run", *overrides], cwd=tmp_path)
@@ -65,19 +65,21 @@ def test_documented_reproduction_command_trains_loadable_adapters(tmp_path):
     merged = tmp_path / "merged"
     merge = ["merge-adapters", "--checkpoint-path", str(REFERENCE), "--adapter", str(adapters), "--output-path"]
     assert main([*merge, str(merged)]) == 0
-    assert transcriptformer.load(merged, device="cpu").predict(CELLS, batch_size=32)["llh"].shape == (64,)
-    assert main(["finetune", *BASE, "--output-path", str(adapters)]) == 2  # adapters are never overwritten
+    assert transcriptformer.load(merged, device="cpu").predict(CELLS, batch_size=32, output_keys=["llh"])[
+        "llh"
+    ].shape == (64,)
+    assert main(["finetune", *BASE, "--output-path", str(adapters)]) == 1  # adapters are never overwritten
 
 
 def test_finetune_reports_bad_input(tmp_path, capsys):
     missing = ["--checkpoint-path", str(tmp_path / "missing"), "--train-files", str(CELLS), "--dry-run"]
-    assert main(["finetune", *missing]) == 2
+    assert main(["finetune", *missing]) == 1
     assert "is not a TranscriptFormer checkpoint" in capsys.readouterr().err
-    assert main(["finetune", *BASE, "--devices", "cpu", "--precision", "16-mixed", "--output-path", "a"]) == 2
+    assert main(["finetune", *BASE, "--devices", "cpu", "--precision", "16-mixed", "--output-path", "a"]) == 1
     assert "16-mixed needs a GPU" in capsys.readouterr().err
-    assert main(["finetune", *BASE, "--lora-target-modules", "qkv", "--dry-run"]) == 2
+    assert main(["finetune", *BASE, "--lora-target-modules", "qkv", "--dry-run"]) == 1
     assert "'qkv' matches no linear layer" in capsys.readouterr().err
-    assert main(["finetune", *BASE]) == 2
+    assert main(["finetune", *BASE]) == 1
     assert "--output-path is required" in capsys.readouterr().err
 
 

@@ -6,13 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from transcriptformer.config import DataConfig
 from transcriptformer.data.gene_symbols import (
     load_symbol_table,
     looks_like_ensembl_id,
     map_symbols_to_ensembl,
     symbol_index,
 )
-from transcriptformer.data.tokenize import TokenizerSettings, gene_ids_from_var, tokenize_anndata
+from transcriptformer.data.tokenize import CellTokenizer, gene_ids_from_var
 from transcriptformer.data.vocab import GeneVocab, build_gene_vocab
 
 DATA = Path(__file__).parent / "data"
@@ -114,15 +115,14 @@ def test_gene_ids_from_var_reports_the_mapping(caplog):
 
 def test_tokenizing_by_symbol_matches_tokenizing_by_id():
     vocab = build_gene_vocab(SPECIAL, [DATA / "reference_tiny" / "vocabs" / "mus_musculus_gene.h5"])
-    settings = TokenizerSettings(seq_len=127)
     adata = ad.read_h5ad(MOUSE)
     with pytest.warns(UserWarning, match="gene symbols in var\\['gene_name'\\]"):
-        by_symbol = tokenize_anndata(adata, vocab, {}, settings, gene_col_name="gene_name")
+        by_symbol = CellTokenizer(vocab, {}, DataConfig(gene_col_name="gene_name"), seq_len=127).tokenize(adata)
     # The same cells with the ids of the unmappable symbols removed must tokenize identically.
     unknown = ~adata.var["gene_name"].isin(symbol_index("mus_musculus")[0].keys())
     by_id_data = adata.copy()
     by_id_data.var["ensembl_id"] = by_id_data.var["ensembl_id"].astype(object).where(~unknown, None)
-    by_id = tokenize_anndata(by_id_data, vocab, {}, settings, gene_col_name="ensembl_id")
+    by_id = CellTokenizer(vocab, {}, DataConfig(gene_col_name="ensembl_id"), seq_len=127).tokenize(by_id_data)
     np.testing.assert_array_equal(by_symbol.gene_ids, by_id.gene_ids)
     rows = np.arange(len(adata))
     a, b = by_symbol.batch(rows), by_id.batch(rows)
@@ -135,7 +135,7 @@ def test_human_cells_tokenize_from_symbols():
     mapped, _ = map_symbols_to_ensembl(as_ids(adata.var["gene_symbol"]))
     vocab = GeneVocab.build(SPECIAL, mapped.dropna())
     with pytest.warns(UserWarning, match="gene symbols"):
-        cells = tokenize_anndata(adata, vocab, {}, TokenizerSettings(seq_len=2047), gene_col_name="gene_symbol")
+        cells = CellTokenizer(vocab, {}, DataConfig(gene_col_name="gene_symbol"), seq_len=2047).tokenize(adata)
     assert len(cells.gene_ids) == len(vocab) - len(SPECIAL)
     assert all(looks_like_ensembl_id(g) for g in cells.gene_ids)
     batch = cells.batch(np.arange(len(adata)))

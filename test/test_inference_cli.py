@@ -9,6 +9,7 @@ import pytest
 
 from conftest import DATA_DIR
 from transcriptformer.cli import build_parser, main
+from transcriptformer.cli.inference import config_from_args
 
 MOUSE_10X = DATA_DIR / "mouse_10x_40cells.h5ad"  # 40 real mouse 10x cells, another gene set than the fixture's
 HUMAN_PBMC = DATA_DIR / "pbmc_40cells.h5ad"  # 40 real human PBMCs: no gene in the mouse vocabulary
@@ -76,13 +77,16 @@ def test_every_flag_of_the_original_is_there_and_explained(capsys):
 def test_defaults_are_those_of_the_original(reference_dir):
     args = inference_parser().parse_args(["--checkpoint-path", str(reference_dir), "--data-file", "x.h5ad"])
     assert (args.output_path, args.output_filename) == ("./inference_results", "embeddings.h5ad")
-    assert (args.batch_size, args.gene_col_name, args.clip_counts) == (8, "ensembl_id", 30.0)
-    assert (args.filter_to_vocabs, args.use_raw, args.emb_type, args.model_type) == (
+    assert (args.use_raw, args.emb_type, args.model_type) == ("auto", "cell", "transcriptformer")
+    config = config_from_args(args)  # the data settings come from the checkpoint (a published config.json)
+    data, inference = config.model.data_config, config.inference
+    assert (inference.batch_size, data.gene_col_name, data.clip_counts, data.filter_to_vocabs) == (
+        8,
+        "ensembl_id",
+        30.0,
         True,
-        "auto",
-        "cell",
-        "transcriptformer",
     )
+    assert inference.output_keys == ["embeddings"]
     assert (args.device, args.num_gpus, args.n_data_workers, args.obs_keys) == ("auto", 1, 0, ["all"])
     assert args.precision is None  # 16-mixed on CUDA, 32 elsewhere
 

@@ -8,14 +8,14 @@ from safetensors.torch import load_file
 import transcriptformer
 from transcriptformer.checkpoint import load_checkpoint
 from transcriptformer.data.tokenize import Batch
-from transcriptformer.training.config import DataSettings, FinetuneConfig, LoraSettings, OptimSettings, TrainerSettings
-from transcriptformer.training.lora import (
+from transcriptformer.model.lora import (
     ADAPTER_WEIGHTS_FILE,
     add_lora_adapters,
     load_adapters,
     resolve_target_modules,
     save_adapters,
 )
+from transcriptformer.training.config import DataSettings, FinetuneConfig, LoraSettings, OptimSettings, TrainerSettings
 from transcriptformer.training.objective import training_loss
 from transcriptformer.training.run import merge_adapters_into_checkpoint, run_finetuning
 
@@ -81,7 +81,7 @@ def test_fresh_adapters_leave_outputs_unchanged(reference_dir, reference_input, 
     checkpoint = load_checkpoint(reference_dir)
     adapted = add_lora_adapters(checkpoint.model, LoraSettings(r=4, train_heads=True))
     batch = transcriptformer.load(reference_dir, device="cpu").tokenize(reference_input).batch(np.arange(64))
-    result = adapted.eval().predict(batch.gene_tokens, batch.gene_counts, batch.aux_tokens)
+    result = adapted.eval().predict(batch.gene_tokens, batch.gene_counts, batch.aux_tokens, OUTPUTS)
     for key in OUTPUTS:
         np.testing.assert_allclose(result[key].numpy(), expected[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
@@ -107,19 +107,19 @@ def test_saved_and_merged_adapters_reproduce_adapted_outputs(
     path, _ = trained
     batch = first_cells(reference_model, reference_input)
     adapted = load_adapters(load_checkpoint(reference_dir).model, path, merge=False).eval()
-    want = adapted.predict(batch.gene_tokens, batch.gene_counts, batch.aux_tokens)
+    want = adapted.predict(batch.gene_tokens, batch.gene_counts, batch.aux_tokens, OUTPUTS)
 
     merged = load_adapters(load_checkpoint(reference_dir).model, path, merge=True).eval()
     assert type(merged).__name__ == "TranscriptFormer"
-    got = merged.predict(batch.gene_tokens, batch.gene_counts, batch.aux_tokens)
+    got = merged.predict(batch.gene_tokens, batch.gene_counts, batch.aux_tokens, OUTPUTS)
 
     merged_dir = merge_adapters_into_checkpoint(reference_dir, path, tmp_path / "merged")
     reloaded = transcriptformer.load(merged_dir, device="cpu")
-    from_disk = reloaded.model.predict(batch.gene_tokens, batch.gene_counts, batch.aux_tokens)
+    from_disk = reloaded.model.predict(batch.gene_tokens, batch.gene_counts, batch.aux_tokens, OUTPUTS)
     for key in OUTPUTS:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=key)
         torch.testing.assert_close(from_disk[key], want[key], rtol=1e-5, atol=1e-5, msg=key)
-    reference = reference_model.model.predict(batch.gene_tokens, batch.gene_counts, batch.aux_tokens)
+    reference = reference_model.model.predict(batch.gene_tokens, batch.gene_counts, batch.aux_tokens, OUTPUTS)
     assert not torch.allclose(from_disk["llh"], reference["llh"])
 
 

@@ -71,17 +71,17 @@ def test_padding_never_changes_a_result():
 def test_gene_llh_needs_a_gene_head():
     model = random_model(aux=False, gene_head=False, backend="chunked")
     tokens, counts, _ = random_cells(2, 150, aux=False)
-    with pytest.raises(ValueError, match="needs a gene-id head"):
-        model.predict(tokens, counts, output_keys=("gene_llh",))
-    with pytest.raises(ValueError, match="unknown output keys"):
-        model.predict(tokens, counts, output_keys=("embedding",))
+    with pytest.raises(ValueError, match=r"this model cannot compute \['gene_llh'\]"):
+        model.predict(tokens, counts, None, ("gene_llh",))
+    with pytest.raises(ValueError, match=r"unknown output\(s\) \['embedding'\]"):
+        model.predict(tokens, counts, None, ("embedding",))
 
 
 def test_aux_tokens_are_required_with_aux_columns():
     model = random_model(aux=True, gene_head=True, backend="chunked")
     tokens, counts, _ = random_cells(2, 150, aux=False)
     with pytest.raises(ValueError, match=r"needs aux_tokens of shape \(2, 2\).*\['assay', 'tissue'\]"):
-        model.predict(tokens, counts, None)
+        model.predict(tokens, counts, None, ("embeddings",))
 
 
 def test_training_mode_backpropagates_through_chunked_attention():

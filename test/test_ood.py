@@ -10,7 +10,6 @@ from conftest import DATA_DIR
 from transcriptformer.checkpoint import load_checkpoint
 from transcriptformer.cli import main
 from transcriptformer.data.vocab import write_embedding_table
-from transcriptformer.ood import swap_gene_embeddings
 
 OUTPUTS = ("embeddings", "llh", "gene_llh", "mu", "cge")
 HUMAN_PBMC = DATA_DIR / "pbmc_40cells.h5ad"
@@ -23,7 +22,7 @@ def write_table(path, gene_ids, rows):
 
 
 def swapped(reference_dir, *tables):
-    checkpoint = swap_gene_embeddings(load_checkpoint(reference_dir), tables)
+    checkpoint = load_checkpoint(reference_dir).with_gene_embeddings(tables)
     return transcriptformer.TranscriptFormerModel(checkpoint, torch.device("cpu"))
 
 
@@ -114,18 +113,18 @@ def test_new_species_special_tokens_padding_and_heads(tmp_path, reference_dir, r
 def test_a_second_swap_is_refused(tmp_path, reference_dir, reference_model):
     genes, rows = own_table(reference_model)
     table = write_table(tmp_path / "own.h5", genes, rows)
-    checkpoint = swap_gene_embeddings(load_checkpoint(reference_dir), [table])
+    checkpoint = load_checkpoint(reference_dir).with_gene_embeddings([table])
     with pytest.raises(ValueError, match="swapped already"):
-        swap_gene_embeddings(checkpoint, [table])
+        checkpoint.with_gene_embeddings([table])
 
 
 def test_bad_tables_are_clear_errors(tmp_path, reference_dir, human_genes):
     narrow = write_table(tmp_path / "narrow.h5", human_genes[:3], np.zeros((3, 8), np.float32))
     with pytest.raises(ValueError, match="gene embeddings are 8 wide, the model's are 32"):
-        swap_gene_embeddings(load_checkpoint(reference_dir), [narrow])
+        load_checkpoint(reference_dir).with_gene_embeddings([narrow])
     empty = write_table(tmp_path / "empty.h5", [], [])
     with pytest.raises(ValueError, match="hold no gene"):
-        swap_gene_embeddings(load_checkpoint(reference_dir), [empty])
+        load_checkpoint(reference_dir).with_gene_embeddings([empty])
 
 
 def test_cli_runs_human_cells_on_the_mouse_model(tmp_path, reference_dir, human_genes, capsys):

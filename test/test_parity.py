@@ -26,13 +26,13 @@ def test_preprocessing_equals_reference_exactly(reference_model, reference_input
 @pytest.mark.parametrize("backend", ["chunked", "flex"])
 def test_outputs_match_reference(reference_dir, reference_input, expected, backend):
     model = transcriptformer.load(reference_dir, device="cpu", attention_backend=backend)
-    result = model.predict(reference_input, batch_size=16)
+    result = model.predict(reference_input, batch_size=16, output_keys=OUTPUTS)
     assert_matches_reference(result, expected)
 
 
 @pytest.mark.parametrize("batch_size", [1, 7, 64])
 def test_outputs_do_not_depend_on_batch_size(reference_model, reference_input, expected, batch_size):
-    result = reference_model.predict(reference_input, batch_size=batch_size)
+    result = reference_model.predict(reference_input, batch_size=batch_size, output_keys=OUTPUTS)
     assert_matches_reference(result, expected)
 
 

@@ -9,7 +9,6 @@ import pytest
 import scipy.sparse as sp
 
 from transcriptformer.data.sources import AnnDataReader, H5adReader, TenXH5Reader, ZarrReader, open_counts
-from transcriptformer.data.tokenize import CellTokenizer, TokenizerSettings
 
 TENX_FILE = Path(__file__).parent / "data" / "10x_v3_chr21_1107cells.h5"
 
@@ -87,7 +86,7 @@ def test_streamed_chunks_equal_whole_tokenization(tmp_path, reference_model, ada
     path = tmp_path / "cells.h5ad"
     adata.write_h5ad(path)
     ckpt = reference_model.checkpoint
-    tokenizer = CellTokenizer(ckpt.gene_vocab, ckpt.aux_vocabs, TokenizerSettings(seq_len=127))
+    tokenizer = ckpt.tokenizer()
     whole = tokenizer.prepare(AnnDataReader(adata)).cells()
     with open_counts(path) as reader:
         prepared = tokenizer.prepare(reader)

@@ -5,8 +5,6 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from transcriptformer.data.tokenize import TokenizerSettings, tokenize_anndata
-
 
 @pytest.fixture
 def adata(reference_input):
@@ -15,12 +13,11 @@ def adata(reference_input):
 
 @pytest.fixture
 def tokenize(reference_model):
-    """Tokenize with the reference checkpoint's vocabularies and the given settings."""
-    ckpt = reference_model.checkpoint
+    """Tokenize with the reference checkpoint's tokenizer, with some of its data_config settings changed."""
 
-    def run(data, settings=None, **kwargs):
-        settings = settings or TokenizerSettings(seq_len=127)
-        return tokenize_anndata(data, ckpt.gene_vocab, ckpt.aux_vocabs, settings, **kwargs)
+    def run(data, use_raw=None, remove_duplicate_genes=False, **data_config):
+        tokenizer = reference_model.checkpoint.tokenizer(remove_duplicate_genes=remove_duplicate_genes, **data_config)
+        return tokenizer.tokenize(data, use_raw)
 
     return run
 
@@ -103,7 +100,7 @@ def test_missing_and_empty_ids_are_dropped(tokenize, adata):
 
 def test_vocabulary_filtering(tokenize, adata):
     with pytest.raises(ValueError, match=r"98 gene\(s\) are not in the model's vocabulary"):
-        tokenize(adata, filter_to_vocab=False)
+        tokenize(adata, filter_to_vocabs=False)
     cells = tokenize(adata)
     assert len(cells.gene_ids) == 1024 and np.all(cells.gene_tokens >= 7)
 
@@ -117,7 +114,7 @@ def test_gene_column_choice(tokenize, adata, expected):
 
 
 def test_without_pad_zeros_unexpressed_genes_fill_in_var_order(tokenize, adata):
-    cells = tokenize(adata, settings=TokenizerSettings(seq_len=127, pad_zeros=False))
+    cells = tokenize(adata, pad_zeros=False)
     batch = full_batch(cells)
     assert not np.any(batch.gene_tokens.numpy() == 1)
     row = int(np.argmin(np.diff(cells.counts.indptr)))  # the cell with fewest expressed genes
@@ -131,18 +128,17 @@ def test_without_pad_zeros_unexpressed_genes_fill_in_var_order(tokenize, adata):
 
 
 def test_sort_genes_orders_by_count(tokenize, adata):
-    batch = full_batch(tokenize(adata, settings=TokenizerSettings(seq_len=127, sort_genes=True, clip_counts=None)))
+    batch = full_batch(tokenize(adata, sort_genes=True, clip_counts=None))
     counts = batch.gene_counts.numpy()
     assert np.all(np.diff(counts, axis=1) <= 0)
 
 
 def test_normalisation_then_clipping(tokenize, adata):
     short = np.diff(adata.X.indptr) <= 127  # cells whose whole profile fits
-    settings = TokenizerSettings(seq_len=127, normalize_to_scale=1000.0, clip_counts=None)
-    counts = full_batch(tokenize(adata, settings=settings)).gene_counts.numpy()
+    counts = full_batch(tokenize(adata, normalize_to_scale=1000.0, clip_counts=None)).gene_counts.numpy()
     np.testing.assert_allclose(counts[short].sum(1), 1000.0, rtol=1e-5)
-    clipped = full_batch(tokenize(adata, settings=TokenizerSettings(seq_len=127, clip_counts=5))).gene_counts
-    unclipped = full_batch(tokenize(adata, settings=TokenizerSettings(seq_len=127, clip_counts=None))).gene_counts
+    clipped = full_batch(tokenize(adata, clip_counts=5)).gene_counts
+    unclipped = full_batch(tokenize(adata, clip_counts=None)).gene_counts
     assert clipped.max() == 5 and unclipped.max() > 30
     np.testing.assert_array_equal(clipped.numpy(), np.minimum(unclipped.numpy(), 5))
 

@@ -30,7 +30,7 @@ def heldout_batches(demo):
 
 def test_demo_model_is_small_and_loads_for_inference(demo):
     assert sum(f.stat().st_size for f in DEMO.rglob("*") if f.is_file()) < 10 * 2**20
-    result = demo.predict(HELDOUT, batch_size=32)
+    result = demo.predict(HELDOUT, batch_size=32, output_keys=("embeddings", "llh"))
     assert result["embeddings"].shape == (100, 128)
     assert np.isfinite(result["llh"]).all() and np.isfinite(result["embeddings"]).all()
 
@@ -39,7 +39,7 @@ def test_demo_model_beats_its_initialisation_and_per_gene_rates_on_heldout_cells
     trained = heldout_count_nll(demo.model, heldout_batches)
     # The exact initialisation the recorded training run started from (conf/demo.yaml, seeded).
     gene_table = DEMO / "vocabs" / "mus_musculus_gene.h5"
-    cfg = compose_train_config(REPO / "conf" / "demo.yaml", [f"tokens.esm2_mappings=[{gene_table}]"])
+    cfg = compose_train_config(REPO / "conf" / "demo.yaml", [f"data_config.esm2_mappings=[{gene_table}]"])
     untrained = new_checkpoint(cfg, [read_anndata(HELDOUT)])
     assert untrained.gene_vocab.index == demo.checkpoint.gene_vocab.index
     assert trained < heldout_count_nll(untrained.model, heldout_batches) - 1.0

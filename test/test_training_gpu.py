@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from transcriptformer.checkpoint import load_checkpoint
+from transcriptformer.model.lora import ADAPTER_WEIGHTS_FILE
 from transcriptformer.training.config import DataSettings, FinetuneConfig, LoraSettings, OptimSettings, TrainerSettings
-from transcriptformer.training.lora import ADAPTER_WEIGHTS_FILE
 from transcriptformer.training.objective import training_loss
 from transcriptformer.training.run import run_finetuning
 

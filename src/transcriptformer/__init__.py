@@ -1,19 +1,28 @@
-"""TranscriptFormer: a generative cross-species single-cell foundation model, exact and fast on CPU and GPU."""
+"""TranscriptFormer: a generative cross-species single-cell foundation model, exact and fast on CPU and GPU.
 
-from transcriptformer.api import TranscriptFormerModel, load
-from transcriptformer.checkpoint import Checkpoint, load_checkpoint
-from transcriptformer.config import DataConfig, LossConfig, ModelConfig, TranscriptFormerConfig
+The names below are imported on first use, so that ``import transcriptformer`` (and the command line's start)
+does not load torch.
+"""
 
-__version__ = "0.1.0"
+import importlib
 
-__all__ = [
-    "Checkpoint",
-    "DataConfig",
-    "LossConfig",
-    "ModelConfig",
-    "TranscriptFormerConfig",
-    "TranscriptFormerModel",
-    "__version__",
-    "load",
-    "load_checkpoint",
-]
+from transcriptformer.version import __version__ as __version__
+
+_EXPORTS = {
+    "TranscriptFormerModel": "transcriptformer.api",
+    "load": "transcriptformer.api",
+    "Checkpoint": "transcriptformer.checkpoint",
+    "load_checkpoint": "transcriptformer.checkpoint",
+    "DataConfig": "transcriptformer.config",
+    "LossConfig": "transcriptformer.config",
+    "ModelConfig": "transcriptformer.config",
+    "PredictSettings": "transcriptformer.config",
+    "TranscriptFormerConfig": "transcriptformer.config",
+}
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

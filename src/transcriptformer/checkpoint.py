@@ -13,18 +13,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from transcriptformer.config import TranscriptFormerConfig
+from transcriptformer.config import CONFIG_FILE, TranscriptFormerConfig
+from transcriptformer.data.tokenize import CellTokenizer
 from transcriptformer.data.vocab import GeneVocab, build_gene_vocab, load_aux_vocab
-from transcriptformer.model.attention import Backend
+from transcriptformer.model.esm2ce import ESM2CellEmbedding
+from transcriptformer.model.gene_swap import swap_gene_embeddings
+from transcriptformer.model.lora import load_adapters
 from transcriptformer.model.transcriptformer import SpecialTokens, TranscriptFormer
+from transcriptformer.runtime import Backend
 
 WEIGHTS_FILE = "model_weights.pt"
-CONFIG_FILE = "config.json"
 VOCAB_DIR = "vocabs"
 
 
@@ -48,6 +53,41 @@ class Checkpoint:
     gene_vocab: GeneVocab
     aux_vocabs: dict[str, dict[str, int]]
     model: TranscriptFormer
+
+    def tokenizer(self, *, remove_duplicate_genes: bool = False, **data_config: Any) -> CellTokenizer:
+        """The tokenizer of this checkpoint: its vocabularies and its ``data_config``.
+
+        Parameters
+        ----------
+        remove_duplicate_genes
+            Keep the first of duplicated gene ids instead of raising.
+        **data_config
+            Fields of :class:`~transcriptformer.config.DataConfig` that replace the checkpoint's for this
+            tokenizer, e.g. ``gene_col_name="index"`` or ``clip_counts=None``.
+        """
+        known = {f.name for f in dataclasses.fields(self.config.data_config)}
+        unknown = sorted(set(data_config) - known)
+        if unknown:
+            raise ValueError(f"unknown data_config setting(s) {unknown}; choose from {sorted(known)}")
+        return CellTokenizer(
+            self.gene_vocab,
+            self.aux_vocabs,
+            dataclasses.replace(self.config.data_config, **data_config),
+            self.config.model_config.seq_len,
+            remove_duplicate_genes=remove_duplicate_genes,
+        )
+
+    def with_gene_embeddings(self, embedding_files: Sequence[str | Path]) -> Checkpoint:
+        """The checkpoint running on the genes of other gene-embedding files (its model is changed in place).
+
+        See :mod:`transcriptformer.model.gene_swap`; the returned checkpoint's vocabulary is the new one.
+        """
+        return dataclasses.replace(self, gene_vocab=swap_gene_embeddings(self.model, self.gene_vocab, embedding_files))
+
+    def esm2ce(self) -> ESM2CellEmbedding:
+        """The ``esm2ce`` baseline over this checkpoint's frozen gene-embedding table."""
+        model = self.model
+        return ESM2CellEmbedding(model.gene_embeddings.embedding, model.special_tokens, model.seq_len)
 
 
 def read_vocabularies(path: Path, config: TranscriptFormerConfig) -> tuple[GeneVocab, dict[str, dict[str, int]]]:
@@ -117,21 +157,19 @@ def load_checkpoint(
         gene_table=torch.zeros_like(table),
         special_tokens=special_tokens_of(gene_vocab, config.data_config.gene_pad_token),
         aux_vocabs=aux_vocabs,
-        aux_unknown_token=config.data_config.aux_pad_token,
+        aux_pad_token=config.data_config.aux_pad_token,
         attention_backend=attention_backend,
     )
     model.load_state_dict(state, strict=True)
     if adapter is not None:
-        from transcriptformer.training.lora import load_adapters  # peft is imported only when adapters are used
-
         model = load_adapters(model, adapter)
     model.to(device).eval()
     return Checkpoint(path=path, config=config, gene_vocab=gene_vocab, aux_vocabs=aux_vocabs, model=model)
 
 
-def special_tokens_of(vocab: GeneVocab, pad_token: str = "[PAD]") -> SpecialTokens:
+def special_tokens_of(vocab: GeneVocab, gene_pad_token: str = "[PAD]") -> SpecialTokens:
     """The padding, ``[START]`` and ``[END]`` indices of a vocabulary."""
-    return SpecialTokens(pad=vocab.special(pad_token), start=vocab.special("[START]"), end=vocab.special("[END]"))
+    return SpecialTokens(pad=vocab.special(gene_pad_token), start=vocab.special("[START]"), end=vocab.special("[END]"))
 
 
 def save_checkpoint(

@@ -1,8 +1,10 @@
-"""Typed configuration of a TranscriptFormer checkpoint.
+"""Typed configuration: of a TranscriptFormer checkpoint, and of how cells are run through a model.
 
 ``config.json`` of a published checkpoint holds ``{"model": {"data_config": ..., "model_config": ...,
 "loss_config": ...}}``. Each section maps onto one dataclass below; unknown keys (such as ``_target_``) are
 ignored and missing optional keys take their defaults, so one loader serves every published checkpoint.
+:class:`PredictSettings` holds the settings of the batch loop (:mod:`transcriptformer.pipeline`) that every use
+of a model shares. This module imports nothing heavy, so that the command line can read defaults from it.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from transcriptformer.runtime import PRECISIONS
+
 T = TypeVar("T")
 
+CONFIG_FILE = "config.json"
 DEFAULT_SPECIAL_TOKENS = ["unknown", "[PAD]", "[START]", "[END]", "[RD]", "[CELL]", "[MASK]"]
 
 
@@ -120,6 +125,39 @@ class TranscriptFormerConfig:
                 "loss_config": dataclasses.asdict(self.loss_config),
             }
         }
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """How cells are run through a model. Results do not depend on ``batch_size`` or ``max_tokens``.
+
+    Attributes
+    ----------
+    output_keys : tuple of str
+        Outputs to compute, names of :data:`transcriptformer.model.outputs.OUTPUTS`.
+    batch_size : int
+        Cells per forward pass.
+    max_tokens : int or None
+        Token budget per forward pass (cells x batch length) instead of a fixed ``batch_size``.
+    precision : str or None
+        ``"32"``, ``"16-mixed"`` or ``"bf16-mixed"``; ``None``: ``16-mixed`` on CUDA, ``32`` elsewhere.
+    """
+
+    output_keys: tuple[str, ...] = ("embeddings",)
+    batch_size: int = 8
+    max_tokens: int | None = None
+    precision: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output_keys", tuple(dict.fromkeys(self.output_keys)))
+        if not self.output_keys:
+            raise ValueError("output_keys is empty: ask for at least one output")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 # Keys of published configs that configure the original's data loaders and have no meaning here.

@@ -1,48 +1,67 @@
-"""The ``transcriptformer`` command line: one module per subcommand, each with ``register(subparsers)``.
+"""The ``transcriptformer`` command line: one module per subcommand, plus :mod:`~transcriptformer.cli.common`.
 
-A subcommand module defines ``register(subparsers: argparse._SubParsersAction) -> None``, which adds its parser
-and sets ``func`` (called with the parsed namespace, returning an exit code) through ``set_defaults``.
+A subcommand module (``inference`` for ``transcriptformer inference``, ``merge_adapters`` for ``merge-adapters``)
+defines ``configure(parser)``, which adds the subcommand's description and arguments to the parser it is given and
+sets ``func`` (called with the parsed namespace, returning an exit code) through ``set_defaults``. Only the module
+of the command being run is imported, so that ``--help`` and ``--version`` answer at once. :func:`main` reports an
+error the user can fix in one line with exit code 1; argparse reports usage errors with exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from collections.abc import Sequence
 
-from transcriptformer import __version__
+from transcriptformer.cli.common import report_user_error
+from transcriptformer.errors import UserError
+from transcriptformer.version import __version__
 
-# Modules under transcriptformer.cli, in the order their subcommands are listed in --help.
-SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "inference",
-    "train",
-    "finetune",
-    "merge_adapters",
-    "download",
-    "download_data",
-    "doctor",
-    "build_vocab",
-)
+# Every subcommand with its one-line help, in the order of --help.
+COMMANDS: dict[str, str] = {
+    "inference": "embed and score the cells of h5ad files; write one h5ad",
+    "train": "pretrain a model from scratch on .h5ad files (Hydra config)",
+    "finetune": "train LoRA adapters on a checkpoint with your cells",
+    "merge-adapters": "merge LoRA adapters into their base checkpoint",
+    "download": "download and unpack published checkpoints",
+    "download-data": "download CELLxGENE Discover datasets by species",
+    "doctor": "check the environment: torch build, GPU, FlexAttention, batch sizes",
+    "build-vocab": "build <species>_gene.h5 from a protein FASTA with a local ESM-2 model",
+}
+# Errors caused by the command's input (paths, settings, data, network), reported in one line without a traceback.
+USER_ERRORS = (UserError, OSError, KeyError, ValueError)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The root parser with every subcommand registered."""
+def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The root parser; the subcommands in ``commands`` (all by default) get their full arguments."""
     parser = argparse.ArgumentParser(
         prog="transcriptformer",
         description="TranscriptFormer: embed and score single cells, fine-tune and train, on CPU or GPU.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
-        importlib.import_module(f"transcriptformer.cli.{name}").register(subparsers)
+    for name, help_text in COMMANDS.items():
+        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        subparser.set_defaults(command=name)
+        if commands is None or name in commands:
+            importlib.import_module(f"transcriptformer.cli.{name.replace('-', '_')}").configure(subparser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``transcriptformer`` console script."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    parser = build_parser([chosen] if chosen in COMMANDS else [])
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as error:
+        return report_user_error(args.command, error)
+    except KeyboardInterrupt:
+        print(f"transcriptformer {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from transcriptformer.api import resolve_device
-from transcriptformer.esm_vocab import DEFAULT_LAYER, DEFAULT_MAX_RESIDUES, GENE_ID_RULES, build_vocab
+from transcriptformer.data.esm_vocab import DEFAULT_LAYER, DEFAULT_MAX_RESIDUES, GENE_ID_RULES
+from transcriptformer.runtime import resolve_device
 
 EXAMPLES = """\
 examples:
@@ -25,16 +24,14 @@ documentation: docs/downloads.md (new species)
 """
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``build-vocab`` subcommand."""
-    parser = subparsers.add_parser(
-        "build-vocab",
-        help="build <species>_gene.h5 from a protein FASTA with a local ESM-2 model",
-        description="Embed the longest protein of each gene with ESM-2 (mean over residues) and write a "
-        "gene-embedding table for a species no checkpoint knows.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``build-vocab``."""
+    parser.description = (
+        "Embed the longest protein of each gene with ESM-2 (mean over residues) and write a "
+        "gene-embedding table for a species no checkpoint knows."
     )
+    parser.epilog = EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--fasta", required=True, help="protein FASTA, plain or .gz (several isoforms per gene)")
     parser.add_argument(
         "--esm-model", required=True, help="fair-esm ESM-2 checkpoint (.pt), or a model name in the torch hub cache"
@@ -63,25 +60,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the table and print the report; exit code 1 on bad input."""
+    """Build the table and print the report."""
+    from transcriptformer.data.esm_vocab import build_vocab
+
     output = Path(args.output_dir) / f"{args.species}_gene.h5"
-    try:
-        report = build_vocab(
-            args.fasta,
-            args.esm_model,
-            output,
-            rule=args.gene_id_rule,
-            strip_version=not args.keep_version,
-            layer=args.layer,
-            max_residues=args.max_residues,
-            tokens_per_batch=args.tokens_per_batch,
-            device=resolve_device(args.device),
-            check_data=args.check_data,
-            gene_col_name=args.gene_col_name,
-            progress=not args.no_progress,
-        )
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    report = build_vocab(
+        args.fasta,
+        args.esm_model,
+        output,
+        rule=args.gene_id_rule,
+        strip_version=not args.keep_version,
+        layer=args.layer,
+        max_residues=args.max_residues,
+        tokens_per_batch=args.tokens_per_batch,
+        device=resolve_device(args.device),
+        check_data=args.check_data,
+        gene_col_name=args.gene_col_name,
+        progress=not args.no_progress,
+    )
     print(report.summary())
     return 0

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from transcriptformer.doctor import format_findings, run_doctor
 
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``doctor`` subcommand."""
-    parser = subparsers.add_parser(
-        "doctor",
-        help="check the environment: torch build, GPU, FlexAttention, batch sizes",
-        description="Check Python, the torch build against this machine's GPU, torch/torchvision/torchaudio "
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``doctor``."""
+    parser.description = (
+        "Check Python, the torch build against this machine's GPU, torch/torchvision/torchaudio "
         "consistency and FlexAttention, and suggest a batch size for each published model. Exits with code 1 "
-        "when it finds a problem, and prints the command that fixes it.",
-        epilog="documentation: docs/environment.md",
+        "when it finds a problem, and prints the command that fixes it."
     )
+    parser.epilog = "documentation: docs/environment.md"
     parser.add_argument(
         "--skip-flex", action="store_true", help="do not compile FlexAttention (the slowest check, on CUDA)"
     )
@@ -25,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the report; exit code 1 when a problem was found."""
+    from transcriptformer.doctor import format_findings, run_doctor
+
     findings, code = run_doctor(check_flex=not args.skip_flex)
     print(format_findings(findings))
     return code

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from transcriptformer.hub.artifacts import BASE_URL_ENV, CHOICES, ArchiveError, download_artifact, resolve_artifacts
-from transcriptformer.hub.http import DownloadError, RetryPolicy
+from transcriptformer.errors import UserError
+from transcriptformer.hub.artifacts import BASE_URL_ENV, CHOICES, download_artifact, resolve_artifacts
+from transcriptformer.hub.http import RetryPolicy
 
 EXAMPLES = f"""\
 examples:
@@ -21,15 +21,11 @@ documentation: docs/downloads.md
 """
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``download`` subcommand."""
-    parser = subparsers.add_parser(
-        "download",
-        help="download and unpack published checkpoints",
-        description="Download the published TranscriptFormer checkpoints (resumable, verified, safely extracted).",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``download``."""
+    parser.description = "Download the published TranscriptFormer checkpoints (resumable, verified, safely extracted)."
+    parser.epilog = EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
         "model",
         choices=CHOICES,
@@ -51,11 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Download every requested artifact; exit code 1 on the first failure."""
+    """Download every requested artifact; the first failure stops the command."""
     artifacts = resolve_artifacts(args.model)
     if args.sha256 and len(artifacts) > 1:
-        print("error: --sha256 applies to a single model, not to", args.model, file=sys.stderr)
-        return 2
+        raise ValueError(f"--sha256 applies to a single model, not to {args.model}")
     retry = RetryPolicy(attempts=args.retries, timeout_s=args.timeout)
     for artifact in artifacts:
         try:
@@ -68,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
                 retry=retry,
                 progress=not args.no_progress,
             )
-        except (DownloadError, ArchiveError, FileExistsError) as err:
-            print(f"error: {artifact.name}: {err}", file=sys.stderr)
-            return 1
+        except (UserError, OSError) as error:
+            raise UserError(f"{artifact.name}: {error}") from error
         print(f"{artifact.name}: ready in {path}")
     return 0

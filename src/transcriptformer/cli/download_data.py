@@ -28,15 +28,11 @@ documentation: docs/downloads.md
 """
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``download-data`` subcommand."""
-    parser = subparsers.add_parser(
-        "download-data",
-        help="download CELLxGENE Discover datasets by species",
-        description="Download the .h5ad files of CELLxGENE Discover datasets, selected by species and filters.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``download-data``."""
+    parser.description = "Download the .h5ad files of CELLxGENE Discover datasets, selected by species and filters."
+    parser.epilog = EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     select = parser.add_argument_group("which datasets")
     select.add_argument(
         "--species",
@@ -89,8 +85,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         available = fetch_datasets(args.api_url, retry)
     except DownloadError as err:
-        print(f"error: cannot list CELLxGENE datasets: {err}", file=sys.stderr)
-        return 1
+        raise DownloadError(f"cannot list CELLxGENE datasets: {err}") from None
     selected = select_datasets(available, criteria, args.limit)
     print(
         f"{len(selected)} of {len(available)} datasets selected, {total_bytes(selected) / 1e9:.2f} GB "

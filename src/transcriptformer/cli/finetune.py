@@ -8,28 +8,18 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from transcriptformer.cli.inference import USE_RAW
-from transcriptformer.training.config import (
-    PRECISIONS,
-    TARGET_ALIASES,
-    DataSettings,
-    FinetuneConfig,
-    LoraSettings,
-    OptimSettings,
-    TrainerSettings,
-)
-from transcriptformer.training.objective import LossTerms
+from transcriptformer.cli.common import USE_RAW, add_overwrite_argument, add_use_raw_argument, print_dry_run
+from transcriptformer.model.lora import TARGET_ALIASES, LoraSettings
+from transcriptformer.runtime import BACKENDS, PRECISIONS
+from transcriptformer.training.config import DataSettings, FinetuneConfig, OptimSettings, TrainerSettings
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``finetune`` subcommand."""
-    parser = subparsers.add_parser(
-        "finetune",
-        help="train LoRA adapters on a checkpoint with your cells",
-        description="Fine-tune a TranscriptFormer checkpoint with LoRA adapters (peft); base weights stay frozen. "
-        "Writes the adapters alone (adapter_config.json + adapter_model.safetensors) to --output-path.",
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``finetune``."""
+    parser.description = (
+        "Fine-tune a TranscriptFormer checkpoint with LoRA adapters (peft); base weights stay frozen. "
+        "Writes the adapters alone (adapter_config.json + adapter_model.safetensors) to --output-path."
     )
     add_finetune_arguments(parser)
     parser.set_defaults(func=run)
@@ -37,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``finetune`` (shared with ``finetune_lora.py``)."""
-    lora, optim, trainer = LoraSettings(), OptimSettings(), TrainerSettings()
+    lora, optim, trainer, data = LoraSettings(), OptimSettings(), TrainerSettings(), DataSettings()
     io = parser.add_argument_group("model and data")
     io.add_argument("--checkpoint-path", required=True, help="base checkpoint directory (published layout)")
     io.add_argument("--train-files", nargs="+", required=True, metavar="H5AD", help="training cells (.h5ad files)")
@@ -45,74 +35,100 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument(
         "--val-fraction",
         type=float,
-        default=0.0,
-        help="share of the training cells held out for validation when no --val-files are given (default: 0)",
+        default=data.val_fraction,
+        help="share of the training cells held out for validation when no --val-files are given (default: %(default)s)",
     )
-    io.add_argument("--gene-col-name", default=None, help="var column with gene ids (default: the checkpoint's)")
     io.add_argument(
-        "--use-raw",
-        choices=list(USE_RAW),
-        default="auto",
-        help="read counts from adata.raw: auto (when present), true, or false (adata.X)",
+        "--gene-col-name", default=data.gene_col_name, help="var column with gene ids (default: the checkpoint's)"
     )
+    add_use_raw_argument(io)
     io.add_argument(
         "--output-path",
         help="adapter directory to write (required unless --dry-run); a name such as adapters.pt is a directory too",
     )
-    io.add_argument("--overwrite", action="store_true", help="replace adapters already at --output-path")
-    io.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes (default: 0)")
+    add_overwrite_argument(io, "adapters")
+    io.add_argument(
+        "--num-workers", type=int, default=data.num_workers, help="data-loader worker processes (default: %(default)s)"
+    )
 
     adapters = parser.add_argument_group("LoRA")
-    adapters.add_argument("--lora-r", type=int, default=lora.r, help=f"adapter rank (default: {lora.r})")
-    adapters.add_argument("--lora-alpha", type=float, default=lora.alpha, help=f"LoRA alpha (default: {lora.alpha})")
+    adapters.add_argument("--lora-r", type=int, default=lora.r, help="adapter rank (default: %(default)s)")
+    adapters.add_argument("--lora-alpha", type=float, default=lora.alpha, help="LoRA alpha (default: %(default)s)")
     adapters.add_argument(
-        "--lora-dropout", type=float, default=lora.dropout, help=f"dropout on adapter inputs (default: {lora.dropout})"
+        "--lora-dropout", type=float, default=lora.dropout, help="dropout on adapter inputs (default: %(default)s)"
     )
     adapters.add_argument(
         "--lora-target-modules",
         nargs="+",
         default=lora.target_modules,
         metavar="MODULE",
-        help=f"layers to adapt: {', '.join(TARGET_ALIASES)} or module names such as linears.0 "
-        f"(default: {' '.join(lora.target_modules)})",
+        help=f"layers to adapt: {', '.join(TARGET_ALIASES)} or module names such as linears.0 (default: %(default)s)",
     )
     adapters.add_argument(
         "--train-heads", action="store_true", help="also train full copies of the count and gene-id heads"
     )
 
     loop = parser.add_argument_group("optimisation")
-    loop.add_argument("--epochs", type=int, default=trainer.max_epochs, help="passes over the training cells")
-    loop.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: no limit)")
-    loop.add_argument("--batch-size", type=int, default=8, help="cells per batch and device (default: 8)")
-    loop.add_argument("--accumulate-grad-batches", type=int, default=1, help="batches per optimizer step")
-    loop.add_argument("--lr", type=float, default=optim.lr, help=f"peak learning rate (default: {optim.lr})")
-    loop.add_argument("--weight-decay", type=float, default=optim.weight_decay, help="AdamW weight decay")
-    loop.add_argument("--warmup-steps", type=int, default=optim.warmup_steps, help="linear warm-up steps")
     loop.add_argument(
-        "--gradient-clip", type=float, default=trainer.gradient_clip_val, help="gradient-norm clip (0: off)"
+        "--epochs", type=int, default=trainer.max_epochs, help="passes over the training cells (default: %(default)s)"
+    )
+    loop.add_argument(
+        "--max-steps",
+        type=int,
+        default=trainer.max_steps,
+        help="stop after this many optimizer steps, -1: no limit (default: %(default)s)",
+    )
+    loop.add_argument(
+        "--batch-size", type=int, default=data.batch_size, help="cells per batch and device (default: %(default)s)"
+    )
+    loop.add_argument(
+        "--accumulate-grad-batches",
+        type=int,
+        default=trainer.accumulate_grad_batches,
+        help="batches per optimizer step (default: %(default)s)",
+    )
+    loop.add_argument("--lr", type=float, default=optim.lr, help="peak learning rate (default: %(default)s)")
+    loop.add_argument(
+        "--weight-decay", type=float, default=optim.weight_decay, help="AdamW weight decay (default: %(default)s)"
+    )
+    loop.add_argument(
+        "--warmup-steps", type=int, default=optim.warmup_steps, help="linear warm-up steps (default: %(default)s)"
+    )
+    loop.add_argument(
+        "--gradient-clip",
+        type=float,
+        default=trainer.gradient_clip_val,
+        help="gradient-norm clip, 0: off (default: %(default)s)",
     )
     loop.add_argument(
         "--early-stopping-patience",
         type=int,
-        default=0,
-        help="stop after this many validations without improvement (0: off; needs validation cells)",
+        default=trainer.early_stopping_patience,
+        help="stop after this many validations without improvement, 0: off; needs validation cells "
+        "(default: %(default)s)",
     )
-    loop.add_argument("--seed", type=int, default=trainer.seed, help="seed of data order, split and dropout")
+    loop.add_argument(
+        "--seed", type=int, default=trainer.seed, help="seed of data order, split and dropout (default: %(default)s)"
+    )
 
     run_group = parser.add_argument_group("hardware, checkpoints and logs")
     run_group.add_argument(
         "--devices",
         default=trainer.devices,
         help="cpu or 0: CPU; cpu:N: N CPU processes (DDP over gloo); N: N GPUs (DDP when N > 1); "
-        "auto: every GPU, else CPU (default: auto)",
+        "auto: every GPU, else CPU (default: %(default)s)",
     )
-    run_group.add_argument("--num-nodes", type=int, default=1, help="machines for multi-node DDP (default: 1)")
-    run_group.add_argument("--precision", choices=PRECISIONS, default="32", help="numeric precision (default: 32)")
+    run_group.add_argument(
+        "--num-nodes", type=int, default=trainer.num_nodes, help="machines for multi-node DDP (default: %(default)s)"
+    )
+    run_group.add_argument(
+        "--precision", choices=PRECISIONS, default=trainer.precision, help="numeric precision (default: %(default)s)"
+    )
     run_group.add_argument(
         "--attention-backend",
-        choices=("auto", "flex", "chunked"),
-        default="auto",
-        help="attention implementation (default: auto = flex on CUDA, chunked elsewhere)",
+        choices=BACKENDS,
+        default=trainer.attention_backend,
+        help="attention implementation; auto: flex on CUDA, chunked elsewhere (default: %(default)s)",
     )
     run_group.add_argument(
         "--run-dir", default=None, help="metrics.csv and resumable checkpoints (default: OUTPUT_PATH/training_run)"
@@ -120,8 +136,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument(
         "--checkpoint-every-n-steps",
         type=int,
-        default=0,
-        help="resumable checkpoint every N steps (0: each epoch)",
+        default=trainer.checkpoint_every_n_steps,
+        help="resumable checkpoint every N steps, 0: each epoch (default: %(default)s)",
     )
     run_group.add_argument("--resume", default=None, help="resume from a Lightning checkpoint, or 'last'")
     run_group.add_argument(
@@ -172,29 +188,13 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     )
 
 
-# Errors caused by the command's input (paths, settings, data), reported in one line without a traceback.
-USER_ERRORS = (FileNotFoundError, FileExistsError, KeyError, ValueError)
-
-
-def report_user_error(command: str, error: Exception) -> int:
-    """Print ``error`` the way argparse does and return the exit code 2."""
-    message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
-    if error.__cause__ is not None:
-        message += f": {error.__cause__}"
-    print(f"transcriptformer {command}: error: {message}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
     """Fine-tune, or check the setup with ``--dry-run``."""
     from transcriptformer.training.run import run_finetuning
 
     if not args.output_path and not args.dry_run:
-        return report_user_error("finetune", ValueError("--output-path is required (unless --dry-run)"))
-    try:
-        result = run_finetuning(config_from_args(args), dry_run_only=args.dry_run, overwrite=args.overwrite)
-    except USER_ERRORS as error:
-        return report_user_error("finetune", error)
+        raise ValueError("--output-path is required (unless --dry-run)")
+    result = run_finetuning(config_from_args(args), dry_run_only=args.dry_run, overwrite=args.overwrite)
     if args.dry_run:
         print_dry_run(result)
     else:
@@ -203,9 +203,3 @@ def run(args: argparse.Namespace) -> int:
         if rank_zero_only.rank == 0:  # under DDP, every process returns here
             print(f"adapters saved to {result}")
     return 0
-
-
-def print_dry_run(terms: LossTerms) -> None:
-    """Report a successful dry run."""
-    print(f"one batch: {terms.summary()}; forward and backward passed")
-    print("Dry-run complete")

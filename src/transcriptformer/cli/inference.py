@@ -7,21 +7,18 @@ Hydra's override grammar on the settings tree of :mod:`transcriptformer.inferenc
 from __future__ import annotations
 
 import argparse
-import sys
 
+from transcriptformer.cli.common import USE_RAW, add_overwrite_argument, add_use_raw_argument
 from transcriptformer.inference.config import (
     ALL_OBS_KEYS,
-    DEVICES,
     EMB_TYPES,
     MODEL_TYPES,
-    OUTPUT_KEYS,
-    PRECISIONS,
     InferenceConfig,
+    ModelSection,
     RunConfig,
-    apply_overrides,
 )
-from transcriptformer.inference.runner import run_inference
-from transcriptformer.model.attention import BACKENDS
+from transcriptformer.model.outputs import OUTPUT_KEYS
+from transcriptformer.runtime import BACKENDS, DEVICES, PRECISIONS
 
 EXAMPLES = """\
 examples:
@@ -44,19 +41,16 @@ examples:
 documentation: docs/inference.md
 """
 
-USE_RAW = {"auto": None, "true": True, "false": False}
 
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``inference`` subcommand."""
-    parser = subparsers.add_parser(
-        "inference",
-        help="embed and score the cells of h5ad files; write one h5ad",
-        description="Run a TranscriptFormer checkpoint on the cells of one or more files (.h5ad, .zarr, 10x .h5) "
-        "and write their embeddings and likelihoods to one .h5ad file.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``inference``; their defaults are :class:`InferenceConfig`'s and the checkpoint's."""
+    defaults = InferenceConfig()
+    parser.description = (
+        "Run a TranscriptFormer checkpoint on the cells of one or more files (.h5ad, .zarr, 10x .h5) "
+        "and write their embeddings and likelihoods to one .h5ad file."
     )
+    parser.epilog = EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     io = parser.add_argument_group("inputs and output")
     io.add_argument("--checkpoint-path", required=True, help="checkpoint directory (config.json, model_weights.pt)")
     io.add_argument(
@@ -66,9 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="input .h5ad, .zarr or 10x .h5 file(s), their cells concatenated in order",
     )
-    io.add_argument("--output-path", default="./inference_results", help="output directory (./inference_results)")
-    io.add_argument("--output-filename", default="embeddings.h5ad", help="output file name (embeddings.h5ad)")
-    io.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: keep it)")
+    io.add_argument("--output-path", default=defaults.output_path, help="output directory (default: %(default)s)")
+    io.add_argument(
+        "--output-filename", default=defaults.output_filename, help="output file name (default: %(default)s)"
+    )
+    add_overwrite_argument(io, "an output file")
     io.add_argument(
         "--resume",
         action="store_true",
@@ -78,39 +74,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--output-keys",
         nargs="+",
         choices=OUTPUT_KEYS,
-        default=["embeddings"],
+        default=defaults.output_keys,
         metavar="KEY",
-        help=f"outputs to compute, any of {', '.join(OUTPUT_KEYS)} (embeddings)",
+        help=f"outputs to compute, any of {', '.join(OUTPUT_KEYS)} (default: %(default)s)",
     )
     io.add_argument(
         "--obs-keys",
         nargs="+",
-        default=[ALL_OBS_KEYS],
+        default=defaults.obs_keys,
         metavar="COLUMN",
-        help="obs columns to keep in the output (all)",
+        help=f"obs columns to keep in the output; {ALL_OBS_KEYS}: every column (default: %(default)s)",
     )
     io.add_argument(
         "--emb-type",
         choices=EMB_TYPES,
-        default="cell",
-        help="cell: cell embeddings; cge: also contextual gene embeddings, one per gene of each cell (cell)",
+        default=defaults.emb_type,
+        help="cell: cell embeddings; cge: also contextual gene embeddings, one per gene of each cell "
+        "(default: %(default)s)",
     )
     io.add_argument("--dry-run", action="store_true", help="check checkpoint, data and vocabulary, print the plan")
 
-    data = parser.add_argument_group("reading the cells")
-    data.add_argument("--gene-col-name", default="ensembl_id", help="var column with gene ids; 'index': var_names")
-    data.add_argument(
-        "--use-raw",
-        choices=list(USE_RAW),
-        default="auto",
-        help="counts from adata.raw.X (true), adata.X (false), or raw when present (auto)",
-    )
-    data.add_argument("--clip-counts", type=float, default=30.0, help="clip counts to at most this value (30)")
+    data = parser.add_argument_group("reading the cells (defaults: the checkpoint's data_config)")
+    data.add_argument("--gene-col-name", default=None, help="var column with gene ids; 'index': var_names")
+    add_use_raw_argument(data)
+    data.add_argument("--clip-counts", type=float, default=None, help="clip counts to at most this value")
     data.add_argument(
         "--filter-to-vocabs",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="drop genes the vocabulary lacks; with --no-filter-to-vocabs they are an error (on)",
+        default=None,
+        help="drop genes the vocabulary lacks; with --no-filter-to-vocabs they are an error",
     )
     data.add_argument(
         "--remove-duplicate-genes",
@@ -120,62 +112,71 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument(
         "--n-data-workers",
         type=int,
-        default=0,
-        help="threads reading and tokenizing the next cells while the model runs (0: none)",
+        default=defaults.n_data_workers,
+        help="threads reading and tokenizing the next cells while the model runs (default: %(default)s)",
     )
 
     model = parser.add_argument_group("model and hardware")
     model.add_argument(
         "--model-type",
         choices=MODEL_TYPES,
-        default="transcriptformer",
-        help="transcriptformer, or esm2ce: the mean of the cell's raw gene-embedding rows, no transformer",
+        default=ModelSection.model_type,
+        help="transcriptformer, or esm2ce: the mean of the cell's raw gene-embedding rows, no transformer "
+        "(default: %(default)s)",
     )
     model.add_argument(
         "--pretrained-embedding",
         nargs="+",
-        default=[],
+        default=defaults.pretrained_embedding,
         metavar="H5",
         help="gene-embedding file(s) replacing the model's table, for a species it was not trained on",
     )
     model.add_argument(
         "--adapter",
-        default=None,
+        default=defaults.adapter,
         metavar="DIR",
         help="LoRA adapters from 'transcriptformer finetune', merged into the checkpoint's weights",
     )
-    model.add_argument("--batch-size", type=int, default=8, help="cells per forward pass (8)")
+    model.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help="cells per forward pass (default: %(default)s)"
+    )
     model.add_argument(
         "--max-tokens-per-batch",
+        dest="max_tokens",
         type=int,
-        default=None,
+        default=defaults.max_tokens,
         metavar="N",
         help="token budget per forward pass (cells x trimmed length) instead of a fixed --batch-size",
     )
     model.add_argument(
         "--chunk-size",
         type=int,
-        default=1024,
-        help="cells read, run and saved together; memory and --resume granularity (1024)",
+        default=defaults.chunk_size,
+        help="cells read, run and saved together; memory and --resume granularity (default: %(default)s)",
     )
     model.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default=None,
-        help="32, or mixed precision 16-mixed / bf16-mixed (16-mixed on CUDA, 32 elsewhere)",
+        default=defaults.precision,
+        help="32, or mixed precision 16-mixed / bf16-mixed (default: 16-mixed on CUDA, 32 elsewhere)",
     )
-    model.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA, then MPS, then CPU (auto)")
+    model.add_argument(
+        "--device",
+        choices=DEVICES,
+        default=defaults.device,
+        help="auto: CUDA, then MPS, then CPU (default: %(default)s)",
+    )
     model.add_argument(
         "--num-gpus",
         type=int,
-        default=1,
-        help="processes, one per GPU; -1: every visible GPU; on CPU, CPU processes (1)",
+        default=defaults.num_gpus,
+        help="processes, one per GPU; -1: every visible GPU; on CPU, CPU processes (default: %(default)s)",
     )
     model.add_argument(
         "--attention-backend",
         choices=BACKENDS,
-        default="auto",
-        help="auto: compiled flex attention on CUDA, exact chunked attention elsewhere",
+        default=defaults.attention_backend,
+        help="auto: compiled flex attention on CUDA, exact chunked attention elsewhere (default: %(default)s)",
     )
     model.add_argument(
         "--config-override",
@@ -188,46 +189,50 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+# Flags whose value is an InferenceConfig field of the same name.
+INFERENCE_FLAGS = (
+    "output_path",
+    "output_filename",
+    "batch_size",
+    "max_tokens",
+    "output_keys",
+    "obs_keys",
+    "precision",
+    "pretrained_embedding",
+    "adapter",
+    "emb_type",
+    "device",
+    "num_gpus",
+    "n_data_workers",
+    "remove_duplicate_genes",
+    "overwrite",
+    "resume",
+    "chunk_size",
+    "attention_backend",
+)
+# Flags whose value, when given, replaces the checkpoint's DataConfig field of the same name.
+DATA_CONFIG_FLAGS = ("gene_col_name", "clip_counts", "filter_to_vocabs")
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run's settings: the checkpoint's config, then the flags, then ``--config-override``."""
+    from transcriptformer.inference.config import apply_overrides
+
     inference = InferenceConfig(
         data_files=args.data_file,
-        output_path=args.output_path,
-        output_filename=args.output_filename,
-        batch_size=args.batch_size,
-        output_keys=args.output_keys,
-        obs_keys=args.obs_keys,
-        precision=args.precision,
-        pretrained_embedding=args.pretrained_embedding,
-        adapter=args.adapter,
-        emb_type=args.emb_type,
-        device=args.device,
-        num_gpus=args.num_gpus,
-        n_data_workers=args.n_data_workers,
         use_raw=USE_RAW[args.use_raw],
-        remove_duplicate_genes=args.remove_duplicate_genes,
-        overwrite=args.overwrite,
-        resume=args.resume,
-        max_tokens=args.max_tokens_per_batch,
-        chunk_size=args.chunk_size,
-        attention_backend=args.attention_backend,
+        **{name: getattr(args, name) for name in INFERENCE_FLAGS},
     )
     config = RunConfig.from_checkpoint(args.checkpoint_path, inference, args.model_type)
-    data = config.model.data_config
-    data.gene_col_name, data.clip_counts, data.filter_to_vocabs = (
-        args.gene_col_name,
-        args.clip_counts,
-        args.filter_to_vocabs,
-    )
+    for name in DATA_CONFIG_FLAGS:
+        if getattr(args, name) is not None:
+            setattr(config.model.data_config, name, getattr(args, name))
     return apply_overrides(config, args.config_override)
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``transcriptformer inference``; returns the exit code."""
-    try:
-        run_inference(config_from_args(args), dry_run=args.dry_run)
-    except (FileExistsError, FileNotFoundError, KeyError, RuntimeError, ValueError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"transcriptformer inference: error: {message}", file=sys.stderr)
-        return 1
+    from transcriptformer.inference.runner import run_inference
+
+    run_inference(config_from_args(args), dry_run=args.dry_run)
     return 0

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from transcriptformer.cli.finetune import USER_ERRORS, report_user_error
+from transcriptformer.cli.common import add_overwrite_argument
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``merge-adapters`` subcommand."""
-    parser = subparsers.add_parser(
-        "merge-adapters",
-        help="merge LoRA adapters into their base checkpoint",
-        description="Write a full checkpoint directory (published layout) whose weights are the base checkpoint's "
-        "with the adapters folded in; it gives the same outputs as the base model with the adapters applied.",
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``merge-adapters``."""
+    parser.description = (
+        "Write a full checkpoint directory (published layout) whose weights are the base checkpoint's "
+        "with the adapters folded in; it gives the same outputs as the base model with the adapters applied."
     )
     parser.add_argument("--checkpoint-path", required=True, help="base checkpoint the adapters were trained on")
     parser.add_argument("--adapter", required=True, metavar="PATH", help="adapter directory from 'finetune'")
     parser.add_argument("--output-path", required=True, help="checkpoint directory to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at --output-path")
+    add_overwrite_argument(parser, "a checkpoint")
     parser.set_defaults(func=run)
 
 
@@ -26,9 +24,6 @@ def run(args: argparse.Namespace) -> int:
     """Merge and save."""
     from transcriptformer.training.run import merge_adapters_into_checkpoint
 
-    try:
-        path = merge_adapters_into_checkpoint(args.checkpoint_path, args.adapter, args.output_path, args.overwrite)
-    except USER_ERRORS as error:
-        return report_user_error("merge-adapters", error)
+    path = merge_adapters_into_checkpoint(args.checkpoint_path, args.adapter, args.output_path, args.overwrite)
     print(f"merged checkpoint saved to {path}")
     return 0

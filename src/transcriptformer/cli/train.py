@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import argparse
 
-from transcriptformer.cli.finetune import USER_ERRORS, print_dry_run, report_user_error
+from transcriptformer.cli.common import print_dry_run
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``train`` subcommand."""
-    parser = subparsers.add_parser(
-        "train",
-        help="pretrain a model from scratch on .h5ad files (Hydra config)",
-        description="Train a new TranscriptFormer from .h5ad files and gene-embedding files. Settings come from a "
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``train``."""
+    parser.description = (
+        "Train a new TranscriptFormer from .h5ad files and gene-embedding files. Settings come from a "
         "Hydra YAML file (see conf/) and KEY=VALUE overrides; the result is a checkpoint directory that "
-        "'transcriptformer inference' loads.",
+        "'transcriptformer inference' loads."
     )
     parser.add_argument(
         "--config", default=None, metavar="YAML", help="config file, e.g. conf/demo.yaml (default: built-in defaults)"
@@ -43,21 +41,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Compose the config, then train (or print it, or dry-run)."""
-    from hydra.errors import HydraException
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     from transcriptformer.training.config import compose_train_config
     from transcriptformer.training.run import run_pretraining
 
-    try:
-        config = compose_train_config(args.config, args.overrides)
-        if args.print_config:
-            print(OmegaConf.to_yaml(OmegaConf.structured(config)), end="")
-            return 0
-        result = run_pretraining(config, dry_run_only=args.dry_run)
-    except (*USER_ERRORS, HydraException, OmegaConfBaseException) as error:
-        return report_user_error("train", error)
+    config = compose_train_config(args.config, args.overrides)
+    if args.print_config:
+        print(OmegaConf.to_yaml(OmegaConf.structured(config)), end="")
+        return 0
+    result = run_pretraining(config, dry_run_only=args.dry_run)
     if args.dry_run:
         print_dry_run(result)
     else:

@@ -2,7 +2,9 @@
 
 :class:`CellTokenizer` selects the genes of a count source (:mod:`transcriptformer.data.sources`), drops the
 ones the vocabulary lacks and reads cells in row blocks as :class:`TokenizedCells`, which keep the counts
-sparse and build padded batches on demand. :func:`tokenize_anndata` does all of it at once.
+sparse and build padded batches on demand. How a cell becomes a sequence (gene column, clipping, normalisation,
+ordering, padding) is the checkpoint's :class:`~transcriptformer.config.DataConfig`; a loaded checkpoint gives
+its tokenizer with :meth:`transcriptformer.checkpoint.Checkpoint.tokenizer`.
 """
 
 from __future__ import annotations
@@ -18,34 +20,10 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from transcriptformer.config import DataConfig
 from transcriptformer.data.gene_symbols import ensembl_ids_for_symbols
 from transcriptformer.data.sources import CountReader, open_counts
 from transcriptformer.data.vocab import GeneVocab
-
-
-@dataclass(frozen=True)
-class TokenizerSettings:
-    """How one cell becomes a sequence; the defaults are the original's inference defaults.
-
-    Attributes
-    ----------
-    seq_len : int
-        Number of gene positions per cell.
-    pad_zeros : bool
-        Genes with count 0 become ``[PAD]``.
-    sort_genes : bool
-        Order expressed genes by count (descending) instead of by ``var`` order.
-    normalize_to_scale : float
-        When > 0, counts are scaled to this total per cell (over the vocabulary's genes).
-    clip_counts : float or None
-        Upper bound on counts, applied last.
-    """
-
-    seq_len: int
-    pad_zeros: bool = True
-    sort_genes: bool = False
-    normalize_to_scale: float = 0.0
-    clip_counts: float | None = 30.0
 
 
 @dataclass
@@ -87,10 +65,12 @@ class TokenizedCells:
         ``(n_cells, n_aux)`` aux-column tokens.
     obs_names : pandas.Index
         Cell names, in input order.
-    settings : TokenizerSettings
-        Sequence construction settings.
-    pad_token : int
-        Index of ``[PAD]``.
+    data_config : DataConfig
+        How a cell becomes a sequence (padding of zeros, ordering, normalisation, clipping).
+    seq_len : int
+        Gene positions of a full-length sequence.
+    pad_index : int
+        Vocabulary index of the gene padding token.
     """
 
     counts: sp.csr_matrix
@@ -98,8 +78,9 @@ class TokenizedCells:
     gene_ids: np.ndarray
     aux_tokens: np.ndarray
     obs_names: pd.Index
-    settings: TokenizerSettings
-    pad_token: int
+    data_config: DataConfig
+    seq_len: int
+    pad_index: int
 
     def __len__(self) -> int:
         return self.counts.shape[0]
@@ -110,25 +91,26 @@ class TokenizedCells:
         cols, values = self.counts.indices[start:stop], self.counts.data[start:stop]
         expressed = values > 0
         cols, values = cols[expressed], values[expressed].astype(np.float32)
-        if self.settings.normalize_to_scale > 0 and values.size:
-            values = values / values.sum() * self.settings.normalize_to_scale
-        order = np.argsort(-values, kind="stable") if self.settings.sort_genes else np.argsort(cols, kind="stable")
+        config = self.data_config
+        if config.normalize_to_scale > 0 and values.size:
+            values = values / values.sum() * config.normalize_to_scale
+        order = np.argsort(-values, kind="stable") if config.sort_genes else np.argsort(cols, kind="stable")
         cols, values = cols[order], values[order]
-        if not self.settings.pad_zeros and cols.size < self.settings.seq_len:
+        if not config.pad_zeros and cols.size < self.seq_len:
             zero_cols = np.setdiff1d(np.arange(self.counts.shape[1]), cols, assume_unique=True)
-            zero_cols = zero_cols[: self.settings.seq_len - cols.size]
+            zero_cols = zero_cols[: self.seq_len - cols.size]
             cols = np.concatenate([cols, zero_cols])
             values = np.concatenate([values, np.zeros(zero_cols.size, np.float32)])
-        return cols[: self.settings.seq_len], values[: self.settings.seq_len]
+        return cols[: self.seq_len], values[: self.seq_len]
 
     def n_tokens(self) -> np.ndarray:
         """Number of unpadded positions of each cell: its expressed genes (all genes without ``pad_zeros``)."""
-        if self.settings.pad_zeros:
+        if self.data_config.pad_zeros:
             expressed_before = np.concatenate([[0], np.cumsum(self.counts.data > 0)])[self.counts.indptr]
             genes = np.diff(expressed_before)
         else:
             genes = np.full(len(self), self.counts.shape[1])
-        return np.minimum(genes, self.settings.seq_len).astype(np.int64)
+        return np.minimum(genes, self.seq_len).astype(np.int64)
 
     def batch(self, rows: Sequence[int] | np.ndarray, length: int | None = None) -> Batch:
         """Build the padded model inputs of ``rows``.
@@ -140,18 +122,18 @@ class TokenizedCells:
         length
             Sequence length of the batch; ``seq_len`` by default.
         """
-        length = self.settings.seq_len if length is None else length
-        tokens = np.full((len(rows), length), self.pad_token, dtype=np.int64)
+        length = self.seq_len if length is None else length
+        tokens = np.full((len(rows), length), self.pad_index, dtype=np.int64)
         counts = np.zeros((len(rows), length), dtype=np.float32)
         for i, row in enumerate(rows):
             cols, values = self.sequence(row)
             cols, values = cols[:length], values[:length]
             tokens[i, : cols.size] = self.gene_tokens[cols]
             counts[i, : cols.size] = values
-        if self.settings.pad_zeros:
-            tokens[counts == 0] = self.pad_token
-        if self.settings.clip_counts is not None:
-            np.minimum(counts, self.settings.clip_counts, out=counts)
+        if self.data_config.pad_zeros:
+            tokens[counts == 0] = self.pad_index
+        if self.data_config.clip_counts is not None:
+            np.minimum(counts, self.data_config.clip_counts, out=counts)
         aux = self.aux_tokens[np.asarray(rows, dtype=np.int64)]
         return Batch(torch.from_numpy(tokens), torch.from_numpy(counts), torch.from_numpy(aux))
 
@@ -195,18 +177,18 @@ def check_duplicates(gene_ids: pd.Series, keep_first: bool) -> np.ndarray:
         shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
         raise ValueError(
             f"{len(names)} gene id(s) occur more than once after version stripping: {shown}. "
-            "Pass remove_duplicate_genes=True to keep the first occurrence of each."
+            "Use --remove-duplicate-genes (remove_duplicate_genes=True in Python) to keep the first of each."
         )
     return ~duplicated.to_numpy()
 
 
 def aux_tokens_from_obs(
-    obs: pd.DataFrame, aux_vocabs: Mapping[str, Mapping[str, int]], unknown_token: str = "unknown"
+    obs: pd.DataFrame, aux_vocabs: Mapping[str, Mapping[str, int]], aux_pad_token: str = "unknown"
 ) -> np.ndarray:
     """``(n_cells, n_aux)`` tokens; a value missing from a vocabulary, or a missing column, is unknown."""
     columns = []
     for col, vocab in aux_vocabs.items():
-        unknown = vocab[unknown_token]
+        unknown = vocab[aux_pad_token]
         if col not in obs.columns:
             warnings.warn(f"aux column {col!r} not in obs; treating every cell's {col} as unknown", stacklevel=3)
             columns.append(np.full(len(obs), unknown, dtype=np.int64))
@@ -240,7 +222,7 @@ def select_genes(
     var: pd.DataFrame,
     gene_vocab: GeneVocab,
     gene_col_name: str = "ensembl_id",
-    filter_to_vocab: bool = True,
+    filter_to_vocabs: bool = True,
     remove_duplicate_genes: bool = False,
 ) -> GeneSelection:
     """Keep the columns whose gene id is present, unique (or first) and in the vocabulary."""
@@ -248,10 +230,10 @@ def select_genes(
     keep = gene_ids.notna().to_numpy() & check_duplicates(gene_ids, remove_duplicate_genes)
     tokens = gene_vocab.lookup([g or "" for g in gene_ids])
     missing = keep & (tokens < 0)
-    if missing.any() and not filter_to_vocab:
+    if missing.any() and not filter_to_vocabs:
         raise ValueError(
             f"{int(missing.sum())} gene(s) are not in the model's vocabulary (e.g. {list(gene_ids[missing][:5])}); "
-            "enable vocabulary filtering to drop them"
+            "use --filter-to-vocabs (filter_to_vocabs=True in Python) to drop them"
         )
     keep &= tokens >= 0
     if not keep.any():
@@ -271,26 +253,21 @@ class CellTokenizer:
     ----------
     gene_vocab, aux_vocabs
         The checkpoint's vocabularies.
-    settings
-        Sequence construction settings.
-    gene_col_name
-        ``var`` column with gene ids (``"index"`` for ``var_names``).
-    filter_to_vocab
-        Drop genes the vocabulary lacks. When ``False``, such genes are an error.
+    data_config
+        How a cell becomes a sequence: the gene id column (``"index"`` for ``var_names``), vocabulary filtering
+        (genes the vocabulary lacks are dropped, or an error), clipping, normalisation, ordering, padding, and
+        the names of the padding tokens.
+    seq_len
+        Gene positions of a full-length sequence.
     remove_duplicate_genes
         Keep the first of duplicated gene ids instead of raising.
-    pad_token, aux_unknown_token
-        Names of the gene padding token and of the unknown entry of aux vocabularies.
     """
 
     gene_vocab: GeneVocab
     aux_vocabs: Mapping[str, Mapping[str, int]]
-    settings: TokenizerSettings
-    gene_col_name: str = "ensembl_id"
-    filter_to_vocab: bool = True
+    data_config: DataConfig
+    seq_len: int
     remove_duplicate_genes: bool = False
-    pad_token: str = "[PAD]"
-    aux_unknown_token: str = "unknown"
 
     def tokenize(self, data: ad.AnnData | str | Path, use_raw: bool | None = None) -> TokenizedCells:
         """Every cell of an AnnData (or of a ``.h5ad``, ``.zarr`` or 10x ``.h5`` file) at once.
@@ -302,11 +279,13 @@ class CellTokenizer:
 
     def prepare(self, reader: CountReader) -> PreparedCells:
         """Select the reader's genes and read its aux columns; counts are read later, in row blocks."""
+        config = self.data_config
         selection = select_genes(
-            reader.var, self.gene_vocab, self.gene_col_name, self.filter_to_vocab, self.remove_duplicate_genes
+            reader.var, self.gene_vocab, config.gene_col_name, config.filter_to_vocabs, self.remove_duplicate_genes
         )
-        aux = aux_tokens_from_obs(reader.obs, self.aux_vocabs, self.aux_unknown_token)
-        return PreparedCells(reader, selection, aux, self.settings, self.gene_vocab.special(self.pad_token))
+        aux = aux_tokens_from_obs(reader.obs, self.aux_vocabs, config.aux_pad_token)
+        pad_index = self.gene_vocab.special(config.gene_pad_token)
+        return PreparedCells(reader, selection, aux, config, self.seq_len, pad_index)
 
 
 @dataclass
@@ -316,8 +295,9 @@ class PreparedCells:
     reader: CountReader
     selection: GeneSelection
     aux_tokens: np.ndarray
-    settings: TokenizerSettings
-    pad_token: int
+    data_config: DataConfig
+    seq_len: int
+    pad_index: int
 
     def __len__(self) -> int:
         return self.reader.n_obs
@@ -335,37 +315,12 @@ class PreparedCells:
             gene_ids=self.selection.gene_ids,
             aux_tokens=self.aux_tokens[start:stop],
             obs_names=self.reader.obs.index[start:stop],
-            settings=self.settings,
-            pad_token=self.pad_token,
+            data_config=self.data_config,
+            seq_len=self.seq_len,
+            pad_index=self.pad_index,
         )
 
     def chunks(self, chunk_size: int) -> Iterator[tuple[int, TokenizedCells]]:
         """Consecutive blocks of at most ``chunk_size`` cells, with the index of each block's first cell."""
         for start in range(0, len(self), chunk_size):
             yield start, self.cells(start, min(start + chunk_size, len(self)))
-
-
-def tokenize_anndata(
-    data: ad.AnnData | str | Path,
-    gene_vocab: GeneVocab,
-    aux_vocabs: Mapping[str, Mapping[str, int]],
-    settings: TokenizerSettings,
-    *,
-    use_raw: bool | None = None,
-    **tokenizer_options,
-) -> TokenizedCells:
-    """Tokenize every cell of an AnnData (or of a ``.h5ad``, ``.zarr`` or 10x ``.h5`` file) at once.
-
-    Parameters
-    ----------
-    data
-        An AnnData or a file path.
-    gene_vocab, aux_vocabs, settings
-        See :class:`CellTokenizer`.
-    use_raw
-        ``None`` uses ``raw`` when present; ``True`` requires it; ``False`` uses ``X``.
-    **tokenizer_options
-        ``gene_col_name``, ``filter_to_vocab``, ``remove_duplicate_genes``, ``pad_token``,
-        ``aux_unknown_token`` (see :class:`CellTokenizer`).
-    """
-    return CellTokenizer(gene_vocab, aux_vocabs, settings, **tokenizer_options).tokenize(data, use_raw)

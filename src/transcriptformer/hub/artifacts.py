@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from transcriptformer.errors import UserError
 from transcriptformer.hub.http import CHUNK_SIZE, DownloadResult, RetryPolicy, download_file
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ COMPLETION_MARKER = ".transcriptformer-download.json"
 DOWNLOADS_DIR = ".downloads"
 
 
-class ArchiveError(RuntimeError):
+class ArchiveError(UserError, RuntimeError):
     """An archive is corrupt, unsafe to extract, or not laid out as expected."""
 
 

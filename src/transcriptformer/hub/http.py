@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 
 from tqdm.auto import tqdm
 
+from transcriptformer.errors import UserError
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -36,7 +38,7 @@ CHUNK_SIZE = 1 << 20
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A download failed for good: after all retries, or with an error that retrying cannot fix."""
 
 

@@ -11,7 +11,8 @@ keys keep working::
       inference_config:  InferenceConfig                      (batch_size, output_keys, obs_keys, ...)
 
 :func:`apply_overrides` parses ``key=value`` strings with Hydra's override grammar (lists, ``null``, quoted
-strings) and sets them through OmegaConf, which checks every key and type against the dataclasses.
+strings) and sets them through OmegaConf, which checks every key and type against the dataclasses. This module
+imports neither Hydra nor torch until an override is applied, so that the command line starts fast.
 """
 
 from __future__ import annotations
@@ -21,20 +22,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import OverrideType
-from hydra.errors import HydraException
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from transcriptformer.config import (
+    CONFIG_FILE,
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    PredictSettings,
+    TranscriptFormerConfig,
+)
+from transcriptformer.model.outputs import check_output_keys
+from transcriptformer.runtime import BACKENDS, DEVICES
 
-from transcriptformer.checkpoint import CONFIG_FILE
-from transcriptformer.config import DataConfig, LossConfig, ModelConfig, TranscriptFormerConfig
-from transcriptformer.model.attention import BACKENDS
-
-OUTPUT_KEYS = ("embeddings", "llh", "gene_llh", "mu", "cge")
-PER_GENE_KEYS = ("gene_llh", "mu")
-PRECISIONS = ("32", "16-mixed", "bf16-mixed")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 MODEL_TYPES = ("transcriptformer", "esm2ce")
 EMB_TYPES = ("cell", "cge")
 ALL_OBS_KEYS = "all"
@@ -55,7 +53,8 @@ class InferenceConfig:
     max_tokens : int or None
         Token budget per forward pass (cells x batch length) instead of a fixed ``batch_size``.
     output_keys : list of str
-        Any of ``embeddings``, ``llh``, ``gene_llh``, ``mu`` and ``cge`` (contextual gene embeddings).
+        Any of :data:`~transcriptformer.model.outputs.OUTPUT_KEYS`: ``embeddings``, ``llh``, ``gene_llh``, ``mu``
+        and ``cge`` (contextual gene embeddings).
     obs_keys : list of str
         ``obs`` columns to keep; ``["all"]`` keeps every column.
     precision : str or None
@@ -65,8 +64,8 @@ class InferenceConfig:
     adapter : str or None
         LoRA adapter directory merged into the weights.
     emb_type : str
-        ``"cell"``, or ``"cge"`` to also write contextual gene embeddings (same as adding ``cge`` to
-        ``output_keys``).
+        ``"cell"``, or ``"cge"`` to also write contextual gene embeddings (the original release's flag: ``cge``
+        is then added to ``output_keys``).
     device : str
         ``auto``, ``cpu``, ``cuda`` or ``mps``.
     num_gpus : int
@@ -84,17 +83,17 @@ class InferenceConfig:
     chunk_size : int
         Cells per unit of work; each unit's outputs are written to disk when it is done.
     attention_backend : str
-        One of :data:`transcriptformer.model.attention.BACKENDS`; ``auto`` picks flex on CUDA, chunked elsewhere.
+        One of :data:`transcriptformer.runtime.BACKENDS`; ``auto`` picks flex on CUDA, chunked elsewhere.
     """
 
     data_files: list[str] = field(default_factory=list)
     output_path: str = "./inference_results"
     output_filename: str = "embeddings.h5ad"
-    batch_size: int = 8
-    max_tokens: int | None = None
-    output_keys: list[str] = field(default_factory=lambda: ["embeddings"])
+    batch_size: int = PredictSettings.batch_size
+    max_tokens: int | None = PredictSettings.max_tokens
+    output_keys: list[str] = field(default_factory=lambda: list(PredictSettings.output_keys))
     obs_keys: list[str] = field(default_factory=lambda: [ALL_OBS_KEYS])
-    precision: str | None = None
+    precision: str | None = PredictSettings.precision
     pretrained_embedding: list[str] = field(default_factory=list)
     adapter: str | None = None
     emb_type: str = "cell"
@@ -109,30 +108,26 @@ class InferenceConfig:
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_choices("output_keys", self.output_keys, OUTPUT_KEYS)
-        _check_choices("precision", [self.precision] if self.precision else [], PRECISIONS)
-        _check_choices("device", [self.device], DEVICES)
         _check_choices("emb_type", [self.emb_type], EMB_TYPES)
+        if self.emb_type == "cge" and "cge" not in self.output_keys:
+            self.output_keys = [*self.output_keys, "cge"]
+        check_output_keys(self.output_keys)
+        _ = self.predict_settings  # built once here to validate batch_size, max_tokens and precision
+        _check_choices("device", [self.device], DEVICES)
         _check_choices("attention_backend", [self.attention_backend], BACKENDS)
-        for name in ("batch_size", "chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.num_gpus == 0 or self.num_gpus < -1:
             raise ValueError(f"num_gpus must be -1 (all) or >= 1, got {self.num_gpus}")
         if self.n_data_workers < 0:
             raise ValueError(f"n_data_workers must be >= 0, got {self.n_data_workers}")
-        if not self.output_keys:
-            raise ValueError("output_keys is empty: ask for at least one output")
         if not self.obs_keys:
             raise ValueError(f"obs_keys is empty: list columns, or [{ALL_OBS_KEYS}] for every column")
 
     @property
-    def wanted_outputs(self) -> list[str]:
-        """``output_keys``, plus ``cge`` when ``emb_type`` is ``cge``, without repeats."""
-        keys = [*self.output_keys, *(["cge"] if self.emb_type == "cge" else [])]
-        return list(dict.fromkeys(keys))
+    def predict_settings(self) -> PredictSettings:
+        """The settings of the batch loop."""
+        return PredictSettings(tuple(self.output_keys), self.batch_size, self.max_tokens, self.precision)
 
 
 @dataclass
@@ -148,7 +143,7 @@ class ModelSection:
 
     def __post_init__(self) -> None:
         _check_choices("model_type", [self.model_type], MODEL_TYPES)
-        wanted = self.inference_config.wanted_outputs
+        wanted = self.inference_config.output_keys
         if self.model_type == "esm2ce" and wanted != ["embeddings"]:
             raise ValueError(f"model_type esm2ce only computes cell embeddings; output_keys asked for {wanted}")
         if "gene_llh" in wanted and self.loss_config.gene_id_loss_weight <= 0:
@@ -217,6 +212,12 @@ def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
     """
     if not overrides:
         return config
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     tree = OmegaConf.structured(config)
     parser = OverridesParser.create()
     for text in overrides:

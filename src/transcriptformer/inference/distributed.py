@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from transcriptformer.errors import UserError
+
 # How long a process that has finished its share waits for the slowest one at the final barrier.
 BARRIER_TIMEOUT = timedelta(hours=24)
 
@@ -104,7 +106,7 @@ def spawn(worker: Callable[..., None], world_size: int, *args) -> None:
 
     Raises
     ------
-    RuntimeError
+    UserError
         When a process fails; the message ends with that process' error.
     """
     init_method = f"tcp://127.0.0.1:{_free_port()}"
@@ -112,7 +114,7 @@ def spawn(worker: Callable[..., None], world_size: int, *args) -> None:
         mp.spawn(_run_spawned, args=(world_size, init_method, worker, args), nprocs=world_size, join=True)
     except mp.ProcessRaisedException as error:
         last_line = str(error).strip().splitlines()[-1]
-        raise RuntimeError(f"an inference process failed: {last_line}") from error
+        raise UserError(f"an inference process failed: {last_line}") from error
 
 
 def _run_spawned(index: int, world_size: int, init_method: str, worker: Callable[..., None], args: tuple) -> None:

@@ -34,8 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-Backend = Literal["auto", "flex", "chunked", "dense"]
-BACKENDS = ("auto", "flex", "chunked", "dense")
+from transcriptformer.runtime import BACKENDS, Backend
 
 # Block size of flex attention's block masks.
 FLEX_BLOCK_SIZE = 128

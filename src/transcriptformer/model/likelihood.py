@@ -7,16 +7,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from transcriptformer.model.attention import softcap
+from transcriptformer.model.outputs import end_target_position
 
 
-def next_token_targets(tokens: Tensor, counts: Tensor, end_index: int, last_position: int) -> tuple[Tensor, Tensor]:
-    """Prediction targets: the tokens and counts themselves, with ``[END]`` and count 1 at ``last_position``.
+def next_token_targets(tokens: Tensor, counts: Tensor, end_index: int, seq_len: int) -> tuple[Tensor, Tensor]:
+    """Prediction targets: the tokens and counts themselves, with ``[END]`` and count 1 at the end target.
 
-    ``last_position`` is the last position of a full-length sequence (``seq_len - 1``). A batch trimmed to
-    a shorter length has padding there, so trimming never changes a target.
+    The end-target position is :func:`~transcriptformer.model.outputs.end_target_position` of ``seq_len``.
     """
-    is_last = torch.arange(tokens.shape[1], device=tokens.device) == last_position
-    return torch.where(is_last, end_index, tokens), torch.where(is_last, 1.0, counts)
+    is_end = torch.arange(tokens.shape[1], device=tokens.device) == end_target_position(seq_len)
+    return torch.where(is_end, end_index, tokens), torch.where(is_end, 1.0, counts)
 
 
 def zero_truncated_poisson_nll(mu: Tensor, counts: Tensor, eps: float, softplus_approx: bool = True) -> Tensor:

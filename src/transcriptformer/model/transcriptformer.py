@@ -16,7 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from transcriptformer.config import LossConfig, ModelConfig
-from transcriptformer.model.attention import Backend, BlockMaskCache, build_attention_inputs, resolve_backend
+from transcriptformer.model.attention import (
+    BlockMaskCache,
+    build_attention_inputs,
+    preferred_length_multiple,
+    resolve_backend,
+)
 from transcriptformer.model.layers import MLP, CountHead, GeneEmbedding, TransformerEncoder
 from transcriptformer.model.likelihood import (
     gene_cross_entropy,
@@ -24,8 +29,8 @@ from transcriptformer.model.likelihood import (
     next_token_targets,
     zero_truncated_poisson_nll,
 )
-
-OUTPUT_KEYS = ("embeddings", "llh", "gene_llh", "mu", "cge")
+from transcriptformer.model.outputs import OUTPUT_KEYS, check_output_keys, needs_head
+from transcriptformer.runtime import Backend
 
 
 @dataclass(frozen=True)
@@ -72,9 +77,9 @@ class TranscriptFormer(nn.Module):
         Indices of ``[PAD]``, ``[START]`` and ``[END]``.
     aux_vocabs : mapping of str to mapping of str to int
         Vocabulary of each auxiliary column, in column order.
-    aux_unknown_token : str
+    aux_pad_token : str
         Entry of each aux vocabulary that marks an unknown (masked) value.
-    attention_backend : {"auto", "flex", "chunked"}
+    attention_backend : {"auto", "flex", "chunked", "dense"}
         ``"auto"`` uses compiled flex attention on CUDA and the chunked exact path elsewhere.
     """
 
@@ -85,7 +90,7 @@ class TranscriptFormer(nn.Module):
         gene_table: Tensor,
         special_tokens: SpecialTokens,
         aux_vocabs: Mapping[str, Mapping[str, int]],
-        aux_unknown_token: str = "unknown",
+        aux_pad_token: str = "unknown",
         attention_backend: Backend = "auto",
     ):
         super().__init__()
@@ -99,7 +104,7 @@ class TranscriptFormer(nn.Module):
 
         self.gene_embeddings = GeneEmbedding(gene_table, embed_dim, cfg.dropout)
         self.aux_embeddings = nn.ModuleDict({col: nn.Embedding(len(v), embed_dim) for col, v in aux_vocabs.items()})
-        self.aux_unknown = [vocab[aux_unknown_token] for vocab in aux_vocabs.values()]
+        self.aux_unknown = [vocab[aux_pad_token] for vocab in aux_vocabs.values()]
         self.transformer_encoder = TransformerEncoder(
             cfg.num_layers,
             embed_dim=embed_dim,
@@ -116,8 +121,22 @@ class TranscriptFormer(nn.Module):
         else:
             self.gene_id_head = None
         # Gene-id head class of each vocabulary entry, -1 where the head has none; set by a gene-table swap
-        # (transcriptformer.ood). None: the vocabulary is the one the head was trained on.
+        # (transcriptformer.model.gene_swap). None: the vocabulary is the one the head was trained on.
         self.register_buffer("gene_head_classes", None, persistent=False)
+
+    @property
+    def seq_len(self) -> int:
+        """Gene positions of a full-length cell."""
+        return self.model_config.seq_len
+
+    @property
+    def output_keys(self) -> tuple[str, ...]:
+        """The outputs this model computes (``gene_llh`` needs a gene-id head)."""
+        return tuple(key for key in OUTPUT_KEYS if self.gene_id_head is not None or key != "gene_llh")
+
+    def length_multiple(self, device: torch.device) -> int:
+        """Multiple that batch lengths are rounded up to on ``device`` (the flex block size, or 1)."""
+        return preferred_length_multiple(self.attention_backend, device)
 
     def shifted_inputs(self, gene_tokens: Tensor, gene_counts: Tensor) -> tuple[Tensor, Tensor]:
         """Shift right: ``[START], t[:, :-1]`` and ``1, c[:, :-1]``."""
@@ -211,7 +230,7 @@ class TranscriptFormer(nn.Module):
         """
         mask = gene_tokens != self.special_tokens.pad
         target_tokens, target_counts = next_token_targets(
-            gene_tokens, gene_counts.float(), self.special_tokens.end, self.model_config.seq_len - 1
+            gene_tokens, gene_counts.float(), self.special_tokens.end, self.seq_len
         )
         result = {"mask": mask}
         if out.mu is not None:
@@ -236,31 +255,24 @@ class TranscriptFormer(nn.Module):
         self,
         gene_tokens: Tensor,
         gene_counts: Tensor,
-        aux_tokens: Tensor | None = None,
-        output_keys: Collection[str] = ("embeddings", "llh", "gene_llh", "mu"),
+        aux_tokens: Tensor | None,
+        output_keys: Collection[str],
     ) -> dict[str, Tensor]:
         """Inference outputs of the original release, computing only the heads they need.
 
         Parameters
         ----------
         output_keys
-            Any of ``embeddings`` ``(B, E)``, ``llh`` ``(B,)`` (mean count NLL over the cell's genes),
-            ``gene_llh`` ``(B, L)`` (gene-id cross-entropy per position), ``mu`` ``(B, L)`` and ``cge``
-            ``(B, L, E)`` (contextual gene embeddings).
+            Names of :data:`~transcriptformer.model.outputs.OUTPUTS`, which describes each.
         """
-        unknown = set(output_keys) - set(OUTPUT_KEYS)
-        if unknown:
-            raise ValueError(f"unknown output keys {sorted(unknown)}; choose from {OUTPUT_KEYS}")
-        if "gene_llh" in output_keys and self.gene_id_head is None:
-            raise ValueError("gene_llh needs a gene-id head, and this model has none (gene_id_loss_weight = 0)")
-        needs_mu = bool({"llh", "mu"} & set(output_keys))
+        check_output_keys(output_keys, self.output_keys)
         out = self(
             gene_tokens,
             gene_counts,
             aux_tokens,
             embed_mode=True,
-            compute_mu=needs_mu,
-            compute_gene_logits="gene_llh" in output_keys,
+            compute_mu=needs_head(output_keys, "count"),
+            compute_gene_logits=needs_head(output_keys, "gene_id"),
         )
         scores = self.likelihoods(out, gene_tokens, gene_counts)
         available = {

@@ -45,7 +45,7 @@ def mean_rate_count_nll(batches: Iterable[Batch], rates: torch.Tensor, model: Tr
         mask = batch.gene_tokens != special.pad
         weights = torch.where(mask, rates[batch.gene_tokens], 0.0)
         mu = weights / weights.sum(-1, keepdim=True) * batch.gene_counts.sum(-1, keepdim=True)
-        _, targets = next_token_targets(batch.gene_tokens, batch.gene_counts, special.end, cfg.seq_len - 1)
+        _, targets = next_token_targets(batch.gene_tokens, batch.gene_counts, special.end, cfg.seq_len)
         nll = zero_truncated_poisson_nll(mu, targets, cfg.log_counts_eps, model.loss_config.softplus_approx)
         nll_sum += float(nll[mask].sum())
         n_tokens += int(mask.sum())

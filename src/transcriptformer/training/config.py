@@ -12,26 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hydra import compose, initialize, initialize_config_dir
-from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
-
 from transcriptformer.config import DataConfig, LossConfig, ModelConfig
+from transcriptformer.model.lora import LoraSettings
+from transcriptformer.runtime import BACKENDS, PRECISIONS
 
-PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 SCHEMA_NAME = "train_schema"
-
-# Friendly names of the linear layers LoRA can adapt, as suffixes of module names (peft's matching rule).
-TARGET_ALIASES: dict[str, tuple[str, ...]] = {
-    "attention": ("self_attn.linears.0", "self_attn.linears.1", "self_attn.linears.2", "self_attn.linears.3"),
-    "ffn": ("linear1", "linear2"),
-    "q": ("self_attn.linears.0",),
-    "k": ("self_attn.linears.1",),
-    "v": ("self_attn.linears.2",),
-    "o": ("self_attn.linears.3",),
-    "ffn1": ("linear1",),
-    "ffn2": ("linear2",),
-}
 
 
 @dataclass
@@ -131,7 +116,8 @@ class TrainerSettings:
     resume : str or None
         A Lightning checkpoint to resume from, or ``"last"`` for the latest one in ``run_dir``.
     attention_backend : str
-        ``"auto"`` (compiled flex attention on CUDA, chunked elsewhere), ``"flex"`` or ``"chunked"``.
+        One of :data:`~transcriptformer.runtime.BACKENDS`: ``"auto"`` (compiled flex attention on CUDA, chunked
+        elsewhere), ``"flex"``, ``"chunked"`` or ``"dense"``.
     """
 
     devices: str = "auto"
@@ -155,40 +141,10 @@ class TrainerSettings:
         self.precision = str(self.precision)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
         if self.accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {self.accumulate_grad_batches}")
-
-
-@dataclass
-class LoraSettings:
-    """LoRA adapters (through ``peft``).
-
-    Attributes
-    ----------
-    r : int
-        Adapter rank.
-    alpha : float
-        Scaling numerator: the update is ``alpha / r * B A``.
-    dropout : float
-        Dropout on the adapter input.
-    target_modules : list of str
-        ``attention`` (Q, K, V, output projections), ``ffn`` (both FFN linears), ``q``, ``k``, ``v``, ``o``,
-        ``ffn1``, ``ffn2``, or module names of the model (e.g. ``linears.0``).
-    train_heads : bool
-        Also train full copies of the count head and gene-id head.
-    """
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["attention", "ffn"])
-    train_heads: bool = False
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -199,11 +155,11 @@ class TrainConfig:
     ----------
     output_dir : str
         Checkpoint directory written at the end, in the published layout.
-    model : ModelConfig
-        Architecture.
-    loss : LossConfig
-        Objective weights.
-    tokens : DataConfig
+    model_config : ModelConfig
+        Architecture, stored as the checkpoint's ``model_config``.
+    loss_config : LossConfig
+        Objective weights, stored as the checkpoint's ``loss_config``.
+    data_config : DataConfig
         Tokenization, stored as the checkpoint's ``data_config``; ``esm2_mappings`` lists the paths of the
         gene-embedding ``.h5`` files (copied into ``vocabs/``), ``aux_cols`` the ``obs`` columns whose values
         become aux tokens (their vocabularies are read from the training files).
@@ -212,9 +168,9 @@ class TrainConfig:
     """
 
     output_dir: str = "checkpoints/transcriptformer"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    tokens: DataConfig = field(default_factory=DataConfig)
+    model_config: ModelConfig = field(default_factory=ModelConfig)
+    loss_config: LossConfig = field(default_factory=LossConfig)
+    data_config: DataConfig = field(default_factory=DataConfig)
     data: DataSettings = field(default_factory=lambda: DataSettings(val_fraction=0.1))
     optim: OptimSettings = field(default_factory=OptimSettings)
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
@@ -246,23 +202,37 @@ def compose_train_config(config_file: str | Path | None = None, overrides: list[
     """Compose a Hydra YAML config and command-line overrides into a validated :class:`TrainConfig`.
 
     The typed schema is registered with Hydra as ``train_schema``; a YAML file lists it first in its defaults
-    list (``defaults: [train_schema, model: tiny, _self_]``) so that every field can be overridden.
+    list (``defaults: [train_schema, model_config: tiny, _self_]``) so that every field can be overridden.
 
     Parameters
     ----------
     config_file
         A YAML file, e.g. ``conf/demo.yaml``; its folder is the Hydra config directory, so its defaults list
-        may name groups such as ``model: tiny``. Without a file, the dataclass defaults apply.
+        may name groups such as ``model_config: tiny``. Without a file, the dataclass defaults apply.
     overrides
         Hydra overrides, e.g. ``["optim.lr=1e-3", "trainer.max_epochs=5"]``.
 
     Raises
     ------
-    hydra.errors.ConfigCompositionException
-        When an override does not apply (its cause says why, e.g. a value of the wrong type).
-    omegaconf.errors.ValidationError
-        When a value of the file does not fit the type of its field.
+    ValueError
+        When an override does not apply or a value does not fit the type of its field (the message says which).
     """
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return _compose(config_file, overrides)
+    except (HydraException, OmegaConfBaseException) as error:
+        message = str(error).strip().splitlines()[0]
+        cause = str(error.__cause__).strip().splitlines()[0] if error.__cause__ is not None else ""
+        raise ValueError(message if cause in message else f"{message}: {cause}") from None
+
+
+def _compose(config_file: str | Path | None, overrides: list[str] | None) -> TrainConfig:
+    from hydra import compose, initialize, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
     ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
     if config_file is None:
         with initialize(config_path=None, version_base=None):

@@ -53,14 +53,14 @@ class CellDataset(Dataset[Batch]):
         return self.cells.n_tokens()[self.rows]
 
 
-def collate_cells(items: Sequence[Batch], pad_token: int, length_multiple: int = 1) -> Batch:
+def collate_cells(items: Sequence[Batch], pad_index: int, length_multiple: int = 1) -> Batch:
     """Stack one-cell batches and cut the trailing positions that are padding in every cell.
 
     The length kept is :func:`~transcriptformer.data.batching.batch_length` of the longest cell, rounded up to
     ``length_multiple`` (the attention backend's preference).
     """
     tokens = torch.cat([item.gene_tokens for item in items])
-    longest = int((tokens != pad_token).sum(1).max())
+    longest = int((tokens != pad_index).sum(1).max())
     length = batch_length(longest, tokens.shape[1], length_multiple)
     return Batch(
         gene_tokens=tokens[:, :length],
@@ -112,7 +112,7 @@ class EpochShuffleSampler(Sampler[int]):
 
 def cells_with_tokens(cells: TokenizedCells) -> np.ndarray:
     """Rows of the cells whose sequence has at least one gene of the vocabulary."""
-    if not cells.settings.pad_zeros:
+    if not cells.data_config.pad_zeros:
         return np.arange(len(cells))
     return np.flatnonzero((cells.counts > 0).getnnz(axis=1) > 0)
 
@@ -186,7 +186,7 @@ class CellDataModule(L.LightningDataModule):
     ----------
     train, val
         Datasets from :func:`build_datasets`; ``val`` may be ``None``.
-    pad_token
+    pad_index
         Index of ``[PAD]``, for trimming batches.
     batch_size
         Cells per batch.
@@ -202,7 +202,7 @@ class CellDataModule(L.LightningDataModule):
         self,
         train: ConcatDataset,
         val: ConcatDataset | None,
-        pad_token: int,
+        pad_index: int,
         batch_size: int,
         num_workers: int = 0,
         seed: int = 0,
@@ -215,7 +215,7 @@ class CellDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.collate: Callable[[Sequence[Batch]], Batch] = partial(
-            collate_cells, pad_token=pad_token, length_multiple=length_multiple
+            collate_cells, pad_index=pad_index, length_multiple=length_multiple
         )
 
     @property

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from transcriptformer.data.tokenize import Batch
+from transcriptformer.model.lora import base_model
 from transcriptformer.training.config import OptimSettings
-from transcriptformer.training.lora import base_model
 from transcriptformer.training.objective import LossTerms, training_loss
 
 

@@ -16,11 +16,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from transcriptformer.api import TranscriptFormerModel
-from transcriptformer.checkpoint import CONFIG_FILE, VOCAB_DIR, Checkpoint, load_checkpoint, save_checkpoint
+from transcriptformer.checkpoint import VOCAB_DIR, Checkpoint, load_checkpoint, save_checkpoint
+from transcriptformer.config import CONFIG_FILE
 from transcriptformer.data.tokenize import TokenizedCells, read_anndata
-from transcriptformer.model.attention import preferred_length_multiple
-from transcriptformer.training import lora
+from transcriptformer.model import lora
 from transcriptformer.training.config import DataSettings, FinetuneConfig, TrainConfig, TrainerSettings
 from transcriptformer.training.datamodule import CellDataModule, build_datasets
 from transcriptformer.training.module import TranscriptFormerModule
@@ -35,12 +34,9 @@ def tokenize_files(
     checkpoint: Checkpoint, sources: Sequence[str | Path | ad.AnnData], data: DataSettings
 ) -> list[TokenizedCells]:
     """Tokenize training or validation cells with the checkpoint's vocabularies and tokenization settings."""
-    api = TranscriptFormerModel(checkpoint, torch.device("cpu"))
-    clip_counts = checkpoint.config.data_config.clip_counts
-    return [
-        api.tokenize(source, gene_col_name=data.gene_col_name, use_raw=data.use_raw, clip_counts=clip_counts)
-        for source in sources
-    ]
+    gene_col_name = {"gene_col_name": data.gene_col_name} if data.gene_col_name else {}
+    tokenizer = checkpoint.tokenizer(**gene_col_name)
+    return [tokenizer.tokenize(source, data.use_raw) for source in sources]
 
 
 def build_datamodule(
@@ -69,8 +65,8 @@ def build_datamodule(
     train = tokenize_files(checkpoint, train_sources or data.train_files, data)
     val = tokenize_files(checkpoint, data.val_files, data)
     train_set, val_set = build_datasets(train, val, data.val_fraction, seed)
-    multiple = preferred_length_multiple(checkpoint.model.attention_backend, device or torch.device("cpu"))
-    return CellDataModule(train_set, val_set, train[0].pad_token, data.batch_size, data.num_workers, seed, multiple)
+    multiple = checkpoint.model.length_multiple(device or torch.device("cpu"))
+    return CellDataModule(train_set, val_set, train[0].pad_index, data.batch_size, data.num_workers, seed, multiple)
 
 
 def require_training_files(data: DataSettings) -> None:
@@ -113,7 +109,7 @@ def run_pretraining(
     trainer = fit(module, data, cfg.trainer, run_dir_of(cfg.trainer, output), dataclasses.asdict(cfg), callbacks)
     if trainer.is_global_zero:
         save_checkpoint(
-            output, checkpoint.config, checkpoint.model, checkpoint.aux_vocabs, list(cfg.tokens.esm2_mappings)
+            output, checkpoint.config, checkpoint.model, checkpoint.aux_vocabs, list(cfg.data_config.esm2_mappings)
         )
     return output
 

@@ -74,32 +74,32 @@ def new_checkpoint(cfg: TrainConfig, adatas: Sequence[ad.AnnData]) -> Checkpoint
     Parameters
     ----------
     cfg
-        ``tokens.esm2_mappings`` lists the gene-embedding files, ``tokens.aux_cols`` the aux columns.
+        ``data_config.esm2_mappings`` lists the gene-embedding files, ``data_config.aux_cols`` the aux columns.
     adatas
         Training cells, whose ``obs`` give the aux vocabularies.
     """
-    tokens = cfg.tokens
-    if not tokens.esm2_mappings:
-        raise ValueError("tokens.esm2_mappings must list at least one gene-embedding .h5 file")
-    missing = [f for f in tokens.esm2_mappings if not Path(f).is_file()]
+    data_config = cfg.data_config
+    if not data_config.esm2_mappings:
+        raise ValueError("data_config.esm2_mappings must list at least one gene-embedding .h5 file")
+    missing = [f for f in data_config.esm2_mappings if not Path(f).is_file()]
     if missing:
         raise FileNotFoundError(f"gene-embedding file(s) not found: {missing}")
     seed = cfg.trainer.seed
-    gene_vocab = build_gene_vocab(tokens.special_tokens, tokens.esm2_mappings)
-    aux_vocabs = aux_vocabs_from_obs(adatas, tokens.aux_cols, tokens.aux_pad_token)
-    table = build_gene_table(gene_vocab, tokens.esm2_mappings, seed)
+    gene_vocab = build_gene_vocab(data_config.special_tokens, data_config.esm2_mappings)
+    aux_vocabs = aux_vocabs_from_obs(adatas, data_config.aux_cols, data_config.aux_pad_token)
+    table = build_gene_table(gene_vocab, data_config.esm2_mappings, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = TranscriptFormer(
-            cfg.model,
-            cfg.loss,
+            cfg.model_config,
+            cfg.loss_config,
             gene_table=table,
-            special_tokens=special_tokens_of(gene_vocab, tokens.gene_pad_token),
+            special_tokens=special_tokens_of(gene_vocab, data_config.gene_pad_token),
             aux_vocabs=aux_vocabs,
-            aux_unknown_token=tokens.aux_pad_token,
+            aux_pad_token=data_config.aux_pad_token,
             attention_backend=cfg.trainer.attention_backend,
         )
-    config = TranscriptFormerConfig(data_config=tokens, model_config=cfg.model, loss_config=cfg.loss)
+    config = TranscriptFormerConfig(data_config, cfg.model_config, cfg.loss_config)
     return Checkpoint(
         path=Path(cfg.output_dir), config=config, gene_vocab=gene_vocab, aux_vocabs=aux_vocabs, model=model
     )

@@ -17,7 +17,6 @@ A table identical to the model's own therefore gives the model's own outputs, bi
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from transcriptformer.checkpoint import Checkpoint
 from transcriptformer.data.vocab import GeneVocab, read_embedding_keys, read_embedding_table
+from transcriptformer.model.transcriptformer import TranscriptFormer
 
 
 def build_swapped_table(
@@ -94,31 +93,32 @@ def remap_count_bias(bias: torch.Tensor, old_index: np.ndarray, n_special: int) 
     return torch.where(known, bias[index.clamp(min=0)], mean_gene_bias)
 
 
-def swap_gene_embeddings(checkpoint: Checkpoint, embedding_files: Sequence[str | Path]) -> Checkpoint:
-    """Make a loaded checkpoint run on the genes of other gene-embedding files (in place).
+def swap_gene_embeddings(model: TranscriptFormer, vocab: GeneVocab, embedding_files: Sequence[str | Path]) -> GeneVocab:
+    """Make a model run on the genes of other gene-embedding files (in place).
 
     Parameters
     ----------
-    checkpoint
-        A checkpoint as loaded (not swapped before); its model is modified in place.
+    model
+        A model as loaded (not swapped before); it is modified in place.
+    vocab
+        The model's vocabulary.
     embedding_files
         One or more gene-embedding ``.h5`` files, for example another species' ``<species>_gene.h5``.
 
     Returns
     -------
-    Checkpoint
-        The same model with the new vocabulary, to tokenize cells with.
+    GeneVocab
+        The new vocabulary, to tokenize cells with.
     """
-    model = checkpoint.model
     if model.gene_head_classes is not None:
         raise ValueError("this model's gene embeddings were swapped already; swap those of a freshly loaded checkpoint")
     embedding = model.gene_embeddings.embedding
-    new_vocab, new_table = build_swapped_table(checkpoint.gene_vocab, embedding.weight, embedding_files)
-    old_index = checkpoint.gene_vocab.lookup(list(new_vocab.index))
+    new_vocab, new_table = build_swapped_table(vocab, embedding.weight, embedding_files)
+    old_index = vocab.lookup(list(new_vocab.index))
 
     model.gene_embeddings.embedding = nn.Embedding.from_pretrained(new_table, freeze=True)
     with torch.no_grad():
         bias = remap_count_bias(model.mu.gene_embedding.weight, old_index, len(new_vocab.special_tokens))
     model.mu.gene_embedding = nn.Embedding.from_pretrained(bias, freeze=False)
     model.gene_head_classes = torch.as_tensor(old_index, device=new_table.device)
-    return dataclasses.replace(checkpoint, gene_vocab=new_vocab)
+    return new_vocab

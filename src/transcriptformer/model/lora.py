@@ -6,26 +6,73 @@ Adapters are saved alone in the ``peft`` layout, which Hugging Face users know::
     <adapter>/adapter_model.safetensors  the adapter (and trained head) weights only
 
 >>> from transcriptformer.checkpoint import load_checkpoint
->>> from transcriptformer.training.lora import load_adapters
->>> checkpoint = load_checkpoint("checkpoints/tf_sapiens")
->>> model = load_adapters(checkpoint.model, "adapters/my_cells")  # a TranscriptFormer with merged weights
+>>> checkpoint = load_checkpoint("checkpoints/tf_sapiens", adapter="adapters/my_cells")  # merged weights
+
+``peft`` (and with it torch) is imported when adapters are first used, so that :class:`LoraSettings` can be read
+without it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from peft import LoraConfig, PeftModel, get_peft_model
-from torch import nn
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from torch import nn
 
-from transcriptformer.model.transcriptformer import TranscriptFormer
-from transcriptformer.training.config import TARGET_ALIASES, LoraSettings
+    from transcriptformer.model.transcriptformer import TranscriptFormer
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 
 HEAD_MODULES = ("mu", "gene_id_head")
+
+# Friendly names of the linear layers LoRA can adapt, as suffixes of module names (peft's matching rule).
+TARGET_ALIASES: dict[str, tuple[str, ...]] = {
+    "attention": ("self_attn.linears.0", "self_attn.linears.1", "self_attn.linears.2", "self_attn.linears.3"),
+    "ffn": ("linear1", "linear2"),
+    "q": ("self_attn.linears.0",),
+    "k": ("self_attn.linears.1",),
+    "v": ("self_attn.linears.2",),
+    "o": ("self_attn.linears.3",),
+    "ffn1": ("linear1",),
+    "ffn2": ("linear2",),
+}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters (through ``peft``).
+
+    Attributes
+    ----------
+    r : int
+        Adapter rank.
+    alpha : float
+        Scaling numerator: the update is ``alpha / r * B A``.
+    dropout : float
+        Dropout on the adapter input.
+    target_modules : list of str
+        ``attention`` (Q, K, V, output projections), ``ffn`` (both FFN linears), ``q``, ``k``, ``v``, ``o``,
+        ``ffn1``, ``ffn2``, or module names of the model (e.g. ``linears.0``).
+    train_heads : bool
+        Also train full copies of the count head and gene-id head.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["attention", "ffn"])
+    train_heads: bool = False
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
 
 
 def resolve_target_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
@@ -36,6 +83,8 @@ def resolve_target_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
     ValueError
         When a name matches no ``nn.Linear`` of ``model``.
     """
+    from torch import nn
+
     linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     targets: list[str] = []
     for name in names:
@@ -66,6 +115,8 @@ def add_lora_adapters(model: TranscriptFormer, settings: LoraSettings, base_chec
     base_checkpoint
         Path of the base checkpoint, recorded in ``adapter_config.json``.
     """
+    from peft import LoraConfig, get_peft_model
+
     model.name_or_path = base_checkpoint  # the Hugging Face attribute that peft records in adapter_config.json
     heads = [name for name in HEAD_MODULES if getattr(model, name, None) is not None] if settings.train_heads else []
     config = LoraConfig(
@@ -123,6 +174,8 @@ def load_adapters(
         raise FileNotFoundError(f"{path} is not an adapter directory: {', '.join(missing)} missing")
     if merge and trainable:
         raise ValueError("merged adapters cannot stay trainable; pass merge=False to keep training them")
+    from peft import PeftModel
+
     peft_model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
     return merge_adapters(peft_model) if merge else peft_model
 
@@ -134,4 +187,6 @@ def merge_adapters(model: PeftModel) -> TranscriptFormer:
 
 def base_model(model: nn.Module) -> TranscriptFormer:
     """The :class:`TranscriptFormer` inside a ``peft`` model (with its adapter layers), or ``model`` itself."""
+    from peft import PeftModel
+
     return model.get_base_model() if isinstance(model, PeftModel) else model

@@ -3,7 +3,7 @@
 One vector per gene: the mean, over the residues of the gene's longest protein isoform, of one ESM-2 layer's
 output. The gene id comes from each FASTA header through a rule (:data:`GENE_ID_RULES` or a regular expression
 with one group). The file has the layout of SPEC section 2 (dataset ``keys``, group ``arrays``) and can be given
-to a model in place of its own table (:func:`transcriptformer.ood.swap_gene_embeddings`).
+to a model in place of its own table (:func:`transcriptformer.model.gene_swap.swap_gene_embeddings`).
 
 The defaults follow how the published tables were made: ``esm2_t36_3B_UR50D`` (width 2560, which the published
 models expect), layer 33, proteins truncated to 1022 residues. Unlike the original script, which kept the first
@@ -25,16 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import anndata as ad
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from transcriptformer.data.tokenize import gene_ids_from_var
 from transcriptformer.data.vocab import write_embedding_table
 
 if TYPE_CHECKING:
     import esm
+    import torch
+
+# torch, fair-esm and anndata are imported by the functions that use them, so that the command line can show
+# this module's defaults without loading them.
 
 GENE_ID_RULES = {
     "ensembl": r"\bgene:(\S+)",  # Ensembl peptide FASTA: >ENSP... pep ... gene:ENSG00000139618.17 transcript:...
@@ -175,6 +175,7 @@ def load_esm2(path: str | Path) -> tuple[esm.ESM2, esm.Alphabet]:
     stores the files it downloads.
     """
     import esm  # fair-esm is needed by this command only
+    import torch
 
     path = Path(path)
     if not path.exists() and path.suffix != ".pt":
@@ -212,7 +213,6 @@ def batches_by_tokens(lengths: Mapping[str, int], tokens_per_batch: int) -> list
     return batches
 
 
-@torch.no_grad()
 def embed_proteins(
     model: esm.ESM2,
     alphabet: esm.Alphabet,
@@ -243,6 +243,9 @@ def embed_proteins(
     dict
         Gene id -> ``(width,)`` float32 vector, in the order of ``sequences``.
     """
+    import torch
+    from tqdm.auto import tqdm
+
     if not 1 <= layer <= model.num_layers:
         raise ValueError(f"layer must be between 1 and {model.num_layers} for this ESM-2 model, got {layer}")
     device = next(model.parameters()).device
@@ -251,7 +254,8 @@ def embed_proteins(
     vectors: dict[str, np.ndarray] = {}
     for batch in tqdm(batches_by_tokens(lengths, tokens_per_batch), desc="ESM-2", unit="batch", disable=not progress):
         _, _, tokens = convert([(gene, sequences[gene]) for gene in batch])
-        hidden = model(tokens.to(device), repr_layers=[layer])["representations"][layer].float().cpu()
+        with torch.no_grad():
+            hidden = model(tokens.to(device), repr_layers=[layer])["representations"][layer].float().cpu()
         for row, gene in enumerate(batch):
             vectors[gene] = hidden[row, 1 : lengths[gene] - 1].mean(0).numpy()
     return {gene: vectors[gene] for gene in sequences}
@@ -259,6 +263,10 @@ def embed_proteins(
 
 def dataset_coverage(data: str | Path, gene_col_name: str, genes: Mapping[str, object]) -> tuple[int, int]:
     """``(genes of the dataset, how many of them are in genes)``, ids read as the tokenizer reads them."""
+    import anndata as ad
+
+    from transcriptformer.data.tokenize import gene_ids_from_var
+
     var = ad.read_h5ad(data, backed="r").var
     ids = gene_ids_from_var(var, gene_col_name).dropna().unique()
     return len(ids), sum(gene in genes for gene in ids)

@@ -1,0 +1,116 @@
+"""Which of the package's modules one cell passes through in ``transcriptformer inference``, and in what order.
+
+Runs the command in-process on a single real cell (all outputs, so that every head and the per-gene mapping run)
+with a profiler hook that records each call from one package module into another. Prints the modules in order of
+first use with their layer, the module-to-module edges, and the calls that go from a lower layer to a higher
+one (a lower layer calling back into a higher one, which the layered design avoids).
+
+    python benchmarks/call_path.py                 # this checkout
+    python benchmarks/call_path.py --src OTHER/src # another checkout of the package (e.g. an older commit)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import anndata as ad
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "transcriptformer"
+
+# Layer of each module (by dotted-name prefix, longest prefix wins): bottom first. Older layouts' modules are
+# listed too, so that earlier commits can be measured with the same table.
+LAYERS = {
+    "config": 0,
+    "data": 1,
+    "model": 2,
+    "checkpoint": 3,
+    "runtime": 3,
+    "pipeline": 3,
+    "hub": 3,
+    "ood": 3,
+    "api": 4,
+    "inference": 4,
+    "training": 4,
+    "doctor": 4,
+    "esm_vocab": 4,
+    "cli": 5,
+    "__main__": 5,
+}
+
+
+def layer_of(module: str) -> int:
+    """Layer of a module of the package (``transcriptformer.x.y``); -1 for the package's ``__init__``."""
+    parts = module.split(".")[1:]
+    for depth in range(len(parts), 0, -1):
+        key = ".".join(parts[:depth])
+        if key in LAYERS:
+            return LAYERS[key]
+    return -1
+
+
+def trace_inference(argv: list[str]) -> list[tuple[str, str]]:
+    """Run the CLI with ``argv`` and return the (caller module, callee module) of every cross-module call."""
+    from transcriptformer.cli import main
+
+    edges: list[tuple[str, str]] = []
+
+    def profile(frame, event, arg):
+        if event != "call" or frame.f_code.co_name == "<module>":
+            return
+        callee = frame.f_globals.get("__name__", "")
+        caller_frame = frame.f_back
+        caller = caller_frame.f_globals.get("__name__", "") if caller_frame else ""
+        if callee.startswith(PACKAGE) and caller.startswith(PACKAGE) and callee != caller:
+            edges.append((caller, callee))
+
+    sys.setprofile(profile)
+    try:
+        code = main(argv)
+    finally:
+        sys.setprofile(None)
+    if code:
+        raise SystemExit(f"inference failed with exit code {code}")
+    return edges
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--src", type=Path, default=ROOT / "src", help="the package's source folder")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "test" / "data", help="checkpoint and cells")
+    args = parser.parse_args()
+    sys.path.insert(0, str(args.src))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        one_cell = Path(tmp) / "one_cell.h5ad"
+        ad.read_h5ad(args.data_dir / "reference_tiny" / "input.h5ad")[:1].copy().write_h5ad(one_cell)
+        argv = [
+            "inference",
+            "--checkpoint-path", str(args.data_dir / "reference_tiny"),
+            "--data-file", str(one_cell),
+            "--output-path", tmp,
+            "--output-keys", "embeddings", "llh", "gene_llh", "mu", "cge",
+        ]  # fmt: skip
+        edges = trace_inference(argv)
+
+    order: list[str] = []
+    for caller, callee in edges:
+        for module in (caller, callee):
+            if module not in order:
+                order.append(module)
+    distinct = list(dict.fromkeys(edges))
+    upward = [(a, b) for a, b in distinct if layer_of(a) >= 0 and layer_of(b) > layer_of(a)]
+    print(f"modules passed: {len(order)}")
+    for module in order:
+        print(f"  L{layer_of(module)}  {module}")
+    print(f"distinct module-to-module call edges: {len(distinct)}")
+    print(f"calls from a lower layer into a higher one: {len(upward)}")
+    for caller, callee in upward:
+        print(f"  {caller} (L{layer_of(caller)}) -> {callee} (L{layer_of(callee)})")
+
+
+if __name__ == "__main__":
+    main()

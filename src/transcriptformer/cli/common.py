@@ -1,0 +1,41 @@
+"""What the subcommands share: error reporting and the flags that several of them take."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transcriptformer.training.objective import LossTerms
+
+# --use-raw: which count matrix to read.
+USE_RAW = {"auto": None, "true": True, "false": False}
+
+
+def report_user_error(command: str, error: BaseException) -> int:
+    """Print ``transcriptformer COMMAND: error: MESSAGE`` on one line and return the exit code 1."""
+    message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+    print(f"transcriptformer {command}: error: {message}", file=sys.stderr)
+    return 1
+
+
+def add_use_raw_argument(group: argparse._ActionsContainer) -> None:
+    """``--use-raw auto|true|false`` (the namespace holds the string; :data:`USE_RAW` maps it)."""
+    group.add_argument(
+        "--use-raw",
+        choices=list(USE_RAW),
+        default="auto",
+        help="counts from adata.raw.X (true), adata.X (false), or raw when present (default: %(default)s)",
+    )
+
+
+def add_overwrite_argument(group: argparse._ActionsContainer, what: str) -> None:
+    """``--overwrite``: replace ``what`` at the output path."""
+    group.add_argument("--overwrite", action="store_true", help=f"replace {what} already at the output path")
+
+
+def print_dry_run(terms: LossTerms) -> None:
+    """Report a successful training dry run (one forward and backward pass)."""
+    print(f"one batch: {terms.summary()}; forward and backward passed")
+    print("Dry-run complete")

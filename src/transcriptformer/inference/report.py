@@ -1,0 +1,96 @@
+"""What a run tells its user and its output: the plan (``--dry-run``), the summary, and the run's metadata."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transcriptformer.inference.session import Session
+from transcriptformer.pipeline import plan
+from transcriptformer.version import __version__
+
+
+def processes(count: int) -> str:
+    """``"1 process"``, ``"2 processes"``."""
+    return f"{count} process" + ("es" if count > 1 else "")
+
+
+def describe_inputs(session: Session) -> list[str]:
+    """One line per input file: cells and genes matched."""
+    return [
+        f"  {f.path}: {len(f.cells)} cells, {f.n_matched} of {f.n_genes} genes in the vocabulary" for f in session.files
+    ]
+
+
+def count_batches(session: Session) -> int:
+    """Forward passes the run will make (reads every unit's counts for their lengths)."""
+    settings = session.config.inference.predict_settings
+    return sum(len(plan(session.model, session.read_unit(u), settings, session.device)) for u in session.units)
+
+
+def format_plan(session: Session, world_size: int) -> str:
+    """What a run would do (``--dry-run``)."""
+    inference = session.config.inference
+    per_batch = (
+        f"of at most {inference.max_tokens} tokens"
+        if inference.max_tokens
+        else f"of up to {inference.batch_size} cells"
+    )
+    embeddings = f", gene embeddings from {inference.pretrained_embedding}" if inference.pretrained_embedding else ""
+    lines = [
+        "Dry run: nothing is written.",
+        f"Checkpoint: {session.config.model.checkpoint_path} ({session.config.model.model_type}, "
+        f"{len(session.checkpoint.gene_vocab)} vocabulary entries{embeddings})",
+        "Inputs:",
+        *describe_inputs(session),
+        f"Plan: {session.n_cells} cells in {count_batches(session)} batches {per_batch}, "
+        f"{len(session.units)} unit(s) of up to {inference.chunk_size} cells",
+        f"Device: {session.device.type} ({processes(world_size)}), precision {session.precision}",
+        f"Outputs: {', '.join(inference.output_keys)}",
+        f"Output file: {session.output_file}" + (" (will be replaced)" if session.output_file.exists() else ""),
+    ]
+    return "\n".join(lines)
+
+
+def format_summary(session: Session, world_size: int, seconds: float) -> str:
+    """What a finished run did, and how to open its output."""
+    path = session.output_file.resolve()
+    return "\n".join(
+        [
+            "Inference finished.",
+            *describe_inputs(session),
+            f"{session.n_cells} cells in {seconds:.1f} s ({session.n_cells / seconds:.1f} cells/s) on "
+            f"{session.device.type} ({processes(world_size)}), precision {session.precision}",
+            f"Output: {path}",
+            f'Open it with: adata = anndata.read_h5ad("{path}"); sc.pp.neighbors(adata, use_rep="embeddings")',
+        ]
+    )
+
+
+def run_metadata(session: Session, world_size: int) -> dict:
+    """``uns["transcriptformer"]``: checkpoint, versions, and the run's settings."""
+    inference = session.config.inference
+    metadata = {
+        "package_version": __version__,
+        "torch_version": str(torch.__version__),
+        "anndata_version": importlib.metadata.version("anndata"),
+        "checkpoint_path": str(session.checkpoint.path.resolve()),
+        "weights_sha256": session.weights_sha256,
+        "model_type": session.config.model.model_type,
+        "device": session.device.type,
+        "processes": world_size,
+        "precision": session.precision,
+        "data_files": [str(f.path) for f in session.files],
+        "genes_in_file": np.array([f.n_genes for f in session.files]),
+        "genes_matched": np.array([f.n_matched for f in session.files]),
+        "config": json.dumps(session.config.to_dict()),
+    }
+    if inference.pretrained_embedding:
+        metadata["pretrained_embedding"] = list(inference.pretrained_embedding)
+    if inference.adapter:
+        metadata["adapter"] = str(Path(inference.adapter).resolve())
+    return metadata

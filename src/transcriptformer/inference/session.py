@@ -1,0 +1,244 @@
+"""What one inference process works with: the model, the open input files, the gene axis and the work units.
+
+:func:`prepare` loads the checkpoint with the run's settings (adapters, another species' gene embeddings, the
+``esm2ce`` baseline), opens every input file for row-block reading, matches its genes with the vocabulary, and
+cuts its cells into work units of ``chunk_size`` consecutive cells. It reads no counts and writes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from transcriptformer.checkpoint import WEIGHTS_FILE, Checkpoint, load_checkpoint
+from transcriptformer.data.sources import open_counts
+from transcriptformer.data.tokenize import PreparedCells, TokenizedCells
+from transcriptformer.inference.config import ALL_OBS_KEYS, RunConfig
+from transcriptformer.model.outputs import OUTPUTS
+from transcriptformer.pipeline import Predictor
+from transcriptformer.runtime import resolve_precision
+
+SOURCE_FILE_COLUMN = "source_file"
+# obs columns the output adds; an input column of the same name would be lost, so it is an error.
+ADDED_OBS_COLUMNS = (SOURCE_FILE_COLUMN, *(key for key, spec in OUTPUTS.items() if spec.anndata == "obs"))
+
+
+@dataclass
+class InputFile:
+    """One input file, open for row-block reading.
+
+    Attributes
+    ----------
+    path : Path
+    cells : PreparedCells
+        Its genes matched with the vocabulary; counts are read per unit.
+    obs : DataFrame
+        The file's obs, filtered to the requested columns, with ``source_file``.
+    """
+
+    path: Path
+    cells: PreparedCells
+    obs: pd.DataFrame
+
+    @property
+    def n_genes(self) -> int:
+        """Genes (columns) of the file's count matrix, before matching the vocabulary."""
+        return len(self.cells.reader.var)
+
+    @property
+    def n_matched(self) -> int:
+        """Genes of the file that the vocabulary holds."""
+        return len(self.cells.selection.columns)
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Consecutive cells ``start:stop`` of one input file; outputs are saved per unit."""
+
+    index: int
+    file_index: int
+    start: int
+    stop: int
+
+
+@dataclass
+class Session:
+    """Everything one process needs to run its share; close it to release the input files.
+
+    Attributes
+    ----------
+    config : RunConfig
+    checkpoint : Checkpoint
+        As loaded for the run (adapters merged, gene embeddings swapped).
+    model : Predictor
+        What computes the outputs: the checkpoint's model, or its ``esm2ce`` baseline.
+    device : torch.device
+    files : list of InputFile
+    genes : Index
+        Gene axis of the per-gene outputs: every matched gene, in order of first appearance.
+    gene_columns : ndarray
+        ``(vocab_size,)`` column of each vocabulary entry on the gene axis, ``-1`` when absent.
+    units : list of WorkUnit
+    precision : str
+    """
+
+    config: RunConfig
+    checkpoint: Checkpoint
+    model: Predictor
+    device: torch.device
+    files: list[InputFile]
+    genes: pd.Index
+    gene_columns: np.ndarray
+    units: list[WorkUnit]
+    precision: str
+    open_files: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.open_files.close()
+
+    @property
+    def n_cells(self) -> int:
+        """Cells of all input files."""
+        return sum(len(f.cells) for f in self.files)
+
+    @property
+    def output_file(self) -> Path:
+        """Where the merged ``.h5ad`` goes."""
+        return output_file_of(self.config)
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        """SHA-256 of the checkpoint's weights file, read once per run (it is large)."""
+        return sha256_of(self.checkpoint.path / WEIGHTS_FILE)
+
+    def read_unit(self, unit: WorkUnit) -> TokenizedCells:
+        """The tokenized cells of one unit, read from its file."""
+        return self.files[unit.file_index].cells.cells(unit.start, unit.stop)
+
+
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def output_file_of(config: RunConfig) -> Path:
+    """``output_path / output_filename``, with ``.h5ad`` appended when missing."""
+    name = config.inference.output_filename
+    return Path(config.inference.output_path) / (name if name.endswith(".h5ad") else f"{name}.h5ad")
+
+
+def check_output_free(config: RunConfig) -> None:
+    """Fail early when the output exists and may not be replaced."""
+    path = output_file_of(config)
+    if path.exists() and not config.inference.overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+
+
+def load_for_run(config: RunConfig, device: torch.device) -> Checkpoint:
+    """The checkpoint with the run's settings, adapters and gene embeddings."""
+    inference = config.inference
+    checkpoint = load_checkpoint(
+        config.model.checkpoint_path,
+        device,
+        inference.attention_backend,
+        config=config.checkpoint_config,
+        adapter=inference.adapter,
+    )
+    if inference.pretrained_embedding:
+        checkpoint = checkpoint.with_gene_embeddings(inference.pretrained_embedding)
+    return checkpoint
+
+
+def prepare(config: RunConfig, device: torch.device) -> Session:
+    """Load the model, open the inputs and plan the work units; reads no counts and writes nothing."""
+    inference = config.inference
+    if not inference.data_files:
+        raise ValueError("no input file: give one or more with --data-file")
+    check_output_free(config)
+    checkpoint = load_for_run(config, device)
+    model = checkpoint.esm2ce() if config.model.model_type == "esm2ce" else checkpoint.model
+    tokenizer = checkpoint.tokenizer(remove_duplicate_genes=inference.remove_duplicate_genes)
+    with contextlib.ExitStack() as open_files:
+        files = []
+        for name in inference.data_files:
+            path = Path(name)
+            reader = open_files.enter_context(open_counts(path, inference.use_raw))
+            obs = select_obs(reader.obs, inference.obs_keys, path)
+            obs[SOURCE_FILE_COLUMN] = str(path)
+            files.append(InputFile(path, tokenizer.prepare(reader), obs))
+        units = plan_units([len(f.cells) for f in files], inference.chunk_size)
+        if not units:
+            raise ValueError(f"the input files {inference.data_files} hold no cells")
+        genes, gene_columns = gene_axis(files, len(checkpoint.gene_vocab))
+        precision = resolve_precision(inference.precision, device)
+        return Session(
+            config, checkpoint, model, device, files, genes, gene_columns, units, precision, open_files.pop_all()
+        )
+
+
+def select_obs(obs: pd.DataFrame, keys: Sequence[str], path: Path) -> pd.DataFrame:
+    """The requested obs columns (all for ``["all"]``), with the original obs_names."""
+    if list(keys) == [ALL_OBS_KEYS]:
+        keys = list(obs.columns)
+    missing = [k for k in keys if k not in obs.columns]
+    if missing:
+        raise KeyError(f"{path}: obs has no column(s) {missing} (columns: {list(obs.columns)})")
+    clashing = [k for k in keys if k in ADDED_OBS_COLUMNS]
+    if clashing:
+        raise ValueError(
+            f"{path}: obs column(s) {clashing} would be overwritten by the output's; choose others with --obs-keys"
+        )
+    return obs[list(keys)].copy()
+
+
+def gene_axis(files: Sequence[InputFile], vocab_size: int) -> tuple[pd.Index, np.ndarray]:
+    """Genes matched in any file, in order of first appearance, and each vocabulary entry's column among them."""
+    tokens = np.concatenate([f.cells.selection.tokens for f in files])
+    ids = np.concatenate([f.cells.selection.gene_ids for f in files])
+    _, first = np.unique(tokens, return_index=True)
+    first = np.sort(first)
+    columns = np.full(vocab_size, -1, dtype=np.int64)
+    columns[tokens[first]] = np.arange(first.size)
+    return pd.Index(ids[first].astype(str), name="gene_id"), columns
+
+
+def plan_units(file_sizes: Sequence[int], chunk_size: int) -> list[WorkUnit]:
+    """Cut each file's cells into units of at most ``chunk_size`` consecutive cells, in input order."""
+    units = []
+    for file_index, size in enumerate(file_sizes):
+        for start in range(0, size, chunk_size):
+            units.append(WorkUnit(len(units), file_index, start, min(start + chunk_size, size)))
+    return units
+
+
+def read_units(session: Session, units: Sequence[WorkUnit]) -> Iterator[tuple[WorkUnit, TokenizedCells]]:
+    """Each unit with its cells, in order; ``n_data_workers`` threads read ahead while the model runs."""
+    workers = session.config.inference.n_data_workers
+    if workers == 0:
+        yield from ((unit, session.read_unit(unit)) for unit in units)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        ahead = deque()
+        for unit in units:
+            ahead.append((unit, pool.submit(session.read_unit, unit)))
+            if len(ahead) > workers:
+                first, reading = ahead.popleft()
+                yield first, reading.result()
+        yield from ((unit, reading.result()) for unit, reading in ahead)

@@ -1,0 +1,117 @@
+"""The model's outputs, declared once: what each is, what it needs, which positions it scores, where it is written.
+
+Every use of the model (the Python API, ``transcriptformer inference``) reads this table; no other module lists
+outputs. An output is either
+
+* per cell (``level="cell"``): a number or a vector for each cell, or
+* per gene (``level="gene"``): a number or a vector for each position of a cell's sequence, that is for each of
+  the cell's genes; in an AnnData it is keyed by gene.
+
+Which positions of a per-gene output hold a value of the gene at that position is decided by
+:func:`gene_positions`, with the one rule about the end of a full-length sequence (:func:`end_target_position`).
+
+This module imports nothing heavy, so that the command line can offer the outputs without loading torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Level = Literal["cell", "gene"]
+Head = Literal["count", "gene_id"]
+# Where an output goes in an AnnData: obs column, obsm array, sparse cells x genes layer, or the table of
+# contextual gene embeddings (uns["cge"]).
+Slot = Literal["obs", "obsm", "layers", "cge"]
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One output of the model.
+
+    Attributes
+    ----------
+    name : str
+        The key in results, flags and files.
+    level : {"cell", "gene"}
+        One value per cell, or one per gene of a cell.
+    description : str
+        What it is, with its shape for ``B`` cells of ``L`` positions and width ``E``.
+    anndata : {"obs", "obsm", "layers", "cge"}
+        Where it is written in an AnnData.
+    heads : tuple of {"count", "gene_id"}
+        The model heads it needs (none: the transformer alone).
+    scores_targets : bool
+        A per-gene output that scores each position's prediction target: the position whose target is
+        ``[END]`` (:func:`end_target_position`) holds no value of its gene.
+    """
+
+    name: str
+    level: Level
+    description: str
+    anndata: Slot
+    heads: tuple[Head, ...] = ()
+    scores_targets: bool = False
+
+
+OUTPUTS: dict[str, OutputSpec] = {
+    spec.name: spec
+    for spec in (
+        OutputSpec("embeddings", "cell", "(B, E) cell embedding: mean of the last layer over the positions", "obsm"),
+        OutputSpec(
+            "llh", "cell", "(B,) mean count negative log-likelihood over the cell's genes", "obs", heads=("count",)
+        ),
+        OutputSpec(
+            "gene_llh",
+            "gene",
+            "(B, L) gene-id cross-entropy of each position's gene",
+            "layers",
+            heads=("gene_id",),
+            scores_targets=True,
+        ),
+        OutputSpec("mu", "gene", "(B, L) expected count of each position's gene", "layers", heads=("count",)),
+        OutputSpec("cge", "gene", "(B, L, E) contextual gene embedding of each position's gene", "cge"),
+    )
+}
+OUTPUT_KEYS = tuple(OUTPUTS)
+
+
+def end_target_position(seq_len: int) -> int:
+    """The position whose prediction target is ``[END]`` (count 1) instead of its own gene.
+
+    This is the one place of the rule: the last position of a full-length sequence, ``seq_len - 1``. A batch
+    trimmed to a shorter length has padding there, so trimming never changes a target.
+    """
+    return seq_len - 1
+
+
+def check_output_keys(keys: Collection[str], available: Collection[str] = OUTPUT_KEYS) -> None:
+    """Raise a ``ValueError`` naming the choices when ``keys`` is empty or has a name outside ``available``."""
+    if not keys:
+        raise ValueError(f"no output asked for; choose from {list(available)}")
+    unknown = [key for key in keys if key not in OUTPUTS]
+    if unknown:
+        raise ValueError(f"unknown output(s) {unknown}; choose from {list(OUTPUT_KEYS)}")
+    unavailable = [key for key in keys if key not in available]
+    if unavailable:
+        raise ValueError(f"this model cannot compute {unavailable}; it computes {list(available)}")
+
+
+def needs_head(keys: Collection[str], head: Head) -> bool:
+    """Whether any of the outputs ``keys`` needs ``head``."""
+    return any(head in OUTPUTS[key].heads for key in keys)
+
+
+def gene_positions(key: str, gene_tokens: Any, pad_index: int, seq_len: int) -> Any:
+    """``(B, L)`` bool: the positions at which the per-gene output ``key`` holds a value of the gene there.
+
+    Every position holding a gene, except, for an output that scores targets, the end-target position.
+    Works on NumPy arrays and torch tensors alike.
+    """
+    holds_gene = gene_tokens != pad_index
+    if OUTPUTS[key].scores_targets:
+        end = end_target_position(seq_len)
+        if end < gene_tokens.shape[1]:
+            holds_gene[:, end] = False
+    return holds_gene

@@ -1,0 +1,258 @@
+"""The one batch loop: from tokenized cells to model outputs, for every use of a model.
+
+::
+
+    plan      cells of similar length are grouped into batches   (transcriptformer.data.batching)
+    batch     the padded inputs of each batch are built           (TokenizedCells.batch)
+    predict   the model computes the requested outputs            (no gradients, the run's precision)
+    map       outputs go back to their cells, per position         (predict_positions)
+              or per gene on a gene axis                          (predict_gene_outputs, GeneOutputs)
+
+The Python API and ``transcriptformer inference`` both run cells through here. A model is anything with the
+prediction interface of :class:`Predictor`: :class:`~transcriptformer.model.transcriptformer.TranscriptFormer`
+or the :class:`~transcriptformer.model.esm2ce.ESM2CellEmbedding` baseline. What each output is and which
+positions it scores is declared in :mod:`transcriptformer.model.outputs`.
+
+A cell's outputs depend on the cell alone: not on its batch mates, the batch size or the token budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+from transcriptformer.config import PredictSettings
+from transcriptformer.data.batching import PlannedBatch, plan_batches
+from transcriptformer.data.tokenize import Batch, TokenizedCells
+from transcriptformer.model.outputs import OUTPUTS, check_output_keys, gene_positions
+from transcriptformer.model.transcriptformer import SpecialTokens
+from transcriptformer.runtime import autocast, resolve_precision
+
+# Model inputs returned beside the outputs by predict_positions: which gene each position holds, its count, and
+# the aux tokens.
+INPUT_ARRAYS = ("gene_token_indices", "gene_counts", "aux_token_indices")
+
+
+class Predictor(Protocol):
+    """What the batch loop needs of a model."""
+
+    special_tokens: SpecialTokens
+    seq_len: int
+    output_keys: tuple[str, ...]
+
+    def length_multiple(self, device: torch.device) -> int:
+        """Multiple that batch lengths are rounded up to on ``device``."""
+
+    def predict(
+        self, gene_tokens: Tensor, gene_counts: Tensor, aux_tokens: Tensor | None, output_keys: Collection[str]
+    ) -> dict[str, Tensor]:
+        """The requested outputs of one batch."""
+
+
+@dataclass
+class PredictedBatch:
+    """One forward pass: its cells, their inputs (on the CPU, trimmed to the batch length) and their outputs.
+
+    Attributes
+    ----------
+    rows : ndarray
+        Indices of the batch's cells in the tokenized block.
+    inputs : Batch
+        ``(B, L)`` gene tokens and counts, ``(B, A)`` aux tokens.
+    outputs : dict of str to ndarray
+        float32 outputs: ``(B, ...)`` per cell, ``(B, L, ...)`` per gene position.
+    """
+
+    rows: np.ndarray
+    inputs: Batch
+    outputs: dict[str, np.ndarray]
+
+
+def plan(
+    model: Predictor, cells: TokenizedCells, settings: PredictSettings, device: torch.device
+) -> list[PlannedBatch]:
+    """The length-aware batches that ``cells`` run in (see :func:`~transcriptformer.data.batching.plan_batches`)."""
+    return plan_batches(
+        cells.n_tokens(),
+        cells.seq_len,
+        batch_size=settings.batch_size,
+        max_tokens=settings.max_tokens,
+        multiple=model.length_multiple(device),
+    )
+
+
+def predict_batches(
+    model: Predictor, cells: TokenizedCells, settings: PredictSettings, device: torch.device
+) -> Iterator[PredictedBatch]:
+    """Run ``cells`` through ``model`` batch by batch, in the order of :func:`plan`."""
+    check_output_keys(settings.output_keys, model.output_keys)
+    precision = resolve_precision(settings.precision, device)
+    for planned in plan(model, cells, settings, device):
+        inputs = cells.batch(planned.rows, planned.length)
+        on_device = inputs.to(device)
+        with torch.no_grad(), autocast(device, precision):
+            outputs = model.predict(
+                on_device.gene_tokens, on_device.gene_counts, on_device.aux_tokens, settings.output_keys
+            )
+        yield PredictedBatch(planned.rows, inputs, {key: value.float().cpu().numpy() for key, value in outputs.items()})
+
+
+def predict_positions(
+    model: Predictor, cells: TokenizedCells, settings: PredictSettings, device: torch.device
+) -> dict[str, np.ndarray]:
+    """Every cell's outputs in input order, per gene position at full length.
+
+    Returns
+    -------
+    dict of str to ndarray
+        The requested outputs, ``(n_cells, ...)`` per cell and ``(n_cells, seq_len, ...)`` per gene position
+        (0 at padding), plus the model inputs of :data:`INPUT_ARRAYS`: ``gene_token_indices`` and ``gene_counts``
+        ``(n_cells, seq_len)``, which say which gene each position holds, and ``aux_token_indices``.
+    """
+    n_cells, seq_len = len(cells), cells.seq_len
+    results: dict[str, np.ndarray] = {
+        "gene_token_indices": np.full((n_cells, seq_len), cells.pad_index, np.int64),
+        "gene_counts": np.zeros((n_cells, seq_len), np.float32),
+        "aux_token_indices": np.zeros((n_cells, cells.aux_tokens.shape[1]), np.int64),
+    }
+    for batch in predict_batches(model, cells, settings, device):
+        length = batch.inputs.gene_tokens.shape[1]
+        results["gene_token_indices"][batch.rows, :length] = batch.inputs.gene_tokens.numpy()
+        results["gene_counts"][batch.rows, :length] = batch.inputs.gene_counts.numpy()
+        results["aux_token_indices"][batch.rows] = batch.inputs.aux_tokens.numpy()
+        for key, value in batch.outputs.items():
+            if OUTPUTS[key].level == "cell":
+                shape = (n_cells, *value.shape[1:])
+                results.setdefault(key, np.zeros(shape, value.dtype))[batch.rows] = value
+            else:
+                shape = (n_cells, seq_len, *value.shape[2:])
+                results.setdefault(key, np.zeros(shape, value.dtype))[batch.rows, :length] = value
+    return results
+
+
+@dataclass
+class GeneOutputs:
+    """Outputs of consecutive cells with per-gene outputs on a gene axis.
+
+    Attributes
+    ----------
+    n_cells : int
+    cell_values : dict of str to ndarray
+        Per-cell outputs, ``(n, ...)``.
+    gene_values : dict of str to csr_matrix
+        Per-gene numbers (``anndata="layers"``) as ``(n, n_genes)`` sparse matrices: an entry for each gene whose
+        position holds a value (:func:`~transcriptformer.model.outputs.gene_positions`).
+    cge : dict of str to ndarray
+        Per-gene vectors (``anndata="cge"``), one row per (cell, gene) pair: ``embeddings`` ``(m, E)``,
+        ``cell_index`` ``(m,)`` (rows of these outputs) and ``gene_index`` ``(m,)`` (columns of the gene axis).
+    """
+
+    n_cells: int
+    cell_values: dict[str, np.ndarray] = field(default_factory=dict)
+    gene_values: dict[str, sp.csr_matrix] = field(default_factory=dict)
+    cge: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def from_batch(
+        cls, batch: PredictedBatch, pad_index: int, seq_len: int, gene_columns: np.ndarray, n_genes: int
+    ) -> GeneOutputs:
+        """Put one batch's outputs on the gene axis.
+
+        Parameters
+        ----------
+        batch
+            A forward pass.
+        pad_index, seq_len
+            The model's padding index and full sequence length.
+        gene_columns
+            ``(vocab_size,)`` column of each vocabulary entry on the gene axis.
+        n_genes
+            Length of the gene axis.
+        """
+        tokens = batch.inputs.gene_tokens.numpy()
+        columns = gene_columns[tokens]  # (B, L)
+        n_cells = tokens.shape[0]
+        chunk = cls(n_cells=n_cells)
+        for key, values in batch.outputs.items():
+            spec = OUTPUTS[key]
+            if spec.level == "cell":
+                chunk.cell_values[key] = values
+                continue
+            keep = gene_positions(key, tokens, pad_index, seq_len)
+            if spec.anndata == "cge":
+                rows, _ = np.nonzero(keep)
+                chunk.cge = {"embeddings": values[keep], "cell_index": rows, "gene_index": columns[keep]}
+            else:
+                indptr = np.concatenate([[0], np.cumsum(keep.sum(1))])
+                matrix = sp.csr_matrix((values[keep], columns[keep], indptr), shape=(n_cells, n_genes))
+                matrix.sort_indices()
+                chunk.gene_values[key] = matrix
+        return chunk
+
+    @classmethod
+    def concat(cls, chunks: Sequence[GeneOutputs]) -> GeneOutputs:
+        """Stack chunks of consecutive cells, in order."""
+        if not chunks:
+            raise ValueError("no chunk to concatenate")
+        first = chunks[0]
+        merged = cls(n_cells=sum(c.n_cells for c in chunks))
+        merged.cell_values = {k: np.concatenate([c.cell_values[k] for c in chunks]) for k in first.cell_values}
+        merged.gene_values = {k: sp.vstack([c.gene_values[k] for c in chunks], format="csr") for k in first.gene_values}
+        if first.cge:
+            offsets = np.cumsum([0] + [c.n_cells for c in chunks[:-1]])
+            merged.cge = {
+                "embeddings": np.concatenate([c.cge["embeddings"] for c in chunks]),
+                "cell_index": np.concatenate([c.cge["cell_index"] + o for c, o in zip(chunks, offsets, strict=True)]),
+                "gene_index": np.concatenate([c.cge["gene_index"] for c in chunks]),
+            }
+        return merged
+
+    def take(self, cells: np.ndarray) -> GeneOutputs:
+        """The outputs of some distinct cells, in the given order: cell ``i`` of the result is ``cells[i]`` here."""
+        cells = np.asarray(cells)
+        taken = GeneOutputs(n_cells=len(cells))
+        taken.cell_values = {k: v[cells] for k, v in self.cell_values.items()}
+        taken.gene_values = {k: v[cells] for k, v in self.gene_values.items()}
+        if self.cge:
+            new_position = np.full(self.n_cells, -1)
+            new_position[cells] = np.arange(len(cells))
+            cell_index = new_position[self.cge["cell_index"]]
+            kept = np.flatnonzero(cell_index >= 0)
+            rows = kept[np.argsort(cell_index[kept], kind="stable")]
+            taken.cge = {k: v[rows] for k, v in self.cge.items()} | {"cell_index": cell_index[rows]}
+        return taken
+
+
+def predict_gene_outputs(
+    model: Predictor,
+    cells: TokenizedCells,
+    settings: PredictSettings,
+    device: torch.device,
+    gene_columns: np.ndarray,
+    on_batch: Callable[[int], object] | None = None,
+) -> GeneOutputs:
+    """Every cell's outputs in input order, per-gene outputs on the gene axis of ``gene_columns``.
+
+    Parameters
+    ----------
+    model, cells, settings, device
+        As for :func:`predict_batches`.
+    gene_columns
+        ``(vocab_size,)`` column of each vocabulary entry on the gene axis, ``-1`` for entries not on it.
+    on_batch
+        Called with the number of cells of each finished batch (e.g. a progress bar's ``update``).
+    """
+    n_genes = int(gene_columns.max()) + 1 if gene_columns.size else 0
+    rows, chunks = [], []
+    for batch in predict_batches(model, cells, settings, device):
+        rows.append(batch.rows)
+        chunks.append(GeneOutputs.from_batch(batch, cells.pad_index, cells.seq_len, gene_columns, n_genes))
+        if on_batch is not None:
+            on_batch(len(batch.rows))
+    return GeneOutputs.concat(chunks).take(np.argsort(np.concatenate(rows)))
