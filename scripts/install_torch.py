@@ -6,7 +6,7 @@ iteration that way); a torchvision or torchaudio from another release line break
 one release line, the CUDA build that the NVIDIA driver can run, and the PyTorch wheel index that serves it, and
 pins all three packages to exact versions of that build::
 
-    python scripts/install_torch.py                 # detect CUDA with nvidia-smi, print the command
+    python scripts/install_torch.py                 # detect CUDA with nvidia-smi (none: CPU wheels), print the command
     python scripts/install_torch.py --yes           # ... and run it
     python scripts/install_torch.py --cuda 12.1     # the CUDA version nvidia-smi reports on the target machine
     python scripts/install_torch.py --cpu --yes     # CPU-only wheels
@@ -14,21 +14,25 @@ pins all three packages to exact versions of that build::
 
 It uses the standard library only, so it runs before torch (or this package) is installed. It refuses requests
 that cannot be satisfied consistently, e.g. ``--torch 2.9 --cuda 12.1`` (torch 2.9 has no build for CUDA 12.1).
+A plan that installs an older version than the one installed says so, and ``--yes`` runs it only with
+``--allow-downgrade``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 INDEX_URL = "https://download.pytorch.org/whl"
+PACKAGES = ("torch", "torchvision", "torchaudio")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class Release:
     torchvision: str
     torchaudio: str
     cuda: tuple[str, ...]
+    any_build: tuple[str, ...] = ()
+    """Packages whose one wheel serves every build (pinned without a ``+cpu``/``+cu130`` label)."""
 
     @property
     def line(self) -> str:
@@ -46,8 +52,23 @@ class Release:
         return ".".join(self.torch.split(".")[:2])
 
 
-# Newest first. Wheels on download.pytorch.org/whl/<variant> for Linux and Windows (x86-64).
+# Newest first. Wheels on download.pytorch.org/whl/<variant> for Linux and Windows (x86-64): the CPU build
+# (whl/cpu) and each CUDA build in `cuda` (whl/cu126, whl/cu130, ...). download.pytorch.org could not be reached
+# when lines 2.10 to 2.14 were added, so their facts come from:
+# - versions and pairing: PyPI (`pip index versions torch torchvision torchaudio`; the metadata of each
+#   torchvision pins its torch, e.g. 0.29.1 requires torch>=2.14.0, 0.28.0 torch==2.13.0). There is no torchaudio
+#   2.12 to 2.14: torchaudio 2.11.1 is one py3-none wheel for every torch from 2.11 on (requires torch>=2.11), so
+#   those lines pin it without a build label;
+# - CUDA builds: the "Release Compatibility Matrix" of pytorch/pytorch RELEASE.md (stable plus experimental CUDA
+#   of each line, read from a copy of that file), consistent with PyPI's Linux torch wheels, whose CUDA libraries
+#   are 12.8 for 2.10 and 13.0 for 2.11 to 2.14, with the cuDNN versions the matrix names.
+# PyPI's torch 2.15.0 has no torchvision yet, so 2.15 is not listed.
 RELEASES = (
+    Release("2.14.1", "0.29.1", "2.11.1", ("12.6", "13.0", "13.2"), any_build=("torchaudio",)),
+    Release("2.13.0", "0.28.0", "2.11.1", ("12.6", "13.0", "13.2"), any_build=("torchaudio",)),
+    Release("2.12.1", "0.27.1", "2.11.1", ("12.6", "13.0", "13.2"), any_build=("torchaudio",)),
+    Release("2.11.0", "0.26.0", "2.11.0", ("12.6", "12.8", "13.0")),
+    Release("2.10.0", "0.25.0", "2.10.0", ("12.6", "12.8", "13.0")),
     Release("2.9.1", "0.24.1", "2.9.1", ("12.6", "12.8", "13.0")),
     Release("2.8.0", "0.23.0", "2.8.0", ("12.6", "12.8", "12.9")),
     Release("2.7.1", "0.22.1", "2.7.1", ("11.8", "12.6", "12.8")),
@@ -67,15 +88,21 @@ class Plan:
     release: Release
     variant: str
 
-    def requirements(self) -> list[str]:
-        """Exact pins; the local label (``+cu128``) makes pip replace a build of the same version."""
-        label = "" if self.variant == "pypi" else f"+{self.variant}"
+    def versions(self) -> dict[str, str]:
+        """Exact versions of the three packages.
+
+        The local label (``+cu128``) makes pip replace a build of the same version (``2.9.1+cpu``) instead of
+        keeping it as already satisfied.
+        """
         r = self.release
-        return [
-            f"torch=={r.torch}{label}",
-            f"torchvision=={r.torchvision}{label}",
-            f"torchaudio=={r.torchaudio}{label}",
-        ]
+        versions = {"torch": r.torch, "torchvision": r.torchvision, "torchaudio": r.torchaudio}
+        if self.variant == "pypi":
+            return versions
+        return {name: v if name in r.any_build else f"{v}+{self.variant}" for name, v in versions.items()}
+
+    def requirements(self) -> list[str]:
+        """Exact pins, ``torch==2.14.1+cu130`` and so on."""
+        return [f"{name}=={version}" for name, version in self.versions().items()]
 
     def command(self, python: str = sys.executable) -> list[str]:
         """The pip command line."""
@@ -114,8 +141,19 @@ def cuda_variant(version: str) -> str:
 
 
 def version_key(version: str) -> tuple[int, ...]:
-    """``12.10`` sorts after ``12.9``."""
-    return tuple(int(part) for part in version.split("."))
+    """The release numbers of a version: ``12.10`` sorts after ``12.9``; ``2.14.1+cu130`` -> ``(2, 14, 1)``.
+
+    Local labels and pre-, post- or development parts are left out (``2.15.0.dev20260901+cpu`` -> ``(2, 15, 0)``).
+    """
+    numbers = []
+    for part in version.partition("+")[0].split("."):
+        match = re.match(r"\d+", part)
+        if match is None:
+            break
+        numbers.append(int(match.group()))
+        if match.end() < len(part):
+            break
+    return tuple(numbers)
 
 
 def find_release(line: str) -> Release:
@@ -156,7 +194,8 @@ def make_plan(cuda: str | None, cpu: bool, torch_line: str | None, system: str) 
     Parameters
     ----------
     cuda
-        CUDA version the driver supports (``nvidia-smi``), or ``None`` when there is no NVIDIA GPU.
+        CUDA version the driver supports (``nvidia-smi``), or ``None`` when there is no NVIDIA GPU: then CPU-only
+        wheels.
     cpu
         Install CPU-only wheels.
     torch_line
@@ -175,13 +214,8 @@ def make_plan(cuda: str | None, cpu: bool, torch_line: str | None, system: str) 
         if cuda:
             raise InconsistentRequest("there are no CUDA builds for macOS; the default wheels use the GPU through MPS")
         return Plan(find_release(torch_line) if torch_line else RELEASES[0], "pypi")
-    if cpu:
+    if cpu or cuda is None:
         return Plan(find_release(torch_line) if torch_line else RELEASES[0], "cpu")
-    if cuda is None:
-        raise InconsistentRequest(
-            "no NVIDIA driver found (nvidia-smi is missing or failing): pass --cuda X.Y for the target machine, "
-            "or --cpu for CPU-only wheels"
-        )
     if torch_line is None:
         release, build = choose_cuda_release(cuda)
         return Plan(release, cuda_variant(build))
@@ -197,6 +231,43 @@ def make_plan(cuda: str | None, cpu: bool, torch_line: str | None, system: str) 
     return Plan(release, cuda_variant(builds[-1]))
 
 
+def installed_versions(python: str) -> dict[str, str]:
+    """Versions of torch, torchvision and torchaudio installed for ``python``, from package metadata.
+
+    Packages that are not installed are left out; so is everything when ``python`` cannot be asked.
+    """
+    query = (
+        "import importlib.metadata as m, json\n"
+        "def version(name):\n"
+        "    try:\n"
+        "        return m.version(name)\n"
+        "    except m.PackageNotFoundError:\n"
+        "        return None\n"
+        f"print(json.dumps({{name: version(name) for name in {PACKAGES!r}}}))"
+    )
+    try:
+        result = subprocess.run([python, "-c", query], capture_output=True, text=True, timeout=60, check=False)
+        versions = json.loads(result.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return {}
+    if not isinstance(versions, dict):
+        return {}
+    return {name: v for name, v in versions.items() if name in PACKAGES and isinstance(v, str)}
+
+
+def downgrades(plan: Plan, installed: Mapping[str, str]) -> list[str]:
+    """One message for each package that ``plan`` would lower, e.g. ``this is a downgrade from torch 2.15.0 to ...``.
+
+    Only release numbers count: replacing ``2.14.1`` (PyPI's CUDA build) by ``2.14.1+cpu`` is no downgrade.
+    """
+    messages = []
+    for name, version in plan.versions().items():
+        current = installed.get(name)
+        if current and version_key(current) > version_key(version):
+            messages.append(f"this is a downgrade from {name} {current} to {name} {version}")
+    return messages
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     parser = argparse.ArgumentParser(
@@ -204,16 +275,26 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Without --yes the command is only printed.",
     )
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--cuda", help="CUDA version the driver supports, X.Y (default: read from nvidia-smi)")
+    target.add_argument(
+        "--cuda", help="CUDA version the driver supports, X.Y (default: read from nvidia-smi; none found: --cpu)"
+    )
     target.add_argument("--cpu", action="store_true", help="install CPU-only wheels")
     parser.add_argument("--torch", help=f"release line, one of {', '.join(r.line for r in RELEASES)} (default: newest)")
     parser.add_argument("--python", default=sys.executable, help="interpreter to install into (this one)")
     parser.add_argument("--yes", action="store_true", help="run the command (default: print it only)")
+    parser.add_argument(
+        "--allow-downgrade",
+        action="store_true",
+        help="let --yes install versions older than the installed ones",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print the install command; run it with ``--yes``. Exit code 2 for an impossible request."""
+    """Print the install command; run it with ``--yes``.
+
+    Exit code 2 for an impossible request, and for ``--yes`` on a downgrade without ``--allow-downgrade``.
+    """
     args = build_parser().parse_args(argv)
     if args.cuda is not None and not re.fullmatch(r"\d+\.\d+", args.cuda):
         print(f"error: --cuda takes a version like 12.1, got {args.cuda!r}", file=sys.stderr)
@@ -226,11 +307,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if cuda and not args.cuda:
         print(f"nvidia-smi: the driver supports CUDA {cuda}")
+    elif plan.variant == "cpu" and not args.cpu:
+        print(
+            "no NVIDIA driver found (nvidia-smi is missing or failing): CPU-only wheels; for a GPU machine pass "
+            "--cuda X.Y, the CUDA Version its nvidia-smi shows"
+        )
     command = plan.command(args.python)
     print(f"{plan.describe()}\n  {shlex.join(command)}")
+    installed = installed_versions(args.python)
+    lowered = downgrades(plan, installed)
+    for message in lowered:
+        print(f"warning: {message}")
+    if version_key(installed.get("torch", "0")) > version_key(RELEASES[0].torch):
+        print(f"  (torch {RELEASES[0].line} is the newest release line this script knows)")
     if not args.yes:
-        print("(not run; add --yes to install)")
+        print("(not run; add --yes to install" + (" and --allow-downgrade to downgrade)" if lowered else ")"))
         return 0
+    if lowered and not args.allow_downgrade:
+        print("error: not run: this is a downgrade; add --allow-downgrade to run it", file=sys.stderr)
+        return 2
     returncode = subprocess.run(command, check=False).returncode
     if returncode == 0:
         check = (

@@ -1,3 +1,6 @@
+import importlib.metadata
+
+import pytest
 import torch
 
 from transcriptformer.cli import main
@@ -8,6 +11,7 @@ from transcriptformer.doctor import (
     CudaDevice,
     Environment,
     GpuInfo,
+    build_cuda,
     bytes_per_cell,
     check_flex_attention,
     diagnose,
@@ -17,7 +21,9 @@ from transcriptformer.doctor import (
     memory_findings,
     parse_gpu_table,
     run_doctor,
+    split_version,
     suggested_batch_size,
+    torch_build,
     trio_problems,
     weight_bytes,
 )
@@ -91,6 +97,76 @@ def test_torch_built_for_a_newer_cuda_than_the_driver():
 def test_old_python_is_a_problem():
     (problem,) = problems(environment(python="3.10.12"))
     assert problem.message.startswith("Python 3.10.12")
+    assert problems(environment(python="3.14.0rc1")) == []
+
+
+@pytest.mark.parametrize(
+    ("version", "torch_cuda", "release", "build", "cuda"),
+    [
+        ("2.14.1+cu130", "13.0", (2, 14, 1), "cu130", "13.0"),
+        ("2.14.1+cu130", None, (2, 14, 1), "cu130", "13.0"),  # the label alone names the CUDA build
+        ("2.13.0+cpu", None, (2, 13, 0), "cpu", None),
+        ("2.14.1", "13.0", (2, 14, 1), "cu130", "13.0"),  # PyPI's Linux wheel: no label in its metadata, CUDA 13.0
+        ("2.14.1", None, (2, 14, 1), None, None),  # PyPI's macOS wheel
+        ("2.8.0+cu129", "12.9", (2, 8, 0), "cu129", "12.9"),
+        ("2.6.0+rocm6.2", None, (2, 6, 0), "rocm6.2", None),
+        ("2.15.0.dev20260901+cpu", None, (2, 15, 0), "cpu", None),
+        ("2.14.0a0+gitc0ffee1", "13.0", (2, 14, 0), "cu130", "13.0"),  # a source build: its label names a commit
+        ("2.14.0a0+gitc0ffee1", None, (2, 14, 0), None, None),
+    ],
+)
+def test_versions_and_builds(version, torch_cuda, release, build, cuda):
+    assert split_version(version)[0] == release
+    assert torch_build(version, torch_cuda) == build
+    assert build_cuda(version, torch_cuda) == cuda
+
+
+def test_cuda_build_with_and_without_a_label_uses_the_gpu():
+    # pip install torch on Linux: torch.__version__ is 2.14.1+cu130, the metadata of every package has no label.
+    for torch_version in ("2.14.1+cu130", "2.14.1"):
+        env = environment(
+            versions={"torch": torch_version, "torchvision": "0.29.1", "torchaudio": "2.11.1"},
+            torch_cuda="13.0",
+            driver_cuda="13.0",
+        )
+        text = format_findings(diagnose(env))
+        assert problems(env) == [], text
+        assert f"torch {torch_version} (CUDA 13.0) uses the GPU: NVIDIA A100" in text
+        assert f"consistent packages: torch {torch_version}, torchvision 0.29.1, torchaudio 2.11.1" in text
+
+
+def test_unlabelled_cuda_build_against_an_old_driver_and_a_cpu_torchvision():
+    env = environment(
+        versions={"torch": "2.14.1", "torchvision": "0.29.1+cpu", "torchaudio": None},
+        torch_cuda="13.0",
+        cuda_available=False,
+        cuda_devices=[],
+        driver_cuda="12.4",
+    )
+    build, trio = problems(env)
+    assert "torch 2.14.1 cannot use the GPU" in build.message
+    assert "built for CUDA 13.0 but the driver supports only CUDA 12.4" in build.message
+    assert trio.message == "torchvision 0.29.1+cpu is a cpu build but torch 2.14.1 a cu130 build"
+
+
+def test_cpu_build_2_13():
+    cpu_versions = {"torch": "2.13.0+cpu", "torchvision": "0.28.0+cpu", "torchaudio": "2.11.1"}
+    on_gpu_machine = environment(versions=cpu_versions, torch_cuda=None, cuda_available=False, cuda_devices=[])
+    (problem,) = problems(on_gpu_machine)
+    assert problem.message.startswith("torch 2.13.0+cpu is a CPU-only build, but this machine has an NVIDIA GPU")
+    laptop = environment(versions=cpu_versions, torch_cuda=None, cuda_available=False, gpus=[], cuda_devices=[])
+    text = format_findings(diagnose(laptop))
+    assert problems(laptop) == []
+    assert "torch 2.13.0+cpu (CPU-only build); no GPU found" in text
+    assert "consistent packages: torch 2.13.0+cpu, torchvision 0.28.0+cpu, torchaudio 2.11.1" in text
+
+
+def test_rocm_build_is_named():
+    rocm = {"torch": "2.6.0+rocm6.2", "torchvision": "0.21.0+rocm6.2", "torchaudio": None}
+    (problem,) = problems(environment(versions=rocm, torch_cuda=None, cuda_available=False, cuda_devices=[]))
+    assert problem.message.startswith("torch 2.6.0+rocm6.2 is a ROCm 6.2 build, but this machine has an NVIDIA GPU")
+    amd = environment(versions=rocm, torch_cuda=None, gpus=[], cuda_devices=[CudaDevice("AMD Instinct MI300X", 1, 1)])
+    assert "torch 2.6.0+rocm6.2 (ROCm 6.2) uses the GPU: AMD Instinct MI300X" in format_findings(diagnose(amd))
 
 
 def test_machine_without_gpu_is_fine():
@@ -112,6 +188,37 @@ def test_torch_package_trio_consistency():
     ]
     mismatched = environment(versions={"torch": "2.5.1+cu121", "torchvision": "0.21.0+cu124", "torchaudio": None})
     assert [p.fix for p in problems(mismatched)] == [INSTALL_TORCH]
+
+
+def test_trio_with_local_labels():
+    assert trio_problems({"torch": "2.14.1+cu130", "torchvision": "0.29.1+cu130", "torchaudio": "2.11.1"}) == []
+    assert trio_problems({"torch": "2.14.1+cu130", "torchvision": "0.29.1", "torchaudio": "2.11.1"}) == []
+    assert trio_problems({"torch": "2.13.0+cpu", "torchvision": "0.28.0+cpu", "torchaudio": "2.11.1+cpu"}) == []
+    assert trio_problems({"torch": "2.14.1", "torchvision": "0.29.1+cu130"}, torch_cuda="13.0") == []
+    assert trio_problems({"torch": "2.14.1", "torchvision": "0.29.1+cu126"}, torch_cuda="13.0") == [
+        "torchvision 0.29.1+cu126 is a cu126 build but torch 2.14.1 a cu130 build"
+    ]
+    assert trio_problems({"torch": "2.14.1", "torchvision": "0.29.1+cu126"}) == []  # torch's build unknown
+    assert trio_problems({"torch": "2.6.0+rocm6.2", "torchvision": "0.21.0+cpu"}) == [
+        "torchvision 0.21.0+cpu is a cpu build but torch 2.6.0+rocm6.2 a rocm6.2 build"
+    ]
+    # A source build's label names a commit, not a build: it agrees with any.
+    assert trio_problems({"torch": "2.14.0a0+gitc0ffee1", "torchvision": "0.29.1+cu130"}) == []
+
+
+def test_torchaudio_2_11_1_serves_every_later_torch():
+    assert trio_problems({"torch": "2.11.0", "torchaudio": "2.11.0"}) == []
+    assert trio_problems({"torch": "2.11.0+cu128", "torchaudio": "2.11.1"}) == []
+    assert trio_problems({"torch": "2.12.1+cu130", "torchaudio": "2.11.1"}) == []
+    assert trio_problems({"torch": "2.14.1+cu130", "torchaudio": "2.11.0"}) == [
+        "torchaudio 2.11.0 does not belong to torch 2.14.1+cu130 (expected torchaudio 2.11.1 to 2.14.x)"
+    ]
+    assert trio_problems({"torch": "2.10.0", "torchaudio": "2.11.1"}) == [
+        "torchaudio 2.11.1 does not belong to torch 2.10.0 (expected torchaudio 2.10.x)"
+    ]
+    assert trio_problems({"torch": "2.14.1", "torchvision": "0.28.0"}) == [
+        "torchvision 0.28.0 does not belong to torch 2.14.1 (expected torchvision 0.29.x)"
+    ]
 
 
 def test_weights_of_published_models_follow_the_vocabulary():
@@ -137,7 +244,12 @@ def test_batch_size_suggestions():
 
 def test_doctor_on_this_machine(capsys):
     env = gather_environment()
+    # The running torch, with its build label (2.14.1+cu130) even where the package metadata has none (2.14.1).
     assert env.versions["torch"] == torch.__version__
+    assert split_version(env.versions["torch"])[0] == split_version(importlib.metadata.version("torch"))[0]
+    build = torch_build(env.versions["torch"], env.torch_cuda)
+    assert (build or "").startswith("cu") == (torch.version.cuda is not None)
+    assert build_cuda(env.versions["torch"], env.torch_cuda) == torch.version.cuda
     assert env.cuda_available == torch.cuda.is_available()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     flex = check_flex_attention(device)

@@ -30,6 +30,11 @@ from transcriptformer.model.transcriptformer import SpecialTokens, TranscriptFor
 Level = Literal["ok", "info", "warning", "problem"]
 INSTALL_TORCH = "python scripts/install_torch.py --yes"
 TRIO = ("torch", "torchvision", "torchaudio")
+# Local version labels that name a build variant (others, such as ``+git1a2b3c4`` of a source build, name a commit).
+BUILD_LABEL = re.compile(r"cpu|cu\d{3,}|rocm\d+(\.\d+)*|xpu")
+# torchaudio 2.11.1 is one wheel (py3-none, ``torch>=2.11`` in its PyPI metadata) for every torch from 2.11 on; no
+# torchaudio 2.12 to 2.14 exists on PyPI.
+TORCHAUDIO_ANY_TORCH = (2, 11, 1)
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,11 @@ class CudaDevice:
 
 @dataclass
 class Environment:
-    """The facts :func:`diagnose` judges."""
+    """The facts :func:`diagnose` judges.
+
+    ``versions`` maps ``torch``, ``torchvision`` and ``torchaudio`` to their versions (``None``: not installed);
+    ``torch_cuda`` is ``torch.version.cuda``, the CUDA version torch is built for (``None``: not a CUDA build).
+    """
 
     python: str
     system: str
@@ -115,7 +124,7 @@ def gather_environment() -> Environment:
     env = Environment(
         python=platform.python_version(),
         system=f"{platform.system()} {platform.machine()}",
-        versions={name: _installed_version(name) for name in TRIO},
+        versions=installed_versions(),
         torch_cuda=torch.version.cuda,
         cuda_available=torch.cuda.is_available(),
         mps_available=torch.backends.mps.is_available(),
@@ -128,6 +137,58 @@ def gather_environment() -> Environment:
             free, total = torch.cuda.mem_get_info(i)
             env.cuda_devices.append(CudaDevice(torch.cuda.get_device_name(i), free, total))
     return env
+
+
+def installed_versions() -> dict[str, str | None]:
+    """Versions of ``torch``, ``torchvision`` and ``torchaudio`` (``None``: not installed).
+
+    torch's is ``torch.__version__`` of the imported module: it carries the build label (``2.14.1+cu130``) that the
+    package metadata of PyPI's wheels lacks (``2.14.1``). The other two are read from package metadata, so that a
+    torchvision that fails at import is reported instead of imported.
+    """
+    return {"torch": str(torch.__version__)} | {name: _installed_version(name) for name in TRIO[1:]}
+
+
+def split_version(version: str) -> tuple[tuple[int, ...], str | None]:
+    """The release numbers and the local label of a version.
+
+    ``2.14.1+cu130`` -> ``((2, 14, 1), "cu130")``, ``2.14.1`` -> ``((2, 14, 1), None)``. Pre-, post- and
+    development parts end the release numbers: ``2.15.0.dev20260901+cpu`` -> ``((2, 15, 0), "cpu")``,
+    ``3.14.0rc1`` -> ``((3, 14, 0), None)``.
+    """
+    public, _, label = version.strip().partition("+")
+    numbers = []
+    for part in public.split("."):
+        match = re.match(r"\d+", part)
+        if match is None:
+            break
+        numbers.append(int(match.group()))
+        if match.end() < len(part):
+            break
+    return tuple(numbers), label or None
+
+
+def torch_build(version: str | None, torch_cuda: str | None = None) -> str | None:
+    """The build variant of a torch, torchvision or torchaudio version: ``cu130``, ``cpu``, ``rocm6.2``, ``xpu``.
+
+    The local label names it when there is one. PyPI's Linux torch wheels have no label in their metadata yet are
+    CUDA builds: then ``torch_cuda`` (``torch.version.cuda``) names it. ``None`` when neither does (PyPI's macOS
+    wheels; a source build, whose label names a commit).
+    """
+    label = split_version(version)[1] if version else None
+    if label and BUILD_LABEL.fullmatch(label):
+        return label
+    if torch_cuda:
+        return "cu" + "".join(map(str, split_version(torch_cuda)[0][:2]))
+    return None
+
+
+def build_cuda(version: str | None, torch_cuda: str | None = None) -> str | None:
+    """The CUDA version a torch is built for: ``torch_cuda``, else read from a ``+cuXYZ`` label (``cu130`` -> 13.0)."""
+    build = torch_build(version, torch_cuda)
+    if torch_cuda or build is None or not build.startswith("cu"):
+        return torch_cuda
+    return f"{build[2:-1]}.{build[-1]}"
 
 
 def driver_cuda_version(nvidia_smi_output: str) -> str | None:
@@ -148,10 +209,10 @@ def parse_gpu_table(csv_output: str) -> list[GpuInfo]:
 
 def diagnose(env: Environment) -> list[Finding]:
     """Judge the facts: Python, the torch build against the hardware, and the torch package trio."""
-    python_ok = _version_key(env.python)[:2] >= (3, 11)
+    python_ok = split_version(env.python)[0][:2] >= (3, 11)
     findings = [Finding("ok" if python_ok else "problem", f"Python {env.python} on {env.system}")]
     findings += _torch_build_findings(env)
-    trio = trio_problems(env.versions)
+    trio = trio_problems(env.versions, env.torch_cuda)
     findings += [Finding("problem", p, fix=INSTALL_TORCH) for p in trio]
     if not trio:
         installed = ", ".join(f"{name} {v}" for name, v in env.versions.items() if v)
@@ -161,58 +222,82 @@ def diagnose(env: Environment) -> list[Finding]:
 
 def _torch_build_findings(env: Environment) -> list[Finding]:
     torch_version = env.versions.get("torch")
+    cuda = build_cuda(torch_version, env.torch_cuda)
+    build = _build_name(torch_version, cuda)
     gpu_names = ", ".join(sorted({g.name for g in env.gpus}))
     if env.cuda_available:
         devices = ", ".join(d.name for d in env.cuda_devices) or "CUDA device"
-        return [Finding("ok", f"torch {torch_version} (CUDA {env.torch_cuda}) uses the GPU: {devices}")]
-    if env.gpus and env.torch_cuda is None:
+        return [Finding("ok", f"torch {torch_version} ({build}) uses the GPU: {devices}")]
+    if env.gpus and cuda is None:
         return [
             Finding(
                 "problem",
-                f"torch {torch_version} is a CPU-only build, but this machine has an NVIDIA GPU ({gpu_names}): "
+                f"torch {torch_version} is a {build} build, but this machine has an NVIDIA GPU ({gpu_names}): "
                 "everything runs on the CPU, many times slower",
                 fix=INSTALL_TORCH,
             )
         ]
     if env.gpus:
         driver = f"CUDA {env.driver_cuda}" if env.driver_cuda else "an unknown CUDA version"
-        if env.driver_cuda and _version_key(env.torch_cuda) > _version_key(env.driver_cuda):
-            reason = f"torch is built for CUDA {env.torch_cuda} but the driver supports only {driver}"
+        if env.driver_cuda and split_version(cuda)[0] > split_version(env.driver_cuda)[0]:
+            reason = f"torch is built for CUDA {cuda} but the driver supports only {driver}"
             fix = f"update the NVIDIA driver, or: {INSTALL_TORCH}"
         else:
-            reason = f"torch is built for CUDA {env.torch_cuda}, the driver supports {driver}, yet no GPU is visible"
+            reason = f"torch is built for CUDA {cuda}, the driver supports {driver}, yet no GPU is visible"
             fix = "check CUDA_VISIBLE_DEVICES and that the driver is loaded (nvidia-smi)"
         return [Finding("problem", f"torch {torch_version} cannot use the GPU ({gpu_names}): {reason}", fix=fix)]
     if env.mps_available:
         return [Finding("ok", f"torch {torch_version} uses the Apple GPU (MPS)")]
-    build = f"CUDA {env.torch_cuda} build" if env.torch_cuda else "CPU-only build"
-    return [Finding("info", f"torch {torch_version} ({build}); no GPU found, models run on the CPU")]
+    return [Finding("info", f"torch {torch_version} ({build} build); no GPU found, models run on the CPU")]
 
 
-def trio_problems(versions: Mapping[str, str | None]) -> list[str]:
+def _build_name(torch_version: str | None, cuda: str | None) -> str:
+    """``CUDA 13.0``, ``ROCm 6.2``, ``XPU`` or ``CPU-only``."""
+    if cuda:
+        return f"CUDA {cuda}"
+    build = torch_build(torch_version) or "cpu"
+    if build.startswith("rocm"):
+        return f"ROCm {build[4:]}"
+    return "XPU" if build == "xpu" else "CPU-only"
+
+
+def trio_problems(versions: Mapping[str, str | None], torch_cuda: str | None = None) -> list[str]:
     """Inconsistencies between installed ``torch``, ``torchvision`` and ``torchaudio`` versions.
 
-    torchvision ``0.(m+15)`` and torchaudio ``2.m`` belong to torch ``2.m``; local build labels (``+cu121``,
-    ``+cpu``) must agree when both packages carry one. Packages that are not installed are not a problem
-    (TranscriptFormer needs neither torchvision nor torchaudio).
+    torchvision ``0.(m+15)`` belongs to torch ``2.m``; torchaudio ``2.m`` too, and from torch 2.11 on also any
+    torchaudio from 2.11.1 (one wheel for every later torch) up to ``2.m``. Build variants must agree where both
+    are known (:func:`torch_build`: the local label, ``+cu130``, ``+cpu``, ``+rocm6.2``, or for torch also
+    ``torch_cuda``); a version without a label (PyPI's metadata) agrees with any build. Packages that are not
+    installed are not a problem (TranscriptFormer needs neither torchvision nor torchaudio).
     """
     torch_version = versions.get("torch")
     if torch_version is None:
         return ["torch is not installed"]
-    (major, minor), label = _release(torch_version)
-    expected = {"torchvision": (0, minor + 15) if major == 2 else None, "torchaudio": (major, minor)}
+    torch_release, build = split_version(torch_version)[0], torch_build(torch_version, torch_cuda)
     problems = []
     for name in ("torchvision", "torchaudio"):
         version = versions.get(name)
         if version is None:
             continue
-        release, other_label = _release(version)
-        if expected[name] is not None and release != expected[name]:
-            want = ".".join(map(str, expected[name]))
-            problems.append(f"{name} {version} does not belong to torch {torch_version} (expected {name} {want}.x)")
-        elif label and other_label and label != other_label:
-            problems.append(f"{name} {version} is a {other_label} build but torch {torch_version} a {label} build")
+        expected = _companion_mismatch(name, split_version(version)[0], torch_release)
+        other_build = torch_build(version)
+        if expected:
+            problems.append(f"{name} {version} does not belong to torch {torch_version} (expected {name} {expected})")
+        elif build and other_build and build != other_build:
+            problems.append(f"{name} {version} is a {other_build} build but torch {torch_version} a {build} build")
     return problems
+
+
+def _companion_mismatch(name: str, release: tuple[int, ...], torch_release: tuple[int, ...]) -> str | None:
+    """The releases of ``name`` that belong to torch ``torch_release`` when ``release`` is not one, else ``None``."""
+    if len(torch_release) < 2 or torch_release[0] != 2:
+        return None
+    minor = torch_release[1]
+    if name == "torchvision":
+        return None if release[:2] == (0, minor + 15) else f"0.{minor + 15}.x"
+    if release[:2] == (2, minor) or (TORCHAUDIO_ANY_TORCH <= release[:3] and release[:2] <= (2, minor)):
+        return None
+    return f"2.{minor}.x" if minor < 12 else f"{'.'.join(map(str, TORCHAUDIO_ANY_TORCH))} to 2.{minor}.x"
 
 
 def check_flex_attention(device: torch.device) -> Finding:
@@ -332,14 +417,3 @@ def _nvidia_smi(*args: str) -> str:
         return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False).stdout
     except (OSError, subprocess.TimeoutExpired):
         return ""
-
-
-def _release(version: str) -> tuple[tuple[int, int], str | None]:
-    """``2.5.1+cu121`` -> ``((2, 5), "cu121")``."""
-    public, _, label = version.partition("+")
-    major, minor = (int(re.match(r"\d+", part).group()) for part in public.split(".")[:2])
-    return (major, minor), label or None
-
-
-def _version_key(version: str | None) -> tuple[int, ...]:
-    return tuple(int(p) for p in version.split(".")) if version else ()
