@@ -4,7 +4,8 @@
 
     transcriptformer train --config conf/demo.yaml trainer.max_epochs=5 optim.lr=1e-3
 
-writes a checkpoint directory in the published layout to ``output_dir``.
+writes a checkpoint directory in the published layout to ``output_dir`` (``--overwrite`` replaces one already
+there).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="Hydra overrides, e.g. optim.lr=1e-3 trainer.devices=cpu data.train_files=[a.h5ad,b.h5ad]",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at output_dir")
     parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")
     parser.add_argument(
         "--dry-run",
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         if args.print_config:
             print(OmegaConf.to_yaml(OmegaConf.structured(config)), end="")
             return 0
-        result = run_pretraining(config, dry_run_only=args.dry_run)
+        result = run_pretraining(config, dry_run_only=args.dry_run, overwrite=args.overwrite)
     except (*USER_ERRORS, HydraException, OmegaConfBaseException) as error:
         return report_user_error("train", error)
     if args.dry_run:
