@@ -4,14 +4,15 @@
 
     transcriptformer train --config conf/demo.yaml trainer.max_epochs=5 optim.lr=1e-3
 
-writes a checkpoint directory in the published layout to ``output_dir``.
+writes a checkpoint directory in the published layout to ``output_dir`` (``--overwrite`` replaces one already
+there).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from transcriptformer.cli.common import print_dry_run
+from transcriptformer.cli.common import add_overwrite_argument, print_dry_run
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="Hydra overrides, e.g. optim.lr=1e-3 trainer.devices=cpu data.train_files=[a.h5ad,b.h5ad]",
     )
+    add_overwrite_argument(parser, "a checkpoint")
     parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")
     parser.add_argument(
         "--dry-run",
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(OmegaConf.to_yaml(OmegaConf.structured(config)), end="")
         return 0
-    result = run_pretraining(config, dry_run_only=args.dry_run)
+    result = run_pretraining(config, dry_run_only=args.dry_run, overwrite=args.overwrite)
     if args.dry_run:
         print_dry_run(result)
     else:

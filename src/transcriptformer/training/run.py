@@ -2,7 +2,9 @@
 
 Both load the cells with the model's own tokenizer, train with Lightning and write what inference loads: a
 checkpoint directory in the published layout (pretraining) or an adapter directory (LoRA fine-tuning). With
-``dry_run_only`` they stop after one forward and backward pass and write nothing.
+``dry_run_only`` they stop after one forward and backward pass and write nothing. A run that fails or is
+interrupted writes what it trained to ``<output>/interrupted`` and a resumable ``last.ckpt`` to its run directory
+(see :class:`~transcriptformer.training.trainer.KeepWorkOnFailure`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from transcriptformer.training.datamodule import CellDataModule, build_datasets
 from transcriptformer.training.module import TranscriptFormerModule
 from transcriptformer.training.objective import LossTerms
 from transcriptformer.training.scratch import new_checkpoint
-from transcriptformer.training.trainer import dry_run, fit, resolve_hardware
+from transcriptformer.training.trainer import TrainedOutput, dry_run, fit, resolve_hardware
 
 RUN_DIR_NAME = "training_run"
 
@@ -86,9 +88,20 @@ def first_device(trainer: TrainerSettings) -> torch.device:
 
 
 def run_pretraining(
-    cfg: TrainConfig, dry_run_only: bool = False, callbacks: Sequence[Callback] = ()
+    cfg: TrainConfig, dry_run_only: bool = False, overwrite: bool = False, callbacks: Sequence[Callback] = ()
 ) -> Path | LossTerms:
     """Train a new model from scratch and write its checkpoint directory to ``cfg.output_dir``.
+
+    Parameters
+    ----------
+    cfg
+        Model, data, optimisation and trainer settings.
+    dry_run_only
+        Stop after one forward and backward pass; write nothing.
+    overwrite
+        Replace a checkpoint already at ``cfg.output_dir``.
+    callbacks
+        Further Lightning callbacks.
 
     Returns
     -------
@@ -96,8 +109,10 @@ def run_pretraining(
         The checkpoint directory; the loss of the single batch with ``dry_run_only``.
     """
     output = Path(cfg.output_dir)
-    if not dry_run_only and (output / CONFIG_FILE).exists():
-        raise FileExistsError(f"{output} already holds a checkpoint; choose another output_dir")
+    if not dry_run_only and not overwrite and (output / CONFIG_FILE).exists():
+        raise FileExistsError(
+            f"{output} already holds a checkpoint; choose another output_dir, or pass --overwrite to replace it"
+        )
     require_training_files(cfg.data)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     adatas = [read_anndata(path) for path in cfg.data.train_files]
@@ -106,11 +121,13 @@ def run_pretraining(
     module = TranscriptFormerModule(checkpoint.model, cfg.optim, cfg.trainer.seed)
     if dry_run_only:
         return dry_run(module, data, first_device(cfg.trainer))
-    trainer = fit(module, data, cfg.trainer, run_dir_of(cfg.trainer, output), dataclasses.asdict(cfg), callbacks)
-    if trainer.is_global_zero:
-        save_checkpoint(
-            output, checkpoint.config, checkpoint.model, checkpoint.aux_vocabs, list(cfg.data_config.esm2_mappings)
-        )
+    gene_files = list(cfg.data_config.esm2_mappings)
+
+    def save(path: Path) -> Path:
+        return save_checkpoint(path, checkpoint.config, module.model, checkpoint.aux_vocabs, gene_files, overwrite=True)
+
+    target = TrainedOutput(output, save, what="model", resume_option="trainer.resume=")
+    fit(module, data, cfg.trainer, run_dir_of(cfg.trainer, output), dataclasses.asdict(cfg), target, callbacks)
     return output
 
 
@@ -119,6 +136,17 @@ def run_finetuning(
 ) -> Path | LossTerms:
     """Train LoRA adapters on a checkpoint and save them to ``cfg.output_path``.
 
+    Parameters
+    ----------
+    cfg
+        Base checkpoint, data, LoRA, optimisation and trainer settings.
+    dry_run_only
+        Stop after one forward and backward pass; write nothing.
+    overwrite
+        Replace adapters already at ``cfg.output_path``.
+    callbacks
+        Further Lightning callbacks.
+
     Returns
     -------
     Path or LossTerms
@@ -126,7 +154,9 @@ def run_finetuning(
     """
     output = Path(cfg.output_path)
     if not dry_run_only and not overwrite and (output / lora.ADAPTER_WEIGHTS_FILE).exists():
-        raise FileExistsError(f"{output} already holds adapters; choose another output path")
+        raise FileExistsError(
+            f"{output} already holds adapters; choose another output path, or pass --overwrite to replace them"
+        )
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # the initial adapter weights
     checkpoint = load_checkpoint(cfg.checkpoint_path, attention_backend=cfg.trainer.attention_backend)
     data = build_datamodule(checkpoint, cfg.data, cfg.trainer.seed, device=first_device(cfg.trainer))
@@ -134,9 +164,10 @@ def run_finetuning(
     module = TranscriptFormerModule(model, cfg.optim, cfg.trainer.seed)
     if dry_run_only:
         return dry_run(module, data, first_device(cfg.trainer))
-    trainer = fit(module, data, cfg.trainer, run_dir_of(cfg.trainer, output), dataclasses.asdict(cfg), callbacks)
-    if trainer.is_global_zero:
-        lora.save_adapters(module.model.cpu(), output, overwrite=True)
+    target = TrainedOutput(
+        output, lambda path: lora.save_adapters(model, path, overwrite=True), what="adapters", resume_option="--resume "
+    )
+    fit(module, data, cfg.trainer, run_dir_of(cfg.trainer, output), dataclasses.asdict(cfg), target, callbacks)
     return output
 
 

@@ -3,12 +3,18 @@
 ``devices``: ``"cpu"`` or ``"0"`` trains on the CPU (``"cpu:N"``: N CPU processes with DDP), ``"N"`` on N GPUs
 (DDP when N > 1; several machines with ``num_nodes`` and Lightning's cluster environment variables), ``"auto"`` on
 every GPU when there is one.
+
+Training never loses work: a run that ``max_steps`` ends mid-epoch still validates once before it stops (so early
+stopping and the best checkpoint have their validation loss), and a run that fails or is interrupted (Ctrl+C) after
+its first optimizer step writes a resumable ``last.ckpt`` and the model (or adapters) trained so far to
+``<output>/interrupted`` before the error goes on. Weights holding NaN or infinite values are never saved.
 """
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,13 +23,64 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from torch import nn
 
+from transcriptformer.errors import UserError
 from transcriptformer.training.config import TrainerSettings
 from transcriptformer.training.datamodule import CellDataModule
 from transcriptformer.training.module import TranscriptFormerModule
 from transcriptformer.training.objective import LossTerms, training_loss
 
 CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"  # Lightning's name for the latest checkpoint, which ``resume="last"`` reads
+INTERRUPTED_DIR = "interrupted"  # <output>/interrupted: the model trained so far when a run stops on an error
+
+
+class NonFiniteWeightsError(UserError, RuntimeError):
+    """Trained weights hold NaN or infinite values (the run diverged); they are never saved."""
+
+
+def require_finite_weights(model: nn.Module, what: str) -> None:
+    """Check the trainable parameters of ``model`` before ``what`` is saved.
+
+    Raises
+    ------
+    NonFiniteWeightsError
+        When a trainable parameter holds a NaN or an infinite value.
+    """
+    bad = [name for name, param in model.named_parameters() if param.requires_grad and not param.isfinite().all()]
+    if bad:
+        raise NonFiniteWeightsError(
+            f"not saving {what}: {len(bad)} trained parameter(s) hold NaN or infinite values (first: {bad[0]}); "
+            "the run diverged: lower the learning rate, warm up longer or keep gradient clipping on"
+        )
+
+
+@dataclass(frozen=True)
+class TrainedOutput:
+    """What a run writes when it ends, and how.
+
+    Attributes
+    ----------
+    path
+        Directory of the finished model or adapters; a failed run writes to ``path / INTERRUPTED_DIR`` instead.
+    save
+        Writes the model (or adapters) being trained to a directory, replacing what is there.
+    what
+        Its name in messages, e.g. ``"adapters"``.
+    resume_option
+        How the command is told to resume, followed by the checkpoint path: ``"--resume "``, ``"trainer.resume="``.
+    """
+
+    path: Path
+    save: Callable[[Path], object]
+    what: str
+    resume_option: str
+
+    @property
+    def interrupted_path(self) -> Path:
+        """Where a failed or interrupted run saves what it trained."""
+        return self.path / INTERRUPTED_DIR
 
 
 @dataclass(frozen=True)
@@ -89,10 +146,86 @@ class CellThroughput(Callback):
         self._last = now
 
 
+class ValidateAtMaxSteps(Callback):
+    """Validate on the batch that reaches ``max_steps``, also in the middle of an epoch.
+
+    Lightning validates at the end of each epoch only; a run that ``max_steps`` ends earlier would finish without a
+    validation loss (no best checkpoint, nothing for early stopping to compare). Lightning validates on the batch
+    at which the trainer is asked to stop, so this callback asks it to stop there.
+    """
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        """Ask to stop (and so to validate) once ``max_steps`` optimizer steps are done."""
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
+class KeepWorkOnFailure(Callback):
+    """Save the work of a run that fails or is interrupted, and guard every checkpoint against non-finite weights.
+
+    When an exception (Ctrl+C included) stops training after at least one optimizer step, it writes a resumable
+    ``last.ckpt`` to the checkpoint directory and the model (or adapters) trained so far to
+    :attr:`TrainedOutput.interrupted_path`, and prints where they are and how to resume; the exception then goes
+    on, so the command exits with an error. Nothing is saved when the trained weights are not finite.
+
+    Parameters
+    ----------
+    output
+        What the run writes and how.
+    checkpoint_dir
+        Directory of Lightning's checkpoints, ``last.ckpt`` among them.
+    """
+
+    def __init__(self, output: TrainedOutput, checkpoint_dir: Path) -> None:
+        self.output = output
+        self.checkpoint_dir = checkpoint_dir
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Refuse to write a Lightning checkpoint of non-finite weights (training stops with the error)."""
+        require_finite_weights(pl_module, f"a checkpoint at step {trainer.global_step}")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Write ``last.ckpt`` and the model trained so far, then report them (on the first process)."""
+        if trainer.global_step == 0 or isinstance(exception, NonFiniteWeightsError):
+            return  # nothing trained yet (or not restored yet), or the error already says why nothing is saved
+        stopped = f"training stopped by {type(exception).__name__} after {trainer.global_step} optimizer step(s)"
+        try:
+            require_finite_weights(pl_module, f"the {self.output.what} trained so far")
+        except NonFiniteWeightsError as refusal:
+            report(trainer, exception, f"{stopped}; {refusal}")
+            return
+        last = self.checkpoint_dir / LAST_CHECKPOINT
+        # Written by the first process without the barrier of trainer.save_checkpoint: under DDP, the other
+        # processes may have stopped elsewhere.
+        trainer.strategy.save_checkpoint(trainer._checkpoint_connector.dump_checkpoint(weights_only=False), last)
+        if trainer.is_global_zero:
+            self.output.save(self.output.interrupted_path)
+        report(
+            trainer,
+            exception,
+            f"{stopped}\n  {self.output.what} trained so far: {self.output.interrupted_path}\n"
+            f"  resumable checkpoint: {last}\n  to continue, run the same command with "
+            f"{self.output.resume_option}{last}",
+        )
+
+
+def report(trainer: L.Trainer, exception: BaseException, message: str) -> None:
+    """Print ``message`` to stderr (first process only) and add it to ``exception``, so a traceback ends with it."""
+    if trainer.is_global_zero:
+        print(f"\n{message}", file=sys.stderr, flush=True)
+    exception.add_note(message)
+
+
 def build_trainer(
-    settings: TrainerSettings, run_dir: Path, has_validation: bool, callbacks: Sequence[Callback] = ()
+    settings: TrainerSettings,
+    run_dir: Path,
+    has_validation: bool,
+    output: TrainedOutput,
+    callbacks: Sequence[Callback] = (),
 ) -> L.Trainer:
-    """A Trainer with CSV logging, resumable checkpoints and, with validation, early stopping.
+    """A Trainer with CSV logging, resumable checkpoints, work kept on failure and, with validation, early stopping.
 
     Parameters
     ----------
@@ -101,23 +234,34 @@ def build_trainer(
     run_dir
         Receives ``metrics.csv``, ``hparams.yaml`` and ``checkpoints/``.
     has_validation
-        Whether validation cells exist; checkpoints then keep the best validation loss.
+        Whether validation cells exist; checkpoints then keep the best validation loss, and a run that
+        ``max_steps`` ends mid-epoch validates once before it stops.
+    output
+        What a failed or interrupted run saves (see :class:`KeepWorkOnFailure`).
     callbacks
         Further callbacks.
     """
     hardware = resolve_hardware(settings.devices, settings.num_nodes)
     check_precision(settings.precision, hardware.accelerator)
+    checkpoint_dir = run_dir / CHECKPOINT_DIR
     checkpointing = ModelCheckpoint(
-        dirpath=run_dir / CHECKPOINT_DIR,
+        dirpath=checkpoint_dir,
         filename="{epoch}-{step}",
         monitor="val/loss" if has_validation else None,
         save_top_k=settings.keep_checkpoints,
         save_last=True,
         every_n_train_steps=settings.checkpoint_every_n_steps or None,
     )
-    all_callbacks: list[Callback] = [checkpointing, CellThroughput(), *callbacks]
+    all_callbacks: list[Callback] = [checkpointing, KeepWorkOnFailure(output, checkpoint_dir), CellThroughput()]
+    if has_validation:
+        all_callbacks.append(ValidateAtMaxSteps())
     if has_validation and settings.early_stopping_patience > 0:
-        all_callbacks.append(EarlyStopping(monitor="val/loss", patience=settings.early_stopping_patience))
+        # Checked after each validation (never at the end of a training epoch that was not validated).
+        stopping = EarlyStopping(
+            monitor="val/loss", patience=settings.early_stopping_patience, check_on_train_epoch_end=False, strict=False
+        )
+        all_callbacks.append(stopping)
+    all_callbacks.extend(callbacks)
     return L.Trainer(
         accelerator=hardware.accelerator,
         devices=hardware.devices,
@@ -144,9 +288,10 @@ def fit(
     settings: TrainerSettings,
     run_dir: Path,
     hparams: dict[str, Any],
+    output: TrainedOutput,
     callbacks: Sequence[Callback] = (),
 ) -> L.Trainer:
-    """Build the Trainer and train, resuming from ``settings.resume`` when given.
+    """Build the Trainer, train (resuming from ``settings.resume`` when given) and save what was trained.
 
     Parameters
     ----------
@@ -158,17 +303,28 @@ def fit(
         Run directory (logs and checkpoints).
     hparams
         Settings recorded in ``hparams.yaml``.
+    output
+        Where and how the trained model is saved: to ``output.path`` when training ends (by the first process),
+        to ``output.interrupted_path`` when it fails.
     callbacks
         Further callbacks.
+
+    Raises
+    ------
+    NonFiniteWeightsError
+        When the trained weights hold NaN or infinite values; nothing is saved.
     """
-    trainer = build_trainer(settings, run_dir, data.has_validation, callbacks)
+    trainer = build_trainer(settings, run_dir, data.has_validation, output, callbacks)
     trainer.logger.log_hyperparams(hparams)
     resume = settings.resume
     if resume is not None and resume != "last" and not Path(resume).is_file():
         raise FileNotFoundError(f"no checkpoint to resume from at {resume}")
-    if resume == "last" and not (run_dir / CHECKPOINT_DIR / "last.ckpt").is_file():
+    if resume == "last" and not (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
         raise FileNotFoundError(f"no last.ckpt in {run_dir / CHECKPOINT_DIR} to resume from")
     trainer.fit(module, datamodule=data, ckpt_path=resume)
+    if trainer.is_global_zero:
+        require_finite_weights(module, f"the trained {output.what}")
+        output.save(output.path)
     return trainer
 
 
