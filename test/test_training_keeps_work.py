@@ -11,11 +11,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
-from transcriptformer.training.lora import ADAPTER_WEIGHTS_FILE, load_adapters
 
 import transcriptformer
 from transcriptformer.checkpoint import CONFIG_FILE, load_checkpoint
 from transcriptformer.cli import main
+from transcriptformer.model.lora import ADAPTER_WEIGHTS_FILE, load_adapters
 from transcriptformer.training.config import (
     DataSettings,
     FinetuneConfig,
