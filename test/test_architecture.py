@@ -1,0 +1,187 @@
+"""The package's design, checked.
+
+Layers import only downwards, outputs and settings are declared once, the command line starts without torch.
+"""
+
+import ast
+import dataclasses
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import transcriptformer
+from transcriptformer.api import TranscriptFormerModel
+from transcriptformer.cli import COMMANDS, build_parser
+from transcriptformer.cli.common import USE_RAW
+from transcriptformer.config import PredictSettings
+from transcriptformer.inference.config import InferenceConfig
+from transcriptformer.model.outputs import OUTPUT_KEYS
+from transcriptformer.training.config import DataSettings, OptimSettings, TrainerSettings
+
+PACKAGE = Path(transcriptformer.__file__).parent
+
+# Bottom to top. A module may import from its own layer and the layers below it, never from a layer above.
+LAYERS = {
+    "version": 0,
+    "errors": 0,
+    "runtime": 0,
+    "config": 0,
+    "data": 1,
+    "model": 2,
+    "checkpoint": 3,
+    "pipeline": 3,
+    "hub": 3,
+    "api": 4,
+    "inference": 4,
+    "training": 4,
+    "doctor": 4,
+    "cli": 5,
+    "__main__": 5,
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(module: str) -> int:
+    top = module.split(".")[1] if "." in module else ""
+    return LAYERS[top]
+
+
+def package_imports(path: Path) -> list[str]:
+    """Every ``transcriptformer.*`` module that a file imports, at any depth (functions, TYPE_CHECKING)."""
+    imported = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("transcriptformer"):
+            imported += [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            imported += [alias.name for alias in node.names if alias.name.startswith("transcriptformer")]
+    return imported
+
+
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+MODULES = {module_name(path): path for path in SOURCES}
+
+
+def resolve(imported: str) -> str:
+    """The module behind ``package.module.name`` (a name imported from a module, or a module itself)."""
+    while imported not in MODULES:
+        imported = imported.rsplit(".", 1)[0]
+    return imported
+
+
+def test_every_module_has_a_layer():
+    for module in MODULES:
+        if module != "transcriptformer":
+            layer(module)
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: module_name(p))
+def test_no_module_imports_from_a_higher_layer(path):
+    importer = module_name(path)
+    if importer == "transcriptformer":  # the package's facade re-exports the API lazily
+        return
+    for imported in map(resolve, package_imports(path)):
+        if imported in ("transcriptformer", "transcriptformer.version"):
+            assert imported == "transcriptformer.version", f"{importer} imports the package facade"
+            continue
+        assert layer(imported) <= layer(importer), f"{importer} (layer {layer(importer)}) imports {imported}"
+
+
+def test_command_modules_share_helpers_only_through_cli_common():
+    for module, path in MODULES.items():
+        if module.startswith("transcriptformer.cli.") and module != "transcriptformer.cli.common":
+            others = {resolve(m) for m in package_imports(path) if resolve(m).startswith("transcriptformer.cli")}
+            assert others <= {"transcriptformer.cli.common"}, f"{module} imports {others}"
+
+
+def literal_strings(node: ast.AST) -> set[str]:
+    return {e.value for e in getattr(node, "elts", []) if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+
+
+def test_outputs_are_listed_in_one_module_only():
+    """No tuple, list or set of several output names outside model/outputs.py (where OUTPUTS declares them)."""
+    for module, path in MODULES.items():
+        if module == "transcriptformer.model.outputs":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Tuple | ast.List | ast.Set):
+                assert len(literal_strings(node) & set(OUTPUT_KEYS)) < 2, f"{module}:{node.lineno} lists outputs"
+
+
+def test_the_end_target_rule_is_written_once():
+    holders = [module for module, path in MODULES.items() if "seq_len - 1" in path.read_text()]
+    assert holders == ["transcriptformer.model.outputs"]
+
+
+def subcommand(name: str):
+    parser = build_parser([name])
+    subparsers = next(a for a in parser._actions if a.dest == "==SUPPRESS==" and hasattr(a, "choices"))
+    return subparsers.choices[name]
+
+
+def flag_defaults(name: str) -> dict[str, object]:
+    return {a.dest: a.default for a in subcommand(name)._actions if a.option_strings}
+
+
+def test_setting_defaults_are_written_once():
+    predict = PredictSettings()
+    inference = InferenceConfig()
+    assert (inference.batch_size, inference.max_tokens, inference.precision) == (
+        predict.batch_size,
+        predict.max_tokens,
+        predict.precision,
+    )
+    assert tuple(inference.output_keys) == predict.output_keys
+    api = inspect.signature(TranscriptFormerModel.predict).parameters
+    for name in ("output_keys", "batch_size", "max_tokens", "precision"):
+        assert api[name].default == getattr(predict, name), name
+    assert inspect.signature(TranscriptFormerModel.embed).parameters["batch_size"].default == predict.batch_size
+
+    flags = flag_defaults("inference")
+    assert USE_RAW[flags.pop("use_raw")] == inference.use_raw
+    for field in dataclasses.fields(InferenceConfig):
+        if field.name in flags:
+            assert flags[field.name] == getattr(inference, field.name), field.name
+    finetune = flag_defaults("finetune")
+    data, optim, trainer = DataSettings(), OptimSettings(), TrainerSettings()
+    pairs = {
+        "batch_size": data.batch_size,
+        "val_fraction": data.val_fraction,
+        "num_workers": data.num_workers,
+        "lr": optim.lr,
+        "weight_decay": optim.weight_decay,
+        "warmup_steps": optim.warmup_steps,
+        "epochs": trainer.max_epochs,
+        "max_steps": trainer.max_steps,
+        "precision": trainer.precision,
+        "attention_backend": trainer.attention_backend,
+        "early_stopping_patience": trainer.early_stopping_patience,
+        "devices": trainer.devices,
+        "seed": trainer.seed,
+    }
+    for dest, default in pairs.items():
+        assert finetune[dest] == default, dest
+
+
+HEAVY = ("torch", "anndata", "lightning", "peft", "hydra", "scipy")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], *[[name, "--help"] for name in COMMANDS]])
+def test_help_loads_no_heavy_library(argv):
+    code = (
+        "import sys\n"
+        "from transcriptformer.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-500:]
