@@ -3,7 +3,8 @@
 Runs the command in-process on a single real cell (all outputs, so that every head and the per-gene mapping run)
 with a profiler hook that records each call from one package module into another. Prints the modules in order of
 first use with their layer, the module-to-module edges, and the calls that go from a lower layer to a higher
-one (a lower layer calling back into a higher one, which the layered design avoids).
+one (a lower layer calling back into a higher one, which the layered design avoids). It also counts, over the
+whole package's source, the imports of a module of a higher layer (at any depth, lazy imports included).
 
     python benchmarks/call_path.py                 # this checkout
     python benchmarks/call_path.py --src OTHER/src # another checkout of the package (e.g. an older commit)
@@ -12,6 +13,7 @@ one (a lower layer calling back into a higher one, which the layered design avoi
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 import tempfile
 from pathlib import Path
@@ -24,11 +26,13 @@ PACKAGE = "transcriptformer"
 # Layer of each module (by dotted-name prefix, longest prefix wins): bottom first. Older layouts' modules are
 # listed too, so that earlier commits can be measured with the same table.
 LAYERS = {
+    "version": 0,
+    "errors": 0,
+    "runtime": 0,
     "config": 0,
     "data": 1,
     "model": 2,
     "checkpoint": 3,
-    "runtime": 3,
     "pipeline": 3,
     "hub": 3,
     "ood": 3,
@@ -77,6 +81,29 @@ def trace_inference(argv: list[str]) -> list[tuple[str, str]]:
     return edges
 
 
+def upward_imports(src: Path) -> list[tuple[str, str]]:
+    """Every (importer, imported) pair of the package's source where the imported module is in a higher layer."""
+    package = src / PACKAGE
+    modules = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(src).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    found = []
+    for importer, path in sorted(modules.items()):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(PACKAGE):
+                names = [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names if alias.name.startswith(PACKAGE)]
+            for name in names:
+                while name not in modules:
+                    name = name.rsplit(".", 1)[0]
+                if layer_of(importer) >= 0 and layer_of(name) > layer_of(importer):
+                    found.append((importer, name))
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", type=Path, default=ROOT / "src", help="the package's source folder")
@@ -110,6 +137,10 @@ def main() -> None:
     print(f"calls from a lower layer into a higher one: {len(upward)}")
     for caller, callee in upward:
         print(f"  {caller} (L{layer_of(caller)}) -> {callee} (L{layer_of(callee)})")
+    imports = upward_imports(args.src)
+    print(f"imports of a higher layer in the package's source: {len(imports)}")
+    for importer, imported in imports:
+        print(f"  {importer} (L{layer_of(importer)}) imports {imported} (L{layer_of(imported)})")
 
 
 if __name__ == "__main__":
