@@ -42,6 +42,7 @@ def kill_after_some_units(cmd, parts_dir, units=3):
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(reference_dir, many_cells, tmp_path):
     subprocess.run(command(reference_dir, many_cells, tmp_path / "whole"), check=True, capture_output=True)
     parts = tmp_path / "resumed" / ".embeddings.h5ad.parts"
