@@ -10,6 +10,7 @@ import transcriptformer
 DATA_DIR = Path(__file__).parent / "data"
 REFERENCE_DIR = DATA_DIR / "reference_tiny"
 REFERENCE_INPUT = REFERENCE_DIR / "input.h5ad"
+TRAIN_CONFIG = DATA_DIR.parent.parent / "conf" / "train.yaml"
 # The outputs that the original implementation computed for the reference cells (expected.npz).
 PARITY_OUTPUTS = ("embeddings", "llh", "gene_llh", "mu")
 
@@ -33,3 +34,18 @@ def expected() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="session")
 def reference_model() -> transcriptformer.TranscriptFormerModel:
     return transcriptformer.load(REFERENCE_DIR, device="cpu")
+
+
+def tiny_train_overrides(output: Path, *overrides: str) -> list[str]:
+    """Hydra overrides of conf/train.yaml: a model of the reference size, trained on the reference cells."""
+    return [
+        "model_config=tiny",
+        f"output_dir={output}",
+        f"data.train_files=[{REFERENCE_INPUT}]",
+        f"data_config.esm2_mappings=[{REFERENCE_DIR / 'vocabs' / 'mus_musculus_gene.h5'}]",
+        "data_config.aux_cols=[assay]",
+        "data.batch_size=8",
+        "trainer.devices=cpu",
+        "trainer.log_every_n_steps=1",
+        *overrides,
+    ]

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 import transcriptformer
+from conftest import REFERENCE_INPUT, TRAIN_CONFIG, tiny_train_overrides
 from transcriptformer.checkpoint import load_checkpoint
 from transcriptformer.data.batching import batch_length
 from transcriptformer.data.tokenize import read_anndata
@@ -41,20 +42,8 @@ def cells(reference_model, reference_input):
 
 
 def tiny_train_config(reference_input, output: Path, *overrides: str):
-    return compose_train_config(
-        REPO / "conf/train.yaml",
-        [
-            "model_config=tiny",
-            f"output_dir={output}",
-            f"data.train_files=[{reference_input}]",
-            f"data_config.esm2_mappings=[{GENE_TABLE}]",
-            "data_config.aux_cols=[assay]",
-            "data.batch_size=8",
-            "trainer.devices=cpu",
-            "trainer.log_every_n_steps=1",
-            *overrides,
-        ],
-    )
+    assert reference_input == REFERENCE_INPUT
+    return compose_train_config(TRAIN_CONFIG, tiny_train_overrides(output, *overrides))
 
 
 def test_loss_is_count_nll_plus_weighted_gene_nll_in_training_mode(reference_dir, cells):

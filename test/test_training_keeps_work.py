@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 import transcriptformer
+from conftest import REFERENCE_INPUT, TRAIN_CONFIG, tiny_train_overrides
 from transcriptformer.checkpoint import CONFIG_FILE, load_checkpoint
 from transcriptformer.cli import main
 from transcriptformer.model.lora import ADAPTER_WEIGHTS_FILE, load_adapters
@@ -28,7 +29,6 @@ from transcriptformer.training.run import run_finetuning, run_pretraining
 from transcriptformer.training.trainer import INTERRUPTED_DIR, NonFiniteWeightsError
 
 REPO = Path(__file__).parent.parent
-GENE_TABLE = REPO / "test/data/reference_tiny/vocabs/mus_musculus_gene.h5"
 
 
 class FailAtStep(Callback):
@@ -68,19 +68,8 @@ def finetune_config(reference_dir, reference_input, output, lr=1e-2, **trainer):
 
 
 def tiny_train_args(reference_input, output: Path, *overrides: str) -> list[str]:
-    return [
-        "train",
-        "--config",
-        str(REPO / "conf/train.yaml"),
-        "model_config=tiny",
-        f"output_dir={output}",
-        f"data.train_files=[{reference_input}]",
-        f"data_config.esm2_mappings=[{GENE_TABLE}]",
-        "data_config.aux_cols=[assay]",
-        "data.batch_size=8",
-        "trainer.devices=cpu",
-        *overrides,
-    ]
+    assert reference_input == REFERENCE_INPUT
+    return ["train", "--config", str(TRAIN_CONFIG), *tiny_train_overrides(output, *overrides)]
 
 
 def validation_steps(run_dir: Path) -> list[int]:
