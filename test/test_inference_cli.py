@@ -102,6 +102,18 @@ def test_dry_run_prints_the_plan_and_writes_nothing(inference, reference_dir, ca
     assert not output.parent.exists()
 
 
+def test_dry_run_reports_an_existing_output(inference, capsys):
+    output = inference()[1]
+    before = output.read_bytes()
+    code, _ = inference("--dry-run")
+    assert code == 0 and "(exists; the run would stop: pass --overwrite to replace it)" in capsys.readouterr().out
+    code, _ = inference("--dry-run", "--overwrite")
+    assert code == 0 and "(exists; will be replaced)" in capsys.readouterr().out
+    code, _ = inference()
+    assert code == 1 and "exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert output.read_bytes() == before
+
+
 @pytest.mark.parametrize(
     ("args", "data", "message"),
     [

@@ -204,7 +204,9 @@ def save_checkpoint(
     """
     path = Path(path)
     if not overwrite and any((path / name).exists() for name in (CONFIG_FILE, WEIGHTS_FILE)):
-        raise FileExistsError(f"{path} already holds a checkpoint; choose another directory or allow overwriting")
+        raise FileExistsError(
+            f"{path} already holds a checkpoint; choose another directory, or pass --overwrite to replace it"
+        )
     names = [Path(f).name for f in gene_embedding_files]
     if len(set(names)) != len(names):
         raise ValueError(f"gene-embedding files must have distinct names, got {names}")

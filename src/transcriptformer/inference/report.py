@@ -51,9 +51,18 @@ def format_plan(session: Session, world_size: int) -> str:
         f"{len(session.units)} unit(s) of up to {inference.chunk_size} cells",
         f"Device: {session.device.type} ({processes(world_size)}), precision {session.precision}",
         f"Outputs: {', '.join(inference.output_keys)}",
-        f"Output file: {session.output_file}" + (" (will be replaced)" if session.output_file.exists() else ""),
+        f"Output file: {session.output_file}{existing_output_note(session)}",
     ]
     return "\n".join(lines)
+
+
+def existing_output_note(session: Session) -> str:
+    """What the run would do to an output file that already exists."""
+    if not session.output_file.exists():
+        return ""
+    if session.config.inference.overwrite:
+        return " (exists; will be replaced)"
+    return " (exists; the run would stop: pass --overwrite to replace it)"
 
 
 def format_summary(session: Session, world_size: int, seconds: float) -> str:

@@ -121,10 +121,11 @@ def run_inference(config: RunConfig, *, dry_run: bool = False) -> Path:
     if dry_run:
         with prepare(config, device) as session:
             print(format_plan(session, world_size))
-    elif launched:
+        return output_file_of(config)
+    check_output_free(config)
+    if launched:
         run_worker(launched, "env://", config, started)
     elif world_size > 1:
-        check_output_free(config)
         distributed.spawn(run_worker, world_size, config, started)
     else:
         run_worker(Rank(), None, config, started)

@@ -167,11 +167,14 @@ def load_for_run(config: RunConfig, device: torch.device) -> Checkpoint:
 
 
 def prepare(config: RunConfig, device: torch.device) -> Session:
-    """Load the model, open the inputs and plan the work units; reads no counts and writes nothing."""
+    """Load the model, open the inputs and plan the work units; reads no counts and writes nothing.
+
+    Whether the output may be written is for the caller to check (:func:`check_output_free`): a dry run reports
+    an existing output instead of failing.
+    """
     inference = config.inference
     if not inference.data_files:
         raise ValueError("no input file: give one or more with --data-file")
-    check_output_free(config)
     checkpoint = load_for_run(config, device)
     model = checkpoint.esm2ce() if config.model.model_type == "esm2ce" else checkpoint.model
     tokenizer = checkpoint.tokenizer(remove_duplicate_genes=inference.remove_duplicate_genes)

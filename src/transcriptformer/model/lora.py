@@ -141,7 +141,9 @@ def save_adapters(model: PeftModel, path: str | Path, overwrite: bool = False) -
     if path.is_file():
         raise FileExistsError(f"{path} is a file; adapters are saved as a directory")
     if (path / ADAPTER_WEIGHTS_FILE).exists() and not overwrite:
-        raise FileExistsError(f"{path} already holds adapters; choose another output path or allow overwriting")
+        raise FileExistsError(
+            f"{path} already holds adapters; choose another output path, or pass --overwrite to replace them"
+        )
     model.save_pretrained(path, safe_serialization=True)
     return path
 
