@@ -23,9 +23,10 @@ import torch
 
 import transcriptformer
 from transcriptformer.checkpoint import save_checkpoint
-from transcriptformer.config import DataConfig, LossConfig, ModelConfig, TranscriptFormerConfig
+from transcriptformer.config import DataConfig, LossConfig, ModelConfig, PredictSettings, TranscriptFormerConfig
 from transcriptformer.data.vocab import GeneVocab, write_embedding_table
 from transcriptformer.model.transcriptformer import SpecialTokens, TranscriptFormer
+from transcriptformer.pipeline import predict_batches
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "human_fulltranscriptome_559.h5ad"
@@ -39,6 +40,8 @@ SIZES = {
 }
 SAPIENS_VOCAB = 23_829
 DTYPES = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
+# The same precisions as named by PredictSettings (the batch loop then applies the same autocast).
+PRECISION_NAMES = {"32": "32", "bf16": "bf16-mixed", "16": "16-mixed"}
 
 
 def build_checkpoint(size: str, gene_ids: list[str], directory: Path, seq_len: int) -> Path:
@@ -113,12 +116,11 @@ def run(model, cells, args, naive: bool) -> tuple[float, list[tuple[int, int]], 
                 embeddings.append(out["embeddings"].cpu().numpy())
                 shapes.append(tuple(batch.gene_tokens.shape))
         else:
-            for rows, out in model.iter_batches(
-                cells, batch_size=args.batch_size, max_tokens=args.max_tokens, output_keys=keys
-            ):
-                rows_seen.append(rows)
-                embeddings.append(out["embeddings"])
-                shapes.append(out["gene_token_indices"].shape)
+            settings = PredictSettings(keys, args.batch_size, args.max_tokens, PRECISION_NAMES[args.precision])
+            for batch in predict_batches(model.model, cells, settings, device):
+                rows_seen.append(batch.rows)
+                embeddings.append(batch.outputs["embeddings"])
+                shapes.append(tuple(batch.inputs.gene_tokens.shape))
     synchronize(device)
     seconds = time.perf_counter() - start
     order = np.argsort(np.concatenate(rows_seen))
@@ -176,7 +178,9 @@ def main() -> None:
         f"{torch.get_num_threads()} threads"
     )
     warm = cells.batch(np.arange(min(2, len(cells))))
-    model.model.predict(warm.gene_tokens.to(device), warm.gene_counts.to(device), warm.aux_tokens.to(device))
+    model.model.predict(
+        warm.gene_tokens.to(device), warm.gene_counts.to(device), warm.aux_tokens.to(device), ("embeddings",)
+    )
 
     peak = measured_matmul_peak(device, DTYPES[args.precision], config.embed_dim)
     print(f"measured matmul peak ({args.precision}): {peak / 1e9:.1f} GFLOP/s")

@@ -27,12 +27,11 @@ import anndata as ad
 import numpy as np
 import torch
 
-from transcriptformer.api import TranscriptFormerModel
 from transcriptformer.checkpoint import Checkpoint, load_checkpoint
 from transcriptformer.data.tokenize import Batch, TokenizedCells, read_anndata
 from transcriptformer.data.vocab import write_embedding_table
-from transcriptformer.model.lora import add_lora_adapters
-from transcriptformer.training.config import LoraSettings, compose_train_config
+from transcriptformer.model.lora import LoraSettings, add_lora_adapters
+from transcriptformer.training.config import compose_train_config
 from transcriptformer.training.datamodule import CellDataset, collate_cells
 from transcriptformer.training.module import parameter_groups
 from transcriptformer.training.objective import training_loss
@@ -45,8 +44,7 @@ ESM_WIDTH = 2560
 
 
 def tokenize(checkpoint: Checkpoint, data: Path | ad.AnnData) -> TokenizedCells:
-    clip = checkpoint.config.data_config.clip_counts
-    return TranscriptFormerModel(checkpoint, torch.device("cpu")).tokenize(data, clip_counts=clip)
+    return checkpoint.tokenizer().tokenize(data)
 
 
 def longest_cells_batch(cells: TokenizedCells, n: int = 4) -> Batch:

@@ -13,6 +13,7 @@ import torch
 import transcriptformer
 
 REFERENCE = Path(__file__).resolve().parents[1] / "test" / "data" / "reference_tiny"
+OUTPUTS = ("embeddings", "llh", "gene_llh", "mu")  # those of expected.npz
 
 
 def max_relative_error(got: np.ndarray, want: np.ndarray) -> float:
@@ -29,18 +30,19 @@ def main() -> None:
     with np.load(REFERENCE / "expected.npz") as npz:
         expected = dict(npz)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    settings = {"batch_size": args.batch_size, "output_keys": OUTPUTS, "precision": "32"}
     for backend in ("chunked", "flex"):
         model = transcriptformer.load(REFERENCE, device=args.device, attention_backend=backend)
         cells = model.tokenize(REFERENCE / "input.h5ad")
-        result = model.predict(cells, batch_size=args.batch_size)  # warm-up
-        errors = {k: max_relative_error(result[k], expected[k]) for k in ("embeddings", "llh", "gene_llh", "mu")}
+        result = model.predict(cells, **settings)  # warm-up
+        errors = {k: max_relative_error(result[k], expected[k]) for k in OUTPUTS}
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            model.predict(cells, batch_size=args.batch_size)
+            model.predict(cells, **settings)
             times.append(time.perf_counter() - start)
         load_start = time.perf_counter()
-        model.predict(REFERENCE / "input.h5ad", batch_size=args.batch_size)
+        model.predict(REFERENCE / "input.h5ad", **settings)
         end_to_end = time.perf_counter() - load_start
         best = min(times)
         print(
