@@ -30,7 +30,7 @@ from torch import Tensor
 from transcriptformer.config import PredictSettings
 from transcriptformer.data.batching import PlannedBatch, plan_batches
 from transcriptformer.data.tokenize import Batch, TokenizedCells
-from transcriptformer.model.outputs import OUTPUTS, check_output_keys, gene_positions
+from transcriptformer.model.outputs import OUTPUTS, gene_positions
 from transcriptformer.model.transcriptformer import SpecialTokens
 from transcriptformer.runtime import autocast, resolve_precision
 
@@ -90,13 +90,15 @@ def plan(
 def predict_batches(
     model: Predictor, cells: TokenizedCells, settings: PredictSettings, device: torch.device
 ) -> Iterator[PredictedBatch]:
-    """Run ``cells`` through ``model`` batch by batch, in the order of :func:`plan`."""
-    check_output_keys(settings.output_keys, model.output_keys)
+    """Run ``cells`` through ``model`` batch by batch, in the order of :func:`plan`.
+
+    The model checks the output keys (and computes without gradients); this loop adds the run's precision.
+    """
     precision = resolve_precision(settings.precision, device)
     for planned in plan(model, cells, settings, device):
         inputs = cells.batch(planned.rows, planned.length)
         on_device = inputs.to(device)
-        with torch.no_grad(), autocast(device, precision):
+        with autocast(device, precision):
             outputs = model.predict(
                 on_device.gene_tokens, on_device.gene_counts, on_device.aux_tokens, settings.output_keys
             )

@@ -7,8 +7,10 @@ Hydra's override grammar on the settings tree of :mod:`transcriptformer.inferenc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from transcriptformer.cli.common import USE_RAW, add_overwrite_argument, add_use_raw_argument
+from transcriptformer.config import DataConfig
 from transcriptformer.inference.config import (
     ALL_OBS_KEYS,
     EMB_TYPES,
@@ -189,44 +191,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
-# Flags whose value is an InferenceConfig field of the same name.
-INFERENCE_FLAGS = (
-    "output_path",
-    "output_filename",
-    "batch_size",
-    "max_tokens",
-    "output_keys",
-    "obs_keys",
-    "precision",
-    "pretrained_embedding",
-    "adapter",
-    "emb_type",
-    "device",
-    "num_gpus",
-    "n_data_workers",
-    "remove_duplicate_genes",
-    "overwrite",
-    "resume",
-    "chunk_size",
-    "attention_backend",
-)
-# Flags whose value, when given, replaces the checkpoint's DataConfig field of the same name.
-DATA_CONFIG_FLAGS = ("gene_col_name", "clip_counts", "filter_to_vocabs")
-
-
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run's settings: the checkpoint's config, then the flags, then ``--config-override``."""
     from transcriptformer.inference.config import apply_overrides
 
-    inference = InferenceConfig(
-        data_files=args.data_file,
-        use_raw=USE_RAW[args.use_raw],
-        **{name: getattr(args, name) for name in INFERENCE_FLAGS},
-    )
+    # A flag named like an InferenceConfig field sets it; one named like a DataConfig field, when given,
+    # replaces the checkpoint's value.
+    flags = vars(args) | {"data_files": args.data_file, "use_raw": USE_RAW[args.use_raw]}
+    inference = InferenceConfig(**{f.name: flags[f.name] for f in dataclasses.fields(InferenceConfig)})
     config = RunConfig.from_checkpoint(args.checkpoint_path, inference, args.model_type)
-    for name in DATA_CONFIG_FLAGS:
-        if getattr(args, name) is not None:
-            setattr(config.model.data_config, name, getattr(args, name))
+    for f in dataclasses.fields(DataConfig):
+        if flags.get(f.name) is not None:
+            setattr(config.model.data_config, f.name, flags[f.name])
     return apply_overrides(config, args.config_override)
 
 
