@@ -1,0 +1,120 @@
+"""Every shell command the README and docs/*.md show runs as written.
+
+Each fenced shell block (```bash) is preceded by a marker comment that says what it is:
+
+* ``<!-- runnable -->``: run offline, as written, from a fresh directory that holds the repository's bundled
+  ``models/``, ``conf/``, ``scripts/``, ``test/`` and ``finetune_lora.py``;
+* ``<!-- runnable: network -->``: the same, with the published-checkpoint bucket and the CELLxGENE API
+  replaced by a local HTTP server (``TRANSCRIPTFORMER_ARTIFACTS_URL``, ``TRANSCRIPTFORMER_CELLXGENE_API``)
+  that serves the reference checkpoint as ``tf_sapiens.tar.gz`` and a one-dataset catalogue;
+* ``<!-- example: why -->``: not run (placeholder paths, GPUs, hours of training); the reason is required.
+
+The blocks of one document run in order in one directory, so a later block may use an earlier one's output.
+``pip install`` and ``pytest`` are left out: ``.ci/run`` runs them on a fresh clone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from local_http_server import LocalServer, unused_port_url
+from test_cellxgene import add_dataset, serve_catalogue
+from test_download import checkpoint_archive
+from transcriptformer.hub.artifacts import ARTIFACTS, BASE_URL_ENV
+from transcriptformer.hub.cellxgene import API_URL_ENV
+
+ROOT = Path(__file__).parent.parent
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BUNDLED = ["models", "conf", "scripts", "test", "finetune_lora.py"]
+SHELL_FENCE = re.compile(r"^```(bash|sh|shell|console)\s*$")
+MARKER = re.compile(r"^<!-- (runnable|runnable: network|example: \S.*) -->$")
+# Documents whose runnable blocks take over 20 s on two CPU cores (they train).
+SLOW = {"training.md"}
+
+
+@dataclass
+class ShellBlock:
+    document: Path
+    line: int  # of the opening fence, 1-based
+    marker: str | None
+    script: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.document.relative_to(ROOT)}:{self.line}"
+
+
+def shell_blocks(document: Path) -> list[ShellBlock]:
+    """The fenced shell blocks of ``document``, each with the marker comment on the line before it."""
+    lines = document.read_text().splitlines()
+    blocks, start = [], None
+    for number, line in enumerate(lines):
+        if start is None and SHELL_FENCE.match(line.strip()):
+            start = number
+        elif start is not None and line.strip() == "```":
+            before = lines[start - 1].strip() if start else ""
+            marker = MARKER.match(before)
+            script = "\n".join(lines[start + 1 : number])
+            blocks.append(ShellBlock(document, start + 1, marker.group(1) if marker else None, script))
+            start = None
+    return blocks
+
+
+def without_ci_steps(script: str) -> str:
+    """``script`` less ``pip install`` and ``pytest`` (run by ``.ci/run``); ``pip install X && cmd`` keeps ``cmd``."""
+    kept = []
+    for line in script.splitlines():
+        commands = [c for c in line.split(" && ") if not c.lstrip().startswith(("pip install", "pytest"))]
+        kept.append(" && ".join(commands))
+    return "\n".join(kept)
+
+
+def runnable_documents() -> list[pytest.param]:
+    params = []
+    for document in DOCUMENTS:
+        if any(b.marker and b.marker.startswith("runnable") for b in shell_blocks(document)):
+            marks = [pytest.mark.slow] if document.name in SLOW else []
+            params.append(pytest.param(document, id=document.name, marks=marks))
+    return params
+
+
+def test_every_shell_block_says_whether_it_runs():
+    unmarked = [b.where for d in DOCUMENTS for b in shell_blocks(d) if b.marker is None]
+    assert not unmarked, f"shell blocks without a <!-- runnable --> or <!-- example: why --> marker: {unmarked}"
+    assert runnable_documents(), "no runnable block found: the marker syntax changed?"
+
+
+@pytest.fixture
+def published_mirror():
+    """A local server standing in for the checkpoint bucket and the CELLxGENE API."""
+    with LocalServer() as server:
+        server.add(f"/{ARTIFACTS['tf-sapiens'].archive}", checkpoint_archive())
+        lung = (ROOT / "test" / "data" / "human_symbols_16cells.h5ad").read_bytes()
+        serve_catalogue(server, [add_dataset(server, "lung-1", lung, tissue="lung")])
+        yield server
+
+
+@pytest.mark.parametrize("document", runnable_documents())
+def test_documented_commands_run_as_written(document, tmp_path, published_mirror):
+    for name in BUNDLED:
+        (tmp_path / name).symlink_to(ROOT / name)
+    bin_dir = str(Path(sys.executable).parent)  # this environment's python and transcriptformer come first
+    for block in shell_blocks(document):
+        if not (block.marker or "").startswith("runnable"):
+            continue
+        # Offline blocks get an address where nothing listens: they may not fetch anything.
+        server = published_mirror.base_url if block.marker == "runnable: network" else unused_port_url()
+        path = bin_dir + os.pathsep + os.environ["PATH"]
+        env = os.environ | {"PATH": path, BASE_URL_ENV: server, API_URL_ENV: server}
+        script = "set -euo pipefail\n" + without_ci_steps(block.script)
+        result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"{block.where} failed:\n{block.script}\n{output[-3000:]}"
+        assert "Traceback" not in output, f"{block.where} printed a traceback:\n{output[-3000:]}"
