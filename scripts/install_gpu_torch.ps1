@@ -24,7 +24,9 @@ param(
     # Interpreter (of the virtual environment) to install into.
     [string]$Python = "python",
     # Run without asking.
-    [switch]$Yes
+    [switch]$Yes,
+    # Also run a plan that lowers an installed torch, torchvision or torchaudio (install_torch.py refuses otherwise).
+    [switch]$AllowDowngrade
 )
 
 $ErrorActionPreference = "Stop"
@@ -33,6 +35,7 @@ $forward = @($planner, "--python", $Python)
 if ($Cuda) { $forward += @("--cuda", $Cuda) }
 if ($Torch) { $forward += @("--torch", $Torch) }
 if ($Cpu) { $forward += "--cpu" }
+if ($AllowDowngrade) { $forward += "--allow-downgrade" }
 
 & $Python @forward
 if ($LASTEXITCODE -ne 0) { exit $LASTEXITCODE }

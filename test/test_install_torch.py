@@ -1,6 +1,7 @@
 import importlib.metadata
 import importlib.util
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -252,3 +253,13 @@ def test_yes_runs_exactly_the_printed_command(tmp_path):
         "--index-url https://download.pytorch.org/whl/cpu"
     ]
     assert calls[-1].startswith("-c import torch")
+
+
+def test_windows_wrapper_forwards_every_flag():
+    """scripts/install_gpu_torch.ps1 has a parameter for each flag of install_torch.py and forwards it."""
+    wrapper = (SCRIPT.parent / "install_gpu_torch.ps1").read_text()
+    flags = [a.option_strings[0] for a in install_torch.build_parser()._actions if a.option_strings[0] != "-h"]
+    for flag in flags:
+        parameter = "".join(word.capitalize() for word in flag.removeprefix("--").split("-"))  # --allow-downgrade
+        assert f"${parameter}" in wrapper, f"install_gpu_torch.ps1 lacks -{parameter} for {flag}"
+        assert re.search(rf"[\s\"]{flag}[\s\"]", wrapper), f"install_gpu_torch.ps1 does not forward {flag}"
