@@ -32,3 +32,22 @@ def test_bad_arguments(reference_model, reference_input, reference_dir):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="sees no CUDA GPU"):
             transcriptformer.load(reference_dir, device="cuda")
+
+
+def test_embed_fills_obsm_in_place_rows_follow_obs_names(reference_model, reference_input, expected):
+    order = np.random.default_rng(0).permutation(ad.read_h5ad(reference_input).n_obs)[:25]
+    adata = ad.read_h5ad(reference_input)[order].copy()  # a shuffled subset
+    embeddings = reference_model.embed(adata)
+    assert adata.obsm["X_transcriptformer"] is embeddings
+    np.testing.assert_allclose(embeddings, expected["embeddings"][order], rtol=1e-4, atol=1e-6)
+    first = ad.AnnData(adata.X[:5], obs=adata.obs[:5], var=adata.var)
+    reference_model.embed(first, key_added="X_tf", batch_size=2)
+    assert list(first.obsm) == ["X_tf"]
+    np.testing.assert_allclose(first.obsm["X_tf"], embeddings[:5], rtol=1e-5, atol=1e-6)
+    reference_model.embed(first, key_added=None)
+    assert list(first.obsm) == ["X_tf"]
+
+
+def test_embed_of_a_file_refuses_a_key(reference_model, reference_input):
+    with pytest.raises(ValueError, match=r"key_added='X_mine' needs an AnnData.*pass anndata\.read_h5ad\(path\)"):
+        reference_model.embed(reference_input, key_added="X_mine")

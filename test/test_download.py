@@ -3,22 +3,26 @@ import io
 import json
 import os
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import transcriptformer
 from local_http_server import LocalServer, unused_port_url
 from transcriptformer.checkpoint import load_checkpoint
 from transcriptformer.cli import main
 from transcriptformer.hub.artifacts import (
     ARTIFACTS,
+    BASE_URL_ENV,
     COMPLETION_MARKER,
     ArchiveError,
     artifact_url,
     download_artifact,
     resolve_artifacts,
 )
+from transcriptformer.hub.cache import CACHE_ENV, resolve_checkpoint
 from transcriptformer.hub.http import ChecksumError, DownloadError, RetryPolicy, download_file
 
 REFERENCE = Path(__file__).parent / "data" / "reference_tiny"
@@ -259,3 +263,61 @@ def test_cli_downloads_once_and_reports_failures(server, tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "error: tf-exemplar:" in err and "HTTP 404" in err
+
+
+def test_load_by_name_downloads_once_into_the_cache(tmp_path, monkeypatch, expected):
+    cache = tmp_path / "cache"
+    with LocalServer() as server:
+        server.add("/tf_sapiens.tar.gz", checkpoint_archive())
+        monkeypatch.setenv(BASE_URL_ENV, server.base_url)
+        transcriptformer.load("tf-sapiens", device="cpu", cache_dir=cache)
+        assert server.requests == [("/tf_sapiens.tar.gz", None)]
+    assert leftovers(cache) == [".locks", "tf_sapiens"]
+    # The server is gone: the second load reads the cache (found here through $TRANSCRIPTFORMER_CACHE).
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    model = transcriptformer.load("tf-sapiens", device="cpu")
+    assert model.checkpoint.path == cache / "tf_sapiens"
+    np.testing.assert_allclose(model.embed(REFERENCE / "input.h5ad"), expected["embeddings"], rtol=1e-4, atol=1e-6)
+
+
+def test_load_by_name_resumes_a_half_finished_download(server, tmp_path, monkeypatch):
+    archive = server.add("/tf_sapiens.tar.gz", checkpoint_archive())
+    half = len(archive.body) // 2
+    archive.faults += [("drop", half), ("status", 404)]  # the connection breaks, then the retry fails for good
+    monkeypatch.setenv(BASE_URL_ENV, server.base_url)
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        transcriptformer.load("tf-sapiens", device="cpu", cache_dir=tmp_path)
+    assert not (tmp_path / "tf_sapiens").exists()  # half an archive is never taken for a checkpoint
+    transcriptformer.load("tf-sapiens", device="cpu", cache_dir=tmp_path)
+    assert server.requests[-1] == ("/tf_sapiens.tar.gz", f"bytes={half}-")
+    assert server.bytes_sent == len(archive.body)
+
+
+def test_concurrent_loads_share_one_download(server, tmp_path, monkeypatch):
+    archive = server.add("/tf_sapiens.tar.gz", checkpoint_archive())
+    archive.faults.append(("drop", len(archive.body) // 2))  # the first download pauses for a retry
+    monkeypatch.setenv(BASE_URL_ENV, server.base_url)
+    start = threading.Barrier(2)
+    paths = []
+
+    def resolve() -> None:
+        start.wait()
+        paths.append(resolve_checkpoint("tf-sapiens", tmp_path))
+
+    threads = [threading.Thread(target=resolve) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert paths == [tmp_path / "tf_sapiens"] * 2
+    assert server.paths_requested() == ["/tf_sapiens.tar.gz"] * 2  # one download and its resume, nothing more
+    assert server.bytes_sent == len(archive.body)
+
+
+def test_load_names_a_published_model_or_a_folder(tmp_path, reference_dir):
+    with pytest.raises(FileNotFoundError, match="did you mean 'tf-sapiens'.*tf-sapiens, tf-exemplar, tf-metazoa$"):
+        transcriptformer.load("tf-sapien", cache_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="'all-embeddings': no such checkpoint folder, and not a published"):
+        transcriptformer.load("all-embeddings", cache_dir=tmp_path)
+    assert leftovers(tmp_path) == []
+    assert resolve_checkpoint(reference_dir, tmp_path) == reference_dir  # a folder is used as it is

@@ -1,10 +1,11 @@
 """Python API: load a checkpoint, run it on cells, get NumPy arrays back.
 
 >>> import transcriptformer
->>> model = transcriptformer.load("checkpoints/tf_sapiens", device="cpu")
+>>> model = transcriptformer.load("tf-sapiens", device="cpu")  # downloaded once into the cache; or a folder
 >>> result = model.predict("cells.h5ad", output_keys=["embeddings", "llh"])
 >>> result["embeddings"].shape
 (n_cells, 2048)
+>>> embeddings = model.embed(adata)  # also stored in adata.obsm["X_transcriptformer"]
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ import torch
 from transcriptformer.checkpoint import Checkpoint, load_checkpoint
 from transcriptformer.config import PredictSettings
 from transcriptformer.data.tokenize import TokenizedCells
+from transcriptformer.hub.cache import resolve_checkpoint
 from transcriptformer.pipeline import predict_positions
 from transcriptformer.runtime import Backend, resolve_device
+
+EMBEDDING_KEY = "X_transcriptformer"
+"""Default ``obsm`` key of :meth:`TranscriptFormerModel.embed` (scanpy's ``X_<basis>``, as scvi-tools' ``X_scVI``)."""
 
 
 class TranscriptFormerModel:
@@ -109,30 +114,74 @@ class TranscriptFormerModel:
         return predict_positions(self.model, cells, settings, self.device)
 
     def embed(
-        self, data: ad.AnnData | str | Path, *, batch_size: int = PredictSettings.batch_size, **tokenize_kwargs: Any
+        self,
+        data: ad.AnnData | str | Path,
+        *,
+        key_added: str | None = EMBEDDING_KEY,
+        batch_size: int = PredictSettings.batch_size,
+        **tokenize_kwargs: Any,
     ) -> np.ndarray:
-        """Cell embeddings ``(n_cells, E)``."""
-        return self.predict(data, batch_size=batch_size, output_keys=("embeddings",), **tokenize_kwargs)["embeddings"]
+        """Cell embeddings ``(n_cells, E)``, also stored in ``adata.obsm[key_added]`` when given an AnnData.
+
+        Like scvi-tools' ``get_latent_representation`` followed by ``adata.obsm["X_scVI"] = ...``; with the
+        default key, scanpy finds them as ``use_rep="X_transcriptformer"`` or ``basis="transcriptformer"``.
+
+        Parameters
+        ----------
+        data
+            An AnnData (changed in place: rows follow ``adata.obs_names``), or a ``.h5ad``, ``.zarr`` or 10x
+            ``.h5`` path (read only: the embeddings are returned, the file is not changed).
+        key_added
+            ``obsm`` key of an AnnData's embeddings; ``None`` leaves the AnnData unchanged. A path accepts no
+            other key than the default (a file is never written).
+        batch_size
+            Cells per forward pass; results do not depend on it.
+        **tokenize_kwargs
+            Passed to :meth:`tokenize`.
+
+        Returns
+        -------
+        ndarray
+            ``(n_cells, E)`` float32, in input order.
+        """
+        if not isinstance(data, ad.AnnData) and key_added not in (EMBEDDING_KEY, None):
+            raise ValueError(
+                f"key_added={key_added!r} needs an AnnData, which embed fills in place, but {data} is only read: "
+                "pass anndata.read_h5ad(path) instead, or leave key_added out"
+            )
+        result = self.predict(data, batch_size=batch_size, output_keys=("embeddings",), **tokenize_kwargs)
+        embeddings = result["embeddings"]
+        if isinstance(data, ad.AnnData) and key_added is not None:
+            data.obsm[key_added] = embeddings
+        return embeddings
 
 
 def load(
-    path: str | Path,
+    name_or_path: str | Path,
     device: str | torch.device | None = "auto",
     attention_backend: Backend = "auto",
     adapter: str | Path | None = None,
+    *,
+    cache_dir: str | Path | None = None,
 ) -> TranscriptFormerModel:
-    """Load a checkpoint directory for inference.
+    """Load a checkpoint for inference: a folder, or a published model downloaded once into a local cache.
 
     Parameters
     ----------
-    path
-        Checkpoint directory in the published layout.
+    name_or_path
+        A checkpoint folder in the published layout, or a published model: ``"tf-sapiens"``, ``"tf-exemplar"``,
+        ``"tf-metazoa"``. A name is downloaded on first use (resumable, verified) into ``cache_dir`` and read
+        from there afterwards, without network access. A folder of that name, when one exists, wins.
     device
         ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
     attention_backend
         ``"auto"``, ``"flex"``, ``"chunked"`` or ``"dense"``.
     adapter
         LoRA adapters (from ``transcriptformer finetune``) to merge into the weights.
+    cache_dir
+        Where published models are kept; default ``$TRANSCRIPTFORMER_CACHE``, else the platform's user cache
+        folder (``~/.cache/transcriptformer`` on Linux). See :mod:`transcriptformer.hub.cache`.
     """
+    path = resolve_checkpoint(name_or_path, cache_dir)
     device = resolve_device(device)
     return TranscriptFormerModel(load_checkpoint(path, device, attention_backend, adapter=adapter), device)

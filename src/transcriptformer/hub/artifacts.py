@@ -51,11 +51,14 @@ class Artifact:
         Top-level folder of the archive and name of the extracted folder, e.g. ``tf_sapiens``.
     sha256 : str or None
         Published SHA-256 of the archive, when known.
+    is_model : bool
+        Whether the archive is a checkpoint (``transcriptformer.load`` accepts its name).
     """
 
     name: str
     directory: str
     sha256: str | None = None
+    is_model: bool = True
 
     @property
     def archive(self) -> str:
@@ -69,7 +72,7 @@ ARTIFACTS: dict[str, Artifact] = {
         Artifact("tf-sapiens", "tf_sapiens"),
         Artifact("tf-exemplar", "tf_exemplar"),
         Artifact("tf-metazoa", "tf_metazoa"),
-        Artifact("all-embeddings", "all_embeddings"),
+        Artifact("all-embeddings", "all_embeddings", is_model=False),
     )
 }
 GROUPS: dict[str, tuple[str, ...]] = {"all": tuple(ARTIFACTS)}

@@ -1,0 +1,75 @@
+r"""The local cache of published checkpoints: ``transcriptformer.load("tf-sapiens")`` downloads once, then reuses.
+
+The cache is a folder laid out like the one ``transcriptformer download --checkpoint-dir`` fills:
+``<cache>/tf_sapiens/`` with its completion marker (see :mod:`transcriptformer.hub.artifacts`, which does the
+resumable, verified download). A folder counts only when the marker is there, so a half-finished download is
+resumed, never loaded. A lock file per checkpoint keeps two processes that share the cache from downloading
+the same archive at once; the second waits and then finds the first one's download.
+
+Where the cache lives: ``cache_dir``, else ``$TRANSCRIPTFORMER_CACHE``, else the user cache folder of the
+platform (through ``platformdirs``): ``~/.cache/transcriptformer`` on Linux (``$XDG_CACHE_HOME`` respected),
+``~/Library/Caches/transcriptformer`` on macOS, ``%LOCALAPPDATA%\transcriptformer\Cache`` on Windows.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+import platformdirs
+from filelock import FileLock
+
+from transcriptformer.hub.artifacts import ARTIFACTS, Artifact, download_artifact, is_complete
+
+CACHE_ENV = "TRANSCRIPTFORMER_CACHE"
+LOCKS_DIR = ".locks"
+MODELS: tuple[str, ...] = tuple(name for name, artifact in ARTIFACTS.items() if artifact.is_model)
+
+
+def default_cache_dir() -> Path:
+    """``$TRANSCRIPTFORMER_CACHE``, else the platform's user cache folder for ``transcriptformer``."""
+    configured = os.environ.get(CACHE_ENV)
+    return Path(configured).expanduser() if configured else Path(platformdirs.user_cache_dir("transcriptformer"))
+
+
+def resolve_checkpoint(name_or_path: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """The checkpoint folder behind a path or a published model name.
+
+    Parameters
+    ----------
+    name_or_path
+        An existing folder (taken as it is, as before), or one of :data:`MODELS` (``tf-sapiens``,
+        ``tf-exemplar``, ``tf-metazoa``), downloaded into the cache on first use.
+    cache_dir
+        The cache folder; :func:`default_cache_dir` when omitted.
+
+    Raises
+    ------
+    FileNotFoundError
+        Neither a folder nor a published model; the message lists the names.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    name = str(name_or_path)
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, MODELS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise FileNotFoundError(
+            f"{name!r}: no such checkpoint folder, and not a published model; {hint}published models: "
+            f"{', '.join(MODELS)}"
+        )
+    return cached_checkpoint(ARTIFACTS[name], cache_dir)
+
+
+def cached_checkpoint(artifact: Artifact, cache_dir: str | Path | None = None) -> Path:
+    """``<cache_dir>/<artifact.directory>``, downloaded first unless the cache holds a finished download."""
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = cache_dir / artifact.directory
+    if is_complete(target):  # the common case: no lock, no network
+        return target
+    lock = cache_dir / LOCKS_DIR / f"{artifact.directory}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(lock):
+        return download_artifact(artifact, cache_dir)
