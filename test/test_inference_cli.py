@@ -32,6 +32,8 @@ ORIGINAL_FLAGS = [
     "--device",
     "--num-gpus",
     "--n-data-workers",
+    "--oom-dataloader",
+    "--disable-compile-block-mask",
     "--obs-keys",
     "--output-keys",
     "--config-override",

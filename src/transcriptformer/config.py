@@ -26,7 +26,23 @@ DEFAULT_SPECIAL_TOKENS = ["unknown", "[PAD]", "[START]", "[END]", "[RD]", "[CELL
 
 @dataclass
 class DataConfig:
-    """How cells are turned into model inputs (SPEC section 4)."""
+    """How cells are turned into model inputs (SPEC section 4).
+
+    Besides the tokenization settings, three settings of the original release select and order cells for a run
+    (its ``inference_config.yaml`` set them, whatever the checkpoint said, so a checkpoint's ``config.json`` does
+    not set them here either):
+
+    Attributes
+    ----------
+    filter_outliers : float
+        Keep only the cells whose total count (over the genes read) lies strictly within ``filter_outliers``
+        standard deviations of the mean total of their file; ``0``: no filter.
+    min_expressed_genes : int
+        Keep only the cells with at least this many expressed genes among the genes read; ``0``: no filter.
+    randomize_genes : bool
+        Order each cell's expressed genes (and, without ``pad_zeros``, its unexpressed ones) at random instead of
+        in ``var`` order; the order is drawn from the cell's name, the same in every run. ``sort_genes`` wins.
+    """
 
     aux_cols: list[str] = field(default_factory=list)
     gene_col_name: str = "ensembl_id"
@@ -39,6 +55,9 @@ class DataConfig:
     aux_pad_token: str = "unknown"
     esm2_mappings: list[str] = field(default_factory=list)
     special_tokens: list[str] = field(default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS))
+    filter_outliers: float = 0.0
+    min_expressed_genes: int = 0
+    randomize_genes: bool = False
 
     def __post_init__(self) -> None:
         # Published configs store aux_cols as a comma-separated string or null.
@@ -51,6 +70,15 @@ class DataConfig:
         self.pad_zeros = True if self.pad_zeros is None else bool(self.pad_zeros)
         self.sort_genes = bool(self.sort_genes)
         self.normalize_to_scale = float(self.normalize_to_scale or 0.0)
+        if self.filter_outliers < 0:
+            raise ValueError(f"filter_outliers must be >= 0 standard deviations (0: off), got {self.filter_outliers}")
+        if self.min_expressed_genes < 0:
+            raise ValueError(f"min_expressed_genes must be >= 0 (0: off), got {self.min_expressed_genes}")
+
+    @property
+    def filters_cells(self) -> bool:
+        """Whether a cell filter (``filter_outliers``, ``min_expressed_genes``) is on."""
+        return self.filter_outliers > 0 or self.min_expressed_genes > 0
 
 
 @dataclass
@@ -161,16 +189,9 @@ class PredictSettings:
 
 
 # Keys of published configs that configure the original's data loaders and have no meaning here.
-_IGNORED_KEYS = {
-    "_target_",
-    "aux_vocab_path",
-    "pin_memory",
-    "n_data_workers",
-    "filter_outliers",
-    "randomize_genes",
-    "min_expressed_genes",
-    "esm2_mappings_path",
-}
+_IGNORED_KEYS = {"_target_", "aux_vocab_path", "pin_memory", "n_data_workers", "esm2_mappings_path"}
+# DataConfig settings of a run, not of a checkpoint: the original's inference config reset them.
+RUN_DATA_KEYS = {"filter_outliers", "min_expressed_genes", "randomize_genes"}
 
 
 def _dataclass_from_dict(cls: type[T], values: dict[str, Any]) -> T:
@@ -179,5 +200,5 @@ def _dataclass_from_dict(cls: type[T], values: dict[str, Any]) -> T:
     unknown = sorted(set(values) - known - _IGNORED_KEYS)
     if unknown:
         warnings.warn(f"{cls.__name__}: ignoring unknown config keys {unknown}", stacklevel=3)
-    kwargs = {k: v for k, v in values.items() if k in known and v is not None}
+    kwargs = {k: v for k, v in values.items() if k in known and k not in RUN_DATA_KEYS and v is not None}
     return cls(**kwargs)

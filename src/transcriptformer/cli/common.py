@@ -21,12 +21,17 @@ def report_user_error(command: str, error: BaseException) -> int:
 
 
 def add_use_raw_argument(group: argparse._ActionsContainer) -> None:
-    """``--use-raw auto|true|false`` (the namespace holds the string; :data:`USE_RAW` maps it)."""
+    """``--use-raw auto|true|false`` in any case, as the original's ``True``/``False``.
+
+    The namespace holds the lower-case string; :data:`USE_RAW` maps it.
+    """
     group.add_argument(
         "--use-raw",
+        type=str.lower,
         choices=list(USE_RAW),
         default="auto",
-        help="counts from adata.raw.X (true), adata.X (false), or raw when present (default: %(default)s)",
+        help="counts from adata.raw.X (true), adata.X (false), or raw when present (auto); any case "
+        "(default: %(default)s)",
     )
 
 

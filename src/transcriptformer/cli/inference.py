@@ -11,6 +11,7 @@ import dataclasses
 
 from transcriptformer.cli.common import USE_RAW, add_overwrite_argument, add_use_raw_argument
 from transcriptformer.config import DataConfig
+from transcriptformer.errors import UserError
 from transcriptformer.inference.config import (
     ALL_OBS_KEYS,
     EMB_TYPES,
@@ -112,6 +113,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="keep the first of duplicated gene ids instead of stopping with an error",
     )
     data.add_argument(
+        "--oom-dataloader",
+        dest="use_oom_dataloader",
+        action="store_true",
+        help="the original's streaming data loader; cells are always streamed in chunks here, so it changes nothing",
+    )
+    data.add_argument(
         "--n-data-workers",
         type=int,
         default=defaults.n_data_workers,
@@ -181,6 +188,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="auto: compiled flex attention on CUDA, exact chunked attention elsewhere (default: %(default)s)",
     )
     model.add_argument(
+        "--disable-compile-block-mask",
+        action="store_true",
+        help="attention without torch.compile (the original's flag): turns auto into chunked, also on CUDA",
+    )
+    model.add_argument(
         "--config-override",
         action="append",
         default=[],
@@ -197,13 +209,29 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
     # A flag named like an InferenceConfig field sets it; one named like a DataConfig field, when given,
     # replaces the checkpoint's value.
-    flags = vars(args) | {"data_files": args.data_file, "use_raw": USE_RAW[args.use_raw]}
+    flags = vars(args) | {
+        "data_files": args.data_file,
+        "use_raw": USE_RAW[args.use_raw],
+        "attention_backend": attention_backend_of(args),
+    }
     inference = InferenceConfig(**{f.name: flags[f.name] for f in dataclasses.fields(InferenceConfig)})
     config = RunConfig.from_checkpoint(args.checkpoint_path, inference, args.model_type)
     for f in dataclasses.fields(DataConfig):
         if flags.get(f.name) is not None:
             setattr(config.model.data_config, f.name, flags[f.name])
     return apply_overrides(config, args.config_override)
+
+
+def attention_backend_of(args: argparse.Namespace) -> str:
+    """``--attention-backend``, with the original's ``--disable-compile-block-mask``: no compiled attention."""
+    if not args.disable_compile_block_mask:
+        return args.attention_backend
+    if args.attention_backend == "flex":
+        raise UserError(
+            "--disable-compile-block-mask asks for attention without torch.compile, but --attention-backend flex "
+            "compiles it on CUDA; drop one of the two (chunked and dense are never compiled)"
+        )
+    return "chunked" if args.attention_backend == "auto" else args.attention_backend
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,9 +9,10 @@ its tokenizer with :meth:`transcriptformer.checkpoint.Checkpoint.tokenizer`.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anndata as ad
@@ -86,7 +87,11 @@ class TokenizedCells:
         return self.counts.shape[0]
 
     def sequence(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """Column indices and counts of one cell's sequence (expressed genes first), before padding."""
+        """Column indices and counts of one cell's sequence (expressed genes first), before padding.
+
+        Expressed genes come in ``var`` order, by decreasing count with ``sort_genes``, or in the cell's own random
+        order with ``randomize_genes`` (:func:`cell_generator`).
+        """
         start, stop = self.counts.indptr[row], self.counts.indptr[row + 1]
         cols, values = self.counts.indices[start:stop], self.counts.data[start:stop]
         expressed = values > 0
@@ -94,10 +99,18 @@ class TokenizedCells:
         config = self.data_config
         if config.normalize_to_scale > 0 and values.size:
             values = values / values.sum() * config.normalize_to_scale
-        order = np.argsort(-values, kind="stable") if config.sort_genes else np.argsort(cols, kind="stable")
+        shuffle = cell_generator(self.obs_names[row]) if config.randomize_genes and not config.sort_genes else None
+        if config.sort_genes:
+            order = np.argsort(-values, kind="stable")
+        elif shuffle is not None:
+            order = shuffle.permutation(cols.size)
+        else:
+            order = np.argsort(cols, kind="stable")
         cols, values = cols[order], values[order]
         if not config.pad_zeros and cols.size < self.seq_len:
             zero_cols = np.setdiff1d(np.arange(self.counts.shape[1]), cols, assume_unique=True)
+            if shuffle is not None:
+                zero_cols = shuffle.permutation(zero_cols)
             zero_cols = zero_cols[: self.seq_len - cols.size]
             cols = np.concatenate([cols, zero_cols])
             values = np.concatenate([values, np.zeros(zero_cols.size, np.float32)])
@@ -136,6 +149,12 @@ class TokenizedCells:
             np.minimum(counts, self.data_config.clip_counts, out=counts)
         aux = self.aux_tokens[np.asarray(rows, dtype=np.int64)]
         return Batch(torch.from_numpy(tokens), torch.from_numpy(counts), torch.from_numpy(aux))
+
+
+def cell_generator(name: str) -> np.random.Generator:
+    """Random numbers of one cell, seeded by its name: the same gene order for the cell in every run and batch."""
+    digest = hashlib.blake2b(str(name).encode(), digest_size=8).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
 
 
 def read_anndata(data: ad.AnnData | str | Path) -> ad.AnnData:
@@ -207,6 +226,57 @@ def warn_if_not_counts(X: sp.csr_matrix) -> None:
             "(use the layer or .raw that holds them)",
             stacklevel=3,
         )
+
+
+def read_counts(reader: CountReader, columns: np.ndarray, start: int, stop: int) -> sp.csr_matrix:
+    """Counts of cells ``start .. stop - 1`` over ``columns``, as float32 CSR with sorted indices."""
+    counts = reader.rows(start, stop)[:, columns].astype(np.float32)
+    counts.sort_indices()
+    return counts
+
+
+# Cells per block of the pass that computes the statistics of the cell filters.
+FILTER_BLOCK_CELLS = 4096
+
+
+def cell_statistics(
+    reader: CountReader, columns: np.ndarray, block_cells: int = FILTER_BLOCK_CELLS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Total count and number of expressed genes of every cell over ``columns``, read ``block_cells`` at a time."""
+    totals = np.zeros(reader.n_obs, dtype=np.float64)
+    expressed = np.zeros(reader.n_obs, dtype=np.int64)
+    for start in range(0, reader.n_obs, block_cells):
+        stop = min(start + block_cells, reader.n_obs)
+        counts = read_counts(reader, columns, start, stop)
+        totals[start:stop] = counts.astype(np.float64).sum(axis=1).A1
+        expressed[start:stop] = (counts > 0).sum(axis=1).A1
+    return totals, expressed
+
+
+def filter_cells(totals: np.ndarray, expressed: np.ndarray, config: DataConfig) -> tuple[np.ndarray, dict[str, int]]:
+    """The cells that the original release's filters keep, and how many each filter dropped.
+
+    ``filter_outliers = k`` keeps the cells whose total lies strictly within ``k`` (population) standard
+    deviations of the mean total of all cells; ``min_expressed_genes = m`` then keeps the cells with at least
+    ``m`` expressed genes. Both count only the genes the model reads.
+
+    Returns
+    -------
+    keep, dropped
+        Boolean mask of the cells kept; cells dropped per filter (``{"filter_outliers=2": 3}``), in filter order.
+    """
+    keep = np.ones(totals.size, dtype=bool)
+    dropped = {}
+    if config.filter_outliers > 0 and totals.size:
+        margin = config.filter_outliers * totals.std()
+        inside = (totals > totals.mean() - margin) & (totals < totals.mean() + margin)
+        dropped[f"filter_outliers={config.filter_outliers:g}"] = int((keep & ~inside).sum())
+        keep &= inside
+    if config.min_expressed_genes > 0:
+        enough = expressed >= config.min_expressed_genes
+        dropped[f"min_expressed_genes={config.min_expressed_genes}"] = int((keep & ~enough).sum())
+        keep &= enough
+    return keep, dropped
 
 
 @dataclass(frozen=True)
@@ -285,12 +355,27 @@ class CellTokenizer:
         )
         aux = aux_tokens_from_obs(reader.obs, self.aux_vocabs, config.aux_pad_token)
         pad_index = self.gene_vocab.special(config.gene_pad_token)
-        return PreparedCells(reader, selection, aux, config, self.seq_len, pad_index)
+        if not config.filters_cells:
+            return PreparedCells(reader, selection, aux, config, self.seq_len, pad_index)
+        keep, dropped = filter_cells(*cell_statistics(reader, selection.columns), config)
+        cells = PreparedCells(reader, selection, aux, config, self.seq_len, pad_index, np.flatnonzero(keep), dropped)
+        if reader.n_obs and not len(cells):
+            raise ValueError(
+                f"{reader.source}: {cells.describe_dropped()}; "
+                "raise model.data_config.filter_outliers or lower min_expressed_genes (0 turns a filter off)"
+            )
+        if cells.n_dropped:
+            warnings.warn(f"{reader.source}: {cells.describe_dropped()}", stacklevel=2)
+        return cells
 
 
 @dataclass
 class PreparedCells:
-    """Cells of one source, ready to be tokenized in row blocks of any size."""
+    """Cells of one source, ready to be tokenized in row blocks of any size.
+
+    With a cell filter on (:attr:`DataConfig.filters_cells`), the cells are those of the source that it keeps:
+    ``kept`` holds their rows in the source and ``dropped`` how many cells each filter dropped.
+    """
 
     reader: CountReader
     selection: GeneSelection
@@ -298,23 +383,42 @@ class PreparedCells:
     data_config: DataConfig
     seq_len: int
     pad_index: int
+    kept: np.ndarray | None = None
+    dropped: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return self.reader.n_obs
+        return self.reader.n_obs if self.kept is None else self.kept.size
+
+    @property
+    def n_dropped(self) -> int:
+        """Cells of the source that the cell filters dropped."""
+        return self.reader.n_obs - len(self)
+
+    def describe_dropped(self) -> str:
+        """What the cell filters did, e.g. ``the cell filters dropped 3 of 64 cells (2 by filter_outliers=2, ...)``."""
+        per_filter = ", ".join(f"{count} by {name}" for name, count in self.dropped.items())
+        return f"the cell filters dropped {self.n_dropped} of {self.reader.n_obs} cells ({per_filter})"
+
+    def source_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows in the source of cells ``start .. stop - 1`` (all by default)."""
+        stop = len(self) if stop is None else stop
+        return np.arange(start, stop) if self.kept is None else self.kept[start:stop]
 
     def cells(self, start: int = 0, stop: int | None = None) -> TokenizedCells:
         """Tokenized cells ``start .. stop - 1`` (all by default)."""
-        stop = len(self) if stop is None else stop
-        counts = self.reader.rows(start, stop)[:, self.selection.columns].astype(np.float32)
-        counts.sort_indices()
+        rows = self.source_rows(start, stop)
+        first, last = (int(rows[0]), int(rows[-1]) + 1) if rows.size else (0, 0)
+        counts = read_counts(self.reader, self.selection.columns, first, last)
+        if counts.shape[0] != rows.size:  # cells dropped between first and last
+            counts = counts[rows - first]
         if start == 0:
             warn_if_not_counts(counts)
         return TokenizedCells(
             counts=counts,
             gene_tokens=self.selection.tokens,
             gene_ids=self.selection.gene_ids,
-            aux_tokens=self.aux_tokens[start:stop],
-            obs_names=self.reader.obs.index[start:stop],
+            aux_tokens=self.aux_tokens[rows],
+            obs_names=self.reader.obs.index[rows],
             data_config=self.data_config,
             seq_len=self.seq_len,
             pad_index=self.pad_index,

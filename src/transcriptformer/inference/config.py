@@ -84,6 +84,10 @@ class InferenceConfig:
         Cells per unit of work; each unit's outputs are written to disk when it is done.
     attention_backend : str
         One of :data:`transcriptformer.runtime.BACKENDS`; ``auto`` picks flex on CUDA, chunked elsewhere.
+    use_oom_dataloader : bool
+        The original release's switch to its streaming data loader (``--oom-dataloader``). Every run streams its
+        cells from disk in chunks here, so it changes nothing; it is accepted so that the original's commands and
+        configs keep working.
     """
 
     data_files: list[str] = field(default_factory=list)
@@ -106,6 +110,7 @@ class InferenceConfig:
     resume: bool = False
     chunk_size: int = 1024
     attention_backend: str = "auto"
+    use_oom_dataloader: bool = False
 
     def __post_init__(self) -> None:
         _check_choices("emb_type", [self.emb_type], EMB_TYPES)
@@ -208,7 +213,7 @@ def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
 
     Examples: ``model.data_config.normalize_to_scale=10000``,
     ``model.inference_config.output_keys=[embeddings,llh]``, ``model.inference_config.obs_keys.0=cell_type``,
-    ``model.data_config.clip_counts=null``.
+    ``model.data_config.clip_counts=null`` (``None``, in any case, is null too, as in the original release).
     """
     if not overrides:
         return config
@@ -229,8 +234,11 @@ def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
             raise ValueError(f"config override {text!r} is a sweep; give a single value (lists go in [...])")
         if override.type != OverrideType.CHANGE:
             raise ValueError(f"config override {text!r}: only key=value is supported, not adding or deleting keys")
+        value = override.value()
+        if isinstance(value, str) and value.lower() == "none":  # the original release read None as null
+            value = None
         try:
-            OmegaConf.update(tree, override.key_or_group, override.value(), merge=False)
+            OmegaConf.update(tree, override.key_or_group, value, merge=False)
         except OmegaConfBaseException as error:
             raise ValueError(f"config override {text!r}: {_first_line(error)}") from None
     try:

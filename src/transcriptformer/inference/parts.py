@@ -21,7 +21,7 @@ from transcriptformer.pipeline import GeneOutputs
 
 MANIFEST = "run.json"
 # Settings that change how a run is carried out but not its results; a resumed run may change them.
-RESUMABLE_CHANGES = ("overwrite", "resume", "n_data_workers", "num_gpus")
+RESUMABLE_CHANGES = ("overwrite", "resume", "n_data_workers", "num_gpus", "use_oom_dataloader")
 
 
 def parts_dir(session: Session) -> Path:

@@ -20,9 +20,11 @@ def processes(count: int) -> str:
 
 
 def describe_inputs(session: Session) -> list[str]:
-    """One line per input file: cells and genes matched."""
+    """One line per input file: cells, genes matched, and the cells that the cell filters dropped."""
     return [
-        f"  {f.path}: {len(f.cells)} cells, {f.n_matched} of {f.n_genes} genes in the vocabulary" for f in session.files
+        f"  {f.path}: {len(f.cells)} cells, {f.n_matched} of {f.n_genes} genes in the vocabulary"
+        + (f"; {f.cells.describe_dropped()}" if f.cells.n_dropped else "")
+        for f in session.files
     ]
 
 
@@ -98,6 +100,8 @@ def run_metadata(session: Session, world_size: int) -> dict:
         "genes_matched": np.array([f.n_matched for f in session.files]),
         "config": json.dumps(session.config.to_dict()),
     }
+    if any(f.cells.n_dropped for f in session.files):
+        metadata["cells_dropped"] = np.array([f.cells.n_dropped for f in session.files])
     if inference.pretrained_embedding:
         metadata["pretrained_embedding"] = list(inference.pretrained_embedding)
     if inference.adapter:

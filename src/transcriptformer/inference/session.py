@@ -41,9 +41,9 @@ class InputFile:
     ----------
     path : Path
     cells : PreparedCells
-        Its genes matched with the vocabulary; counts are read per unit.
+        Its genes matched with the vocabulary and its cells that the cell filters keep; counts are read per unit.
     obs : DataFrame
-        The file's obs, filtered to the requested columns, with ``source_file``.
+        The obs of those cells, filtered to the requested columns, with ``source_file``.
     """
 
     path: Path
@@ -184,8 +184,10 @@ def prepare(config: RunConfig, device: torch.device) -> Session:
             path = Path(name)
             reader = open_files.enter_context(open_counts(path, inference.use_raw))
             obs = select_obs(reader.obs, inference.obs_keys, path)
+            cells = tokenizer.prepare(reader)
+            obs = obs.iloc[cells.source_rows()].copy() if cells.n_dropped else obs
             obs[SOURCE_FILE_COLUMN] = str(path)
-            files.append(InputFile(path, tokenizer.prepare(reader), obs))
+            files.append(InputFile(path, cells, obs))
         units = plan_units([len(f.cells) for f in files], inference.chunk_size)
         if not units:
             raise ValueError(f"the input files {inference.data_files} hold no cells")
