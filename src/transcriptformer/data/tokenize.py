@@ -97,8 +97,6 @@ class TokenizedCells:
         expressed = values > 0
         cols, values = cols[expressed], values[expressed].astype(np.float32)
         config = self.data_config
-        if config.normalize_to_scale > 0 and values.size:
-            values = values / values.sum() * config.normalize_to_scale
         shuffle = cell_generator(self.obs_names[row]) if config.randomize_genes and not config.sort_genes else None
         if config.sort_genes:
             order = np.argsort(-values, kind="stable")
@@ -114,7 +112,11 @@ class TokenizedCells:
             zero_cols = zero_cols[: self.seq_len - cols.size]
             cols = np.concatenate([cols, zero_cols])
             values = np.concatenate([values, np.zeros(zero_cols.size, np.float32)])
-        return cols[: self.seq_len], values[: self.seq_len]
+        cols, values = cols[: self.seq_len], values[: self.seq_len]
+        if config.normalize_to_scale > 0 and values.any():
+            # Over the genes the sequence keeps, as the original release does (after cutting to seq_len).
+            values = values / values.sum() * config.normalize_to_scale
+        return cols, values
 
     def n_tokens(self) -> np.ndarray:
         """Number of unpadded positions of each cell: its expressed genes (all genes without ``pad_zeros``)."""
