@@ -51,3 +51,14 @@ def test_embed_fills_obsm_in_place_rows_follow_obs_names(reference_model, refere
 def test_embed_of_a_file_refuses_a_key(reference_model, reference_input):
     with pytest.raises(ValueError, match=r"key_added='X_mine' needs an AnnData.*pass anndata\.read_h5ad\(path\)"):
         reference_model.embed(reference_input, key_added="X_mine")
+
+
+def test_embed_refuses_to_fill_obsm_when_filters_drop_cells(reference_model, reference_input):
+    adata = ad.read_h5ad(reference_input)
+    with pytest.warns(UserWarning, match="dropped"):
+        with pytest.raises(ValueError, match=r"kept \d+ of 64 cells.*subset the AnnData first"):
+            reference_model.embed(adata, min_expressed_genes=100)
+    assert "X_transcriptformer" not in adata.obsm
+    with pytest.warns(UserWarning, match="dropped"):
+        kept = reference_model.embed(adata, key_added=None, min_expressed_genes=100)
+    assert 0 < len(kept) < 64

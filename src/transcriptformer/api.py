@@ -152,6 +152,11 @@ class TranscriptFormerModel:
         result = self.predict(data, batch_size=batch_size, output_keys=("embeddings",), **tokenize_kwargs)
         embeddings = result["embeddings"]
         if isinstance(data, ad.AnnData) and key_added is not None:
+            if len(embeddings) != data.n_obs:
+                raise ValueError(
+                    f"cell filters kept {len(embeddings)} of {data.n_obs} cells, so obsm[{key_added!r}] cannot hold "
+                    "their embeddings: subset the AnnData first, or pass key_added=None to get the array only"
+                )
             data.obsm[key_added] = embeddings
         return embeddings
 
