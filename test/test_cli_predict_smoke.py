@@ -58,10 +58,9 @@ def test_cli_predict_smoke(tmp_path, reference_dir, reference_input, reference_m
     assert adata.layers["gene_llh"].nnz == scored.sum()
 
     # contextual gene embeddings: one row per (cell, gene), cells in order, genes in sequence order
-    cge = adata.uns["cge"]
-    np.testing.assert_array_equal(cge["cell_index"], cells)
-    np.testing.assert_array_equal(cge["gene_index"], genes)
-    np.testing.assert_array_equal(cge["embeddings"], api["cge"][cells, positions])
+    np.testing.assert_array_equal(adata.uns["cge_cell_indices"], cells)
+    np.testing.assert_array_equal(adata.uns["cge_gene_names"], vocab_ids[tokens[cells, positions]])
+    np.testing.assert_array_equal(adata.uns["cge_embeddings"], api["cge"][cells, positions])
 
     # and the numbers of the original implementation
     for key in ("embeddings", "llh"):

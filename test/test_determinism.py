@@ -27,10 +27,9 @@ def assert_close(actual: np.ndarray, desired: np.ndarray, name: str) -> None:
 
 
 def cge_by_cell_and_gene(adata: ad.AnnData) -> tuple[pd.MultiIndex, np.ndarray]:
-    cge = adata.uns["cge"]
-    pairs = pd.MultiIndex.from_arrays([adata.obs_names[cge["cell_index"]], adata.var_names[cge["gene_index"]]])
+    pairs = pd.MultiIndex.from_arrays([adata.obs_names[adata.uns["cge_cell_indices"]], adata.uns["cge_gene_names"]])
     order = np.lexsort([pairs.get_level_values(1), pairs.get_level_values(0)])
-    return pairs[order], cge["embeddings"][order]
+    return pairs[order], adata.uns["cge_embeddings"][order]
 
 
 def assert_same_cells(actual: ad.AnnData, desired: ad.AnnData) -> None:

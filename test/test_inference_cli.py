@@ -179,6 +179,17 @@ def test_several_files_with_different_genes(inference, reference_model, referenc
     first_genes = vocab_ids[np.unique(api_first["gene_token_indices"][api_first["gene_token_indices"] != 1])]
     assert set(first_genes) <= set(adata.var_names[:1024])
     assert adata.n_vars == len(set(adata.var_names[:1024]) | set(second.var["ensembl_id"].dropna()) & set(vocab_ids))
+    # with the var columns of both files: each gene's values from the first file that has them
+    assert list(adata.var.columns) == [*first.var.columns, "input_var_name", "gene_symbol"]
+    first_var, second_var = (
+        v.var.reset_index().set_index("ensembl_id").reindex(adata.var_names) for v in (first, second)
+    )
+    assert list(adata.var["gene_name"]) == list(first_var["gene_name"])
+    assert list(adata.var["input_var_name"]) == list(first_var["index"])
+    in_second = second_var["gene_symbol"].notna().to_numpy()
+    assert 0 < in_second.sum() < adata.n_vars  # genes of both files get the second file's symbols, others none
+    assert list(adata.var["gene_symbol"][in_second]) == list(second_var["gene_symbol"][in_second])
+    assert adata.var["gene_symbol"][~in_second].isna().all()
 
     np.testing.assert_array_equal(
         adata.obsm["embeddings"], np.concatenate([api_first["embeddings"], api_second["embeddings"]])

@@ -47,8 +47,8 @@ def assert_same_outputs(merged: ad.AnnData, single: ad.AnnData) -> None:
     np.testing.assert_array_equal(merged.obsm["embeddings"], single.obsm["embeddings"])
     for layer in ("mu", "gene_llh"):
         assert (merged.layers[layer] != single.layers[layer]).nnz == 0, layer
-    for key in ("embeddings", "cell_index", "gene_index"):
-        np.testing.assert_array_equal(merged.uns["cge"][key], single.uns["cge"][key])
+    for key in ("cge_embeddings", "cge_cell_indices", "cge_gene_names"):
+        np.testing.assert_array_equal(merged.uns[key], single.uns[key])
 
 
 def run_command(command: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -1,16 +1,21 @@
 """The output ``.h5ad`` of an inference run, written chunk by chunk.
 
-Layout (``n`` cells of all input files, ``g`` genes matched in any of them); where each output goes is its
-``anndata`` slot in :data:`transcriptformer.model.outputs.OUTPUTS`::
+Layout (``n`` cells of all input files); where each output goes is its ``anndata`` slot in
+:data:`transcriptformer.model.outputs.OUTPUTS`::
 
     obs                 the inputs' obs (original obs_names and order), columns filtered to obs_keys,
                         plus source_file and the per-cell numbers (llh)
     obsm[key]           per-cell vectors: (n, E) cell embeddings
-    var                 index: gene ids of the output gene axis
+    var                 with per-gene layers: the g genes matched in any input, index their gene ids, columns the
+                        inputs' var columns (each gene's row from the first file that has it) and input_var_name;
+                        without: no genes (g = 0)
     layers[key]         per-gene numbers (mu, gene_llh): (n, g) sparse, an entry for each gene whose
                         position holds a value (transcriptformer.model.outputs.gene_positions)
-    uns["cge"]          contextual gene embeddings, one row per (cell, gene) pair:
-                        embeddings (m, E), cell_index (m,) into obs, gene_index (m,) into var
+    X                   the layer named by transcriptformer.model.outputs.main_matrix_key (mu first), the same
+                        HDF5 object as that layer (stored once); without layers an empty (n, 0) matrix
+    uns["cge_embeddings"], uns["cge_cell_indices"], uns["cge_gene_names"]
+                        contextual gene embeddings, one row per (cell, gene) pair, as the original release
+                        wrote them: (m, E) float32, (m,) int64 row of obs, (m,) str gene id
                         (positions in the file as written: read them before subsetting the AnnData,
                         or use :func:`contextual_embeddings`)
     uns[key]            a DataFrame of each per-cell number (uns["llh"]), as the original release wrote it
@@ -27,24 +32,29 @@ import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from anndata.io import sparse_dataset, write_elem
 
-from transcriptformer.model.outputs import OUTPUTS
+from transcriptformer.model.outputs import OUTPUTS, main_matrix_key
 from transcriptformer.pipeline import GeneOutputs
 
+# uns keys of the contextual gene embeddings, as the original release wrote them.
+CGE_EMBEDDINGS, CGE_CELL_INDICES, CGE_GENE_NAMES = "cge_embeddings", "cge_cell_indices", "cge_gene_names"
+GENE_ID = "gene_id"
 
-def concat_obs(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
-    """Stack the obs of several files (original obs_names, all columns), in a form that ``.h5ad`` can store.
 
-    A column that some files lack is missing (NaN) for their cells. Columns that become mixed in the stacking
+def concat_frames(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Stack the obs (or var) of several files (original index, all columns), in a form that ``.h5ad`` can store.
+
+    A column that some files lack is missing (NaN) for their rows. Columns that become mixed in the stacking
     are converted without losing values: booleans with gaps to pandas' nullable ``boolean``, other mixtures of
     types to strings.
     """
-    obs = pd.concat(frames)
-    for column in obs.columns:
-        if obs[column].dtype == object:
-            obs[column] = _writable(obs[column])
-    return obs
+    stacked = pd.concat(frames)
+    for column in stacked.columns:
+        if stacked[column].dtype == object:
+            stacked[column] = _writable(stacked[column])
+    return stacked
 
 
 def _writable(values: pd.Series) -> pd.Series:
@@ -56,10 +66,21 @@ def _writable(values: pd.Series) -> pd.Series:
     return values.where(values.isna(), values.astype(str))
 
 
+def concat_var(frames: Sequence[pd.DataFrame], genes: pd.Index) -> pd.DataFrame:
+    """The var of the gene axis ``genes``, every column of ``frames``: each gene's first value among the files.
+
+    ``frames`` are the input files' var rows indexed by gene id; a gene's value of a column is missing only when
+    no file that has the gene has it. The index is named ``gene_id``, unless an input has a column of that name
+    (which then keeps its values).
+    """
+    var = concat_frames(frames).groupby(level=0, sort=False).first().reindex(genes)
+    return var.rename_axis(None if GENE_ID in var.columns else GENE_ID)
+
+
 def write_output(
     path: Path,
     obs: pd.DataFrame,
-    genes: pd.Index,
+    var: pd.DataFrame,
     chunks: Iterable[GeneOutputs],
     metadata: dict,
     overwrite: bool = False,
@@ -76,8 +97,9 @@ def write_output(
         The output file.
     obs
         One row per cell, in output order.
-    genes
-        Gene ids of the gene axis.
+    var
+        One row per gene of the gene axis, index gene ids (:func:`concat_var`); written as var when the chunks hold
+        per-gene layers, and naming the genes of contextual gene embeddings.
     chunks
         The outputs of all cells, in order.
     metadata
@@ -89,18 +111,18 @@ def write_output(
     temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.h5ad")
     try:
         with h5py.File(temporary, "w") as f:
-            writer = _OutputWriter(f, len(obs), len(genes))
+            writer = _OutputWriter(f, len(obs), var)
             for chunk in chunks:
                 writer.append(chunk)
-            writer.finish(obs, genes, metadata)
+            writer.finish(obs, metadata)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
 
 
-def _as_written_by_anndata(obs: pd.DataFrame) -> pd.DataFrame:
-    """``obs`` with string columns made categorical (missing values included), as ``AnnData.write_h5ad`` does."""
-    holder = ad.AnnData(obs=obs)
+def _as_written_by_anndata(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with string columns made categorical (missing values included), as ``AnnData.write_h5ad`` does."""
+    holder = ad.AnnData(obs=frame)
     holder.strings_to_categoricals()
     return holder.obs
 
@@ -108,13 +130,13 @@ def _as_written_by_anndata(obs: pd.DataFrame) -> pd.DataFrame:
 class _OutputWriter:
     """Appends chunks of outputs to an open ``.h5ad`` file in AnnData's on-disk format."""
 
-    def __init__(self, file: h5py.File, n_cells: int, n_genes: int):
-        self.file, self.n_cells, self.n_genes = file, n_cells, n_genes
+    def __init__(self, file: h5py.File, n_cells: int, var: pd.DataFrame):
+        self.file, self.n_cells, self.var = file, n_cells, var
+        self.gene_ids = var.index.to_numpy(dtype=object)
         self.written = 0
         self.obs_values: dict[str, list[np.ndarray]] = {}
         for group in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
             write_elem(file, group, {})
-        write_elem(file["uns"], "cge", {})
 
     def append(self, chunk: GeneOutputs) -> None:
         """Write the outputs of the next ``chunk.n_cells`` cells."""
@@ -131,35 +153,54 @@ class _OutputWriter:
                 sparse_dataset(self.file["layers"][key]).append(matrix)
             else:
                 write_elem(self.file["layers"], key, matrix)
-        for key, values in chunk.cge.items():
-            values = values + self.written if key == "cell_index" else values
-            dataset = self._dataset(self.file["uns/cge"], key, (0, *values.shape[1:]), values.dtype, growing=True)
-            dataset.resize(dataset.shape[0] + len(values), axis=0)
-            dataset[-len(values) :] = values
+        if chunk.cge:
+            self._extend(CGE_EMBEDDINGS, chunk.cge["embeddings"])
+            self._extend(CGE_CELL_INDICES, chunk.cge["cell_index"].astype(np.int64) + self.written)
+            self._extend(CGE_GENE_NAMES, self.gene_ids[chunk.cge["gene_index"]])
         self.written = rows.stop
 
-    def finish(self, obs: pd.DataFrame, genes: pd.Index, metadata: dict) -> None:
-        """Write obs (with the per-cell numbers), var and uns once every chunk is in."""
+    def finish(self, obs: pd.DataFrame, metadata: dict) -> None:
+        """Write obs (with the per-cell numbers), var, X and uns once every chunk is in."""
         if self.written != self.n_cells:
             raise ValueError(f"{self.written} cells of outputs for {self.n_cells} rows of obs")
         obs = obs.copy()
         for key, values in self.obs_values.items():
             obs[key] = np.concatenate(values)
             write_elem(self.file["uns"], key, pd.DataFrame({key: obs[key].to_numpy()}, index=obs.index.astype(str)))
-        if not len(self.file["uns/cge"]):
-            del self.file["uns/cge"]
         write_elem(self.file, "obs", _as_written_by_anndata(obs))
-        write_elem(self.file, "var", pd.DataFrame(index=pd.Index(genes, name="gene_id")))
+        main_matrix = main_matrix_key(self.file["layers"])
+        if main_matrix is None:  # no per-gene layer: no genes, and X an empty matrix
+            write_elem(self.file, "var", pd.DataFrame(index=self.var.index[:0]))
+            write_elem(self.file, "X", sp.csr_matrix((self.n_cells, 0), dtype=np.float32))
+        else:
+            write_elem(self.file, "var", _as_written_by_anndata(self.var))
+            self.file["X"] = self.file["layers"][main_matrix]  # a hard link: the layer is stored once
         write_elem(self.file["uns"], "transcriptformer", metadata)
         self.file.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
 
+    def _extend(self, key: str, values: np.ndarray) -> None:
+        """Append rows to the array ``uns[key]``, created on first use."""
+        dataset = self._dataset(self.file["uns"], key, (0, *values.shape[1:]), values.dtype, growing=True)
+        start = dataset.shape[0]
+        dataset.resize(start + len(values), axis=0)
+        dataset[start:] = values
+
     @staticmethod
     def _dataset(group: h5py.Group, key: str, shape: tuple, dtype, growing: bool = False) -> h5py.Dataset:
-        """The array ``key`` of ``group``, created (AnnData-encoded) on first use."""
+        """The array ``key`` of ``group``, created (AnnData-encoded) on first use; strings as AnnData writes them."""
         if key not in group:
+            strings = np.dtype(dtype).kind == "O"
             maxshape = (None, *shape[1:]) if growing else None
-            group.create_dataset(key, shape=shape, dtype=dtype, maxshape=maxshape, chunks=True if growing else None)
-            group[key].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+            group.create_dataset(
+                key,
+                shape=shape,
+                dtype=h5py.string_dtype() if strings else dtype,
+                maxshape=maxshape,
+                chunks=True if growing else None,
+            )
+            group[key].attrs.update(
+                {"encoding-type": "string-array" if strings else "array", "encoding-version": "0.2.0"}
+            )
         return group[key]
 
 
@@ -169,17 +210,19 @@ def contextual_embeddings(adata: ad.AnnData, gene_id: str) -> tuple[pd.Index, np
     Parameters
     ----------
     adata
-        An output file as read from disk (``uns["cge"]`` indexes its cells and genes as written).
+        An output file as read from disk (``uns["cge_cell_indices"]`` indexes its cells as written).
     gene_id
-        A gene of ``adata.var_names``.
+        A gene id, as in ``uns["cge_gene_names"]``.
 
     Returns
     -------
     cells, embeddings
         The names of the cells whose sequence holds the gene, and its ``(len(cells), E)`` embeddings in them.
     """
-    if "cge" not in adata.uns:
+    if CGE_EMBEDDINGS not in adata.uns:
         raise KeyError("this output has no contextual gene embeddings; run inference with --emb-type cge")
-    cge = adata.uns["cge"]
-    rows = cge["gene_index"] == adata.var_names.get_loc(gene_id)
-    return adata.obs_names[cge["cell_index"][rows]], cge["embeddings"][rows]
+    rows = adata.uns[CGE_GENE_NAMES] == gene_id
+    if not rows.any():
+        examples = list(pd.unique(adata.uns[CGE_GENE_NAMES])[:3])
+        raise KeyError(f"no cell's sequence in this output holds gene {gene_id!r} (its gene ids are like {examples})")
+    return adata.obs_names[adata.uns[CGE_CELL_INDICES][rows]], adata.uns[CGE_EMBEDDINGS][rows]

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transcriptformer.inference import distributed, parts
 from transcriptformer.inference.config import RunConfig
 from transcriptformer.inference.distributed import Rank
-from transcriptformer.inference.output import concat_obs, write_output
+from transcriptformer.inference.output import concat_frames, concat_var, write_output
 from transcriptformer.inference.report import format_plan, format_summary, processes, run_metadata
 from transcriptformer.inference.session import (
     SOURCE_FILE_COLUMN,
@@ -59,11 +59,12 @@ def process_units(session: Session, units: Sequence[WorkUnit], rank: Rank) -> No
 
 def merge_and_write(session: Session, world_size: int) -> None:
     """Merge every unit's outputs in input order into the output file, one unit in memory at a time."""
-    obs = concat_obs([f.obs for f in session.files])
+    obs = concat_frames([f.obs for f in session.files])
     obs[SOURCE_FILE_COLUMN] = pd.Categorical(obs[SOURCE_FILE_COLUMN], categories=[str(f.path) for f in session.files])
     chunks = (parts.load_part(parts.part_file(session, unit)) for unit in session.units)
     metadata = run_metadata(session, world_size)
-    write_output(session.output_file, obs, session.genes, chunks, metadata, session.config.inference.overwrite)
+    var = concat_var([f.var for f in session.files], session.genes)
+    write_output(session.output_file, obs, var, chunks, metadata, session.config.inference.overwrite)
 
 
 def run_worker(rank: Rank, init_method: str | None, config: RunConfig, started: float) -> None:

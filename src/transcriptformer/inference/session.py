@@ -31,6 +31,8 @@ from transcriptformer.runtime import resolve_precision
 SOURCE_FILE_COLUMN = "source_file"
 # obs columns the output adds; an input column of the same name would be lost, so it is an error.
 ADDED_OBS_COLUMNS = (SOURCE_FILE_COLUMN, *(key for key, spec in OUTPUTS.items() if spec.anndata == "obs"))
+# var column of the output that keeps each gene's var_name in the input (the output's var_names are gene ids).
+INPUT_VAR_NAME_COLUMN = "input_var_name"
 
 
 @dataclass
@@ -59,6 +61,13 @@ class InputFile:
     def n_matched(self) -> int:
         """Genes of the file that the vocabulary holds."""
         return len(self.cells.selection.columns)
+
+    @property
+    def var(self) -> pd.DataFrame:
+        """The file's var rows of its matched genes, indexed by gene id, with its var_names as ``input_var_name``."""
+        var = self.cells.reader.var.iloc[self.cells.selection.columns]
+        var = var.assign(**{INPUT_VAR_NAME_COLUMN: var.index.astype(str)})
+        return var.set_axis(pd.Index(self.cells.selection.gene_ids))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 Level = Literal["cell", "gene"]
 Head = Literal["count", "gene_id"]
 # Where an output goes in an AnnData: obs column, obsm array, sparse cells x genes layer, or the table of
-# contextual gene embeddings (uns["cge"]).
+# contextual gene embeddings (uns["cge_embeddings"], uns["cge_cell_indices"], uns["cge_gene_names"]).
 Slot = Literal["obs", "obsm", "layers", "cge"]
 
 
@@ -75,6 +75,9 @@ OUTPUTS: dict[str, OutputSpec] = {
     )
 }
 OUTPUT_KEYS = tuple(OUTPUTS)
+# The per-gene layers in the order in which an AnnData's main matrix X takes them: the expected counts first, the
+# closest to the expression matrix that scanpy's functions on X expect.
+MAIN_MATRIX_ORDER = ("mu", "gene_llh")
 
 
 def end_target_position(seq_len: int) -> int:
@@ -96,6 +99,11 @@ def check_output_keys(keys: Collection[str], available: Collection[str] = OUTPUT
     unavailable = [key for key in keys if key not in available]
     if unavailable:
         raise ValueError(f"this model cannot compute {unavailable}; it computes {list(available)}")
+
+
+def main_matrix_key(layers: Collection[str]) -> str | None:
+    """The per-gene layer among ``layers`` that an AnnData's ``X`` holds (:data:`MAIN_MATRIX_ORDER`), if any."""
+    return next((key for key in MAIN_MATRIX_ORDER if key in layers), None)
 
 
 def needs_head(keys: Collection[str], head: Head) -> bool:
