@@ -29,6 +29,7 @@ LAYERS = {
     "errors": 0,
     "runtime": 0,
     "config": 0,
+    "safe_load": 0,
     "data": 1,
     "model": 2,
     "checkpoint": 3,

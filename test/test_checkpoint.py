@@ -14,6 +14,7 @@ from conftest import PARITY_OUTPUTS
 from transcriptformer.checkpoint import load_checkpoint
 from transcriptformer.config import TranscriptFormerConfig
 from transcriptformer.data.vocab import build_gene_vocab, read_embedding_keys
+from transcriptformer.safe_load import UnsafeFileError
 
 
 @pytest.fixture
@@ -100,7 +101,7 @@ class Payload:
 def test_weights_are_never_unpickled(checkpoint_copy):
     with open(checkpoint_copy / "model_weights.pt", "wb") as f:
         pickle.dump({"x": Payload()}, f)
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(UnsafeFileError, match="refusing to unpickle model weights"):
         load_checkpoint(checkpoint_copy)
 
 

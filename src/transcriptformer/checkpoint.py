@@ -28,9 +28,11 @@ from transcriptformer.model.gene_swap import swap_gene_embeddings
 from transcriptformer.model.lora import load_adapters
 from transcriptformer.model.transcriptformer import SpecialTokens, TranscriptFormer
 from transcriptformer.runtime import Backend
+from transcriptformer.safe_load import load_torch_file
 
 WEIGHTS_FILE = "model_weights.pt"
 VOCAB_DIR = "vocabs"
+WEIGHTS_FIX = "use a checkpoint from 'transcriptformer download' or one that this tool saved (a plain state_dict)"
 
 
 @dataclass
@@ -107,8 +109,8 @@ def read_vocabularies(path: Path, config: TranscriptFormerConfig) -> tuple[GeneV
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a plain state_dict safely (``weights_only=True``: no arbitrary unpickling)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Read a plain state_dict safely (:func:`~transcriptformer.safe_load.load_torch_file`: tensors only)."""
+    state = load_torch_file(path, what="model weights", fix=WEIGHTS_FIX)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a plain state_dict of tensors")
     return state

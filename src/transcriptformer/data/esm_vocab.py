@@ -9,15 +9,14 @@ The defaults follow how the published tables were made: ``esm2_t36_3B_UR50D`` (w
 models expect), layer 33, proteins truncated to 1022 residues. Unlike the original script, which kept the first
 FASTA record of each gene, the longest isoform is used.
 
-The ESM-2 checkpoint is a fair-esm ``.pt`` file, read with ``torch.load(weights_only=True)``: tensors and its
-``argparse.Namespace`` of settings only, never arbitrary pickled objects.
+The ESM-2 checkpoint is a fair-esm ``.pt`` file, read by :func:`~transcriptformer.safe_load.load_torch_file`: tensors
+and its ``argparse.Namespace`` of settings only, never arbitrary pickled objects.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
-import pickle
 import re
 import warnings
 from collections.abc import Iterator, Mapping
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from transcriptformer.data.vocab import write_embedding_table
+from transcriptformer.safe_load import load_torch_file
 
 if TYPE_CHECKING:
     import esm
@@ -43,6 +43,7 @@ GENE_ID_RULES = {
     "ncbi": r"\[gene=([^\]]+)\]",  # NCBI translated CDS: >lcl|NC_000013.11_prot_NP_000050.3_1 [gene=BRCA2] ...
     "first_word": r"^(\S+)",  # the header's first word
 }
+ESM2_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/esm2_t36_3B_UR50D.pt"
 DEFAULT_LAYER = 33
 DEFAULT_MAX_RESIDUES = 1022
 STANDARD_RESIDUES = frozenset("LAGVSERTIDPKQNFYMHWCXBUZO")
@@ -181,18 +182,13 @@ def load_esm2(path: str | Path) -> tuple[esm.ESM2, esm.Alphabet]:
     if not path.exists() and path.suffix != ".pt":
         path = Path(torch.hub.get_dir()) / "checkpoints" / f"{path.name}.pt"
     if not path.exists():
-        raise FileNotFoundError(
-            f"no ESM-2 checkpoint at {path}; download one, e.g. "
-            "https://dl.fbaipublicfiles.com/fair-esm/models/esm2_t36_3B_UR50D.pt, and pass its path"
-        )
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path} holds objects other than tensors and settings; refusing to unpickle it "
-            f"({str(err).splitlines()[-1][:200]})"
-        ) from err
+        raise FileNotFoundError(f"no ESM-2 checkpoint at {path}; download one, e.g. {ESM2_URL}, and pass its path")
+    data = load_torch_file(
+        path,
+        what="an ESM-2 checkpoint",
+        fix=f"use a file of fair-esm's releases, e.g. {ESM2_URL}",
+        allowed_globals=[argparse.Namespace],
+    )
     if not isinstance(data, Mapping) or "cfg" not in data or "model" not in data:
         raise ValueError(f"{path} is not a fair-esm ESM-2 checkpoint (expected the keys 'cfg' and 'model')")
     with warnings.catch_warnings():

@@ -17,6 +17,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem, sparse_dataset
 
+from transcriptformer.safe_load import check_zarr_store
+
 SUFFIXES = (".h5ad", ".zarr", ".h5")
 
 
@@ -113,6 +115,7 @@ class ZarrReader(_GroupReader):
     def __init__(self, path: Path, use_raw: bool | None = None):
         import zarr
 
+        check_zarr_store(path)  # before zarr reads it: no pickle codec
         super().__init__(zarr.open_group(str(path), mode="r"), use_raw, str(path))
 
 

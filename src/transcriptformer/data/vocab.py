@@ -12,6 +12,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+# How to get a valid gene-embedding file, for errors about an invalid one.
+TABLE_FIX = "build the table with 'transcriptformer build-vocab' (dataset 'keys' of strings, group 'arrays' of vectors)"
+
 
 @dataclass
 class GeneVocab:
@@ -67,7 +70,7 @@ class GeneVocab:
 def read_embedding_keys(path: str | Path) -> list[str]:
     """Gene ids stored in a gene-embedding ``.h5`` file, in file order."""
     with h5py.File(path, "r") as f:
-        return _decode(f["keys"][:])
+        return _read_keys(f, path)
 
 
 def read_embedding_table(path: str | Path, gene_ids: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
@@ -88,8 +91,8 @@ def read_embedding_table(path: str | Path, gene_ids: Sequence[str] | None = None
     with h5py.File(path, "r") as f:
         if "keys" not in f or "arrays" not in f:
             raise ValueError(f"{path}: not a gene-embedding file (expected dataset 'keys' and group 'arrays')")
-        ids = list(gene_ids) if gene_ids is not None else _decode(f["keys"][:])
-        rows = [np.asarray(f["arrays"][g], dtype=np.float32) for g in ids]
+        ids = list(gene_ids) if gene_ids is not None else _read_keys(f, path)
+        rows = [_read_vector(f["arrays"], g, path) for g in ids]
     return ids, np.stack(rows) if rows else np.zeros((0, 0), np.float32)
 
 
@@ -113,8 +116,20 @@ def write_embedding_table(path: str | Path, vectors: Mapping[str, np.ndarray]) -
         Path(tmp).unlink(missing_ok=True)
 
 
-def _decode(keys: np.ndarray) -> list[str]:
-    return [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
+def _read_keys(f: h5py.File, path: str | Path) -> list[str]:
+    """The ``keys`` dataset as strings; other types (opaque bytes such as a pickle, numbers) are refused."""
+    keys = f["keys"]
+    if keys.dtype.kind != "S" and h5py.check_string_dtype(keys.dtype) is None:
+        raise ValueError(f"{path}: dataset 'keys' holds {keys.dtype} values, not gene-id strings; {TABLE_FIX}")
+    return [k.decode() if isinstance(k, bytes) else str(k) for k in keys[:]]
+
+
+def _read_vector(arrays: h5py.Group, gene: str, path: str | Path) -> np.ndarray:
+    """One gene's vector as float32; a dataset of another type (opaque bytes, strings) is refused."""
+    dataset = arrays[gene]
+    if dataset.dtype.kind not in "fiu":
+        raise ValueError(f"{path}: arrays/{gene} holds {dataset.dtype} values, not a numeric vector; {TABLE_FIX}")
+    return np.asarray(dataset, dtype=np.float32)
 
 
 def build_gene_vocab(special_tokens: Sequence[str], embedding_files: Sequence[str | Path]) -> GeneVocab:

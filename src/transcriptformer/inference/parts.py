@@ -18,6 +18,7 @@ import scipy.sparse as sp
 
 from transcriptformer.inference.session import Session, WorkUnit
 from transcriptformer.pipeline import GeneOutputs
+from transcriptformer.safe_load import load_npz
 
 MANIFEST = "run.json"
 # Settings that change how a run is carried out but not its results; a resumed run may change them.
@@ -54,8 +55,7 @@ def save_part(outputs: GeneOutputs, path: Path) -> None:
 
 def load_part(path: Path) -> GeneOutputs:
     """Read a file written by :func:`save_part` (no pickled objects are accepted)."""
-    with np.load(path, allow_pickle=False) as npz:
-        arrays = dict(npz)
+    arrays = load_npz(path, what="a saved part of the interrupted run", fix="run without --resume to start over")
     outputs = GeneOutputs(n_cells=int(arrays.pop("n_cells")))
     outputs.cell_values = {name[len("cell/") :]: v for name, v in arrays.items() if name.startswith("cell/")}
     outputs.cge = {name[len("cge/") :]: v for name, v in arrays.items() if name.startswith("cge/")}

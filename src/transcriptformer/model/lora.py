@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from transcriptformer.safe_load import check_safetensors
+
 if TYPE_CHECKING:
     from peft import PeftModel
     from torch import nn
@@ -176,6 +178,8 @@ def load_adapters(
         raise FileNotFoundError(f"{path} is not an adapter directory: {', '.join(missing)} missing")
     if merge and trainable:
         raise ValueError("merged adapters cannot stay trainable; pass merge=False to keep training them")
+    fix = "give --adapter a folder that 'transcriptformer finetune' saved"
+    check_safetensors(path / ADAPTER_WEIGHTS_FILE, what="the adapter weights", fix=fix)
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(model, path, is_trainable=trainable)

@@ -7,7 +7,8 @@ every GPU when there is one.
 Training never loses work: a run that ``max_steps`` ends mid-epoch still validates once before it stops (so early
 stopping and the best checkpoint have their validation loss), and a run that fails or is interrupted (Ctrl+C) after
 its first optimizer step writes a resumable ``last.ckpt`` and the model (or adapters) trained so far to
-``<output>/interrupted`` before the error goes on. Weights holding NaN or infinite values are never saved.
+``<output>/interrupted`` before the error goes on. Weights holding NaN or infinite values are never saved. A resumed
+checkpoint is read safely (:class:`SafeCheckpointIO`): tensors and plain values only, never other pickled objects.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import TorchCheckpointIO
 from torch import nn
 
 from transcriptformer.errors import UserError
+from transcriptformer.safe_load import load_torch_file
 from transcriptformer.training.config import TrainerSettings
 from transcriptformer.training.datamodule import CellDataModule
 from transcriptformer.training.module import TranscriptFormerModule
@@ -123,6 +126,29 @@ def check_precision(precision: str, accelerator: str) -> None:
     """Float16 mixed precision needs a GPU; bfloat16 and float32 run everywhere."""
     if precision == "16-mixed" and accelerator == "cpu":
         raise ValueError("precision 16-mixed needs a GPU; on the CPU use 32 or bf16-mixed")
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint files, read like every torch file of the package (:func:`load_torch_file`).
+
+    Lightning leaves ``weights_only`` unset, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` would make it unpickle any
+    object of a resumed checkpoint; here ``weights_only=True`` is explicit, and the checkpoints Lightning writes
+    (tensors, numbers, strings and containers) load as they are.
+
+    Parameters
+    ----------
+    resume_option
+        How the command is told to resume (see :class:`TrainedOutput`), named in errors.
+    """
+
+    def __init__(self, resume_option: str) -> None:
+        super().__init__()
+        self.resume_option = resume_option
+
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        """The checkpoint at ``path`` on the CPU; ``map_location`` and ``weights_only`` are ignored."""
+        fix = f"give {self.resume_option.strip()} a checkpoint that this tool's training wrote (checkpoints/last.ckpt)"
+        return load_torch_file(path, what="a Lightning checkpoint", fix=fix)
 
 
 class CellThroughput(Callback):
@@ -275,6 +301,7 @@ def build_trainer(
         log_every_n_steps=settings.log_every_n_steps,
         logger=CSVLogger(save_dir=run_dir, name="", version=""),
         callbacks=all_callbacks,
+        plugins=[SafeCheckpointIO(output.resume_option)],
         limit_val_batches=None if has_validation else 0,
         num_sanity_val_steps=0,
         enable_model_summary=False,
