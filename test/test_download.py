@@ -224,7 +224,7 @@ def test_unsafe_archives_are_refused(server, tmp_path, build, reason):
     with pytest.raises(ArchiveError, match=f"unsafe member.*{reason}"):
         download_artifact(SAPIENS, checkpoints, base_url=server.base_url, progress=False)
     assert leftovers(checkpoints) == []
-    assert leftovers(tmp_path) == ["checkpoints"]
+    assert leftovers(tmp_path) == []  # nothing escaped, and the checkpoints folder it created is gone
     assert not Path("/tmp/absolute-escape.txt").exists()
 
 
@@ -259,3 +259,11 @@ def test_cli_downloads_once_and_reports_failures(server, tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "error: tf-exemplar:" in err and "HTTP 404" in err
+
+
+def test_offline_download_leaves_no_folder_behind(tmp_path, capsys):
+    checkpoints = tmp_path / "new" / "checkpoints"
+    args = ["download", "tf-sapiens", "--checkpoint-dir", str(checkpoints), "--base-url", unused_port_url()]
+    assert main([*args, "--retries", "1"]) == 1
+    assert "are you offline" in capsys.readouterr().err
+    assert leftovers(tmp_path) == []  # neither checkpoints/ nor new/, which the command had created
