@@ -14,7 +14,7 @@ import pytest
 
 import transcriptformer
 from transcriptformer.api import TranscriptFormerModel
-from transcriptformer.cli import COMMANDS, build_parser
+from transcriptformer.cli import COMMANDS, build_parser, subcommand_parser
 from transcriptformer.cli.common import USE_RAW
 from transcriptformer.config import PredictSettings
 from transcriptformer.inference.config import InferenceConfig
@@ -30,6 +30,7 @@ LAYERS = {
     "runtime": 0,
     "config": 0,
     "safe_load": 0,
+    "console": 0,
     "data": 1,
     "model": 2,
     "checkpoint": 3,
@@ -120,14 +121,8 @@ def test_the_end_target_rule_is_written_once():
     assert holders == ["transcriptformer.model.outputs"]
 
 
-def subcommand(name: str):
-    parser = build_parser([name])
-    subparsers = next(a for a in parser._actions if a.dest == "==SUPPRESS==" and hasattr(a, "choices"))
-    return subparsers.choices[name]
-
-
 def flag_defaults(name: str) -> dict[str, object]:
-    return {a.dest: a.default for a in subcommand(name)._actions if a.option_strings}
+    return {a.dest: a.default for a in subcommand_parser(build_parser([name]), name)._actions if a.option_strings}
 
 
 def test_setting_defaults_are_written_once():

@@ -228,7 +228,7 @@ def test_unsafe_archives_are_refused(server, tmp_path, build, reason):
     with pytest.raises(ArchiveError, match=f"unsafe member.*{reason}"):
         download_artifact(SAPIENS, checkpoints, base_url=server.base_url, progress=False)
     assert leftovers(checkpoints) == []
-    assert leftovers(tmp_path) == ["checkpoints"]
+    assert leftovers(tmp_path) == []  # nothing escaped, and the checkpoints folder it created is gone
     assert not Path("/tmp/absolute-escape.txt").exists()
 
 
@@ -321,3 +321,11 @@ def test_load_names_a_published_model_or_a_folder(tmp_path, reference_dir):
         transcriptformer.load("all-embeddings", cache_dir=tmp_path)
     assert leftovers(tmp_path) == []
     assert resolve_checkpoint(reference_dir, tmp_path) == reference_dir  # a folder is used as it is
+
+
+def test_offline_download_leaves_no_folder_behind(tmp_path, capsys):
+    checkpoints = tmp_path / "new" / "checkpoints"
+    args = ["download", "tf-sapiens", "--checkpoint-dir", str(checkpoints), "--base-url", unused_port_url()]
+    assert main([*args, "--retries", "1"]) == 1
+    assert "are you offline" in capsys.readouterr().err
+    assert leftovers(tmp_path) == []  # neither checkpoints/ nor new/, which the command had created

@@ -30,7 +30,7 @@ from transcriptformer.training.module import warmup_cosine
 from transcriptformer.training.objective import training_loss
 from transcriptformer.training.run import run_finetuning, run_pretraining
 from transcriptformer.training.scratch import aux_vocabs_from_obs, build_gene_table, new_checkpoint
-from transcriptformer.training.trainer import Hardware, check_precision, resolve_hardware
+from transcriptformer.training.trainer import Hardware, resolve_hardware
 
 REPO = Path(__file__).parent.parent
 GENE_TABLE = REPO / "test/data/reference_tiny/vocabs/mus_musculus_gene.h5"
@@ -122,8 +122,6 @@ def test_hardware_and_precision_settings():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="GPU\\(s\\) asked for"):
             resolve_hardware("2")
-    with pytest.raises(ValueError, match="16-mixed needs a GPU"):
-        check_precision("16-mixed", "cpu")
     with pytest.raises(ValueError, match="precision must be one of"):
         TrainerSettings(precision="64")
 

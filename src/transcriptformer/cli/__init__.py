@@ -3,8 +3,9 @@
 A subcommand module (``inference`` for ``transcriptformer inference``, ``merge_adapters`` for ``merge-adapters``)
 defines ``configure(parser)``, which adds the subcommand's description and arguments to the parser it is given and
 sets ``func`` (called with the parsed namespace, returning an exit code) through ``set_defaults``. Only the module
-of the command being run is imported, so that ``--help`` and ``--version`` answer at once. :func:`main` reports an
-error the user can fix in one line with exit code 1; argparse reports usage errors with exit code 2.
+of the command being run is imported, so that ``--help`` and ``--version`` answer at once. Every subcommand takes
+``--quiet`` and ``--verbose`` (see :mod:`transcriptformer.console`). :func:`main` reports an error the user can fix
+in one line with exit code 1; argparse reports usage errors, with the subcommand's usage, with exit code 2.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from transcriptformer.cli.common import report_user_error
+from transcriptformer.console import verbosity
 from transcriptformer.errors import UserError
 from transcriptformer.version import __version__
 
@@ -33,6 +35,29 @@ COMMANDS: dict[str, str] = {
 USER_ERRORS = (UserError, OSError, KeyError, ValueError)
 
 
+def output_options() -> argparse.ArgumentParser:
+    """``--quiet`` / ``--verbose``, the parent parser of every subcommand."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_mutually_exclusive_group()
+    group.add_argument(
+        "-q",
+        "--quiet",
+        dest="verbosity",
+        action="store_const",
+        const="quiet",
+        help="print only warnings, errors and the result (no progress messages or bars)",
+    )
+    group.add_argument(
+        "-v",
+        "--verbose",
+        dest="verbosity",
+        action="store_const",
+        const="verbose",
+        help="also print the logs and deprecation warnings of the libraries used (Lightning, torch, ...)",
+    )
+    return parent
+
+
 def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The root parser; the subcommands in ``commands`` (all by default) get their full arguments."""
     parser = argparse.ArgumentParser(
@@ -41,12 +66,28 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    parent = output_options()
     for name, help_text in COMMANDS.items():
-        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        subparser = subparsers.add_parser(name, help=help_text, description=help_text, parents=[parent])
         subparser.set_defaults(command=name)
         if commands is None or name in commands:
             importlib.import_module(f"transcriptformer.cli.{name.replace('-', '_')}").configure(subparser)
     return parser
+
+
+def subcommand_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of the subcommand ``name`` of the root ``parser``."""
+    subparsers = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return subparsers.choices[name]
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; an unknown flag is reported with the usage of its subcommand (exit code 2)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        owner = subcommand_parser(parser, args.command) if hasattr(args, "command") else parser
+        owner.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,14 +95,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = next((arg for arg in argv if not arg.startswith("-")), None)
     parser = build_parser([chosen] if chosen in COMMANDS else [])
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    name = f"transcriptformer {args.command}"
     try:
-        return int(args.func(args) or 0)
+        with verbosity(args.verbosity, name):
+            return int(args.func(args) or 0)
     except USER_ERRORS as error:
         return report_user_error(args.command, error)
     except KeyboardInterrupt:
-        print(f"transcriptformer {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130

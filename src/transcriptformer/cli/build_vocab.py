@@ -37,24 +37,35 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--esm-model", required=True, help="fair-esm ESM-2 checkpoint (.pt), or a model name in the torch hub cache"
     )
     parser.add_argument("--species", required=True, help="species name of the file: <species>_gene.h5")
-    parser.add_argument("--output-dir", default=".", help="folder of the output file (.)")
+    parser.add_argument("--output-dir", default=".", help="folder of the output file (default: %(default)s)")
     parser.add_argument(
         "--gene-id-rule",
         default="ensembl",
         help=f"how to read the gene id from a header: {', '.join(GENE_ID_RULES)}, or a regular expression with "
-        "one group (ensembl)",
+        "one group (default: %(default)s)",
     )
     parser.add_argument("--keep-version", action="store_true", help="keep a .N version suffix on gene ids")
     parser.add_argument(
-        "--layer", type=int, default=DEFAULT_LAYER, help=f"ESM-2 layer to average ({DEFAULT_LAYER}, as published)"
+        "--layer", type=int, default=DEFAULT_LAYER, help="ESM-2 layer to average (default: %(default)s, as published)"
     )
     parser.add_argument(
-        "--max-residues", type=int, default=DEFAULT_MAX_RESIDUES, help=f"truncate proteins ({DEFAULT_MAX_RESIDUES})"
+        "--max-residues",
+        type=int,
+        default=DEFAULT_MAX_RESIDUES,
+        help="truncate proteins to this many residues (default: %(default)s)",
     )
-    parser.add_argument("--tokens-per-batch", type=int, default=8192, help="padded tokens per ESM-2 pass (8192)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--tokens-per-batch", type=int, default=8192, help="padded tokens per ESM-2 pass (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, ... (default: %(default)s)",
+    )
     parser.add_argument("--check-data", default=None, help="an .h5ad file: report how many of its genes get a vector")
-    parser.add_argument("--gene-col-name", default="ensembl_id", help="gene id column of --check-data (ensembl_id)")
+    parser.add_argument(
+        "--gene-col-name", default="ensembl_id", help="gene id column of --check-data (default: %(default)s)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     parser.set_defaults(func=run)
 

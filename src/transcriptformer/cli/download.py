@@ -33,14 +33,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "or all (the three models and the embeddings)",
     )
     parser.add_argument(
-        "--checkpoint-dir", default="./checkpoints", help="folder that receives <model>/ (./checkpoints)"
+        "--checkpoint-dir", default="./checkpoints", help="folder that receives <model>/ (default: %(default)s)"
     )
     parser.add_argument(
         "--base-url", default=None, help=f"download from this address instead of the public bucket (${BASE_URL_ENV})"
     )
     parser.add_argument("--sha256", default=None, help="expected SHA-256 of the archive (single model only)")
-    parser.add_argument("--retries", type=int, default=5, help="attempts per archive before giving up (5)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds a connection may stall (60)")
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=RetryPolicy.attempts,
+        help="attempts per archive before giving up (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=RetryPolicy.timeout_s,
+        help="seconds a connection may stall (default: %(default)s)",
+    )
     parser.add_argument("--force", action="store_true", help="download again and replace an existing folder")
     parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
     parser.set_defaults(func=run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from transcriptformer.console import say
 from transcriptformer.hub.cellxgene import (
     API_URL_ENV,
     DatasetFilter,
@@ -52,11 +53,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     select.add_argument("--limit", type=int, default=None, help="download at most this many datasets")
     run_opts = parser.add_argument_group("how")
-    run_opts.add_argument("--output-dir", default="./data/cellxgene", help="destination folder (./data/cellxgene)")
+    run_opts.add_argument("--output-dir", default="./data/cellxgene", help="destination folder (default: %(default)s)")
     run_opts.add_argument(
-        "--workers", "--processes", type=int, default=4, help="parallel downloads (4)", dest="workers"
+        "--workers",
+        "--processes",
+        type=int,
+        default=4,
+        help="parallel downloads (default: %(default)s)",
+        dest="workers",
     )
-    run_opts.add_argument("--max-retries", type=int, default=5, help="attempts per dataset (5)")
+    run_opts.add_argument(
+        "--max-retries", type=int, default=RetryPolicy.attempts, help="attempts per dataset (default: %(default)s)"
+    )
     run_opts.add_argument("--api-url", default=None, help=f"curation API root (${API_URL_ENV}, else the public API)")
     run_opts.add_argument("--no-metadata", action="store_true", help="do not write dataset_metadata.json")
     run_opts.add_argument(
@@ -87,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     except DownloadError as err:
         raise DownloadError(f"cannot list CELLxGENE datasets: {err}") from None
     selected = select_datasets(available, criteria, args.limit)
-    print(
+    (print if args.dry_run else say)(  # the selection is the result of a dry run
         f"{len(selected)} of {len(available)} datasets selected, {total_bytes(selected) / 1e9:.2f} GB "
         f"({criteria.species})"
     )
@@ -112,5 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print(outcome: DatasetOutcome) -> None:
-    detail = outcome.error if outcome.status == "failed" else outcome.path
-    print(f"  {outcome.status:>10}  {outcome.dataset_id}  {detail}", file=sys.stderr if outcome.error else sys.stdout)
+    if outcome.error:
+        print(f"  {outcome.status:>10}  {outcome.dataset_id}  {outcome.error}", file=sys.stderr)
+    else:
+        say(f"  {outcome.status:>10}  {outcome.dataset_id}  {outcome.path}")

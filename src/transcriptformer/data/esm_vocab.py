@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from transcriptformer.console import progress_bar
 from transcriptformer.data.vocab import write_embedding_table
 from transcriptformer.safe_load import load_torch_file
 
@@ -240,7 +241,6 @@ def embed_proteins(
         Gene id -> ``(width,)`` float32 vector, in the order of ``sequences``.
     """
     import torch
-    from tqdm.auto import tqdm
 
     if not 1 <= layer <= model.num_layers:
         raise ValueError(f"layer must be between 1 and {model.num_layers} for this ESM-2 model, got {layer}")
@@ -248,7 +248,9 @@ def embed_proteins(
     convert = alphabet.get_batch_converter(truncation_seq_length=max_residues)
     lengths = {gene: min(len(seq), max_residues) + 2 for gene, seq in sequences.items()}  # with BOS and EOS
     vectors: dict[str, np.ndarray] = {}
-    for batch in tqdm(batches_by_tokens(lengths, tokens_per_batch), desc="ESM-2", unit="batch", disable=not progress):
+    for batch in progress_bar(
+        batches_by_tokens(lengths, tokens_per_batch), desc="ESM-2", unit="batch", disable=not progress
+    ):
         _, _, tokens = convert([(gene, sequences[gene]) for gene in batch])
         with torch.no_grad():
             hidden = model(tokens.to(device), repr_layers=[layer])["representations"][layer].float().cpu()

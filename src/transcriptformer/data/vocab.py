@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,8 +102,7 @@ def write_embedding_table(path: str | Path, vectors: Mapping[str, np.ndarray]) -
         raise ValueError(f"gene ids cannot be HDF5 names: {bad[:5]} (they contain '/' or are empty)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(handle)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")  # not mkstemp: the user's umask applies
     try:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("keys", data=np.array(list(vectors), dtype="S"))
@@ -113,7 +111,7 @@ def write_embedding_table(path: str | Path, vectors: Mapping[str, np.ndarray]) -
                 arrays.create_dataset(gene, data=np.asarray(vector, dtype=np.float32))
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def _read_keys(f: h5py.File, path: str | Path) -> list[str]:

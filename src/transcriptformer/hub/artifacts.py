@@ -12,6 +12,7 @@ The base URL can be changed with ``TRANSCRIPTFORMER_ARTIFACTS_URL`` (or ``base_u
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import lzma
@@ -116,7 +117,8 @@ def download_artifact(
     artifact
         What to fetch (see :data:`ARTIFACTS`).
     checkpoint_dir
-        Parent folder of the extracted checkpoint.
+        Parent folder of the extracted checkpoint; created when missing, and removed again when a failed download
+        leaves it empty.
     base_url
         Overrides the base address (see :func:`artifact_url`).
     sha256
@@ -145,13 +147,15 @@ def download_artifact(
         )
     url = artifact_url(artifact, base_url)
     archive = checkpoint_dir / DOWNLOADS_DIR / artifact.archive
+    created = _missing_folders(checkpoint_dir)  # removed again when the download leaves them empty
     logger.info("downloading %s from %s", artifact.name, url)
     try:
         result = download_file(url, archive, sha256=sha256 or artifact.sha256, retry=retry, progress=progress)
         extract_archive(archive, target, artifact.directory, marker=completion_record(artifact, url, result))
     finally:
         archive.unlink(missing_ok=True)  # a broken download keeps its .part file, to resume from
-        _remove_if_empty(archive.parent)
+        for folder in (archive.parent, *created):
+            _remove_if_empty(folder)
     return target
 
 
@@ -224,6 +228,11 @@ def _refuse_absolute_then_data_filter(member: tarfile.TarInfo, dest_path: str) -
     if member.name.startswith(("/", "\\")) or os.path.isabs(member.name):
         raise tarfile.AbsolutePathError(member)
     return tarfile.data_filter(member, dest_path)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its parents that do not exist yet, deepest first."""
+    return list(itertools.takewhile(lambda path: not path.exists(), (folder, *folder.parents)))
 
 
 def _remove_if_empty(folder: Path) -> None:

@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
-from tqdm.auto import tqdm
-
+from transcriptformer.console import progress_bar
 from transcriptformer.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -319,7 +318,7 @@ def _stream_body(
     response: http.client.HTTPResponse, partial: PartialFile, offset: int, total: int | None, progress: bool, label: str
 ) -> None:
     """Append the body to the partial file; a body that ends early is a transient error."""
-    bar = tqdm(
+    bar = progress_bar(
         total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=label, disable=not progress
     )
     try:

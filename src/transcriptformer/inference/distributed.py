@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from transcriptformer.console import verbosity
 from transcriptformer.errors import UserError
 
 # How long a process that has finished its share waits for the slowest one at the final barrier.
@@ -118,7 +119,8 @@ def spawn(worker: Callable[..., None], world_size: int, *args) -> None:
 
 
 def _run_spawned(index: int, world_size: int, init_method: str, worker: Callable[..., None], args: tuple) -> None:
-    worker(Rank(index, world_size, index), init_method, *args)
+    with verbosity():  # the command's --quiet / --verbose, inherited through the environment
+        worker(Rank(index, world_size, index), init_method, *args)
 
 
 def _free_port() -> int:

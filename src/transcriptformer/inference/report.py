@@ -68,7 +68,7 @@ def existing_output_note(session: Session) -> str:
 
 
 def format_summary(session: Session, world_size: int, seconds: float) -> str:
-    """What a finished run did, and how to open its output."""
+    """What a finished run did, and how to open its output (whose path the run prints last)."""
     path = session.output_file.resolve()
     return "\n".join(
         [
@@ -76,7 +76,6 @@ def format_summary(session: Session, world_size: int, seconds: float) -> str:
             *describe_inputs(session),
             f"{session.n_cells} cells in {seconds:.1f} s ({session.n_cells / seconds:.1f} cells/s) on "
             f"{session.device.type} ({processes(world_size)}), precision {session.precision}",
-            f"Output: {path}",
             f'Open it with: adata = anndata.read_h5ad("{path}"); sc.pp.neighbors(adata, use_rep="embeddings")',
         ]
     )

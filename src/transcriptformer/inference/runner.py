@@ -7,7 +7,8 @@ Each process (one, or one per GPU, see :mod:`~transcriptformer.inference.distrib
    (:func:`transcriptformer.pipeline.predict_gene_outputs`) and saves each unit's outputs as soon as it is done
    (:mod:`~transcriptformer.inference.parts`);
 3. rank 0 merges the units in input order, writes the ``.h5ad`` atomically
-   (:mod:`~transcriptformer.inference.output`) and prints a summary (:mod:`~transcriptformer.inference.report`).
+   (:mod:`~transcriptformer.inference.output`), prints a summary (:mod:`~transcriptformer.inference.report`;
+   not under ``--quiet``) and, last, ``Output: <path>``.
 
 A cell's outputs depend on the cell alone: not on its batch mates, the batch size, or which process ran it.
 """
@@ -20,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
 
+from transcriptformer.console import progress_bar, say
 from transcriptformer.inference import distributed, parts
 from transcriptformer.inference.config import RunConfig
 from transcriptformer.inference.distributed import Rank
@@ -49,7 +50,7 @@ def process_units(session: Session, units: Sequence[WorkUnit], rank: Rank) -> No
     settings = session.config.inference.predict_settings
     n_cells = sum(unit.stop - unit.start for unit in units)
     description = f"rank {rank.rank}" if rank.world_size > 1 else "inference"
-    with tqdm(total=n_cells, unit="cell", desc=description, position=rank.rank, disable=None, delay=1) as bar:
+    with progress_bar(total=n_cells, unit="cell", desc=description, position=rank.rank, disable=None, delay=1) as bar:
         for unit, cells in read_units(session, units):
             outputs = predict_gene_outputs(
                 session.model, cells, settings, session.device, session.gene_columns, on_batch=bar.update
@@ -76,14 +77,13 @@ def run_worker(rank: Rank, init_method: str | None, config: RunConfig, started: 
     distributed.share_cpu_threads(rank, device)
     with distributed.process_group(rank, init_method), prepare(config, device) as session:
         if rank.is_main:
-            print(
+            say(
                 f"Running {session.n_cells} cells from {len(session.files)} file(s) on {device.type} "
-                f"({processes(rank.world_size)}), precision {session.precision}",
-                flush=True,
+                f"({processes(rank.world_size)}), precision {session.precision}"
             )
             done = parts.open_parts_dir(session)
             if done:
-                print(f"Resuming: {done} of {len(session.units)} units were already done", flush=True)
+                say(f"Resuming: {done} of {len(session.units)} units were already done")
         distributed.barrier(rank)
         try:
             process_units(session, session.units[rank.rank :: rank.world_size], rank)
@@ -98,7 +98,8 @@ def run_worker(rank: Rank, init_method: str | None, config: RunConfig, started: 
         if rank.is_main:
             merge_and_write(session, rank.world_size)
             shutil.rmtree(parts.parts_dir(session))
-            print(format_summary(session, rank.world_size, time.time() - started), flush=True)
+            say(format_summary(session, rank.world_size, time.time() - started))
+            print(f"Output: {session.output_file.resolve()}", flush=True)
 
 
 def run_inference(config: RunConfig, *, dry_run: bool = False) -> Path:

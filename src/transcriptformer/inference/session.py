@@ -26,7 +26,7 @@ from transcriptformer.data.tokenize import PreparedCells, TokenizedCells
 from transcriptformer.inference.config import ALL_OBS_KEYS, RunConfig
 from transcriptformer.model.outputs import OUTPUTS
 from transcriptformer.pipeline import Predictor
-from transcriptformer.runtime import resolve_precision
+from transcriptformer.runtime import default_precision
 
 SOURCE_FILE_COLUMN = "source_file"
 # obs columns the output adds; an input column of the same name would be lost, so it is an error.
@@ -201,7 +201,7 @@ def prepare(config: RunConfig, device: torch.device) -> Session:
         if not units:
             raise ValueError(f"the input files {inference.data_files} hold no cells")
         genes, gene_columns = gene_axis(files, len(checkpoint.gene_vocab))
-        precision = resolve_precision(inference.precision, device)
+        precision = inference.precision or default_precision(device)  # the batch loop warns about a slow one
         return Session(
             config, checkpoint, model, device, files, genes, gene_columns, units, precision, open_files.pop_all()
         )

@@ -4,6 +4,7 @@ Adapters are saved alone in the ``peft`` layout, which Hugging Face users know::
 
     <adapter>/adapter_config.json        rank, alpha, dropout, target modules, base checkpoint path
     <adapter>/adapter_model.safetensors  the adapter (and trained head) weights only
+    <adapter>/README.md                  what they are: base checkpoint, LoRA settings, how to load them
 
 >>> from transcriptformer.checkpoint import load_checkpoint
 >>> checkpoint = load_checkpoint("checkpoints/tf_sapiens", adapter="adapters/my_cells")  # merged weights
@@ -14,6 +15,7 @@ without it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,43 @@ if TYPE_CHECKING:
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+MODEL_CARD_FILE = "README.md"
+
+MODEL_CARD = """\
+---
+library_name: peft
+tags:
+- transcriptformer
+- lora
+---
+
+# LoRA adapters for TranscriptFormer
+
+Adapters of the base checkpoint `{base}`, saved by transcriptformer {version} (peft {peft_version}). This folder
+holds the adapter weights (and trained copies of heads) only; they are applied to the base weights when loaded.
+
+| setting | value |
+|---|---|
+| rank `r` | {r} |
+| `lora_alpha` | {alpha} |
+| `lora_dropout` | {dropout} |
+| adapted layers | {targets} |
+| fully trained copies | {heads} |
+
+## Loading
+
+```bash
+transcriptformer inference --checkpoint-path {base} --adapter {path} --data-file cells.h5ad
+transcriptformer merge-adapters --checkpoint-path {base} --adapter {path} \\
+    --output-path merged_checkpoint
+```
+
+```python
+import transcriptformer
+
+model = transcriptformer.load("{base}", adapter="{path}")  # adapters merged into the weights
+```
+"""
 
 HEAD_MODULES = ("mu", "gene_id_head")
 
@@ -132,7 +171,9 @@ def add_lora_adapters(model: TranscriptFormer, settings: LoraSettings, base_chec
 
 
 def save_adapters(model: PeftModel, path: str | Path, overwrite: bool = False) -> Path:
-    """Write the adapter weights (safetensors) and their config to the directory ``path``.
+    """Write the adapter weights (safetensors), their config and a model card to the directory ``path``.
+
+    The files get the permissions of any new file of the user (``0o666`` less the umask).
 
     Raises
     ------
@@ -147,7 +188,38 @@ def save_adapters(model: PeftModel, path: str | Path, overwrite: bool = False) -
             f"{path} already holds adapters; choose another output path, or pass --overwrite to replace them"
         )
     model.save_pretrained(path, safe_serialization=True)
+    (path / MODEL_CARD_FILE).write_text(model_card(model, path))  # replaces peft's empty template
+    new_file_mode = 0o666 & ~_umask()
+    for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MODEL_CARD_FILE):
+        (path / name).chmod(new_file_mode)  # safetensors writes its file owner-only (0600)
     return path
+
+
+def model_card(model: PeftModel, path: Path) -> str:
+    """The ``README.md`` of adapters saved to ``path``: base checkpoint, LoRA settings, how to load them."""
+    from importlib.metadata import version
+
+    from transcriptformer.version import __version__
+
+    config = model.peft_config[model.active_adapter]
+    return MODEL_CARD.format(
+        version=__version__,
+        peft_version=version("peft"),
+        base=config.base_model_name_or_path or "BASE_CHECKPOINT",
+        path=path,
+        r=config.r,
+        alpha=config.lora_alpha,
+        dropout=config.lora_dropout,
+        targets=", ".join(f"`{name}`" for name in sorted(config.target_modules)),
+        heads=", ".join(f"`{name}`" for name in config.modules_to_save or ()) or "none",
+    )
+
+
+def _umask() -> int:
+    """The process' umask (reading it means setting it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_adapters(

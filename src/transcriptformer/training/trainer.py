@@ -24,10 +24,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.pytorch.plugins import MixedPrecision, TorchCheckpointIO
 from torch import nn
 
+from transcriptformer.console import show_progress
 from transcriptformer.errors import UserError
+from transcriptformer.runtime import resolve_precision
 from transcriptformer.safe_load import load_torch_file
 from transcriptformer.training.config import TrainerSettings
 from transcriptformer.training.datamodule import CellDataModule
@@ -122,10 +124,16 @@ def resolve_hardware(devices: str, num_nodes: int = 1) -> Hardware:
     return Hardware("gpu", count, "ddp" if count > 1 or num_nodes > 1 else "auto")
 
 
-def check_precision(precision: str, accelerator: str) -> None:
-    """Float16 mixed precision needs a GPU; bfloat16 and float32 run everywhere."""
+def precision_arguments(precision: str, accelerator: str) -> dict[str, Any]:
+    """Lightning's arguments for ``precision`` on ``accelerator``.
+
+    ``16-mixed`` on the CPU trains as asked, with the warning of :func:`~transcriptformer.runtime.resolve_precision`
+    (Lightning itself would switch to ``bf16-mixed``).
+    """
+    resolve_precision(precision, torch.device("cpu" if accelerator == "cpu" else "cuda"))
     if precision == "16-mixed" and accelerator == "cpu":
-        raise ValueError("precision 16-mixed needs a GPU; on the CPU use 32 or bf16-mixed")
+        return {"plugins": [MixedPrecision("16-mixed", "cpu")]}
+    return {"precision": precision}
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -268,7 +276,6 @@ def build_trainer(
         Further callbacks.
     """
     hardware = resolve_hardware(settings.devices, settings.num_nodes)
-    check_precision(settings.precision, hardware.accelerator)
     checkpoint_dir = run_dir / CHECKPOINT_DIR
     checkpointing = ModelCheckpoint(
         dirpath=checkpoint_dir,
@@ -288,12 +295,14 @@ def build_trainer(
         )
         all_callbacks.append(stopping)
     all_callbacks.extend(callbacks)
+    precision = precision_arguments(settings.precision, hardware.accelerator)
+    plugins = [SafeCheckpointIO(output.resume_option), *precision.pop("plugins", [])]
     return L.Trainer(
         accelerator=hardware.accelerator,
         devices=hardware.devices,
         strategy=hardware.strategy,
         num_nodes=settings.num_nodes,
-        precision=settings.precision,
+        **precision,
         max_epochs=settings.max_epochs,
         max_steps=settings.max_steps,
         accumulate_grad_batches=settings.accumulate_grad_batches,
@@ -301,10 +310,11 @@ def build_trainer(
         log_every_n_steps=settings.log_every_n_steps,
         logger=CSVLogger(save_dir=run_dir, name="", version=""),
         callbacks=all_callbacks,
-        plugins=[SafeCheckpointIO(output.resume_option)],
+        plugins=plugins,
         limit_val_batches=None if has_validation else 0,
         num_sanity_val_steps=0,
         enable_model_summary=False,
+        enable_progress_bar=show_progress(),
         default_root_dir=run_dir,
     )
 
