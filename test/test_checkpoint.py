@@ -14,6 +14,7 @@ from conftest import PARITY_OUTPUTS
 from transcriptformer.checkpoint import load_checkpoint
 from transcriptformer.config import TranscriptFormerConfig
 from transcriptformer.data.vocab import build_gene_vocab, read_embedding_keys
+from transcriptformer.errors import UserError
 
 
 @pytest.fixture
@@ -100,8 +101,10 @@ class Payload:
 def test_weights_are_never_unpickled(checkpoint_copy):
     with open(checkpoint_copy / "model_weights.pt", "wb") as f:
         pickle.dump({"x": Payload()}, f)
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(UserError, match="holds objects that only a full unpickling could build") as error:
         load_checkpoint(checkpoint_copy)
+    assert isinstance(error.value.__cause__, pickle.UnpicklingError)
+    assert "Weights only load failed" in str(error.value.__cause__)
 
 
 def test_state_dict_loads_strictly(checkpoint_copy):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,17 +21,17 @@ from typing import Any
 
 import torch
 
-from transcriptformer.config import CONFIG_FILE, TranscriptFormerConfig
+from transcriptformer.config import CONFIG_FILE, VOCAB_DIR, WEIGHTS_FILE, TranscriptFormerConfig
 from transcriptformer.data.tokenize import CellTokenizer
 from transcriptformer.data.vocab import GeneVocab, build_gene_vocab, load_aux_vocab
+from transcriptformer.errors import UserError
 from transcriptformer.model.esm2ce import ESM2CellEmbedding
 from transcriptformer.model.gene_swap import swap_gene_embeddings
 from transcriptformer.model.lora import load_adapters
 from transcriptformer.model.transcriptformer import SpecialTokens, TranscriptFormer
 from transcriptformer.runtime import Backend
 
-WEIGHTS_FILE = "model_weights.pt"
-VOCAB_DIR = "vocabs"
+RESTORE_WEIGHTS = "restore the file (download the checkpoint again, or save the model again)"
 
 
 @dataclass
@@ -107,10 +108,29 @@ def read_vocabularies(path: Path, config: TranscriptFormerConfig) -> tuple[GeneV
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a plain state_dict safely (``weights_only=True``: no arbitrary unpickling)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Read a plain state_dict safely (``weights_only=True``: no arbitrary unpickling).
+
+    Raises
+    ------
+    UserError
+        The file is a folder, empty, truncated, not written by ``torch.save``, or holds objects other than tensors.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a weights file written by torch.save")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except EOFError as err:
+        raise UserError(f"{path} is empty: {RESTORE_WEIGHTS}") from err
+    except RuntimeError as err:  # the zip reader of torch.load: a truncated or damaged file
+        raise UserError(f"{path} is truncated or corrupted ({str(err).split('.')[0]}): {RESTORE_WEIGHTS}") from err
+    except pickle.UnpicklingError as err:
+        raise UserError(
+            f"{path} is not a state_dict of tensors written by torch.save (it is another format, or holds objects "
+            f"that only a full unpickling could build, which is refused: it could run code): {RESTORE_WEIGHTS}"
+        ) from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a plain state_dict of tensors")
+        raise UserError(f"{path} does not hold a plain state_dict of tensors: {RESTORE_WEIGHTS}")
     return state
 
 

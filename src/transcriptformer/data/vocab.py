@@ -12,6 +12,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from transcriptformer.data.hdf5 import open_hdf5
+from transcriptformer.errors import UserError
+
+EMBEDDING_FILE = "a gene-embedding .h5 file"
+
 
 @dataclass
 class GeneVocab:
@@ -66,7 +71,7 @@ class GeneVocab:
 
 def read_embedding_keys(path: str | Path) -> list[str]:
     """Gene ids stored in a gene-embedding ``.h5`` file, in file order."""
-    with h5py.File(path, "r") as f:
+    with _open_embedding_file(path) as f:
         return _decode(f["keys"][:])
 
 
@@ -85,9 +90,7 @@ def read_embedding_table(path: str | Path, gene_ids: Sequence[str] | None = None
     ids, table
         The gene ids and a ``(len(ids), width)`` float32 array, rows in the order of ``ids``.
     """
-    with h5py.File(path, "r") as f:
-        if "keys" not in f or "arrays" not in f:
-            raise ValueError(f"{path}: not a gene-embedding file (expected dataset 'keys' and group 'arrays')")
+    with _open_embedding_file(path) as f:
         ids = list(gene_ids) if gene_ids is not None else _decode(f["keys"][:])
         rows = [np.asarray(f["arrays"][g], dtype=np.float32) for g in ids]
     return ids, np.stack(rows) if rows else np.zeros((0, 0), np.float32)
@@ -111,6 +114,15 @@ def write_embedding_table(path: str | Path, vectors: Mapping[str, np.ndarray]) -
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _open_embedding_file(path: str | Path) -> h5py.File:
+    """Open a gene-embedding file, refusing one without its dataset ``keys`` and group ``arrays``."""
+    f = open_hdf5(path, EMBEDDING_FILE)
+    if not isinstance(f.get("keys"), h5py.Dataset) or not isinstance(f.get("arrays"), h5py.Group):
+        f.close()
+        raise UserError(f"{path} is not {EMBEDDING_FILE}: expected a dataset 'keys' and a group 'arrays'")
+    return f
 
 
 def _decode(keys: np.ndarray) -> list[str]:
