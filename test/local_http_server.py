@@ -13,7 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Served:
     body: bytes
     content_type: str = "application/octet-stream"
-    faults: list[tuple[str, int]] = field(default_factory=list)  # ("drop", after_bytes) or ("status", code)
+    # ("drop", after_bytes): hang up; ("stall", after_bytes): keep the connection open, silent; ("status", code)
+    faults: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def etag(self) -> str:
@@ -32,6 +33,7 @@ class LocalServer:
         self.bytes_sent = 0
         self.supports_range = supports_range
         self._lock = threading.Lock()
+        self._closing = threading.Event()  # ends stalled answers when the server closes
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
@@ -56,6 +58,7 @@ class LocalServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._closing.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -91,13 +94,15 @@ class LocalServer:
                 if start:
                     self.send_header("Content-Range", f"bytes {start}-{len(served.body) - 1}/{len(served.body)}")
                 self.end_headers()
-                if fault and fault[0] == "drop":  # promise the whole body, send part of it, hang up
+                if fault and fault[0] in ("drop", "stall"):  # promise the whole body, send part of it
                     body = body[: fault[1]]
                     self.close_connection = True
                 with server._lock:  # counted before sending: the client may finish before this thread resumes
                     server.bytes_sent += len(body)
                 self.wfile.write(body)
                 self.wfile.flush()
+                if fault and fault[0] == "stall":  # then say nothing until the server closes
+                    server._closing.wait()
 
             def _range_start(self, served: Served) -> int | None:
                 """Offset asked for (0 for the whole file); None after answering 416 itself."""

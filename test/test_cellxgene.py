@@ -1,3 +1,4 @@
+import hashlib
 import json
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def record(
     tissue="blood",
     primary=(True,),
     cells=16,
-    size=None,
+    size=1_000,
     disease="normal",
 ):
     """One dataset as the curation API lists it (fields the downloader reads, plus a few it ignores)."""
@@ -228,3 +229,51 @@ def test_unreachable_or_broken_api(server, tmp_path, capsys):
     server.add(DATASETS_ENDPOINT, b'{"detail": "oops"}', "application/json")
     with pytest.raises(DownloadError, match="expected a list of datasets"):
         fetch_datasets(server.base_url, FAST)
+
+
+def test_api_records_are_not_trusted_blindly(server, tmp_path, capsys):
+    good = add_dataset(server, "good", MOUSE, organisms=(MOUSE_ORGANISM,))
+    pinned = add_dataset(server, "pinned", MOUSE, organisms=(MOUSE_ORGANISM,))
+    pinned["assets"][1]["sha256"] = hashlib.sha256(MOUSE).hexdigest()
+    wrong_digest = add_dataset(server, "wrong-digest", MOUSE, organisms=(MOUSE_ORGANISM,))
+    wrong_digest["assets"][1]["sha256"] = hashlib.sha256(b"other").hexdigest()
+    bad_digest = add_dataset(server, "bad-digest", MOUSE, organisms=(MOUSE_ORGANISM,))
+    bad_digest["assets"][1]["sha256"] = "abc"
+    no_size = add_dataset(server, "no-size", MOUSE, organisms=(MOUSE_ORGANISM,))
+    del no_size["assets"][1]["filesize"]
+    local_file = record("local-file", f"file://{DATA / 'reference_tiny' / 'input.h5ad'}", organisms=(MOUSE_ORGANISM,))
+    plain_http = record("plain-http", "http://example.org/x.h5ad", organisms=(MOUSE_ORGANISM,))
+    newline_id = add_dataset(server, "newline\n", MOUSE, organisms=(MOUSE_ORGANISM,))
+    records = [good, pinned, wrong_digest, bad_digest, no_size, local_file, plain_http, newline_id]
+    serve_catalogue(server, records)
+    out = tmp_path / "out"
+    args = ["download-data", "--species", "mus musculus", "--api-url", server.base_url, "--output-dir", str(out)]
+    assert main([*args, "--max-retries", "1", "--workers", "1"]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert "2 of 8 datasets ready" in captured.out and "6 failed" in captured.out
+    errors = {line.split()[1]: line for line in captured.err.splitlines() if line.strip().startswith("failed")}
+    assert "SHA-256 mismatch" in errors["wrong-digest"]
+    assert "its sha256 'abc' is not 64 hexadecimal digits" in errors["bad-digest"]
+    assert "its size None is not a number of bytes" in errors["no-size"]
+    assert "file:///" in errors["local-file"] and "is not an https:// address" in errors["local-file"]
+    assert "http://example.org/x.h5ad is not an https:// address" in errors["plain-http"]
+    assert "refusing unsafe dataset id 'newline\\n'" in captured.err
+    assert sorted(p.parent.name for p in out.glob("*/full.h5ad")) == ["good", "pinned"]
+    assert sorted(p.parent.name for p in out.glob("*/" + SUCCESS_MARKER)) == ["good", "pinned"]
+    assert not list(out.glob("*/*.part"))  # the file of the wrong digest was discarded
+    for name in ["good", "pinned"]:
+        assert (out / name / "full.h5ad").read_bytes() == MOUSE and (out / name / SUCCESS_MARKER).is_file()
+    # Only the two good assets (and the list) were fetched: nothing refused was ever requested.
+    assert sorted(server.paths_requested()) == sorted(
+        [DATASETS_ENDPOINT, "/good.h5ad", "/pinned.h5ad", "/wrong-digest.h5ad"]
+    )
+
+
+@pytest.mark.parametrize("api", ["file:///etc", "ftp://127.0.0.1:21"])
+def test_api_address_with_another_scheme_fails_at_once(tmp_path, capsys, api):
+    args = ["download-data", "--species", "homo sapiens", "--api-url", api, "--output-dir", str(tmp_path / "out")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "unsupported address scheme" in err and "attempt" not in err
+    assert not (tmp_path / "out").exists()

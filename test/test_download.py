@@ -1,3 +1,4 @@
+import gzip
 import hashlib
 import io
 import json
@@ -207,9 +208,15 @@ def device_member(tar: tarfile.TarFile) -> None:
     add_bytes(tar, "tf_sapiens/dev", b"", type=tarfile.CHRTYPE, devmajor=1, devminor=3)
 
 
-def link_member(tar: tarfile.TarFile) -> None:
-    add_bytes(tar, "tf_sapiens/config.json", b"{}")
-    add_bytes(tar, "tf_sapiens/vocabs", b"", type=tarfile.SYMTYPE, linkname="../../outside")
+def link_member(kind: bytes, target: str):
+    """An archive whose ``tf_sapiens/vocabs`` is a link (``kind``) to ``target``."""
+
+    def build(tar: tarfile.TarFile) -> None:
+        add_bytes(tar, "tf_sapiens/config.json", b"{}")
+        add_bytes(tar, "other/file", b"x")
+        add_bytes(tar, "tf_sapiens/vocabs", b"", type=kind, linkname=target)
+
+    return build
 
 
 @pytest.mark.parametrize(
@@ -217,10 +224,13 @@ def link_member(tar: tarfile.TarFile) -> None:
     [
         (lambda tar: add_bytes(tar, "tf_sapiens/../../escaped.txt", b"pwned"), "outside the destination"),
         (lambda tar: add_bytes(tar, "/tmp/absolute-escape.txt", b"pwned"), "absolute path"),
-        (link_member, "outside the destination"),
+        (link_member(tarfile.SYMTYPE, "../../outside"), "symbolic link"),
+        # inside the staging folder, but outside tf_sapiens/ once it is moved into place
+        (link_member(tarfile.SYMTYPE, "../other"), "symbolic link"),
+        (link_member(tarfile.LNKTYPE, "other/file"), "hard link"),
         (device_member, "special file"),
     ],
-    ids=["dotdot", "absolute", "symlink", "device"],
+    ids=["dotdot", "absolute", "symlink", "symlink-inside", "hardlink", "device"],
 )
 def test_unsafe_archives_are_refused(server, tmp_path, build, reason):
     checkpoints = tmp_path / "checkpoints"
@@ -329,3 +339,79 @@ def test_offline_download_leaves_no_folder_behind(tmp_path, capsys):
     assert main([*args, "--retries", "1"]) == 1
     assert "are you offline" in capsys.readouterr().err
     assert leftovers(tmp_path) == []  # neither checkpoints/ nor new/, which the command had created
+
+
+def zeros_member(n_bytes: int):
+    """The reference checkpoint plus ``n_bytes`` of zeros, which gzip shrinks about a thousandfold."""
+
+    def build(tar: tarfile.TarFile) -> None:
+        tar.add(REFERENCE, arcname="tf_sapiens", filter=lambda m: None if "input" in m.name else m)
+        add_bytes(tar, "tf_sapiens/padding.bin", bytes(n_bytes))
+
+    return build
+
+
+@pytest.mark.parametrize(
+    "archive",
+    [
+        lambda: tar_gz(zeros_member(40_000_000)),
+        # zeros after the end of the tar stream: never written, but decompressed to check the gzip stream
+        lambda: checkpoint_archive() + gzip.compress(bytes(40_000_000)),
+    ],
+    ids=["member", "after-the-archive"],
+)
+def test_decompression_bomb_is_refused_unless_allowed(server, tmp_path, capsys, archive):
+    body = server.add("/tf_sapiens.tar.gz", archive()).body
+    args = ["download", "tf-sapiens", "--checkpoint-dir", str(tmp_path), "--base-url", server.base_url, "--no-progress"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"tf_sapiens.tar.gz unpacks to more than 10 times its size ({len(body)} bytes)" in err
+    assert "raise the limit with --max-expansion" in err
+    assert leftovers(tmp_path) == []  # no folder, no staging folder, no archive
+    assert main([*args, "--max-expansion", "100"]) == 0  # trusted: allowed explicitly
+    assert (tmp_path / "tf_sapiens" / COMPLETION_MARKER).is_file()
+
+
+@pytest.mark.parametrize("missing", ["config.json", "model_weights.pt", "vocabs"])
+def test_extracted_checkpoint_layout_is_verified(server, tmp_path, capsys, missing):
+    archive = tar_gz(
+        lambda tar: tar.add(REFERENCE, arcname="tf_sapiens", filter=lambda m: None if missing in m.name else m)
+    )
+    server.add("/tf_sapiens.tar.gz", archive)
+    with pytest.raises(ArchiveError, match=f"tf_sapiens.tar.gz: tf_sapiens/ is not a checkpoint: it lacks {missing}"):
+        download_artifact(SAPIENS, tmp_path, base_url=server.base_url, progress=False)
+    assert leftovers(tmp_path) == []
+    # The embeddings archive is no checkpoint: only its folder is required.
+    server.add("/all_embeddings.tar.gz", tar_gz(lambda tar: add_bytes(tar, "all_embeddings/x_gene.h5", b"table")))
+    path = download_artifact(ARTIFACTS["all-embeddings"], tmp_path, base_url=server.base_url, progress=False)
+    assert (path / "x_gene.h5").read_bytes() == b"table"
+
+
+def test_stalled_server_is_not_called_offline(server, tmp_path, capsys):
+    served = server.add("/tf_sapiens.tar.gz", incompressible_archive(2_000_000))
+    served.faults.append(("stall", 300_000))
+    with pytest.raises(DownloadError, match=r"stalled after 300000 bytes \(nothing received for 0.5 s\)") as error:
+        download_file(server.url("/tf_sapiens.tar.gz"), tmp_path / "x", retry=RetryPolicy(attempts=1, timeout_s=0.5))
+    assert "offline" not in str(error.value)
+    assert not (tmp_path / "x").exists() and (tmp_path / "x.part").stat().st_size == 300_000
+    # The command line says the same.
+    served.faults.append(("stall", 100_000))
+    args = ["download", "tf-sapiens", "--checkpoint-dir", str(tmp_path), "--base-url", server.base_url]
+    assert main([*args, "--retries", "1", "--timeout", "0.5", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "download failed after 1 attempt(s): stalled after 100000 bytes" in err
+    assert not (tmp_path / "tf_sapiens").exists()
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/tf_sapiens.tar.gz", "127.0.0.1/x.tar.gz"])
+def test_unsupported_url_scheme_fails_at_once(tmp_path, capsys, url):
+    slow = RetryPolicy(attempts=5, backoff_s=30)  # a retry would wait 30 s: none may happen
+    with pytest.raises(DownloadError, match="unsupported address scheme"):
+        download_file(url, tmp_path / "x", retry=slow, progress=False)
+    assert leftovers(tmp_path) == []
+    base = url.rsplit("/", 1)[0]
+    assert main(["download", "tf-sapiens", "--checkpoint-dir", str(tmp_path), "--base-url", base]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "unsupported address scheme" in err and "after" not in err
+    assert not (tmp_path / "tf_sapiens").exists()

@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
-from transcriptformer.config import CONFIG_FILE, TranscriptFormerConfig
+from transcriptformer.config import CONFIG_FILE, VOCAB_DIR, WEIGHTS_FILE, TranscriptFormerConfig
 from transcriptformer.data.tokenize import CellTokenizer
 from transcriptformer.data.vocab import GeneVocab, build_gene_vocab, load_aux_vocab
+from transcriptformer.errors import UserError
 from transcriptformer.model.esm2ce import ESM2CellEmbedding
 from transcriptformer.model.gene_swap import swap_gene_embeddings
 from transcriptformer.model.lora import load_adapters
@@ -30,9 +31,7 @@ from transcriptformer.model.transcriptformer import SpecialTokens, TranscriptFor
 from transcriptformer.runtime import Backend
 from transcriptformer.safe_load import load_torch_file
 
-WEIGHTS_FILE = "model_weights.pt"
-VOCAB_DIR = "vocabs"
-WEIGHTS_FIX = "use a checkpoint from 'transcriptformer download' or one that this tool saved (a plain state_dict)"
+WEIGHTS_FIX = "download the checkpoint again ('transcriptformer download'), or use one that this tool saved"
 
 
 @dataclass
@@ -112,7 +111,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a plain state_dict safely (:func:`~transcriptformer.safe_load.load_torch_file`: tensors only)."""
     state = load_torch_file(path, what="model weights", fix=WEIGHTS_FIX)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a plain state_dict of tensors")
+        raise UserError(f"{path} does not hold a plain state_dict of tensors: {WEIGHTS_FIX}")
     return state
 
 

@@ -21,6 +21,9 @@ from transcriptformer.runtime import PRECISIONS
 T = TypeVar("T")
 
 CONFIG_FILE = "config.json"
+# The rest of a checkpoint folder (see transcriptformer.checkpoint): its weights and its vocabularies.
+WEIGHTS_FILE = "model_weights.pt"
+VOCAB_DIR = "vocabs"
 DEFAULT_SPECIAL_TOKENS = ["unknown", "[PAD]", "[START]", "[END]", "[RD]", "[CELL]", "[MASK]"]
 
 

@@ -61,11 +61,13 @@ def load_torch_file(path: str | Path, *, what: str, fix: str, allowed_globals: S
     """
     import torch
 
+    if Path(path).is_dir():
+        raise UserError(f"{path} is a folder, not a file of {what}; {fix}")
     try:
         with torch.serialization.safe_globals(list(allowed_globals)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err):
+        if "Weights only load failed" in str(err) and _refused_object(err):
             raise UnsafeFileError(
                 f"{path}: refusing to unpickle {what}: it holds {_refused_object(err)} besides tensors and settings, "
                 f"and unpickling it could run code; {fix}"
@@ -174,10 +176,16 @@ def _codec_names(node: Any) -> Iterator[str]:
             yield from _codec_names(value)
 
 
-def _refused_object(err: pickle.UnpicklingError) -> str:
-    """What torch's weights-only unpickler refused, e.g. ``the Python object os.system``."""
+def _refused_object(err: pickle.UnpicklingError) -> str | None:
+    """What torch's weights-only unpickler refused, e.g. ``the Python object os.system``.
+
+    ``None`` when the refused "global" is no Python name: a text file starting with ``c`` reads as one.
+    """
     match = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
-    return f"the Python object {match.group(1)}" if match else "Python objects"
+    if not match:
+        return "Python objects"
+    name = match.group(1)
+    return f"the Python object {name}" if re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", name) else None
 
 
 def _unreadable(path: str | Path, what: str, fix: str) -> UserError:

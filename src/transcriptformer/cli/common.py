@@ -20,6 +20,30 @@ def report_user_error(command: str, error: BaseException) -> int:
     return 1
 
 
+def positive_int(text: str) -> int:
+    """A whole number of at least 1 (attempts, workers): an argparse ``type``."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """A whole number of at least 0 (worker processes, 0: none): an argparse ``type``."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A number above 0 (seconds, factors): an argparse ``type``."""
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
 def add_use_raw_argument(group: argparse._ActionsContainer) -> None:
     """``--use-raw auto|true|false`` in any case, as the original's ``True``/``False``.
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from transcriptformer.cli.common import positive_float, positive_int
 from transcriptformer.errors import UserError
-from transcriptformer.hub.artifacts import BASE_URL_ENV, CHOICES, download_artifact, resolve_artifacts
+from transcriptformer.hub.artifacts import BASE_URL_ENV, CHOICES, MAX_EXPANSION, download_artifact, resolve_artifacts
 from transcriptformer.hub.http import RetryPolicy
 
 EXAMPLES = f"""\
@@ -38,18 +39,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base-url", default=None, help=f"download from this address instead of the public bucket (${BASE_URL_ENV})"
     )
-    parser.add_argument("--sha256", default=None, help="expected SHA-256 of the archive (single model only)")
+    parser.add_argument(
+        "--sha256", default=None, help="expected SHA-256 of the archive, 64 hexadecimal digits (single model only)"
+    )
     parser.add_argument(
         "--retries",
-        type=int,
+        type=positive_int,
         default=RetryPolicy.attempts,
         help="attempts per archive before giving up (default: %(default)s)",
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=positive_float,
         default=RetryPolicy.timeout_s,
         help="seconds a connection may stall (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-expansion",
+        type=positive_float,
+        default=MAX_EXPANSION,
+        help="the unpacked files may total at most this many times the archive's size, a guard against "
+        "decompression bombs (default: %(default)s)",
     )
     parser.add_argument("--force", action="store_true", help="download again and replace an existing folder")
     parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
@@ -72,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
                 force=args.force,
                 retry=retry,
                 progress=not args.no_progress,
+                max_expansion=args.max_expansion,
             )
         except (UserError, OSError) as error:
             raise UserError(f"{artifact.name}: {error}") from error

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from transcriptformer.cli.common import positive_int
 from transcriptformer.console import say
 from transcriptformer.hub.cellxgene import (
     API_URL_ENV,
+    WORKERS,
     DatasetFilter,
     DatasetOutcome,
     download_datasets,
@@ -57,13 +59,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run_opts.add_argument(
         "--workers",
         "--processes",
-        type=int,
-        default=4,
+        type=positive_int,
+        default=WORKERS,
         help="parallel downloads (default: %(default)s)",
         dest="workers",
     )
     run_opts.add_argument(
-        "--max-retries", type=int, default=RetryPolicy.attempts, help="attempts per dataset (default: %(default)s)"
+        "--max-retries",
+        type=positive_int,
+        default=RetryPolicy.attempts,
+        help="attempts per dataset (default: %(default)s)",
     )
     run_opts.add_argument("--api-url", default=None, help=f"curation API root (${API_URL_ENV}, else the public API)")
     run_opts.add_argument("--no-metadata", action="store_true", help="do not write dataset_metadata.json")

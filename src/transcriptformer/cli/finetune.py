@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import argparse
 
-from transcriptformer.cli.common import USE_RAW, add_overwrite_argument, add_use_raw_argument, print_dry_run
+from transcriptformer.cli.common import (
+    USE_RAW,
+    add_overwrite_argument,
+    add_use_raw_argument,
+    non_negative_int,
+    positive_int,
+    print_dry_run,
+)
 from transcriptformer.model.lora import TARGET_ALIASES, LoraSettings
 from transcriptformer.runtime import BACKENDS, PRECISIONS
 from transcriptformer.training.config import DataSettings, FinetuneConfig, OptimSettings, TrainerSettings
@@ -48,11 +55,14 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_overwrite_argument(io, "adapters")
     io.add_argument(
-        "--num-workers", type=int, default=data.num_workers, help="data-loader worker processes (default: %(default)s)"
+        "--num-workers",
+        type=non_negative_int,
+        default=data.num_workers,
+        help="data-loader worker processes (default: %(default)s)",
     )
 
     adapters = parser.add_argument_group("LoRA")
-    adapters.add_argument("--lora-r", type=int, default=lora.r, help="adapter rank (default: %(default)s)")
+    adapters.add_argument("--lora-r", type=positive_int, default=lora.r, help="adapter rank (default: %(default)s)")
     adapters.add_argument("--lora-alpha", type=float, default=lora.alpha, help="LoRA alpha (default: %(default)s)")
     adapters.add_argument(
         "--lora-dropout", type=float, default=lora.dropout, help="dropout on adapter inputs (default: %(default)s)"
@@ -79,11 +89,14 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop after this many optimizer steps, -1: no limit (default: %(default)s)",
     )
     loop.add_argument(
-        "--batch-size", type=int, default=data.batch_size, help="cells per batch and device (default: %(default)s)"
+        "--batch-size",
+        type=positive_int,
+        default=data.batch_size,
+        help="cells per batch and device (default: %(default)s)",
     )
     loop.add_argument(
         "--accumulate-grad-batches",
-        type=int,
+        type=positive_int,
         default=trainer.accumulate_grad_batches,
         help="batches per optimizer step (default: %(default)s)",
     )

@@ -9,7 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from transcriptformer.cli.common import USE_RAW, add_overwrite_argument, add_use_raw_argument
+from transcriptformer.cli.common import (
+    USE_RAW,
+    add_overwrite_argument,
+    add_use_raw_argument,
+    non_negative_int,
+    positive_int,
+)
 from transcriptformer.config import DataConfig
 from transcriptformer.errors import UserError
 from transcriptformer.inference.config import (
@@ -120,7 +126,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument(
         "--n-data-workers",
-        type=int,
+        type=non_negative_int,
         default=defaults.n_data_workers,
         help="threads reading and tokenizing the next cells while the model runs (default: %(default)s)",
     )
@@ -147,19 +153,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="LoRA adapters from 'transcriptformer finetune', merged into the checkpoint's weights",
     )
     model.add_argument(
-        "--batch-size", type=int, default=defaults.batch_size, help="cells per forward pass (default: %(default)s)"
+        "--batch-size",
+        type=positive_int,
+        default=defaults.batch_size,
+        help="cells per forward pass (default: %(default)s)",
     )
     model.add_argument(
         "--max-tokens-per-batch",
         dest="max_tokens",
-        type=int,
+        type=positive_int,
         default=defaults.max_tokens,
         metavar="N",
         help="token budget per forward pass (cells x trimmed length) instead of a fixed --batch-size",
     )
     model.add_argument(
         "--chunk-size",
-        type=int,
+        type=positive_int,
         default=defaults.chunk_size,
         help="cells read, run and saved together; memory and --resume granularity (default: %(default)s)",
     )

@@ -261,11 +261,11 @@ def embed_proteins(
 
 def dataset_coverage(data: str | Path, gene_col_name: str, genes: Mapping[str, object]) -> tuple[int, int]:
     """``(genes of the dataset, how many of them are in genes)``, ids read as the tokenizer reads them."""
-    import anndata as ad
-
+    from transcriptformer.data.sources import open_counts
     from transcriptformer.data.tokenize import gene_ids_from_var
 
-    var = ad.read_h5ad(data, backed="r").var
+    with open_counts(data) as reader:
+        var = reader.var
     ids = gene_ids_from_var(var, gene_col_name).dropna().unique()
     return len(ids), sum(gene in genes for gene in ids)
 

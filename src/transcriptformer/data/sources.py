@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import NoReturn
 
 import anndata as ad
 import h5py
@@ -17,9 +18,23 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem, sparse_dataset
 
+from transcriptformer.data.hdf5 import open_hdf5
+from transcriptformer.errors import UserError
 from transcriptformer.safe_load import check_zarr_store
 
 SUFFIXES = (".h5ad", ".zarr", ".h5")
+H5AD = "an AnnData .h5ad file"
+# The datasets of a Cell Ranger v3 feature-barcode matrix, under its group "matrix".
+TENX_DATASETS = (
+    "barcodes",
+    "data",
+    "indices",
+    "indptr",
+    "shape",
+    "features/id",
+    "features/name",
+    "features/feature_type",
+)
 
 
 class CountReader(ABC):
@@ -78,14 +93,15 @@ class _GroupReader(CountReader):
     def __init__(self, root, use_raw: bool | None, source: str):
         has_raw = "raw" in root and "X" in root["raw"]
         if use_raw and not has_raw:
-            raise ValueError(f"use_raw=True but {source} has no raw/X")
+            raise ValueError(f"use_raw=True but {source} has no raw/X; read X instead (--use-raw false)")
         base = root["raw"] if has_raw and use_raw is not False else root
+        prefix = "raw/" if base is not root else ""
+        self.obs = _read_dataframe(root, "obs", "obs", source)
+        self.var = _read_dataframe(base, "var", f"{prefix}var", source)
         if "X" not in base:
-            raise ValueError(f"{source} has no X")
+            raise UserError(f"{source} has no {prefix}X; write the counts into X (or raw.X) with anndata")
         element = base["X"]
         self._matrix = sparse_dataset(element) if _is_sparse(element) else element
-        self.var = read_elem(base["var"])
-        self.obs = read_elem(root["obs"])
         self.source = source
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
@@ -97,12 +113,24 @@ def _is_sparse(element) -> bool:
     return element.attrs.get("encoding-type", "") in ("csr_matrix", "csc_matrix")
 
 
+def _read_dataframe(parent, key: str, name: str, source: str) -> pd.DataFrame:
+    """The AnnData data frame ``parent[key]`` (``name`` in messages); a missing or foreign element is refused."""
+    frame = read_elem(parent[key]) if key in parent else None
+    if not isinstance(frame, pd.DataFrame):
+        raise UserError(f"{source} is not a readable AnnData: it has no {name} data frame; write it with anndata")
+    return frame
+
+
 class H5adReader(_GroupReader):
     """A ``.h5ad`` file in backed mode."""
 
     def __init__(self, path: Path, use_raw: bool | None = None):
-        self._file = h5py.File(path, "r")
-        super().__init__(self._file, use_raw, str(path))
+        self._file = open_hdf5(path, H5AD)
+        try:
+            super().__init__(self._file, use_raw, str(path))
+        except BaseException:
+            self._file.close()
+            raise
 
     def close(self) -> None:
         """Close the HDF5 file."""
@@ -116,17 +144,32 @@ class ZarrReader(_GroupReader):
         import zarr
 
         check_zarr_store(path)  # before zarr reads it: no pickle codec
-        super().__init__(zarr.open_group(str(path), mode="r"), use_raw, str(path))
+        try:
+            root = zarr.open_group(str(path), mode="r")
+        except zarr.errors.GroupNotFoundError as err:
+            raise UserError(
+                f"{path} is not an AnnData .zarr store (it holds no zarr group); write it with anndata"
+            ) from err
+        super().__init__(root, use_raw, str(path))
 
 
 class TenXH5Reader(CountReader):
-    """A Cell Ranger (v3+) feature-barcode matrix ``.h5``: genes x cells CSC, i.e. cells x genes CSR."""
+    """A Cell Ranger (v3+) feature-barcode matrix ``.h5``: genes x cells CSC, i.e. cells x genes CSR.
+
+    A file that lacks a table of the format, or whose tables disagree in size, is refused with what is wrong.
+    """
 
     def __init__(self, path: Path):
-        self._file = h5py.File(path, "r")
-        if "matrix" not in self._file:
-            raise ValueError(f"{path} is not a Cell Ranger v3 .h5 file (no 'matrix' group)")
-        group = self._file["matrix"]
+        self._file = open_hdf5(path, "a 10x .h5 file")
+        self.source = str(path)
+        try:
+            self._read_tables()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _read_tables(self) -> None:
+        group = self._matrix_group()
         features = group["features"]
         self.var = pd.DataFrame(
             {
@@ -138,15 +181,46 @@ class TenXH5Reader(CountReader):
         self.var.index = self.var["ensembl_id"].to_numpy()
         self.obs = pd.DataFrame(index=pd.Index(group["barcodes"][:].astype(str)))
         self._data, self._indices, self._indptr = group["data"], group["indices"], group["indptr"][:]
-        self._n_vars = int(group["shape"][0])
-        self.source = str(path)
+        self._n_vars = len(self.var)
+        self._check_sizes(group["shape"][:])
+
+    def _matrix_group(self) -> h5py.Group:
+        """The ``matrix`` group, with every table the reader needs."""
+        if "matrix" not in self._file:
+            raise UserError(
+                f"{self.source} is not a Cell Ranger v3 .h5 file (no 'matrix' group); convert it to .h5ad "
+                "(e.g. scanpy.read_10x_h5(path).write_h5ad(...))"
+            )
+        group = self._file["matrix"]
+        missing = [name for name in TENX_DATASETS if not isinstance(group.get(name), h5py.Dataset)]
+        if missing:
+            self._malformed(f"matrix/ lacks {', '.join(missing)}")
+        return group
+
+    def _check_sizes(self, shape: np.ndarray) -> None:
+        """``shape`` is (features, barcodes); ``indptr`` has one entry per barcode and one more."""
+        n_values, indptr = len(self._data), self._indptr
+        if tuple(int(n) for n in shape) != (self._n_vars, self.n_obs):
+            self._malformed(
+                f"matrix/shape is {shape.tolist()} but there are {self._n_vars} features, {self.n_obs} barcodes"
+            )
+        if len(self._indices) != n_values:
+            self._malformed(f"matrix/indices has {len(self._indices)} entries, matrix/data {n_values}")
+        if len(indptr) != self.n_obs + 1 or indptr[0] != 0 or indptr[-1] != n_values or np.any(np.diff(indptr) < 0):
+            self._malformed(f"matrix/indptr does not index the {n_values} values of {self.n_obs} barcodes")
+
+    def _malformed(self, problem: str) -> NoReturn:
+        raise UserError(f"{self.source} is a malformed 10x .h5 file: {problem}; write it again with Cell Ranger")
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         """Counts of cells ``start .. stop - 1``."""
         lo, hi = self._indptr[start], self._indptr[stop]
         indptr = self._indptr[start : stop + 1] - lo
         data = np.asarray(self._data[lo:hi], dtype=np.float32)
-        return sp.csr_matrix((data, self._indices[lo:hi], indptr), shape=(stop - start, self._n_vars))
+        indices = self._indices[lo:hi]
+        if len(indices) and (indices.min() < 0 or indices.max() >= self._n_vars):
+            self._malformed(f"matrix/indices of barcodes {start}-{stop - 1} point outside the {self._n_vars} features")
+        return sp.csr_matrix((data, indices, indptr), shape=(stop - start, self._n_vars))
 
     def close(self) -> None:
         """Close the HDF5 file."""

@@ -23,7 +23,8 @@ import torch
 
 from transcriptformer.config import DataConfig
 from transcriptformer.data.gene_symbols import ensembl_ids_for_symbols
-from transcriptformer.data.sources import CountReader, open_counts
+from transcriptformer.data.hdf5 import open_hdf5
+from transcriptformer.data.sources import H5AD, CountReader, open_counts
 from transcriptformer.data.vocab import GeneVocab
 
 
@@ -163,10 +164,8 @@ def read_anndata(data: ad.AnnData | str | Path) -> ad.AnnData:
     """Return ``data`` itself, or read it from an ``.h5ad`` path."""
     if isinstance(data, ad.AnnData):
         return data
-    path = Path(data)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: {path}")
-    return ad.read_h5ad(path)
+    open_hdf5(data, H5AD).close()  # a folder, a truncated file or another format: an error that names the file
+    return ad.read_h5ad(data)
 
 
 def gene_ids_from_var(var: pd.DataFrame, gene_col_name: str) -> pd.Series:

@@ -11,6 +11,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from transcriptformer.data.hdf5 import open_hdf5
+from transcriptformer.errors import UserError
+
+EMBEDDING_FILE = "a gene-embedding .h5 file"
 # How to get a valid gene-embedding file, for errors about an invalid one.
 TABLE_FIX = "build the table with 'transcriptformer build-vocab' (dataset 'keys' of strings, group 'arrays' of vectors)"
 
@@ -68,7 +72,7 @@ class GeneVocab:
 
 def read_embedding_keys(path: str | Path) -> list[str]:
     """Gene ids stored in a gene-embedding ``.h5`` file, in file order."""
-    with h5py.File(path, "r") as f:
+    with _open_embedding_file(path) as f:
         return _read_keys(f, path)
 
 
@@ -87,9 +91,7 @@ def read_embedding_table(path: str | Path, gene_ids: Sequence[str] | None = None
     ids, table
         The gene ids and a ``(len(ids), width)`` float32 array, rows in the order of ``ids``.
     """
-    with h5py.File(path, "r") as f:
-        if "keys" not in f or "arrays" not in f:
-            raise ValueError(f"{path}: not a gene-embedding file (expected dataset 'keys' and group 'arrays')")
+    with _open_embedding_file(path) as f:
         ids = list(gene_ids) if gene_ids is not None else _read_keys(f, path)
         rows = [_read_vector(f["arrays"], g, path) for g in ids]
     return ids, np.stack(rows) if rows else np.zeros((0, 0), np.float32)
@@ -112,6 +114,15 @@ def write_embedding_table(path: str | Path, vectors: Mapping[str, np.ndarray]) -
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _open_embedding_file(path: str | Path) -> h5py.File:
+    """Open a gene-embedding file, refusing one without its dataset ``keys`` and group ``arrays``."""
+    f = open_hdf5(path, EMBEDDING_FILE)
+    if not isinstance(f.get("keys"), h5py.Dataset) or not isinstance(f.get("arrays"), h5py.Group):
+        f.close()
+        raise UserError(f"{path} is not {EMBEDDING_FILE}: expected a dataset 'keys' and a group 'arrays'")
+    return f
 
 
 def _read_keys(f: h5py.File, path: str | Path) -> list[str]:

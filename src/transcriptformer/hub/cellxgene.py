@@ -11,10 +11,16 @@ fetches the ``.h5ad`` asset of each selected dataset in parallel, resumably and 
 
 A dataset with a marker is skipped by later runs. The API address can be changed with
 ``TRANSCRIPTFORMER_CELLXGENE_API`` (or ``api_url``).
+
+What the API lists is not trusted blindly: a dataset id must be a plain name (letters, digits, ``.``, ``_``,
+``-``), the asset an ``https://`` address (``http://`` only on this machine, ``localhost`` or a loopback address,
+for a local mirror) with its size in bytes; the file must arrive with that size (and SHA-256, when the record
+gives one, as ``sha256``) before the marker is written.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -25,8 +31,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from transcriptformer.hub.http import DownloadError, RetryPolicy, download_file, fetch_json
+from transcriptformer.hub.http import SHA256_HEX, DownloadError, RetryPolicy, download_file, fetch_json
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +43,8 @@ DATASETS_ENDPOINT = "/curation/v1/datasets"
 DATASET_FILE = "full.h5ad"
 SUCCESS_MARKER = "__success__"
 METADATA_FILE = "dataset_metadata.json"
-SAFE_DATASET_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+WORKERS = 4  # parallel downloads
+SAFE_DATASET_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # matched whole (fullmatch)
 
 Dataset = dict[str, Any]
 
@@ -147,12 +155,40 @@ def h5ad_asset(dataset: Dataset) -> dict[str, Any] | None:
     return next((a for a in assets if str(a.get("filetype", "")).upper() == "H5AD" and a.get("url")), None)
 
 
+def asset_problem(asset: dict[str, Any]) -> str | None:
+    """Why an ``H5AD`` asset of the API cannot be downloaded safely, or ``None``.
+
+    Its address must be ``https://`` (``http://`` only for this machine), its ``filesize`` a number of bytes,
+    and its ``sha256``, when given, 64 hexadecimal digits.
+    """
+    url = str(asset["url"])
+    parts = urlsplit(url)
+    if parts.scheme != "https" and not (parts.scheme == "http" and _is_loopback(parts.hostname)):
+        return f"{url} is not an https:// address"
+    size = asset.get("filesize")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return f"its size {size!r} is not a number of bytes, so the download could not be verified"
+    sha256 = asset.get("sha256")
+    if sha256 is not None and not (isinstance(sha256, str) and SHA256_HEX.fullmatch(sha256)):
+        return f"its sha256 {sha256!r} is not 64 hexadecimal digits"
+    return None
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
 def download_dataset(
     dataset: Dataset, output_dir: str | Path, retry: RetryPolicy | None = None, progress: bool = False
 ) -> DatasetOutcome:
     """Download one dataset's ``.h5ad`` into ``output_dir/<dataset_id>/``; never raises for a failed download."""
     dataset_id = str(dataset.get("dataset_id", ""))
-    if not SAFE_DATASET_ID.match(dataset_id):
+    if not SAFE_DATASET_ID.fullmatch(dataset_id):
         return DatasetOutcome(dataset_id, "failed", error=f"refusing unsafe dataset id {dataset_id!r}")
     folder = Path(output_dir) / dataset_id
     if (folder / SUCCESS_MARKER).exists():
@@ -160,11 +196,15 @@ def download_dataset(
     asset = h5ad_asset(dataset)
     if asset is None:
         return DatasetOutcome(dataset_id, "failed", error="the dataset has no H5AD asset")
+    problem = asset_problem(asset)
+    if problem:
+        return DatasetOutcome(dataset_id, "failed", error=f"refusing the H5AD asset the API lists: {problem}")
     try:
         result = download_file(
             asset["url"],
             folder / DATASET_FILE,
-            size=asset.get("filesize"),
+            size=asset["filesize"],
+            sha256=asset.get("sha256"),
             retry=retry,
             progress=progress,
             label=dataset_id,
@@ -188,7 +228,7 @@ def download_datasets(
     datasets: Sequence[Dataset],
     output_dir: str | Path,
     *,
-    workers: int = 4,
+    workers: int = WORKERS,
     retry: RetryPolicy | None = None,
     save_metadata: bool = True,
     on_outcome: Callable[[DatasetOutcome], None] | None = None,

@@ -5,6 +5,8 @@ and its size and checksum are verified, so a file at ``dest`` is always complete
 retried with exponential backoff and resumed where it stopped with an HTTP ``Range`` request; ``If-Range``
 makes the server send the whole file again if it changed in between. The validator (``ETag`` or
 ``Last-Modified``) is kept in ``<dest>.part.json``, so an interrupted download also resumes in a later run.
+Only ``http://`` and ``https://`` addresses are fetched; any other scheme (``file://``, ``ftp://``) is refused at
+once, without retries.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ USER_AGENT = "transcriptformer-downloader"
 CHUNK_SIZE = 1 << 20
 # Statuses worth another try: timeouts, rate limits and server-side failures.
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+SCHEMES = ("http", "https")
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class DownloadError(UserError, RuntimeError):
@@ -195,7 +199,12 @@ def download_file(
         When the server cannot be reached, answers with an error, or the body keeps breaking off.
     ChecksumError
         When the file arrived but is not the expected size or SHA-256; the partial file is removed.
+    UserError
+        When ``sha256`` is not 64 hexadecimal digits, or the address is not ``http(s)://``; nothing is fetched.
     """
+    if sha256 is not None and not SHA256_HEX.fullmatch(sha256):
+        raise UserError(f"the expected SHA-256 (--sha256) {sha256!r} is not 64 hexadecimal digits; copy it whole")
+    check_scheme(url)
     retry = retry or RetryPolicy()
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -219,12 +228,21 @@ def fetch_json(url: str, retry: RetryPolicy | None = None) -> Any:
     DownloadError
         When the server cannot be reached, answers with an error, or the body is not JSON.
     """
+    check_scheme(url)
     retry = retry or RetryPolicy()
     body = with_retries(url, retry, lambda: _read_all(url, retry.timeout_s))
     try:
         return json.loads(body)
     except ValueError as err:
         raise DownloadError(f"{url} did not answer with JSON: {body[:200]!r}") from err
+
+
+def check_scheme(url: str) -> None:
+    """Refuse an address that is not ``http://`` or ``https://`` (:class:`DownloadError`), before any attempt."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in SCHEMES:
+        shown = f"{scheme}://" if scheme else "none"
+        raise DownloadError(f"{url}: unsupported address scheme ({shown}); give an https:// (or http://) address")
 
 
 def with_retries(url: str, retry: RetryPolicy, attempt: Callable[[], T], partial: PartialFile | None = None) -> T:
@@ -236,7 +254,7 @@ def with_retries(url: str, retry: RetryPolicy, attempt: Callable[[], T], partial
             raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from err
         except _TransientError as err:
             if number == retry.attempts:
-                raise DownloadError(_failure_message(url, err.__cause__ or err, number)) from err
+                raise DownloadError(_failure_message(url, err, number)) from err
             wait = retry.wait_s(number)
             resume = f" from byte {partial.size}" if partial is not None and partial.size else ""
             logger.warning(
@@ -244,7 +262,7 @@ def with_retries(url: str, retry: RetryPolicy, attempt: Callable[[], T], partial
                 url,
                 number,
                 retry.attempts,
-                err.__cause__ or err,
+                err,
                 wait,
                 resume,
             )
@@ -268,6 +286,8 @@ def _open(url: str, headers: dict[str, str], timeout_s: float) -> http.client.HT
         if isinstance(err.reason, socket.gaierror):  # no name resolution: offline, retrying will not help
             raise DownloadError(_failure_message(url, err, 1)) from err
         raise _TransientError(str(err.reason)) from err
+    except TimeoutError as err:  # connected, but the answer did not come
+        raise _TransientError(f"the server stalled: no answer within {timeout_s:g} s") from err
     except (OSError, http.client.HTTPException) as err:
         raise _TransientError(str(err)) from err
 
@@ -301,7 +321,7 @@ def _transfer(url: str, partial: PartialFile, timeout_s: float, progress: bool, 
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None
         partial.start(offset, response.headers.get("ETag") or response.headers.get("Last-Modified"), total)
-        _stream_body(response, partial, offset, total, progress, label)
+        _stream_body(response, partial, offset, total, progress, label, timeout_s)
 
 
 def _resume_offset(response: http.client.HTTPResponse, offset: int) -> int:
@@ -315,17 +335,25 @@ def _resume_offset(response: http.client.HTTPResponse, offset: int) -> int:
 
 
 def _stream_body(
-    response: http.client.HTTPResponse, partial: PartialFile, offset: int, total: int | None, progress: bool, label: str
+    response: http.client.HTTPResponse,
+    partial: PartialFile,
+    offset: int,
+    total: int | None,
+    progress: bool,
+    label: str,
+    timeout_s: float,
 ) -> None:
-    """Append the body to the partial file; a body that ends early is a transient error."""
+    """Append the body to the partial file; a body that ends early or stalls is a transient error."""
     bar = progress_bar(
         total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=label, disable=not progress
     )
     try:
         with open(partial.path, "ab") as handle:
-            while chunk := response.read(CHUNK_SIZE):
+            while chunk := response.read1(CHUNK_SIZE):  # what has arrived: a stall loses nothing
                 partial.append(chunk, handle)
                 bar.update(len(chunk))
+    except TimeoutError as err:
+        raise _TransientError(f"stalled after {partial.size} bytes (nothing received for {timeout_s:g} s)") from err
     except (OSError, http.client.HTTPException) as err:
         raise _TransientError(f"connection lost after {partial.size} bytes") from err
     finally:
@@ -344,14 +372,19 @@ def _verification_problem(received: int, digest: str, size: int | None, sha256: 
 
 
 def _failure_message(url: str, err: BaseException, attempts: int) -> str:
-    """A message that says whether the network, rather than the file, is the problem."""
+    """A message that says whether the network, rather than the file, is the problem.
+
+    ``err`` is the :class:`urllib.error.URLError` of a failed connection, or the :class:`_TransientError` of the
+    last attempt; only a connection that could not be made is reported as "could not reach".
+    """
     host = urlsplit(url).netloc
-    reason = getattr(err, "reason", err)
-    if isinstance(reason, socket.gaierror | ConnectionRefusedError | TimeoutError | socket.timeout) or (
+    cause = err if isinstance(err, urllib.error.URLError) else err.__cause__
+    reason = cause.reason if isinstance(cause, urllib.error.URLError) else None
+    if isinstance(reason, socket.gaierror | ConnectionRefusedError | TimeoutError) or (
         isinstance(reason, OSError) and reason.errno in (101, 113)  # network / host unreachable
     ):
         return (
             f"could not reach {host} ({reason}) after {attempts} attempt(s): are you offline, or behind a proxy "
             "(set HTTPS_PROXY)?"
         )
-    return f"{url}: download failed after {attempts} attempt(s): {reason}"
+    return f"{url}: download failed after {attempts} attempt(s): {err}"

@@ -1,0 +1,375 @@
+"""Every user mistake with inputs, files and flags ends in one line naming the file or flag, never a traceback.
+
+Each case builds its broken input in ``tmp_path`` from the real files under ``test/data`` and checks the exit
+code, the absence of a traceback, the message's key words, and that nothing that looks like a finished output
+was written.
+"""
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from conftest import DATA_DIR, REFERENCE_DIR, REFERENCE_INPUT, TRAIN_CONFIG, tiny_train_overrides
+from local_http_server import LocalServer
+from transcriptformer.cli import main
+
+GENE_TABLE = "vocabs/mus_musculus_gene.h5"
+TENX_HUMAN = DATA_DIR / "10x_v3_chr21_1107cells.h5"
+INPUT_BYTES = REFERENCE_INPUT.stat().st_size
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    """Run the command in-process; return its exit code (argparse's too) and what it printed on stderr."""
+    try:
+        code = main([str(arg) for arg in args])
+    except SystemExit as exit_:  # a usage error, reported by argparse
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, command: str, *words: str, exit_code: int = 1) -> None:
+    """Exit code, no traceback, and the last line is the command's error, holding every one of ``words``."""
+    assert code == exit_code, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    prefix = (
+        f"transcriptformer {command}: error: " if exit_code == 1 else f"transcriptformer {command}: error: argument "
+    )
+    assert last.startswith(prefix), err
+    for word in words:
+        assert word in last, (word, last)
+
+
+def truncated(source: Path, dest: Path) -> Path:
+    """The first half of ``source``."""
+    data = source.read_bytes()
+    dest.write_bytes(data[: len(data) // 2])
+    return dest
+
+
+def text_file(dest: Path) -> Path:
+    dest.write_text("cell,gene,count\nAAAC,Xkr4,3\n")
+    return dest
+
+
+def folder(dest: Path) -> Path:
+    dest.mkdir()
+    return dest
+
+
+def write_10x(path: Path, adata: ad.AnnData) -> Path:
+    """Cells of an AnnData as a Cell Ranger v3 feature-barcode matrix (genes x cells CSC = cells x genes CSR)."""
+    counts = sp.csr_matrix(adata.X)
+    with h5py.File(path, "w") as f:
+        matrix = f.create_group("matrix")
+        matrix["data"] = counts.data.astype(np.int32)
+        matrix["indices"] = counts.indices.astype(np.int64)
+        matrix["indptr"] = counts.indptr.astype(np.int64)
+        matrix["shape"] = np.array([adata.n_vars, adata.n_obs], dtype=np.int32)
+        matrix["barcodes"] = np.array(adata.obs_names, dtype="S")
+        features = matrix.create_group("features")
+        features["id"] = np.array(adata.var["ensembl_id"], dtype="S")
+        features["name"] = np.array(adata.var_names, dtype="S")
+        features["feature_type"] = np.array(["Gene Expression"] * adata.n_vars, dtype="S")
+    return path
+
+
+def reference_10x(tmp_path: Path, change: Callable[[h5py.Group], None] | None = None) -> Path:
+    """The reference cells as a 10x ``.h5`` file, with ``change`` applied to its ``matrix`` group."""
+    path = write_10x(tmp_path / "cells.h5", ad.read_h5ad(REFERENCE_INPUT))
+    if change is not None:
+        with h5py.File(path, "r+") as f:
+            change(f["matrix"])
+    return path
+
+
+def replace(name: str, value) -> Callable[[h5py.Group], None]:
+    def change(matrix: h5py.Group) -> None:
+        del matrix[name]
+        matrix[name] = value
+
+    return change
+
+
+def remove(*names: str) -> Callable[[h5py.Group], None]:
+    def change(matrix: h5py.Group) -> None:
+        for name in names:
+            del matrix[name]
+
+    return change
+
+
+def checkpoint_with(tmp_path: Path, name: str, make: Callable[[Path, Path], Path]) -> Path:
+    """A copy of the reference checkpoint whose file ``name`` is replaced by ``make(original, path)``."""
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(REFERENCE_DIR, checkpoint, ignore=shutil.ignore_patterns("input.h5ad", "expected.npz"))
+    (checkpoint / name).unlink()
+    make(REFERENCE_DIR / name, checkpoint / name)
+    return checkpoint
+
+
+def inference(capsys, tmp_path: Path, data: Path, checkpoint: Path = REFERENCE_DIR, *extra) -> tuple[int, str]:
+    """``inference`` into ``tmp_path/out``; asserts afterwards that no output file was left there."""
+    out = tmp_path / "out"
+    result = run_cli(
+        capsys, "inference", "--checkpoint-path", checkpoint, "--data-file", data, "--output-path", out, *extra
+    )
+    assert not (out / "embeddings.h5ad").exists()
+    assert not out.exists() or not any(p.suffix == ".h5ad" for p in out.rglob("*"))
+    return result
+
+
+def not_anndata(dest: Path) -> Path:
+    """An HDF5 file that is not an AnnData: a gene-embedding table under an .h5ad name."""
+    shutil.copyfile(REFERENCE_DIR / GENE_TABLE, dest)
+    return dest
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "words"),
+    [
+        ("cells.h5ad", text_file, ["cells.h5ad", "not an HDF5 file"]),
+        (
+            "cells.h5ad",
+            lambda p: truncated(REFERENCE_INPUT, p),
+            ["cells.h5ad", f"truncated ({INPUT_BYTES // 2} of {INPUT_BYTES} bytes)"],
+        ),
+        ("cells.h5ad", folder, ["cells.h5ad is a folder", "pass the file itself"]),
+        ("cells.h5ad", not_anndata, ["cells.h5ad is not a readable AnnData", "no obs data frame"]),
+        ("cells.zarr", folder, ["cells.zarr is not an AnnData .zarr store"]),
+        ("cells.h5", text_file, ["cells.h5 as a 10x .h5 file", "not an HDF5 file"]),
+        ("cells.h5", lambda p: truncated(TENX_HUMAN, p), ["cells.h5 as a 10x .h5 file", "truncated"]),
+    ],
+    ids=["text-h5ad", "truncated-h5ad", "folder-h5ad", "hdf5-not-anndata", "empty-zarr", "text-10x", "truncated-10x"],
+)
+def test_unreadable_data_file(capsys, tmp_path, name, make, words):
+    data = make(tmp_path / name)
+    code, err = inference(capsys, tmp_path, data)
+    assert_one_line_error(code, err, "inference", *words)
+
+
+def indices_out_of_range(matrix: h5py.Group) -> None:
+    matrix["indices"][:] = 10**6
+
+
+def test_a_10x_file_written_here_runs(tmp_path):
+    """The baseline of the malformed files below: written correctly, it gives the reference cells' embeddings."""
+    data = reference_10x(tmp_path)
+    out = tmp_path / "out"
+    assert (
+        main(
+            ["inference", "--checkpoint-path", str(REFERENCE_DIR), "--data-file", str(data), "--output-path", str(out)]
+        )
+        == 0
+    )
+    assert ad.read_h5ad(out / "embeddings.h5ad").n_obs == 64
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (remove("indptr", "features/feature_type"), ["malformed 10x .h5 file", "lacks indptr, features/feature_type"]),
+        (replace("shape", np.array([5, 64], dtype=np.int32)), ["malformed 10x .h5 file", "matrix/shape is [5, 64]"]),
+        (replace("indptr", np.arange(65, dtype=np.int64)), ["malformed 10x .h5 file", "matrix/indptr does not index"]),
+        (indices_out_of_range, ["malformed 10x .h5 file", "matrix/indices of barcodes 0-63 point outside"]),
+    ],
+    ids=["missing-tables", "wrong-shape", "wrong-indptr", "indices-out-of-range"],
+)
+def test_malformed_10x_file_is_named(capsys, tmp_path, change, words):
+    data = reference_10x(tmp_path, change)
+    code, err = inference(capsys, tmp_path, data)
+    assert_one_line_error(code, err, "inference", str(data), *words)
+
+
+def test_a_file_without_matrix_group_is_not_10x(capsys, tmp_path):
+    data = tmp_path / "table.h5"
+    shutil.copyfile(REFERENCE_DIR / GENE_TABLE, data)
+    code, err = inference(capsys, tmp_path, data)
+    assert_one_line_error(code, err, "inference", "table.h5 is not a Cell Ranger v3 .h5 file", "convert it")
+
+
+def empty(original: Path, path: Path) -> Path:
+    path.write_bytes(b"")
+    return path
+
+
+def text(original: Path, path: Path) -> Path:
+    return text_file(path)
+
+
+def half(original: Path, path: Path) -> Path:
+    return truncated(original, path)
+
+
+def directory(original: Path, path: Path) -> Path:
+    return folder(path)
+
+
+def without_keys(original: Path, path: Path) -> Path:
+    with h5py.File(original) as source, h5py.File(path, "w") as f:
+        source.copy("arrays", f)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (empty, ["cannot read model weights", "empty, truncated", "download the checkpoint again"]),
+        (text, ["cannot read model weights", "of another format"]),
+        (directory, ["model_weights.pt is a folder"]),
+        (half, ["cannot read model weights", "truncated"]),
+    ],
+    ids=["empty", "text", "folder", "truncated"],
+)
+def test_broken_weights_file(capsys, tmp_path, make, words):
+    checkpoint = checkpoint_with(tmp_path, "model_weights.pt", make)
+    code, err = inference(capsys, tmp_path, REFERENCE_INPUT, checkpoint)
+    assert_one_line_error(code, err, "inference", str(checkpoint), *words)
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (text, ["as a gene-embedding .h5 file", "not an HDF5 file"]),
+        (half, ["as a gene-embedding .h5 file", "truncated"]),
+        (directory, ["is a folder, not a gene-embedding .h5 file"]),
+        (without_keys, ["is not a gene-embedding .h5 file: expected a dataset 'keys' and a group 'arrays'"]),
+    ],
+    ids=["text", "truncated", "folder", "no-keys"],
+)
+def test_broken_gene_embedding_files(capsys, tmp_path, make, words):
+    checkpoint = checkpoint_with(tmp_path, GENE_TABLE, make)
+    code, err = inference(capsys, tmp_path, REFERENCE_INPUT, checkpoint)
+    assert_one_line_error(code, err, "inference", "mus_musculus_gene.h5", *words)
+    table = make(REFERENCE_DIR / GENE_TABLE, tmp_path / "frog_gene.h5")
+    code, err = inference(capsys, tmp_path, REFERENCE_INPUT, REFERENCE_DIR, "--pretrained-embedding", table)
+    assert_one_line_error(code, err, "inference", "frog_gene.h5", *words)
+
+
+@pytest.mark.parametrize("make", [text_file, lambda p: truncated(REFERENCE_INPUT, p)], ids=["text", "truncated"])
+def test_finetune_on_a_corrupt_h5ad(capsys, tmp_path, make):
+    cells = make(tmp_path / "cells.h5ad")
+    adapters = tmp_path / "adapters"
+    code, err = run_cli(
+        capsys,
+        "finetune",
+        "--checkpoint-path",
+        REFERENCE_DIR,
+        "--train-files",
+        cells,
+        "--output-path",
+        adapters,
+        "--devices",
+        "cpu",
+        "--max-steps",
+        "1",
+    )
+    assert_one_line_error(code, err, "finetune", "cells.h5ad", "as an AnnData .h5ad file")
+    assert not (adapters / "adapter_model.safetensors").exists()
+
+
+def test_train_on_a_corrupt_h5ad(capsys, tmp_path):
+    cells = truncated(REFERENCE_INPUT, tmp_path / "cells.h5ad")
+    output = tmp_path / "model"
+    code, err = run_cli(
+        capsys, "train", "--config", TRAIN_CONFIG, *tiny_train_overrides(output, f"data.train_files=[{cells}]")
+    )
+    assert_one_line_error(code, err, "train", "cells.h5ad", "truncated")
+    assert not (output / "model_weights.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--retries", "0"], ["--retries: must be at least 1, got 0"]),
+        (["--timeout", "0"], ["--timeout: must be above 0"]),
+        (["--max-expansion", "-1"], ["--max-expansion: must be above 0"]),
+    ],
+    ids=["retries", "timeout", "max-expansion"],
+)
+def test_download_flags_out_of_range(capsys, tmp_path, args, words):
+    with LocalServer() as server:
+        base = ["--checkpoint-dir", tmp_path / "ckpt", "--base-url", server.base_url]
+        code, err = run_cli(capsys, "download", "tf-sapiens", *base, *args)
+    assert_one_line_error(code, err, "download", *words, exit_code=2)
+    assert server.requests == [] and not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "words"), [(["--max-retries", "0"], ["--max-retries"]), (["--workers", "0"], ["--workers"])]
+)
+def test_download_data_flags_out_of_range(capsys, tmp_path, args, words):
+    with LocalServer() as server:
+        base = ["--species", "homo sapiens", "--api-url", server.base_url, "--output-dir", tmp_path / "out"]
+        code, err = run_cli(capsys, "download-data", *base, *args)
+    assert_one_line_error(code, err, "download-data", *words, "must be at least 1, got 0", exit_code=2)
+    assert server.requests == [] and not (tmp_path / "out").exists()
+
+
+def test_checkpoint_dir_that_is_a_file(capsys, tmp_path):
+    not_a_folder = text_file(tmp_path / "checkpoints")
+    with LocalServer() as server:
+        code, err = run_cli(
+            capsys, "download", "tf-sapiens", "--checkpoint-dir", not_a_folder, "--base-url", server.base_url
+        )
+    assert_one_line_error(code, err, "download", "checkpoints is a file, not a folder", "--checkpoint-dir")
+    assert server.requests == []
+    assert not_a_folder.read_text().startswith("cell,gene")
+
+
+@pytest.mark.parametrize("digest", ["abc", "g" * 64, "0" * 63, "0" * 65])
+def test_sha256_that_is_not_64_hex_digits_is_refused_before_downloading(capsys, tmp_path, digest):
+    with LocalServer() as server:
+        server.add("/tf_sapiens.tar.gz", b"never fetched")
+        code, err = run_cli(
+            capsys,
+            "download",
+            "tf-sapiens",
+            "--checkpoint-dir",
+            tmp_path,
+            "--base-url",
+            server.base_url,
+            "--sha256",
+            digest,
+        )
+    assert_one_line_error(code, err, "download", "--sha256", repr(digest), "not 64 hexadecimal digits")
+    assert server.requests == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "value", "words"),
+    [
+        ("inference", "--batch-size", "0", "must be at least 1, got 0"),
+        ("inference", "--chunk-size", "0", "must be at least 1, got 0"),
+        ("inference", "--max-tokens-per-batch", "-5", "must be at least 1, got -5"),
+        ("inference", "--n-data-workers", "-1", "must be at least 0, got -1"),
+        ("finetune", "--batch-size", "0", "must be at least 1, got 0"),
+        ("finetune", "--lora-r", "0", "must be at least 1, got 0"),
+        ("finetune", "--accumulate-grad-batches", "0", "must be at least 1, got 0"),
+        ("finetune", "--num-workers", "-1", "must be at least 0, got -1"),
+    ],
+)
+def test_counts_out_of_range_name_the_flag(capsys, tmp_path, command, flag, value, words):
+    """Checked by argparse before anything loads; the message names the flag, not the setting behind it."""
+    data_flag = "--data-file" if command == "inference" else "--train-files"
+    out = tmp_path / "out"
+    code, err = run_cli(
+        capsys,
+        command,
+        "--checkpoint-path",
+        REFERENCE_DIR,
+        data_flag,
+        REFERENCE_INPUT,
+        "--output-path",
+        out,
+        flag,
+        value,
+    )
+    assert_one_line_error(code, err, command, f"{flag}: {words}", exit_code=2)
+    assert not out.exists()
