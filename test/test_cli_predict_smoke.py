@@ -28,7 +28,8 @@ def test_cli_predict_smoke(tmp_path, reference_dir, reference_input, reference_m
     output = tmp_path / "inference_results" / "embeddings.h5ad"  # the default output path and file name
     assert f"Output: {output}" in done.stdout
     assert f"{reference_input}: 64 cells, 1024 of 1122 genes in the vocabulary" in done.stdout
-    assert not list(output.parent.glob(".*")), "temporary files were left behind"
+    hidden = [p.name for p in output.parent.glob(".*")]
+    assert hidden == [".embeddings.h5ad.lock"], "temporary files were left behind"  # the output's lock file stays
 
     adata = ad.read_h5ad(output)
     source = ad.read_h5ad(reference_input)

@@ -64,7 +64,8 @@ def test_two_processes_write_the_single_process_file(arguments, single_process, 
     merged = ad.read_h5ad(tmp_path / "inference_results" / "embeddings.h5ad")
     assert merged.uns["transcriptformer"]["processes"] == 2
     assert_same_outputs(merged, single_process)
-    assert os.listdir(tmp_path / "inference_results") == ["embeddings.h5ad"]  # no unit files left
+    # no unit files left; the (empty) lock file of the output stays
+    assert sorted(os.listdir(tmp_path / "inference_results")) == [".embeddings.h5ad.lock", "embeddings.h5ad"]
 
 
 def test_torchrun_launch_writes_the_single_process_file(arguments, single_process, tmp_path):

@@ -65,7 +65,29 @@ class CountReader(ABC):
 
 
 def _to_csr(block) -> sp.csr_matrix:
-    return block if isinstance(block, sp.csr_matrix) else sp.csr_matrix(block)
+    if isinstance(block, sp.csr_matrix):
+        return block
+    if block.dtype == np.float16:  # scipy.sparse holds no float16; float32 holds every float16 value exactly
+        block = np.asarray(block, dtype=np.float32)
+    return sp.csr_matrix(block)
+
+
+class _CsrArrays:
+    """Row blocks of a CSR matrix stored as its three arrays (HDF5 datasets), values as ``float32``.
+
+    For the matrices that ``scipy.sparse`` cannot read directly: 10x ``.h5`` files, and AnnData files whose CSR
+    values are ``float16``.
+    """
+
+    def __init__(self, data, indices, indptr: np.ndarray, n_vars: int):
+        self._data, self._indices, self._indptr, self._n_vars = data, indices, indptr, n_vars
+
+    def __getitem__(self, rows: slice) -> sp.csr_matrix:
+        start, stop = rows.start, rows.stop
+        lo, hi = self._indptr[start], self._indptr[stop]
+        indptr = self._indptr[start : stop + 1] - lo
+        data = np.asarray(self._data[lo:hi], dtype=np.float32)
+        return sp.csr_matrix((data, self._indices[lo:hi], indptr), shape=(stop - start, self._n_vars))
 
 
 class AnnDataReader(CountReader):
@@ -100,8 +122,7 @@ class _GroupReader(CountReader):
         self.var = _read_dataframe(base, "var", f"{prefix}var", source)
         if "X" not in base:
             raise UserError(f"{source} has no {prefix}X; write the counts into X (or raw.X) with anndata")
-        element = base["X"]
-        self._matrix = sparse_dataset(element) if _is_sparse(element) else element
+        self._matrix = _row_readable(base["X"], source)
         self.source = source
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
@@ -109,8 +130,19 @@ class _GroupReader(CountReader):
         return _to_csr(self._matrix[start:stop])
 
 
-def _is_sparse(element) -> bool:
-    return element.attrs.get("encoding-type", "") in ("csr_matrix", "csc_matrix")
+def _row_readable(element, source: str):
+    """The count matrix ``element`` of an AnnData file, as something that row slices read."""
+    encoding = element.attrs.get("encoding-type", "")
+    if encoding not in ("csr_matrix", "csc_matrix"):
+        return element
+    if element["data"].dtype != np.float16:
+        return sparse_dataset(element)
+    if encoding == "csc_matrix":
+        raise ValueError(
+            f"{source}: X is a float16 CSC matrix, which cannot be read by rows; store it as float32 CSR: "
+            "adata.X = adata.X.astype('float32').tocsr()"
+        )
+    return _CsrArrays(element["data"], element["indices"], element["indptr"][:], int(element.attrs["shape"][1]))
 
 
 def _read_dataframe(parent, key: str, name: str, source: str) -> pd.DataFrame:

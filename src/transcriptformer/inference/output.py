@@ -20,12 +20,18 @@ Layout (``n`` cells of all input files); where each output goes is its ``anndata
                         or use :func:`contextual_embeddings`)
     uns[key]            a DataFrame of each per-cell number (uns["llh"]), as the original release wrote it
     uns["transcriptformer"]  checkpoint, versions and the run's settings
+
+A run holds its output through :func:`claim_output`: the output's folder and name are checked before anything is
+computed, and a lock file beside the output (``.<output name>.lock``) keeps a second run from writing the same
+output, or its ``.parts`` folder, at the same time.
 """
 
 from __future__ import annotations
 
+import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import anndata as ad
@@ -34,13 +40,16 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata.io import sparse_dataset, write_elem
+from filelock import FileLock, Timeout
 
+from transcriptformer.errors import UserError
 from transcriptformer.model.outputs import OUTPUTS, main_matrix_key
 from transcriptformer.pipeline import GeneOutputs
 
 # uns keys of the contextual gene embeddings, as the original release wrote them.
 CGE_EMBEDDINGS, CGE_CELL_INDICES, CGE_GENE_NAMES = "cge_embeddings", "cge_cell_indices", "cge_gene_names"
 GENE_ID = "gene_id"
+TEMPORARY_SUFFIX = ".tmp.h5ad"
 
 
 def concat_frames(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
@@ -77,6 +86,100 @@ def concat_var(frames: Sequence[pd.DataFrame], genes: pd.Index) -> pd.DataFrame:
     return var.rename_axis(None if GENE_ID in var.columns else GENE_ID)
 
 
+def lock_file_of(path: Path) -> Path:
+    """The lock file of the output ``path``: ``.<name>.lock`` beside it (empty; it stays when the run ends)."""
+    return path.with_name(f".{path.name}.lock")
+
+
+def temporary_file_of(path: Path, pid: int) -> Path:
+    """Where process ``pid`` writes the output ``path`` before renaming it into place."""
+    return path.with_name(f".{path.stem}.{pid}{TEMPORARY_SUFFIX}")
+
+
+@contextmanager
+def claim_output(path: Path, overwrite: bool = False) -> Iterator[None]:
+    """Hold the output ``path`` (and the ``.parts`` folder beside it) for the duration of the block.
+
+    Before anything is computed: creates the output folder, checks that it can be written and that ``path`` is not
+    a folder, takes the output's lock (released when the block ends or the process dies), and refuses an existing
+    output unless ``overwrite``.
+
+    Raises
+    ------
+    UserError
+        The folder is a file or cannot be written, the output is a folder, or another run holds the output.
+    FileExistsError
+        The output exists and ``overwrite`` is off.
+    """
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next(p for p in (folder, *folder.parents) if p.exists())
+        raise UserError(
+            f"--output-path {folder} is not a folder: {blocking} is a file; give a folder (missing ones are created)"
+        ) from None
+    except OSError as error:
+        raise _unwritable(f"create {folder}", error) from error
+    if path.is_dir():
+        raise UserError(f"the output {path} is a folder, not a file; choose another --output-filename")
+    lock_file = lock_file_of(path)
+    lock = FileLock(lock_file, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = lock_holder(lock_file)
+        raise UserError(
+            f"{path} is being written by another run{f' (pid {holder})' if holder else ''}, which holds {lock_file}; "
+            "wait for it to end, or choose another --output-path or --output-filename"
+        ) from None
+    except OSError as error:
+        raise _unwritable(f"write in {folder}", error) from error
+    try:
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+        yield
+    finally:
+        lock.release()
+
+
+def _unwritable(action: str, error: OSError) -> UserError:
+    return UserError(f"cannot {action} ({error.strerror or error}); choose a writable --output-path")
+
+
+def lock_holder(lock_file: Path) -> int | None:
+    """The process that holds a lock on ``lock_file``, from Linux's ``/proc/locks``; ``None`` when not known."""
+    try:
+        stat = lock_file.stat()
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    device = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    for line in table.splitlines():  # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"; waiters' lines hold "->"
+        fields = line.split()
+        if "->" not in fields and len(fields) > 5 and fields[5] == device and fields[4] != "0":
+            return int(fields[4])
+    return None
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporary files of the output ``path`` that runs killed while writing it left behind.
+
+    Call it only while holding the output (:func:`claim_output`): no other run is writing it then.
+    """
+    prefix = f".{path.stem}."
+    stale = [
+        p
+        for p in path.parent.iterdir()
+        if p.name.startswith(prefix)
+        and p.name.endswith(TEMPORARY_SUFFIX)
+        and p.name[len(prefix) : -len(TEMPORARY_SUFFIX)].isdigit()
+    ]
+    for temporary in stale:
+        temporary.unlink(missing_ok=True)
+    return stale
+
+
 def write_output(
     path: Path,
     obs: pd.DataFrame,
@@ -89,7 +192,8 @@ def write_output(
 
     Each chunk goes to disk before the next is read, so memory holds one chunk's outputs (plus the small
     per-cell ``llh``) whatever the number of cells. The file is written under a temporary name and renamed
-    into place: an existing ``path`` is kept unless ``overwrite``, and an interrupted write leaves no output.
+    into place: an existing ``path`` is kept unless ``overwrite``, and an interrupted or failed write (a full
+    disk) leaves no output and an existing one as it was: it raises the ``OSError`` of the failed write.
 
     Parameters
     ----------
@@ -108,16 +212,79 @@ def write_output(
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.h5ad")
+    temporary = temporary_file_of(path, os.getpid())
     try:
-        with h5py.File(temporary, "w") as f:
-            writer = _OutputWriter(f, len(obs), var)
-            for chunk in chunks:
-                writer.append(chunk)
-            writer.finish(obs, metadata)
+        with _DeferredFailureFile(temporary) as raw:
+            try:
+                with h5py.File(raw, "w") as f:
+                    writer = _OutputWriter(f, len(obs), var)
+                    for chunk in chunks:
+                        writer.append(chunk)
+                        raw.raise_failure()
+                    writer.finish(obs, metadata)
+            except Exception:
+                raw.raise_failure()  # what made HDF5 fail, if a write did
+                raise
+            raw.raise_failure()  # the writes of closing
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+class _DeferredFailureFile(io.FileIO):
+    """The file HDF5 writes the output to (h5py's ``fileobj`` driver), which keeps a failed write from HDF5.
+
+    HDF5 cannot recover from a failed write (a full disk): the objects it closes later write again, fail again,
+    and the library crashes the interpreter (h5py issue 914). This file records the first failure instead, and goes
+    on in memory: the writes that follow are kept there and reads see them, so HDF5 finds a consistent file and
+    closes it; the writer raises the failure at the next chunk (:meth:`raise_failure`) and deletes the file. Memory
+    holds what is written after the failure, at most about one chunk's outputs.
+    """
+
+    def __init__(self, path: Path):
+        super().__init__(path, "w+")
+        self.failure: OSError | None = None
+        self._kept: list[tuple[int, bytes]] = []  # (offset, bytes) written after the failure
+
+    def write(self, data) -> int:
+        """Write all of ``data`` (the driver ignores short writes); after a failure, into memory."""
+        view = memoryview(data).cast("B")
+        try:
+            while view and self.failure is None:
+                view = view[super().write(view) :]
+        except OSError as error:
+            self.failure = error
+        if view:
+            self._kept.append((self.tell(), bytes(view)))
+            self.seek(len(view), io.SEEK_CUR)
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        """Read ``size`` bytes, with what was written in memory after a failure."""
+        if self.failure is None or size < 0:
+            return super().read(size)
+        start = self.tell()
+        data = bytearray(super().read(size).ljust(size, b"\0"))
+        for offset, kept in self._kept:
+            low, high = max(offset, start), min(offset + len(kept), start + size)
+            if low < high:
+                data[low - start : high - start] = kept[low - offset : high - offset]
+        self.seek(start + size)
+        return bytes(data)
+
+    def truncate(self, size: int | None = None) -> int:
+        """Resize the file; after a failure, nothing to do (the file is deleted)."""
+        if self.failure is None:
+            try:
+                return super().truncate(size)
+            except OSError as error:
+                self.failure = error
+        return self.tell() if size is None else size
+
+    def raise_failure(self) -> None:
+        """Raise the failure of a write, if one failed."""
+        if self.failure is not None:
+            raise self.failure
 
 
 def _as_written_by_anndata(frame: pd.DataFrame) -> pd.DataFrame:

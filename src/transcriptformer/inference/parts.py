@@ -1,8 +1,9 @@
 """Saved unit outputs: what makes an interrupted run resumable.
 
 Each finished work unit's outputs are saved as ``.<output name>.parts/unit-NNNNNN.npz`` beside the output file,
-with a manifest (``run.json``) holding the run's fingerprint: its settings, inputs and weights. ``--resume``
-continues only a run with the same fingerprint, and skips the units already saved.
+with a manifest (``run.json``) describing the run: its settings, its inputs, and the contents (SHA-256) of the
+weights, the adapter's files and the gene-embedding tables. ``--resume`` continues only a run with the same
+description, naming what changed otherwise; it checks the saved units before running anything, and skips them.
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ import hashlib
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
-from transcriptformer.inference.session import Session, WorkUnit
+from transcriptformer.checkpoint import WEIGHTS_FILE
+from transcriptformer.errors import UserError
+from transcriptformer.inference.session import Session, WorkUnit, sha256_of
+from transcriptformer.model.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from transcriptformer.pipeline import GeneOutputs
 from transcriptformer.safe_load import load_npz
 
@@ -48,14 +53,31 @@ def save_part(outputs: GeneOutputs, path: Path) -> None:
         }
     arrays |= {f"cge/{k}": v for k, v in outputs.cge.items()}
     temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise write_failed(path, error, path.parent) from error
+
+
+def write_failed(target: Path, error: OSError, folder: Path) -> UserError:
+    """The error of a write that failed (a full disk, a quota): nothing was replaced and the saved units remain."""
+    return UserError(
+        f"writing {target} failed ({error.strerror or error}); nothing was replaced, and the finished units are kept "
+        f"in {folder}: free disk space and rerun with --resume"
+    )
+
+
+# What reading a damaged .npz file raises: not a zip file, truncated, a member missing or failing its CRC.
+DAMAGED_PART_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)
 
 
 def load_part(path: Path) -> GeneOutputs:
     """Read a file written by :func:`save_part` (no pickled objects are accepted)."""
-    arrays = load_npz(path, what="a saved part of the interrupted run", fix="run without --resume to start over")
+    fix = "delete it and rerun with --resume (only its cells are computed again)"
+    arrays = load_npz(path, what="a saved unit of the interrupted run", fix=fix)
     outputs = GeneOutputs(n_cells=int(arrays.pop("n_cells")))
     outputs.cell_values = {name[len("cell/") :]: v for name, v in arrays.items() if name.startswith("cell/")}
     outputs.cge = {name[len("cge/") :]: v for name, v in arrays.items() if name.startswith("cge/")}
@@ -65,39 +87,150 @@ def load_part(path: Path) -> GeneOutputs:
     return outputs
 
 
-def run_fingerprint(session: Session) -> str:
-    """Identifies what a run computes: its settings, its inputs (path, size, mtime) and the weights."""
+def damaged_parts_error(described: list[str], folder: Path) -> UserError:
+    """The error for saved units that cannot be read, ``described`` as ``"<file name> (<reason>)"``."""
+    return UserError(
+        f"saved unit(s) in {folder} are damaged: {', '.join(described)}; delete those files and rerun with --resume "
+        "(only their cells are computed again)"
+    )
+
+
+def _reason(error: BaseException) -> str:
+    if "pickled" in str(error):  # numpy's advice to load it unsafely is not repeated
+        return "it holds pickled Python objects, which are never unpickled"
+    return str(error.args[0] if isinstance(error, KeyError) and error.args else error) or type(error).__name__
+
+
+def part_problem(path: Path, n_cells: int) -> str | None:
+    """What is wrong with the saved unit ``path`` of ``n_cells`` cells, or ``None``.
+
+    Reads the file's zip directory and its cell count, not its arrays: a truncated or foreign file is found at once,
+    a corrupted array when it is merged (:func:`load_part`).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            saved = int(npz["n_cells"])
+    except DAMAGED_PART_ERRORS as error:
+        return _reason(error)
+    return None if saved == n_cells else f"{saved} cells instead of {n_cells}"
+
+
+def check_saved_parts(session: Session) -> int:
+    """The number of units already saved, after checking that each one can be read.
+
+    Raises
+    ------
+    UserError
+        Naming the damaged files, and how to compute their cells again.
+    """
+    saved = {unit: path for unit in session.units if (path := part_file(session, unit)).exists()}
+    damaged = [
+        f"{path.name} ({problem})"
+        for unit, path in saved.items()
+        if (problem := part_problem(path, unit.stop - unit.start))
+    ]
+    if damaged:
+        raise damaged_parts_error(damaged, parts_dir(session))
+    return len(saved)
+
+
+def weight_files(session: Session) -> list[Path]:
+    """The files of weights a run reads: the checkpoint's weights, the adapter's files, the gene-embedding tables."""
+    inference = session.config.inference
+    adapter = Path(inference.adapter) if inference.adapter else None
+    return [
+        session.checkpoint.path / WEIGHTS_FILE,
+        *([adapter / ADAPTER_CONFIG_FILE, adapter / ADAPTER_WEIGHTS_FILE] if adapter else []),
+        *map(Path, inference.pretrained_embedding),
+    ]
+
+
+def run_description(session: Session) -> dict:
+    """What a run computes: its settings, its inputs (path, size, mtime), and its files of weights by content.
+
+    The contents (SHA-256) of :func:`weight_files` are described, not only their paths: a file rewritten in place
+    is a different run.
+    """
     settings = session.config.to_dict()
     for key in RESUMABLE_CHANGES:
         settings["model"]["inference_config"].pop(key)
-    inputs = [(str(f.path.resolve()), f.path.stat().st_size, f.path.stat().st_mtime_ns) for f in session.files]
-    described = json.dumps(
-        {"settings": settings, "inputs": inputs, "weights": session.weights_sha256}, sort_keys=True, default=str
-    )
-    return hashlib.sha256(described.encode()).hexdigest()
+    inputs = {str(f.path.resolve()): [f.path.stat().st_size, f.path.stat().st_mtime_ns] for f in session.files}
+    weights, *others = weight_files(session)
+    contents = {str(weights.resolve()): session.weights_sha256} | {str(p.resolve()): sha256_of(p) for p in others}
+    return json.loads(json.dumps({"settings": settings, "inputs": inputs, "contents": contents}, default=str))
+
+
+def run_fingerprint(description: dict) -> str:
+    """SHA-256 of a :func:`run_description`."""
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+
+
+def describe_changes(before: dict, after: dict) -> list[str]:
+    """What differs between two :func:`run_description`: setting keys, input files, files of weights."""
+    settings_before, settings_after = _leaves(before.get("settings", {})), _leaves(after["settings"])
+    sections = [
+        ("setting {}", settings_before, settings_after),
+        ("input {} (size or modification time)", before.get("inputs", {}), after["inputs"]),
+        ("contents of {}", before.get("contents", {}), after["contents"]),
+    ]
+    return [
+        label.format(key)
+        for label, old, new in sections
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    ]
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    """``{"a.b": value}`` for the nested ``{"a": {"b": value}}``."""
+    leaves = {}
+    for key, value in tree.items():
+        leaves |= _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return leaves
+
+
+def read_manifest(manifest: Path) -> dict:
+    """The manifest of an interrupted run; a ``UserError`` when it cannot be read."""
+    try:
+        content = json.loads(manifest.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{manifest} is unreadable ({error}); run without --resume to start over") from error
+    if not isinstance(content, dict):
+        raise UserError(f"{manifest} is not a run's manifest; run without --resume to start over")
+    return content
 
 
 def open_parts_dir(session: Session) -> int:
     """Start the directory of unit outputs afresh, or check that it belongs to the run being resumed.
 
+    When resuming, the saved units are checked too (:func:`check_saved_parts`), before anything is computed.
+
     Returns
     -------
     int
         The number of units already done (0 for a fresh start).
+
+    Raises
+    ------
+    UserError
+        The interrupted run differs (the message names what changed), its manifest or saved units are damaged.
     """
     folder = parts_dir(session)
     manifest = folder / MANIFEST
-    fingerprint = run_fingerprint(session)
+    description = run_description(session)
+    fingerprint = run_fingerprint(description)
     if session.config.inference.resume and manifest.exists():
-        if json.loads(manifest.read_text())["fingerprint"] != fingerprint:
-            raise ValueError(
-                f"the interrupted run in {folder} had other settings, inputs or weights; "
-                "run without --resume to start over"
+        interrupted = read_manifest(manifest)
+        if interrupted.get("fingerprint") != fingerprint:
+            changes = describe_changes(interrupted["run"], description) if "run" in interrupted else []
+            raise UserError(
+                f"the interrupted run in {folder} had other settings, inputs or weights; run without --resume to "
+                f"start over" + (f" (changed: {'; '.join(changes)})" if changes else "")
             )
-        return sum(part_file(session, unit).exists() for unit in session.units)
+        return check_saved_parts(session)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    manifest.write_text(json.dumps({"fingerprint": fingerprint}))
+    manifest.write_text(json.dumps({"fingerprint": fingerprint, "run": description}))
     return 0
 
 

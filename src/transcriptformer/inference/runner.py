@@ -10,6 +10,10 @@ Each process (one, or one per GPU, see :mod:`~transcriptformer.inference.distrib
    (:mod:`~transcriptformer.inference.output`), prints a summary (:mod:`~transcriptformer.inference.report`;
    not under ``--quiet``) and, last, ``Output: <path>``.
 
+The process the user started (rank 0 under torchrun) holds the output for the whole run
+(:func:`~transcriptformer.inference.output.claim_output`): its location is checked before anything is loaded, a
+second run on the same output fails at once, and temporary files of runs killed while writing it are removed.
+
 A cell's outputs depend on the cell alone: not on its batch mates, the batch size, or which process ran it.
 """
 
@@ -23,16 +27,22 @@ from pathlib import Path
 import pandas as pd
 
 from transcriptformer.console import progress_bar, say
+from transcriptformer.errors import UserError
 from transcriptformer.inference import distributed, parts
 from transcriptformer.inference.config import RunConfig
 from transcriptformer.inference.distributed import Rank
-from transcriptformer.inference.output import concat_frames, concat_var, write_output
+from transcriptformer.inference.output import (
+    claim_output,
+    concat_frames,
+    concat_var,
+    remove_stale_temporaries,
+    write_output,
+)
 from transcriptformer.inference.report import format_plan, format_summary, processes, run_metadata
 from transcriptformer.inference.session import (
     SOURCE_FILE_COLUMN,
     Session,
     WorkUnit,
-    check_output_free,
     output_file_of,
     prepare,
     read_units,
@@ -59,13 +69,19 @@ def process_units(session: Session, units: Sequence[WorkUnit], rank: Rank) -> No
 
 
 def merge_and_write(session: Session, world_size: int) -> None:
-    """Merge every unit's outputs in input order into the output file, one unit in memory at a time."""
+    """Merge every unit's outputs in input order into the output file, one unit in memory at a time.
+
+    A failed write (a full disk) leaves an existing output as it was and the units resumable.
+    """
     obs = concat_frames([f.obs for f in session.files])
     obs[SOURCE_FILE_COLUMN] = pd.Categorical(obs[SOURCE_FILE_COLUMN], categories=[str(f.path) for f in session.files])
     chunks = (parts.load_part(parts.part_file(session, unit)) for unit in session.units)
     metadata = run_metadata(session, world_size)
     var = concat_var([f.var for f in session.files], session.genes)
-    write_output(session.output_file, obs, var, chunks, metadata, session.config.inference.overwrite)
+    try:
+        write_output(session.output_file, obs, var, chunks, metadata, session.config.inference.overwrite)
+    except OSError as error:
+        raise parts.write_failed(session.output_file, error, parts.parts_dir(session)) from error
 
 
 def run_worker(rank: Rank, init_method: str | None, config: RunConfig, started: float) -> None:
@@ -88,6 +104,8 @@ def run_worker(rank: Rank, init_method: str | None, config: RunConfig, started: 
         try:
             process_units(session, session.units[rank.rank :: rank.world_size], rank)
             distributed.barrier(rank)
+        except (UserError, ValueError, KeyError):
+            raise  # the message says what to do; the same run resumed would fail the same way
         except BaseException:
             if rank.is_main:
                 print(
@@ -124,11 +142,17 @@ def run_inference(config: RunConfig, *, dry_run: bool = False) -> Path:
         with prepare(config, device) as session:
             print(format_plan(session, world_size))
         return output_file_of(config)
-    check_output_free(config)
-    if launched:
+    path = output_file_of(config)
+    if launched and not launched.is_main:  # rank 0 holds the output
         run_worker(launched, "env://", config, started)
-    elif world_size > 1:
-        distributed.spawn(run_worker, world_size, config, started)
-    else:
-        run_worker(Rank(), None, config, started)
-    return output_file_of(config)
+        return path
+    with claim_output(path, config.inference.overwrite):
+        for stale in remove_stale_temporaries(path):
+            print(f"Removed {stale}, left by a run killed while writing the output", flush=True)
+        if launched:
+            run_worker(launched, "env://", config, started)
+        elif world_size > 1:
+            distributed.spawn(run_worker, world_size, config, started)
+        else:
+            run_worker(Rank(), None, config, started)
+    return path

@@ -153,13 +153,6 @@ def output_file_of(config: RunConfig) -> Path:
     return Path(config.inference.output_path) / (name if name.endswith(".h5ad") else f"{name}.h5ad")
 
 
-def check_output_free(config: RunConfig) -> None:
-    """Fail early when the output exists and may not be replaced."""
-    path = output_file_of(config)
-    if path.exists() and not config.inference.overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-
-
 def load_for_run(config: RunConfig, device: torch.device) -> Checkpoint:
     """The checkpoint with the run's settings, adapters and gene embeddings."""
     inference = config.inference
@@ -178,8 +171,9 @@ def load_for_run(config: RunConfig, device: torch.device) -> Checkpoint:
 def prepare(config: RunConfig, device: torch.device) -> Session:
     """Load the model, open the inputs and plan the work units; reads no counts and writes nothing.
 
-    Whether the output may be written is for the caller to check (:func:`check_output_free`): a dry run reports
-    an existing output instead of failing.
+    Whether the output may be written is for the caller to check
+    (:func:`~transcriptformer.inference.output.claim_output`): a dry run reports an existing output instead of
+    failing.
     """
     inference = config.inference
     if not inference.data_files:
