@@ -13,13 +13,17 @@ prediction interface of :class:`Predictor`: :class:`~transcriptformer.model.tran
 or the :class:`~transcriptformer.model.esm2ce.ESM2CellEmbedding` baseline. What each output is and which
 positions it scores is declared in :mod:`transcriptformer.model.outputs`.
 
-A cell's outputs depend on the cell alone: not on its batch mates, the batch size or the token budget.
+A cell's outputs depend on the cell alone: not on its batch mates, the batch size or the token budget. So when a
+batch runs out of device memory, the loop halves the batch size (or token budget) for the rest of the run, warns
+once with the new value, and runs the cells of that batch again (:class:`MemoryLimit`).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -30,6 +34,7 @@ from torch import Tensor
 from transcriptformer.config import PredictSettings
 from transcriptformer.data.batching import PlannedBatch, plan_batches
 from transcriptformer.data.tokenize import Batch, TokenizedCells
+from transcriptformer.errors import UserError
 from transcriptformer.model.outputs import OUTPUTS, gene_positions
 from transcriptformer.model.transcriptformer import SpecialTokens
 from transcriptformer.runtime import autocast, resolve_precision
@@ -74,35 +79,111 @@ class PredictedBatch:
     outputs: dict[str, np.ndarray]
 
 
+@dataclass
+class MemoryLimit:
+    """The largest forward pass that fits in the device's memory, learned from out-of-memory errors.
+
+    The batch loop lowers it when a batch runs out of memory. Pass one limit to every call of a run to keep the
+    lowered size for the rest of the run (``transcriptformer inference`` does).
+
+    Attributes
+    ----------
+    batch_size : int or None
+        Cells per forward pass at most, when the settings give a batch size; None: not lowered.
+    max_tokens : int or None
+        Tokens per forward pass at most, when the settings give a token budget; None: not lowered.
+    """
+
+    batch_size: int | None = None
+    max_tokens: int | None = None
+
+    def applied_to(self, settings: PredictSettings) -> PredictSettings:
+        """``settings`` with their batch size, or their token budget when they give one, lowered to this limit."""
+        if settings.max_tokens is None:
+            return replace(settings, batch_size=min(settings.batch_size, self.batch_size or settings.batch_size))
+        return replace(settings, max_tokens=min(settings.max_tokens, self.max_tokens or settings.max_tokens))
+
+    def lower(self, failed: PlannedBatch, settings: PredictSettings) -> str:
+        """Halve the size of ``failed``, a batch of several cells that ran out of memory; returns what changed."""
+        cells, length = len(failed.rows), failed.length
+        if settings.max_tokens is None:
+            self.batch_size = cells // 2
+            new_size = f"--batch-size {self.batch_size}"
+        else:
+            self.max_tokens = cells * length // 2
+            new_size = f"--max-tokens-per-batch {self.max_tokens}"
+        return (
+            f"out of memory in a batch of {cells} cells x {length} positions; continuing with {new_size} for the "
+            f"rest of the run (results do not depend on it; pass {new_size} to start there)"
+        )
+
+
 def plan(
-    model: Predictor, cells: TokenizedCells, settings: PredictSettings, device: torch.device
+    model: Predictor,
+    cells: TokenizedCells,
+    settings: PredictSettings,
+    device: torch.device,
+    rows: np.ndarray | None = None,
 ) -> list[PlannedBatch]:
-    """The length-aware batches that ``cells`` run in (see :func:`~transcriptformer.data.batching.plan_batches`)."""
-    return plan_batches(
-        cells.n_tokens(),
+    """The length-aware batches that ``cells`` (or the cells ``rows`` of them) run in.
+
+    See :func:`~transcriptformer.data.batching.plan_batches`.
+    """
+    rows = np.arange(len(cells)) if rows is None else rows
+    planned = plan_batches(
+        cells.n_tokens()[rows],
         cells.seq_len,
         batch_size=settings.batch_size,
         max_tokens=settings.max_tokens,
         multiple=model.length_multiple(device),
     )
+    return [PlannedBatch(rows[batch.rows], batch.length) for batch in planned]
 
 
 def predict_batches(
-    model: Predictor, cells: TokenizedCells, settings: PredictSettings, device: torch.device
+    model: Predictor,
+    cells: TokenizedCells,
+    settings: PredictSettings,
+    device: torch.device,
+    limit: MemoryLimit | None = None,
 ) -> Iterator[PredictedBatch]:
     """Run ``cells`` through ``model`` batch by batch, in the order of :func:`plan`.
 
-    The model checks the output keys (and computes without gradients); this loop adds the run's precision.
+    The model checks the output keys (and computes without gradients); this loop adds the run's precision. A batch
+    that runs out of device memory lowers ``limit`` (a new one when not given), and the cells not yet done are
+    planned again under it, that batch's first; a single cell that does not fit raises a :class:`UserError`.
     """
+    limit = MemoryLimit() if limit is None else limit
     precision = resolve_precision(settings.precision, device)
-    for planned in plan(model, cells, settings, device):
+    pending = deque(plan(model, cells, limit.applied_to(settings), device))
+    while pending:
+        planned = pending.popleft()
         inputs = cells.batch(planned.rows, planned.length)
-        on_device = inputs.to(device)
-        with autocast(device, precision):
-            outputs = model.predict(
-                on_device.gene_tokens, on_device.gene_counts, on_device.aux_tokens, settings.output_keys
-            )
-        yield PredictedBatch(planned.rows, inputs, {key: value.float().cpu().numpy() for key, value in outputs.items()})
+        try:
+            outputs = _predict(model, inputs, settings, device, precision)
+        except torch.OutOfMemoryError as error:  # torch.cuda.OutOfMemoryError is this class
+            if len(planned.rows) == 1:
+                raise UserError(
+                    f"out of memory on {device} with a single cell of {planned.length} positions: free memory on the "
+                    "device (other processes), use one with more memory, or run on the CPU with --device cpu"
+                ) from error
+            warnings.warn(limit.lower(planned, settings), stacklevel=2)
+            not_done = np.concatenate([planned.rows, *(batch.rows for batch in pending)])
+            pending = deque(plan(model, cells, limit.applied_to(settings), device, not_done))
+            continue
+        yield PredictedBatch(planned.rows, inputs, outputs)
+
+
+def _predict(
+    model: Predictor, inputs: Batch, settings: PredictSettings, device: torch.device, precision: str
+) -> dict[str, np.ndarray]:
+    """One forward pass of ``inputs`` on ``device``; float32 outputs on the CPU."""
+    on_device = inputs.to(device)
+    with autocast(device, precision):
+        outputs = model.predict(
+            on_device.gene_tokens, on_device.gene_counts, on_device.aux_tokens, settings.output_keys
+        )
+    return {key: value.float().cpu().numpy() for key, value in outputs.items()}
 
 
 def predict_positions(
@@ -238,12 +319,13 @@ def predict_gene_outputs(
     device: torch.device,
     gene_columns: np.ndarray,
     on_batch: Callable[[int], object] | None = None,
+    limit: MemoryLimit | None = None,
 ) -> GeneOutputs:
     """Every cell's outputs in input order, per-gene outputs on the gene axis of ``gene_columns``.
 
     Parameters
     ----------
-    model, cells, settings, device
+    model, cells, settings, device, limit
         As for :func:`predict_batches`.
     gene_columns
         ``(vocab_size,)`` column of each vocabulary entry on the gene axis, ``-1`` for entries not on it.
@@ -252,7 +334,7 @@ def predict_gene_outputs(
     """
     n_genes = int(gene_columns.max()) + 1 if gene_columns.size else 0
     rows, chunks = [], []
-    for batch in predict_batches(model, cells, settings, device):
+    for batch in predict_batches(model, cells, settings, device, limit):
         rows.append(batch.rows)
         chunks.append(GeneOutputs.from_batch(batch, cells.pad_index, cells.seq_len, gene_columns, n_genes))
         if on_batch is not None:

@@ -47,7 +47,7 @@ from transcriptformer.inference.session import (
     prepare,
     read_units,
 )
-from transcriptformer.pipeline import predict_gene_outputs
+from transcriptformer.pipeline import MemoryLimit, predict_gene_outputs
 from transcriptformer.runtime import resolve_device
 
 
@@ -58,12 +58,13 @@ def process_units(session: Session, units: Sequence[WorkUnit], rank: Rank) -> No
     """
     units = parts.units_to_run(session, list(units))
     settings = session.config.inference.predict_settings
+    limit = MemoryLimit()  # lowered by an out-of-memory error, for the rest of the run
     n_cells = sum(unit.stop - unit.start for unit in units)
     description = f"rank {rank.rank}" if rank.world_size > 1 else "inference"
     with progress_bar(total=n_cells, unit="cell", desc=description, position=rank.rank, disable=None, delay=1) as bar:
         for unit, cells in read_units(session, units):
             outputs = predict_gene_outputs(
-                session.model, cells, settings, session.device, session.gene_columns, on_batch=bar.update
+                session.model, cells, settings, session.device, session.gene_columns, on_batch=bar.update, limit=limit
             )
             parts.save_part(outputs, parts.part_file(session, unit))
 

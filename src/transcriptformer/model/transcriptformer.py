@@ -49,7 +49,8 @@ class ModelOutput:
     Attributes
     ----------
     hidden : Tensor
-        ``(B, L, E)`` last-layer output at the gene positions (contextual gene embeddings).
+        ``(B, L, E)`` last-layer output at the gene positions (contextual gene embeddings); 0 where the (shifted)
+        input is padding.
     embeddings : Tensor
         ``(B, E)`` cell embeddings.
     mu : Tensor or None
@@ -194,8 +195,9 @@ class TranscriptFormer(nn.Module):
         )
         hidden = self.transformer_encoder(x, attention)[:, x.shape[1] - gene_tokens.shape[1] :]  # (B, L, E)
 
-        valid = ~is_pad[:, -gene_tokens.shape[1] :, None]
-        out = ModelOutput(hidden=hidden, embeddings=(hidden * valid).sum(1) / cfg.seq_len)
+        # 0 where the input is padding: what attention leaves there would depend on the batch mates.
+        hidden = hidden * ~is_pad[:, -gene_tokens.shape[1] :, None]
+        out = ModelOutput(hidden=hidden, embeddings=hidden.sum(1) / cfg.seq_len)
         if compute_mu:
             out.mu = self._expected_counts(hidden, gene_tokens, gene_counts)
         if compute_gene_logits and self.gene_id_head is not None:

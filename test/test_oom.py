@@ -1,0 +1,196 @@
+"""Out of device memory: the batch loop lowers the batch size or token budget and goes on, or stops in one line.
+
+The loop halves the batch size (or token budget), warns once per lowering, runs the failed batch again and
+continues; a single cell that does not fit is a one-line error.
+
+Running out of GPU memory cannot happen on the CPU that the tests run on, and the model must not be faked. So
+:class:`SmallDevice` wraps the real reference model and raises torch's real ``OutOfMemoryError`` (the class that
+CUDA raises: ``torch.cuda.OutOfMemoryError`` is ``torch.OutOfMemoryError``) for a forward pass of more tokens than
+it holds, as a device of that size would; every batch that fits is computed by the real model. Outputs do not
+depend on the batch shape beyond float32 rounding (see test_determinism.py), so a run that lowered its batches agrees
+with a normal run to that rounding, and exactly in which positions hold values.
+"""
+
+import warnings
+from collections.abc import Collection
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from conftest import PARITY_OUTPUTS
+from transcriptformer.cli.common import report_user_error
+from transcriptformer.config import PredictSettings
+from transcriptformer.errors import UserError
+from transcriptformer.inference.config import InferenceConfig, RunConfig
+from transcriptformer.inference.distributed import Rank
+from transcriptformer.inference.parts import load_part, open_parts_dir, part_file, parts_dir
+from transcriptformer.inference.runner import process_units
+from transcriptformer.inference.session import prepare
+from transcriptformer.pipeline import Predictor, plan, predict_positions
+
+CPU = torch.device("cpu")
+KEYS = (*PARITY_OUTPUTS, "cge")
+
+
+class SmallDevice:
+    """A real model on a device that holds forward passes of at most ``capacity`` tokens (cells x positions).
+
+    ``tried`` records the ``(cells, positions, out_of_memory)`` of every forward pass, in order.
+    """
+
+    def __init__(self, model: Predictor, capacity: int):
+        self.model = model
+        self.capacity = capacity
+        self.special_tokens = model.special_tokens
+        self.seq_len = model.seq_len
+        self.output_keys = model.output_keys
+        self.tried: list[tuple[int, int, bool]] = []
+
+    def length_multiple(self, device: torch.device) -> int:
+        return self.model.length_multiple(device)
+
+    def predict(
+        self, gene_tokens: Tensor, gene_counts: Tensor, aux_tokens: Tensor | None, output_keys: Collection[str]
+    ) -> dict[str, Tensor]:
+        cells, positions = gene_tokens.shape
+        out_of_memory = cells * positions > self.capacity
+        self.tried.append((cells, positions, out_of_memory))
+        if out_of_memory:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate a batch of {cells} x {positions}")
+        return self.model.predict(gene_tokens, gene_counts, aux_tokens, output_keys)
+
+    def failures(self) -> list[tuple[int, int]]:
+        return [(cells, positions) for cells, positions, out_of_memory in self.tried if out_of_memory]
+
+    def cells_computed(self) -> int:
+        return sum(cells for cells, _, out_of_memory in self.tried if not out_of_memory)
+
+
+@pytest.fixture(scope="module")
+def cells(reference_model, reference_input):
+    return reference_model.tokenize(reference_input)
+
+
+@pytest.fixture(scope="module")
+def seq_len(reference_model) -> int:
+    return reference_model.model.seq_len
+
+
+@pytest.fixture(scope="module")
+def normal_run(reference_model, cells):
+    """Every output of the reference cells, 16 cells a batch, on a device large enough."""
+    return predict_positions(reference_model.model, cells, PredictSettings(KEYS, batch_size=16), CPU)
+
+
+def run_on(device: SmallDevice, cells, settings: PredictSettings) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The outputs and the warnings of a run."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outputs = predict_positions(device, cells, settings, CPU)
+    return outputs, [str(w.message) for w in caught]
+
+
+def assert_same_outputs(actual: dict[str, np.ndarray], desired: dict[str, np.ndarray]) -> None:
+    assert actual.keys() == desired.keys()
+    for key in ("gene_token_indices", "gene_counts", "aux_token_indices"):
+        np.testing.assert_array_equal(actual[key], desired[key], err_msg=key)
+    for key in KEYS:
+        finite = np.isfinite(desired[key])
+        np.testing.assert_array_equal(np.isfinite(actual[key]), finite, err_msg=key)
+        scale = np.abs(desired[key][finite]).max()
+        np.testing.assert_allclose(actual[key], desired[key], rtol=1e-5, atol=1e-6 * scale, err_msg=key)
+
+
+def test_out_of_memory_halves_the_batch_size_and_changes_no_result(reference_model, cells, seq_len, normal_run):
+    first = plan(reference_model.model, cells, PredictSettings(batch_size=16), CPU)[0]
+    assert (len(first.rows), first.length) == (16, seq_len)  # the premise: the longest cells come first
+    device = SmallDevice(reference_model.model, capacity=8 * seq_len - 1)  # 16 and 8 full-length cells do not fit
+
+    outputs, messages = run_on(device, cells, PredictSettings(KEYS, batch_size=16))
+
+    assert_same_outputs(outputs, normal_run)
+    assert device.failures() == [(16, seq_len), (8, seq_len)]
+    assert device.tried[:2] == [(16, seq_len, True), (8, seq_len, True)]  # the failed batch is the one run again
+    assert all(cells_in_batch <= 4 for cells_in_batch, _, _ in device.tried[2:])
+    assert device.cells_computed() == len(cells)  # every cell once
+    assert len(messages) == 2  # one warning per lowering
+    assert f"out of memory in a batch of 16 cells x {seq_len} positions" in messages[0]
+    assert "continuing with --batch-size 8" in messages[0]
+    assert "continuing with --batch-size 4" in messages[1]
+
+
+def test_out_of_memory_halves_the_token_budget_and_changes_no_result(reference_model, cells, seq_len, normal_run):
+    device = SmallDevice(reference_model.model, capacity=8 * seq_len - 1)
+
+    outputs, messages = run_on(device, cells, PredictSettings(KEYS, max_tokens=16 * seq_len))
+
+    assert_same_outputs(outputs, normal_run)
+    assert device.failures() == [(16, seq_len), (8, seq_len)]
+    assert all(n * length <= 4 * seq_len for n, length, _ in device.tried[2:])
+    assert device.cells_computed() == len(cells)
+    assert len(messages) == 2
+    assert f"continuing with --max-tokens-per-batch {8 * seq_len}" in messages[0]
+    assert f"continuing with --max-tokens-per-batch {4 * seq_len}" in messages[1]
+
+
+def test_a_single_cell_that_does_not_fit_is_a_one_line_error(reference_model, cells, seq_len, capsys):
+    device = SmallDevice(reference_model.model, capacity=seq_len - 1)  # not even one full-length cell fits
+
+    with pytest.raises(UserError) as raised, warnings.catch_warnings(record=True):
+        predict_positions(device, cells, PredictSettings(KEYS, batch_size=16), CPU)
+
+    assert [n for n, _ in device.failures()] == [16, 8, 4, 2, 1]  # halved down to one cell before giving up
+    assert device.cells_computed() == 0
+    assert isinstance(raised.value.__cause__, torch.OutOfMemoryError)
+    assert report_user_error("inference", raised.value) == 1  # how the command line reports it
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"error: out of memory on cpu with a single cell of {seq_len} positions" in err
+    assert "--device cpu" in err
+
+
+def inference_session(reference_dir, reference_input, output, chunk_size):
+    """A session of `transcriptformer inference` over the reference cells, embeddings only, 16 cells a batch."""
+    settings = InferenceConfig(
+        data_files=[str(reference_input)], output_path=str(output), batch_size=16, chunk_size=chunk_size
+    )
+    return prepare(RunConfig.from_checkpoint(reference_dir, settings), CPU)
+
+
+def test_a_run_keeps_the_lowered_batch_size_for_its_later_units(reference_dir, reference_input, normal_run, tmp_path):
+    chunk_size = 16
+    with inference_session(reference_dir, reference_input, tmp_path, chunk_size) as session:
+        seq_len = session.model.seq_len
+        n_tokens = session.files[0].cells.cells().n_tokens()
+        # The premise: every unit holds a cell longer than half the sequence, so 16 of them would not fit.
+        assert all(n_tokens[start : start + chunk_size].max() >= seq_len / 2 for start in range(0, 64, chunk_size))
+        session.model = device = SmallDevice(session.model, capacity=8 * seq_len)  # any 8 cells fit
+        open_parts_dir(session)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            process_units(session, session.units, Rank())
+
+        assert len(session.units) == 4
+        assert len(device.failures()) == 1  # in the first unit only: the later ones start at the lowered size
+        assert device.cells_computed() == 64
+        assert all(n <= 8 for n, _, _ in device.tried[1:])
+        messages = [str(w.message) for w in caught if "out of memory" in str(w.message)]
+        assert len(messages) == 1 and "continuing with --batch-size 8" in messages[0]
+        for unit in session.units:
+            saved = load_part(part_file(session, unit)).cell_values["embeddings"]
+            desired = normal_run["embeddings"][unit.start : unit.stop]
+            np.testing.assert_allclose(saved, desired, rtol=1e-5, atol=1e-6 * np.abs(desired).max())
+
+
+def test_a_run_stops_without_output_when_a_single_cell_does_not_fit(reference_dir, reference_input, tmp_path):
+    with inference_session(reference_dir, reference_input, tmp_path, chunk_size=16) as session:
+        session.model = SmallDevice(session.model, capacity=1)
+        open_parts_dir(session)
+        with pytest.raises(UserError, match="single cell"), warnings.catch_warnings(record=True):
+            process_units(session, session.units, Rank())
+
+        assert not session.output_file.exists()
+        assert not any(part_file(session, unit).exists() for unit in session.units)
+        assert not list(parts_dir(session).glob(".*.tmp"))
