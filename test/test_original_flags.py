@@ -19,7 +19,7 @@ from transcriptformer.cli import build_parser, main
 from transcriptformer.cli.inference import config_from_args
 from transcriptformer.config import TranscriptFormerConfig
 from transcriptformer.data.sources import open_counts
-from transcriptformer.data.tokenize import cell_statistics
+from transcriptformer.data.tokenize import scan_counts
 
 MOUSE_10X = DATA_DIR / "mouse_10x_40cells.h5ad"  # 40 real mouse 10x cells, another gene set than the fixture's
 
@@ -130,10 +130,10 @@ def test_cell_statistics_streamed_in_blocks_are_those_of_the_whole_file(referenc
     adata = ad.read_h5ad(reference_input)
     columns = np.flatnonzero(reference_model.checkpoint.gene_vocab.lookup(adata.var["ensembl_id"].tolist()) >= 0)
     with open_counts(reference_input) as reader:
-        totals, expressed = cell_statistics(reader, columns, block_cells=7)
+        scan = scan_counts(reader, columns, block_cells=7)
     X = adata.X[:, columns].toarray()
-    np.testing.assert_array_equal(totals, X.sum(axis=1))
-    np.testing.assert_array_equal(expressed, (X > 0).sum(axis=1))
+    np.testing.assert_array_equal(scan.totals, X.sum(axis=1))
+    np.testing.assert_array_equal(scan.expressed, (X > 0).sum(axis=1))
 
 
 def test_filters_drop_the_cells_the_original_drops(reference_model, reference_input):

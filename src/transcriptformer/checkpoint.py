@@ -6,6 +6,11 @@
     <ckpt>/model_weights.pt             plain state_dict, loaded with weights_only=True
     <ckpt>/vocabs/<col>_vocab.json      one per aux column
     <ckpt>/vocabs/<species>_gene.h5     gene-embedding tables named in data_config.esm2_mappings
+
+Loading checks that the parts belong together and hold numbers: every weight is finite, the config describes the
+weights' shapes, the gene rows of the weights' embedding table are the vectors of ``vocabs/*.h5`` in vocabulary
+order, and the settings that the shapes do not show (``seq_len``, ``num_heads``, ...) are those the weights were
+saved with, when the weights file records them (:func:`save_checkpoint` does).
 """
 
 from __future__ import annotations
@@ -13,16 +18,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from transcriptformer.config import CONFIG_FILE, VOCAB_DIR, WEIGHTS_FILE, TranscriptFormerConfig
+from transcriptformer.config import CONFIG_FILE, VOCAB_DIR, WEIGHTS_FILE, ModelConfig, TranscriptFormerConfig
 from transcriptformer.data.tokenize import CellTokenizer
-from transcriptformer.data.vocab import GeneVocab, build_gene_vocab, load_aux_vocab
+from transcriptformer.data.vocab import (
+    GeneVocab,
+    build_gene_vocab,
+    load_aux_vocab,
+    read_embedding_keys,
+    read_embedding_table,
+)
 from transcriptformer.errors import UserError
 from transcriptformer.model.esm2ce import ESM2CellEmbedding
 from transcriptformer.model.gene_swap import swap_gene_embeddings
@@ -32,6 +45,17 @@ from transcriptformer.runtime import Backend
 from transcriptformer.safe_load import load_torch_file
 
 WEIGHTS_FIX = "download the checkpoint again ('transcriptformer download'), or use one that this tool saved"
+TABLE_KEY = "gene_embeddings.embedding.weight"
+# Settings of model_config that the shapes of the weights do not show. save_checkpoint records them in the weights
+# file (torch's state-dict metadata, which load_state_dict ignores); loading refuses a config that disagrees.
+RECORDED_SETTINGS = ("seq_len", "num_heads", "softcap", "log_counts_eps", "activation")
+RECORD_KEY = "transcriptformer_model_config"
+# Gene rows of the embedding table compared with the vocabulary files at load, spread over the table.
+CHECKED_TABLE_ROWS = 64
+
+
+class CheckpointMismatchError(UserError, ValueError):
+    """The parts of a checkpoint directory do not belong together, or its weights are not finite."""
 
 
 @dataclass
@@ -145,13 +169,17 @@ def load_checkpoint(
     config = config or TranscriptFormerConfig.from_json(path / CONFIG_FILE)
     gene_vocab, aux_vocabs = read_vocabularies(path, config)
     state = load_state_dict(path / WEIGHTS_FILE)
-
-    table = state["gene_embeddings.embedding.weight"]
+    check_finite_weights(state, path / WEIGHTS_FILE, gene_vocab)
+    check_recorded_settings(state, config.model_config, path)
+    if TABLE_KEY not in state:
+        raise CheckpointMismatchError(f"{path / WEIGHTS_FILE} holds no gene-embedding table ({TABLE_KEY})")
+    table = state[TABLE_KEY]
     if table.shape[0] != len(gene_vocab):
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"{path}: the gene embedding in {WEIGHTS_FILE} has {table.shape[0]} rows but the vocabulary built "
             f"from {config.data_config.esm2_mappings} and the special tokens has {len(gene_vocab)} entries"
         )
+    check_gene_table(table, gene_vocab, [path / VOCAB_DIR / name for name in config.data_config.esm2_mappings])
     model = TranscriptFormer(
         config.model_config,
         config.loss_config,
@@ -161,11 +189,120 @@ def load_checkpoint(
         aux_pad_token=config.data_config.aux_pad_token,
         attention_backend=attention_backend,
     )
+    check_shapes(model.state_dict(), state, path)
     model.load_state_dict(state, strict=True)
     if adapter is not None:
         model = load_adapters(model, adapter)
     model.to(device).eval()
     return Checkpoint(path=path, config=config, gene_vocab=gene_vocab, aux_vocabs=aux_vocabs, model=model)
+
+
+def check_finite_weights(state: Mapping[str, torch.Tensor], weights_file: Path, vocab: GeneVocab) -> None:
+    """Refuse weights that hold NaN or infinite values, naming the first tensor (and genes of the embedding table)."""
+    bad = [key for key, value in state.items() if value.is_floating_point() and not all_finite(value)]
+    if not bad:
+        return
+    detail = ""
+    if bad[0] == TABLE_KEY:
+        rows = np.flatnonzero(~torch.isfinite(state[TABLE_KEY]).all(dim=1).numpy())
+        tokens = list(vocab.index)
+        detail = f", the rows of {[tokens[r] for r in rows[:3] if r < len(tokens)]} among {rows.size}"
+    raise CheckpointMismatchError(
+        f"{weights_file}: {len(bad)} weight tensor(s) hold NaN or infinite values (first: {bad[0]}{detail}); the "
+        "file is damaged or comes from a diverged run: download or train the checkpoint again"
+    )
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a CPU tensor holds no NaN or infinite value (through NumPy, which is much faster on small tensors)."""
+    if tensor.dtype == torch.bfloat16:
+        return bool(torch.isfinite(tensor).all())
+    return bool(np.isfinite(tensor.numpy()).all())
+
+
+def check_recorded_settings(state: Mapping[str, torch.Tensor], model_config: ModelConfig, path: Path) -> None:
+    """Refuse a config whose ``seq_len``, ``num_heads``, ... differ from those recorded with the weights."""
+    metadata = getattr(state, "_metadata", None) or {}
+    recorded = metadata.get("", {}).get(RECORD_KEY, {})
+    differ = [
+        f"model_config.{name} is {getattr(model_config, name)!r} but the weights were saved with {value!r}"
+        for name, value in recorded.items()
+        if name in RECORDED_SETTINGS and getattr(model_config, name) != value
+    ]
+    if differ:
+        raise CheckpointMismatchError(
+            f"{path}: the config does not match {WEIGHTS_FILE}: {'; '.join(differ)}; restore these settings in "
+            f"{CONFIG_FILE} (and drop any --config-override of them)"
+        )
+
+
+def check_shapes(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights whose tensors are not those of the architecture the config describes, saying what differs."""
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    reshaped = [key for key in expected if key in state and expected[key].shape != state[key].shape]
+    if not (missing or unexpected or reshaped):
+        return
+    parts = []
+    if reshaped:
+        key = reshaped[0]
+        parts.append(
+            f"{len(reshaped)} tensor(s) of another shape (first: {key} is {tuple(state[key].shape)} in the weights, "
+            f"{tuple(expected[key].shape)} by the config)"
+        )
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    raise CheckpointMismatchError(
+        f"{path / WEIGHTS_FILE} does not hold the weights that {CONFIG_FILE} describes: {'; '.join(parts)}; "
+        "model_config (num_layers, embed_dim, model_dim, gene_head_hidden_dim, attn_bias, fw_bias), aux_cols and "
+        "loss_config.gene_id_loss_weight must be those the weights were trained with"
+    )
+
+
+def check_gene_table(table: torch.Tensor, vocab: GeneVocab, gene_files: Sequence[Path]) -> None:
+    """Refuse a table whose gene rows are not the vectors of ``gene_files`` for the genes of the vocabulary.
+
+    Up to :data:`CHECKED_TABLE_ROWS` gene rows spread over the table are compared. A row matches when the file's
+    vector of its gene is the nearest, among the vectors compared, to the row: exact copies match, and so do rows
+    that training moved a little, while reordered keys or the vectors of another table do not.
+    """
+    genes = vocab.gene_ids
+    if not genes:
+        return
+    picked = np.unique(np.linspace(0, len(genes) - 1, min(CHECKED_TABLE_ROWS, len(genes))).round().astype(int))
+    ids = [genes[i] for i in picked]
+    expected = vectors_of(ids, gene_files)
+    if expected.shape[1] != table.shape[1]:
+        raise CheckpointMismatchError(
+            f"the gene vectors of {[str(f) for f in gene_files]} are {expected.shape[1]} wide but the weights' "
+            f"embedding table is {table.shape[1]} wide: the vocabulary files belong to another checkpoint"
+        )
+    actual = table[[vocab[g] for g in ids]].double().numpy()
+    expected = expected.astype(np.float64)
+    distances = (actual**2).sum(1)[:, None] + (expected**2).sum(1)[None, :] - 2 * actual @ expected.T
+    own = np.diag(distances).copy()
+    np.fill_diagonal(distances, np.inf)
+    wrong = ~(own <= distances.min(axis=1)) if len(ids) > 1 else ~np.isfinite(own)
+    if wrong.any():
+        first = ids[int(np.flatnonzero(wrong)[0])]
+        raise CheckpointMismatchError(
+            f"the gene rows of the weights' embedding table do not match the vectors of {[str(f) for f in gene_files]}"
+            f": {int(wrong.sum())} of the {len(ids)} genes compared differ (first: {first}); the vocabulary files "
+            "were reordered or replaced: restore the checkpoint's own vocabs/ files"
+        )
+
+
+def vectors_of(gene_ids: Sequence[str], gene_files: Sequence[Path]) -> np.ndarray:
+    """``(len(gene_ids), width)`` vectors of genes, each read from the first of ``gene_files`` that holds it."""
+    vectors: dict[str, np.ndarray] = {}
+    for gene_file in gene_files:
+        keys = set(read_embedding_keys(gene_file))
+        here = [g for g in gene_ids if g in keys and g not in vectors]
+        if here:
+            vectors.update(zip(here, read_embedding_table(gene_file, here)[1], strict=True))
+    return np.stack([vectors[g] for g in gene_ids])
 
 
 def special_tokens_of(vocab: GeneVocab, gene_pad_token: str = "[PAD]") -> SpecialTokens:
@@ -221,6 +358,11 @@ def save_checkpoint(
     data_config = dataclasses.replace(config.data_config, esm2_mappings=names, aux_cols=list(aux_vocabs))
     saved = dataclasses.replace(config, data_config=data_config)
     (path / CONFIG_FILE).write_text(json.dumps(saved.to_dict(), indent=2) + "\n")
-    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    model_state = model.state_dict()
+    state = OrderedDict((key, value.detach().cpu().contiguous()) for key, value in model_state.items())
+    state._metadata = getattr(model_state, "_metadata", OrderedDict())
+    state._metadata.setdefault("", {})[RECORD_KEY] = {
+        name: getattr(config.model_config, name) for name in RECORDED_SETTINGS
+    }
     torch.save(state, path / WEIGHTS_FILE)
     return path

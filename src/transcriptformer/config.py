@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model_weights.pt"
 VOCAB_DIR = "vocabs"
 DEFAULT_SPECIAL_TOKENS = ["unknown", "[PAD]", "[START]", "[END]", "[RD]", "[CELL]", "[MASK]"]
+# What to do with count entries that are NaN, infinite or negative (DataConfig.invalid_counts).
+INVALID_COUNTS = ("error", "drop", "clip")
 
 
 @dataclass
@@ -33,7 +38,7 @@ class DataConfig:
 
     Besides the tokenization settings, three settings of the original release select and order cells for a run
     (its ``inference_config.yaml`` set them, whatever the checkpoint said, so a checkpoint's ``config.json`` does
-    not set them here either):
+    not set them here either), and two more say what happens to cells the model cannot read as they are:
 
     Attributes
     ----------
@@ -45,6 +50,13 @@ class DataConfig:
     randomize_genes : bool
         Order each cell's expressed genes (and, without ``pad_zeros``, its unexpressed ones) at random instead of
         in ``var`` order; the order is drawn from the cell's name, the same in every run. ``sort_genes`` wins.
+    invalid_counts : {"error", "drop", "clip"}
+        Count entries (of the genes read) that are NaN, infinite or negative: ``error`` stops with the file, the
+        number of entries and the first cell and gene; ``drop`` leaves out the cells that hold them; ``clip`` sets
+        NaN and negative entries to 0 and infinite ones to ``clip_counts``.
+    drop_empty_cells : bool
+        Leave out the cells without any count among the genes read. Kept, such a cell has NaN outputs (a count
+        of them is reported), never a normal-looking embedding.
     """
 
     aux_cols: list[str] = field(default_factory=list)
@@ -61,6 +73,8 @@ class DataConfig:
     filter_outliers: float = 0.0
     min_expressed_genes: int = 0
     randomize_genes: bool = False
+    invalid_counts: str = "error"
+    drop_empty_cells: bool = False
 
     def __post_init__(self) -> None:
         # Published configs store aux_cols as a comma-separated string or null.
@@ -69,19 +83,18 @@ class DataConfig:
         elif isinstance(self.aux_cols, str):
             self.aux_cols = [c.strip() for c in self.aux_cols.split(",") if c.strip()]
         # Published configs use null for "off"; the inference defaults apply then.
-        self.filter_to_vocabs = True if self.filter_to_vocabs is None else bool(self.filter_to_vocabs)
-        self.pad_zeros = True if self.pad_zeros is None else bool(self.pad_zeros)
-        self.sort_genes = bool(self.sort_genes)
-        self.normalize_to_scale = float(self.normalize_to_scale or 0.0)
-        if self.filter_outliers < 0:
-            raise ValueError(f"filter_outliers must be >= 0 standard deviations (0: off), got {self.filter_outliers}")
-        if self.min_expressed_genes < 0:
-            raise ValueError(f"min_expressed_genes must be >= 0 (0: off), got {self.min_expressed_genes}")
-
-    @property
-    def filters_cells(self) -> bool:
-        """Whether a cell filter (``filter_outliers``, ``min_expressed_genes``) is on."""
-        return self.filter_outliers > 0 or self.min_expressed_genes > 0
+        self.filter_to_vocabs = True if self.filter_to_vocabs is None else self.filter_to_vocabs
+        self.pad_zeros = True if self.pad_zeros is None else self.pad_zeros
+        self.sort_genes = False if self.sort_genes is None else self.sort_genes
+        self.normalize_to_scale = 0.0 if self.normalize_to_scale is None else self.normalize_to_scale
+        check_types(self, "data_config")
+        if self.clip_counts is not None:
+            check_range(self, "data_config", "clip_counts", above=0, also="null: no clipping")
+        check_range(self, "data_config", "normalize_to_scale", at_least=0, also="0: no normalisation")
+        check_range(self, "data_config", "filter_outliers", at_least=0, also="standard deviations, 0: off")
+        check_range(self, "data_config", "min_expressed_genes", at_least=0, also="0: off")
+        if self.invalid_counts not in INVALID_COUNTS:
+            raise ValueError(f"data_config.invalid_counts must be one of {INVALID_COUNTS}, got {self.invalid_counts!r}")
 
 
 @dataclass
@@ -105,6 +118,21 @@ class ModelConfig:
     gene_head_hidden_dim: int = 2048
 
     def __post_init__(self) -> None:
+        check_types(self, "model_config")
+        for name in (
+            "num_layers",
+            "num_heads",
+            "embed_dim",
+            "model_dim",
+            "seq_len",
+            "block_len",
+            "gene_head_hidden_dim",
+        ):
+            check_range(self, "model_config", name, at_least=1)
+        check_range(self, "model_config", "aux_len", at_least=0)
+        check_range(self, "model_config", "softcap", at_least=0, also="0: no softcap")
+        check_range(self, "model_config", "log_counts_eps", above=0)
+        check_range(self, "model_config", "dropout", at_least=0, below=1)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
         if self.mu_link_fn != "softmax":
@@ -120,6 +148,10 @@ class LossConfig:
     gene_id_loss_weight: float = 1.0
     softplus_approx: bool = True
 
+    def __post_init__(self) -> None:
+        check_types(self, "loss_config")
+        check_range(self, "loss_config", "gene_id_loss_weight", at_least=0, also="0: no gene-id head")
+
 
 @dataclass
 class TranscriptFormerConfig:
@@ -131,19 +163,31 @@ class TranscriptFormerConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TranscriptFormerConfig:
-        """Build a config from the parsed ``config.json`` (with or without its top-level ``model`` key)."""
-        section = raw.get("model", raw)
+        """Build a config from the parsed ``config.json`` (with or without its top-level ``model`` key).
+
+        Raises
+        ------
+        ValueError
+            When a section is not a mapping, or a setting has the wrong type or lies out of range (named).
+        """
+        raw = _mapping(raw, "the config")
+        section = _mapping(raw.get("model", raw), "model")
         return cls(
-            data_config=_dataclass_from_dict(DataConfig, section.get("data_config") or {}),
-            model_config=_dataclass_from_dict(ModelConfig, section.get("model_config") or {}),
-            loss_config=_dataclass_from_dict(LossConfig, section.get("loss_config") or {}),
+            data_config=_dataclass_from_dict(DataConfig, _mapping(section.get("data_config"), "data_config")),
+            model_config=_dataclass_from_dict(ModelConfig, _mapping(section.get("model_config"), "model_config")),
+            loss_config=_dataclass_from_dict(LossConfig, _mapping(section.get("loss_config"), "loss_config")),
         )
 
     @classmethod
     def from_json(cls, path: str | Path) -> TranscriptFormerConfig:
-        """Read a checkpoint's ``config.json``."""
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        """Read a checkpoint's ``config.json``; an error names the file and the setting that is wrong."""
+        try:
+            with open(path) as f:
+                return cls.from_dict(json.load(f))
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a JSON text file; restore the checkpoint's config.json") from None
+        except ValueError as error:  # json.JSONDecodeError included
+            raise ValueError(f"{path}: {error}; fix it or restore the checkpoint's config.json") from None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the config in the published ``config.json`` layout."""
@@ -194,7 +238,80 @@ class PredictSettings:
 # Keys of published configs that configure the original's data loaders and have no meaning here.
 _IGNORED_KEYS = {"_target_", "aux_vocab_path", "pin_memory", "n_data_workers", "esm2_mappings_path"}
 # DataConfig settings of a run, not of a checkpoint: the original's inference config reset them.
-RUN_DATA_KEYS = {"filter_outliers", "min_expressed_genes", "randomize_genes"}
+RUN_DATA_KEYS = {"filter_outliers", "min_expressed_genes", "randomize_genes", "invalid_counts", "drop_empty_cells"}
+
+
+def _mapping(value: Any, name: str) -> dict[str, Any]:
+    """``value`` when it is a JSON object, ``{}`` for null; otherwise an error naming ``name``."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object of settings, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def check_types(settings: Any, section: str) -> None:
+    """Raise a ``ValueError`` naming ``section.field`` when a field of a dataclass does not hold its declared type.
+
+    ``int`` fields take integers (not booleans), ``float`` fields take integers and floats, ``bool`` fields take
+    only booleans, ``list[str]`` fields take lists of strings.
+    """
+    hints = typing.get_type_hints(type(settings))
+    for item in dataclasses.fields(settings):
+        value = getattr(settings, item.name)
+        if not _has_type(value, hints[item.name]):
+            raise ValueError(f"{section}.{item.name} must be {_type_name(hints[item.name])}, got {value!r}")
+
+
+def check_range(
+    settings: Any,
+    section: str,
+    name: str,
+    *,
+    at_least: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    also: str = "",
+) -> None:
+    """Raise a ``ValueError`` naming ``section.name`` when the number is not finite or lies out of the range."""
+    value = getattr(settings, name)
+    bounds = [f">= {at_least}" if at_least is not None else "", f"> {above}" if above is not None else ""]
+    bounds.append(f"< {below}" if below is not None else "")
+    inside = (
+        math.isfinite(value)
+        and (at_least is None or value >= at_least)
+        and (above is None or value > above)
+        and (below is None or value < below)
+    )
+    if not inside:
+        extra = f" ({also})" if also else ""
+        raise ValueError(f"{section}.{name} must be {' and '.join(b for b in bounds if b)}{extra}, got {value!r}")
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_has_type(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_has_type(v, item) for v in value)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return " or ".join(_type_name(option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0]).split(' ', 1)[-1]}s"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def _dataclass_from_dict(cls: type[T], values: dict[str, Any]) -> T:

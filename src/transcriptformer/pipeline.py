@@ -5,6 +5,8 @@
     plan      cells of similar length are grouped into batches   (transcriptformer.data.batching)
     batch     the padded inputs of each batch are built           (TokenizedCells.batch)
     predict   the model computes the requested outputs            (no gradients, the run's precision)
+    check     cells without any count get NaN outputs; any other  (check_batch)
+              NaN or infinite output stops the run
     map       outputs go back to their cells, per position         (predict_positions)
               or per gene on a gene axis                          (predict_gene_outputs, GeneOutputs)
 
@@ -16,6 +18,7 @@ positions it scores is declared in :mod:`transcriptformer.model.outputs`.
 A cell's outputs depend on the cell alone: not on its batch mates, the batch size or the token budget. So when a
 batch runs out of device memory, the loop halves the batch size (or token budget) for the rest of the run, warns
 once with the new value, and runs the cells of that batch again (:class:`MemoryLimit`).
+A cell without any count among the genes read has no meaningful output: all of its outputs are NaN.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ from transcriptformer.runtime import autocast, resolve_precision
 # Model inputs returned beside the outputs by predict_positions: which gene each position holds, its count, and
 # the aux tokens.
 INPUT_ARRAYS = ("gene_token_indices", "gene_counts", "aux_token_indices")
+
+
+class NonFiniteOutputError(UserError, RuntimeError):
+    """The model computed NaN or infinite outputs (or was given NaN or infinite inputs) for cells with counts."""
 
 
 class Predictor(Protocol):
@@ -149,9 +156,15 @@ def predict_batches(
 ) -> Iterator[PredictedBatch]:
     """Run ``cells`` through ``model`` batch by batch, in the order of :func:`plan`.
 
-    The model checks the output keys (and computes without gradients); this loop adds the run's precision. A batch
-    that runs out of device memory lowers ``limit`` (a new one when not given), and the cells not yet done are
-    planned again under it, that batch's first; a single cell that does not fit raises a :class:`UserError`.
+    The model checks the output keys (and computes without gradients); this loop adds the run's precision and
+    checks every batch (:func:`check_batch`). A batch that runs out of device memory lowers ``limit`` (a new one
+    when not given), and the cells not yet done are planned again under it, that batch's first; a single cell that
+    does not fit raises a :class:`UserError`.
+
+    Raises
+    ------
+    NonFiniteOutputError
+        When a cell with counts has NaN or infinite inputs or outputs.
     """
     limit = MemoryLimit() if limit is None else limit
     precision = resolve_precision(settings.precision, device)
@@ -171,7 +184,9 @@ def predict_batches(
             not_done = np.concatenate([planned.rows, *(batch.rows for batch in pending)])
             pending = deque(plan(model, cells, limit.applied_to(settings), device, not_done))
             continue
-        yield PredictedBatch(planned.rows, inputs, outputs)
+        batch = PredictedBatch(planned.rows, inputs, outputs)
+        check_batch(batch, cells, precision)
+        yield batch
 
 
 def _predict(
@@ -184,6 +199,52 @@ def _predict(
             on_device.gene_tokens, on_device.gene_counts, on_device.aux_tokens, settings.output_keys
         )
     return {key: value.float().cpu().numpy() for key, value in outputs.items()}
+
+
+def check_batch(batch: PredictedBatch, cells: TokenizedCells, precision: str) -> None:
+    """Give the cells without any count NaN outputs; stop at any other NaN or infinite input or output.
+
+    An empty cell's outputs would be those of padding alone, which look like any other cell's: NaN says that there
+    are none. A cell with counts must get finite outputs (NaN only where :attr:`OutputSpec.may_be_nan`).
+
+    Raises
+    ------
+    NonFiniteOutputError
+        Naming the first such cell, the output, and what can cause it.
+    """
+    counts, tokens = batch.inputs.gene_counts.numpy(), batch.inputs.gene_tokens.numpy()
+    not_finite = ~np.isfinite(counts).all(axis=1)
+    if not_finite.any():
+        raise NonFiniteOutputError(
+            f"the model inputs of {int(not_finite.sum())} cell(s) hold NaN or infinite counts (first: cell "
+            f"{cells.obs_names[batch.rows[not_finite.argmax()]]!r}); check the counts and the settings that change "
+            "them: --clip-counts, --invalid-counts, normalize_to_scale"
+        )
+    empty = ~(counts > 0).any(axis=1)
+    for key, values in batch.outputs.items():
+        holds_value = np.broadcast_to(value_positions(key, values.ndim, tokens, cells), values.shape)
+        of_empty_cell = np.broadcast_to(empty.reshape(-1, *[1] * (values.ndim - 1)), values.shape)
+        values[holds_value & of_empty_cell] = np.nan
+        not_finite = np.isinf(values) if OUTPUTS[key].may_be_nan else ~np.isfinite(values)
+        wrong = (not_finite & holds_value & ~of_empty_cell).reshape(len(values), -1).any(axis=1)
+        if wrong.any():
+            raise NonFiniteOutputError(
+                f"the model's {key} output is NaN or infinite for {int(wrong.sum())} of the {len(wrong)} cells of a "
+                f"batch (first: cell {cells.obs_names[batch.rows[wrong.argmax()]]!r}) although their counts are "
+                f"finite: the checkpoint's weights or gene-embedding table, or the precision ({precision}), cause "
+                "it; check the checkpoint, or try --precision 32"
+            )
+
+
+def value_positions(key: str, ndim: int, tokens: np.ndarray, cells: TokenizedCells) -> np.ndarray:
+    """Where an output of ``ndim`` dimensions holds values of its cells, as a mask broadcastable to the output.
+
+    Every entry of a per-cell output; the :func:`~transcriptformer.model.outputs.gene_positions` of a per-gene one.
+    """
+    if OUTPUTS[key].level == "cell":
+        return np.ones((len(tokens),) + (1,) * (ndim - 1), dtype=bool)
+    positions = gene_positions(key, tokens, cells.pad_index, cells.seq_len)  # (B, L)
+    return positions.reshape(positions.shape + (1,) * (ndim - 2))
 
 
 def predict_positions(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import TYPE_CHECKING
+
+from transcriptformer.config import INVALID_COUNTS, DataConfig
 
 if TYPE_CHECKING:
     from transcriptformer.training.objective import LossTerms
@@ -57,6 +60,28 @@ def add_use_raw_argument(group: argparse._ActionsContainer) -> None:
         help="counts from adata.raw.X (true), adata.X (false), or raw when present (auto); any case "
         "(default: %(default)s)",
     )
+
+
+def add_invalid_counts_argument(group: argparse._ActionsContainer) -> None:
+    """``--invalid-counts error|drop|clip``: what to do with NaN, infinite or negative counts."""
+    group.add_argument(
+        "--invalid-counts",
+        choices=INVALID_COUNTS,
+        default=DataConfig.invalid_counts,
+        help="counts that are NaN, infinite or negative: error stops naming them, drop leaves out their cells, "
+        "clip sets them to 0 (infinite ones to --clip-counts) (default: %(default)s)",
+    )
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
 
 
 def add_overwrite_argument(group: argparse._ActionsContainer, what: str) -> None:

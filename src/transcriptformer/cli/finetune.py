@@ -11,6 +11,7 @@ import argparse
 
 from transcriptformer.cli.common import (
     USE_RAW,
+    add_invalid_counts_argument,
     add_overwrite_argument,
     add_use_raw_argument,
     non_negative_int,
@@ -49,6 +50,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
         "--gene-col-name", default=data.gene_col_name, help="var column with gene ids (default: the checkpoint's)"
     )
     add_use_raw_argument(io)
+    add_invalid_counts_argument(io)
     io.add_argument(
         "--output-path",
         help="adapter directory to write (required unless --dry-run); a name such as adapters.pt is a directory too",
@@ -171,6 +173,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
             val_files=list(args.val_files),
             val_fraction=args.val_fraction,
             gene_col_name=args.gene_col_name,
+            invalid_counts=args.invalid_counts,
             use_raw=use_raw,
             batch_size=args.batch_size,
             num_workers=args.num_workers,

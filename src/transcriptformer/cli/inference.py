@@ -11,10 +11,12 @@ import dataclasses
 
 from transcriptformer.cli.common import (
     USE_RAW,
+    add_invalid_counts_argument,
     add_overwrite_argument,
     add_use_raw_argument,
     non_negative_int,
     positive_int,
+    positive_number,
 )
 from transcriptformer.config import DataConfig
 from transcriptformer.errors import UserError
@@ -106,7 +108,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("reading the cells (defaults: the checkpoint's data_config)")
     data.add_argument("--gene-col-name", default=None, help="var column with gene ids; 'index': var_names")
     add_use_raw_argument(data)
-    data.add_argument("--clip-counts", type=float, default=None, help="clip counts to at most this value")
+    data.add_argument("--clip-counts", type=positive_number, default=None, help="clip counts to at most this value")
+    add_invalid_counts_argument(data)
+    data.add_argument(
+        "--drop-empty-cells",
+        action="store_true",
+        default=DataConfig.drop_empty_cells,
+        help="leave out the cells without any count among the genes read; kept, they get NaN outputs "
+        "and are counted in the summary",
+    )
     data.add_argument(
         "--filter-to-vocabs",
         action=argparse.BooleanOptionalAction,
@@ -225,9 +235,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     }
     inference = InferenceConfig(**{f.name: flags[f.name] for f in dataclasses.fields(InferenceConfig)})
     config = RunConfig.from_checkpoint(args.checkpoint_path, inference, args.model_type)
-    for f in dataclasses.fields(DataConfig):
-        if flags.get(f.name) is not None:
-            setattr(config.model.data_config, f.name, flags[f.name])
+    given = {f.name: flags[f.name] for f in dataclasses.fields(DataConfig) if flags.get(f.name) is not None}
+    config.model.data_config = dataclasses.replace(config.model.data_config, **given)  # checks the values
     return apply_overrides(config, args.config_override)
 
 

@@ -26,6 +26,7 @@ from transcriptformer.data.gene_symbols import ensembl_ids_for_symbols
 from transcriptformer.data.hdf5 import open_hdf5
 from transcriptformer.data.sources import H5AD, CountReader, open_counts
 from transcriptformer.data.vocab import GeneVocab
+from transcriptformer.errors import UserError
 
 
 @dataclass
@@ -58,7 +59,8 @@ class TokenizedCells:
     Attributes
     ----------
     counts : scipy.sparse.csr_matrix
-        ``(n_cells, n_genes)`` raw counts of the genes kept, columns in ``var`` order.
+        ``(n_cells, n_genes)`` raw counts of the genes kept, columns in ``var`` order (NaN and negative entries
+        set to 0, infinite ones to ``clip_counts``: :func:`clean_counts`).
     gene_tokens : ndarray
         ``(n_genes,)`` vocabulary index of each kept column.
     gene_ids : ndarray
@@ -218,66 +220,191 @@ def aux_tokens_from_obs(
     return np.stack(columns, axis=1).astype(np.int64) if columns else np.zeros((len(obs), 0), np.int64)
 
 
-def warn_if_not_counts(X: sp.csr_matrix) -> None:
-    """Warn when the first cells hold non-integer or negative values: the model expects raw counts."""
-    sample = X[: min(X.shape[0], 1000)].data
-    if sample.size and (np.any(sample < 0) or not np.all(np.mod(sample, 1) == 0)):
-        warnings.warn(
-            "the count matrix holds non-integer or negative values; TranscriptFormer expects raw counts "
-            "(use the layer or .raw that holds them)",
-            stacklevel=3,
-        )
-
-
 def read_counts(reader: CountReader, columns: np.ndarray, start: int, stop: int) -> sp.csr_matrix:
-    """Counts of cells ``start .. stop - 1`` over ``columns``, as float32 CSR with sorted indices."""
+    """Counts of cells ``start .. stop - 1`` over ``columns``, as float32 CSR with sorted indices, as stored."""
     counts = reader.rows(start, stop)[:, columns].astype(np.float32)
     counts.sort_indices()
     return counts
 
 
-# Cells per block of the pass that computes the statistics of the cell filters.
-FILTER_BLOCK_CELLS = 4096
+def is_invalid(values: np.ndarray) -> np.ndarray:
+    """Entries that are not counts: NaN, infinite or negative."""
+    return ~np.isfinite(values) | (values < 0)
 
 
-def cell_statistics(
-    reader: CountReader, columns: np.ndarray, block_cells: int = FILTER_BLOCK_CELLS
-) -> tuple[np.ndarray, np.ndarray]:
-    """Total count and number of expressed genes of every cell over ``columns``, read ``block_cells`` at a time."""
-    totals = np.zeros(reader.n_obs, dtype=np.float64)
-    expressed = np.zeros(reader.n_obs, dtype=np.int64)
-    for start in range(0, reader.n_obs, block_cells):
-        stop = min(start + block_cells, reader.n_obs)
-        counts = read_counts(reader, columns, start, stop)
-        totals[start:stop] = counts.astype(np.float64).sum(axis=1).A1
-        expressed[start:stop] = (counts > 0).sum(axis=1).A1
-    return totals, expressed
+def clean_counts(counts: sp.csr_matrix, infinite_to: float | None) -> sp.csr_matrix:
+    """Set NaN and negative entries to 0 and infinite ones to ``infinite_to`` (0 when ``None``), in place."""
+    data = counts.data
+    infinite = np.isposinf(data)
+    data[is_invalid(data)] = 0.0
+    data[infinite] = 0.0 if infinite_to is None else infinite_to
+    return counts
 
 
-def filter_cells(totals: np.ndarray, expressed: np.ndarray, config: DataConfig) -> tuple[np.ndarray, dict[str, int]]:
-    """The cells that the original release's filters keep, and how many each filter dropped.
+# Cells per block of the pass over a source's counts (checks and statistics of the cell filters).
+SCAN_BLOCK_CELLS = 4096
 
-    ``filter_outliers = k`` keeps the cells whose total lies strictly within ``k`` (population) standard
-    deviations of the mean total of all cells; ``min_expressed_genes = m`` then keeps the cells with at least
-    ``m`` expressed genes. Both count only the genes the model reads.
+
+@dataclass
+class Entry:
+    """One stored count: the cell's row in the source, the column among the genes read, and the value."""
+
+    row: int
+    column: int
+    value: float
+
+
+@dataclass
+class CountScan:
+    """What one pass over the counts of a source's genes read found.
+
+    Attributes
+    ----------
+    totals : ndarray
+        ``(n_cells,)`` total count of each cell, with invalid entries cleaned (:func:`clean_counts`).
+    expressed : ndarray
+        ``(n_cells,)`` number of positive counts of each cell (after cleaning).
+    invalid : ndarray
+        ``(n_cells,)`` number of NaN, infinite or negative entries of each cell.
+    n_infinite : int
+        Entries that are ``+inf``.
+    n_stored : int
+        Stored (nonzero) entries.
+    non_integer : int
+        Valid entries that are not whole numbers (normalised or log-transformed data).
+    first_invalid, first_non_integer : Entry or None
+        The first such entry, in row order.
+    """
+
+    totals: np.ndarray
+    expressed: np.ndarray
+    invalid: np.ndarray
+    n_infinite: int = 0
+    n_stored: int = 0
+    non_integer: int = 0
+    first_invalid: Entry | None = None
+    first_non_integer: Entry | None = None
+
+    def add_block(self, start: int, counts: sp.csr_matrix, infinite_to: float | None) -> None:
+        """Take the counts of cells ``start .. start + counts.shape[0] - 1`` into account."""
+        stop = start + counts.shape[0]
+        rows = np.repeat(np.arange(start, stop), np.diff(counts.indptr))
+        values = counts.data
+        invalid = is_invalid(values)
+        fractional = ~invalid & (np.mod(np.where(invalid, 0.0, values), 1) != 0)
+        self.invalid[start:stop] = np.bincount(rows[invalid] - start, minlength=stop - start)
+        self.n_infinite += int(np.isposinf(values).sum())
+        self.n_stored += values.size
+        self.non_integer += int(fractional.sum())
+        if self.first_invalid is None and invalid.any():
+            self.first_invalid = _entry(rows, counts, np.flatnonzero(invalid)[0])
+        if self.first_non_integer is None and fractional.any():
+            self.first_non_integer = _entry(rows, counts, np.flatnonzero(fractional)[0])
+        cleaned = clean_counts(counts, infinite_to)
+        self.totals[start:stop] = cleaned.astype(np.float64).sum(axis=1).A1
+        self.expressed[start:stop] = (cleaned > 0).sum(axis=1).A1
+
+
+def _entry(rows: np.ndarray, counts: sp.csr_matrix, index: int) -> Entry:
+    return Entry(int(rows[index]), int(counts.indices[index]), float(counts.data[index]))
+
+
+def scan_counts(
+    reader: CountReader, columns: np.ndarray, infinite_to: float | None = None, block_cells: int = SCAN_BLOCK_CELLS
+) -> CountScan:
+    """Check every count of ``columns`` and compute the statistics of each cell, reading ``block_cells`` at a time.
+
+    Parameters
+    ----------
+    reader
+        The source.
+    columns
+        The columns the model reads.
+    infinite_to
+        What infinite counts count as in ``totals`` (``clip_counts`` when they are clipped).
+    block_cells
+        Cells per block read.
+    """
+    n = reader.n_obs
+    scan = CountScan(np.zeros(n, np.float64), np.zeros(n, np.int64), np.zeros(n, np.int64))
+    for start in range(0, n, block_cells):
+        scan.add_block(start, read_counts(reader, columns, start, min(start + block_cells, n)), infinite_to)
+    return scan
+
+
+def filter_cells(scan: CountScan, config: DataConfig) -> tuple[np.ndarray, dict[str, int]]:
+    """The cells that the run keeps, and how many each filter dropped.
+
+    ``invalid_counts = "drop"`` first leaves out the cells with NaN, infinite or negative counts. Then the original
+    release's filters: ``filter_outliers = k`` keeps the cells whose total lies strictly within ``k`` (population)
+    standard deviations of the mean total of the cells left; ``min_expressed_genes = m`` keeps the cells with at least
+    ``m`` expressed genes. Last, ``drop_empty_cells`` leaves out the cells without any count. All count only the genes
+    the model reads.
 
     Returns
     -------
     keep, dropped
         Boolean mask of the cells kept; cells dropped per filter (``{"filter_outliers=2": 3}``), in filter order.
     """
-    keep = np.ones(totals.size, dtype=bool)
+    keep = np.ones(scan.totals.size, dtype=bool)
     dropped = {}
-    if config.filter_outliers > 0 and totals.size:
+    if config.invalid_counts == "drop":
+        valid = scan.invalid == 0
+        dropped["invalid_counts=drop"] = int((keep & ~valid).sum())
+        keep &= valid
+    if config.filter_outliers > 0 and keep.any():
+        totals = scan.totals[keep]
         margin = config.filter_outliers * totals.std()
-        inside = (totals > totals.mean() - margin) & (totals < totals.mean() + margin)
+        inside = (scan.totals > totals.mean() - margin) & (scan.totals < totals.mean() + margin)
         dropped[f"filter_outliers={config.filter_outliers:g}"] = int((keep & ~inside).sum())
         keep &= inside
     if config.min_expressed_genes > 0:
-        enough = expressed >= config.min_expressed_genes
+        enough = scan.expressed >= config.min_expressed_genes
         dropped[f"min_expressed_genes={config.min_expressed_genes}"] = int((keep & ~enough).sum())
         keep &= enough
+    if config.drop_empty_cells:
+        expressing = scan.expressed > 0
+        dropped["drop_empty_cells"] = int((keep & ~expressing).sum())
+        keep &= expressing
     return keep, dropped
+
+
+def check_counts(scan: CountScan, reader: CountReader, selection: GeneSelection, config: DataConfig) -> None:
+    """Stop at counts that are not counts (unless ``invalid_counts`` says otherwise); warn about non-integer ones.
+
+    Raises
+    ------
+    UserError
+        With ``invalid_counts="error"``, for NaN, infinite or negative counts: the file, how many, the first cell
+        and gene; with ``invalid_counts="clip"``, for infinite counts when ``clip_counts`` is off.
+    """
+    n_invalid = int(scan.invalid.sum())
+    if n_invalid and config.invalid_counts == "error":
+        first = describe_entry(scan.first_invalid, reader, selection)
+        raise UserError(
+            f"{reader.source}: {n_invalid} count(s) of the {len(selection.columns)} genes read are NaN, infinite or "
+            f"negative, in {int((scan.invalid > 0).sum())} cell(s) (first: {first}); "
+            "fix the data, or pass --invalid-counts drop to leave those cells out, or --invalid-counts clip to set NaN "
+            "and negative counts to 0 and infinite ones to --clip-counts (invalid_counts='drop' or 'clip' in Python)"
+        )
+    if scan.n_infinite and config.invalid_counts == "clip" and config.clip_counts is None:
+        raise UserError(
+            f"{reader.source}: {scan.n_infinite} count(s) are infinite and --invalid-counts clip sets them to "
+            "--clip-counts, which is off; give --clip-counts a value, or pass --invalid-counts drop"
+        )
+    if scan.non_integer:
+        warnings.warn(
+            f"{reader.source}: {scan.non_integer} of {scan.n_stored} stored counts of the genes read are not whole "
+            f"numbers (first: {describe_entry(scan.first_non_integer, reader, selection)}); TranscriptFormer expects "
+            "raw counts: use the layer or .raw that holds them (--use-raw)",
+            stacklevel=3,
+        )
+
+
+def describe_entry(entry: Entry, reader: CountReader, selection: GeneSelection) -> str:
+    """``value 0.5 of cell 'AAAC-1' (row 3), gene ENSG...``."""
+    cell = reader.obs.index[entry.row]
+    return f"value {entry.value:g} of cell {cell!r} (row {entry.row}), gene {selection.gene_ids[entry.column]}"
 
 
 @dataclass(frozen=True)
@@ -349,24 +476,32 @@ class CellTokenizer:
             return self.prepare(reader).cells()
 
     def prepare(self, reader: CountReader) -> PreparedCells:
-        """Select the reader's genes and read its aux columns; counts are read later, in row blocks."""
+        """Select the reader's genes, read its aux columns, check its counts and choose the cells to run.
+
+        One pass over the counts (:func:`scan_counts`) checks them (:func:`check_counts`) and applies the cell
+        filters (:func:`filter_cells`); the cells' counts are read again later, in row blocks.
+        """
         config = self.data_config
         selection = select_genes(
             reader.var, self.gene_vocab, config.gene_col_name, config.filter_to_vocabs, self.remove_duplicate_genes
         )
         aux = aux_tokens_from_obs(reader.obs, self.aux_vocabs, config.aux_pad_token)
         pad_index = self.gene_vocab.special(config.gene_pad_token)
-        if not config.filters_cells:
-            return PreparedCells(reader, selection, aux, config, self.seq_len, pad_index)
-        keep, dropped = filter_cells(*cell_statistics(reader, selection.columns), config)
-        cells = PreparedCells(reader, selection, aux, config, self.seq_len, pad_index, np.flatnonzero(keep), dropped)
+        scan = scan_counts(reader, selection.columns, config.clip_counts)
+        check_counts(scan, reader, selection, config)
+        keep, dropped = filter_cells(scan, config)
+        kept = None if keep.all() else np.flatnonzero(keep)
+        n_empty = int((keep & (scan.expressed == 0)).sum())
+        cells = PreparedCells(reader, selection, aux, config, self.seq_len, pad_index, kept, dropped, n_empty)
         if reader.n_obs and not len(cells):
             raise ValueError(
-                f"{reader.source}: {cells.describe_dropped()}; "
-                "raise model.data_config.filter_outliers or lower min_expressed_genes (0 turns a filter off)"
+                f"{reader.source}: {cells.describe_dropped()}; relax them: raise model.data_config.filter_outliers, "
+                "lower min_expressed_genes (0 turns a filter off), or keep empty cells or cells with invalid counts"
             )
         if cells.n_dropped:
             warnings.warn(f"{reader.source}: {cells.describe_dropped()}", stacklevel=2)
+        if n_empty:
+            warnings.warn(f"{reader.source}: {cells.describe_empty()}", stacklevel=2)
         return cells
 
 
@@ -374,8 +509,9 @@ class CellTokenizer:
 class PreparedCells:
     """Cells of one source, ready to be tokenized in row blocks of any size.
 
-    With a cell filter on (:attr:`DataConfig.filters_cells`), the cells are those of the source that it keeps:
-    ``kept`` holds their rows in the source and ``dropped`` how many cells each filter dropped.
+    When a cell filter (:func:`filter_cells`) dropped cells, the cells are those of the source that the filters
+    keep: ``kept`` holds their rows in the source and ``dropped`` how many cells each filter dropped. ``n_empty``
+    cells kept have no count among the genes read; the batch loop gives them NaN outputs.
     """
 
     reader: CountReader
@@ -386,6 +522,7 @@ class PreparedCells:
     pad_index: int
     kept: np.ndarray | None = None
     dropped: dict[str, int] = field(default_factory=dict)
+    n_empty: int = 0
 
     def __len__(self) -> int:
         return self.reader.n_obs if self.kept is None else self.kept.size
@@ -400,6 +537,14 @@ class PreparedCells:
         per_filter = ", ".join(f"{count} by {name}" for name, count in self.dropped.items())
         return f"the cell filters dropped {self.n_dropped} of {self.reader.n_obs} cells ({per_filter})"
 
+    def describe_empty(self) -> str:
+        """What becomes of the cells without any count, e.g. ``2 of 64 cells have no count ...``."""
+        return (
+            f"{self.n_empty} of {len(self)} cells have no count among the {len(self.selection.columns)} genes read: "
+            "their outputs are NaN (training leaves them out); --drop-empty-cells (drop_empty_cells=True in Python) "
+            "leaves them out of the outputs"
+        )
+
     def source_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows in the source of cells ``start .. stop - 1`` (all by default)."""
         stop = len(self) if stop is None else stop
@@ -412,10 +557,8 @@ class PreparedCells:
         counts = read_counts(self.reader, self.selection.columns, first, last)
         if counts.shape[0] != rows.size:  # cells dropped between first and last
             counts = counts[rows - first]
-        if start == 0:
-            warn_if_not_counts(counts)
         return TokenizedCells(
-            counts=counts,
+            counts=clean_counts(counts, self.data_config.clip_counts),
             gene_tokens=self.selection.tokens,
             gene_ids=self.selection.gene_ids,
             aux_tokens=self.aux_tokens[rows],

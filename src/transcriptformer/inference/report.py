@@ -20,10 +20,11 @@ def processes(count: int) -> str:
 
 
 def describe_inputs(session: Session) -> list[str]:
-    """One line per input file: cells, genes matched, and the cells that the cell filters dropped."""
+    """One line per input file: cells, genes matched, the cells that the cell filters dropped, the empty cells."""
     return [
         f"  {f.path}: {len(f.cells)} cells, {f.n_matched} of {f.n_genes} genes in the vocabulary"
         + (f"; {f.cells.describe_dropped()}" if f.cells.n_dropped else "")
+        + (f"; {f.cells.describe_empty()}" if f.cells.n_empty else "")
         for f in session.files
     ]
 
@@ -101,6 +102,8 @@ def run_metadata(session: Session, world_size: int) -> dict:
     }
     if any(f.cells.n_dropped for f in session.files):
         metadata["cells_dropped"] = np.array([f.cells.n_dropped for f in session.files])
+    if any(f.cells.n_empty for f in session.files):
+        metadata["cells_empty"] = np.array([f.cells.n_empty for f in session.files])
     if inference.pretrained_embedding:
         metadata["pretrained_embedding"] = list(inference.pretrained_embedding)
     if inference.adapter:

@@ -2,7 +2,8 @@
 
 :func:`prepare` loads the checkpoint with the run's settings (adapters, another species' gene embeddings, the
 ``esm2ce`` baseline), opens every input file for row-block reading, matches its genes with the vocabulary, and
-cuts its cells into work units of ``chunk_size`` consecutive cells. It reads no counts and writes nothing.
+cuts its cells into work units of ``chunk_size`` consecutive cells. It checks the counts in one pass over each
+file (NaN, infinite, negative, non-integer, empty cells; :meth:`CellTokenizer.prepare`) and writes nothing.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def load_for_run(config: RunConfig, device: torch.device) -> Checkpoint:
 
 
 def prepare(config: RunConfig, device: torch.device) -> Session:
-    """Load the model, open the inputs and plan the work units; reads no counts and writes nothing.
+    """Load the model, open and check the inputs, and plan the work units; writes nothing.
 
     Whether the output may be written is for the caller to check
     (:func:`~transcriptformer.inference.output.claim_output`): a dry run reports an existing output instead of

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from transcriptformer.data.vocab import GeneVocab, read_embedding_keys, read_embedding_table
+from transcriptformer.errors import UserError
 from transcriptformer.model.transcriptformer import TranscriptFormer
 
 
@@ -62,6 +63,12 @@ def build_swapped_table(
         ids, rows = read_embedding_table(path)
         if rows.shape[1] != table.shape[1]:
             raise ValueError(f"{path}: gene embeddings are {rows.shape[1]} wide, the model's are {table.shape[1]}")
+        not_finite = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+        if not_finite.size:
+            raise UserError(
+                f"{path}: the gene embeddings of {not_finite.size} gene(s) hold NaN or infinite values (first: "
+                f"{ids[not_finite[0]]}); build the file again (transcriptformer build-vocab) or remove those genes"
+            )
         index = new_vocab.lookup(ids)
         _, first = np.unique(index, return_index=True)
         first = first[~filled[index[first]]]

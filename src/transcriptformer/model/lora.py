@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from transcriptformer.errors import UserError
 from transcriptformer.safe_load import check_safetensors
 
 if TYPE_CHECKING:
@@ -243,6 +244,8 @@ def load_adapters(
     ------
     FileNotFoundError
         When ``path`` holds no adapters.
+    UserError
+        When the adapter weights hold NaN or infinite values.
     """
     path = Path(path)
     missing = [name for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE) if not (path / name).is_file()]
@@ -252,10 +255,25 @@ def load_adapters(
         raise ValueError("merged adapters cannot stay trainable; pass merge=False to keep training them")
     fix = "give --adapter a folder that 'transcriptformer finetune' saved"
     check_safetensors(path / ADAPTER_WEIGHTS_FILE, what="the adapter weights", fix=fix)
+    check_finite_adapters(path / ADAPTER_WEIGHTS_FILE)
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
     return merge_adapters(peft_model) if merge else peft_model
+
+
+def check_finite_adapters(weights_file: Path) -> None:
+    """Refuse adapter weights that hold NaN or infinite values (a diverged run), naming the first tensor."""
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(weights_file)
+    bad = [key for key, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise UserError(
+            f"{weights_file}: {len(bad)} adapter tensor(s) hold NaN or infinite values (first: {bad[0]}); they come "
+            "from a diverged run: train them again with a lower --lr (and --gradient-clip on)"
+        )
 
 
 def merge_adapters(model: PeftModel) -> TranscriptFormer:

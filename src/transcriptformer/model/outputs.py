@@ -45,6 +45,9 @@ class OutputSpec:
     scores_targets : bool
         A per-gene output that scores each position's prediction target: the position whose target is
         ``[END]`` (:func:`end_target_position`) holds no value of its gene.
+    may_be_nan : bool
+        NaN marks a value that does not exist (``gene_llh`` of a gene the gene-id head has no class for, after a
+        gene-table swap); elsewhere a NaN is an error.
     """
 
     name: str
@@ -53,6 +56,7 @@ class OutputSpec:
     anndata: Slot
     heads: tuple[Head, ...] = ()
     scores_targets: bool = False
+    may_be_nan: bool = False
 
 
 OUTPUTS: dict[str, OutputSpec] = {
@@ -69,6 +73,7 @@ OUTPUTS: dict[str, OutputSpec] = {
             "layers",
             heads=("gene_id",),
             scores_targets=True,
+            may_be_nan=True,
         ),
         OutputSpec("mu", "gene", "(B, L) expected count of each position's gene", "layers", heads=("count",)),
         OutputSpec("cge", "gene", "(B, L, E) contextual gene embedding of each position's gene", "cge"),

@@ -33,6 +33,9 @@ class DataSettings:
         Share of each training file held out for validation (seeded) when no ``val_files`` are given.
     gene_col_name : str or None
         ``var`` column with gene ids; the checkpoint's when ``None``.
+    invalid_counts : str or None
+        What to do with NaN, infinite or negative counts (see :class:`~transcriptformer.config.DataConfig`);
+        ``data_config``'s when ``None``.
     use_raw : bool or None
         Count matrix: ``adata.raw`` when present (``None``), forced (``True``) or ``adata.X`` (``False``).
     batch_size : int
@@ -45,6 +48,7 @@ class DataSettings:
     val_files: list[str] = field(default_factory=list)
     val_fraction: float = 0.0
     gene_col_name: str | None = None
+    invalid_counts: str | None = None
     use_raw: bool | None = None
     batch_size: int = 8
     num_workers: int = 0

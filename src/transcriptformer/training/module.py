@@ -19,9 +19,14 @@ import torch
 from torch import nn
 
 from transcriptformer.data.tokenize import Batch
+from transcriptformer.errors import UserError
 from transcriptformer.model.lora import base_model
 from transcriptformer.training.config import OptimSettings
 from transcriptformer.training.objective import LossTerms, training_loss
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """The training loss became NaN or infinite: training stops before the weights take the step."""
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -88,11 +93,23 @@ class TranscriptFormerModule(L.LightningModule):
         return base_model(self.model)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        """Objective of one batch, with dropout masks drawn from a per-batch seed."""
+        """Objective of one batch, with dropout masks drawn from a per-batch seed.
+
+        Raises
+        ------
+        NonFiniteLossError
+            When the loss is NaN or infinite (no step is taken with it).
+        """
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self._batch_seed())
             terms = training_loss(self.transcriptformer, batch)
+        if not torch.isfinite(terms.loss):
+            raise NonFiniteLossError(
+                f"the training loss is {float(terms.loss)} at optimizer step {self.global_step} (batch {batch_idx} "
+                f"of epoch {self.current_epoch}): the run diverged; lower the learning rate (--lr, optim.lr), warm "
+                "up longer (--warmup-steps) and keep gradient clipping on (--gradient-clip)"
+            )
         self._log_terms("train", terms, batch)
         return terms.loss
 

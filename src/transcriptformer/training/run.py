@@ -36,8 +36,8 @@ def tokenize_files(
     checkpoint: Checkpoint, sources: Sequence[str | Path | ad.AnnData], data: DataSettings
 ) -> list[TokenizedCells]:
     """Tokenize training or validation cells with the checkpoint's vocabularies and tokenization settings."""
-    gene_col_name = {"gene_col_name": data.gene_col_name} if data.gene_col_name else {}
-    tokenizer = checkpoint.tokenizer(**gene_col_name)
+    settings = {"gene_col_name": data.gene_col_name, "invalid_counts": data.invalid_counts}
+    tokenizer = checkpoint.tokenizer(**{name: value for name, value in settings.items() if value is not None})
     return [tokenizer.tokenize(source, data.use_raw) for source in sources]
 
 

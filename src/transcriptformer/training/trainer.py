@@ -7,8 +7,10 @@ every GPU when there is one.
 Training never loses work: a run that ``max_steps`` ends mid-epoch still validates once before it stops (so early
 stopping and the best checkpoint have their validation loss), and a run that fails or is interrupted (Ctrl+C) after
 its first optimizer step writes a resumable ``last.ckpt`` and the model (or adapters) trained so far to
-``<output>/interrupted`` before the error goes on. Weights holding NaN or infinite values are never saved. A resumed
-checkpoint is read safely (:class:`SafeCheckpointIO`): tensors and plain values only, never other pickled objects.
+``<output>/interrupted`` before the error goes on. A run whose loss becomes NaN or infinite stops there
+(:class:`~transcriptformer.training.module.NonFiniteLossError`) and saves nothing: it diverged. Weights holding NaN
+or infinite values are never saved. A resumed checkpoint is read safely (:class:`SafeCheckpointIO`): tensors and
+plain values only, never other pickled objects.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from transcriptformer.runtime import resolve_precision
 from transcriptformer.safe_load import load_torch_file
 from transcriptformer.training.config import TrainerSettings
 from transcriptformer.training.datamodule import CellDataModule
-from transcriptformer.training.module import TranscriptFormerModule
+from transcriptformer.training.module import NonFiniteLossError, TranscriptFormerModule
 from transcriptformer.training.objective import LossTerms, training_loss
 
 CHECKPOINT_DIR = "checkpoints"
@@ -222,8 +224,8 @@ class KeepWorkOnFailure(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """Write ``last.ckpt`` and the model trained so far, then report them (on the first process)."""
-        if trainer.global_step == 0 or isinstance(exception, NonFiniteWeightsError):
-            return  # nothing trained yet (or not restored yet), or the error already says why nothing is saved
+        if trainer.global_step == 0 or isinstance(exception, NonFiniteWeightsError | NonFiniteLossError):
+            return  # nothing trained yet (or not restored yet), or diverged: the error says why nothing is saved
         stopped = f"training stopped by {type(exception).__name__} after {trainer.global_step} optimizer step(s)"
         try:
             require_finite_weights(pl_module, f"the {self.output.what} trained so far")
