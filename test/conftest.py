@@ -49,3 +49,11 @@ def tiny_train_overrides(output: Path, *overrides: str) -> list[str]:
         "trainer.log_every_n_steps=1",
         *overrides,
     ]
+
+
+def assert_no_output(output: Path) -> None:
+    """Nothing that looks like a finished result: the output folder may exist (with the run's lock file), no .h5ad."""
+    if output.is_dir():
+        assert not list(output.rglob("*.h5ad")), list(output.rglob("*"))
+    else:
+        assert not output.exists()

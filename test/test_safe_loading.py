@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import transcriptformer
-from conftest import REFERENCE_DIR, REFERENCE_INPUT, TRAIN_CONFIG, tiny_train_overrides
+from conftest import REFERENCE_DIR, REFERENCE_INPUT, TRAIN_CONFIG, assert_no_output, tiny_train_overrides
 from transcriptformer.checkpoint import WEIGHTS_FILE, load_checkpoint
 from transcriptformer.cli import build_parser, main
 from transcriptformer.cli.inference import config_from_args
@@ -88,14 +88,6 @@ def checkpoint_copy(tmp_path: Path) -> Path:
 def inference_args(checkpoint: Path, output: Path, *extra) -> list:
     return ["inference", "--checkpoint-path", checkpoint, "--data-file", REFERENCE_INPUT, "--output-path", output,
             "--batch-size", "16", *extra]  # fmt: skip
-
-
-def assert_no_output(output: Path) -> None:
-    """Nothing that looks like a finished result (the output folder may exist, empty or with logs only)."""
-    if output.is_dir():
-        assert not list(output.rglob("*.h5ad")), list(output.rglob("*"))
-    else:
-        assert not output.exists()
 
 
 # Checkpoint weights (inference, the API, merge-adapters, finetune: every checkpoint load reads model_weights.pt).
