@@ -189,7 +189,10 @@ class RecordTrainingStart(Callback):
         self.optimizer_state = copy.deepcopy(trainer.optimizers[0].state_dict())
 
 
-def test_resume_continues_exactly(reference_dir, reference_input, tmp_path):
+def test_resume_continues_exactly(reference_dir, reference_input, tmp_path, monkeypatch):
+    # Both runs on as many CPU threads: the default follows the machine's load, and another count changes sums.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
     def config(output, **trainer):
         return FinetuneConfig(
             checkpoint_path=str(reference_dir),

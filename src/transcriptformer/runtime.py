@@ -1,4 +1,4 @@
-"""Where and how the model runs: the device and the numeric precision.
+"""Where and how the model runs: the device, the numeric precision and the CPU threads.
 
 This module is at the bottom of the package (it imports nothing of it) and imports torch only when a function
 needs it, so that the command line can offer these choices without loading torch.
@@ -7,7 +7,10 @@ needs it, so that the command line can offer these choices without loading torch
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import warnings
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -17,6 +20,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 Backend = Literal["auto", "flex", "chunked", "dense"]
 BACKENDS: tuple[Backend, ...] = ("auto", "flex", "chunked", "dense")
+# Environment variables that set torch's CPU threads, as torch reads them: the first one set wins.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -70,3 +75,73 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.float16 if precision == "16-mixed" else torch.bfloat16)
+
+
+def requested_threads(environ: Mapping[str, str]) -> int | None:
+    """The thread count that :data:`THREAD_VARIABLES` in ``environ`` ask for; ``None`` when none is set.
+
+    Raises
+    ------
+    ValueError
+        When the first variable set is not a whole number >= 1 (OpenMP's nested list ``"4,2"`` counts its first).
+    """
+    for name in THREAD_VARIABLES:
+        value = environ.get(name, "").strip()
+        if value:
+            first = value.split(",")[0].strip()
+            if not first.isdigit() or int(first) < 1:
+                raise ValueError(f"{name}={value!r} is not a thread count: set it to a whole number >= 1, or unset it")
+            return int(first)
+    return None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: the machine's, within its CPU affinity and its container's CPU quota (cgroups)."""
+    import joblib
+
+    return joblib.cpu_count()
+
+
+def idle_cpus() -> float:
+    """The machine's CPUs less its 1-minute load average (runnable processes); all where no load average exists."""
+    cpus = os.cpu_count() or 1
+    return cpus - os.getloadavg()[0] if hasattr(os, "getloadavg") else float(cpus)
+
+
+def default_threads(usable: int, idle: float, reserved: int = 0, processes: int = 1) -> int:
+    """Threads per process that leave no CPU oversubscribed: the usable CPUs that are idle, shared, less ``reserved``.
+
+    Parameters
+    ----------
+    usable
+        CPUs this process may run on (:func:`usable_cpus`).
+    idle
+        CPUs the machine leaves idle (:func:`idle_cpus`), rounded to the nearest whole CPU.
+    reserved
+        CPUs each process keeps for its other busy threads (the inference's data-reading threads).
+    processes
+        Processes of this run that share the CPUs.
+    """
+    free = min(usable, math.floor(idle + 0.5))
+    return max(1, free // processes - reserved)
+
+
+def cpu_threads(reserved: int = 0, processes: int = 1, environ: Mapping[str, str] | None = None) -> int:
+    """Torch's intra-op threads for a run: what :data:`THREAD_VARIABLES` ask for, else :func:`default_threads`.
+
+    ``environ`` defaults to ``os.environ``. On a busy machine, more threads than idle CPUs make every parallel
+    operation wait for a thread that the operating system has paused: many times slower than one thread.
+    """
+    requested = requested_threads(os.environ if environ is None else environ)
+    if requested is not None:
+        return requested
+    return default_threads(usable_cpus(), idle_cpus(), reserved, processes)
+
+
+def use_cpu_threads(reserved: int = 0, processes: int = 1) -> int:
+    """Set torch's intra-op threads to :func:`cpu_threads` and return the count."""
+    import torch
+
+    threads = cpu_threads(reserved, processes)
+    torch.set_num_threads(threads)
+    return threads

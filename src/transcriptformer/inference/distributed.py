@@ -75,12 +75,6 @@ def device_of(rank: Rank, device: torch.device) -> torch.device:
     return device
 
 
-def share_cpu_threads(rank: Rank, device: torch.device) -> None:
-    """Split the CPU cores between CPU processes, so that they do not oversubscribe the machine."""
-    if device.type == "cpu" and rank.world_size > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // rank.world_size))
-
-
 @contextmanager
 def process_group(rank: Rank, init_method: str | None) -> Iterator[None]:
     """Join the processes' gloo group for the duration of the block (nothing to do for a single process)."""

@@ -14,9 +14,9 @@ from transcriptformer.pipeline import plan
 from transcriptformer.version import __version__
 
 
-def processes(count: int) -> str:
-    """``"1 process"``, ``"2 processes"``."""
-    return f"{count} process" + ("es" if count > 1 else "")
+def counted(count: int, noun: str) -> str:
+    """``"1 process"``, ``"2 processes"``, ``"2 CPU threads"``."""
+    return f"{count} {noun}" + ("" if count == 1 else "es" if noun.endswith("s") else "s")
 
 
 def describe_inputs(session: Session) -> list[str]:
@@ -52,7 +52,7 @@ def format_plan(session: Session, world_size: int) -> str:
         *describe_inputs(session),
         f"Plan: {session.n_cells} cells in {count_batches(session)} batches {per_batch}, "
         f"{len(session.units)} unit(s) of up to {inference.chunk_size} cells",
-        f"Device: {session.device.type} ({processes(world_size)}), precision {session.precision}",
+        f"Device: {session.device.type} ({counted(world_size, 'process')}), precision {session.precision}",
         f"Outputs: {', '.join(inference.output_keys)}",
         f"Output file: {session.output_file}{existing_output_note(session)}",
     ]
@@ -76,7 +76,7 @@ def format_summary(session: Session, world_size: int, seconds: float) -> str:
             "Inference finished.",
             *describe_inputs(session),
             f"{session.n_cells} cells in {seconds:.1f} s ({session.n_cells / seconds:.1f} cells/s) on "
-            f"{session.device.type} ({processes(world_size)}), precision {session.precision}",
+            f"{session.device.type} ({counted(world_size, 'process')}), precision {session.precision}",
             f'Open it with: adata = anndata.read_h5ad("{path}"); sc.pp.neighbors(adata, use_rep="embeddings")',
         ]
     )
@@ -94,6 +94,7 @@ def run_metadata(session: Session, world_size: int) -> dict:
         "model_type": session.config.model.model_type,
         "device": session.device.type,
         "processes": world_size,
+        "cpu_threads": torch.get_num_threads(),
         "precision": session.precision,
         "data_files": [str(f.path) for f in session.files],
         "genes_in_file": np.array([f.n_genes for f in session.files]),

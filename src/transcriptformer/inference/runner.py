@@ -38,7 +38,7 @@ from transcriptformer.inference.output import (
     remove_stale_temporaries,
     write_output,
 )
-from transcriptformer.inference.report import format_plan, format_summary, processes, run_metadata
+from transcriptformer.inference.report import counted, format_plan, format_summary, run_metadata
 from transcriptformer.inference.session import (
     SOURCE_FILE_COLUMN,
     Session,
@@ -48,7 +48,7 @@ from transcriptformer.inference.session import (
     read_units,
 )
 from transcriptformer.pipeline import MemoryLimit, predict_gene_outputs
-from transcriptformer.runtime import resolve_device
+from transcriptformer.runtime import resolve_device, use_cpu_threads
 
 
 def process_units(session: Session, units: Sequence[WorkUnit], rank: Rank) -> None:
@@ -91,12 +91,13 @@ def run_worker(rank: Rank, init_method: str | None, config: RunConfig, started: 
     ``started`` is the run's start (``time.time()``), for the summary.
     """
     device = distributed.device_of(rank, resolve_device(config.inference.device))
-    distributed.share_cpu_threads(rank, device)
+    threads = use_cpu_threads(reserved=config.inference.n_data_workers, processes=rank.world_size)
     with distributed.process_group(rank, init_method), prepare(config, device) as session:
         if rank.is_main:
             say(
                 f"Running {session.n_cells} cells from {len(session.files)} file(s) on {device.type} "
-                f"({processes(rank.world_size)}), precision {session.precision}"
+                f"({counted(rank.world_size, 'process')}, {counted(threads, 'CPU thread')}"
+                f"{' each' if rank.world_size > 1 else ''}), precision {session.precision}"
             )
             done = parts.open_parts_dir(session)
             if done:

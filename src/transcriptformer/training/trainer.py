@@ -31,7 +31,7 @@ from torch import nn
 
 from transcriptformer.console import show_progress
 from transcriptformer.errors import UserError
-from transcriptformer.runtime import resolve_precision
+from transcriptformer.runtime import resolve_precision, use_cpu_threads
 from transcriptformer.safe_load import load_torch_file
 from transcriptformer.training.config import TrainerSettings
 from transcriptformer.training.datamodule import CellDataModule
@@ -353,6 +353,7 @@ def fit(
     NonFiniteWeightsError
         When the trained weights hold NaN or infinite values; nothing is saved.
     """
+    use_cpu_threads(reserved=data.num_workers)  # several processes: Lightning's launcher shares the CPUs instead
     trainer = build_trainer(settings, run_dir, data.has_validation, output, callbacks)
     trainer.logger.log_hyperparams(hparams)
     resume = settings.resume

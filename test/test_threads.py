@@ -1,0 +1,93 @@
+"""torch's CPU threads: OMP_NUM_THREADS when set, else no more than the idle CPUs this process may use."""
+
+import os
+import subprocess
+import sys
+
+import anndata as ad
+import pytest
+
+from transcriptformer.runtime import cpu_threads, default_threads, idle_cpus, requested_threads, usable_cpus
+
+
+@pytest.mark.parametrize(
+    ("environ", "threads"),
+    [
+        ({}, None),
+        ({"OMP_NUM_THREADS": "3"}, 3),
+        ({"OMP_NUM_THREADS": " 4,2 "}, 4),  # OpenMP's nested list: the outer level is torch's
+        ({"MKL_NUM_THREADS": "2"}, 2),
+        ({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "2"}, 1),
+        ({"OMP_NUM_THREADS": ""}, None),
+    ],
+)
+def test_requested_threads(environ, threads):
+    assert requested_threads(environ) == threads
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "2.5"])
+def test_a_wrong_thread_variable_names_the_fix(value):
+    with pytest.raises(ValueError, match=f"OMP_NUM_THREADS='{value}' is not a thread count: set it to a whole number"):
+        cpu_threads(environ={"OMP_NUM_THREADS": value})
+
+
+def test_default_threads_leave_no_cpu_oversubscribed():
+    assert default_threads(usable=8, idle=8.0) == 8
+    assert default_threads(usable=8, idle=7.6) == 8  # a load average of 0.4: daemons, not a competing job
+    assert default_threads(usable=8, idle=5.2) == 5  # three busy CPUs
+    assert default_threads(usable=8, idle=-3.0) == 1  # more runnable processes than CPUs
+    assert default_threads(usable=2, idle=64.0) == 2  # an idle machine, but a container of 2 CPUs
+    assert default_threads(usable=8, idle=8.0, reserved=2) == 6  # the data-reading threads keep two
+    assert default_threads(usable=8, idle=8.0, processes=3) == 2
+    assert default_threads(usable=2, idle=2.0, reserved=1, processes=2) == 1
+
+
+def test_this_machine():
+    usable = usable_cpus()
+    assert 1 <= usable <= os.cpu_count()
+    assert idle_cpus() <= os.cpu_count()
+    assert 1 <= cpu_threads(environ={}) <= usable
+    assert cpu_threads(environ={"OMP_NUM_THREADS": str(usable + 1)}) == usable + 1  # asked for: never overruled
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is a Linux call")
+def test_cpu_affinity_limits_the_threads():
+    script = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from transcriptformer.runtime import cpu_threads, usable_cpus; "
+        "print(usable_cpus(), cpu_threads(environ={}), cpu_threads(environ={'OMP_NUM_THREADS': '2'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["1", "1", "2"]
+
+
+def run_inference(tmp_path, reference_dir, reference_input, environ, *flags):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} | environ
+    command = [sys.executable, "-m", "transcriptformer", "inference", "--checkpoint-path", str(reference_dir)]
+    command += ["--data-file", str(reference_input), "--output-path", str(tmp_path), *flags]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_inference_runs_with_omp_num_threads(tmp_path, reference_dir, reference_input, threads):
+    done = run_inference(tmp_path, reference_dir, reference_input, {"OMP_NUM_THREADS": str(threads)})
+    assert done.returncode == 0, done.stderr
+    assert f"on cpu (1 process, {threads} CPU thread{'s' * (threads > 1)})" in done.stdout
+    assert ad.read_h5ad(tmp_path / "embeddings.h5ad").uns["transcriptformer"]["cpu_threads"] == threads
+
+
+def test_inference_leaves_a_cpu_to_each_data_reading_thread(tmp_path, reference_dir, reference_input):
+    done = run_inference(tmp_path, reference_dir, reference_input, {}, "--n-data-workers", "1", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    threads = ad.read_h5ad(tmp_path / "embeddings.h5ad").uns["transcriptformer"]["cpu_threads"]
+    assert 1 <= threads <= max(1, usable_cpus() - 1)
+
+
+def test_inference_refuses_a_wrong_omp_num_threads(tmp_path, reference_dir, reference_input):
+    done = run_inference(tmp_path, reference_dir, reference_input, {"OMP_NUM_THREADS": "all"})
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "transcriptformer inference: error: OMP_NUM_THREADS='all' is not a thread count: "
+        "set it to a whole number >= 1, or unset it"
+    )
+    assert not (tmp_path / "embeddings.h5ad").exists()
