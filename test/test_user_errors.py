@@ -373,3 +373,18 @@ def test_counts_out_of_range_name_the_flag(capsys, tmp_path, command, flag, valu
     )
     assert_one_line_error(code, err, command, f"{flag}: {words}", exit_code=2)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag", "python_name"),
+    [
+        (["inference", "--data-file", REFERENCE_INPUT, "--num-gpus", "0"], "--num-gpus", "num_gpus"),
+        (["finetune", "--train-files", REFERENCE_INPUT, "--val-fraction", "2"], "--val-fraction", "val_fraction"),
+    ],
+)
+def test_errors_name_settings_by_their_flags(capsys, tmp_path, argv, flag, python_name):
+    command, *rest = argv
+    code = main([command, "--checkpoint-path", str(REFERENCE_DIR), *map(str, rest), "--output-path", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert_one_line_error(code, err, command, f"{flag} must be")
+    assert python_name not in err

@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with verbosity(args.verbosity, name):
             return int(args.func(args) or 0)
     except USER_ERRORS as error:
-        return report_user_error(args.command, error)
+        return report_user_error(args.command, error, subcommand_parser(parser, args.command))
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130

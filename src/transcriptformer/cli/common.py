@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from typing import TYPE_CHECKING
 
@@ -16,11 +17,29 @@ if TYPE_CHECKING:
 USE_RAW = {"auto": None, "true": True, "false": False}
 
 
-def report_user_error(command: str, error: BaseException) -> int:
-    """Print ``transcriptformer COMMAND: error: MESSAGE`` on one line and return the exit code 1."""
+def report_user_error(command: str, error: BaseException, parser: argparse.ArgumentParser | None = None) -> int:
+    """Print ``transcriptformer COMMAND: error: MESSAGE`` on one line and return the exit code 1.
+
+    With the command's ``parser``, settings that the message names by their Python name (``num_gpus``) are named by
+    their flag (``--num-gpus``), since a flag and its setting share one name.
+    """
     message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+    if parser is not None and "override" not in message:  # an override error names the override's keys
+        message = with_flag_names(message, parser)
     print(f"transcriptformer {command}: error: {message}", file=sys.stderr)
     return 1
+
+
+def with_flag_names(message: str, parser: argparse.ArgumentParser) -> str:
+    """``message`` with each flag's setting name (one with an underscore, as a whole word) replaced by the flag.
+
+    A dotted override key (``model.inference_config.batch_size=0``) is left as it is.
+    """
+    for action in parser._actions:
+        flag = next((option for option in action.option_strings if option.startswith("--")), None)
+        if flag and "_" in action.dest:
+            message = re.sub(rf"(?<![\w./-]){re.escape(action.dest)}(?![\w=./-])", flag, message)
+    return message
 
 
 def positive_int(text: str) -> int:
