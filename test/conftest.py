@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
 
@@ -49,6 +50,17 @@ def tiny_train_overrides(output: Path, *overrides: str) -> list[str]:
         "trainer.log_every_n_steps=1",
         *overrides,
     ]
+
+
+@pytest.fixture(scope="session")
+def many_cells(tmp_path_factory, reference_input) -> Path:
+    """1280 real cells (the reference cells, 20 times over): a run that lasts long enough to be caught running."""
+    cells = ad.read_h5ad(reference_input)
+    many = ad.concat([cells] * 20, merge="same")
+    many.obs_names = [f"{name}-{i // 64}" for i, name in enumerate(many.obs_names)]
+    path = tmp_path_factory.mktemp("many") / "many.h5ad"
+    many.write_h5ad(path)
+    return path
 
 
 def assert_no_output(output: Path) -> None:

@@ -11,17 +11,6 @@ import numpy as np
 import pytest
 
 
-@pytest.fixture(scope="module")
-def many_cells(tmp_path_factory, reference_input):
-    """1280 real cells (the reference cells, 20 times over) so that a run lasts long enough to be killed."""
-    cells = ad.read_h5ad(reference_input)
-    many = ad.concat([cells] * 20, merge="same")
-    many.obs_names = [f"{name}-{i // 64}" for i, name in enumerate(many.obs_names)]
-    path = tmp_path_factory.mktemp("data") / "many.h5ad"
-    many.write_h5ad(path)
-    return path
-
-
 def command(reference_dir, data, output, *extra):
     return [
         sys.executable, "-m", "transcriptformer", "inference",

@@ -109,17 +109,6 @@ def interrupt(args: list[str], parts: Path) -> None:
 # --- concurrent runs --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def many_cells(tmp_path_factory, reference_input) -> Path:
-    """1280 real cells (the reference cells, 20 times over): a run that lasts long enough to be caught running."""
-    cells = ad.read_h5ad(reference_input)
-    many = ad.concat([cells] * 20, merge="same")
-    many.obs_names = [f"{name}-{i // 64}" for i, name in enumerate(many.obs_names)]
-    path = tmp_path_factory.mktemp("many") / "many.h5ad"
-    many.write_h5ad(path)
-    return path
-
-
 @pytest.mark.slow
 def test_a_second_run_on_the_same_output_fails_at_once(reference_dir, many_cells, tmp_path):
     """Two runs writing one output would mix two runs' units into one file: the second stops before loading."""
