@@ -277,3 +277,15 @@ def test_api_address_with_another_scheme_fails_at_once(tmp_path, capsys, api):
     err = capsys.readouterr().err
     assert "Traceback" not in err and "unsupported address scheme" in err and "attempt" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_that_is_a_file_is_one_clear_line(server, tmp_path, capsys):
+    serve_catalogue(server, [add_dataset(server, "human-a", HUMAN)])
+    a_file = tmp_path / "cells.txt"
+    a_file.write_text("not a folder")
+    argv = ["download-data", "--species", "homo sapiens", "--api-url", server.base_url, "--output-dir", str(a_file)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    message = f"{a_file} is a file, not a folder: choose another --output-dir"
+    assert err == f"transcriptformer download-data: error: {message}"
+    assert a_file.read_text() == "not a folder"

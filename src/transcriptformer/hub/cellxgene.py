@@ -258,6 +258,8 @@ def download_datasets(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"{output_dir} is a file, not a folder: choose another --output-dir")
     output_dir.mkdir(parents=True, exist_ok=True)
     if save_metadata:
         (output_dir / METADATA_FILE).write_text(json.dumps(list(datasets), indent=2))
