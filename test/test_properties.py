@@ -6,7 +6,8 @@ orders and tokenizer settings, and over random attention shapes, padding and cou
 * nothing crashes;
 * how counts are stored (dtype, format, file) never changes a token or a count;
 * the tokens follow the rule of ``DataConfig``: expressed genes only (``pad_zeros``), highest counts first
-  (``sort_genes``, ties in input column order) or in input column order, truncated to ``seq_len``, clipped;
+  (``sort_genes``, ties in input column order) or in input column order, truncated to ``seq_len``, normalised
+  over the genes kept, clipped;
 * sorted by count, the order of the input's genes changes no token, except among genes of equal count: they keep
   the input's order (a stable sort), so their order, and which of them fill the last places of a full sequence,
   follow the input (normalised counts may differ in the last float32 bit: their sum is taken in another order);
@@ -184,8 +185,8 @@ def test_tokens_follow_the_data_config(checkpoint, vocab_genes, data):
             order = np.concatenate([order, np.setdiff1d(known_columns, expressed)])
         kept = order[:seq_len]
         values = raw[kept]
-        if config["normalize_to_scale"] and expressed.size:
-            values = values / raw[expressed].sum() * np.float32(config["normalize_to_scale"])
+        if config["normalize_to_scale"] and values.any():  # over the genes kept, as the original release does
+            values = values / values.sum() * np.float32(config["normalize_to_scale"])
         if config["clip_counts"] is not None:
             values = np.minimum(values, config["clip_counts"])
         if config["pad_zeros"]:
