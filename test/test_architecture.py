@@ -17,6 +17,7 @@ from transcriptformer.api import TranscriptFormerModel
 from transcriptformer.cli import COMMANDS, build_parser, subcommand_parser
 from transcriptformer.cli.common import USE_RAW
 from transcriptformer.config import PredictSettings
+from transcriptformer.evaluation.config import EvaluateConfig
 from transcriptformer.inference.config import InferenceConfig
 from transcriptformer.model.outputs import OUTPUT_KEYS
 from transcriptformer.training.config import DataSettings, OptimSettings, TrainerSettings
@@ -40,6 +41,7 @@ LAYERS = {
     "inference": 4,
     "training": 4,
     "doctor": 4,
+    "evaluation": 4,
     "cli": 5,
     "__main__": 5,
 }
@@ -163,6 +165,13 @@ def test_setting_defaults_are_written_once():
     }
     for dest, default in pairs.items():
         assert finetune[dest] == default, dest
+    evaluate = subcommand_parser(build_parser(["evaluate"]), "evaluate")._actions
+    fields = {field.name: field for field in dataclasses.fields(EvaluateConfig)}
+    for action in evaluate:
+        if action.dest in fields and not action.required:
+            field = fields[action.dest]
+            expected = field.default_factory() if field.default is dataclasses.MISSING else field.default
+            assert action.default == expected, action.dest
 
 
 HEAVY = ("torch", "anndata", "lightning", "peft", "hydra", "scipy")

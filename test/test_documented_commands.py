@@ -35,8 +35,8 @@ DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BUNDLED = ["models", "conf", "scripts", "test", "finetune_lora.py"]
 SHELL_FENCE = re.compile(r"^```(bash|sh|shell|console)\s*$")
 MARKER = re.compile(r"^<!-- (runnable|runnable: network|example: \S.*) -->$")
-# Documents whose runnable blocks take over 20 s on two CPU cores (they train).
-SLOW = {"training.md"}
+# Documents whose runnable blocks take over 20 s on two CPU cores (they train, or evaluate 3,600 cells).
+SLOW = {"training.md", "evaluation.md"}
 
 
 @dataclass

@@ -1,0 +1,101 @@
+"""``transcriptformer evaluate``: compare cell embeddings and baselines on labelled cells (table, JSON, figures)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from transcriptformer.cli.common import add_overwrite_argument, positive_int
+from transcriptformer.evaluation.config import EvaluateConfig
+from transcriptformer.runtime import DEVICES
+
+EXAMPLES = """\
+examples:
+  # the bundled demo model against the PCA and esm2ce baselines, on the bundled mouse brain cells
+  transcriptformer evaluate --data-file test/data/mouse_brain_1k.h5ad --label-key cell_type \\
+      --checkpoint-path models/demo-mouse-brain --output-path evaluation
+
+  # embeddings already in the file, side by side, with batch mixing
+  transcriptformer evaluate --data-file cells.h5ad --label-key cell_type --batch-key donor_id \\
+      --obsm-key X_scVI --obsm-key X_transcriptformer
+
+documentation: docs/evaluation.md
+"""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``evaluate``; their defaults are :class:`EvaluateConfig`'s."""
+    parser.description = (
+        "Judge cell embeddings on labelled cells: label prediction (cz-benchmarks' classifiers and a kNN without "
+        "scaling), Leiden clustering, silhouettes, batch mixing and cross-species transfer, for embeddings in obsm, "
+        "checkpoints run here, and the PCA and esm2ce baselines. Prints a table; writes results.json, umap.png "
+        "and metrics.png."
+    )
+    parser.epilog = EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    cells = parser.add_argument_group("cells")
+    cells.add_argument("--data-file", required=True, help=".h5ad file: counts in raw.X or X, labels in obs")
+    cells.add_argument("--label-key", required=True, help="obs column of the cell labels, e.g. cell_type")
+    cells.add_argument("--batch-key", help="obs column of the batches: adds batch mixing (entropy, silhouette)")
+    cells.add_argument("--species-key", help="obs column of the species: adds cross-species label transfer")
+    methods = parser.add_argument_group("embeddings (PCA of the counts is always evaluated)")
+    methods.add_argument(
+        "--checkpoint-path",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="checkpoint folder or published name, run on the cells; also gives its esm2ce baseline (repeatable)",
+    )
+    methods.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="LoRA adapters of the one --checkpoint-path, evaluated beside it (repeatable)",
+    )
+    methods.add_argument(
+        "--obsm-key", action="append", default=[], metavar="KEY", help="embedding in the file's obsm (repeatable)"
+    )
+    methods.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=EvaluateConfig.batch_size,
+        help="cells per forward pass of a checkpoint (default: %(default)s)",
+    )
+    methods.add_argument(
+        "--device",
+        choices=DEVICES,
+        default=EvaluateConfig.device,
+        help="where checkpoints run; auto: CUDA, then MPS, then CPU (default: %(default)s)",
+    )
+    run = parser.add_argument_group("run and report")
+    run.add_argument(
+        "--output-path",
+        default=EvaluateConfig.output_path,
+        help="folder of results.json, umap.png and metrics.png (default: %(default)s)",
+    )
+    run.add_argument(
+        "--seed",
+        type=int,
+        default=EvaluateConfig.seed,
+        help="seed of folds, classifiers, PCA, Leiden and UMAP: the same seed gives the same results "
+        "(default: %(default)s, cz-benchmarks')",
+    )
+    add_overwrite_argument(run, "a report")
+    parser.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate, print the table, say where the report is."""
+    from transcriptformer.evaluation import require_extra
+
+    require_extra()
+    from transcriptformer.evaluation.report import REPORT_FILES, format_table
+    from transcriptformer.evaluation.run import evaluate
+
+    names = {field.name for field in dataclasses.fields(EvaluateConfig)}
+    config = EvaluateConfig(**{name: value for name, value in vars(args).items() if name in names})
+    results = evaluate(config)
+    print(format_table(results))
+    print(f"report written to {config.output_path}: {', '.join(REPORT_FILES)}")
+    return 0

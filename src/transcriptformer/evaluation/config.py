@@ -1,0 +1,105 @@
+"""Typed settings of ``transcriptformer evaluate``; the command line reads its defaults from here.
+
+It imports nothing heavy, so that ``transcriptformer evaluate --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transcriptformer.config import PredictSettings
+from transcriptformer.runtime import DEVICES
+
+# cz-benchmarks' defaults (src/czbenchmarks/tasks/constants.py: RANDOM_SEED, N_FOLDS, MIN_CLASS_SIZE) and its PCA
+# baseline (src/czbenchmarks/tasks/utils.py: run_standard_scrna_workflow: 3,000 genes, 50 components).
+CZ_BENCHMARKS_SEED = 42
+
+
+@dataclass
+class EvaluateConfig:
+    """What to evaluate, on which cells, and where to write the report.
+
+    Attributes
+    ----------
+    data_file : str
+        ``.h5ad`` file with the counts (``raw.X`` when present, else ``X``) and the label column in ``obs``.
+    label_key : str
+        ``obs`` column of the cell labels (cell types) that the embeddings should separate.
+    batch_key : str or None
+        ``obs`` column of the batches; given, batch mixing is measured.
+    species_key : str or None
+        ``obs`` column of the species; given, labels are transferred from each species to each other one.
+    checkpoint_path : list of str
+        Checkpoints (folders or published names) whose embeddings are computed in the run; each also gives the
+        ``esm2ce`` baseline over its gene-embedding table.
+    adapter : list of str
+        LoRA adapter folders (from ``transcriptformer finetune``) of the one checkpoint; each is evaluated beside it.
+    obsm_key : list of str
+        Embeddings already in the file's ``obsm``, compared side by side with the others.
+    output_path : str
+        Folder of the report: ``results.json``, ``umap.png``, ``metrics.png``.
+    seed : int
+        Seed of the folds, the classifiers, PCA, Leiden, UMAP and the cells sampled for silhouettes.
+    n_folds : int
+        Stratified cross-validation folds of label prediction.
+    min_class_size : int
+        Classes with fewer cells are left out of label prediction (they cannot fill every fold).
+    knn_neighbors : int
+        Neighbours of the unscaled kNN classifier and of the graph that Leiden clusters and UMAP lays out.
+    n_top_genes : int
+        Highly variable genes of the PCA baseline (all genes when the file has fewer).
+    n_pcs : int
+        Components of the PCA baseline.
+    entropy_neighbors : int
+        Neighbourhood size of the batch entropy.
+    silhouette_cells : int
+        Silhouettes are averaged over at most this many cells, sampled with ``seed`` (their cost grows with the
+        square of the number of cells).
+    batch_size : int
+        Cells per forward pass of a checkpoint; results do not depend on it.
+    device : str
+        Where checkpoints run: ``auto``, ``cpu``, ``cuda`` or ``mps``.
+    overwrite : bool
+        Replace a report already in ``output_path``.
+    """
+
+    data_file: str = ""
+    label_key: str = ""
+    batch_key: str | None = None
+    species_key: str | None = None
+    checkpoint_path: list[str] = field(default_factory=list)
+    adapter: list[str] = field(default_factory=list)
+    obsm_key: list[str] = field(default_factory=list)
+    output_path: str = "./evaluation"
+    seed: int = CZ_BENCHMARKS_SEED
+    n_folds: int = 5
+    min_class_size: int = 10
+    knn_neighbors: int = 15
+    n_top_genes: int = 3000
+    n_pcs: int = 50
+    entropy_neighbors: int = 200
+    silhouette_cells: int = 10_000
+    batch_size: int = PredictSettings.batch_size
+    device: str = "auto"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.data_file:
+            raise ValueError("data_file is empty: give the .h5ad file of the cells")
+        if not self.label_key:
+            raise ValueError("label_key is empty: give the obs column of the cell labels")
+        if self.adapter and len(self.checkpoint_path) != 1:
+            raise ValueError(
+                f"{len(self.adapter)} adapter(s) need the one checkpoint they were trained on: give exactly one "
+                f"checkpoint_path (got {len(self.checkpoint_path)})"
+            )
+        for name in ("n_folds", "min_class_size", "knn_neighbors", "n_top_genes", "n_pcs", "entropy_neighbors"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name} must be at least 2, got {getattr(self, name)}")
+        if self.silhouette_cells < 2 or self.batch_size < 1:
+            raise ValueError("silhouette_cells must be at least 2 and batch_size at least 1")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        for name in ("batch_key", "species_key"):
+            if getattr(self, name) == self.label_key:
+                raise ValueError(f"{name} is the label column {self.label_key!r}: name another obs column")

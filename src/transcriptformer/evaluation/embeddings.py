@@ -1,0 +1,194 @@
+"""The cells to evaluate and the embeddings compared on them.
+
+Embeddings come from ``obsm`` keys of the file, from checkpoints run in the same process through
+:func:`transcriptformer.api.load` (with adapters), and from two baselines: PCA of the counts (the standard scanpy
+workflow as cz-benchmarks runs it) and, per checkpoint, ``esm2ce`` (the mean of the gene-embedding rows of a cell's
+genes, run through the same batch loop as the model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from transcriptformer.api import TranscriptFormerModel, load
+from transcriptformer.config import PredictSettings
+from transcriptformer.console import say
+from transcriptformer.data.hdf5 import open_hdf5
+from transcriptformer.data.sources import H5AD, open_counts
+from transcriptformer.errors import UserError
+from transcriptformer.evaluation.config import EvaluateConfig
+from transcriptformer.pipeline import predict_positions
+
+
+@dataclass
+class Embedding:
+    """One representation of the cells.
+
+    Attributes
+    ----------
+    name : str
+        The method's name in the report.
+    source : str
+        Where it comes from, in words.
+    values : ndarray
+        ``(n_cells, dimensions)`` float32, one row per cell of the file.
+    """
+
+    name: str
+    source: str
+    values: np.ndarray
+
+
+@dataclass
+class Cells:
+    """The evaluated cells and their annotations, in the file's order.
+
+    Attributes
+    ----------
+    adata : AnnData
+        The file's cells.
+    labels : Series
+        The label of every cell, as strings.
+    batches, species : Series or None
+        The batch and species of every cell, when their columns are given.
+    """
+
+    adata: ad.AnnData
+    labels: pd.Series
+    batches: pd.Series | None
+    species: pd.Series | None
+
+    def subset(self, keep: np.ndarray) -> Cells:
+        """The cells where ``keep`` is true."""
+        return Cells(
+            self.adata[keep].copy(),
+            self.labels[keep],
+            None if self.batches is None else self.batches[keep],
+            None if self.species is None else self.species[keep],
+        )
+
+
+def read_cells(config: EvaluateConfig) -> Cells:
+    """Read the file and its annotation columns; cells missing a label, batch or species are left out."""
+    path = Path(config.data_file)
+    if path.suffix.lower() != ".h5ad":
+        raise ValueError(f"{path}: evaluate reads .h5ad files (the labels are obs columns); got {path.suffix!r}")
+    open_hdf5(path, H5AD).close()  # a missing, truncated or foreign file is named with the fix
+    adata = ad.read_h5ad(path)
+    columns = {"label_key": config.label_key, "batch_key": config.batch_key, "species_key": config.species_key}
+    given = {name: column for name, column in columns.items() if column is not None}
+    for name, column in given.items():
+        if column not in adata.obs:
+            raise KeyError(
+                f"{name} {column!r} is not an obs column of {path}; its columns: {', '.join(map(str, adata.obs))}"
+            )
+    annotated = np.logical_and.reduce([adata.obs[column].notna().to_numpy() for column in given.values()])
+    if not annotated.all():
+        say(f"{int((~annotated).sum())} of {adata.n_obs} cells have no {' or '.join(given.values())}; left out")
+    cells = Cells(
+        adata,
+        adata.obs[config.label_key].astype(str),
+        adata.obs[config.batch_key].astype(str) if config.batch_key else None,
+        adata.obs[config.species_key].astype(str) if config.species_key else None,
+    )
+    return cells if annotated.all() else cells.subset(annotated)
+
+
+def gather_embeddings(cells: Cells, config: EvaluateConfig) -> list[Embedding]:
+    """Every embedding of the run, named uniquely: checkpoints, adapters, ``obsm`` keys, ``esm2ce``, PCA."""
+    stored = list(obsm_embeddings(cells.adata, config.obsm_key))  # checked before any model runs
+    embeddings = [*checkpoint_embeddings(cells.adata, config), *stored, pca_embedding(cells.adata, config)]
+    seen: dict[str, int] = {}
+    for embedding in embeddings:
+        seen[embedding.name] = seen.get(embedding.name, 0) + 1
+        if seen[embedding.name] > 1:
+            embedding.name = f"{embedding.name}#{seen[embedding.name]}"
+    return embeddings
+
+
+def obsm_embeddings(adata: ad.AnnData, keys: list[str]) -> Iterator[Embedding]:
+    """The embeddings stored under ``keys`` of ``adata.obsm``."""
+    for key in keys:
+        if key not in adata.obsm:
+            available = ", ".join(adata.obsm) or "none"
+            raise KeyError(f"obsm_key {key!r} is not in the file's obsm (its keys: {available})")
+        values = adata.obsm[key]
+        values = values.toarray() if hasattr(values, "toarray") else np.asarray(values)
+        if values.ndim != 2:
+            raise ValueError(f"obsm[{key!r}] has shape {values.shape}; an embedding has one row per cell")
+        yield Embedding(key, f"obsm[{key!r}]", values.astype(np.float32))
+
+
+def checkpoint_embeddings(adata: ad.AnnData, config: EvaluateConfig) -> Iterator[Embedding]:
+    """For each checkpoint: its embeddings, those with each adapter, and its ``esm2ce`` baseline."""
+    for path in config.checkpoint_path:
+        name = Path(path).name or str(path)
+        say(f"embedding the cells with {path}")
+        model = load(path, device=config.device)
+        yield Embedding(name, f"checkpoint {path}", model_embedding(model, adata, config.batch_size))
+        yield Embedding(f"esm2ce:{name}", f"esm2ce baseline of {path}", esm2ce_embedding(model, adata, config))
+        for adapter in config.adapter:
+            say(f"embedding the cells with {path} and the adapters {adapter}")
+            adapted = load(path, device=config.device, adapter=adapter)
+            yield Embedding(
+                f"{name}+{Path(adapter).name}",
+                f"checkpoint {path} with adapters {adapter}",
+                model_embedding(adapted, adata, config.batch_size),
+            )
+
+
+def model_embedding(model: TranscriptFormerModel, adata: ad.AnnData, batch_size: int) -> np.ndarray:
+    """The model's cell embeddings of every cell of ``adata``."""
+    return model.embed(adata, key_added=None, batch_size=batch_size)
+
+
+def esm2ce_embedding(model: TranscriptFormerModel, adata: ad.AnnData, config: EvaluateConfig) -> np.ndarray:
+    """The ``esm2ce`` baseline of the model's checkpoint, through the batch loop that runs the model."""
+    settings = PredictSettings(("embeddings",), batch_size=config.batch_size)
+    esm2ce = model.checkpoint.esm2ce()
+    return predict_positions(esm2ce, model.tokenize(adata), settings, model.device)["embeddings"]
+
+
+def pca_embedding(adata: ad.AnnData, config: EvaluateConfig) -> Embedding:
+    """PCA of the counts: library-size normalisation, log1p, highly variable genes, ``n_pcs`` components.
+
+    cz-benchmarks' baseline (src/czbenchmarks/tasks/utils.py, ``run_standard_scrna_workflow``) with its defaults:
+    ``normalize_total`` to the median count, ``log1p``, ``highly_variable_genes`` (seurat flavour), PCA.
+    """
+    import scanpy as sc
+
+    say("PCA baseline")
+    with open_counts(adata) as reader:
+        counts = ad.AnnData(reader.rows(0, reader.n_obs).astype(np.float32), var=pd.DataFrame(index=reader.var.index))
+    counts.var_names_make_unique()
+    sc.pp.normalize_total(counts)
+    sc.pp.log1p(counts)
+    n_top_genes = min(config.n_top_genes, counts.n_vars)
+    if n_top_genes < counts.n_vars:
+        sc.pp.highly_variable_genes(counts, n_top_genes=n_top_genes)
+        counts = counts[:, counts.var["highly_variable"]].copy()
+    n_pcs = min(config.n_pcs, min(counts.shape) - 1)
+    sc.pp.pca(counts, n_comps=n_pcs, random_state=config.seed)
+    return Embedding(
+        "pca", f"PCA: normalize_total, log1p, {n_top_genes} genes, {n_pcs} components", counts.obsm["X_pca"]
+    )
+
+
+def cells_with_every_embedding(embeddings: list[Embedding]) -> np.ndarray:
+    """Cells that every method embeds (a cell with none of a checkpoint's genes gets NaN); errors for ``inf``."""
+    keep = np.ones(len(embeddings[0].values), bool)
+    for embedding in embeddings:
+        finite_or_nan = np.isfinite(embedding.values) | np.isnan(embedding.values)
+        if not finite_or_nan.all():
+            raise UserError(f"{embedding.source} holds infinite values; recompute it")
+        embedded = ~np.isnan(embedding.values).any(axis=1)
+        if not embedded.any():
+            raise UserError(f"{embedding.source} embeds none of the {len(keep)} cells (all NaN): is it the right one?")
+        keep &= embedded
+    return keep

@@ -1,0 +1,200 @@
+"""``transcriptformer evaluate`` on the bundled labelled cells: metrics, baselines, report, determinism, errors.
+
+The commands run in-process through :func:`transcriptformer.cli.main`, so that scanpy's neighbour search is compiled
+(numba) once for the whole module.
+"""
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.image import imread
+
+from conftest import DATA_DIR
+from test_user_errors import assert_one_line_error, run_cli
+from transcriptformer.cli import main
+from transcriptformer.evaluation.config import EvaluateConfig
+from transcriptformer.evaluation.embeddings import pca_embedding, read_cells
+from transcriptformer.evaluation.report import METRICS_FIGURE, RESULTS_FILE, UMAP_FIGURE
+from transcriptformer.evaluation.tasks import (
+    SCORES,
+    batch_entropy,
+    batch_silhouette,
+    label_prediction,
+    label_silhouette,
+    predictable_cells,
+)
+
+MOUSE_BRAIN = DATA_DIR / "mouse_brain_1k.h5ad"
+PBMC = DATA_DIR / "pbmc3k_counts.h5ad"
+DEMO = DATA_DIR.parent.parent / "models" / "demo-mouse-brain"
+
+
+def evaluate(*args) -> tuple[int, str]:
+    """Run ``transcriptformer evaluate ARGS`` in-process; its exit code and what it printed on stdout."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["evaluate", *map(str, args), "--quiet"])
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def mouse_cells(tmp_path_factory) -> Path:
+    """The 1,000 mouse brain cells, a random embedding in obsm (chance level), two halves standing in for species."""
+    cells = ad.read_h5ad(MOUSE_BRAIN)
+    rng = np.random.default_rng(0)
+    cells.obsm["X_random"] = rng.normal(size=(cells.n_obs, 16)).astype(np.float32)
+    cells.obs["half"] = np.where(rng.random(cells.n_obs) < 0.5, "first", "second")
+    path = tmp_path_factory.mktemp("mouse") / "mouse_brain.h5ad"
+    cells.write_h5ad(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_report(mouse_cells, tmp_path_factory) -> tuple[str, dict, Path]:
+    """The demo checkpoint, an obsm key and the baselines, with batch mixing and transfer between the halves."""
+    output = tmp_path_factory.mktemp("report") / "evaluation"
+    code, printed = evaluate(
+        "--data-file", mouse_cells, "--label-key", "cell_type", "--checkpoint-path", DEMO, "--obsm-key", "X_random",
+        "--batch-key", "tissue", "--species-key", "half", "--output-path", output,
+    )  # fmt: skip
+    assert code == 0, printed
+    return printed, json.loads((output / RESULTS_FILE).read_text()), output
+
+
+@pytest.mark.slow  # the demo_report fixture: about a minute on two cores
+def test_the_demo_model_an_obsm_key_and_the_baselines_side_by_side(demo_report):
+    printed, results, _ = demo_report
+    methods = ["demo-mouse-brain", "esm2ce:demo-mouse-brain", "X_random", "pca"]
+    assert list(results["methods"]) == methods
+    header = printed.splitlines()[0].split()
+    assert header == methods
+    assert results["methods"]["demo-mouse-brain"]["dimensions"] == 128
+    assert results["methods"]["pca"]["dimensions"] == 50
+    # classes under 10 cells are left out of label prediction only
+    labels = pd.Series(results["labels"])
+    assert results["cells"] == 1000
+    assert results["cells_for_label_prediction"] == labels[labels >= 10].sum()
+
+
+def all_scores(method: dict) -> list[float]:
+    folds = [v for scores in method["label_prediction"].values() for values in scores.values() for v in values]
+    transfers = [t[s] for t in method["cross_species"] for s in SCORES if s in t]
+    return (
+        folds + transfers + [method["silhouette_label"], method["clustering"]["nmi"], *method["batch_mixing"].values()]
+    )
+
+
+@pytest.mark.slow  # the demo_report fixture: about a minute on two cores
+def test_metrics_are_in_their_ranges(demo_report):
+    _, results, _ = demo_report
+    for name, method in results["methods"].items():
+        assert all(0 <= value <= 1 for value in all_scores(method)), name
+        assert -0.5 <= method["clustering"]["ari"] <= 1
+        assert method["clustering"]["clusters"] >= 2
+        for scores in method["label_prediction"].values():
+            assert all(len(folds) == 5 for folds in scores.values())
+        pairs = {(t["train"], t["test"]) for t in method["cross_species"]}
+        assert pairs == {("first", "second"), ("second", "first")}
+
+
+def mean_f1(method: dict, classifier: str) -> float:
+    return float(np.mean(method["label_prediction"][classifier]["f1"]))
+
+
+@pytest.mark.slow  # the demo_report fixture: about a minute on two cores
+def test_pca_and_the_demo_model_beat_a_random_embedding(demo_report):
+    methods = demo_report[1]["methods"]
+    for classifier in ("lr", "knn", "rf", "knn_unscaled"):
+        chance = mean_f1(methods["X_random"], classifier)
+        assert chance < 0.25, classifier
+        assert mean_f1(methods["pca"], classifier) > chance + 0.4, classifier
+        assert mean_f1(methods["demo-mouse-brain"], classifier) > chance + 0.2, classifier
+    assert methods["pca"]["clustering"]["ari"] > methods["X_random"]["clustering"]["ari"] + 0.2
+    lr_transfer = [t["f1"] for t in methods["pca"]["cross_species"] if t["classifier"] == "lr"]
+    assert min(lr_transfer) > 0.5
+
+
+@pytest.mark.slow  # the demo_report fixture: about a minute on two cores
+def test_the_report_files_are_written(demo_report):
+    printed, _, output = demo_report
+    assert f"report written to {output}" in printed
+    umap, bars = imread(output / UMAP_FIGURE), imread(output / METRICS_FIGURE)
+    assert umap.shape[0] > 300 and umap.shape[1] > 1200  # four panels and the legend
+    assert bars.shape[0] > 300 and bars.shape[1] > 600
+
+
+@pytest.mark.parametrize("path", [MOUSE_BRAIN, PBMC], ids=["mouse_brain_1k", "pbmc3k"])
+def test_the_pca_baseline_predicts_cell_types_far_above_chance(path):
+    config = EvaluateConfig(data_file=str(path), label_key="cell_type")
+    cells = read_cells(config)
+    values = pca_embedding(cells.adata, config).values
+    kept = predictable_cells(cells.labels, config.min_class_size, "cell_type")
+    labels = cells.labels[kept]
+    majority = labels.value_counts(normalize=True).iloc[0]  # accuracy of always guessing the largest class
+    scores = label_prediction(values[kept], labels, config)
+    for classifier in ("lr", "knn_unscaled"):
+        assert np.mean(scores[classifier]["accuracy"]) > majority + 0.3, classifier
+        assert np.mean(scores[classifier]["f1"]) > 0.75, classifier
+        assert np.mean(scores[classifier]["auroc"]) > 0.95, classifier
+    assert 0.5 < label_silhouette(values, cells.labels.to_numpy()) <= 1
+
+
+def test_batch_metrics_tell_mixed_batches_from_separated_ones():
+    config = EvaluateConfig(data_file=str(PBMC), label_key="cell_type", entropy_neighbors=50)
+    cells = read_cells(config)
+    values = pca_embedding(cells.adata, config).values
+    labels = cells.labels.to_numpy()
+    mixed = np.random.default_rng(1).choice(["a", "b"], size=len(labels))
+    separated = np.where(np.isin(labels, ["CD14+ Mono", "FCGR3A+ Mono", "DC"]), "myeloid", "lymphoid")
+    assert batch_entropy(values, mixed, config) > 0.95
+    assert batch_entropy(values, separated, config) < 0.1
+    assert batch_silhouette(values, labels, mixed) > 0.9
+    assert 0 <= batch_silhouette(values, separated, mixed) <= 1
+
+
+def test_the_same_seed_gives_the_same_results(tmp_path):
+    cells = ad.read_h5ad(PBMC)[::6].copy()  # 440 cells
+    path = tmp_path / "pbmc.h5ad"
+    cells.write_h5ad(path)
+    runs = []
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        code, printed = evaluate("--data-file", path, "--label-key", "cell_type", "--seed", seed, "--output-path",
+                                 tmp_path / name)  # fmt: skip
+        assert code == 0, printed
+        runs.append(json.loads((tmp_path / name / RESULTS_FILE).read_text()))
+    assert runs[0] == runs[1]
+    assert runs[0]["methods"]["pca"] != runs[2]["methods"]["pca"]  # other folds, other forest
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--label-key", "cell_typo"], ["--label-key 'cell_typo' is not an obs column", "cell_type_ontology_term_id"]),
+        (["--label-key", "organism"], ["--label-key 'organism' has 1 class(es)", "'Mus musculus': 1000", "two"]),
+        (["--label-key", "cell_type", "--batch-key", "donor_id"], ["--batch-key 'donor_id' holds a single value"]),
+        (["--label-key", "cell_type", "--obsm-key", "X_scVI"], ["--obsm-key 'X_scVI' is not in the file's obsm"]),
+        (["--label-key", "cell_type", "--adapter", "adapters"], ["adapter(s) need the one checkpoint", "got 0"]),
+    ],
+    ids=["wrong-label-key", "single-class", "single-batch", "missing-obsm-key", "adapter-without-checkpoint"],
+)
+def test_user_mistakes_are_one_line_errors(capsys, tmp_path, args, words):
+    output = tmp_path / "evaluation"
+    code, err = run_cli(capsys, "evaluate", "--data-file", MOUSE_BRAIN, *args, "--output-path", output)
+    assert_one_line_error(code, err, "evaluate", *words)
+    assert not output.exists()
+
+
+@pytest.mark.slow  # the demo_report fixture: about a minute on two cores
+def test_a_report_is_not_overwritten_unless_asked(capsys, demo_report, mouse_cells):
+    output = demo_report[2]
+    before = (output / RESULTS_FILE).read_text()
+    code, err = run_cli(capsys, "evaluate", "--data-file", mouse_cells, "--label-key", "cell_type", "--output-path",
+                        output)  # fmt: skip
+    assert_one_line_error(code, err, "evaluate", "already holds a report", "--overwrite")
+    assert (output / RESULTS_FILE).read_text() == before
