@@ -17,6 +17,7 @@ from matplotlib.image import imread
 
 from conftest import DATA_DIR
 from test_user_errors import assert_one_line_error, run_cli
+from transcriptformer.checkpoint import load_checkpoint
 from transcriptformer.cli import main
 from transcriptformer.evaluation.config import EvaluateConfig
 from transcriptformer.evaluation.embeddings import pca_embedding, read_cells
@@ -29,6 +30,8 @@ from transcriptformer.evaluation.tasks import (
     label_silhouette,
     predictable_cells,
 )
+from transcriptformer.model.lora import add_lora_adapters, save_adapters
+from transcriptformer.training.config import LoraSettings
 
 MOUSE_BRAIN = DATA_DIR / "mouse_brain_1k.h5ad"
 PBMC = DATA_DIR / "pbmc3k_counts.h5ad"
@@ -56,24 +59,34 @@ def mouse_cells(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def demo_report(mouse_cells, tmp_path_factory) -> tuple[str, dict, Path]:
-    """The demo checkpoint, an obsm key and the baselines, with batch mixing and transfer between the halves."""
+def fresh_adapters(tmp_path_factory) -> Path:
+    """LoRA adapters of the demo model as finetune starts them: their update is zero, an exact identity."""
+    model = add_lora_adapters(load_checkpoint(DEMO).model, LoraSettings(r=2), str(DEMO))
+    return save_adapters(model, tmp_path_factory.mktemp("adapters") / "fresh")
+
+
+@pytest.fixture(scope="module")
+def demo_report(mouse_cells, fresh_adapters, tmp_path_factory) -> tuple[str, dict, Path]:
+    """The demo checkpoint with and without adapters, an obsm key, the baselines; batch mixing and transfer."""
     output = tmp_path_factory.mktemp("report") / "evaluation"
     code, printed = evaluate(
-        "--data-file", mouse_cells, "--label-key", "cell_type", "--checkpoint-path", DEMO, "--obsm-key", "X_random",
-        "--batch-key", "tissue", "--species-key", "half", "--output-path", output,
+        "--data-file", mouse_cells, "--label-key", "cell_type", "--checkpoint-path", DEMO, "--adapter", fresh_adapters,
+        "--obsm-key", "X_random", "--batch-key", "tissue", "--species-key", "half", "--output-path", output,
     )  # fmt: skip
     assert code == 0, printed
     return printed, json.loads((output / RESULTS_FILE).read_text()), output
 
 
 @pytest.mark.slow  # the demo_report fixture: about a minute on two cores
-def test_the_demo_model_an_obsm_key_and_the_baselines_side_by_side(demo_report):
+def test_the_demo_model_an_obsm_key_and_the_baselines_side_by_side(demo_report, fresh_adapters):
     printed, results, _ = demo_report
-    methods = ["demo-mouse-brain", "esm2ce:demo-mouse-brain", "X_random", "pca"]
+    methods = ["demo-mouse-brain", "esm2ce:demo-mouse-brain", "demo-mouse-brain+fresh", "X_random", "pca"]
     assert list(results["methods"]) == methods
     header = printed.splitlines()[0].split()
     assert header == methods
+    base, adapted = results["methods"]["demo-mouse-brain"], results["methods"]["demo-mouse-brain+fresh"]
+    assert adapted["label_prediction"] == base["label_prediction"]  # fresh adapters change nothing
+    assert adapted["source"].endswith(f"with adapters {fresh_adapters}")
     assert results["methods"]["demo-mouse-brain"]["dimensions"] == 128
     assert results["methods"]["pca"]["dimensions"] == 50
     # classes under 10 cells are left out of label prediction only
@@ -125,7 +138,7 @@ def test_the_report_files_are_written(demo_report):
     printed, _, output = demo_report
     assert f"report written to {output}" in printed
     umap, bars = imread(output / UMAP_FIGURE), imread(output / METRICS_FIGURE)
-    assert umap.shape[0] > 300 and umap.shape[1] > 1200  # four panels and the legend
+    assert umap.shape[0] > 600 and umap.shape[1] > 1200  # five panels in two rows, and the legend
     assert bars.shape[0] > 300 and bars.shape[1] > 600
 
 
@@ -152,8 +165,9 @@ def test_batch_metrics_tell_mixed_batches_from_separated_ones():
     labels = cells.labels.to_numpy()
     mixed = np.random.default_rng(1).choice(["a", "b"], size=len(labels))
     separated = np.where(np.isin(labels, ["CD14+ Mono", "FCGR3A+ Mono", "DC"]), "myeloid", "lymphoid")
-    assert batch_entropy(values, mixed, config) > 0.95
-    assert batch_entropy(values, separated, config) < 0.1
+    every_cell = np.arange(len(labels))
+    assert batch_entropy(values, mixed, every_cell, config) > 0.95
+    assert batch_entropy(values, separated, every_cell, config) < 0.1
     assert batch_silhouette(values, labels, mixed) > 0.9
     assert 0 <= batch_silhouette(values, separated, mixed) <= 1
 

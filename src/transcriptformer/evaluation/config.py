@@ -52,9 +52,9 @@ class EvaluateConfig:
         Components of the PCA baseline.
     entropy_neighbors : int
         Neighbourhood size of the batch entropy.
-    silhouette_cells : int
-        Silhouettes are averaged over at most this many cells, sampled with ``seed`` (their cost grows with the
-        square of the number of cells).
+    sample_cells : int
+        Silhouettes and the batch entropy are averaged over at most this many cells, sampled with ``seed`` (the
+        cost of a silhouette grows with the square of the number of cells).
     batch_size : int
         Cells per forward pass of a checkpoint; results do not depend on it.
     device : str
@@ -78,7 +78,7 @@ class EvaluateConfig:
     n_top_genes: int = 3000
     n_pcs: int = 50
     entropy_neighbors: int = 200
-    silhouette_cells: int = 10_000
+    sample_cells: int = 10_000
     batch_size: int = PredictSettings.batch_size
     device: str = "auto"
     overwrite: bool = False
@@ -96,8 +96,10 @@ class EvaluateConfig:
         for name in ("n_folds", "min_class_size", "knn_neighbors", "n_top_genes", "n_pcs", "entropy_neighbors"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be at least 2, got {getattr(self, name)}")
-        if self.silhouette_cells < 2 or self.batch_size < 1:
-            raise ValueError("silhouette_cells must be at least 2 and batch_size at least 1")
+        if self.sample_cells < 2:
+            raise ValueError(f"sample_cells must be at least 2, got {self.sample_cells}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         for name in ("batch_key", "species_key"):

@@ -43,7 +43,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         for embedding in embeddings:
             embedding.values = embedding.values[embedded]
     predictable = tasks.predictable_cells(cells.labels, config.min_class_size, f"label_key {config.label_key!r}")
-    sample = tasks.silhouette_sample(len(cells.labels), config)
+    sample = tasks.metric_sample(len(cells.labels), config)
     methods, layouts = {}, {}
     for embedding in embeddings:
         say(f"evaluating {embedding.name} ({embedding.values.shape[1]} dimensions)")

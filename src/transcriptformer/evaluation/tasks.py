@@ -7,8 +7,10 @@
 * batch mixing: entropy of the batches among each cell's neighbours, and scIB's batch silhouette;
 * cross-species transfer: classifiers trained on the cells of one species, tested on another's.
 
-Every random choice takes the run's seed. Neighbours are exact below :data:`EXACT_NEIGHBORS_BELOW` cells and
-approximate (pynndescent) above, as in ``scanpy.pp.neighbors``, so that 100k cells take minutes.
+Every random choice takes the run's seed. The graph of Leiden and UMAP is scanpy's: exact neighbours below 8,192 cells,
+approximate ones (pynndescent) above. Silhouettes and the batch entropy are averaged over at most ``sample_cells``
+cells drawn with the seed, whose neighbours are searched exactly among all cells, so that their cost grows linearly
+with the number of cells.
 
 scib-metrics, which cz-benchmarks calls for the silhouettes, is not used: it needs jax and jaxlib (about 400 MB
 more, measured with pip on Python 3.11) for two formulas that scikit-learn's ``silhouette_samples`` gives. The
@@ -43,12 +45,11 @@ from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from transcriptformer.console import say
 from transcriptformer.errors import UserError
 from transcriptformer.evaluation.config import EvaluateConfig
 from transcriptformer.runtime import cpu_threads
 
-# scanpy.pp.neighbors computes exact euclidean neighbours below this many cells, pynndescent's above.
-EXACT_NEIGHBORS_BELOW = 8192
 UNSCALED_KNN = "knn_unscaled"
 SCORES = ("accuracy", "f1", "auroc")
 # Leiden as cz-benchmarks runs it (src/czbenchmarks/tasks/utils.py, cluster_embedding; tasks/constants.py).
@@ -140,11 +141,11 @@ def umap_coordinates(graph: ad.AnnData, seed: int) -> np.ndarray:
     return graph.obsm["X_umap"]
 
 
-def silhouette_sample(n_cells: int, config: EvaluateConfig) -> np.ndarray:
-    """Indices of the cells whose silhouettes are averaged: all, or ``silhouette_cells`` drawn with the seed."""
-    if n_cells <= config.silhouette_cells:
+def metric_sample(n_cells: int, config: EvaluateConfig) -> np.ndarray:
+    """Cells over which silhouettes and the batch entropy are averaged: all, or ``sample_cells`` drawn with the seed."""
+    if n_cells <= config.sample_cells:
         return np.arange(n_cells)
-    return np.sort(np.random.default_rng(config.seed).choice(n_cells, config.silhouette_cells, replace=False))
+    return np.sort(np.random.default_rng(config.seed).choice(n_cells, config.sample_cells, replace=False))
 
 
 def label_silhouette(values: np.ndarray, labels: np.ndarray) -> float:
@@ -170,23 +171,15 @@ def batch_silhouette(values: np.ndarray, labels: np.ndarray, batches: np.ndarray
     return float(np.mean(per_label))
 
 
-def nearest_neighbors(values: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Indices ``(n_cells, k)`` of each cell's ``k`` nearest cells, itself included; approximate for many cells."""
-    k = min(k, len(values))
-    if len(values) < EXACT_NEIGHBORS_BELOW:
-        return NearestNeighbors(n_neighbors=k).fit(values).kneighbors(values, return_distance=False)
-    from pynndescent import NNDescent
+def batch_entropy(values: np.ndarray, batches: np.ndarray, sample: np.ndarray, config: EvaluateConfig) -> float:
+    """Mean over the sampled cells of the entropy of the batches among the cell's neighbours, over log(batches).
 
-    return NNDescent(values, n_neighbors=k, random_state=seed).neighbor_graph[0]
-
-
-def batch_entropy(values: np.ndarray, batches: np.ndarray, config: EvaluateConfig) -> float:
-    """Mean over cells of the entropy of the batches among the cell's neighbours, divided by log(batches).
-
-    1 when every neighbourhood holds the batches in equal parts (cz-benchmarks' ``compute_entropy_per_cell``).
+    1 when every neighbourhood holds the batches in equal parts (cz-benchmarks' ``compute_entropy_per_cell``, whose
+    ``entropy_neighbors`` neighbours, the cell included, are searched among all cells, exactly, here).
     """
     names, codes = np.unique(batches, return_inverse=True)
-    neighbors = nearest_neighbors(values, config.entropy_neighbors, config.seed)
+    search = NearestNeighbors(n_neighbors=min(config.entropy_neighbors, len(values))).fit(values)
+    neighbors = search.kneighbors(values[sample], return_distance=False)
     counts = np.stack([(codes[neighbors] == code).sum(axis=1) for code in range(len(names))], axis=1)
     shares = counts / counts.sum(axis=1, keepdims=True)
     logs = np.log(shares, out=np.zeros_like(shares), where=shares > 0)
@@ -196,9 +189,9 @@ def batch_entropy(values: np.ndarray, batches: np.ndarray, config: EvaluateConfi
 def batch_mixing(
     values: np.ndarray, labels: np.ndarray, batches: np.ndarray, sample: np.ndarray, config: EvaluateConfig
 ) -> dict[str, float]:
-    """Batch entropy over every cell, batch silhouette over the silhouette sample."""
+    """Batch entropy and batch silhouette, averaged over the sampled cells."""
     return {
-        "entropy": batch_entropy(values, batches, config),
+        "entropy": batch_entropy(values, batches, sample, config),
         "batch_silhouette": batch_silhouette(values[sample], labels[sample], batches[sample]),
     }
 
@@ -223,6 +216,7 @@ def cross_species(
         counts = labels[train_cells].value_counts()
         shared = sorted(set(counts[counts >= config.min_class_size].index) & set(labels[test_cells]))
         if len(shared) < 2:
+            say(f"{train}->{test}: {len(shared)} shared label(s) of {config.min_class_size}+ cells; transfer skipped")
             results.append({"train": train, "test": test, "shared_labels": len(shared)})
             continue
         train_cells &= labels.isin(shared).to_numpy()
