@@ -9,7 +9,7 @@ State-dict keys match the published checkpoints::
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +29,7 @@ from transcriptformer.model.likelihood import (
     next_token_targets,
     zero_truncated_poisson_nll,
 )
-from transcriptformer.model.outputs import OUTPUT_KEYS, check_output_keys, needs_head
+from transcriptformer.model.outputs import available_outputs, check_output_keys, needs_head
 from transcriptformer.runtime import Backend
 
 
@@ -132,8 +132,8 @@ class TranscriptFormer(nn.Module):
 
     @property
     def output_keys(self) -> tuple[str, ...]:
-        """The outputs this model computes (``gene_llh`` needs a gene-id head)."""
-        return tuple(key for key in OUTPUT_KEYS if self.gene_id_head is not None or key != "gene_llh")
+        """The outputs this model computes (those of the gene-id head need one)."""
+        return available_outputs(("count", "gene_id") if self.gene_id_head is not None else ("count",))
 
     def length_multiple(self, device: torch.device) -> int:
         """Multiple that batch lengths are rounded up to on ``device`` (the flex block size, or 1)."""
@@ -283,5 +283,29 @@ class TranscriptFormer(nn.Module):
             "gene_llh": lambda: scores["gene_nll"],
             "mu": lambda: out.mu,
             "cge": lambda: out.hidden,
+            **self.log_likelihoods(scores),
         }
         return {key: available[key]().float() for key in output_keys}
+
+    @staticmethod
+    def log_likelihoods(scores: dict[str, Tensor]) -> dict[str, Callable[[], Tensor]]:
+        """The score outputs (``log_likelihood*``) of :meth:`likelihoods`' results, each computed when called.
+
+        A position's log-likelihood is that of its gene's identity (the gene-id head's softmax, given the genes and
+        counts before it) plus that of its count (the zero-truncated Poisson of the count head, given its gene):
+        ``-gene_nll - count_nll``. A cell's is the sum over its positions; ``mean_log_likelihood`` divides it by
+        the number of positions. Natural logarithms; 0 at padding.
+        """
+        mask = scores["mask"]
+        per_position = {
+            "gene_log_likelihood_gene_id": lambda: -scores["gene_nll"],
+            "gene_log_likelihood_count": lambda: -scores["count_nll"],
+            "gene_log_likelihood": lambda: -scores["gene_nll"] - scores["count_nll"],
+        }
+        per_cell = {
+            "log_likelihood_gene_id": lambda: per_position["gene_log_likelihood_gene_id"]().sum(-1),
+            "log_likelihood_count": lambda: per_position["gene_log_likelihood_count"]().sum(-1),
+            "log_likelihood": lambda: per_position["gene_log_likelihood"]().sum(-1),
+            "mean_log_likelihood": lambda: masked_mean(per_position["gene_log_likelihood"](), mask),
+        }
+        return per_position | per_cell
