@@ -40,6 +40,7 @@ LAYERS = {
     "inference": 4,
     "training": 4,
     "doctor": 4,
+    "generation": 4,
     "cli": 5,
     "__main__": 5,
 }

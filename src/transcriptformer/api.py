@@ -6,11 +6,12 @@
 >>> result["embeddings"].shape
 (n_cells, 2048)
 >>> embeddings = model.embed(adata)  # also stored in adata.obsm["X_transcriptformer"]
+>>> generated = model.generate(adata, seed=0)  # new cells like those of adata: an AnnData of counts
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from transcriptformer.checkpoint import Checkpoint, load_checkpoint
-from transcriptformer.config import PredictSettings
+from transcriptformer.config import GenerateSettings, PredictSettings
 from transcriptformer.data.tokenize import TokenizedCells
 from transcriptformer.hub.cache import resolve_checkpoint
 from transcriptformer.pipeline import predict_positions
@@ -159,6 +160,43 @@ class TranscriptFormerModel:
                 )
             data.obsm[key_added] = embeddings
         return embeddings
+
+    def generate(
+        self,
+        data: ad.AnnData | str | Path | TokenizedCells | None = None,
+        *,
+        aux: dict[str, str] | None = None,
+        genes: Sequence[str] = (),
+        **settings: Any,
+    ) -> ad.AnnData:
+        """Sample new cells, gene by gene with their counts (docs/generate.md).
+
+        Parameters
+        ----------
+        data
+            Prompt cells: generated cell ``i`` takes the aux values, number of genes and total count of prompt
+            cell ``i`` modulo their number (cells without counts are left out). ``None``: give ``num_cells`` and
+            ``library_size``.
+        aux
+            Aux column -> value for every cell (e.g. ``{"assay": "MERFISH"}``), instead of the prompt cells'.
+        genes
+            Genes (ids or symbols) every cell starts with, in this order; their counts are drawn.
+        **settings
+            Fields of :class:`~transcriptformer.config.GenerateSettings`: ``num_cells``, ``max_genes``,
+            ``num_genes``, ``library_size``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``batch_size``,
+            ``prompt_genes``, ``use_cache``.
+
+        Returns
+        -------
+        AnnData
+            Cells x the vocabulary's genes, raw counts in ``X``; see :mod:`transcriptformer.generation`.
+        """
+        from transcriptformer.generation import generate
+
+        prompt_cells = data
+        if data is not None and not isinstance(data, TokenizedCells):
+            prompt_cells = self.tokenize(data, drop_empty_cells=True)
+        return generate(self.checkpoint, GenerateSettings(**settings), self.device, prompt_cells, aux, genes)
 
 
 def load(

@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "train": "pretrain a model from scratch on .h5ad files (Hydra config)",
     "finetune": "train LoRA adapters on a checkpoint with your cells",
     "merge-adapters": "merge LoRA adapters into their base checkpoint",
+    "generate": "sample new cells from a checkpoint (genes and counts); write one h5ad",
     "download": "download and unpack published checkpoints",
     "download-data": "download CELLxGENE Discover datasets by species",
     "doctor": "check the environment: torch build, GPU, FlexAttention, batch sizes",

@@ -231,6 +231,19 @@ def write_output(
         temporary.unlink(missing_ok=True)
 
 
+def write_anndata(adata: ad.AnnData, path: Path) -> None:
+    """Write ``adata`` to ``path`` under a temporary name, then rename it into place (no half-written file).
+
+    Hold the output with :func:`claim_output` around it.
+    """
+    temporary = temporary_file_of(path, os.getpid())
+    try:
+        adata.write_h5ad(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 class _DeferredFailureFile(io.FileIO):
     """The file HDF5 writes the output to (h5py's ``fileobj`` driver), which keeps a failed write from HDF5.
 

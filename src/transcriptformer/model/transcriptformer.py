@@ -17,10 +17,13 @@ from torch import Tensor, nn
 
 from transcriptformer.config import LossConfig, ModelConfig
 from transcriptformer.model.attention import (
+    AttentionInputs,
     BlockMaskCache,
+    KVCache,
     build_attention_inputs,
     preferred_length_multiple,
     resolve_backend,
+    softcap,
 )
 from transcriptformer.model.layers import MLP, CountHead, GeneEmbedding, TransformerEncoder
 from transcriptformer.model.likelihood import (
@@ -217,9 +220,73 @@ class TranscriptFormer(nn.Module):
 
     def _expected_counts(self, hidden: Tensor, gene_tokens: Tensor, gene_counts: Tensor) -> Tensor:
         """Count head: softmax over the cell's unpadded positions, times its total count."""
-        logits = self.mu(hidden, self.gene_embeddings(gene_tokens), gene_tokens)
-        logits = logits.float().masked_fill(gene_tokens == self.special_tokens.pad, float("-inf"))
+        logits = self.count_logits(hidden, gene_tokens).masked_fill(gene_tokens == self.special_tokens.pad, -torch.inf)
         return torch.softmax(logits, dim=-1) * gene_counts.sum(-1, keepdim=True)
+
+    def count_logits(self, hidden: Tensor, gene_tokens: Tensor) -> Tensor:
+        """``(..., E)`` outputs and ``(...)`` the genes at their positions -> ``(...)`` float32 count-head logits.
+
+        The expected counts of a cell are the softmax of its positions' logits times its total count.
+        """
+        return self.mu(hidden, self.gene_embeddings(gene_tokens), gene_tokens).float()
+
+    def next_gene_logits(self, hidden: Tensor) -> Tensor:
+        """``(B, E)`` outputs -> ``(B, V)`` float32 softcapped gene-id logits over the vocabulary's entries.
+
+        The distribution of the next gene is their softmax. After a gene-table swap, an entry that the gene-id head
+        has no class for gets ``-inf``.
+        """
+        logits = softcap(self.gene_id_head(hidden).float(), self.model_config.softcap)
+        if self.gene_head_classes is None:
+            return logits
+        classes = self.gene_head_classes
+        return logits[:, classes.clamp(min=0)].masked_fill(classes < 0, -torch.inf)
+
+    def start_decoding(self, aux_tokens: Tensor | None, batch_size: int, capacity: int) -> tuple[KVCache, Tensor]:
+        """Begin generating ``batch_size`` cells: run the aux tokens and ``[START]`` into a new key/value cache.
+
+        Parameters
+        ----------
+        aux_tokens
+            ``(B, A)`` the cells' aux tokens, when the model has aux columns.
+        capacity
+            Gene positions to decode at most.
+
+        Returns
+        -------
+        KVCache, Tensor
+            The cache, and the ``(B, E)`` output at ``[START]``, which predicts the first gene.
+        """
+        device = self.gene_embeddings.embedding.weight.device
+        start = torch.full((batch_size, 1), self.special_tokens.start, device=device)
+        x, is_pad, counts = self.gene_embeddings(start), torch.zeros_like(start, dtype=torch.bool), torch.ones(1, 1)
+        counts = counts.to(device).expand(batch_size, 1)
+        if self.aux_embeddings:
+            aux_x, aux_is_pad = self._embed_aux(aux_tokens, batch_size)
+            x, is_pad = torch.cat([aux_x, x], dim=1), torch.cat([aux_is_pad, is_pad], dim=1)
+            counts = torch.cat([torch.ones_like(aux_is_pad, dtype=counts.dtype), counts], dim=1)
+        cfg = self.model_config
+        cache = KVCache(
+            cfg.num_layers, batch_size, cfg.num_heads, cfg.embed_dim // cfg.num_heads, capacity + x.shape[1], x
+        )
+        return cache, self._decode_positions(x, counts, is_pad, cache)[:, -1]
+
+    def decode(self, gene_tokens: Tensor, gene_counts: Tensor, cache: KVCache) -> Tensor:
+        """Add one gene to each cell of ``cache``: ``(B,)`` tokens and counts -> ``(B, E)`` output at that position.
+
+        The output predicts the gene after it; it is 0 for ``[PAD]`` (a cell that has ended). Equals the last
+        position of :meth:`forward` over all the genes so far (inference-mode attention), in one query per layer.
+        """
+        tokens = gene_tokens[:, None]
+        x = self.gene_embeddings(tokens)
+        return self._decode_positions(x, gene_counts[:, None].float(), tokens == self.special_tokens.pad, cache)[:, -1]
+
+    def _decode_positions(self, x: Tensor, counts: Tensor, is_pad: Tensor, cache: KVCache) -> Tensor:
+        """Run ``(B, T, E)`` inputs of new positions over the cached ones (inference mode); ``(B, T, E)`` outputs."""
+        cfg = self.model_config
+        cache.append(torch.log1p(counts + cfg.log_counts_eps), is_pad)
+        attention = AttentionInputs(cache.count_bias, cache.kv_is_pad, cfg.softcap, embed_mode=True)
+        return self.transformer_encoder(x, attention, cache) * ~is_pad[..., None]
 
     def likelihoods(self, out: ModelOutput, gene_tokens: Tensor, gene_counts: Tensor) -> dict[str, Tensor]:
         """Per-position count NLL and gene cross-entropy of a forward pass.
