@@ -23,6 +23,7 @@ from transcriptformer.version import __version__
 # Every subcommand with its one-line help, in the order of --help.
 COMMANDS: dict[str, str] = {
     "inference": "embed and score the cells of h5ad files; write one h5ad",
+    "score": "log-likelihood of each cell and gene under the model; flag outlier cells",
     "train": "pretrain a model from scratch on .h5ad files (Hydra config)",
     "finetune": "train LoRA adapters on a checkpoint with your cells",
     "merge-adapters": "merge LoRA adapters into their base checkpoint",
