@@ -189,3 +189,29 @@ def test_mistakes_are_one_line_errors(tmp_path, capsys, flags, words):
     code, err = run_cli(capsys, "generate", "--checkpoint-path", DEMO_MODEL, "--output-path", out, *flags)
     assert_one_line_error(code, err, "generate", *words)
     assert not list(Path(tmp_path).rglob("*.h5ad"))
+
+
+def test_a_cell_that_draws_end_stops_while_the_others_go_on(demo):
+    """[END] (here forced through a prompt, since the demo model does not draw it) ends only its own cell."""
+    from transcriptformer.model.generate import Prompt, Sampler, generate_cells
+
+    net, vocab = demo.model, demo.checkpoint.gene_vocab
+    first_genes = [vocab[gene] for gene in vocab.gene_ids[:2]]
+    tokens = torch.tensor([[*first_genes, net.special_tokens.end], [*first_genes, net.special_tokens.pad]])
+    excluded = torch.zeros(len(vocab), dtype=torch.bool)
+    excluded[: len(vocab.special_tokens)] = True
+    result = generate_cells(
+        net,
+        torch.zeros(2, 1, dtype=torch.long),
+        torch.tensor([10, 10]),
+        torch.tensor([20.0, 20.0]),
+        [np.random.default_rng([0, i]) for i in range(2)],
+        excluded,
+        sampler=Sampler(1.0, 0, 1.0),
+        max_count=30.0,
+        prompt=Prompt(tokens, torch.full(tokens.shape, float("nan"))),
+    )
+    pad = net.special_tokens.pad
+    assert result.ended.tolist() == [True, False]
+    assert (result.tokens[0] != pad).sum() == 2 and (result.counts[0, 2:] == 0).all()
+    assert (result.tokens[1] != pad).sum() == 10
