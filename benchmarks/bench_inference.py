@@ -52,7 +52,8 @@ def build_checkpoint(size: str, gene_ids: list[str], directory: Path, seq_len: i
         gene_ids = gene_ids + [f"ENSGFILL{i:011d}" for i in range(SAPIENS_VOCAB - len(gene_ids))]
     table_file = directory / "homo_sapiens_gene.h5"
     rng = np.random.default_rng(0)
-    write_embedding_table(table_file, {gene: rng.standard_normal(esm_dim, dtype=np.float32) for gene in gene_ids})
+    vectors = {gene: rng.standard_normal(esm_dim, dtype=np.float32) for gene in gene_ids}
+    write_embedding_table(table_file, vectors)
     config = TranscriptFormerConfig(
         data_config=DataConfig(aux_cols=[], esm2_mappings=[table_file.name]),
         model_config=ModelConfig(seq_len=seq_len, **shape),
@@ -60,7 +61,9 @@ def build_checkpoint(size: str, gene_ids: list[str], directory: Path, seq_len: i
     )
     vocab = GeneVocab.build(config.data_config.special_tokens, gene_ids)
     torch.manual_seed(0)
-    table = torch.randn(len(vocab), esm_dim)
+    table = torch.randn(len(vocab), esm_dim)  # special-token rows random, gene rows those of the table file
+    for gene, vector in vectors.items():
+        table[vocab[gene]] = torch.from_numpy(vector)
     special = SpecialTokens(pad=vocab.special("[PAD]"), start=vocab.special("[START]"), end=vocab.special("[END]"))
     model = TranscriptFormer(config.model_config, config.loss_config, table, special, aux_vocabs={})
     return save_checkpoint(directory / size, config, model, {}, [table_file])

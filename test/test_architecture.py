@@ -18,7 +18,7 @@ from transcriptformer.cli import COMMANDS, build_parser, subcommand_parser
 from transcriptformer.cli.common import USE_RAW
 from transcriptformer.config import PredictSettings
 from transcriptformer.evaluation.config import EvaluateConfig
-from transcriptformer.inference.config import InferenceConfig
+from transcriptformer.inference.config import InferenceConfig, ScoreConfig
 from transcriptformer.model.outputs import OUTPUT_KEYS
 from transcriptformer.training.config import DataSettings, OptimSettings, TrainerSettings
 
@@ -41,6 +41,8 @@ LAYERS = {
     "inference": 4,
     "training": 4,
     "doctor": 4,
+    "generation": 4,
+    "scoring": 4,
     "evaluation": 4,
     "cli": 5,
     "__main__": 5,
@@ -140,12 +142,22 @@ def test_setting_defaults_are_written_once():
     for name in ("output_keys", "batch_size", "max_tokens", "precision"):
         assert api[name].default == getattr(predict, name), name
     assert inspect.signature(TranscriptFormerModel.embed).parameters["batch_size"].default == predict.batch_size
+    score_api = inspect.signature(TranscriptFormerModel.score).parameters
+    for name in ("batch_size", "max_tokens", "precision"):
+        assert score_api[name].default == getattr(predict, name), name
 
-    flags = flag_defaults("inference")
-    assert USE_RAW[flags.pop("use_raw")] == inference.use_raw
-    for field in dataclasses.fields(InferenceConfig):
-        if field.name in flags:
-            assert flags[field.name] == getattr(inference, field.name), field.name
+    score = ScoreConfig()
+    assert score_api["outlier_threshold"].default == score.outlier_threshold
+    score_flags = flag_defaults("score")
+    assert score_flags.pop("outlier_threshold") == score.outlier_threshold
+    for command, flags, run in [
+        ("inference", flag_defaults("inference"), inference),
+        ("score", score_flags, score.inference_defaults()),
+    ]:
+        assert USE_RAW[flags.pop("use_raw")] == run.use_raw, command
+        for field in dataclasses.fields(InferenceConfig):
+            if field.name in flags:
+                assert flags[field.name] == getattr(run, field.name), (command, field.name)
     finetune = flag_defaults("finetune")
     data, optim, trainer = DataSettings(), OptimSettings(), TrainerSettings()
     pairs = {

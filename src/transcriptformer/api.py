@@ -6,24 +6,37 @@
 >>> result["embeddings"].shape
 (n_cells, 2048)
 >>> embeddings = model.embed(adata)  # also stored in adata.obsm["X_transcriptformer"]
+>>> generated = model.generate(adata, seed=0)  # new cells like those of adata: an AnnData of counts
+>>> scores = model.score(adata)  # per-cell log-likelihoods and outlier flags, also stored in adata.obs
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import torch
 
 from transcriptformer.checkpoint import Checkpoint, load_checkpoint
-from transcriptformer.config import PredictSettings
+from transcriptformer.config import GenerateSettings, PredictSettings
+from transcriptformer.data.sources import open_counts
 from transcriptformer.data.tokenize import TokenizedCells
 from transcriptformer.hub.cache import resolve_checkpoint
-from transcriptformer.pipeline import predict_positions
+from transcriptformer.inference.config import ScoreConfig
+from transcriptformer.pipeline import predict_gene_outputs, predict_positions
 from transcriptformer.runtime import Backend, resolve_device
+from transcriptformer.scoring import (
+    CELL_SCORE_KEYS,
+    GENE_SCORE_KEY,
+    flag_outliers,
+    on_var,
+    var_positions,
+    write_to_anndata,
+)
 
 EMBEDDING_KEY = "X_transcriptformer"
 """Default ``obsm`` key of :meth:`TranscriptFormerModel.embed` (scanpy's ``X_<basis>``, as scvi-tools' ``X_scVI``)."""
@@ -159,6 +172,108 @@ class TranscriptFormerModel:
                 )
             data.obsm[key_added] = embeddings
         return embeddings
+
+    def generate(
+        self,
+        data: ad.AnnData | str | Path | TokenizedCells | None = None,
+        *,
+        aux: dict[str, str] | None = None,
+        genes: Sequence[str] = (),
+        **settings: Any,
+    ) -> ad.AnnData:
+        """Sample new cells, gene by gene with their counts (docs/generate.md).
+
+        Parameters
+        ----------
+        data
+            Prompt cells: generated cell ``i`` takes the aux values, number of genes and total count of prompt
+            cell ``i`` modulo their number (cells without counts are left out). ``None``: give ``num_cells`` and
+            ``library_size``.
+        aux
+            Aux column -> value for every cell (e.g. ``{"assay": "MERFISH"}``), instead of the prompt cells'.
+        genes
+            Genes (ids or symbols) every cell starts with, in this order; their counts are drawn.
+        **settings
+            Fields of :class:`~transcriptformer.config.GenerateSettings`: ``num_cells``, ``max_genes``,
+            ``num_genes``, ``library_size``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``batch_size``,
+            ``prompt_genes``, ``use_cache``.
+
+        Returns
+        -------
+        AnnData
+            Cells x the vocabulary's genes, raw counts in ``X``; see :mod:`transcriptformer.generation`.
+        """
+        from transcriptformer.generation import generate
+
+        prompt_cells = data
+        if data is not None and not isinstance(data, TokenizedCells):
+            prompt_cells = self.tokenize(data, drop_empty_cells=True)
+        return generate(self.checkpoint, GenerateSettings(**settings), self.device, prompt_cells, aux, genes)
+
+    def score(
+        self,
+        data: ad.AnnData | str | Path,
+        *,
+        outlier_threshold: float = ScoreConfig.outlier_threshold,
+        batch_size: int = PredictSettings.batch_size,
+        max_tokens: int | None = PredictSettings.max_tokens,
+        precision: str | None = PredictSettings.precision,
+        use_raw: bool | None = None,
+        remove_duplicate_genes: bool = False,
+        **data_config: Any,
+    ) -> pd.DataFrame:
+        """Log-likelihood of every cell under the model, and the cells whose likelihood is an outlier.
+
+        Definitions in ``docs/score.md``: natural logarithms, higher = more likely; a cell's score sums its
+        positions' scores of gene identity and count (and the ``[END]`` term of a cell cut at ``seq_len``).
+
+        Parameters
+        ----------
+        data
+            An AnnData (changed in place, see below), or a ``.h5ad``, ``.zarr`` or 10x ``.h5`` path (only read).
+        outlier_threshold
+            A cell is flagged when the robust z-score of its ``mean_log_likelihood`` against the other cells of
+            ``data`` is below ``-outlier_threshold`` (:func:`~transcriptformer.scoring.flag_outliers`).
+        batch_size, max_tokens, precision
+            As for :meth:`predict`; results do not depend on the first two.
+        use_raw, remove_duplicate_genes, **data_config
+            As for :meth:`tokenize`.
+
+        Returns
+        -------
+        DataFrame
+            One row per cell, index the cell names: ``log_likelihood``, ``log_likelihood_gene_id``,
+            ``log_likelihood_count``, ``mean_log_likelihood`` (NaN for a cell without counts),
+            ``mean_log_likelihood_robust_z`` and ``likelihood_outlier``. Given an AnnData, these columns are also
+            written into ``adata.obs``, the rule as applied into ``adata.uns["score_qc"]``, and each cell's
+            per-gene scores into ``adata.layers["gene_log_likelihood"]`` (sparse, aligned to ``adata.var``: an
+            entry for each gene of the cell's sequence; none for genes the model did not read, nor for genes that
+            only ``adata.raw`` has when the counts come from there).
+        """
+        settings = PredictSettings((*CELL_SCORE_KEYS, GENE_SCORE_KEY), batch_size, max_tokens, precision)
+        ScoreConfig(outlier_threshold=outlier_threshold)  # checks it before the model runs
+        tokenizer = self.checkpoint.tokenizer(remove_duplicate_genes=remove_duplicate_genes, **data_config)
+        with open_counts(data, use_raw) as reader:
+            prepared = tokenizer.prepare(reader)
+            if isinstance(data, ad.AnnData) and prepared.n_dropped:
+                raise ValueError(
+                    f"{prepared.describe_dropped()}, so adata.obs cannot hold the scores of every cell: subset the "
+                    "AnnData first, or turn the cell filters off"
+                )
+            cells = prepared.cells()
+            genes_read = reader.var.index[prepared.selection.columns]
+            from_var = isinstance(data, ad.AnnData) and reader.var is data.var  # X, not raw
+        gene_columns = np.full(len(self.checkpoint.gene_vocab), -1, dtype=np.int64)
+        gene_columns[prepared.selection.tokens] = np.arange(len(genes_read))
+        outputs = predict_gene_outputs(self.model, cells, settings, self.device, gene_columns)
+        frame = pd.DataFrame({key: outputs.cell_values[key] for key in CELL_SCORE_KEYS}, index=cells.obs_names)
+        frame, record = flag_outliers(frame, outlier_threshold)
+        if isinstance(data, ad.AnnData):
+            # Counts from adata.raw: its genes are placed on adata.var by name.
+            columns = prepared.selection.columns if from_var else var_positions(data.var_names, genes_read)
+            gene_scores = on_var(outputs.gene_values[GENE_SCORE_KEY], columns, data.n_vars)
+            write_to_anndata(data, frame, record, gene_scores)
+        return frame
 
 
 def load(

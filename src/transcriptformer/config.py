@@ -235,6 +235,69 @@ class PredictSettings:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
+@dataclass(frozen=True)
+class GenerateSettings:
+    """How cells are sampled from a model (``transcriptformer generate``; docs/generate.md).
+
+    Attributes
+    ----------
+    num_cells : int or None
+        Cells to generate; ``None``: one per prompt cell (``--data-file``), else an error.
+    max_genes : int or None
+        Genes per cell at most; ``None``: the model's ``seq_len``.
+    temperature : float
+        Divides the gene-id logits; 1 samples the model's distribution.
+    top_k : int
+        Sample the next gene among the ``top_k`` most likely; 0: all.
+    top_p : float
+        Sample among the most likely genes that make up ``top_p`` of the probability; 1: all.
+    seed : int
+        Cell ``i`` of a run draws its random numbers from ``(seed, i)``: the same cell whatever the batch size.
+    batch_size : int
+        Cells generated together.
+    library_size : float or None
+        Total count of a generated cell over ``num_genes`` genes (on the model's input scale: after clipping);
+        ``None``: that of its prompt cell.
+    num_genes : int or None
+        Genes a generated cell aims at (fewer if the model emits ``[END]``); ``None``: its prompt cell's, else
+        ``max_genes``.
+    prompt_genes : int
+        Start each cell with the first genes (and counts) of its prompt cell.
+    use_cache : bool
+        Decode with the key/value cache (one query per layer and gene); ``False`` reruns the whole sequence at
+        every step (the reference the cache is tested against).
+    """
+
+    num_cells: int | None = None
+    max_genes: int | None = None
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 32
+    library_size: float | None = None
+    num_genes: int | None = None
+    prompt_genes: int = 0
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        positive = {"num_cells": self.num_cells, "max_genes": self.max_genes, "batch_size": self.batch_size}
+        positive |= {"num_genes": self.num_genes}
+        for name, value in positive.items():
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.library_size is not None and not self.library_size > 0:
+            raise ValueError(f"library_size must be > 0, got {self.library_size}")
+        if self.prompt_genes < 0:
+            raise ValueError(f"prompt_genes must be >= 0, got {self.prompt_genes}")
+
+
 # Keys of published configs that configure the original's data loaders and have no meaning here.
 _IGNORED_KEYS = {"_target_", "aux_vocab_path", "pin_memory", "n_data_workers", "esm2_mappings_path"}
 # DataConfig settings of a run, not of a checkpoint: the original's inference config reset them.

@@ -23,9 +23,11 @@ from transcriptformer.version import __version__
 # Every subcommand with its one-line help, in the order of --help.
 COMMANDS: dict[str, str] = {
     "inference": "embed and score the cells of h5ad files; write one h5ad",
+    "score": "log-likelihood of each cell and gene under the model; flag outlier cells",
     "train": "pretrain a model from scratch on .h5ad files (Hydra config)",
     "finetune": "train LoRA adapters on a checkpoint with your cells",
     "merge-adapters": "merge LoRA adapters into their base checkpoint",
+    "generate": "sample new cells from a checkpoint (genes and counts); write one h5ad",
     "evaluate": "judge cell embeddings against baselines on labelled cells: table, JSON, figures",
     "download": "download and unpack published checkpoints",
     "download-data": "download CELLxGENE Discover datasets by species",

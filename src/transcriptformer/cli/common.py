@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import sys
 from typing import TYPE_CHECKING
 
 from transcriptformer.config import INVALID_COUNTS, DataConfig
+from transcriptformer.inference.config import ALL_OBS_KEYS, InferenceConfig, ModelSection, RunConfig, apply_overrides
+from transcriptformer.model.outputs import OUTPUT_KEYS
+from transcriptformer.runtime import BACKENDS, DEVICES, PRECISIONS
 
 if TYPE_CHECKING:
     from transcriptformer.training.objective import LossTerms
@@ -106,6 +110,168 @@ def positive_number(text: str) -> float:
 def add_overwrite_argument(group: argparse._ActionsContainer, what: str) -> None:
     """``--overwrite``: replace ``what`` at the output path."""
     group.add_argument("--overwrite", action="store_true", help=f"replace {what} already at the output path")
+
+
+def add_run_arguments(
+    parser: argparse.ArgumentParser, defaults: InferenceConfig
+) -> tuple[argparse._ArgumentGroup, argparse._ArgumentGroup, argparse._ArgumentGroup]:
+    """The flags of a run through :func:`~transcriptformer.inference.runner.run_inference`, with ``defaults``.
+
+    Returns the groups ``inputs and output``, ``reading the cells`` and ``model and hardware``, for a command's own
+    flags. :func:`run_config_from_args` reads them.
+    """
+    io = parser.add_argument_group("inputs and output")
+    io.add_argument("--checkpoint-path", required=True, help="checkpoint directory (config.json, model_weights.pt)")
+    io.add_argument(
+        "--data-file",
+        required=True,
+        nargs="+",
+        metavar="FILE",
+        help="input .h5ad, .zarr or 10x .h5 file(s), their cells concatenated in order",
+    )
+    io.add_argument("--output-path", default=defaults.output_path, help="output directory (default: %(default)s)")
+    io.add_argument(
+        "--output-filename", default=defaults.output_filename, help="output file name (default: %(default)s)"
+    )
+    add_overwrite_argument(io, "an output file")
+    io.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run with the same settings from its last completed chunk of cells",
+    )
+    io.add_argument(
+        "--output-keys",
+        nargs="+",
+        choices=OUTPUT_KEYS,
+        default=defaults.output_keys,
+        metavar="KEY",
+        help=f"outputs to compute, any of {', '.join(OUTPUT_KEYS)} (default: %(default)s)",
+    )
+    io.add_argument(
+        "--obs-keys",
+        nargs="+",
+        default=defaults.obs_keys,
+        metavar="COLUMN",
+        help=f"obs columns to keep in the output; {ALL_OBS_KEYS}: every column (default: %(default)s)",
+    )
+    io.add_argument("--dry-run", action="store_true", help="check checkpoint, data and vocabulary, print the plan")
+
+    data = parser.add_argument_group("reading the cells (defaults: the checkpoint's data_config)")
+    data.add_argument("--gene-col-name", default=None, help="var column with gene ids; 'index': var_names")
+    add_use_raw_argument(data)
+    data.add_argument("--clip-counts", type=positive_number, default=None, help="clip counts to at most this value")
+    add_invalid_counts_argument(data)
+    data.add_argument(
+        "--drop-empty-cells",
+        action="store_true",
+        default=DataConfig.drop_empty_cells,
+        help="leave out the cells without any count among the genes read; kept, they get NaN outputs "
+        "and are counted in the summary",
+    )
+    data.add_argument(
+        "--filter-to-vocabs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="drop genes the vocabulary lacks; with --no-filter-to-vocabs they are an error",
+    )
+    data.add_argument(
+        "--remove-duplicate-genes",
+        action="store_true",
+        help="keep the first of duplicated gene ids instead of stopping with an error",
+    )
+    data.add_argument(
+        "--n-data-workers",
+        type=non_negative_int,
+        default=defaults.n_data_workers,
+        help="threads reading and tokenizing the next cells while the model runs (default: %(default)s)",
+    )
+
+    model = parser.add_argument_group("model and hardware")
+    model.add_argument(
+        "--pretrained-embedding",
+        nargs="+",
+        default=defaults.pretrained_embedding,
+        metavar="H5",
+        help="gene-embedding file(s) replacing the model's table, for a species it was not trained on",
+    )
+    model.add_argument(
+        "--adapter",
+        default=defaults.adapter,
+        metavar="DIR",
+        help="LoRA adapters from 'transcriptformer finetune', merged into the checkpoint's weights",
+    )
+    model.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=defaults.batch_size,
+        help="cells per forward pass (default: %(default)s)",
+    )
+    model.add_argument(
+        "--max-tokens-per-batch",
+        dest="max_tokens",
+        type=positive_int,
+        default=defaults.max_tokens,
+        metavar="N",
+        help="token budget per forward pass (cells x trimmed length) instead of a fixed --batch-size",
+    )
+    model.add_argument(
+        "--chunk-size",
+        type=positive_int,
+        default=defaults.chunk_size,
+        help="cells read, run and saved together; memory and --resume granularity (default: %(default)s)",
+    )
+    model.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=defaults.precision,
+        help="32, or mixed precision 16-mixed / bf16-mixed (default: 16-mixed on CUDA, 32 elsewhere)",
+    )
+    model.add_argument(
+        "--device",
+        choices=DEVICES,
+        default=defaults.device,
+        help="auto: CUDA, then MPS, then CPU (default: %(default)s)",
+    )
+    model.add_argument(
+        "--num-gpus",
+        type=int,
+        default=defaults.num_gpus,
+        help="processes, one per GPU; -1: every visible GPU; on CPU, CPU processes (default: %(default)s)",
+    )
+    model.add_argument(
+        "--attention-backend",
+        choices=BACKENDS,
+        default=defaults.attention_backend,
+        help="auto: compiled flex attention on CUDA, exact chunked attention elsewhere (default: %(default)s)",
+    )
+    model.add_argument(
+        "--config-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any setting, Hydra grammar, repeatable: model.data_config.normalize_to_scale=10000, "
+        "model.inference_config.output_keys=[embeddings,llh], model.data_config.clip_counts=null",
+    )
+    return io, data, model
+
+
+def run_config_from_args(
+    args: argparse.Namespace, model_type: str = ModelSection.model_type, **settings: object
+) -> RunConfig:
+    """A run's settings from the flags of :func:`add_run_arguments`.
+
+    The checkpoint's config, then the flags (and ``settings``, which win), then ``--config-override``. A flag named
+    like an :class:`InferenceConfig` field sets it (a field without a flag keeps its default); one named like a
+    :class:`~transcriptformer.config.DataConfig` field, when given, replaces the checkpoint's value.
+    """
+    flags = vars(args) | {"data_files": args.data_file, "use_raw": USE_RAW[args.use_raw]} | settings
+    inference = InferenceConfig(
+        **{f.name: flags[f.name] for f in dataclasses.fields(InferenceConfig) if f.name in flags}
+    )
+    config = RunConfig.from_checkpoint(args.checkpoint_path, inference, model_type)
+    given = {f.name: flags[f.name] for f in dataclasses.fields(DataConfig) if flags.get(f.name) is not None}
+    config.model.data_config = dataclasses.replace(config.model.data_config, **given)  # checks the values
+    return apply_overrides(config, args.config_override)
 
 
 def print_dry_run(terms: LossTerms) -> None:

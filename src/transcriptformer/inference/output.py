@@ -4,7 +4,8 @@ Layout (``n`` cells of all input files); where each output goes is its ``anndata
 :data:`transcriptformer.model.outputs.OUTPUTS`::
 
     obs                 the inputs' obs (original obs_names and order), columns filtered to obs_keys,
-                        plus source_file and the per-cell numbers (llh)
+                        plus source_file and the per-cell numbers (llh); a score run adds its outlier columns
+                        (transcriptformer.scoring)
     obsm[key]           per-cell vectors: (n, E) cell embeddings
     var                 with per-gene layers: the g genes matched in any input, index their gene ids, columns the
                         inputs' var columns (each gene's row from the first file that has it) and input_var_name;
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,6 +51,9 @@ from transcriptformer.pipeline import GeneOutputs
 CGE_EMBEDDINGS, CGE_CELL_INDICES, CGE_GENE_NAMES = "cge_embeddings", "cge_cell_indices", "cge_gene_names"
 GENE_ID = "gene_id"
 TEMPORARY_SUFFIX = ".tmp.h5ad"
+# Adds columns to the output's obs once every cell's per-cell numbers are in it; returns the obs to write and uns
+# entries to add (transcriptformer.scoring's outlier flags).
+ObsFinisher = Callable[[pd.DataFrame], tuple[pd.DataFrame, dict]]
 
 
 def concat_frames(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
@@ -187,6 +191,7 @@ def write_output(
     chunks: Iterable[GeneOutputs],
     metadata: dict,
     overwrite: bool = False,
+    finish_obs: ObsFinisher | None = None,
 ) -> None:
     """Write the output ``.h5ad`` (layout in the module docstring) from chunks of consecutive cells.
 
@@ -208,6 +213,8 @@ def write_output(
         The outputs of all cells, in order.
     metadata
         Stored as ``uns["transcriptformer"]``.
+    finish_obs
+        Columns computed from all cells' per-cell numbers, written with them in the one atomic write.
     """
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
@@ -221,11 +228,24 @@ def write_output(
                     for chunk in chunks:
                         writer.append(chunk)
                         raw.raise_failure()
-                    writer.finish(obs, metadata)
+                    writer.finish(obs, metadata, finish_obs)
             except Exception:
                 raw.raise_failure()  # what made HDF5 fail, if a write did
                 raise
             raw.raise_failure()  # the writes of closing
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_anndata(adata: ad.AnnData, path: Path) -> None:
+    """Write ``adata`` to ``path`` under a temporary name, then rename it into place (no half-written file).
+
+    Hold the output with :func:`claim_output` around it.
+    """
+    temporary = temporary_file_of(path, os.getpid())
+    try:
+        adata.write_h5ad(temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -326,14 +346,18 @@ class _OutputWriter:
             self._extend(CGE_GENE_NAMES, self.gene_ids[chunk.cge["gene_index"]])
         self.written = rows.stop
 
-    def finish(self, obs: pd.DataFrame, metadata: dict) -> None:
-        """Write obs (with the per-cell numbers), var, X and uns once every chunk is in."""
+    def finish(self, obs: pd.DataFrame, metadata: dict, finish_obs: ObsFinisher | None = None) -> None:
+        """Write obs (per-cell numbers, then the columns of ``finish_obs``), var, X and uns once every chunk is in."""
         if self.written != self.n_cells:
             raise ValueError(f"{self.written} cells of outputs for {self.n_cells} rows of obs")
         obs = obs.copy()
         for key, values in self.obs_values.items():
             obs[key] = np.concatenate(values)
             write_elem(self.file["uns"], key, pd.DataFrame({key: obs[key].to_numpy()}, index=obs.index.astype(str)))
+        if finish_obs is not None:
+            obs, uns = finish_obs(obs)
+            for key, value in uns.items():
+                write_elem(self.file["uns"], key, value)
         write_elem(self.file, "obs", _as_written_by_anndata(obs))
         main_matrix = main_matrix_key(self.file["layers"])
         if main_matrix is None:  # no per-gene layer: no genes, and X an empty matrix

@@ -70,14 +70,15 @@ def existing_output_note(session: Session) -> str:
 
 def format_summary(session: Session, world_size: int, seconds: float) -> str:
     """What a finished run did, and how to open its output (whose path the run prints last)."""
-    path = session.output_file.resolve()
+    path, inference = session.output_file.resolve(), session.config.inference
     return "\n".join(
         [
             "Inference finished.",
             *describe_inputs(session),
             f"{session.n_cells} cells in {seconds:.1f} s ({session.n_cells / seconds:.1f} cells/s) on "
             f"{session.device.type} ({counted(world_size, 'process')}), precision {session.precision}",
-            f'Open it with: adata = anndata.read_h5ad("{path}"); sc.pp.neighbors(adata, use_rep="embeddings")',
+            f'Open it with: adata = anndata.read_h5ad("{path}")'
+            + ('; sc.pp.neighbors(adata, use_rep="embeddings")' if "embeddings" in inference.output_keys else ""),
         ]
     )
 

@@ -32,6 +32,7 @@ from transcriptformer.inference import distributed, parts
 from transcriptformer.inference.config import RunConfig
 from transcriptformer.inference.distributed import Rank
 from transcriptformer.inference.output import (
+    ObsFinisher,
     claim_output,
     concat_frames,
     concat_var,
@@ -69,10 +70,12 @@ def process_units(session: Session, units: Sequence[WorkUnit], rank: Rank) -> No
             parts.save_part(outputs, parts.part_file(session, unit))
 
 
-def merge_and_write(session: Session, world_size: int) -> None:
+def merge_and_write(session: Session, world_size: int, finish_obs: ObsFinisher | None = None) -> None:
     """Merge every unit's outputs in input order into the output file, one unit in memory at a time.
 
-    A failed write (a full disk) leaves an existing output as it was and the units resumable.
+    ``finish_obs`` adds columns computed from every cell's per-cell numbers
+    (:func:`~transcriptformer.inference.output.write_output`). A failed write (a full disk) leaves an existing
+    output as it was and the units resumable.
     """
     obs = concat_frames([f.obs for f in session.files])
     obs[SOURCE_FILE_COLUMN] = pd.Categorical(obs[SOURCE_FILE_COLUMN], categories=[str(f.path) for f in session.files])
@@ -80,15 +83,18 @@ def merge_and_write(session: Session, world_size: int) -> None:
     metadata = run_metadata(session, world_size)
     var = concat_var([f.var for f in session.files], session.genes)
     try:
-        write_output(session.output_file, obs, var, chunks, metadata, session.config.inference.overwrite)
+        write_output(session.output_file, obs, var, chunks, metadata, session.config.inference.overwrite, finish_obs)
     except OSError as error:
         raise parts.write_failed(session.output_file, error, parts.parts_dir(session)) from error
 
 
-def run_worker(rank: Rank, init_method: str | None, config: RunConfig, started: float) -> None:
+def run_worker(
+    rank: Rank, init_method: str | None, config: RunConfig, started: float, finish_obs: ObsFinisher | None = None
+) -> None:
     """Everything one process does: prepare, run its units, and (rank 0) merge, write and report.
 
-    ``started`` is the run's start (``time.time()``), for the summary.
+    ``started`` is the run's start (``time.time()``), for the summary; ``finish_obs`` as for
+    :func:`merge_and_write`.
     """
     device = distributed.device_of(rank, resolve_device(config.inference.device))
     threads = use_cpu_threads(reserved=config.inference.n_data_workers, processes=rank.world_size)
@@ -116,13 +122,13 @@ def run_worker(rank: Rank, init_method: str | None, config: RunConfig, started: 
                 )
             raise
         if rank.is_main:
-            merge_and_write(session, rank.world_size)
+            merge_and_write(session, rank.world_size, finish_obs)
             shutil.rmtree(parts.parts_dir(session))
             say(format_summary(session, rank.world_size, time.time() - started))
             print(f"Output: {session.output_file.resolve()}", flush=True)
 
 
-def run_inference(config: RunConfig, *, dry_run: bool = False) -> Path:
+def run_inference(config: RunConfig, *, dry_run: bool = False, finish_obs: ObsFinisher | None = None) -> Path:
     """Run inference as configured and return the output file's path.
 
     Parameters
@@ -131,6 +137,9 @@ def run_inference(config: RunConfig, *, dry_run: bool = False) -> Path:
         Every setting; see :class:`~transcriptformer.inference.config.RunConfig`.
     dry_run
         Check the checkpoint, the inputs and their overlap with the vocabulary, print the plan, write nothing.
+    finish_obs
+        Adds obs columns computed from every cell's per-cell outputs before the output is written (picklable,
+        for runs of several processes); see :func:`~transcriptformer.inference.output.write_output`.
 
     Notes
     -----
@@ -146,15 +155,15 @@ def run_inference(config: RunConfig, *, dry_run: bool = False) -> Path:
         return output_file_of(config)
     path = output_file_of(config)
     if launched and not launched.is_main:  # rank 0 holds the output
-        run_worker(launched, "env://", config, started)
+        run_worker(launched, "env://", config, started, finish_obs)
         return path
     with claim_output(path, config.inference.overwrite):
         for stale in remove_stale_temporaries(path):
             print(f"Removed {stale}, left by a run killed while writing the output", flush=True)
         if launched:
-            run_worker(launched, "env://", config, started)
+            run_worker(launched, "env://", config, started, finish_obs)
         elif world_size > 1:
-            distributed.spawn(run_worker, world_size, config, started)
+            distributed.spawn(run_worker, world_size, config, started, finish_obs)
         else:
-            run_worker(Rank(), None, config, started)
+            run_worker(Rank(), None, config, started, finish_obs)
     return path

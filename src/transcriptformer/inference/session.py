@@ -24,14 +24,20 @@ import torch
 from transcriptformer.checkpoint import WEIGHTS_FILE, Checkpoint, load_checkpoint
 from transcriptformer.data.sources import open_counts
 from transcriptformer.data.tokenize import PreparedCells, TokenizedCells
-from transcriptformer.inference.config import ALL_OBS_KEYS, RunConfig
+from transcriptformer.inference.config import ALL_OBS_KEYS, OUTLIER_COLUMN, ROBUST_Z_COLUMN, RunConfig
 from transcriptformer.model.outputs import OUTPUTS
 from transcriptformer.pipeline import Predictor
 from transcriptformer.runtime import default_precision
 
 SOURCE_FILE_COLUMN = "source_file"
-# obs columns the output adds; an input column of the same name would be lost, so it is an error.
-ADDED_OBS_COLUMNS = (SOURCE_FILE_COLUMN, *(key for key, spec in OUTPUTS.items() if spec.anndata == "obs"))
+# obs columns the output adds (those of `transcriptformer score` too); an input column of the same name would be lost,
+# so it is an error.
+ADDED_OBS_COLUMNS = (
+    SOURCE_FILE_COLUMN,
+    *(key for key, spec in OUTPUTS.items() if spec.anndata == "obs"),
+    ROBUST_Z_COLUMN,
+    OUTLIER_COLUMN,
+)
 # var column of the output that keeps each gene's var_name in the input (the output's var_names are gene ids).
 INPUT_VAR_NAME_COLUMN = "input_var_name"
 

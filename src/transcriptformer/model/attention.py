@@ -248,32 +248,96 @@ def chunked_attend(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) -> 
     # Contiguous operands keep every block's matmuls free of copies; the scale is folded into the queries.
     q = q.contiguous() * (1.0 / math.sqrt(head_dim))
     k, v = k.contiguous(), v.contiguous()
-    key_bias = inputs.count_bias[:, None, None, :]  # (B, 1, 1, N)
-    key_mask = torch.zeros_like(inputs.count_bias).masked_fill(inputs.kv_is_pad, float("-inf"))[:, None, None, :]
-    first_visible_key = _first_visible_key(inputs.kv_is_pad)[:, None, None, None]  # (B, 1, 1, 1)
-    positions = torch.arange(length, device=q.device)
     out = torch.empty_like(q)
     for start in range(0, length, rows_per_block):
         stop = min(length, start + rows_per_block)
-        q_idx = positions[start:stop, None]  # (R, 1)
-        kv_idx = positions[None, :stop]  # (1, K)
-        bias = key_bias[..., :stop] if inputs.embed_mode else key_bias[..., :stop] * (q_idx > kv_idx)
-        causal_mask = torch.zeros(stop - start, stop, device=q.device).masked_fill(kv_idx > q_idx, float("-inf"))
-        scores = torch.matmul(q[:, :, start:stop], k[:, :, :stop].transpose(-1, -2))  # (B, H, R, K)
-        scores = softcap(scores + bias, inputs.softcap) + (key_mask[..., :stop] + causal_mask)
-        sees_nothing = q_idx < first_visible_key  # (B, 1, R, 1): rows that would be all -inf (NaN softmax)
-        if sees_nothing.any():
-            probs = torch.softmax(scores.masked_fill(sees_nothing, 0.0), dim=-1).masked_fill(sees_nothing, 0.0)
-        else:
-            probs = torch.softmax(scores, dim=-1)
-        out[:, :, start:stop] = torch.matmul(probs.to(v.dtype), v[:, :, :stop])
+        out[:, :, start:stop] = attend_rows(q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], start, inputs)
     return out
+
+
+def attend_rows(q: Tensor, k: Tensor, v: Tensor, start: int, inputs: AttentionInputs) -> Tensor:
+    """Attention of the query rows ``start .. start + R - 1`` over the keys ``0 .. start + R - 1``.
+
+    The one implementation of the score rule for the chunked backend and for decoding with a key/value cache.
+
+    Parameters
+    ----------
+    q : Tensor
+        ``(B, H, R, D)`` queries, already scaled by ``1 / sqrt(D)``.
+    k, v : Tensor
+        ``(B, H, K, D)`` with ``K = start + R``: every key the rows may see.
+    start : int
+        Position of the first query row.
+    inputs : AttentionInputs
+        Bias and padding of (at least) the ``K`` keys.
+    """
+    stop = k.shape[2]
+    positions = torch.arange(stop, device=q.device)
+    q_idx = positions[start:stop, None]  # (R, 1)
+    kv_idx = positions[None, :]  # (1, K)
+    key_bias = inputs.count_bias[:, None, None, :stop]  # (B, 1, 1, K)
+    bias = key_bias if inputs.embed_mode else key_bias * (q_idx > kv_idx)
+    kv_is_pad = inputs.kv_is_pad[:, :stop]
+    key_mask = torch.zeros_like(kv_is_pad, dtype=q.dtype).masked_fill(kv_is_pad, float("-inf"))[:, None, None, :]
+    causal_mask = torch.zeros(stop - start, stop, device=q.device).masked_fill(kv_idx > q_idx, float("-inf"))
+    scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, R, K)
+    scores = softcap(scores + bias, inputs.softcap) + (key_mask + causal_mask)
+    sees_nothing = q_idx < _first_visible_key(kv_is_pad)[:, None, None, None]  # (B, 1, R, 1): all -inf rows
+    if sees_nothing.any():
+        probs = torch.softmax(scores.masked_fill(sees_nothing, 0.0), dim=-1).masked_fill(sees_nothing, 0.0)
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 def _first_visible_key(kv_is_pad: Tensor) -> Tensor:
     """``(B,)`` index of each row's first key that is not padding (N when there is none)."""
     visible = ~kv_is_pad
     return torch.where(visible.any(1), visible.int().argmax(1), kv_is_pad.shape[1])
+
+
+class KVCache:
+    """Keys and values of every layer for the positions decoded so far, with their count bias and padding.
+
+    Decoding position ``n`` then costs one query over ``n + 1`` cached keys per layer instead of a full pass over
+    all ``n + 1`` positions (:meth:`transcriptformer.model.transcriptformer.TranscriptFormer.decode`).
+
+    Parameters
+    ----------
+    num_layers, batch, heads, head_dim : int
+        Shape of the model and batch.
+    capacity : int
+        Positions the cache holds at most (aux tokens, ``[START]`` and the genes to decode).
+    """
+
+    def __init__(self, num_layers: int, batch: int, heads: int, head_dim: int, capacity: int, like: Tensor):
+        self.keys = like.new_zeros(num_layers, batch, heads, capacity, head_dim)  # (layers, B, H, C, D)
+        self.values = like.new_zeros(num_layers, batch, heads, capacity, head_dim)
+        self.count_bias = like.new_zeros(batch, capacity, dtype=torch.float32)  # (B, C)
+        self.kv_is_pad = torch.ones(batch, capacity, dtype=torch.bool, device=like.device)  # (B, C)
+        self.length = 0  # positions held
+        self.new = 0  # positions being added by the current pass
+
+    def append(self, count_bias: Tensor, kv_is_pad: Tensor) -> None:
+        """Start a pass over ``T`` new positions with ``(B, T)`` count bias and padding."""
+        new = count_bias.shape[1]
+        if self.length + new > self.keys.shape[3]:
+            raise ValueError(f"the cache holds {self.keys.shape[3]} positions; {self.length + new} asked for")
+        self.count_bias[:, self.length : self.length + new] = count_bias
+        self.kv_is_pad[:, self.length : self.length + new] = kv_is_pad
+        self.new = new
+
+    def commit(self) -> None:
+        """End the pass: its positions join the cached ones."""
+        self.length += self.new
+        self.new = 0
+
+    def store(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Cache layer ``layer``'s ``(B, H, T, D)`` new keys and values; returns all its keys and values so far."""
+        stop = self.length + self.new
+        self.keys[layer, :, :, self.length : stop] = k
+        self.values[layer, :, :, self.length : stop] = v
+        return self.keys[layer, :, :, :stop], self.values[layer, :, :, :stop]
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -284,11 +348,20 @@ class MultiHeadSelfAttention(nn.Module):
         self.num_heads = num_heads
         self.linears = nn.ModuleList([nn.Linear(embed_dim, embed_dim, bias=bias) for _ in range(4)])
 
-    def forward(self, x: Tensor, inputs: AttentionInputs) -> Tensor:
-        """Attend over ``x`` of shape ``(B, N, E)``; returns ``(B, N, E)``."""
+    def forward(self, x: Tensor, inputs: AttentionInputs, cache: tuple[KVCache, int] | None = None) -> Tensor:
+        """Attend over ``x`` of shape ``(B, N, E)``; returns ``(B, N, E)``.
+
+        With ``cache`` (a :class:`KVCache` and this layer's index), ``x`` holds the ``N`` positions that follow
+        the cached ones, which they attend to as well; their keys and values are added to the cache.
+        """
         batch, length, width = x.shape
         q, k, v = (lin(x).view(batch, length, self.num_heads, -1).transpose(1, 2) for lin in self.linears[:3])
-        if inputs.block_mask is not None:
+        if cache is not None:
+            kv_cache, layer = cache
+            start = kv_cache.length
+            k, v = kv_cache.store(layer, k, v)
+            out = attend_rows(q * (1.0 / math.sqrt(q.shape[-1])), k, v, start, inputs)
+        elif inputs.block_mask is not None:
             out = flex_attend(q, k, v, inputs)
         else:
             out = chunked_attend(q, k, v, inputs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from transcriptformer.model.attention import AttentionInputs, MultiHeadSelfAttention
+from transcriptformer.model.attention import AttentionInputs, KVCache, MultiHeadSelfAttention
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -88,10 +88,10 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.activation = ACTIVATIONS[activation]()
 
-    def forward(self, x: Tensor, attention: AttentionInputs) -> Tensor:
-        """``(B, N, E)`` -> ``(B, N, E)``."""
+    def forward(self, x: Tensor, attention: AttentionInputs, cache: tuple[KVCache, int] | None = None) -> Tensor:
+        """``(B, N, E)`` -> ``(B, N, E)``; ``cache`` as for :class:`MultiHeadSelfAttention`."""
         x = self.norm1(x)
-        x = self.self_attn(x, attention) + x
+        x = self.self_attn(x, attention, cache) + x
         x = self.norm2(x)
         return self.linear2(self.dropout(self.activation(self.linear1(x)))) + x
 
@@ -103,8 +103,10 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         self.encoder_layers = nn.ModuleList([EncoderLayer(**layer_kwargs) for _ in range(num_layers)])
 
-    def forward(self, x: Tensor, attention: AttentionInputs) -> Tensor:
-        """Run every layer with the same attention inputs."""
-        for layer in self.encoder_layers:
-            x = layer(x, attention)
+    def forward(self, x: Tensor, attention: AttentionInputs, cache: KVCache | None = None) -> Tensor:
+        """Run every layer with the same attention inputs (over the cached positions too, given ``cache``)."""
+        for index, layer in enumerate(self.encoder_layers):
+            x = layer(x, attention, None if cache is None else (cache, index))
+        if cache is not None:
+            cache.commit()
         return x

@@ -59,6 +59,20 @@ class OutputSpec:
     may_be_nan: bool = False
 
 
+def _score(name: str, description: str, heads: tuple[Head, ...] = ("gene_id", "count")) -> OutputSpec:
+    """A log-likelihood output: per gene when ``description`` gives a ``(B, L)`` shape, else per cell."""
+    level: Level = "gene" if description.startswith("(B, L)") else "cell"
+    return OutputSpec(
+        name,
+        level,
+        description,
+        "layers" if level == "gene" else "obs",
+        heads=heads,
+        scores_targets=level == "gene",
+        may_be_nan="gene_id" in heads,
+    )
+
+
 OUTPUTS: dict[str, OutputSpec] = {
     spec.name: spec
     for spec in (
@@ -77,12 +91,29 @@ OUTPUTS: dict[str, OutputSpec] = {
         ),
         OutputSpec("mu", "gene", "(B, L) expected count of each position's gene", "layers", heads=("count",)),
         OutputSpec("cge", "gene", "(B, L, E) contextual gene embedding of each position's gene", "cge"),
+        # The generative scores: log-likelihoods in nats, higher = more likely (docs/score.md). A cell's score sums
+        # its positions, the [END] target of a full-length cell included; the per-gene scores leave that one out.
+        _score("log_likelihood", "(B,) the cell's log-likelihood: gene identities and counts, summed"),
+        _score("log_likelihood_gene_id", "(B,) the cell's log-likelihood of its gene identities", ("gene_id",)),
+        _score("log_likelihood_count", "(B,) the cell's log-likelihood of its counts, given the genes", ("count",)),
+        _score("mean_log_likelihood", "(B,) log_likelihood / the cell's number of positions (per-gene mean)"),
+        _score("gene_log_likelihood", "(B, L) log-likelihood of each position's gene: identity and count"),
+        _score("gene_log_likelihood_gene_id", "(B, L) log-likelihood of each position's gene identity", ("gene_id",)),
+        _score("gene_log_likelihood_count", "(B, L) log-likelihood of each position's count", ("count",)),
     )
 }
 OUTPUT_KEYS = tuple(OUTPUTS)
+# The outputs of ``transcriptformer score``.
+SCORE_KEYS = tuple(key for key in OUTPUT_KEYS if "log_likelihood" in key)
 # The per-gene layers in the order in which an AnnData's main matrix X takes them: the expected counts first, the
 # closest to the expression matrix that scanpy's functions on X expect.
-MAIN_MATRIX_ORDER = ("mu", "gene_llh")
+MAIN_MATRIX_ORDER = (
+    "mu",
+    "gene_llh",
+    "gene_log_likelihood",
+    "gene_log_likelihood_gene_id",
+    "gene_log_likelihood_count",
+)
 
 
 def end_target_position(seq_len: int) -> int:
@@ -109,6 +140,11 @@ def check_output_keys(keys: Collection[str], available: Collection[str] = OUTPUT
 def main_matrix_key(layers: Collection[str]) -> str | None:
     """The per-gene layer among ``layers`` that an AnnData's ``X`` holds (:data:`MAIN_MATRIX_ORDER`), if any."""
     return next((key for key in MAIN_MATRIX_ORDER if key in layers), None)
+
+
+def available_outputs(heads: Collection[Head]) -> tuple[str, ...]:
+    """The outputs that a model with ``heads`` computes, in :data:`OUTPUT_KEYS` order."""
+    return tuple(key for key in OUTPUT_KEYS if set(OUTPUTS[key].heads) <= set(heads))
 
 
 def needs_head(keys: Collection[str], head: Head) -> bool:

@@ -9,7 +9,7 @@ State-dict keys match the published checkpoints::
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +17,13 @@ from torch import Tensor, nn
 
 from transcriptformer.config import LossConfig, ModelConfig
 from transcriptformer.model.attention import (
+    AttentionInputs,
     BlockMaskCache,
+    KVCache,
     build_attention_inputs,
     preferred_length_multiple,
     resolve_backend,
+    softcap,
 )
 from transcriptformer.model.layers import MLP, CountHead, GeneEmbedding, TransformerEncoder
 from transcriptformer.model.likelihood import (
@@ -29,7 +32,7 @@ from transcriptformer.model.likelihood import (
     next_token_targets,
     zero_truncated_poisson_nll,
 )
-from transcriptformer.model.outputs import OUTPUT_KEYS, check_output_keys, needs_head
+from transcriptformer.model.outputs import available_outputs, check_output_keys, needs_head
 from transcriptformer.runtime import Backend
 
 
@@ -132,8 +135,8 @@ class TranscriptFormer(nn.Module):
 
     @property
     def output_keys(self) -> tuple[str, ...]:
-        """The outputs this model computes (``gene_llh`` needs a gene-id head)."""
-        return tuple(key for key in OUTPUT_KEYS if self.gene_id_head is not None or key != "gene_llh")
+        """The outputs this model computes (those of the gene-id head need one)."""
+        return available_outputs(("count", "gene_id") if self.gene_id_head is not None else ("count",))
 
     def length_multiple(self, device: torch.device) -> int:
         """Multiple that batch lengths are rounded up to on ``device`` (the flex block size, or 1)."""
@@ -217,9 +220,73 @@ class TranscriptFormer(nn.Module):
 
     def _expected_counts(self, hidden: Tensor, gene_tokens: Tensor, gene_counts: Tensor) -> Tensor:
         """Count head: softmax over the cell's unpadded positions, times its total count."""
-        logits = self.mu(hidden, self.gene_embeddings(gene_tokens), gene_tokens)
-        logits = logits.float().masked_fill(gene_tokens == self.special_tokens.pad, float("-inf"))
+        logits = self.count_logits(hidden, gene_tokens).masked_fill(gene_tokens == self.special_tokens.pad, -torch.inf)
         return torch.softmax(logits, dim=-1) * gene_counts.sum(-1, keepdim=True)
+
+    def count_logits(self, hidden: Tensor, gene_tokens: Tensor) -> Tensor:
+        """``(..., E)`` outputs and ``(...)`` the genes at their positions -> ``(...)`` float32 count-head logits.
+
+        The expected counts of a cell are the softmax of its positions' logits times its total count.
+        """
+        return self.mu(hidden, self.gene_embeddings(gene_tokens), gene_tokens).float()
+
+    def next_gene_logits(self, hidden: Tensor) -> Tensor:
+        """``(B, E)`` outputs -> ``(B, V)`` float32 softcapped gene-id logits over the vocabulary's entries.
+
+        The distribution of the next gene is their softmax. After a gene-table swap, an entry that the gene-id head
+        has no class for gets ``-inf``.
+        """
+        logits = softcap(self.gene_id_head(hidden).float(), self.model_config.softcap)
+        if self.gene_head_classes is None:
+            return logits
+        classes = self.gene_head_classes
+        return logits[:, classes.clamp(min=0)].masked_fill(classes < 0, -torch.inf)
+
+    def start_decoding(self, aux_tokens: Tensor | None, batch_size: int, capacity: int) -> tuple[KVCache, Tensor]:
+        """Begin generating ``batch_size`` cells: run the aux tokens and ``[START]`` into a new key/value cache.
+
+        Parameters
+        ----------
+        aux_tokens
+            ``(B, A)`` the cells' aux tokens, when the model has aux columns.
+        capacity
+            Gene positions to decode at most.
+
+        Returns
+        -------
+        KVCache, Tensor
+            The cache, and the ``(B, E)`` output at ``[START]``, which predicts the first gene.
+        """
+        device = self.gene_embeddings.embedding.weight.device
+        start = torch.full((batch_size, 1), self.special_tokens.start, device=device)
+        x, is_pad, counts = self.gene_embeddings(start), torch.zeros_like(start, dtype=torch.bool), torch.ones(1, 1)
+        counts = counts.to(device).expand(batch_size, 1)
+        if self.aux_embeddings:
+            aux_x, aux_is_pad = self._embed_aux(aux_tokens, batch_size)
+            x, is_pad = torch.cat([aux_x, x], dim=1), torch.cat([aux_is_pad, is_pad], dim=1)
+            counts = torch.cat([torch.ones_like(aux_is_pad, dtype=counts.dtype), counts], dim=1)
+        cfg = self.model_config
+        cache = KVCache(
+            cfg.num_layers, batch_size, cfg.num_heads, cfg.embed_dim // cfg.num_heads, capacity + x.shape[1], x
+        )
+        return cache, self._decode_positions(x, counts, is_pad, cache)[:, -1]
+
+    def decode(self, gene_tokens: Tensor, gene_counts: Tensor, cache: KVCache) -> Tensor:
+        """Add one gene to each cell of ``cache``: ``(B,)`` tokens and counts -> ``(B, E)`` output at that position.
+
+        The output predicts the gene after it; it is 0 for ``[PAD]`` (a cell that has ended). Equals the last
+        position of :meth:`forward` over all the genes so far (inference-mode attention), in one query per layer.
+        """
+        tokens = gene_tokens[:, None]
+        x = self.gene_embeddings(tokens)
+        return self._decode_positions(x, gene_counts[:, None].float(), tokens == self.special_tokens.pad, cache)[:, -1]
+
+    def _decode_positions(self, x: Tensor, counts: Tensor, is_pad: Tensor, cache: KVCache) -> Tensor:
+        """Run ``(B, T, E)`` inputs of new positions over the cached ones (inference mode); ``(B, T, E)`` outputs."""
+        cfg = self.model_config
+        cache.append(torch.log1p(counts + cfg.log_counts_eps), is_pad)
+        attention = AttentionInputs(cache.count_bias, cache.kv_is_pad, cfg.softcap, embed_mode=True)
+        return self.transformer_encoder(x, attention, cache) * ~is_pad[..., None]
 
     def likelihoods(self, out: ModelOutput, gene_tokens: Tensor, gene_counts: Tensor) -> dict[str, Tensor]:
         """Per-position count NLL and gene cross-entropy of a forward pass.
@@ -283,5 +350,29 @@ class TranscriptFormer(nn.Module):
             "gene_llh": lambda: scores["gene_nll"],
             "mu": lambda: out.mu,
             "cge": lambda: out.hidden,
+            **self.log_likelihoods(scores),
         }
         return {key: available[key]().float() for key in output_keys}
+
+    @staticmethod
+    def log_likelihoods(scores: dict[str, Tensor]) -> dict[str, Callable[[], Tensor]]:
+        """The score outputs (``log_likelihood*``) of :meth:`likelihoods`' results, each computed when called.
+
+        A position's log-likelihood is that of its gene's identity (the gene-id head's softmax, given the genes and
+        counts before it) plus that of its count (the zero-truncated Poisson of the count head, given its gene):
+        ``-gene_nll - count_nll``. A cell's is the sum over its positions; ``mean_log_likelihood`` divides it by
+        the number of positions. Natural logarithms; 0 at padding.
+        """
+        mask = scores["mask"]
+        per_position = {
+            "gene_log_likelihood_gene_id": lambda: -scores["gene_nll"],
+            "gene_log_likelihood_count": lambda: -scores["count_nll"],
+            "gene_log_likelihood": lambda: -scores["gene_nll"] - scores["count_nll"],
+        }
+        per_cell = {
+            "log_likelihood_gene_id": lambda: per_position["gene_log_likelihood_gene_id"]().sum(-1),
+            "log_likelihood_count": lambda: per_position["gene_log_likelihood_count"]().sum(-1),
+            "log_likelihood": lambda: per_position["gene_log_likelihood"]().sum(-1),
+            "mean_log_likelihood": lambda: masked_mean(per_position["gene_log_likelihood"](), mask),
+        }
+        return per_position | per_cell
