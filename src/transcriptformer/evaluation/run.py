@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,10 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     embeddings = gather_embeddings(cells, config)
     embedded = cells_with_every_embedding(embeddings)
     if not embedded.all():
-        say(f"{int((~embedded).sum())} cells have no embedding for some method (no gene in its vocabulary); left out")
+        missing = int((~embedded).sum())
+        warnings.warn(
+            f"{missing} cells have no embedding for some method (none of their genes known); left out", stacklevel=2
+        )
         cells = check_columns(cells.subset(embedded), config)
         for embedding in embeddings:
             embedding.values = embedding.values[embedded]

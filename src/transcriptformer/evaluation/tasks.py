@@ -20,8 +20,10 @@ functions below follow scib-metrics 0.5 (``silhouette_label``, ``silhouette_batc
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import anndata as ad
@@ -84,6 +86,17 @@ def scorers(n_classes: int) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def default_iterations() -> Iterator[None]:
+    """Without scikit-learn's warning when a logistic regression stops before converging.
+
+    cz-benchmarks' ``LogisticRegression()`` keeps scikit-learn's 100 iterations; kept so that the numbers compare.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        yield
+
+
 def predictable_cells(labels: pd.Series, min_class_size: int, what: str) -> np.ndarray:
     """Cells of the classes with at least ``min_class_size`` cells; at least two such classes are needed."""
     counts = labels.value_counts()
@@ -103,9 +116,7 @@ def label_prediction(values: np.ndarray, labels: pd.Series, config: EvaluateConf
     folds = StratifiedKFold(n_splits=config.n_folds, shuffle=True, random_state=config.seed)
     results = {}
     for name, classifier in classifiers(config.seed, config.knn_neighbors).items():
-        with warnings.catch_warnings():
-            # cz-benchmarks' LogisticRegression() keeps sklearn's 100 iterations; kept so that numbers compare.
-            warnings.simplefilter("ignore", ConvergenceWarning)
+        with default_iterations():
             scores = cross_validate(classifier, values, codes, cv=folds, scoring=scorers(codes.max() + 1))
         results[name] = {score: scores[f"test_{score}"].tolist() for score in SCORES}
     return results
@@ -223,8 +234,7 @@ def cross_species(
         test_cells &= labels.isin(shared).to_numpy()
         codes = pd.Categorical(labels, categories=shared).codes
         for name, classifier in classifiers(config.seed, config.knn_neighbors).items():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
+            with default_iterations():
                 fitted = clone(classifier).fit(values[train_cells], codes[train_cells])
             scores = {
                 score: float(scorer(fitted, values[test_cells], codes[test_cells]))
