@@ -20,6 +20,7 @@ from transcriptformer.config import PredictSettings
 from transcriptformer.evaluation.config import EvaluateConfig
 from transcriptformer.inference.config import InferenceConfig, ScoreConfig
 from transcriptformer.model.outputs import OUTPUT_KEYS
+from transcriptformer.perturbation.config import PerturbSettings
 from transcriptformer.training.config import DataSettings, OptimSettings, TrainerSettings
 
 PACKAGE = Path(transcriptformer.__file__).parent
@@ -39,6 +40,7 @@ LAYERS = {
     "hub": 3,
     "api": 4,
     "inference": 4,
+    "perturbation": 4,
     "training": 4,
     "doctor": 4,
     "generation": 4,
@@ -184,6 +186,15 @@ def test_setting_defaults_are_written_once():
             field = fields[action.dest]
             expected = field.default_factory() if field.default is dataclasses.MISSING else field.default
             assert action.default == expected, action.dest
+
+    perturb = flag_defaults("perturb")
+    perturb_api = inspect.signature(TranscriptFormerModel.perturb).parameters
+    for field in dataclasses.fields(PerturbSettings):
+        assert perturb[field.name] == (list(field.default) if isinstance(field.default, tuple) else field.default)
+        if field.name in perturb_api:
+            assert perturb_api[field.name].default == field.default, field.name
+    for name in ("batch_size", "max_tokens", "precision"):
+        assert perturb[name] == perturb_api[name].default == getattr(predict, name), name
 
 
 HEAVY = ("torch", "anndata", "lightning", "peft", "hydra", "scipy")

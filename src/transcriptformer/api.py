@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anndata as ad
 import numpy as np
@@ -27,6 +27,7 @@ from transcriptformer.data.sources import open_counts
 from transcriptformer.data.tokenize import TokenizedCells
 from transcriptformer.hub.cache import resolve_checkpoint
 from transcriptformer.inference.config import ScoreConfig
+from transcriptformer.perturbation.config import PerturbSettings
 from transcriptformer.pipeline import predict_gene_outputs, predict_positions
 from transcriptformer.runtime import Backend, resolve_device
 from transcriptformer.scoring import (
@@ -37,6 +38,9 @@ from transcriptformer.scoring import (
     var_positions,
     write_to_anndata,
 )
+
+if TYPE_CHECKING:
+    from transcriptformer.perturbation.output import PerturbationResult
 
 EMBEDDING_KEY = "X_transcriptformer"
 """Default ``obsm`` key of :meth:`TranscriptFormerModel.embed` (scanpy's ``X_<basis>``, as scvi-tools' ``X_scVI``)."""
@@ -274,6 +278,60 @@ class TranscriptFormerModel:
             gene_scores = on_var(outputs.gene_values[GENE_SCORE_KEY], columns, data.n_vars)
             write_to_anndata(data, frame, record, gene_scores)
         return frame
+
+    def perturb(
+        self,
+        data: ad.AnnData | str | Path | TokenizedCells,
+        knock_out: Sequence[str] | str = PerturbSettings.knock_out,
+        over_express: Sequence[str] | str = PerturbSettings.over_express,
+        *,
+        top_genes: int = PerturbSettings.top_genes,
+        chunk_size: int = PerturbSettings.chunk_size,
+        batch_size: int = PredictSettings.batch_size,
+        max_tokens: int | None = PredictSettings.max_tokens,
+        precision: str | None = PredictSettings.precision,
+        **tokenize_kwargs: Any,
+    ) -> PerturbationResult:
+        """In-silico perturbation: knock genes out of every cell or over-express them, and compare the outputs.
+
+        Each perturbation is applied to each cell at the count level; a cell whose model inputs it does not change
+        (a knock-out of a gene the cell does not express) is unaffected and not run. The changed cells and the
+        cells they are compared with run through one batch loop. Definitions and caveats: ``docs/perturb.md``.
+
+        Parameters
+        ----------
+        data
+            AnnData, file path, or cells already tokenized with :meth:`tokenize`.
+        knock_out
+            Genes to remove, one perturbation each: Ensembl ids of the vocabulary or symbols (``"Gad1"``);
+            ``"Gad1+Gad2"`` removes both at once.
+        over_express
+            ``"GENE=COUNT"`` sets the gene's count, ``"GENE"`` sets it to the cell's highest count; one
+            perturbation each, ``+`` joins genes.
+        top_genes
+            Rows of the ranked gene table per perturbation; 0: all.
+        chunk_size
+            Model inputs run and reduced together (memory); results do not depend on it.
+        batch_size, max_tokens, precision
+            As for :meth:`predict`; results do not depend on the first two.
+        **tokenize_kwargs
+            Passed to :meth:`tokenize`.
+
+        Returns
+        -------
+        PerturbationResult
+            ``summary`` (one row per perturbation), ``genes`` (the most affected genes of each, ranked) and
+            ``cells`` (an AnnData of one row per perturbation and cell); ``write(folder)`` saves them.
+        """
+        from transcriptformer.perturbation.effects import perturb_cells
+        from transcriptformer.perturbation.specs import parse_perturbations
+
+        settings = PerturbSettings(knock_out, over_express, top_genes, chunk_size)
+        predict = PredictSettings(batch_size=batch_size, max_tokens=max_tokens, precision=precision)
+        vocab = self.checkpoint.gene_vocab
+        perturbations = parse_perturbations(settings.knock_out, settings.over_express, vocab)
+        cells = data if isinstance(data, TokenizedCells) else self.tokenize(data, **tokenize_kwargs)
+        return perturb_cells(self.model, cells, perturbations, vocab, settings, predict, self.device)
 
 
 def load(

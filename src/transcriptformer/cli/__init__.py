@@ -24,6 +24,7 @@ from transcriptformer.version import __version__
 COMMANDS: dict[str, str] = {
     "inference": "embed and score the cells of h5ad files; write one h5ad",
     "score": "log-likelihood of each cell and gene under the model; flag outlier cells",
+    "perturb": "knock genes out of cells or over-express them in silico; compare the model's outputs",
     "train": "pretrain a model from scratch on .h5ad files (Hydra config)",
     "finetune": "train LoRA adapters on a checkpoint with your cells",
     "merge-adapters": "merge LoRA adapters into their base checkpoint",

@@ -161,3 +161,10 @@ def ensembl_ids_for_symbols(ids: pd.Series, source: str) -> pd.Series:
     else:
         logger.info(mapping.summary(source))
     return mapped
+
+
+@functools.cache
+def symbols_by_id() -> dict[str, str]:
+    """Ensembl gene id -> its symbol, from every bundled table (the ids of different species never collide)."""
+    tables = [load_symbol_table(species) for species in SPECIES]
+    return {gene: symbol for table in tables for gene, symbol in zip(table["ensembl_id"], table["symbol"], strict=True)}

@@ -144,16 +144,24 @@ class TokenizedCells:
         tokens = np.full((len(rows), length), self.pad_index, dtype=np.int64)
         counts = np.zeros((len(rows), length), dtype=np.float32)
         for i, row in enumerate(rows):
-            cols, values = self.sequence(row)
-            cols, values = cols[:length], values[:length]
-            tokens[i, : cols.size] = self.gene_tokens[cols]
-            counts[i, : cols.size] = values
+            cell_tokens, cell_counts = self.inputs(row)
+            tokens[i, : min(cell_tokens.size, length)] = cell_tokens[:length]
+            counts[i, : min(cell_counts.size, length)] = cell_counts[:length]
+        aux = self.aux_tokens[np.asarray(rows, dtype=np.int64)]
+        return Batch(torch.from_numpy(tokens), torch.from_numpy(counts), torch.from_numpy(aux))
+
+    def inputs(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """Gene tokens and counts that the model reads for one cell, before padding.
+
+        Its :meth:`sequence`, with zero counts as padding (``pad_zeros``) and counts clipped (``clip_counts``).
+        """
+        cols, counts = self.sequence(row)
+        tokens = self.gene_tokens[cols]
         if self.data_config.pad_zeros:
             tokens[counts == 0] = self.pad_index
         if self.data_config.clip_counts is not None:
-            np.minimum(counts, self.data_config.clip_counts, out=counts)
-        aux = self.aux_tokens[np.asarray(rows, dtype=np.int64)]
-        return Batch(torch.from_numpy(tokens), torch.from_numpy(counts), torch.from_numpy(aux))
+            counts = np.minimum(counts, self.data_config.clip_counts)
+        return tokens, counts
 
 
 def cell_generator(name: str) -> np.random.Generator:

@@ -1,0 +1,137 @@
+"""Perturbations as the user writes them (``Gad1``, ``ENSMUSG00000070880=20``, ``Gad1+Gad2``), parsed and resolved.
+
+A perturbation edits one or more genes of every cell: a knock-out sets the gene's count to 0, an over-expression
+to a given count or, by default, to the cell's highest count. Genes are named by a gene id of the checkpoint's
+vocabulary (an Ensembl id's version suffix is dropped) or by a symbol of the bundled human and mouse tables
+(:mod:`transcriptformer.data.gene_symbols`), matched exactly, then ignoring case.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from transcriptformer.data.gene_symbols import SPECIES, looks_like_ensembl_id, symbol_index
+from transcriptformer.data.vocab import GeneVocab
+
+KNOCK_OUT, OVER_EXPRESS = "knock_out", "over_express"
+# Prefix of a perturbation's name, by kind.
+NAME_PREFIX = {KNOCK_OUT: "ko", OVER_EXPRESS: "oe"}
+# Genes of one perturbation are joined with this; an over-expression's count follows its gene after COUNT_SEPARATOR.
+GENE_SEPARATOR, COUNT_SEPARATOR = "+", "="
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One gene's new count in every cell.
+
+    Attributes
+    ----------
+    gene_id : str
+        Ensembl id, in the checkpoint's vocabulary.
+    count : float or None
+        The gene's new count: 0 for a knock-out; ``None``: the cell's highest count (over the genes read).
+    """
+
+    gene_id: str
+    count: float | None
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """Edits applied together to every cell, named as written (``ko:Gad1``, ``oe:Gad1=20``).
+
+    Attributes
+    ----------
+    name : str
+        ``ko:`` or ``oe:`` and the text the user wrote.
+    kind : {"knock_out", "over_express"}
+    edits : tuple of Edit
+    """
+
+    name: str
+    kind: str
+    edits: tuple[Edit, ...]
+
+    @property
+    def gene_ids(self) -> tuple[str, ...]:
+        """The genes it edits."""
+        return tuple(edit.gene_id for edit in self.edits)
+
+
+class GeneNames:
+    """Resolves a gene name (Ensembl id or symbol) to an Ensembl id of a vocabulary.
+
+    Parameters
+    ----------
+    vocab
+        The checkpoint's gene vocabulary.
+    """
+
+    def __init__(self, vocab: GeneVocab):
+        self.gene_ids = frozenset(vocab.gene_ids)
+        self.symbols: dict[str, str] = {}
+        for species in SPECIES:
+            for symbol, gene_id in symbol_index(species)[0].items():
+                if gene_id in self.gene_ids:
+                    self.symbols.setdefault(symbol, gene_id)
+        self.lower_case = {symbol.lower(): gene_id for symbol, gene_id in reversed(self.symbols.items())}
+
+    def resolve(self, name: str, flag: str, spec: str) -> str:
+        """The Ensembl id of ``name``; a ``KeyError`` names ``flag`` and ``spec`` and suggests close matches."""
+        gene_id = name.split(".", 1)[0] if looks_like_ensembl_id(name) else name
+        if gene_id in self.gene_ids:
+            return gene_id
+        found = self.symbols.get(name) or self.lower_case.get(name.lower())
+        if found is not None:
+            return found
+        close = difflib.get_close_matches(name, list(self.symbols), n=3)
+        hint = (
+            f"close matches: {', '.join(close)}" if close else "name it by an Ensembl id of the vocabulary or a symbol"
+        )
+        raise KeyError(f"{flag} {spec!r}: {name!r} is not a gene of the checkpoint's vocabulary; {hint}")
+
+
+def parse_count(text: str, flag: str, spec: str) -> float:
+    """A count written after ``GENE=``: a finite number above 0."""
+    try:
+        count = float(text)
+    except ValueError:
+        count = math.nan
+    if not (math.isfinite(count) and count > 0):
+        raise ValueError(
+            f"{flag} {spec!r}: the count {text!r} is not a number above 0; write GENE=COUNT (GENE=20), "
+            "or GENE alone for the cell's highest count"
+        )
+    return count
+
+
+def parse_perturbation(spec: str, kind: str, names: GeneNames) -> Perturbation:
+    """One perturbation from its text (``Gad1``, ``Gad1=20``, ``Gad1+Gad2``) and its kind."""
+    edits = []
+    for part in spec.split(GENE_SEPARATOR):
+        name, has_count, count_text = part.strip().partition(COUNT_SEPARATOR)
+        name = name.strip()
+        if not name:
+            raise ValueError(f"{kind} {spec!r}: a gene name is missing; name genes by Ensembl id or symbol")
+        if kind == KNOCK_OUT and has_count:
+            raise ValueError(f"{kind} {spec!r}: a knock-out takes no count; use over_express GENE=COUNT to set one")
+        count = 0.0 if kind == KNOCK_OUT else parse_count(count_text.strip(), kind, spec) if has_count else None
+        edits.append(Edit(names.resolve(name, kind, spec), count))
+    genes = [edit.gene_id for edit in edits]
+    if len(set(genes)) < len(genes):
+        raise ValueError(f"{kind} {spec!r} names a gene twice; name each gene once")
+    return Perturbation(f"{NAME_PREFIX[kind]}:{spec.strip()}", kind, tuple(edits))
+
+
+def parse_perturbations(knock_out: Sequence[str], over_express: Sequence[str], vocab: GeneVocab) -> list[Perturbation]:
+    """The perturbations of ``knock_out`` then ``over_express``, each once, genes resolved in ``vocab``."""
+    names = GeneNames(vocab)
+    specs = [(spec, KNOCK_OUT) for spec in knock_out] + [(spec, OVER_EXPRESS) for spec in over_express]
+    perturbations = {}
+    for spec, kind in specs:
+        perturbation = parse_perturbation(spec, kind, names)
+        perturbations.setdefault(perturbation.name, perturbation)
+    return list(perturbations.values())
