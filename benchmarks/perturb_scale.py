@@ -5,7 +5,7 @@ of the next 50, through ``TranscriptFormerModel.perturb``. Prints the job's time
 affected and run against those skipped, the model inputs per second, the peak memory and the load of the machine.
 
     python benchmarks/perturb_scale.py                      # CPU, batch size 64
-    python benchmarks/perturb_scale.py --device cuda --cells 1000
+    python benchmarks/perturb_scale.py --device cuda --batch-size 256
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 
 import anndata as ad
 import numpy as np
+import torch
 
 import transcriptformer
 
@@ -56,13 +57,14 @@ def main() -> None:
     obs = result.cells.obs
     affected = int(obs["affected"].sum())
     n_cells = result.cells.n_obs // len(result.summary)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak, cpu = usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
     print(f"{len(result.summary)} perturbations ({len(knock_out)} knock-outs, {len(over_express)} over-expressions)")
     print(f"x {n_cells} cells = {len(obs):,} (perturbation, cell) pairs on {args.device}, batch size {args.batch_size}")
     print(f"affected and run: {affected:,}; unaffected, skipped: {len(obs) - affected:,}")
     print(f"model inputs run: {result.inputs_run:,} (the affected pairs and {result.inputs_run - affected} cells)")
     print(f"job time: {seconds:.1f} s, {result.inputs_run / seconds:.1f} inputs/s, {len(obs) / seconds:.1f} pairs/s")
-    print(f"peak RSS: {peak:.0f} MiB; torch threads {__import__('torch').get_num_threads()}")
+    print(f"process CPU time: {cpu:.0f} s; peak RSS: {peak:.0f} MiB; torch threads {torch.get_num_threads()}")
     print(f"load average (1, 5, 15 min) before: {load_before}, after: {load_after}")
     print(f"genes.csv rows: {len(result.genes)}; X entries: {result.cells.X.nnz:,}")
 

@@ -139,5 +139,5 @@ def run(args: argparse.Namespace) -> int:
         )
         path = result.write_files(args.output_path)
     say(result.report(time.time() - started))
-    print(f"Output: {path}")
+    print(f"Output: {path.resolve()}")
     return 0
