@@ -132,7 +132,7 @@ def generate_cells(
     cache, hidden = model.start_decoding(aux_tokens, batch, steps) if use_cache else (None, None)
     for i in range(steps):
         if cache is None:
-            hidden = _uncached_output(model, tokens[:, :i], counts[:, :i], aux_tokens)
+            hidden = full_pass_output(model, tokens[:, :i], counts[:, :i], aux_tokens)
         elif i > 0:
             hidden = model.decode(tokens[:, i - 1], counts[:, i - 1], cache)
         uniforms = cell_uniforms(generators, 2, device)  # (B, 2): the gene's and the count's
@@ -169,7 +169,7 @@ def _count_bound(rate: Tensor, max_count: float | None) -> int:
     return int(largest + 12 * largest**0.5 + 20)
 
 
-def _uncached_output(model: TranscriptFormer, tokens: Tensor, counts: Tensor, aux_tokens: Tensor | None) -> Tensor:
+def full_pass_output(model: TranscriptFormer, tokens: Tensor, counts: Tensor, aux_tokens: Tensor | None) -> Tensor:
     """``(B, E)`` output at the position after ``tokens``: a forward pass over the whole sequence so far."""
     batch = tokens.shape[0]
     pad = torch.full((batch, 1), model.special_tokens.pad, dtype=tokens.dtype, device=tokens.device)
