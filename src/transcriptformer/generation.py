@@ -32,7 +32,7 @@ import torch
 from transcriptformer.checkpoint import Checkpoint
 from transcriptformer.config import GenerateSettings
 from transcriptformer.console import progress_bar
-from transcriptformer.data.gene_symbols import map_symbols_to_ensembl
+from transcriptformer.data.gene_symbols import GeneNames
 from transcriptformer.data.tokenize import TokenizedCells
 from transcriptformer.errors import UserError
 from transcriptformer.model.generate import Prompt, Sampler, generate_cells
@@ -155,25 +155,21 @@ def _aux_token(checkpoint: Checkpoint, column: str, value: str) -> int:
 
 
 def gene_tokens_of(checkpoint: Checkpoint, names: Sequence[str]) -> np.ndarray:
-    """Vocabulary indices of genes named by gene id (version suffix optional) or symbol.
+    """Vocabulary indices of the genes of ``--genes``, named by gene id or symbol (:class:`GeneNames`).
 
     Raises
     ------
+    KeyError
+        For a gene the vocabulary lacks (with close matches).
     UserError
-        Naming the genes that are in neither the vocabulary nor the symbol tables, or named twice.
+        For a gene named twice.
     """
-    ids = pd.Series([name.split(".")[0] if name not in checkpoint.gene_vocab else name for name in names])
-    mapped, _ = map_symbols_to_ensembl(ids[~ids.isin(checkpoint.gene_vocab.index)].astype(object))
-    ids.loc[mapped.index] = mapped
-    tokens = checkpoint.gene_vocab.lookup([str(g) for g in ids])
-    special = np.isin(tokens, [checkpoint.gene_vocab[t] for t in checkpoint.gene_vocab.special_tokens])
-    unknown = [name for name, token, is_special in zip(names, tokens, special, strict=True) if token < 0 or is_special]
-    if unknown:
-        raise UserError(f"gene(s) {unknown} are not genes of the checkpoint's vocabulary (ids or symbols)")
-    repeated = sorted({name for name, token in zip(names, tokens, strict=True) if (tokens == token).sum() > 1})
+    resolver = GeneNames(checkpoint.gene_vocab)
+    gene_ids = [resolver.resolve(name, "--genes", name) for name in names]
+    repeated = sorted({name for name, gene in zip(names, gene_ids, strict=True) if gene_ids.count(gene) > 1})
     if repeated:
-        raise UserError(f"gene(s) {repeated} are named more than once: a cell expresses each gene once")
-    return tokens
+        raise UserError(f"--genes names {repeated} more than once: a cell expresses each gene once")
+    return checkpoint.gene_vocab.lookup(gene_ids)
 
 
 def generate(

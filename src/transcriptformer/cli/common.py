@@ -200,37 +200,14 @@ def add_run_arguments(
         metavar="DIR",
         help="LoRA adapters from 'transcriptformer finetune', merged into the checkpoint's weights",
     )
-    model.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=defaults.batch_size,
-        help="cells per forward pass (default: %(default)s)",
-    )
-    model.add_argument(
-        "--max-tokens-per-batch",
-        dest="max_tokens",
-        type=positive_int,
-        default=defaults.max_tokens,
-        metavar="N",
-        help="token budget per forward pass (cells x trimmed length) instead of a fixed --batch-size",
-    )
-    model.add_argument(
-        "--chunk-size",
-        type=positive_int,
-        default=defaults.chunk_size,
-        help="cells read, run and saved together; memory and --resume granularity (default: %(default)s)",
-    )
-    model.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default=defaults.precision,
-        help="32, or mixed precision 16-mixed / bf16-mixed (default: 16-mixed on CUDA, 32 elsewhere)",
-    )
-    model.add_argument(
-        "--device",
-        choices=DEVICES,
-        default=defaults.device,
-        help="auto: CUDA, then MPS, then CPU (default: %(default)s)",
+    add_batch_arguments(
+        model,
+        batch_size=defaults.batch_size,
+        max_tokens=defaults.max_tokens,
+        chunk_size=defaults.chunk_size,
+        chunk_help="cells read, run and saved together; memory and --resume granularity",
+        precision=defaults.precision,
+        device=defaults.device,
     )
     model.add_argument(
         "--num-gpus",
@@ -253,6 +230,42 @@ def add_run_arguments(
         "model.inference_config.output_keys=[embeddings,llh], model.data_config.clip_counts=null",
     )
     return io, data, model
+
+
+def add_batch_arguments(
+    group: argparse._ActionsContainer,
+    *,
+    batch_size: int,
+    max_tokens: int | None,
+    chunk_size: int,
+    chunk_help: str,
+    precision: str | None,
+    device: str,
+) -> None:
+    """The flags of how cells run through the batch loop: batch size or token budget, chunks, precision, device."""
+    group.add_argument(
+        "--batch-size", type=positive_int, default=batch_size, help="cells per forward pass (default: %(default)s)"
+    )
+    group.add_argument(
+        "--max-tokens-per-batch",
+        dest="max_tokens",
+        type=positive_int,
+        default=max_tokens,
+        metavar="N",
+        help="token budget per forward pass (cells x trimmed length) instead of a fixed --batch-size",
+    )
+    group.add_argument(
+        "--chunk-size", type=positive_int, default=chunk_size, help=f"{chunk_help} (default: %(default)s)"
+    )
+    group.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=precision,
+        help="32, or mixed precision 16-mixed / bf16-mixed (default: 16-mixed on CUDA, 32 elsewhere)",
+    )
+    group.add_argument(
+        "--device", choices=DEVICES, default=device, help="auto: CUDA, then MPS, then CPU (default: %(default)s)"
+    )
 
 
 def run_config_from_args(

@@ -8,14 +8,13 @@ from pathlib import Path
 
 from transcriptformer.cli.common import (
     USE_RAW,
+    add_batch_arguments,
     add_overwrite_argument,
     add_use_raw_argument,
     non_negative_int,
-    positive_int,
 )
 from transcriptformer.config import PredictSettings
 from transcriptformer.perturbation.config import PerturbSettings
-from transcriptformer.runtime import DEVICES, PRECISIONS
 
 EXAMPLES = """\
 examples:
@@ -76,37 +75,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
     model = parser.add_argument_group("model and hardware")
-    model.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=PredictSettings.batch_size,
-        help="cells per forward pass (default: %(default)s)",
-    )
-    model.add_argument(
-        "--max-tokens-per-batch",
-        dest="max_tokens",
-        type=positive_int,
-        default=PredictSettings.max_tokens,
-        metavar="N",
-        help="token budget per forward pass (cells x trimmed length) instead of a fixed --batch-size",
-    )
-    model.add_argument(
-        "--chunk-size",
-        type=positive_int,
-        default=PerturbSettings.chunk_size,
-        help="perturbed and unperturbed cells run and reduced together; bounds memory (default: %(default)s)",
-    )
-    model.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default=PredictSettings.precision,
-        help="32, or mixed precision 16-mixed / bf16-mixed (default: 16-mixed on CUDA, 32 elsewhere)",
-    )
-    model.add_argument(
-        "--device",
-        choices=DEVICES,
-        default=PerturbSettings.device,
-        help="auto: CUDA, then MPS, then CPU (default: %(default)s)",
+    add_batch_arguments(
+        model,
+        batch_size=PredictSettings.batch_size,
+        max_tokens=PredictSettings.max_tokens,
+        chunk_size=PerturbSettings.chunk_size,
+        chunk_help="perturbed and unperturbed cells run and reduced together; bounds memory",
+        precision=PredictSettings.precision,
+        device=PerturbSettings.device,
     )
     parser.set_defaults(func=run)
 

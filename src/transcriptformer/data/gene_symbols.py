@@ -15,15 +15,20 @@ then the more revised gene model (higher Ensembl version), then reference order.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import re
 import warnings
 from dataclasses import dataclass
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from transcriptformer.data.vocab import GeneVocab
 
 logger = logging.getLogger(__name__)
 
@@ -168,3 +173,36 @@ def symbols_by_id() -> dict[str, str]:
     """Ensembl gene id -> its symbol, from every bundled table (the ids of different species never collide)."""
     tables = [load_symbol_table(species) for species in SPECIES]
     return {gene: symbol for table in tables for gene, symbol in zip(table["ensembl_id"], table["symbol"], strict=True)}
+
+
+class GeneNames:
+    """Resolves a gene name (Ensembl id or symbol) to an Ensembl id of a vocabulary.
+
+    Parameters
+    ----------
+    vocab
+        The checkpoint's gene vocabulary.
+    """
+
+    def __init__(self, vocab: GeneVocab):
+        self.gene_ids = frozenset(vocab.gene_ids)
+        self.symbols: dict[str, str] = {}
+        for species in SPECIES:
+            for symbol, gene_id in symbol_index(species)[0].items():
+                if gene_id in self.gene_ids:
+                    self.symbols.setdefault(symbol, gene_id)
+        self.lower_case = {symbol.lower(): gene_id for symbol, gene_id in reversed(self.symbols.items())}
+
+    def resolve(self, name: str, flag: str, spec: str) -> str:
+        """The Ensembl id of ``name``; a ``KeyError`` names ``flag`` and ``spec`` and suggests close matches."""
+        gene_id = name.split(".", 1)[0] if looks_like_ensembl_id(name) else name
+        if gene_id in self.gene_ids:
+            return gene_id
+        found = self.symbols.get(name) or self.lower_case.get(name.lower())
+        if found is not None:
+            return found
+        close = difflib.get_close_matches(name, list(self.symbols), n=3)
+        hint = (
+            f"close matches: {', '.join(close)}" if close else "name it by an Ensembl id of the vocabulary or a symbol"
+        )
+        raise KeyError(f"{flag} {spec!r}: {name!r} is not a gene of the checkpoint's vocabulary; {hint}")

@@ -8,12 +8,11 @@ vocabulary (an Ensembl id's version suffix is dropped) or by a symbol of the bun
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from transcriptformer.data.gene_symbols import SPECIES, looks_like_ensembl_id, symbol_index
+from transcriptformer.data.gene_symbols import GeneNames
 from transcriptformer.data.vocab import GeneVocab
 
 KNOCK_OUT, OVER_EXPRESS = "knock_out", "over_express"
@@ -59,39 +58,6 @@ class Perturbation:
     def gene_ids(self) -> tuple[str, ...]:
         """The genes it edits."""
         return tuple(edit.gene_id for edit in self.edits)
-
-
-class GeneNames:
-    """Resolves a gene name (Ensembl id or symbol) to an Ensembl id of a vocabulary.
-
-    Parameters
-    ----------
-    vocab
-        The checkpoint's gene vocabulary.
-    """
-
-    def __init__(self, vocab: GeneVocab):
-        self.gene_ids = frozenset(vocab.gene_ids)
-        self.symbols: dict[str, str] = {}
-        for species in SPECIES:
-            for symbol, gene_id in symbol_index(species)[0].items():
-                if gene_id in self.gene_ids:
-                    self.symbols.setdefault(symbol, gene_id)
-        self.lower_case = {symbol.lower(): gene_id for symbol, gene_id in reversed(self.symbols.items())}
-
-    def resolve(self, name: str, flag: str, spec: str) -> str:
-        """The Ensembl id of ``name``; a ``KeyError`` names ``flag`` and ``spec`` and suggests close matches."""
-        gene_id = name.split(".", 1)[0] if looks_like_ensembl_id(name) else name
-        if gene_id in self.gene_ids:
-            return gene_id
-        found = self.symbols.get(name) or self.lower_case.get(name.lower())
-        if found is not None:
-            return found
-        close = difflib.get_close_matches(name, list(self.symbols), n=3)
-        hint = (
-            f"close matches: {', '.join(close)}" if close else "name it by an Ensembl id of the vocabulary or a symbol"
-        )
-        raise KeyError(f"{flag} {spec!r}: {name!r} is not a gene of the checkpoint's vocabulary; {hint}")
 
 
 def parse_count(text: str, flag: str, spec: str) -> float:
