@@ -58,10 +58,17 @@ def test_decoding_with_the_cache_equals_the_full_forward_pass(checkpoint):
 
 
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.7, "top_k": 50, "top_p": 0.9}])
-def test_cached_and_uncached_generation_give_the_same_cells(demo, prompt_cells, sampling):
+def test_cached_and_uncached_generation_give_the_same_cells(prompt_cells, sampling):
+    """The same cells, in float64.
+
+    In float32 the two paths' logits differ by ~3e-6 (other matmul shapes), and once in a few thousand draws a
+    uniform number falls between their cumulative sums (measured: seed 3, one thread).
+    """
+    demo64 = transcriptformer.load(DEMO_MODEL, device="cpu")
+    demo64.model.double()
     settings = {"num_cells": 6, "max_genes": 40, "seed": 3, "prompt_genes": 2} | sampling
-    cached = demo.generate(prompt_cells, **settings)
-    uncached = demo.generate(prompt_cells, use_cache=False, **settings)
+    cached = demo64.generate(prompt_cells, **settings)
+    uncached = demo64.generate(prompt_cells, use_cache=False, **settings)
     assert sequences(cached) == sequences(uncached)
     assert cached.obs["num_genes"].min() > 10
 
