@@ -4,6 +4,7 @@ Also: non-finite weights are never saved, and ``transcriptformer train --overwri
 """
 
 import signal
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -41,6 +42,11 @@ class FailAtStep(Callback):
         if trainer.global_step == self.step:
             if self.error is None:
                 signal.raise_signal(signal.SIGINT)
+                # Python runs the handler (KeyboardInterrupt) at its next check between bytecodes; a loop's
+                # backward jump is one, whereas the raise below may come first (seen once under load in CI).
+                for _ in range(1000):
+                    time.sleep(0.001)
+                raise AssertionError("SIGINT did not interrupt the run")
             raise self.error
 
 
