@@ -122,12 +122,22 @@ def add_run_arguments(
     """
     io = parser.add_argument_group("inputs and output")
     io.add_argument("--checkpoint-path", required=True, help="checkpoint directory (config.json, model_weights.pt)")
-    io.add_argument(
+    cells = io.add_mutually_exclusive_group(required=True)
+    cells.add_argument(
         "--data-file",
-        required=True,
         nargs="+",
         metavar="FILE",
         help="input .h5ad, .zarr or 10x .h5 file(s), their cells concatenated in order",
+    )
+    cells.add_argument(
+        "--soma",
+        metavar="URI",
+        help="or a TileDB-SOMA experiment, or a copy of the CELLxGENE Census: folder or s3:// URI (docs/scale.md)",
+    )
+    cells.add_argument(
+        "--census-version",
+        metavar="VERSION",
+        help="or the public CELLxGENE Census of this version, e.g. stable (needs the network)",
     )
     io.add_argument("--output-path", default=defaults.output_path, help="output directory (default: %(default)s)")
     io.add_argument(
@@ -156,8 +166,29 @@ def add_run_arguments(
     )
     io.add_argument("--dry-run", action="store_true", help="check checkpoint, data and vocabulary, print the plan")
 
+    soma = parser.add_argument_group("cells of a SOMA experiment (--soma, --census-version)")
+    soma.add_argument(
+        "--organism",
+        help="the experiment of a Census, e.g. homo_sapiens or 'Mus musculus'; for an experiment, recorded only",
+    )
+    soma.add_argument(
+        "--obs-filter",
+        metavar="FILTER",
+        help="SOMA value filter selecting the cells, e.g. \"tissue_general == 'lung' and is_primary_data == True\"",
+    )
+    soma.add_argument(
+        "--soma-measurement", default=defaults.soma_measurement, help="measurement to read (default: %(default)s)"
+    )
+    soma.add_argument(
+        "--soma-x-layer", default=defaults.soma_x_layer, help="X layer of raw counts (default: %(default)s)"
+    )
+
     data = parser.add_argument_group("reading the cells (defaults: the checkpoint's data_config)")
-    data.add_argument("--gene-col-name", default=None, help="var column with gene ids; 'index': var_names")
+    data.add_argument(
+        "--gene-col-name",
+        default=None,
+        help="var column with gene ids; 'index': var_names (default: the checkpoint's; feature_id for SOMA)",
+    )
     add_use_raw_argument(data)
     data.add_argument("--clip-counts", type=positive_number, default=None, help="clip counts to at most this value")
     add_invalid_counts_argument(data)
@@ -275,9 +306,14 @@ def run_config_from_args(
 
     The checkpoint's config, then the flags (and ``settings``, which win), then ``--config-override``. A flag named
     like an :class:`InferenceConfig` field sets it (a field without a flag keeps its default); one named like a
-    :class:`~transcriptformer.config.DataConfig` field, when given, replaces the checkpoint's value.
+    :class:`~transcriptformer.config.DataConfig` field, when given, replaces the checkpoint's value. The cells of a
+    SOMA experiment have their gene ids in var ``feature_id`` unless ``--gene-col-name`` says otherwise.
     """
-    flags = vars(args) | {"data_files": args.data_file, "use_raw": USE_RAW[args.use_raw]} | settings
+    flags = vars(args) | {"data_files": args.data_file or [], "use_raw": USE_RAW[args.use_raw]} | settings
+    if flags["gene_col_name"] is None and (args.soma or args.census_version):
+        from transcriptformer.data.soma import SOMA_GENE_ID_COLUMN
+
+        flags["gene_col_name"] = SOMA_GENE_ID_COLUMN
     inference = InferenceConfig(
         **{f.name: flags[f.name] for f in dataclasses.fields(InferenceConfig) if f.name in flags}
     )

@@ -10,7 +10,14 @@ import argparse
 
 from transcriptformer.cli.common import add_run_arguments, run_config_from_args
 from transcriptformer.errors import UserError
-from transcriptformer.inference.config import EMB_TYPES, MODEL_TYPES, InferenceConfig, ModelSection, RunConfig
+from transcriptformer.inference.config import (
+    EMB_TYPES,
+    MODEL_TYPES,
+    OUTPUT_FORMATS,
+    InferenceConfig,
+    ModelSection,
+    RunConfig,
+)
 
 EXAMPLES = """\
 examples:
@@ -30,6 +37,10 @@ examples:
   # every GPU of the machine, one merged output file
   transcriptformer inference --checkpoint-path CKPT --data-file big.h5ad --num-gpus -1
 
+  # the lung cells of a copy of the CELLxGENE Census, embeddings into a SOMA array
+  transcriptformer inference --checkpoint-path CKPT --soma census/ --organism homo_sapiens \\
+      --obs-filter "tissue_general == 'lung' and is_primary_data == True" --output-soma lung_embeddings
+
 documentation: docs/inference.md
 """
 
@@ -38,12 +49,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of ``inference``; their defaults are :class:`InferenceConfig`'s and the checkpoint's."""
     defaults = InferenceConfig()
     parser.description = (
-        "Run a TranscriptFormer checkpoint on the cells of one or more files (.h5ad, .zarr, 10x .h5) "
-        "and write their embeddings and likelihoods to one .h5ad file."
+        "Run a TranscriptFormer checkpoint on the cells of one or more files (.h5ad, .zarr, 10x .h5) or of a "
+        "TileDB-SOMA experiment and write their embeddings and likelihoods to one .h5ad file (or a SOMA array)."
     )
     parser.epilog = EXAMPLES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     io, data, model = add_run_arguments(parser, defaults)
+    io.add_argument(
+        "--output-soma",
+        metavar="URI",
+        default=defaults.output_soma,
+        help="also or instead (--output-format) write the cell embeddings of a SOMA input to a SOMA array here, "
+        "indexed by soma_joinid as the Census' hosted embeddings (folder or s3:// URI)",
+    )
+    io.add_argument(
+        "--output-format",
+        choices=OUTPUT_FORMATS,
+        default=defaults.output_format,
+        help="what to write: the .h5ad, the SOMA array (--output-soma), or both (default: soma with --output-soma, "
+        "else h5ad)",
+    )
     io.add_argument(
         "--emb-type",
         choices=EMB_TYPES,

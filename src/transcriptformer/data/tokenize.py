@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,8 +223,10 @@ def aux_tokens_from_obs(
             warnings.warn(f"aux column {col!r} not in obs; treating every cell's {col} as unknown", stacklevel=3)
             columns.append(np.full(len(obs), unknown, dtype=np.int64))
             continue
-        values = obs[col].astype("object")
-        columns.append(np.array([vocab.get(str(v), unknown) if pd.notna(v) else unknown for v in values]))
+        # Each distinct value is looked up once (a million cells hold a handful of assays); missing ones get code -1.
+        codes, values = pd.factorize(obs[col])
+        tokens = np.array([vocab.get(str(v), unknown) for v in values] + [unknown], dtype=np.int64)
+        columns.append(tokens[codes])
     return np.stack(columns, axis=1).astype(np.int64) if columns else np.zeros((len(obs), 0), np.int64)
 
 
@@ -318,7 +320,11 @@ def _entry(rows: np.ndarray, counts: sp.csr_matrix, index: int) -> Entry:
 
 
 def scan_counts(
-    reader: CountReader, columns: np.ndarray, infinite_to: float | None = None, block_cells: int = SCAN_BLOCK_CELLS
+    reader: CountReader,
+    columns: np.ndarray,
+    infinite_to: float | None = None,
+    block_cells: int = SCAN_BLOCK_CELLS,
+    blocks: slice = slice(None),
 ) -> CountScan:
     """Check every count of ``columns`` and compute the statistics of each cell, reading ``block_cells`` at a time.
 
@@ -332,12 +338,19 @@ def scan_counts(
         What infinite counts count as in ``totals`` (``clip_counts`` when they are clipped).
     block_cells
         Cells per block read.
+    blocks
+        The blocks to read, all by default; the statistics of the cells of the others stay 0. Several processes
+        share a pass with ``slice(rank, None, world_size)`` and sum their scans.
     """
     n = reader.n_obs
     scan = CountScan(np.zeros(n, np.float64), np.zeros(n, np.int64), np.zeros(n, np.int64))
-    for start in range(0, n, block_cells):
+    for start in range(0, n, block_cells)[blocks]:
         scan.add_block(start, read_counts(reader, columns, start, min(start + block_cells, n)), infinite_to)
     return scan
+
+
+# A pass over a source's counts: (reader, columns read, what infinite counts count as) -> statistics.
+CountScanner = Callable[[CountReader, np.ndarray, float | None], CountScan]
 
 
 def filter_cells(scan: CountScan, config: DataConfig) -> tuple[np.ndarray, dict[str, int]]:
@@ -483,11 +496,12 @@ class CellTokenizer:
         with open_counts(data, use_raw) as reader:
             return self.prepare(reader).cells()
 
-    def prepare(self, reader: CountReader) -> PreparedCells:
+    def prepare(self, reader: CountReader, scan: CountScanner = scan_counts) -> PreparedCells:
         """Select the reader's genes, read its aux columns, check its counts and choose the cells to run.
 
-        One pass over the counts (:func:`scan_counts`) checks them (:func:`check_counts`) and applies the cell
-        filters (:func:`filter_cells`); the cells' counts are read again later, in row blocks.
+        One pass over the counts (``scan``: :func:`scan_counts`, or a pass that several processes share) checks
+        them (:func:`check_counts`) and applies the cell filters (:func:`filter_cells`); the cells' counts are read
+        again later, in row blocks.
         """
         config = self.data_config
         selection = select_genes(
@@ -495,11 +509,11 @@ class CellTokenizer:
         )
         aux = aux_tokens_from_obs(reader.obs, self.aux_vocabs, config.aux_pad_token)
         pad_index = self.gene_vocab.special(config.gene_pad_token)
-        scan = scan_counts(reader, selection.columns, config.clip_counts)
-        check_counts(scan, reader, selection, config)
-        keep, dropped = filter_cells(scan, config)
+        scanned = scan(reader, selection.columns, config.clip_counts)
+        check_counts(scanned, reader, selection, config)
+        keep, dropped = filter_cells(scanned, config)
         kept = None if keep.all() else np.flatnonzero(keep)
-        n_empty = int((keep & (scan.expressed == 0)).sum())
+        n_empty = int((keep & (scanned.expressed == 0)).sum())
         cells = PreparedCells(reader, selection, aux, config, self.seq_len, pad_index, kept, dropped, n_empty)
         if reader.n_obs and not len(cells):
             raise ValueError(

@@ -37,6 +37,8 @@ from transcriptformer.runtime import BACKENDS, DEVICES
 MODEL_TYPES = ("transcriptformer", "esm2ce")
 EMB_TYPES = ("cell", "cge")
 ALL_OBS_KEYS = "all"
+# What a run writes: the .h5ad, a SOMA array of cell embeddings (at output_soma), or both.
+OUTPUT_FORMATS = ("h5ad", "soma", "both")
 # The per-cell score that the outlier rule of ``transcriptformer score`` reads, and the obs columns it adds.
 QC_SCORE = "mean_log_likelihood"
 ROBUST_Z_COLUMN = f"{QC_SCORE}_robust_z"
@@ -51,8 +53,29 @@ class InferenceConfig:
     ----------
     data_files : list of str
         Input ``.h5ad`` files; their cells are concatenated in this order.
+    soma : str or None
+        Instead of files: a TileDB-SOMA experiment, or a collection of them such as a copy of the CELLxGENE
+        Census, as a folder or URI (``s3://``). Its gene ids are read from var ``feature_id`` on the command line
+        (set ``model.data_config.gene_col_name`` in Python).
+    census_version : str or None
+        Instead of files: the public CELLxGENE Census of this version (needs the network and cellxgene-census).
+    organism : str or None
+        The experiment of a Census (``homo_sapiens`` or ``"Homo sapiens"``); for an experiment, its organism as
+        recorded with the output.
+    obs_filter : str or None
+        A SOMA value filter selecting the experiment's cells, e.g. ``"tissue_general == 'lung' and
+        is_primary_data == True"``; ``None``: every cell. Cells run in ascending ``soma_joinid`` order.
+    soma_measurement, soma_x_layer : str
+        The experiment's measurement and its X layer of raw counts.
     output_path, output_filename : str
-        The output file is ``output_path / output_filename``.
+        The output file is ``output_path / output_filename``; the saved units of a run wait beside it (a folder
+        that every process can write to).
+    output_format : str or None
+        ``h5ad``, ``soma`` (cell embeddings into a SOMA array at ``output_soma``, no ``.h5ad``) or ``both``;
+        ``None``: ``soma`` when ``output_soma`` is given, else ``h5ad``.
+    output_soma : str or None
+        Folder or URI of the SOMA array of cell embeddings, indexed by the input's ``soma_joinid``, as the Census
+        stores its hosted embeddings.
     batch_size : int
         Cells per forward pass; outputs do not depend on it.
     max_tokens : int or None
@@ -96,8 +119,16 @@ class InferenceConfig:
     """
 
     data_files: list[str] = field(default_factory=list)
+    soma: str | None = None
+    census_version: str | None = None
+    organism: str | None = None
+    obs_filter: str | None = None
+    soma_measurement: str = "RNA"
+    soma_x_layer: str = "raw"
     output_path: str = "./inference_results"
     output_filename: str = "embeddings.h5ad"
+    output_format: str | None = None
+    output_soma: str | None = None
     batch_size: int = PredictSettings.batch_size
     max_tokens: int | None = PredictSettings.max_tokens
     output_keys: list[str] = field(default_factory=lambda: list(PredictSettings.output_keys))
@@ -133,6 +164,61 @@ class InferenceConfig:
             raise ValueError(f"n_data_workers must be >= 0, got {self.n_data_workers}")
         if not self.obs_keys:
             raise ValueError(f"obs_keys is empty: list columns, or [{ALL_OBS_KEYS}] for every column")
+        self._check_soma_input()
+        self._check_soma_output()
+
+    def _check_soma_input(self) -> None:
+        given = [name for name in ("data_files", "soma", "census_version") if getattr(self, name)]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} are alternatives: read the cells from one of them")
+        if self.census_version and not self.organism:
+            raise ValueError("census_version: the Census holds one experiment per organism; choose one with --organism")
+        if (self.organism or self.obs_filter) and not self.reads_soma:
+            raise ValueError(
+                "--organism and --obs-filter select cells of a SOMA experiment: give --soma or --census-version"
+            )
+
+    def _check_soma_output(self) -> None:
+        if self.output_format is not None:
+            _check_choices("output_format", [self.output_format], OUTPUT_FORMATS)
+        if not self.writes_soma:
+            if self.output_soma:
+                raise ValueError(f"output_soma is written with --output-format soma or both, not {self.output_format}")
+            return
+        if not self.output_soma:
+            raise ValueError(
+                f"--output-format {self.output_format} writes a SOMA array: give its URI with --output-soma"
+            )
+        if not self.reads_soma:
+            raise ValueError(
+                "output_soma: the array is indexed by the soma_joinid of the input experiment; read the cells with "
+                "--soma or --census-version (or write an .h5ad)"
+            )
+        if "embeddings" not in self.output_keys or (not self.writes_h5ad and len(self.output_keys) > 1):
+            raise ValueError(
+                f"output_soma holds cell embeddings and output_keys are {self.output_keys}: compute embeddings, and "
+                "write the other outputs to an .h5ad too with --output-format both"
+            )
+
+    @property
+    def reads_soma(self) -> bool:
+        """Whether the cells come from a SOMA experiment (``soma`` or ``census_version``)."""
+        return bool(self.soma or self.census_version)
+
+    @property
+    def resolved_output_format(self) -> str:
+        """``output_format``, or its default: ``soma`` when ``output_soma`` is given, else ``h5ad``."""
+        return self.output_format or ("soma" if self.output_soma else "h5ad")
+
+    @property
+    def writes_h5ad(self) -> bool:
+        """Whether the run writes the ``.h5ad``."""
+        return self.resolved_output_format != "soma"
+
+    @property
+    def writes_soma(self) -> bool:
+        """Whether the run writes the SOMA array of cell embeddings."""
+        return self.resolved_output_format != "h5ad"
 
     @property
     def predict_settings(self) -> PredictSettings:

@@ -1,8 +1,9 @@
 """Several inference processes: one per GPU, or several CPU processes.
 
-The processes exchange no tensors. Each one runs its share of the work units and writes their outputs to disk,
-then all meet at a barrier (a gloo process group, which needs no GPU), and rank 0 merges the units in input order
-into the single output file. They are started in one of two ways:
+The processes exchange no outputs. They share the one pass over the inputs' counts that checks them
+(:func:`shared_scan`), each runs its share of the work units and writes their outputs to disk, then all meet at a
+barrier (a gloo process group, which needs no GPU), and rank 0 merges the units in input order into the output.
+They are started in one of two ways:
 
 * ``transcriptformer inference --num-gpus N``: :func:`spawn` starts N processes with ``torch.multiprocessing``.
 * ``torchrun --nproc-per-node N $(which transcriptformer) inference ...``: torchrun starts them, and
@@ -18,11 +19,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from transcriptformer.console import verbosity
+from transcriptformer.data.sources import CountReader
+from transcriptformer.data.tokenize import CountScan, CountScanner, Entry, scan_counts
 from transcriptformer.errors import UserError
 
 # How long a process that has finished its share waits for the slowest one at the final barrier.
@@ -94,6 +98,36 @@ def barrier(rank: Rank) -> None:
     """Wait until every process has reached this point."""
     if rank.world_size > 1:
         dist.barrier()
+
+
+def shared_scan(rank: Rank) -> CountScanner:
+    """The pass over an input's counts (:func:`~transcriptformer.data.tokenize.scan_counts`) shared by the processes.
+
+    Each process reads every ``world_size``-th block of cells, and the processes add up their statistics (each
+    cell's come from the one process that read it, so the sums are exact): every process gets the statistics of a
+    single pass, while the input is read once in all, not once per process. Call it inside :func:`process_group`.
+    """
+    if rank.world_size == 1:
+        return scan_counts
+
+    def scan(reader: CountReader, columns: np.ndarray, infinite_to: float | None) -> CountScan:
+        own = scan_counts(reader, columns, infinite_to, blocks=slice(rank.rank, None, rank.world_size))
+        for values in (own.totals, own.expressed, own.invalid):
+            dist.all_reduce(torch.from_numpy(values))  # in place, into the numpy arrays
+        sums = torch.tensor([own.n_infinite, own.n_stored, own.non_integer], dtype=torch.int64)
+        dist.all_reduce(sums)
+        own.n_infinite, own.n_stored, own.non_integer = sums.tolist()
+        firsts = [None] * rank.world_size
+        dist.all_gather_object(firsts, (own.first_invalid, own.first_non_integer))
+        own.first_invalid, own.first_non_integer = (_first([f[i] for f in firsts]) for i in range(2))
+        return own
+
+    return scan
+
+
+def _first(entries: list[Entry | None]) -> Entry | None:
+    """The entry of the lowest row among the processes' (``None`` when none found one)."""
+    return min((e for e in entries if e is not None), key=lambda e: e.row, default=None)
 
 
 def spawn(worker: Callable[..., None], world_size: int, *args) -> None:

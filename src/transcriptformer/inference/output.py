@@ -101,12 +101,12 @@ def temporary_file_of(path: Path, pid: int) -> Path:
 
 
 @contextmanager
-def claim_output(path: Path, overwrite: bool = False) -> Iterator[None]:
+def claim_output(path: Path, overwrite: bool = False, writes: bool = True) -> Iterator[None]:
     """Hold the output ``path`` (and the ``.parts`` folder beside it) for the duration of the block.
 
     Before anything is computed: creates the output folder, checks that it can be written and that ``path`` is not
-    a folder, takes the output's lock (released when the block ends or the process dies), and refuses an existing
-    output unless ``overwrite``.
+    a folder, takes the output's lock (:func:`hold_output`), and refuses an existing output unless ``overwrite`` (or
+    unless the run ``writes`` no ``.h5ad``, and holds ``path`` only for its ``.parts`` folder).
 
     Raises
     ------
@@ -115,18 +115,36 @@ def claim_output(path: Path, overwrite: bool = False) -> Iterator[None]:
     FileExistsError
         The output exists and ``overwrite`` is off.
     """
-    folder = path.parent
+    if path.is_dir():
+        raise UserError(f"the output {path} is a folder, not a file; choose another --output-filename")
+    with hold_output(path, ("--output-path", "--output-filename")):
+        if writes and path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+        yield
+
+
+@contextmanager
+def hold_output(path: Path, flags: tuple[str, ...]) -> Iterator[None]:
+    """Create the folder of the output ``path`` and hold the output's lock for the duration of the block.
+
+    The lock (``.<name>.lock`` beside ``path``) is released when the block ends or the process dies. Errors name
+    ``flags``, which choose the output's place (the first, its folder).
+
+    Raises
+    ------
+    UserError
+        The folder is a file or cannot be written, or another run holds the output.
+    """
+    folder, folder_flag = path.parent, flags[0]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         blocking = next(p for p in (folder, *folder.parents) if p.exists())
         raise UserError(
-            f"--output-path {folder} is not a folder: {blocking} is a file; give a folder (missing ones are created)"
+            f"{folder_flag} {folder} is not a folder: {blocking} is a file; give a folder (missing ones are created)"
         ) from None
     except OSError as error:
-        raise _unwritable(f"create {folder}", error) from error
-    if path.is_dir():
-        raise UserError(f"the output {path} is a folder, not a file; choose another --output-filename")
+        raise _unwritable(f"create {folder}", error, folder_flag) from error
     lock_file = lock_file_of(path)
     lock = FileLock(lock_file, timeout=0)
     try:
@@ -135,20 +153,18 @@ def claim_output(path: Path, overwrite: bool = False) -> Iterator[None]:
         holder = lock_holder(lock_file)
         raise UserError(
             f"{path} is being written by another run{f' (pid {holder})' if holder else ''}, which holds {lock_file}; "
-            "wait for it to end, or choose another --output-path or --output-filename"
+            f"wait for it to end, or choose another {' or '.join(flags)}"
         ) from None
     except OSError as error:
-        raise _unwritable(f"write in {folder}", error) from error
+        raise _unwritable(f"write in {folder}", error, folder_flag) from error
     try:
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
         yield
     finally:
         lock.release()
 
 
-def _unwritable(action: str, error: OSError) -> UserError:
-    return UserError(f"cannot {action} ({error.strerror or error}); choose a writable --output-path")
+def _unwritable(action: str, error: OSError, folder_flag: str) -> UserError:
+    return UserError(f"cannot {action} ({error.strerror or error}); choose a writable {folder_flag}")
 
 
 def lock_holder(lock_file: Path) -> int | None:

@@ -27,7 +27,15 @@ from transcriptformer.safe_load import load_npz
 
 MANIFEST = "run.json"
 # Settings that change how a run is carried out but not its results; a resumed run may change them.
-RESUMABLE_CHANGES = ("overwrite", "resume", "n_data_workers", "num_gpus", "use_oom_dataloader")
+RESUMABLE_CHANGES = (
+    "overwrite",
+    "resume",
+    "n_data_workers",
+    "num_gpus",
+    "use_oom_dataloader",
+    "output_format",
+    "output_soma",
+)
 
 
 def parts_dir(session: Session) -> Path:
@@ -62,11 +70,11 @@ def save_part(outputs: GeneOutputs, path: Path) -> None:
         raise write_failed(path, error, path.parent) from error
 
 
-def write_failed(target: Path, error: OSError, folder: Path) -> UserError:
+def write_failed(target: Path | str, error: OSError, folder: Path, fix: str = "free disk space") -> UserError:
     """The error of a write that failed (a full disk, a quota): nothing was replaced and the saved units remain."""
     return UserError(
         f"writing {target} failed ({error.strerror or error}); nothing was replaced, and the finished units are kept "
-        f"in {folder}: free disk space and rerun with --resume"
+        f"in {folder}: {fix} and rerun with --resume"
     )
 
 
@@ -146,7 +154,7 @@ def weight_files(session: Session) -> list[Path]:
 
 
 def run_description(session: Session) -> dict:
-    """What a run computes: its settings, its inputs (path, size, mtime), and its files of weights by content.
+    """What a run computes: its settings, its inputs (``InputFile.identity``), and its files of weights by content.
 
     The contents (SHA-256) of :func:`weight_files` are described, not only their paths: a file rewritten in place
     is a different run.
@@ -154,7 +162,7 @@ def run_description(session: Session) -> dict:
     settings = session.config.to_dict()
     for key in RESUMABLE_CHANGES:
         settings["model"]["inference_config"].pop(key)
-    inputs = {str(f.path.resolve()): [f.path.stat().st_size, f.path.stat().st_mtime_ns] for f in session.files}
+    inputs = {f.name: f.identity for f in session.files}
     weights, *others = weight_files(session)
     contents = {str(weights.resolve()): session.weights_sha256} | {str(p.resolve()): sha256_of(p) for p in others}
     return json.loads(json.dumps({"settings": settings, "inputs": inputs, "contents": contents}, default=str))
@@ -170,7 +178,7 @@ def describe_changes(before: dict, after: dict) -> list[str]:
     settings_before, settings_after = _leaves(before.get("settings", {})), _leaves(after["settings"])
     sections = [
         ("setting {}", settings_before, settings_after),
-        ("input {} (size or modification time)", before.get("inputs", {}), after["inputs"]),
+        ("input {} (size or modification time, or the cells of its query)", before.get("inputs", {}), after["inputs"]),
         ("contents of {}", before.get("contents", {}), after["contents"]),
     ]
     return [
@@ -230,8 +238,16 @@ def open_parts_dir(session: Session) -> int:
         return check_saved_parts(session)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    manifest.write_text(json.dumps({"fingerprint": fingerprint, "run": description}))
+    content = {"fingerprint": fingerprint, "run": description}
+    if session.config.inference.reads_soma:
+        content["unit_soma_joinids"] = unit_joinid_ranges(session)
+    manifest.write_text(json.dumps(content))
     return 0
+
+
+def unit_joinid_ranges(session: Session) -> list[list[int]]:
+    """First and last ``soma_joinid`` of each unit's cells (a SOMA input), in unit order: what each unit holds."""
+    return [[int(j[0]), int(j[-1])] for j in map(session.unit_joinids, session.units)]
 
 
 def units_to_run(session: Session, units: list[WorkUnit]) -> list[WorkUnit]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import json
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from transcriptformer.data.soma import experiment_name
 from transcriptformer.inference.session import Session
 from transcriptformer.pipeline import plan
 from transcriptformer.version import __version__
@@ -19,10 +21,17 @@ def counted(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "es" if noun.endswith("s") else "s")
 
 
+def describe_source(session: Session) -> str:
+    """Where the cells come from: ``"3 files"``, ``"the SOMA experiment /data/census"``."""
+    if session.config.inference.reads_soma:
+        return f"the SOMA experiment {session.files[0].name}"
+    return counted(len(session.files), "file")
+
+
 def describe_inputs(session: Session) -> list[str]:
     """One line per input file: cells, genes matched, the cells that the cell filters dropped, the empty cells."""
     return [
-        f"  {f.path}: {len(f.cells)} cells, {f.n_matched} of {f.n_genes} genes in the vocabulary"
+        f"  {f.name}: {len(f.cells)} cells, {f.n_matched} of {f.n_genes} genes in the vocabulary"
         + (f"; {f.cells.describe_dropped()}" if f.cells.n_dropped else "")
         + (f"; {f.cells.describe_empty()}" if f.cells.n_empty else "")
         for f in session.files
@@ -54,7 +63,8 @@ def format_plan(session: Session, world_size: int) -> str:
         f"{len(session.units)} unit(s) of up to {inference.chunk_size} cells",
         f"Device: {session.device.type} ({counted(world_size, 'process')}), precision {session.precision}",
         f"Outputs: {', '.join(inference.output_keys)}",
-        f"Output file: {session.output_file}{existing_output_note(session)}",
+        *([f"Output file: {session.output_file}{existing_output_note(session)}"] if inference.writes_h5ad else []),
+        *([f"SOMA output: {inference.output_soma} (cell embeddings)"] if inference.writes_soma else []),
     ]
     return "\n".join(lines)
 
@@ -71,16 +81,22 @@ def existing_output_note(session: Session) -> str:
 def format_summary(session: Session, world_size: int, seconds: float) -> str:
     """What a finished run did, and how to open its output (whose path the run prints last)."""
     path, inference = session.output_file.resolve(), session.config.inference
-    return "\n".join(
-        [
-            "Inference finished.",
-            *describe_inputs(session),
-            f"{session.n_cells} cells in {seconds:.1f} s ({session.n_cells / seconds:.1f} cells/s) on "
-            f"{session.device.type} ({counted(world_size, 'process')}), precision {session.precision}",
+    lines = [
+        "Inference finished.",
+        *describe_inputs(session),
+        f"{session.n_cells} cells in {seconds:.1f} s ({session.n_cells / seconds:.1f} cells/s) on "
+        f"{session.device.type} ({counted(world_size, 'process')}), precision {session.precision}",
+    ]
+    if inference.writes_h5ad:
+        lines.append(
             f'Open it with: adata = anndata.read_h5ad("{path}")'
-            + ('; sc.pp.neighbors(adata, use_rep="embeddings")' if "embeddings" in inference.output_keys else ""),
-        ]
-    )
+            + ('; sc.pp.neighbors(adata, use_rep="embeddings")' if "embeddings" in inference.output_keys else "")
+        )
+    if inference.writes_soma:
+        lines.append(
+            f'Read the embeddings with: tiledbsoma.open("{inference.output_soma}").read().tables() (docs/scale.md)'
+        )
+    return "\n".join(lines)
 
 
 def run_metadata(session: Session, world_size: int) -> dict:
@@ -97,7 +113,7 @@ def run_metadata(session: Session, world_size: int) -> dict:
         "processes": world_size,
         "cpu_threads": torch.get_num_threads(),
         "precision": session.precision,
-        "data_files": [str(f.path) for f in session.files],
+        "data_files": [f.name for f in session.files],
         "genes_in_file": np.array([f.n_genes for f in session.files]),
         "genes_matched": np.array([f.n_matched for f in session.files]),
         "config": json.dumps(session.config.to_dict()),
@@ -110,4 +126,44 @@ def run_metadata(session: Session, world_size: int) -> dict:
         metadata["pretrained_embedding"] = list(inference.pretrained_embedding)
     if inference.adapter:
         metadata["adapter"] = str(Path(inference.adapter).resolve())
+    if inference.reads_soma:
+        metadata["soma"] = {k: v for k, v in soma_query(session).items() if v is not None}
     return metadata
+
+
+def soma_query(session: Session) -> dict:
+    """Which cells of which SOMA experiment the run read."""
+    inference = session.config.inference
+    return {
+        "experiment_uri": session.files[0].cells.reader.experiment_uri,
+        "census_version": inference.census_version,
+        "organism": inference.organism,
+        "obs_filter": inference.obs_filter,
+        "measurement": inference.soma_measurement,
+        "x_layer": inference.soma_x_layer,
+    }
+
+
+def embedding_info(session: Session) -> dict:
+    """The SOMA array's ``CxG_embedding_info``: the Census' fields of a hosted embedding and the run's."""
+    inference, model = session.config.inference, session.config.model
+    checkpoint = session.checkpoint.path.resolve()
+    organism = inference.organism and experiment_name(inference.organism)
+    return {
+        "id": f"transcriptformer-{checkpoint.name}-{session.weights_sha256[:12]}",
+        "title": f"TranscriptFormer {checkpoint.name} cell embeddings ({model.model_type})",
+        "description": "Cell embeddings computed with the transcriptformer package from the experiment's raw counts",
+        "experiment_name": organism,
+        "measurement_name": inference.soma_measurement,
+        "data_type": "obs_embedding",
+        "census_version": inference.census_version,
+        "submission_date": datetime.date.today().isoformat(),
+        "model_type": model.model_type,
+        "checkpoint_path": str(checkpoint),
+        "weights_sha256": session.weights_sha256,
+        "adapter": str(Path(inference.adapter).resolve()) if inference.adapter else None,
+        "pretrained_embedding": list(inference.pretrained_embedding),
+        "precision": session.precision,
+        "package_version": __version__,
+        "query": soma_query(session),
+    }

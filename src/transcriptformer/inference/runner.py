@@ -19,6 +19,8 @@ A cell's outputs depend on the cell alone: not on its batch mates, the batch siz
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import shutil
 import time
 from collections.abc import Sequence
@@ -39,7 +41,14 @@ from transcriptformer.inference.output import (
     remove_stale_temporaries,
     write_output,
 )
-from transcriptformer.inference.report import counted, format_plan, format_summary, run_metadata
+from transcriptformer.inference.report import (
+    counted,
+    describe_source,
+    embedding_info,
+    format_plan,
+    format_summary,
+    run_metadata,
+)
 from transcriptformer.inference.session import (
     SOURCE_FILE_COLUMN,
     Session,
@@ -48,6 +57,7 @@ from transcriptformer.inference.session import (
     prepare,
     read_units,
 )
+from transcriptformer.inference.soma_output import claim_soma_output, local_path, write_soma_embeddings
 from transcriptformer.pipeline import MemoryLimit, predict_gene_outputs
 from transcriptformer.runtime import resolve_device, use_cpu_threads
 
@@ -70,15 +80,35 @@ def process_units(session: Session, units: Sequence[WorkUnit], rank: Rank) -> No
             parts.save_part(outputs, parts.part_file(session, unit))
 
 
-def merge_and_write(session: Session, world_size: int, finish_obs: ObsFinisher | None = None) -> None:
-    """Merge every unit's outputs in input order into the output file, one unit in memory at a time.
+def merge_and_write(session: Session, world_size: int, finish_obs: ObsFinisher | None = None) -> list[str]:
+    """Merge every unit's outputs in input order into the outputs (the ``.h5ad``, the SOMA array, or both).
 
     ``finish_obs`` adds columns computed from every cell's per-cell numbers
     (:func:`~transcriptformer.inference.output.write_output`). A failed write (a full disk) leaves an existing
     output as it was and the units resumable.
+
+    Returns
+    -------
+    list of str
+        Where the outputs are.
     """
+    inference = session.config.inference
+    written = []
+    if inference.writes_h5ad:
+        write_h5ad(session, world_size, finish_obs)
+        written.append(str(session.output_file.resolve()))
+    if inference.writes_soma:
+        write_soma(session)
+        local = local_path(inference.output_soma)
+        written.append(str(local.resolve()) if local else inference.output_soma)
+    return written
+
+
+def write_h5ad(session: Session, world_size: int, finish_obs: ObsFinisher | None) -> None:
+    """Write the ``.h5ad`` from the saved units, one unit in memory at a time."""
     obs = concat_frames([f.obs for f in session.files])
-    obs[SOURCE_FILE_COLUMN] = pd.Categorical(obs[SOURCE_FILE_COLUMN], categories=[str(f.path) for f in session.files])
+    obs.index = obs.index.astype(str)  # a SOMA experiment without obs_id names its cells by joinid
+    obs[SOURCE_FILE_COLUMN] = pd.Categorical(obs[SOURCE_FILE_COLUMN], categories=[f.name for f in session.files])
     chunks = (parts.load_part(parts.part_file(session, unit)) for unit in session.units)
     metadata = run_metadata(session, world_size)
     var = concat_var([f.var for f in session.files], session.genes)
@@ -86,6 +116,22 @@ def merge_and_write(session: Session, world_size: int, finish_obs: ObsFinisher |
         write_output(session.output_file, obs, var, chunks, metadata, session.config.inference.overwrite, finish_obs)
     except OSError as error:
         raise parts.write_failed(session.output_file, error, parts.parts_dir(session)) from error
+
+
+def write_soma(session: Session) -> None:
+    """Write the cell embeddings into the SOMA array ``output_soma`` from the saved units, a few at a time."""
+    uri = session.config.inference.output_soma
+    chunks = (
+        (session.unit_joinids(unit), parts.load_part(parts.part_file(session, unit)).cell_values["embeddings"])
+        for unit in session.units
+    )
+    first = next(chunks)
+    n_rows = int(session.files[0].cells.reader.joinids[-1]) + 1
+    try:
+        write_soma_embeddings(uri, itertools.chain([first], chunks), n_rows, first[1].shape[1], embedding_info(session))
+    except OSError as error:
+        fix = "free disk space" if local_path(uri) else "remove what was written there, check the storage's access"
+        raise parts.write_failed(uri, error, parts.parts_dir(session), fix) from error
 
 
 def run_worker(
@@ -98,10 +144,13 @@ def run_worker(
     """
     device = distributed.device_of(rank, resolve_device(config.inference.device))
     threads = use_cpu_threads(reserved=config.inference.n_data_workers, processes=rank.world_size)
-    with distributed.process_group(rank, init_method), prepare(config, device) as session:
+    with (
+        distributed.process_group(rank, init_method),
+        prepare(config, device, distributed.shared_scan(rank)) as session,
+    ):
         if rank.is_main:
             say(
-                f"Running {session.n_cells} cells from {len(session.files)} file(s) on {device.type} "
+                f"Running {session.n_cells} cells from {describe_source(session)} on {device.type} "
                 f"({counted(rank.world_size, 'process')}, {counted(threads, 'CPU thread')}"
                 f"{' each' if rank.world_size > 1 else ''}), precision {session.precision}"
             )
@@ -122,14 +171,15 @@ def run_worker(
                 )
             raise
         if rank.is_main:
-            merge_and_write(session, rank.world_size, finish_obs)
+            written = merge_and_write(session, rank.world_size, finish_obs)
             shutil.rmtree(parts.parts_dir(session))
             say(format_summary(session, rank.world_size, time.time() - started))
-            print(f"Output: {session.output_file.resolve()}", flush=True)
+            for output in written:
+                print(f"Output: {output}", flush=True)
 
 
 def run_inference(config: RunConfig, *, dry_run: bool = False, finish_obs: ObsFinisher | None = None) -> Path:
-    """Run inference as configured and return the output file's path.
+    """Run inference as configured and return the output file's path (with ``output_format`` soma, its place).
 
     Parameters
     ----------
@@ -157,7 +207,10 @@ def run_inference(config: RunConfig, *, dry_run: bool = False, finish_obs: ObsFi
     if launched and not launched.is_main:  # rank 0 holds the output
         run_worker(launched, "env://", config, started, finish_obs)
         return path
-    with claim_output(path, config.inference.overwrite):
+    inference = config.inference
+    with claim_output(path, inference.overwrite, writes=inference.writes_h5ad), contextlib.ExitStack() as claims:
+        if inference.writes_soma:
+            claims.enter_context(claim_soma_output(inference.output_soma, inference.overwrite))
         for stale in remove_stale_temporaries(path):
             print(f"Removed {stale}, left by a run killed while writing the output", flush=True)
         if launched:

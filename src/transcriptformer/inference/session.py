@@ -22,9 +22,16 @@ import pandas as pd
 import torch
 
 from transcriptformer.checkpoint import WEIGHTS_FILE, Checkpoint, load_checkpoint
-from transcriptformer.data.sources import open_counts
-from transcriptformer.data.tokenize import PreparedCells, TokenizedCells
-from transcriptformer.inference.config import ALL_OBS_KEYS, OUTLIER_COLUMN, ROBUST_Z_COLUMN, RunConfig
+from transcriptformer.data.soma import JOINID, SomaReader
+from transcriptformer.data.sources import CountReader, open_counts
+from transcriptformer.data.tokenize import CellTokenizer, CountScanner, PreparedCells, TokenizedCells, scan_counts
+from transcriptformer.inference.config import (
+    ALL_OBS_KEYS,
+    OUTLIER_COLUMN,
+    ROBUST_Z_COLUMN,
+    InferenceConfig,
+    RunConfig,
+)
 from transcriptformer.model.outputs import OUTPUTS
 from transcriptformer.pipeline import Predictor
 from transcriptformer.runtime import default_precision
@@ -44,20 +51,25 @@ INPUT_VAR_NAME_COLUMN = "input_var_name"
 
 @dataclass
 class InputFile:
-    """One input file, open for row-block reading.
+    """One input, open for row-block reading: a file, or the cells of a SOMA experiment that a query selects.
 
     Attributes
     ----------
-    path : Path
+    name : str
+        The file's path, or the experiment's URI, as given (the output's ``source_file``).
     cells : PreparedCells
         Its genes matched with the vocabulary and its cells that the cell filters keep; counts are read per unit.
     obs : DataFrame
-        The obs of those cells, filtered to the requested columns, with ``source_file``.
+        The obs of those cells, filtered to the requested columns, with ``source_file`` (and ``soma_joinid``).
+    identity : list
+        What a resumed run compares: a file's location, size and modification time; a query's experiment, number of
+        cells and SHA-256 of their joinids.
     """
 
-    path: Path
+    name: str
     cells: PreparedCells
     obs: pd.DataFrame
+    identity: list
 
     @property
     def n_genes(self) -> int:
@@ -68,6 +80,11 @@ class InputFile:
     def n_matched(self) -> int:
         """Genes of the file that the vocabulary holds."""
         return len(self.cells.selection.columns)
+
+    @property
+    def joinids(self) -> np.ndarray | None:
+        """``soma_joinid`` of each cell of a SOMA input; ``None`` for a file."""
+        return self.obs[JOINID].to_numpy(dtype=np.int64) if isinstance(self.cells.reader, SomaReader) else None
 
     @property
     def var(self) -> pd.DataFrame:
@@ -140,6 +157,11 @@ class Session:
         """SHA-256 of the checkpoint's weights file, read once per run (it is large)."""
         return sha256_of(self.checkpoint.path / WEIGHTS_FILE)
 
+    def unit_joinids(self, unit: WorkUnit) -> np.ndarray | None:
+        """``soma_joinid`` of a unit's cells when they come from a SOMA experiment; ``None`` for a file."""
+        joinids = self.files[unit.file_index].joinids
+        return None if joinids is None else joinids[unit.start : unit.stop]
+
     def read_unit(self, unit: WorkUnit) -> TokenizedCells:
         """The tokenized cells of one unit, read from its file."""
         return self.files[unit.file_index].cells.cells(unit.start, unit.stop)
@@ -175,29 +197,29 @@ def load_for_run(config: RunConfig, device: torch.device) -> Checkpoint:
     return checkpoint
 
 
-def prepare(config: RunConfig, device: torch.device) -> Session:
+def prepare(config: RunConfig, device: torch.device, scan: CountScanner = scan_counts) -> Session:
     """Load the model, open and check the inputs, and plan the work units; writes nothing.
+
+    ``scan`` reads the counts once to check them (several processes share it:
+    :func:`~transcriptformer.inference.distributed.shared_scan`).
 
     Whether the output may be written is for the caller to check
     (:func:`~transcriptformer.inference.output.claim_output`): a dry run reports an existing output instead of
     failing.
     """
     inference = config.inference
-    if not inference.data_files:
-        raise ValueError("no input file: give one or more with --data-file")
+    if not (inference.data_files or inference.reads_soma):
+        raise ValueError("no input: give files with --data-file, or a SOMA experiment with --soma or --census-version")
     checkpoint = load_for_run(config, device)
     model = checkpoint.esm2ce() if config.model.model_type == "esm2ce" else checkpoint.model
     tokenizer = checkpoint.tokenizer(remove_duplicate_genes=inference.remove_duplicate_genes)
     with contextlib.ExitStack() as open_files:
-        files = []
-        for name in inference.data_files:
-            path = Path(name)
-            reader = open_files.enter_context(open_counts(path, inference.use_raw))
-            obs = select_obs(reader.obs, inference.obs_keys, path)
-            cells = tokenizer.prepare(reader)
-            obs = obs.iloc[cells.source_rows()].copy() if cells.n_dropped else obs
-            obs[SOURCE_FILE_COLUMN] = str(path)
-            files.append(InputFile(path, cells, obs))
+        if inference.reads_soma:
+            files = [open_soma_input(config, tokenizer, scan, open_files)]
+        else:
+            files = [
+                open_file_input(Path(name), inference, tokenizer, scan, open_files) for name in inference.data_files
+            ]
         units = plan_units([len(f.cells) for f in files], inference.chunk_size)
         if not units:
             raise ValueError(f"the input files {inference.data_files} hold no cells")
@@ -208,7 +230,63 @@ def prepare(config: RunConfig, device: torch.device) -> Session:
         )
 
 
-def select_obs(obs: pd.DataFrame, keys: Sequence[str], path: Path) -> pd.DataFrame:
+def open_file_input(
+    path: Path,
+    inference: InferenceConfig,
+    tokenizer: CellTokenizer,
+    scan: CountScanner,
+    open_files: contextlib.ExitStack,
+) -> InputFile:
+    """An input file, open (until ``open_files`` closes) and checked."""
+    reader = open_files.enter_context(open_counts(path, inference.use_raw))
+    stat = path.stat()
+    identity = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+    return _input(str(path), reader, inference.obs_keys, tokenizer, scan, identity)
+
+
+def open_soma_input(
+    config: RunConfig, tokenizer: CellTokenizer, scan: CountScanner, open_files: contextlib.ExitStack
+) -> InputFile:
+    """The cells of the SOMA experiment that the run's query selects, open and checked.
+
+    Only the obs columns that the run keeps (``obs_keys``, which go to the ``.h5ad``: none without one) and reads
+    (the checkpoint's aux columns) are read.
+    """
+    inference = config.inference
+    aux_columns = config.model.data_config.aux_cols
+    if not inference.writes_h5ad:
+        obs_keys, columns = [ALL_OBS_KEYS], list(aux_columns)
+    else:
+        obs_keys = inference.obs_keys
+        columns = None if obs_keys == [ALL_OBS_KEYS] else [*obs_keys, *aux_columns]
+    reader = SomaReader(
+        inference.soma,
+        organism=inference.organism,
+        obs_filter=inference.obs_filter,
+        measurement=inference.soma_measurement,
+        x_layer=inference.soma_x_layer,
+        obs_columns=columns,
+        census_version=inference.census_version,
+    )
+    open_files.enter_context(reader)
+    identity = [reader.experiment_uri, reader.n_obs, reader.query_sha256]
+    return _input(reader.source, reader, obs_keys, tokenizer, scan, identity)
+
+
+def _input(
+    name: str, reader: CountReader, obs_keys: list[str], tokenizer: CellTokenizer, scan: CountScanner, identity: list
+) -> InputFile:
+    """The input ``name`` of ``reader``: its obs columns chosen, its genes matched, its counts checked (``scan``)."""
+    obs = select_obs(reader.obs, obs_keys, name)
+    if isinstance(reader, SomaReader):
+        obs[JOINID] = reader.joinids
+    cells = tokenizer.prepare(reader, scan)
+    obs = obs.iloc[cells.source_rows()].copy() if cells.n_dropped else obs
+    obs[SOURCE_FILE_COLUMN] = name
+    return InputFile(name, cells, obs, identity)
+
+
+def select_obs(obs: pd.DataFrame, keys: Sequence[str], path: Path | str) -> pd.DataFrame:
     """The requested obs columns (all for ``["all"]``), with the original obs_names."""
     if list(keys) == [ALL_OBS_KEYS]:
         keys = list(obs.columns)

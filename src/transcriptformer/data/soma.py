@@ -1,0 +1,236 @@
+"""Cells of a TileDB-SOMA experiment, read in row blocks: a local one, one at ``s3://``, or the CELLxGENE Census.
+
+A :class:`SomaReader` is a :class:`~transcriptformer.data.sources.CountReader` over one query: the cells of an
+experiment that a SOMA value filter selects (all of them without a filter), in ascending ``soma_joinid`` order.
+``rows(start, stop)`` reads those cells' counts from one X layer of one measurement with tiledbsoma, so memory
+holds one block of cells whatever the size of the query. The query's obs (the requested columns and
+``soma_joinid``) and the measurement's var are read when it opens.
+
+An experiment is opened from its URI (``tiledbsoma.open``), or from a collection of experiments such as the Census
+(``census_data/<organism>``), or from the public Census through ``cellxgene_census.open_soma``. Gene ids are read
+from var like an ``.h5ad`` file's (:func:`~transcriptformer.data.tokenize.select_genes`); the CELLxGENE schema keeps
+them in ``feature_id`` (:data:`SOMA_GENE_ID_COLUMN`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Sequence
+from types import ModuleType
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from transcriptformer.data.sources import CountReader
+from transcriptformer.errors import UserError
+
+SOMA_INSTALL = 'pip install "transcriptformer[soma]"'
+# The var column of the CELLxGENE schema (and the Census) that holds each gene's Ensembl id.
+SOMA_GENE_ID_COLUMN = "feature_id"
+JOINID = "soma_joinid"
+# The obs and var columns where tiledbsoma.io.from_h5ad keeps the AnnData's obs_names and var_names.
+OBS_NAME_COLUMN, VAR_NAME_COLUMN = "obs_id", "var_id"
+# Where a Census keeps its experiments, one per organism.
+CENSUS_DATA = "census_data"
+FILTER_EXAMPLE = "\"tissue_general == 'lung' and is_primary_data == True\""
+
+
+def import_tiledbsoma() -> ModuleType:
+    """The ``tiledbsoma`` package, or a ``UserError`` saying how to install it."""
+    try:
+        import tiledbsoma
+    except ImportError as error:
+        raise UserError(
+            f"SOMA experiments are read and written with tiledbsoma, which is missing: {SOMA_INSTALL}"
+        ) from error
+    return tiledbsoma
+
+
+def experiment_name(organism: str) -> str:
+    """The Census' name of an organism's experiment: ``"Homo sapiens"`` -> ``"homo_sapiens"``."""
+    return "_".join(organism.strip().lower().split())
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (tiledbsoma appends stack traces of its C++ core)."""
+    text = str(error).strip()
+    return (text.splitlines() or [type(error).__name__])[0].removeprefix("SOMAError: ")
+
+
+def open_census(census_version: str):
+    """The public CELLxGENE Census of ``census_version`` (a SOMA collection); it needs the network."""
+    try:
+        import cellxgene_census
+    except ImportError as error:
+        raise UserError(
+            f"--census-version opens the Census with cellxgene-census, which is missing: {SOMA_INSTALL}"
+        ) from error
+    try:
+        return cellxgene_census.open_soma(census_version=census_version)
+    except ValueError as error:  # a version that the Census' directory does not list
+        raise UserError(f"--census-version {census_version}: {first_line(error)}") from None
+    except (OSError, RuntimeError) as error:  # requests' connection errors are OSErrors; TileDB's are RuntimeErrors
+        raise UserError(
+            f"could not reach the CELLxGENE Census (--census-version {census_version}): {first_line(error)}; "
+            "check the network, or copy the Census to a folder (docs/scale.md) and read it with --soma FOLDER "
+            "--organism NAME"
+        ) from None
+
+
+def open_soma_uri(uri: str):
+    """The SOMA object at ``uri`` (a folder, ``file://``, ``s3://``, ...), open for reading."""
+    soma = import_tiledbsoma()
+    try:
+        return soma.open(uri)
+    except soma.DoesNotExistError:
+        raise UserError(
+            f"--soma {uri}: there is no SOMA experiment or Census there; give the folder or s3:// URI of one "
+            "(tiledbsoma.io.from_h5ad writes an experiment from an .h5ad file)"
+        ) from None
+    except (soma.SOMAError, RuntimeError, TypeError) as error:
+        raise UserError(f"--soma {uri}: cannot open it as a SOMA object ({first_line(error)})") from None
+
+
+def select_experiment(root, organism: str | None, where: str):
+    """``root`` itself when it is an experiment; else its (or its ``census_data``'s) experiment of ``organism``."""
+    if root.soma_type == "SOMAExperiment":
+        return root
+    if root.soma_type != "SOMACollection":
+        raise UserError(f"{where} is a {root.soma_type}, not a SOMA experiment or a collection of them (a Census)")
+    experiments = root[CENSUS_DATA] if CENSUS_DATA in root else root
+    names = sorted(experiments.keys())
+    if organism is None:
+        raise UserError(f"{where} holds several experiments ({', '.join(names)}); choose one with --organism")
+    name = experiment_name(organism)
+    if name not in names:
+        raise UserError(f"{where} holds no experiment {name!r} (--organism {organism}); it holds {', '.join(names)}")
+    return experiments[name]
+
+
+def _member(collection, key: str, flag: str, what: str):
+    """``collection[key]``, or a ``UserError`` naming the flag and the keys that exist."""
+    if key not in collection:
+        raise UserError(f"{flag} {key}: the experiment has no {what} {key!r}; it has {', '.join(collection.keys())}")
+    return collection[key]
+
+
+class SomaReader(CountReader):
+    """The cells of a SOMA experiment that an obs value filter selects, in ascending ``soma_joinid`` order.
+
+    Parameters
+    ----------
+    uri
+        The experiment, or a collection of experiments (a Census), as a folder or URI; ``None`` with
+        ``census_version``.
+    organism
+        The experiment of a collection (``"homo_sapiens"`` or ``"Homo sapiens"``); not needed for an experiment.
+    obs_filter
+        A SOMA value filter on obs columns, e.g. ``"tissue_general == 'lung' and is_primary_data == True"``;
+        ``None``: every cell.
+    measurement, x_layer
+        The measurement (``RNA``) and its X layer of counts (``raw``).
+    obs_columns
+        The obs columns to read besides ``soma_joinid``; ``None``: all. Names the experiment lacks are left out.
+    census_version
+        Open the public CELLxGENE Census of this version instead of ``uri`` (needs the network).
+
+    Attributes
+    ----------
+    obs : DataFrame
+        The cells' requested columns and ``soma_joinid``, indexed by their names: ``obs_id`` when the experiment
+        has it (as written by ``tiledbsoma.io.from_h5ad``), else the joinids (integers; an ``.h5ad`` output
+        writes them as strings).
+    var : DataFrame
+        The measurement's var, in ``soma_joinid`` order, indexed by ``var_id`` when present, else the joinid.
+    joinids : ndarray
+        ``(n_obs,)`` int64 ``soma_joinid`` of each cell, ascending.
+    experiment_uri : str
+        Where the experiment is.
+    """
+
+    def __init__(
+        self,
+        uri: str | None,
+        organism: str | None = None,
+        obs_filter: str | None = None,
+        measurement: str = "RNA",
+        x_layer: str = "raw",
+        obs_columns: Sequence[str] | None = None,
+        census_version: str | None = None,
+    ):
+        self.source = uri if census_version is None else f"the CELLxGENE Census {census_version}"
+        self._root = open_census(census_version) if census_version is not None else open_soma_uri(uri)
+        self._lock = threading.Lock()  # one read of X at a time: TileDB parallelises each read itself
+        try:
+            experiment = select_experiment(self._root, organism, self.source)
+            if experiment is not self._root:
+                self.source = f"{self.source} ({experiment_name(organism)})"
+            self.experiment_uri = experiment.uri
+            ms = _member(experiment.ms, measurement, "--soma-measurement", "measurement")
+            self._x = _member(ms.X, x_layer, "--soma-x-layer", "X layer")
+            self.var = self._read_var(ms.var)
+            self.obs = self._read_obs(experiment.obs, obs_filter, obs_columns)
+        except BaseException:
+            self._root.close()
+            raise
+        self.joinids = self.obs[JOINID].to_numpy(dtype=np.int64)
+        self._var_joinids = self.var[JOINID].to_numpy(dtype=np.int64)
+
+    def _read_var(self, var) -> pd.DataFrame:
+        frame = var.read().concat().to_pandas().sort_values(JOINID, kind="stable")
+        names = frame[VAR_NAME_COLUMN] if VAR_NAME_COLUMN in frame.columns else frame[JOINID]
+        return frame.set_index(pd.Index(names.astype(str).to_numpy()))
+
+    def _read_obs(self, obs, obs_filter: str | None, columns: Sequence[str] | None) -> pd.DataFrame:
+        stored = obs.schema.names
+        if columns is not None:
+            wanted = [JOINID, *columns, OBS_NAME_COLUMN]
+            columns = list(dict.fromkeys(c for c in wanted if c in stored))
+        try:
+            frame = obs.read(value_filter=obs_filter, column_names=columns).concat().to_pandas()
+        except Exception as error:  # tiledbsoma raises SOMAError, TypeError or ValueError for a filter it cannot use
+            if obs_filter is None:
+                raise
+            shown = ", ".join(c for c in stored[:12] if c != JOINID) + (", ..." if len(stored) > 12 else "")
+            raise UserError(
+                f"--obs-filter {obs_filter!r} is not a valid SOMA value filter on obs ({first_line(error)}); write "
+                f"it like {FILTER_EXAMPLE} with obs columns of {self.source} ({shown})"
+            ) from None
+        if frame.empty:
+            raise UserError(
+                f"{self.source} holds no cells"
+                if obs_filter is None
+                else f"--obs-filter {obs_filter!r} selects no cells of {self.source}; relax it"
+            )
+        frame = frame.sort_values(JOINID, kind="stable")[columns or frame.columns]  # tiledbsoma adds filtered ones
+        if OBS_NAME_COLUMN in frame.columns:
+            return frame.set_index(pd.Index(frame.pop(OBS_NAME_COLUMN).astype(str).to_numpy()))
+        return frame.set_index(pd.Index(frame[JOINID].to_numpy()))  # integers: 8 bytes a cell, not a string
+
+    @property
+    def query_sha256(self) -> str:
+        """SHA-256 of the query's joinids: what changes when the filter selects other cells."""
+        return hashlib.sha256(self.joinids.tobytes()).hexdigest()
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Counts of cells ``start .. stop - 1`` of the query (their joinids' rows of X), over the genes of var.
+
+        The stored entries of those rows are read as arrow tables of ``(soma_dim_0, soma_dim_1, soma_data)`` and
+        placed by joinid (both axes' joinids are ascending). ``blockwise().scipy()`` of tiledbsoma does the same,
+        but with it the peak memory grew with the cells read (190 MB over 400,000 cells of the benchmark).
+        """
+        joinids = self.joinids[start:stop]
+        if not joinids.size:
+            return sp.csr_matrix((0, len(self.var)), dtype=np.float32)
+        with self._lock:
+            table = self._x.read(coords=(joinids, self._var_joinids)).tables().concat()
+        rows = np.searchsorted(joinids, table["soma_dim_0"].to_numpy())
+        columns = np.searchsorted(self._var_joinids, table["soma_dim_1"].to_numpy())
+        values = table["soma_data"].to_numpy().astype(np.float32, copy=False)
+        return sp.csr_matrix((values, (rows, columns)), shape=(joinids.size, len(self.var)))
+
+    def close(self) -> None:
+        """Close the experiment (or the Census)."""
+        self._root.close()
