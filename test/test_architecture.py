@@ -21,7 +21,13 @@ from transcriptformer.evaluation.config import EvaluateConfig
 from transcriptformer.inference.config import InferenceConfig, ScoreConfig
 from transcriptformer.model.outputs import OUTPUT_KEYS
 from transcriptformer.perturbation.config import PerturbSettings
-from transcriptformer.training.config import DataSettings, OptimSettings, TrainerSettings
+from transcriptformer.training.config import (
+    ClassifySettings,
+    DataSettings,
+    FinetuneConfig,
+    OptimSettings,
+    TrainerSettings,
+)
 
 PACKAGE = Path(transcriptformer.__file__).parent
 
@@ -176,6 +182,8 @@ def test_setting_defaults_are_written_once():
         "early_stopping_patience": trainer.early_stopping_patience,
         "devices": trainer.devices,
         "seed": trainer.seed,
+        "task": FinetuneConfig.task,
+        **{field.name: getattr(ClassifySettings(), field.name) for field in dataclasses.fields(ClassifySettings)},
     }
     for dest, default in pairs.items():
         assert finetune[dest] == default, dest
@@ -195,6 +203,7 @@ def test_setting_defaults_are_written_once():
             assert perturb_api[field.name].default == field.default, field.name
     for name in ("batch_size", "max_tokens", "precision"):
         assert perturb[name] == perturb_api[name].default == getattr(predict, name), name
+    assert flag_defaults("predict-labels")["batch_size"] == predict.batch_size
 
 
 HEAVY = ("torch", "anndata", "lightning", "peft", "hydra", "scipy")

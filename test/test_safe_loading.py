@@ -29,8 +29,9 @@ from transcriptformer.cli.inference import config_from_args
 from transcriptformer.config import CONFIG_FILE
 from transcriptformer.inference import parts
 from transcriptformer.inference.session import prepare
+from transcriptformer.model.classifier import CLASSIFIER_WEIGHTS_FILE, ClassifierInfo, save_classifier
 from transcriptformer.model.lora import ADAPTER_WEIGHTS_FILE, LoraSettings, add_lora_adapters, save_adapters
-from transcriptformer.safe_load import UnsafeFileError
+from transcriptformer.safe_load import UnsafeFileError, sha256_of
 from transcriptformer.training.config import DataSettings, FinetuneConfig, TrainerSettings
 from transcriptformer.training.run import run_finetuning
 
@@ -202,6 +203,28 @@ def test_pickled_adapter_bin_is_never_read(adapters, tmp_path, marker, torch_env
     refused(args, capsys, f"{hostile} is not an adapter directory", f"{ADAPTER_WEIGHTS_FILE} missing")
     assert not marker.exists()
     assert not output.exists()
+
+
+def test_classifier_head_that_is_a_pickle_is_refused(adapters, tmp_path, marker, torch_env, capsys):
+    hostile = shutil.copytree(adapters, tmp_path / "classifier")
+    info = ClassifierInfo(
+        label_key="cell_type",
+        classes=["a", "b"],
+        embed_dim=load_checkpoint(REFERENCE_DIR).config.model_config.embed_dim,
+        hidden_dim=0,
+        base_checkpoint=str(REFERENCE_DIR),
+        base_weights_sha256=sha256_of(REFERENCE_DIR / WEIGHTS_FILE),
+        adapter_sha256=sha256_of(hostile / ADAPTER_WEIGHTS_FILE),
+    )
+    save_classifier(info.new_head(), info, hostile)  # an untrained head, saved as finetune --task classify saves it
+    transcriptformer.load(REFERENCE_DIR, device="cpu", adapter=hostile)  # loads as it is
+    torch.save({"layers.0.weight": Payload(marker)}, hostile / CLASSIFIER_WEIGHTS_FILE)
+    output = tmp_path / "out"
+    args = ["predict-labels", "--checkpoint-path", REFERENCE_DIR, "--adapter", hostile, "--data-file", REFERENCE_INPUT,
+            "--output-path", output]  # fmt: skip
+    refused(args, capsys, str(hostile / CLASSIFIER_WEIGHTS_FILE), "not a readable safetensors file")
+    assert not marker.exists()
+    assert_no_output(output)
 
 
 # Lightning checkpoints: finetune --resume and train trainer.resume=.

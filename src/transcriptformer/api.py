@@ -8,6 +8,8 @@
 >>> embeddings = model.embed(adata)  # also stored in adata.obsm["X_transcriptformer"]
 >>> generated = model.generate(adata, seed=0)  # new cells like those of adata: an AnnData of counts
 >>> scores = model.score(adata)  # per-cell log-likelihoods and outlier flags, also stored in adata.obs
+>>> classifier = transcriptformer.load("tf-sapiens", adapter="classifiers/cell_type")  # finetune --task classify
+>>> probabilities = classifier.classify(adata)  # also adata.obs["predicted_cell_type"] and its probability
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from transcriptformer.checkpoint import Checkpoint, load_checkpoint
+from transcriptformer.checkpoint import WEIGHTS_FILE, Checkpoint, load_checkpoint
 from transcriptformer.config import GenerateSettings, PredictSettings
 from transcriptformer.data.sources import open_counts
 from transcriptformer.data.tokenize import TokenizedCells
+from transcriptformer.errors import UserError
 from transcriptformer.hub.cache import resolve_checkpoint
 from transcriptformer.inference.config import ScoreConfig
+from transcriptformer.model.classifier import Classifier, has_classifier, load_classifier
 from transcriptformer.perturbation.config import PerturbSettings
 from transcriptformer.pipeline import predict_gene_outputs, predict_positions
 from transcriptformer.runtime import Backend, resolve_device
@@ -55,11 +59,15 @@ class TranscriptFormerModel:
         From :func:`~transcriptformer.checkpoint.load_checkpoint`.
     device : torch.device
         Where the model runs.
+    classifier : Classifier, optional
+        The classification head of the adapters (from ``transcriptformer finetune --task classify``), which
+        :meth:`classify` uses.
     """
 
-    def __init__(self, checkpoint: Checkpoint, device: torch.device):
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, classifier: Classifier | None = None):
         self.checkpoint = checkpoint
         self.device = device
+        self.classifier = classifier
 
     @property
     def model(self) -> torch.nn.Module:
@@ -176,6 +184,58 @@ class TranscriptFormerModel:
                 )
             data.obsm[key_added] = embeddings
         return embeddings
+
+    def classify(
+        self,
+        data: ad.AnnData | str | Path,
+        *,
+        batch_size: int = PredictSettings.batch_size,
+        **tokenize_kwargs: Any,
+    ) -> pd.DataFrame:
+        """Class probabilities of every cell, from the classifier the adapters were loaded with.
+
+        With an AnnData, also writes (``key`` the classifier's label key, e.g. ``cell_type``)
+        ``obs["predicted_<key>"]`` (categorical, categories the classes), ``obs["predicted_<key>_probability"]``
+        (its probability), ``obsm["<key>_probabilities"]`` (``(n_cells, n_classes)``) and
+        ``uns["<key>_probabilities"]["classes"]`` (the columns' class names). A cell without any count of the
+        vocabulary's genes has NaN probabilities and no predicted class.
+
+        Parameters
+        ----------
+        data
+            An AnnData (changed in place), or a ``.h5ad``, ``.zarr`` or 10x ``.h5`` path (only read).
+        batch_size
+            Cells per forward pass; results do not depend on it.
+        **tokenize_kwargs
+            Passed to :meth:`tokenize`.
+
+        Returns
+        -------
+        DataFrame
+            ``(n_cells, n_classes)`` probabilities, index the cells' names, columns the classes.
+
+        Raises
+        ------
+        UserError
+            When the model was loaded without a classifier.
+        """
+        if self.classifier is None:
+            raise UserError(
+                "this model has no classifier: load it with transcriptformer.load(CHECKPOINT, adapter=FOLDER), "
+                "FOLDER written by 'transcriptformer finetune --task classify'"
+            )
+        cells = self.tokenize(data, **tokenize_kwargs)
+        embeddings = self.predict(cells, batch_size=batch_size, output_keys=("embeddings",))["embeddings"]
+        probabilities = self.classifier.probabilities(embeddings)
+        info = self.classifier.info
+        if isinstance(data, ad.AnnData):
+            if len(probabilities) != data.n_obs:
+                raise ValueError(
+                    f"cell filters kept {len(probabilities)} of {data.n_obs} cells, so obs cannot hold their "
+                    "classes: subset the AnnData first, or pass its path to get the probabilities only"
+                )
+            write_predictions(data, probabilities, info.label_key, info.classes)
+        return pd.DataFrame(probabilities, index=cells.obs_names, columns=info.classes)
 
     def generate(
         self,
@@ -355,11 +415,27 @@ def load(
     attention_backend
         ``"auto"``, ``"flex"``, ``"chunked"`` or ``"dense"``.
     adapter
-        LoRA adapters (from ``transcriptformer finetune``) to merge into the weights.
+        LoRA adapters (from ``transcriptformer finetune``) to merge into the weights; when the folder also holds a
+        classifier (``finetune --task classify``), it is checked against the checkpoint and loaded for
+        :meth:`TranscriptFormerModel.classify`.
     cache_dir
         Where published models are kept; default ``$TRANSCRIPTFORMER_CACHE``, else the platform's user cache
         folder (``~/.cache/transcriptformer`` on Linux). See :mod:`transcriptformer.hub.cache`.
     """
     path = resolve_checkpoint(name_or_path, cache_dir)
     device = resolve_device(device)
-    return TranscriptFormerModel(load_checkpoint(path, device, attention_backend, adapter=adapter), device)
+    classifier = None
+    if adapter is not None and has_classifier(adapter):  # checked first: adapters of another base fail obscurely
+        classifier = load_classifier(adapter, Path(path) / WEIGHTS_FILE)
+    checkpoint = load_checkpoint(path, device, attention_backend, adapter=adapter)
+    return TranscriptFormerModel(checkpoint, device, classifier)
+
+
+def write_predictions(adata: ad.AnnData, probabilities: np.ndarray, label_key: str, classes: list[str]) -> None:
+    """Store the classes and probabilities of :meth:`TranscriptFormerModel.classify` in ``adata``."""
+    known = np.isfinite(probabilities).all(axis=1)
+    best = np.where(known, np.nan_to_num(probabilities, nan=-1.0).argmax(axis=1), -1)
+    adata.obs[f"predicted_{label_key}"] = pd.Categorical.from_codes(best, categories=classes)
+    adata.obs[f"predicted_{label_key}_probability"] = probabilities.max(axis=1)  # NaN where unknown
+    adata.obsm[f"{label_key}_probabilities"] = probabilities.astype(np.float32)
+    adata.uns[f"{label_key}_probabilities"] = {"classes": np.asarray(classes, dtype=object)}

@@ -16,6 +16,7 @@ and NumPy are imported by the functions that use them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -121,6 +122,15 @@ def check_safetensors(path: str | Path, *, what: str, fix: str) -> None:
             pass
     except SafetensorError as err:
         raise UserError(f"{path}: {what} is not a readable safetensors file ({_first_line(err)}); {fix}") from err
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 16 MiB blocks: what a file holds, to check that it was not replaced."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_zarr_store(path: str | Path) -> None:

@@ -15,7 +15,7 @@ from transcriptformer.model.outputs import OUTPUT_KEYS
 from transcriptformer.runtime import BACKENDS, DEVICES, PRECISIONS
 
 if TYPE_CHECKING:
-    from transcriptformer.training.objective import LossTerms
+    from transcriptformer.training.objective import ObjectiveTerms
 
 # --use-raw: which count matrix to read.
 USE_RAW = {"auto": None, "true": True, "false": False}
@@ -323,7 +323,7 @@ def run_config_from_args(
     return apply_overrides(config, args.config_override)
 
 
-def print_dry_run(terms: LossTerms) -> None:
+def print_dry_run(terms: ObjectiveTerms) -> None:
     """Report a successful training dry run (one forward and backward pass)."""
     print(f"one batch: {terms.summary()}; forward and backward passed")
     print("Dry-run complete")

@@ -1,8 +1,10 @@
-"""``transcriptformer finetune``: train LoRA adapters on a checkpoint with your cells.
+r"""``transcriptformer finetune``: train LoRA adapters on a checkpoint with your cells (or a cell classifier).
 
 ::
 
     transcriptformer finetune --checkpoint-path CKPT --train-files cells.h5ad --lora-r 4 --output-path adapters/mine
+    transcriptformer finetune --task classify --label-key cell_type --checkpoint-path CKPT --train-files cells.h5ad \
+        --val-fraction 0.15 --output-path classifiers/cell_type
 """
 
 from __future__ import annotations
@@ -20,14 +22,24 @@ from transcriptformer.cli.common import (
 )
 from transcriptformer.model.lora import TARGET_ALIASES, LoraSettings
 from transcriptformer.runtime import BACKENDS, PRECISIONS
-from transcriptformer.training.config import DataSettings, FinetuneConfig, OptimSettings, TrainerSettings
+from transcriptformer.training.config import (
+    CLASS_WEIGHTS,
+    TASKS,
+    ClassifySettings,
+    DataSettings,
+    FinetuneConfig,
+    OptimSettings,
+    TrainerSettings,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of ``finetune``."""
     parser.description = (
         "Fine-tune a TranscriptFormer checkpoint with LoRA adapters (peft); base weights stay frozen. "
-        "Writes the adapters alone (adapter_config.json + adapter_model.safetensors) to --output-path."
+        "Writes the adapters alone (adapter_config.json + adapter_model.safetensors) to --output-path; "
+        "with --task classify, also a classification head on the cell embedding (classifier_head.safetensors, "
+        "classifier.json), which predict-labels uses."
     )
     add_finetune_arguments(parser)
     parser.set_defaults(func=run)
@@ -36,6 +48,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``finetune`` (shared with ``finetune_lora.py``)."""
     lora, optim, trainer, data = LoraSettings(), OptimSettings(), TrainerSettings(), DataSettings()
+    classify = ClassifySettings()
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        default=FinetuneConfig.task,
+        help="generative: the pretraining objective on your cells; classify: a cell classifier of --label-key "
+        "(default: %(default)s)",
+    )
     io = parser.add_argument_group("model and data")
     io.add_argument("--checkpoint-path", required=True, help="base checkpoint directory (published layout)")
     io.add_argument("--train-files", nargs="+", required=True, metavar="H5AD", help="training cells (.h5ad files)")
@@ -61,6 +81,29 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
         type=non_negative_int,
         default=data.num_workers,
         help="data-loader worker processes (default: %(default)s)",
+    )
+
+    classes = parser.add_argument_group("classification (--task classify)")
+    classes.add_argument(
+        "--label-key", default=classify.label_key, help="obs column of each cell's class, e.g. cell_type"
+    )
+    classes.add_argument(
+        "--class-weights",
+        choices=CLASS_WEIGHTS,
+        default=classify.class_weights,
+        help="balanced: weight each class's cross-entropy by the inverse of its share of cells (default: %(default)s)",
+    )
+    classes.add_argument(
+        "--min-cells-per-class",
+        type=positive_int,
+        default=classify.min_cells_per_class,
+        help="classes with fewer training cells are left out, with a warning (default: %(default)s)",
+    )
+    classes.add_argument(
+        "--head-hidden-dim",
+        type=non_negative_int,
+        default=classify.head_hidden_dim,
+        help="hidden width of the classification head (an MLP); 0: a linear head (default: %(default)s)",
     )
 
     adapters = parser.add_argument_group("LoRA")
@@ -119,8 +162,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
         "--early-stopping-patience",
         type=int,
         default=trainer.early_stopping_patience,
-        help="stop after this many validations without improvement, 0: off; needs validation cells "
-        "(default: %(default)s)",
+        help="stop after this many validations without improvement (of the loss; of the macro F1 with --task "
+        "classify), 0: off; needs validation cells (default: %(default)s)",
     )
     loop.add_argument(
         "--seed", type=int, default=trainer.seed, help="seed of data order, split and dropout (default: %(default)s)"
@@ -168,6 +211,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     return FinetuneConfig(
         checkpoint_path=args.checkpoint_path,
         output_path=args.output_path or "",
+        task=args.task,
         data=DataSettings(
             train_files=list(args.train_files),
             val_files=list(args.val_files),
@@ -201,6 +245,12 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
             target_modules=list(args.lora_target_modules),
             train_heads=args.train_heads,
         ),
+        classify=ClassifySettings(
+            label_key=args.label_key,
+            class_weights=args.class_weights,
+            min_cells_per_class=args.min_cells_per_class,
+            head_hidden_dim=args.head_hidden_dim,
+        ),
     )
 
 
@@ -217,5 +267,5 @@ def run(args: argparse.Namespace) -> int:
         from lightning.pytorch.utilities import rank_zero_only  # imported by the run already
 
         if rank_zero_only.rank == 0:  # under DDP, every process returns here
-            print(f"adapters saved to {result}")
+            print(f"{'classifier' if args.task == 'classify' else 'adapters'} saved to {result}")
     return 0

@@ -20,10 +20,10 @@ import scipy.sparse as sp
 
 from transcriptformer.checkpoint import WEIGHTS_FILE
 from transcriptformer.errors import UserError
-from transcriptformer.inference.session import Session, WorkUnit, sha256_of
+from transcriptformer.inference.session import Session, WorkUnit
 from transcriptformer.model.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from transcriptformer.pipeline import GeneOutputs
-from transcriptformer.safe_load import load_npz
+from transcriptformer.safe_load import load_npz, sha256_of
 
 MANIFEST = "run.json"
 # Settings that change how a run is carried out but not its results; a resumed run may change them.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,7 @@ from transcriptformer.inference.config import (
 from transcriptformer.model.outputs import OUTPUTS
 from transcriptformer.pipeline import Predictor
 from transcriptformer.runtime import default_precision
+from transcriptformer.safe_load import sha256_of
 
 SOURCE_FILE_COLUMN = "source_file"
 # obs columns the output adds (those of `transcriptformer score` too); an input column of the same name would be lost,
@@ -165,15 +165,6 @@ class Session:
     def read_unit(self, unit: WorkUnit) -> TokenizedCells:
         """The tokenized cells of one unit, read from its file."""
         return self.files[unit.file_index].cells.cells(unit.start, unit.stop)
-
-
-def sha256_of(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 16 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def output_file_of(config: RunConfig) -> Path:

@@ -190,9 +190,8 @@ def save_adapters(model: PeftModel, path: str | Path, overwrite: bool = False) -
         )
     model.save_pretrained(path, safe_serialization=True)
     (path / MODEL_CARD_FILE).write_text(model_card(model, path))  # replaces peft's empty template
-    new_file_mode = 0o666 & ~_umask()
     for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MODEL_CARD_FILE):
-        (path / name).chmod(new_file_mode)  # safetensors writes its file owner-only (0600)
+        (path / name).chmod(new_file_mode())  # safetensors writes its file owner-only (0600)
     return path
 
 
@@ -216,11 +215,11 @@ def model_card(model: PeftModel, path: Path) -> str:
     )
 
 
-def _umask() -> int:
-    """The process' umask (reading it means setting it)."""
+def new_file_mode() -> int:
+    """The permissions of any new file of the user: ``0o666`` less the process' umask (reading it means setting it)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def load_adapters(

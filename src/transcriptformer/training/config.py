@@ -17,6 +17,10 @@ from transcriptformer.model.lora import LoraSettings
 from transcriptformer.runtime import BACKENDS, PRECISIONS
 
 SCHEMA_NAME = "train_schema"
+# What ``transcriptformer finetune`` trains for: the generative objective of pretraining, or a cell classifier.
+TASKS = ("generative", "classify")
+# Weights of the classes in the classification loss: inversely proportional to their share of cells, or equal.
+CLASS_WEIGHTS = ("balanced", "none")
 
 
 @dataclass
@@ -110,9 +114,10 @@ class TrainerSettings:
     checkpoint_every_n_steps : int
         Save a resumable checkpoint every N optimizer steps; 0 saves at each epoch end.
     keep_checkpoints : int
-        Checkpoints kept: the best by validation loss when there is validation, else the latest; -1 keeps all.
+        Checkpoints kept: the best by the validation metric (the loss; the macro F1 when classifying) when there
+        is validation, else the latest; -1 keeps all.
     early_stopping_patience : int
-        Stop after this many validations without improvement of the validation loss; 0 disables.
+        Stop after this many validations without improvement of the validation metric; 0 disables.
     seed : int
         Seed of the initialisation, the data order, the validation split and dropout.
     run_dir : str or None
@@ -181,6 +186,38 @@ class TrainConfig:
 
 
 @dataclass
+class ClassifySettings:
+    """Supervised fine-tuning for cell classification (``finetune --task classify``).
+
+    Attributes
+    ----------
+    label_key : str or None
+        ``obs`` column of the training (and validation) files that holds each cell's class, e.g. ``cell_type``.
+    class_weights : str
+        ``"balanced"``: each class's cross-entropy weighted by ``n_cells / (n_classes * n_cells_of_class)`` (the
+        training split's), so that rare classes count as much as common ones; ``"none"``: equal weights.
+    min_cells_per_class : int
+        Classes with fewer cells in the training files are left out (their cells with them), with a warning.
+    head_hidden_dim : int
+        Hidden width of the classification head (a two-layer MLP with GELU); 0: a linear layer. The head reads
+        the layer-normalised cell embedding.
+    """
+
+    label_key: str | None = None
+    class_weights: str = "balanced"
+    min_cells_per_class: int = 10
+    head_hidden_dim: int = 0
+
+    def __post_init__(self) -> None:
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise ValueError(f"class_weights must be one of {CLASS_WEIGHTS}, got {self.class_weights!r}")
+        if self.min_cells_per_class < 2:
+            raise ValueError(f"min_cells_per_class must be >= 2, got {self.min_cells_per_class}")
+        if self.head_hidden_dim < 0:
+            raise ValueError(f"head_hidden_dim must be >= 0 (0: a linear head), got {self.head_hidden_dim}")
+
+
+@dataclass
 class FinetuneConfig:
     """LoRA fine-tuning of a checkpoint (``transcriptformer finetune``).
 
@@ -189,17 +226,36 @@ class FinetuneConfig:
     checkpoint_path : str
         Base checkpoint directory.
     output_path : str
-        Adapter directory written at the end (``adapter_config.json`` + ``adapter_model.safetensors``).
-    data, optim, trainer, lora
-        See :class:`DataSettings`, :class:`OptimSettings`, :class:`TrainerSettings`, :class:`LoraSettings`.
+        Adapter directory written at the end (``adapter_config.json`` + ``adapter_model.safetensors``; with
+        ``task="classify"`` also the classification head and its classes).
+    task : str
+        One of :data:`TASKS`: ``"generative"`` trains on the pretraining objective (counts and gene ids of the
+        cells); ``"classify"`` trains the adapters and a classification head on the cell embedding to predict
+        ``classify.label_key``.
+    data, optim, trainer, lora, classify
+        See :class:`DataSettings`, :class:`OptimSettings`, :class:`TrainerSettings`, :class:`LoraSettings`,
+        :class:`ClassifySettings`.
     """
 
     checkpoint_path: str
     output_path: str
+    task: str = "generative"
     data: DataSettings = field(default_factory=DataSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    classify: ClassifySettings = field(default_factory=ClassifySettings)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        has_labels = self.classify.label_key is not None
+        if self.task == "classify" and not has_labels:
+            raise ValueError("the classify task needs label_key: the obs column that holds each cell's class")
+        if self.task != "classify" and has_labels:
+            raise ValueError("label_key is for the classify task; add --task classify to train a classifier")
+        if self.task == "classify" and self.lora.train_heads:
+            raise ValueError("train_heads trains the count and gene-id heads, which the classify task does not use")
 
 
 def compose_train_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:

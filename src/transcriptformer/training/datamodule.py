@@ -1,6 +1,7 @@
 """Cells for training: tokenized files, a seeded validation split, and a resumable Lightning data module.
 
-Each training file is tokenized once with the model's vocabularies (:class:`TokenizedCells`). Training batches
+Each training file is tokenized once with the model's vocabularies (:class:`TokenizedCells`); for classification,
+each cell also has a class (:class:`LabelledBatch`) and the validation split is stratified by class. Training batches
 gather cells of similar length (built with :meth:`TokenizedCells.batch`) and are trimmed to their longest
 cell: padding is masked, so trimming changes no target and no score, only the work spent on padding. The
 training order depends only on the seed and the epoch, and the loader is a ``torchdata``
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import lightning as L
@@ -27,6 +29,28 @@ from transcriptformer.data.tokenize import Batch, TokenizedCells
 LENGTH_GROUP_BATCHES = 16
 
 
+@dataclass
+class LabelledBatch(Batch):
+    """Model inputs of ``B`` cells and their classes.
+
+    Attributes
+    ----------
+    labels : Tensor
+        ``(B,)`` long, the class index of each cell.
+    """
+
+    labels: torch.Tensor
+
+    @classmethod
+    def of(cls, batch: Batch, labels: torch.Tensor) -> LabelledBatch:
+        """The inputs of ``batch`` with ``labels``."""
+        return cls(batch.gene_tokens, batch.gene_counts, batch.aux_tokens, labels)
+
+    def to(self, device: torch.device | str) -> LabelledBatch:
+        """Move every tensor to ``device``."""
+        return LabelledBatch.of(super().to(device), self.labels.to(device))
+
+
 class CellDataset(Dataset[Batch]):
     """Some cells of one tokenized file; item ``i`` is the one-cell :class:`Batch` of ``rows[i]``.
 
@@ -36,17 +60,23 @@ class CellDataset(Dataset[Batch]):
         A tokenized file.
     rows
         Indices of the cells of ``cells`` that belong to this dataset.
+    labels
+        Class index of every cell of ``cells``; items are then :class:`LabelledBatch` objects.
     """
 
-    def __init__(self, cells: TokenizedCells, rows: np.ndarray):
+    def __init__(self, cells: TokenizedCells, rows: np.ndarray, labels: np.ndarray | None = None):
         self.cells = cells
         self.rows = np.asarray(rows, dtype=np.int64)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)[self.rows]
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> Batch:
-        return self.cells.batch([int(self.rows[index])])
+        batch = self.cells.batch([int(self.rows[index])])
+        if self.labels is None:
+            return batch
+        return LabelledBatch.of(batch, torch.tensor([self.labels[index]]))
 
     def lengths(self) -> np.ndarray:
         """Unpadded sequence length of each cell (without building the sequences)."""
@@ -54,7 +84,7 @@ class CellDataset(Dataset[Batch]):
 
 
 def collate_cells(items: Sequence[Batch], pad_index: int, length_multiple: int = 1) -> Batch:
-    """Stack one-cell batches and cut the trailing positions that are padding in every cell.
+    """Stack one-cell batches (with their labels) and cut the trailing positions that are padding in every cell.
 
     The length kept is :func:`~transcriptformer.data.batching.batch_length` of the longest cell, rounded up to
     ``length_multiple`` (the attention backend's preference).
@@ -62,11 +92,14 @@ def collate_cells(items: Sequence[Batch], pad_index: int, length_multiple: int =
     tokens = torch.cat([item.gene_tokens for item in items])
     longest = int((tokens != pad_index).sum(1).max())
     length = batch_length(longest, tokens.shape[1], length_multiple)
-    return Batch(
+    batch = Batch(
         gene_tokens=tokens[:, :length],
         gene_counts=torch.cat([item.gene_counts for item in items])[:, :length],
         aux_tokens=torch.cat([item.aux_tokens for item in items]),
     )
+    if not isinstance(items[0], LabelledBatch):
+        return batch
+    return LabelledBatch.of(batch, torch.cat([item.labels for item in items]))
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -117,7 +150,9 @@ def cells_with_tokens(cells: TokenizedCells) -> np.ndarray:
     return np.flatnonzero((cells.counts > 0).getnnz(axis=1) > 0)
 
 
-def split_rows(n_rows: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_rows(
+    n_rows: int, val_fraction: float, seed: int, strata: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of ``range(n_rows)`` into sorted training and validation rows.
 
     Parameters
@@ -128,14 +163,39 @@ def split_rows(n_rows: int, val_fraction: float, seed: int) -> tuple[np.ndarray,
         Share held out for validation, rounded to whole cells.
     seed
         Seed of the split.
+    strata
+        Class of each row: the split keeps each class's share in both parts (scikit-learn's stratified
+        ``train_test_split``), with at least one cell of each class on each side.
+
+    Raises
+    ------
+    ValueError
+        With ``strata``, when the validation or training part would have fewer cells than there are classes.
     """
-    permutation = np.random.default_rng(seed).permutation(n_rows)
     n_val = int(round(n_rows * val_fraction))
-    return np.sort(permutation[n_val:]), np.sort(permutation[:n_val])
+    if strata is None or n_val == 0:
+        permutation = np.random.default_rng(seed).permutation(n_rows)
+        return np.sort(permutation[n_val:]), np.sort(permutation[:n_val])
+    from sklearn.model_selection import train_test_split
+
+    n_classes = len(np.unique(strata))
+    if min(n_val, n_rows - n_val) < n_classes:
+        raise ValueError(
+            f"val_fraction {val_fraction} holds out {n_val} of {n_rows} cells, but a split stratified by class needs "
+            f"at least one cell of each of the {n_classes} classes on each side: choose a val_fraction between "
+            f"{n_classes / n_rows:.3g} and {1 - n_classes / n_rows:.3g}"
+        )
+    train, val = train_test_split(np.arange(n_rows), test_size=n_val, stratify=strata, random_state=seed)
+    return np.sort(train), np.sort(val)
 
 
 def build_datasets(
-    train_cells: Sequence[TokenizedCells], val_cells: Sequence[TokenizedCells], val_fraction: float, seed: int
+    train_cells: Sequence[TokenizedCells],
+    val_cells: Sequence[TokenizedCells],
+    val_fraction: float,
+    seed: int,
+    train_labels: Sequence[np.ndarray] | None = None,
+    val_labels: Sequence[np.ndarray] | None = None,
 ) -> tuple[ConcatDataset, ConcatDataset | None]:
     """Training and validation datasets; cells without any vocabulary gene are left out with a warning.
 
@@ -149,22 +209,51 @@ def build_datasets(
         See above.
     seed
         Seed of the split.
+    train_labels, val_labels
+        Class index of every cell of each file (-1: a cell left out); the datasets then yield
+        :class:`LabelledBatch` objects, and the held-out cells are a split of all training files stratified by class.
     """
-    train_parts, val_parts = [], []
-    for index, cells in enumerate(train_cells):
-        rows = keep_cells_with_tokens(cells)
-        if val_cells:
-            train_parts.append(CellDataset(cells, rows))
-            continue
-        train_idx, val_idx = split_rows(len(rows), val_fraction, seed + index)
-        train_parts.append(CellDataset(cells, rows[train_idx]))
-        val_parts.append(CellDataset(cells, rows[val_idx]))
-    val_parts += [CellDataset(cells, keep_cells_with_tokens(cells)) for cells in val_cells]
+    train_labels = train_labels or [None] * len(train_cells)
+    val_labels = val_labels or [None] * len(val_cells)
+    train_rows = [usable_rows(cells, labels) for cells, labels in zip(train_cells, train_labels, strict=True)]
+    if val_cells:
+        train_parts = [CellDataset(c, r, y) for c, r, y in zip(train_cells, train_rows, train_labels, strict=True)]
+        val_parts = [CellDataset(c, usable_rows(c, y), y) for c, y in zip(val_cells, val_labels, strict=True)]
+    elif train_labels[0] is None:
+        splits = [split_rows(len(rows), val_fraction, seed + index) for index, rows in enumerate(train_rows)]
+        train_parts = [CellDataset(c, r[t]) for c, r, (t, _) in zip(train_cells, train_rows, splits, strict=True)]
+        val_parts = [CellDataset(c, r[v]) for c, r, (_, v) in zip(train_cells, train_rows, splits, strict=True)]
+    else:
+        train_parts, val_parts = stratified_parts(train_cells, train_rows, train_labels, val_fraction, seed)
     train = ConcatDataset(train_parts)
     if len(train) == 0:
         raise ValueError("no training cell has a gene of the model's vocabulary")
     val = ConcatDataset([part for part in val_parts if len(part)]) if any(len(p) for p in val_parts) else None
     return train, val
+
+
+def stratified_parts(
+    cells: Sequence[TokenizedCells],
+    rows: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    val_fraction: float,
+    seed: int,
+) -> tuple[list[CellDataset], list[CellDataset]]:
+    """Training and validation parts of each file: a split of the ``rows`` of all files, stratified by class."""
+    strata = np.concatenate([y[r] for y, r in zip(labels, rows, strict=True)])
+    train_idx, val_idx = split_rows(len(strata), val_fraction, seed, strata)
+    starts = np.cumsum([0] + [len(r) for r in rows])
+    train_parts, val_parts = [], []
+    for c, r, y, start, stop in zip(cells, rows, labels, starts[:-1], starts[1:], strict=True):
+        train_parts.append(CellDataset(c, r[train_idx[(train_idx >= start) & (train_idx < stop)] - start], y))
+        val_parts.append(CellDataset(c, r[val_idx[(val_idx >= start) & (val_idx < stop)] - start], y))
+    return train_parts, val_parts
+
+
+def usable_rows(cells: TokenizedCells, labels: np.ndarray | None = None) -> np.ndarray:
+    """Rows of the cells to train on: those with a gene of the vocabulary and, with ``labels``, a class (>= 0)."""
+    rows = keep_cells_with_tokens(cells)
+    return rows if labels is None else rows[labels[rows] >= 0]
 
 
 def keep_cells_with_tokens(cells: TokenizedCells) -> np.ndarray:

@@ -22,7 +22,7 @@ from transcriptformer.data.tokenize import Batch
 from transcriptformer.errors import UserError
 from transcriptformer.model.lora import base_model
 from transcriptformer.training.config import OptimSettings
-from transcriptformer.training.objective import LossTerms, training_loss
+from transcriptformer.training.objective import ObjectiveTerms, training_loss
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -69,6 +69,9 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 class TranscriptFormerModule(L.LightningModule):
     """Train a TranscriptFormer (or its LoRA adapters) on the objective of :func:`training_loss`.
 
+    A subclass trains for another task by overriding :meth:`objective` (and validation); the Trainer selects
+    checkpoints and stops early on the validation metric :attr:`monitor`.
+
     Parameters
     ----------
     model
@@ -79,6 +82,11 @@ class TranscriptFormerModule(L.LightningModule):
     seed
         Seed of the dropout masks.
     """
+
+    monitor: tuple[str, str] = ("val/loss", "min")
+    """The validation metric that selects checkpoints and stops early, and whether lower (min) or higher is better."""
+    restore_best: bool = False
+    """Whether the weights saved at the end are those of the best validation (instead of the last step)."""
 
     def __init__(self, model: nn.Module, optim: OptimSettings, seed: int = 0):
         super().__init__()
@@ -103,7 +111,7 @@ class TranscriptFormerModule(L.LightningModule):
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self._batch_seed())
-            terms = training_loss(self.transcriptformer, batch)
+            terms = self.objective(batch)
         if not torch.isfinite(terms.loss):
             raise NonFiniteLossError(
                 f"the training loss is {float(terms.loss)} at optimizer step {self.global_step} (batch {batch_idx} "
@@ -115,19 +123,20 @@ class TranscriptFormerModule(L.LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         """Objective of one validation batch (dropout off)."""
-        self._log_terms("val", training_loss(self.transcriptformer, batch), batch)
+        self._log_terms("val", self.objective(batch), batch)
+
+    def objective(self, batch: Batch) -> ObjectiveTerms:
+        """The training objective of one batch: :func:`training_loss`."""
+        return training_loss(self.transcriptformer, batch)
 
     def _batch_seed(self) -> int:
         """Seed of this training batch: a function of the seed, the rank and the batch index across epochs."""
         entropy = [self.seed, self.global_rank, self.trainer.fit_loop.total_batch_idx]
         return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
-    def _log_terms(self, stage: str, terms: LossTerms, batch: Batch) -> None:
-        values = {"loss": terms.loss.detach(), "count_nll": terms.count_nll}
-        if terms.gene_nll is not None:
-            values["gene_nll"] = terms.gene_nll
+    def _log_terms(self, stage: str, terms: ObjectiveTerms, batch: Batch) -> None:
         per_step = stage == "train"
-        for name, value in values.items():
+        for name, value in terms.logged().items():
             self.log(
                 f"{stage}/{name}",
                 value,
@@ -141,7 +150,7 @@ class TranscriptFormerModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW on the trainable parameters; warm-up then cosine decay, stepped every optimizer step."""
         cfg = self.optim
-        optimizer = torch.optim.AdamW(parameter_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+        optimizer = torch.optim.AdamW(parameter_groups(self, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
         total = planned_optimizer_steps(self.trainer)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total, cfg.min_lr_ratio)
@@ -150,7 +159,7 @@ class TranscriptFormerModule(L.LightningModule):
 
     def trainable_state_names(self) -> set[str]:
         """State-dict keys of the trainable parameters (what Lightning checkpoints hold)."""
-        return {f"model.{name}" for name, param in self.model.named_parameters() if param.requires_grad}
+        return {name for name, param in self.named_parameters() if param.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the trainable parameters in the Lightning checkpoint."""
@@ -159,7 +168,16 @@ class TranscriptFormerModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check that the checkpoint holds exactly this run's trainable parameters."""
-        saved, expected = set(checkpoint["state_dict"]), self.trainable_state_names()
+        self.check_trainable_state(checkpoint["state_dict"])
+
+    def load_trainable_state(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Set the trainable parameters from a Lightning checkpoint's ``state_dict`` (checked first)."""
+        self.check_trainable_state(state_dict)
+        self.load_state_dict(state_dict, strict=False)
+
+    def check_trainable_state(self, state_dict: dict[str, Any]) -> None:
+        """Refuse a checkpoint ``state_dict`` that does not hold exactly this run's trainable parameters."""
+        saved, expected = set(state_dict), self.trainable_state_names()
         if saved != expected:
             missing, unexpected = sorted(expected - saved), sorted(saved - expected)
             raise ValueError(

@@ -8,12 +8,25 @@ follows the module's ``train()``/``eval()`` mode.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from transcriptformer.data.tokenize import Batch
 from transcriptformer.model.transcriptformer import TranscriptFormer
+
+
+class ObjectiveTerms(Protocol):
+    """The objective of one batch, whichever the task: the loss and what is logged and reported of it."""
+
+    loss: Tensor
+
+    def summary(self) -> str:
+        """One line that reports the batch."""
+
+    def logged(self) -> dict[str, Tensor]:
+        """Metric name (``loss`` first) -> value, logged per step and epoch."""
 
 
 @dataclass
@@ -42,6 +55,11 @@ class LossTerms:
         gene = "" if self.gene_nll is None else f", gene NLL {float(self.gene_nll):.4f}"
         parts = f"count NLL {float(self.count_nll):.4f}{gene}"
         return f"loss {float(self.loss.detach()):.4f} ({parts}) over {self.n_tokens} tokens"
+
+    def logged(self) -> dict[str, Tensor]:
+        """The loss and its parts."""
+        values = {"loss": self.loss.detach(), "count_nll": self.count_nll}
+        return values if self.gene_nll is None else {**values, "gene_nll": self.gene_nll}
 
 
 def training_loss(model: TranscriptFormer, batch: Batch) -> LossTerms:

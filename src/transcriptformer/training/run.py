@@ -1,7 +1,8 @@
 """End-to-end runs behind ``transcriptformer train`` and ``transcriptformer finetune``.
 
 Both load the cells with the model's own tokenizer, train with Lightning and write what inference loads: a
-checkpoint directory in the published layout (pretraining) or an adapter directory (LoRA fine-tuning). With
+checkpoint directory in the published layout (pretraining) or an adapter directory (LoRA fine-tuning; with
+``--task classify`` it also holds the classification head, see :mod:`transcriptformer.model.classifier`). With
 ``dry_run_only`` they stop after one forward and backward pass and write nothing. A run that fails or is
 interrupted writes what it trained to ``<output>/interrupted`` and a resumable ``last.ckpt`` to its run directory
 (see :class:`~transcriptformer.training.trainer.KeepWorkOnFailure`).
@@ -10,7 +11,8 @@ interrupted writes what it trained to ``<output>/interrupted`` and a resumable `
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import anndata as ad
@@ -18,14 +20,26 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from transcriptformer.checkpoint import VOCAB_DIR, Checkpoint, load_checkpoint, save_checkpoint
+from transcriptformer.checkpoint import VOCAB_DIR, WEIGHTS_FILE, Checkpoint, load_checkpoint, save_checkpoint
 from transcriptformer.config import CONFIG_FILE
+from transcriptformer.console import say
 from transcriptformer.data.tokenize import TokenizedCells, read_anndata
 from transcriptformer.model import lora
+from transcriptformer.model.classifier import ClassifierHead, ClassifierInfo, save_classifier
+from transcriptformer.safe_load import sha256_of
+from transcriptformer.training.classify import (
+    ClassificationModule,
+    ClassLabels,
+    class_labels,
+    class_weights,
+    label_column,
+    labels_of_cells,
+    training_labels,
+)
 from transcriptformer.training.config import DataSettings, FinetuneConfig, TrainConfig, TrainerSettings
 from transcriptformer.training.datamodule import CellDataModule, build_datasets
 from transcriptformer.training.module import TranscriptFormerModule
-from transcriptformer.training.objective import LossTerms
+from transcriptformer.training.objective import LossTerms, ObjectiveTerms
 from transcriptformer.training.scratch import new_checkpoint
 from transcriptformer.training.trainer import TrainedOutput, dry_run, fit, resolve_hardware
 
@@ -47,6 +61,8 @@ def build_datamodule(
     seed: int,
     train_sources: Sequence[str | Path | ad.AnnData] | None = None,
     device: torch.device | None = None,
+    val_sources: Sequence[ad.AnnData] | None = None,
+    labels: ClassLabels | None = None,
 ) -> CellDataModule:
     """Tokenized training (and validation) cells in a :class:`CellDataModule`.
 
@@ -58,15 +74,24 @@ def build_datamodule(
         Files, validation split and batching.
     seed
         Seed of the validation split and of the training order.
-    train_sources
-        Training cells already read (same order as ``data.train_files``); read from the files otherwise.
+    train_sources, val_sources
+        Training (validation) cells already read (same order as ``data.train_files``, ``data.val_files``); read
+        from the files otherwise.
     device
         Where the model trains, which decides how batch lengths are rounded (the CPU by default).
+    labels
+        The class of each cell of the sources (which must then be given): batches carry them, and the validation
+        split is stratified by class.
     """
     require_training_files(data)
-    train = tokenize_files(checkpoint, train_sources or data.train_files, data)
-    val = tokenize_files(checkpoint, data.val_files, data)
-    train_set, val_set = build_datasets(train, val, data.val_fraction, seed)
+    train_sources, val_sources = train_sources or data.train_files, val_sources or data.val_files
+    train = tokenize_files(checkpoint, train_sources, data)
+    val = tokenize_files(checkpoint, val_sources, data)
+    train_labels = val_labels = None
+    if labels is not None:
+        train_labels = list(map(labels_of_cells, labels.train, train_sources, train))
+        val_labels = list(map(labels_of_cells, labels.val, val_sources, val))
+    train_set, val_set = build_datasets(train, val, data.val_fraction, seed, train_labels, val_labels)
     multiple = checkpoint.model.length_multiple(device or torch.device("cpu"))
     return CellDataModule(train_set, val_set, train[0].pad_index, data.batch_size, data.num_workers, seed, multiple)
 
@@ -133,13 +158,13 @@ def run_pretraining(
 
 def run_finetuning(
     cfg: FinetuneConfig, dry_run_only: bool = False, overwrite: bool = False, callbacks: Sequence[Callback] = ()
-) -> Path | LossTerms:
-    """Train LoRA adapters on a checkpoint and save them to ``cfg.output_path``.
+) -> Path | ObjectiveTerms:
+    """Train LoRA adapters on a checkpoint (and, for ``task="classify"``, a classification head); save them.
 
     Parameters
     ----------
     cfg
-        Base checkpoint, data, LoRA, optimisation and trainer settings.
+        Base checkpoint, task, data, LoRA, optimisation and trainer settings.
     dry_run_only
         Stop after one forward and backward pass; write nothing.
     overwrite
@@ -149,26 +174,76 @@ def run_finetuning(
 
     Returns
     -------
-    Path or LossTerms
-        The adapter directory; the loss of the single batch with ``dry_run_only``.
+    Path or ObjectiveTerms
+        The adapter directory; the objective of the single batch with ``dry_run_only``.
     """
     output = Path(cfg.output_path)
     if not dry_run_only and not overwrite and (output / lora.ADAPTER_WEIGHTS_FILE).exists():
         raise FileExistsError(
             f"{output} already holds adapters; choose another output path, or pass --overwrite to replace them"
         )
-    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # the initial adapter weights
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # the initial adapter (and head) weights
     checkpoint = load_checkpoint(cfg.checkpoint_path, attention_backend=cfg.trainer.attention_backend)
-    data = build_datamodule(checkpoint, cfg.data, cfg.trainer.seed, device=first_device(cfg.trainer))
+    device = first_device(cfg.trainer)
+    if cfg.task == "classify":
+        train, val, labels = labelled_cells(cfg)
+        data = build_datamodule(checkpoint, cfg.data, cfg.trainer.seed, train, device, val, labels)
+    else:
+        data = build_datamodule(checkpoint, cfg.data, cfg.trainer.seed, device=device)
     model = lora.add_lora_adapters(checkpoint.model, cfg.lora, base_checkpoint=str(checkpoint.path))
-    module = TranscriptFormerModule(model, cfg.optim, cfg.trainer.seed)
+    if cfg.task == "classify":
+        module, save = classification_run(cfg, checkpoint, model, data, labels)
+    else:
+        module = TranscriptFormerModule(model, cfg.optim, cfg.trainer.seed)
+        save = partial(lora.save_adapters, model, overwrite=True)
     if dry_run_only:
-        return dry_run(module, data, first_device(cfg.trainer))
-    target = TrainedOutput(
-        output, lambda path: lora.save_adapters(model, path, overwrite=True), what="adapters", resume_option="--resume "
-    )
-    fit(module, data, cfg.trainer, run_dir_of(cfg.trainer, output), dataclasses.asdict(cfg), target, callbacks)
+        return dry_run(module, data, device)
+    what = "classifier" if cfg.task == "classify" else "adapters"
+    target = TrainedOutput(output, save, what=what, resume_option="--resume ")
+    run_dir = run_dir_of(cfg.trainer, output)
+    trainer = fit(module, data, cfg.trainer, run_dir, dataclasses.asdict(cfg), target, callbacks)
+    best = trainer.checkpoint_callback.best_model_score
+    if cfg.task == "classify" and best is not None:
+        say(f"best validation macro F1: {float(best):.4f} (the weights saved)")
     return output
+
+
+def labelled_cells(cfg: FinetuneConfig) -> tuple[list[ad.AnnData], list[ad.AnnData], ClassLabels]:
+    """The training and validation cells of a classification run, read, and their classes."""
+    require_training_files(cfg.data)
+    train = [read_anndata(path) for path in cfg.data.train_files]
+    val = [read_anndata(path) for path in cfg.data.val_files]
+    key = cfg.classify.label_key
+    train_labels = [label_column(a, key, path) for a, path in zip(train, cfg.data.train_files, strict=True)]
+    val_labels = [label_column(a, key, path) for a, path in zip(val, cfg.data.val_files, strict=True)]
+    return train, val, class_labels(train_labels, val_labels, cfg.classify)
+
+
+def classification_run(
+    cfg: FinetuneConfig, checkpoint: Checkpoint, model: torch.nn.Module, data: CellDataModule, labels: ClassLabels
+) -> tuple[ClassificationModule, Callable[[Path], Path]]:
+    """The module that trains ``model``'s adapters and a new head, and how the two are saved together."""
+    settings = cfg.classify
+    embed_dim = checkpoint.config.model_config.embed_dim
+    head = ClassifierHead(embed_dim, len(labels.classes), settings.head_hidden_dim)
+    weights = class_weights(training_labels(data), len(labels.classes), settings.class_weights)
+    module = ClassificationModule(model, head, weights, cfg.optim, cfg.trainer.seed)
+    base_sha256 = sha256_of(checkpoint.path / WEIGHTS_FILE)
+
+    def save(path: Path) -> Path:
+        lora.save_adapters(model, path, overwrite=True)
+        info = ClassifierInfo(
+            label_key=labels.label_key,
+            classes=labels.classes,
+            embed_dim=embed_dim,
+            hidden_dim=settings.head_hidden_dim,
+            base_checkpoint=str(checkpoint.path),
+            base_weights_sha256=base_sha256,
+            adapter_sha256=sha256_of(Path(path) / lora.ADAPTER_WEIGHTS_FILE),
+        )
+        return save_classifier(module.head, info, path)
+
+    return module, save
 
 
 def merge_adapters_into_checkpoint(

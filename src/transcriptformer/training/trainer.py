@@ -36,7 +36,7 @@ from transcriptformer.safe_load import load_torch_file
 from transcriptformer.training.config import TrainerSettings
 from transcriptformer.training.datamodule import CellDataModule
 from transcriptformer.training.module import NonFiniteLossError, TranscriptFormerModule
-from transcriptformer.training.objective import LossTerms, training_loss
+from transcriptformer.training.objective import ObjectiveTerms
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"  # Lightning's name for the latest checkpoint, which ``resume="last"`` reads
@@ -260,6 +260,7 @@ def build_trainer(
     has_validation: bool,
     output: TrainedOutput,
     callbacks: Sequence[Callback] = (),
+    monitor: tuple[str, str] = TranscriptFormerModule.monitor,
 ) -> L.Trainer:
     """A Trainer with CSV logging, resumable checkpoints, work kept on failure and, with validation, early stopping.
 
@@ -270,19 +271,23 @@ def build_trainer(
     run_dir
         Receives ``metrics.csv``, ``hparams.yaml`` and ``checkpoints/``.
     has_validation
-        Whether validation cells exist; checkpoints then keep the best validation loss, and a run that
+        Whether validation cells exist; checkpoints then keep the best validation metric, and a run that
         ``max_steps`` ends mid-epoch validates once before it stops.
     output
         What a failed or interrupted run saves (see :class:`KeepWorkOnFailure`).
     callbacks
         Further callbacks.
+    monitor
+        The validation metric that selects checkpoints and stops early, and its mode (``min`` or ``max``).
     """
     hardware = resolve_hardware(settings.devices, settings.num_nodes)
     checkpoint_dir = run_dir / CHECKPOINT_DIR
+    metric, mode = monitor
     checkpointing = ModelCheckpoint(
         dirpath=checkpoint_dir,
         filename="{epoch}-{step}",
-        monitor="val/loss" if has_validation else None,
+        monitor=metric if has_validation else None,
+        mode=mode,
         save_top_k=settings.keep_checkpoints,
         save_last=True,
         every_n_train_steps=settings.checkpoint_every_n_steps or None,
@@ -293,7 +298,11 @@ def build_trainer(
     if has_validation and settings.early_stopping_patience > 0:
         # Checked after each validation (never at the end of a training epoch that was not validated).
         stopping = EarlyStopping(
-            monitor="val/loss", patience=settings.early_stopping_patience, check_on_train_epoch_end=False, strict=False
+            monitor=metric,
+            mode=mode,
+            patience=settings.early_stopping_patience,
+            check_on_train_epoch_end=False,
+            strict=False,
         )
         all_callbacks.append(stopping)
     all_callbacks.extend(callbacks)
@@ -344,7 +353,8 @@ def fit(
         Settings recorded in ``hparams.yaml``.
     output
         Where and how the trained model is saved: to ``output.path`` when training ends (by the first process),
-        to ``output.interrupted_path`` when it fails.
+        to ``output.interrupted_path`` when it fails. With validation, a module whose ``restore_best`` is set
+        saves the weights of its best validation (``module.monitor``) instead of the last ones.
     callbacks
         Further callbacks.
 
@@ -354,7 +364,7 @@ def fit(
         When the trained weights hold NaN or infinite values; nothing is saved.
     """
     use_cpu_threads(reserved=data.num_workers)  # several processes: Lightning's launcher shares the CPUs instead
-    trainer = build_trainer(settings, run_dir, data.has_validation, output, callbacks)
+    trainer = build_trainer(settings, run_dir, data.has_validation, output, callbacks, module.monitor)
     trainer.logger.log_hyperparams(hparams)
     resume = settings.resume
     if resume is not None and resume != "last" and not Path(resume).is_file():
@@ -363,12 +373,15 @@ def fit(
         raise FileNotFoundError(f"no last.ckpt in {run_dir / CHECKPOINT_DIR} to resume from")
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     if trainer.is_global_zero:
+        best = trainer.checkpoint_callback.best_model_path if module.restore_best and data.has_validation else ""
+        if best:
+            module.load_trainable_state(trainer.strategy.checkpoint_io.load_checkpoint(best)["state_dict"])
         require_finite_weights(module, f"the trained {output.what}")
         output.save(output.path)
     return trainer
 
 
-def dry_run(module: TranscriptFormerModule, data: CellDataModule, device: torch.device) -> LossTerms:
+def dry_run(module: TranscriptFormerModule, data: CellDataModule, device: torch.device) -> ObjectiveTerms:
     """One forward and backward pass on the first training batch; nothing is written, no weight changes.
 
     Raises
@@ -378,9 +391,9 @@ def dry_run(module: TranscriptFormerModule, data: CellDataModule, device: torch.
     """
     module.to(device).train()
     batch = next(iter(data.train_dataloader())).to(device)
-    terms = training_loss(module.transcriptformer, batch)
+    terms = module.objective(batch)
     terms.loss.backward()
-    trainable = [(name, p) for name, p in module.model.named_parameters() if p.requires_grad]
+    trainable = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
     without_grad = [name for name, p in trainable if p.grad is None or not torch.isfinite(p.grad).all()]
     if not torch.isfinite(terms.loss) or without_grad:
         message = f"loss {float(terms.loss)}, parameters without a finite gradient: {without_grad[:5]}"

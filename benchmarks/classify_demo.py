@@ -1,0 +1,158 @@
+"""Cell-type classification on the bundled cells: a fine-tuned classifier against PCA + logistic regression.
+
+On ``test/data/mouse_brain_1k.h5ad`` (``cell_type``; classes of under 10 cells left out, as cz-benchmarks does),
+5-fold stratified cross-validation (seed 42, shuffled, as cz-benchmarks' label-prediction task). For each fold:
+
+* **PCA + LR**: library-size normalisation (to the median total count), log1p, 3,000 highly variable genes (all
+  genes when there are fewer: the panel has 1,122), 50 principal components of all cells, then cz-benchmarks'
+  classifier: ``StandardScaler`` and scikit-learn's default ``LogisticRegression``, fitted on the training folds.
+* **demo embeddings + LR**: the same classifier on the frozen cell embeddings of ``models/demo-mouse-brain``.
+* **fine-tuned**: ``transcriptformer finetune --task classify`` on the training folds (rank-8 LoRA adapters on
+  attention, FFN and the gene-embedding projection, and a linear head; lr 3e-3; 15% held out, stratified, to keep
+  the best validation macro F1 and stop after 8 epochs without a better one), then ``model.classify`` on the
+  held-out fold.
+
+The score is the macro F1 on the held-out fold (scikit-learn). Run from the repository root::
+
+    python benchmarks/classify_demo.py                      # 5 folds, the settings of docs/training.md
+    python benchmarks/classify_demo.py --folds 2 --epochs 5  # a quicker look
+
+``--json FILE`` also writes the settings and each fold's scores (``scripts/evaluation_docs.py`` reads it).
+"""
+
+import argparse
+import json
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import scanpy as sc
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+import transcriptformer
+from transcriptformer.console import verbosity
+from transcriptformer.model.lora import LoraSettings
+from transcriptformer.training.config import (
+    ClassifySettings,
+    DataSettings,
+    FinetuneConfig,
+    OptimSettings,
+    TrainerSettings,
+)
+from transcriptformer.training.run import run_finetuning
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "test/data/mouse_brain_1k.h5ad"
+MODEL = REPO / "models/demo-mouse-brain"
+LABEL = "cell_type"
+MIN_CELLS = 10
+SEED = 42  # cz-benchmarks' RANDOM_SEED
+# The linear layers that project the frozen gene-embedding table into the model: adapted too.
+GENE_PROJECTION = ["gene_embeddings.mlp.layers.0", "gene_embeddings.mlp.layers.4"]
+
+
+def labelled_cells(path: Path) -> ad.AnnData:
+    """The cells of the classes with at least MIN_CELLS cells."""
+    adata = ad.read_h5ad(path)
+    counts = adata.obs[LABEL].value_counts()
+    keep = adata.obs[LABEL].isin(counts.index[counts >= MIN_CELLS])
+    adata = adata[keep.to_numpy()].copy()
+    adata.obs[LABEL] = adata.obs[LABEL].astype(str)
+    return adata
+
+
+def pca_embedding(adata: ad.AnnData) -> np.ndarray:
+    """cz-benchmarks' PCA baseline: normalise, log1p, 3,000 HVG (all genes if fewer), 50 components."""
+    baseline = adata.copy()
+    sc.pp.normalize_total(baseline)
+    sc.pp.log1p(baseline)
+    if baseline.n_vars > 3000:
+        sc.pp.highly_variable_genes(baseline, n_top_genes=3000)
+        baseline = baseline[:, baseline.var["highly_variable"]].copy()
+    sc.pp.pca(baseline, n_comps=50, random_state=SEED)
+    return baseline.obsm["X_pca"]
+
+
+def logistic_regression_f1(features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> float:
+    """Macro F1 on ``test`` of cz-benchmarks' logistic regression fitted on ``train``."""
+    classifier = Pipeline([("scaler", StandardScaler()), ("lr", LogisticRegression())])
+    classifier.fit(features[train], labels[train])
+    return f1_score(labels[test], classifier.predict(features[test]), average="macro")
+
+
+def finetuned_f1(adata: ad.AnnData, train: np.ndarray, test: np.ndarray, args: argparse.Namespace, work: Path) -> float:
+    """Macro F1 on ``test`` of a classifier fine-tuned on ``train``."""
+    train_file = work / "train.h5ad"
+    adata[train].copy().write_h5ad(train_file)
+    config = FinetuneConfig(
+        checkpoint_path=str(MODEL),
+        output_path=str(work / "classifier"),
+        task="classify",
+        data=DataSettings(train_files=[str(train_file)], val_fraction=args.val_fraction, batch_size=args.batch_size),
+        optim=OptimSettings(lr=args.lr, warmup_steps=args.warmup_steps),
+        trainer=TrainerSettings(
+            devices="cpu", max_epochs=args.epochs, early_stopping_patience=args.patience, seed=args.seed
+        ),
+        lora=LoraSettings(r=args.lora_r, alpha=2.0 * args.lora_r, target_modules=args.lora_targets),
+        classify=ClassifySettings(label_key=LABEL, head_hidden_dim=args.head_hidden_dim),
+    )
+    with verbosity("quiet", "classify_demo"):
+        run_finetuning(config, overwrite=True)
+    model = transcriptformer.load(MODEL, device="cpu", adapter=work / "classifier")
+    probabilities = model.classify(adata[test].copy())
+    predicted = probabilities.columns[probabilities.to_numpy().argmax(axis=1)]
+    return f1_score(adata.obs[LABEL].to_numpy()[test], predicted, average="macro")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folds", type=int, default=5, help="folds to run, of the 5 (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--patience", type=int, default=8, help="early stopping on validation macro F1")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--lora-targets", nargs="+", default=[*LoraSettings().target_modules, *GENE_PROJECTION])
+    parser.add_argument("--head-hidden-dim", type=int, default=0)
+    parser.add_argument("--val-fraction", type=float, default=0.15)
+    parser.add_argument("--seed", type=int, default=0, help="seed of fine-tuning (the folds use 42)")
+    parser.add_argument("--skip-finetune", action="store_true", help="baselines only")
+    parser.add_argument("--json", type=Path, help="also write the settings and every fold's scores here")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")  # convergence warnings of the default LogisticRegression, and anndata's
+
+    adata = labelled_cells(DATA)
+    labels = adata.obs[LABEL].to_numpy()
+    print(f"{adata.n_obs} cells, {len(set(labels))} classes of >= {MIN_CELLS} cells; {args}")
+    pca = pca_embedding(adata)
+    frozen = transcriptformer.load(MODEL, device="cpu").embed(adata, key_added=None)
+    folds = list(StratifiedKFold(n_splits=5, shuffle=True, random_state=SEED).split(pca, labels))[: args.folds]
+    rows = []
+    for fold, (train, test) in enumerate(folds):
+        start = time.perf_counter()
+        row = {"PCA + LR": logistic_regression_f1(pca, labels, train, test)}
+        row["demo embeddings + LR"] = logistic_regression_f1(frozen, labels, train, test)
+        if not args.skip_finetune:
+            with tempfile.TemporaryDirectory() as work:
+                row["fine-tuned"] = finetuned_f1(adata, train, test, args, Path(work))
+        rows.append(row)
+        scores = ", ".join(f"{name} {value:.4f}" for name, value in row.items())
+        print(f"fold {fold}: {scores} ({time.perf_counter() - start:.0f} s)", flush=True)
+    for name in rows[0]:
+        values = np.array([row[name] for row in rows])
+        print(f"mean macro F1 over {len(rows)} folds, {name}: {values.mean():.4f} (sd {values.std():.4f})")
+    if args.json:
+        settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+        args.json.write_text(json.dumps({"settings": settings, "macro_f1_per_fold": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
