@@ -11,8 +11,8 @@ where ``bias = log1p(count + eps)`` of the (shifted) input sequence. Two backend
 * ``"flex"``: :func:`torch.nn.attention.flex_attention.flex_attention` with a :class:`BlockMask`, compiled on
   CUDA. The block mask is built once per forward from counts of visible keys per block
   (:func:`padding_block_mask`) and shared by all layers, and a model keeps the masks of recent padding patterns
-  (:class:`BlockMaskCache`) to reuse them in later batches. Batch sizes and lengths that vary from batch to
-  batch become dynamic sizes of the compiled function (:func:`compiled_flex_attention`), not new compilations.
+  (:class:`BlockMaskCache`) to reuse them in later batches. A batch size or length that changes from batch to
+  batch is compiled once more as a dynamic size, not once per value (:func:`compiled_flex_attention`).
 * ``"chunked"``: plain tensor math over blocks of query rows, so that no more than ``max_score_elements``
   scores exist at a time. It needs no ``torch.compile`` and is the default on CPU.
 * ``"dense"``: the same math on the whole score matrix at once (the straightforward reference; memory grows
