@@ -69,6 +69,25 @@ def build_checkpoint(size: str, gene_ids: list[str], directory: Path, seq_len: i
     return save_checkpoint(directory / size, config, model, {}, [table_file])
 
 
+def select_cells(adata: ad.AnnData, n_cells: int, min_genes: int = 0) -> ad.AnnData:
+    """``n_cells`` cells of ``adata`` (repeated in order when there are fewer) with at least ``2 x min_genes`` genes.
+
+    Twice the sequence length leaves room for genes outside the vocabulary, so that such cells run at full length.
+    """
+    rows = np.flatnonzero(np.diff(adata.X.indptr) >= 2 * min_genes) if min_genes else np.arange(adata.n_obs)
+    if len(rows) == 0:
+        raise ValueError(f"no cell has {2 * min_genes} genes or more")
+    selected = adata[np.resize(rows, n_cells)].copy()
+    selected.obs_names_make_unique()
+    return selected
+
+
+def gene_ids_of(adata: ad.AnnData) -> list[str]:
+    """The distinct Ensembl ids (without version) of ``var["ensembl_id"]``."""
+    ids = adata.var["ensembl_id"].dropna().astype(str).str.split(".").str[0]
+    return list(dict.fromkeys(ids))
+
+
 def measured_matmul_peak(device: torch.device, dtype: torch.dtype, width: int) -> float:
     """Best FLOP/s of a (4096 x width) @ (width x width) matmul on ``device`` in ``dtype``."""
     a = torch.randn(4096, width, device=device, dtype=dtype)
@@ -159,14 +178,8 @@ def main() -> None:
 
     device = torch.device(args.device)
     adata = ad.read_h5ad(args.data)
-    if args.full_length:
-        long_cells = np.flatnonzero(np.diff(adata.X.indptr) >= 2 * args.seq_len)  # leaves room for unmatched ids
-        adata = adata[np.resize(long_cells, args.cells)].copy()
-        adata.obs_names_make_unique()
-    else:
-        adata = adata[: args.cells].copy()
-    ids = adata.var["ensembl_id"].dropna().astype(str).str.split(".").str[0]
-    gene_ids = list(dict.fromkeys(ids))
+    adata = select_cells(adata, args.cells, args.seq_len) if args.full_length else adata[: args.cells].copy()
+    gene_ids = gene_ids_of(adata)
     with tempfile.TemporaryDirectory() as tmp:
         path = build_checkpoint(args.size, gene_ids, Path(tmp), args.seq_len)
         model = transcriptformer.load(path, device=device, attention_backend=args.backend)

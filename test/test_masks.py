@@ -16,6 +16,7 @@ from transcriptformer.model.attention import (
     chunked_attend,
     count_bias_score_mod,
     flex_attend,
+    padding_block_mask,
     padding_mask_mod,
 )
 
@@ -55,6 +56,22 @@ def test_create_block_mask_accepts_any_shape(batch, length):
     assert dense.shape == (batch, 1, n_blocks, n_blocks)
     # Causal: no block above the diagonal is visited.
     assert not torch.triu(dense[:, 0].bool(), diagonal=1).any()
+
+
+@pytest.mark.parametrize(
+    ("batch", "length", "block_size"),
+    [(1, 1, 128), (3, 127, 128), (2, 128, 128), (4, 200, 128), (3, 77, 16), (2, 9, 1)],
+)
+def test_padding_block_mask_is_the_block_mask_of_the_mask_function(batch, length, block_size):
+    _, is_pad = dummy_inputs(batch, length)
+    is_pad[0] = True  # a cell without any visible key
+    expected = create_block_mask(padding_mask_mod(is_pad), batch, None, length, length, "cpu", block_size)
+    got = padding_block_mask(is_pad, block_size)
+    assert got.seq_lengths == expected.seq_lengths and got.BLOCK_SIZE == expected.BLOCK_SIZE
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+    for name in ("full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
 
 
 def test_mask_mod_under_vmap_matches_dense_mask():

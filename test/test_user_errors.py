@@ -274,6 +274,14 @@ def test_finetune_on_a_corrupt_h5ad(capsys, tmp_path, make):
     assert not (adapters / "adapter_model.safetensors").exists()
 
 
+def test_finetune_with_flex_attention_on_the_cpu(capsys, tmp_path):
+    adapters = tmp_path / "adapters"
+    args = ["--checkpoint-path", REFERENCE_DIR, "--train-files", REFERENCE_INPUT, "--output-path", adapters]
+    code, err = run_cli(capsys, "finetune", *args, "--devices", "cpu", "--attention-backend", "flex")
+    assert_one_line_error(code, err, "finetune", "flex attention backend cannot train on the CPU", "chunked")
+    assert not adapters.exists()
+
+
 def test_train_on_a_corrupt_h5ad(capsys, tmp_path):
     cells = truncated(REFERENCE_INPUT, tmp_path / "cells.h5ad")
     output = tmp_path / "model"

@@ -9,8 +9,10 @@ The attention score of query ``q`` and key ``kv`` is (SPEC section 5)::
 where ``bias = log1p(count + eps)`` of the (shifted) input sequence. Two backends compute exactly this:
 
 * ``"flex"``: :func:`torch.nn.attention.flex_attention.flex_attention` with a :class:`BlockMask`, compiled on
-  CUDA. The block mask is built once per forward and shared by all layers, and a model keeps the masks of
-  recent padding patterns (:class:`BlockMaskCache`) to reuse them in later batches.
+  CUDA. The block mask is built once per forward from counts of visible keys per block
+  (:func:`padding_block_mask`) and shared by all layers, and a model keeps the masks of recent padding patterns
+  (:class:`BlockMaskCache`) to reuse them in later batches. A batch size or length that changes from batch to
+  batch is compiled once more as a dynamic size, not once per value (:func:`compiled_flex_attention`).
 * ``"chunked"``: plain tensor math over blocks of query rows, so that no more than ``max_score_elements``
   scores exist at a time. It needs no ``torch.compile`` and is the default on CPU.
 * ``"dense"``: the same math on the whole score matrix at once (the straightforward reference; memory grows
@@ -18,7 +20,10 @@ where ``bias = log1p(count + eps)`` of the (shifted) input sequence. Two backend
 
 Mask and score functions are pure element-wise tensor expressions: no Python branching on tensor values and
 key indices clamped into range, so that ``create_block_mask`` and ``vmap`` accept them for any batch size and
-any length, including lengths that are not a multiple of the block size.
+any length, including lengths that are not a multiple of the block size. They capture tensors and constant
+settings only, never a Python number that changes with the batch (such as the last position): the compiler
+would guard on its value or lift it as a dynamic scalar, which the CPU code generation of torch 2.13 fails to
+build.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from transcriptformer.runtime import BACKENDS, Backend
 
@@ -62,9 +68,9 @@ def padding_mask_mod(kv_is_pad: Tensor) -> Callable[[Tensor, Tensor, Tensor, Ten
     kv_is_pad : Tensor
         ``(B, N)`` bool, True where the key position is padding.
     """
-    last = kv_is_pad.shape[1] - 1
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        last = kv_is_pad.shape[1] - 1  # from the tensor inside: a captured int would change with every length
         in_range = kv_idx <= last
         is_pad = kv_is_pad[b, torch.clamp(kv_idx, 0, last)]
         return (kv_idx <= q_idx) & in_range & ~is_pad
@@ -86,9 +92,9 @@ def count_bias_score_mod(
     embed_mode : bool
         Whether the bias also applies on the diagonal (inference).
     """
-    last = count_bias.shape[1] - 1
 
     def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        last = count_bias.shape[1] - 1  # as in padding_mask_mod
         bias = count_bias[b, torch.clamp(kv_idx, 0, last)]
         applies = (q_idx > kv_idx) | embed_mode
         return softcap(score + bias * applies, cap)
@@ -164,14 +170,59 @@ class BlockMaskCache:
         if key in self._masks:
             self._masks.move_to_end(key)
             return self._masks[key]
-        mask = create_block_mask(
-            padding_mask_mod(is_pad), batch, None, length, length, device=is_pad.device, BLOCK_SIZE=block_size
-        )
+        mask = padding_block_mask(is_pad, block_size)
         if self.max_entries > 0:
             self._masks[key] = mask
             while len(self._masks) > self.max_entries:
                 self._masks.popitem(last=False)
         return mask
+
+
+def padding_block_mask(is_pad: Tensor, block_size: int = FLEX_BLOCK_SIZE) -> BlockMask:
+    """The block mask of :func:`padding_mask_mod` for the ``(B, N)`` padding pattern ``is_pad``.
+
+    The same mask as ``create_block_mask(padding_mask_mod(is_pad), B, None, N, N, BLOCK_SIZE=block_size)``, built
+    from the number of visible keys in each block instead of the mask's value at all ``B x N x N`` positions: a
+    training batch (a new padding pattern every time) then costs ``B x (N / block_size)^2`` operations, not
+    ``B x N^2``.
+
+    A (query block, key block) pair is *full* when every query of the block (all within the length) sees every
+    key of the key block: the key block lies wholly before the query block and holds no padding. It is *partial*
+    when some query sees some key: the key block is not after the query block and holds a key that is not padding.
+    """
+    batch, length = is_pad.shape
+    blocks = -(-length // block_size)
+    extra = blocks * block_size - length
+    visible = F.pad(~is_pad, (0, extra)).view(batch, blocks, block_size).sum(-1)  # (B, blocks) keys not padding
+    index = torch.arange(blocks, device=is_pad.device)
+    q_block, kv_block = index[:, None], index[None, :]  # (blocks, 1), (1, blocks)
+    queries_all_in_range = (q_block + 1) * block_size <= length
+    key_block_before = (kv_block + 1) * block_size - 1 <= q_block * block_size  # every key <= every query
+    full = (key_block_before & queries_all_in_range) & (visible == block_size)[:, None, :]  # (B, blocks, blocks)
+    some = (kv_block <= q_block) & (visible > 0)[:, None, :]
+    partial = some & ~full
+    kv_num_blocks, kv_indices = _ordered_blocks(partial)
+    full_num_blocks, full_indices = _ordered_blocks(full)
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks,
+        kv_indices,
+        full_num_blocks,
+        full_indices,
+        BLOCK_SIZE=(block_size, block_size),
+        mask_mod=padding_mask_mod(is_pad),
+        seq_lengths=(length, length),
+    )
+
+
+def _ordered_blocks(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """``(B, Q, K)`` bool -> ``(B, 1, Q)`` number of key blocks and ``(B, 1, Q, K)`` their indices first.
+
+    The layout of ``create_block_mask``: the selected key blocks of each query block in increasing order, then
+    the others.
+    """
+    dense = blocks[:, None].to(torch.int32)
+    indices = torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
+    return dense.sum(-1, dtype=torch.int32), indices
 
 
 def preferred_length_multiple(backend: Backend, device: torch.device) -> int:
@@ -215,15 +266,22 @@ def build_attention_inputs(
 
 
 @functools.cache
-def _compiled_flex_attention() -> Callable[..., Tensor]:
-    # Default dynamic-shape policy: the first shape is compiled static, a new shape recompiles with dynamic sizes,
-    # so varying batch sizes and lengths do not exhaust the recompile limit.
-    return torch.compile(flex_attention)
+def compiled_flex_attention(backend: str | Callable = "inductor") -> Callable[..., Tensor]:
+    """``flex_attention`` compiled by ``torch.compile`` with ``backend`` (one compiled function per backend).
+
+    The default dynamic-shape policy: a size is a constant until it changes, then dynamic. Batches of any sizes and
+    lengths therefore share at most three compilations (the first shape, a new length, a new batch size) for each
+    grad mode (training, validation), embed mode and precision, and one more when a batch of one cell or of at
+    most one block comes after larger ones (``torch.compile`` specializes sizes 0 and 1). The softcap and embed
+    mode stay constants. The ``"eager"`` backend traces and guards as the default one without generating code;
+    ``torch._dynamo.testing.CompileCounterWithBackend`` counts the compilations.
+    """
+    return torch.compile(flex_attention, backend=backend)
 
 
 def flex_attend(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) -> Tensor:
     """Attention through FlexAttention; compiled on CUDA, eager (reference speed) elsewhere."""
-    attend = _compiled_flex_attention() if q.is_cuda else flex_attention
+    attend = compiled_flex_attention() if q.is_cuda else flex_attention
     return attend(q, k, v, score_mod=inputs.score_mod, block_mask=inputs.block_mask)
 
 
@@ -348,6 +406,12 @@ class MultiHeadSelfAttention(nn.Module):
         self.num_heads = num_heads
         self.linears = nn.ModuleList([nn.Linear(embed_dim, embed_dim, bias=bias) for _ in range(4)])
 
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values ``(B, H, N, D)`` of ``x`` of shape ``(B, N, E)``."""
+        batch, length, _ = x.shape
+        q, k, v = (lin(x).view(batch, length, self.num_heads, -1).transpose(1, 2) for lin in self.linears[:3])
+        return q, k, v
+
     def forward(self, x: Tensor, inputs: AttentionInputs, cache: tuple[KVCache, int] | None = None) -> Tensor:
         """Attend over ``x`` of shape ``(B, N, E)``; returns ``(B, N, E)``.
 
@@ -355,7 +419,7 @@ class MultiHeadSelfAttention(nn.Module):
         the cached ones, which they attend to as well; their keys and values are added to the cache.
         """
         batch, length, width = x.shape
-        q, k, v = (lin(x).view(batch, length, self.num_heads, -1).transpose(1, 2) for lin in self.linears[:3])
+        q, k, v = self.project(x)
         if cache is not None:
             kv_cache, layer = cache
             start = kv_cache.length

@@ -112,6 +112,15 @@ def first_device(trainer: TrainerSettings) -> torch.device:
     return torch.device("cuda:0" if resolve_hardware(trainer.devices).accelerator == "gpu" else "cpu")
 
 
+def require_trainable_attention(trainer: TrainerSettings) -> None:
+    """Fail early where the attention backend cannot train: torch has no FlexAttention backward on the CPU."""
+    if trainer.attention_backend == "flex" and first_device(trainer).type == "cpu":
+        raise ValueError(
+            "the flex attention backend cannot train on the CPU (torch has no FlexAttention backward pass there); "
+            "use --attention-backend auto or chunked (trainer.attention_backend= for transcriptformer train), or a GPU"
+        )
+
+
 def run_pretraining(
     cfg: TrainConfig, dry_run_only: bool = False, overwrite: bool = False, callbacks: Sequence[Callback] = ()
 ) -> Path | LossTerms:
@@ -139,6 +148,7 @@ def run_pretraining(
             f"{output} already holds a checkpoint; choose another output_dir, or pass --overwrite to replace it"
         )
     require_training_files(cfg.data)
+    require_trainable_attention(cfg.trainer)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     adatas = [read_anndata(path) for path in cfg.data.train_files]
     checkpoint = new_checkpoint(cfg, adatas)
@@ -182,6 +192,7 @@ def run_finetuning(
         raise FileExistsError(
             f"{output} already holds adapters; choose another output path, or pass --overwrite to replace them"
         )
+    require_trainable_attention(cfg.trainer)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # the initial adapter (and head) weights
     checkpoint = load_checkpoint(cfg.checkpoint_path, attention_backend=cfg.trainer.attention_backend)
     device = first_device(cfg.trainer)
