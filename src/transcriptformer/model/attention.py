@@ -315,8 +315,8 @@ def probabilities(
 ) -> Tensor:
     """Attention probabilities of the ``(B, H, R, K)`` products ``q.k`` of the rows ``start .. K - 1``.
 
-    Computed in float32 and returned in ``dtype``. The score tensor is updated in place: on the CPU a new tensor of
-    its size per step costs more than the step itself.
+    Computed in float32 (float64 for float64 products) and returned in ``dtype``. The score tensor is updated in
+    place: on the CPU a new tensor of its size per step costs more than the step itself.
 
     Parameters
     ----------
@@ -333,7 +333,7 @@ def probabilities(
     bias = key_bias if embed_mode else key_bias * (q_idx > kv_idx)
     key_mask = torch.zeros_like(kv_is_pad, dtype=torch.float32).masked_fill(kv_is_pad, float("-inf"))[:, None, None]
     causal_mask = torch.zeros(stop - start, stop, device=scores.device).masked_fill(kv_idx > q_idx, float("-inf"))
-    scores = scores.float()
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # bfloat16 products: to float32
     scores += bias
     scores = softcap_(scores, cap)
     scores += key_mask + causal_mask
