@@ -3,11 +3,14 @@
 Prints cells/s, tokens/s, achieved FLOP/s against this machine's measured matmul peak (same dtype) and peak
 RSS. ``--compare-naive`` also runs, in the same process and on the same cells, the straightforward path
 (every cell at full length, fixed batches in input order, the whole score matrix at once) and prints the
-speed ratio and the largest difference between the two paths' outputs.
+speed ratio and the largest difference between the two paths' outputs. ``--ab-repeats N`` (with a precision other
+than 32) times the precision and float32 alternately, N times each in the same process, after one untimed pass of
+each (which compiles what the precision compiles), and prints the speed ratios and the embedding error.
 
 Examples::
 
     python benchmarks/bench_inference.py --size mid --cells 48 --compare-naive
+    OMP_NUM_THREADS=2 python benchmarks/bench_inference.py --size mid --cells 16 --precision bf16 --ab-repeats 3
     python benchmarks/bench_inference.py --size sapiens --device cuda --precision bf16 --cells 2000 --batch-size 32
 """
 
@@ -149,6 +152,29 @@ def run(model, cells, args, naive: bool) -> tuple[float, list[tuple[int, int]], 
     return seconds, shapes, np.concatenate(embeddings)[order]
 
 
+def compare_with_float32(model, cells, args) -> None:
+    """Time ``args.precision`` and float32 alternately (A/B/A/B); print cells/s, speed ratios and embedding error."""
+    settings = {
+        precision: argparse.Namespace(**{**vars(args), "precision": precision}) for precision in (args.precision, "32")
+    }
+    for precision_args in settings.values():  # untimed: compiles and warms up
+        run(model, cells, precision_args, naive=False)
+    speeds = {precision: [] for precision in settings}
+    embeddings = {}
+    for _ in range(args.ab_repeats):
+        for precision, precision_args in settings.items():
+            seconds, _, embeddings[precision] = run(model, cells, precision_args, naive=False)
+            speeds[precision].append(len(cells) / seconds)
+    ratios = np.array(speeds[args.precision]) / np.array(speeds["32"])
+    error = np.linalg.norm(embeddings[args.precision] - embeddings["32"]) / np.linalg.norm(embeddings["32"])
+    for precision, values in speeds.items():
+        print(f"{precision}: " + ", ".join(f"{value:.2f}" for value in values) + " cells/s")
+    print(
+        f"{args.precision} / 32 speed: {', '.join(f'{r:.2f}' for r in ratios)} (median {np.median(ratios):.2f}x); "
+        f"embedding error {error:.1e} (relative, Frobenius)"
+    )
+
+
 def report(label: str, cells, n_tokens, seconds: float, flops: float, peak: float, shapes) -> None:
     positions = sum(b * n for b, n in shapes)
     print(
@@ -174,6 +200,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=("auto", "flex", "chunked", "dense"), default="auto")
     parser.add_argument("--output-keys", nargs="+", default=["embeddings"])
     parser.add_argument("--compare-naive", action="store_true")
+    parser.add_argument("--ab-repeats", type=int, default=0, help="alternate with float32 this many times each")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -205,6 +232,8 @@ def main() -> None:
     flops = forward_flops(config, esm_dim, vocab, shapes, args.output_keys)
     report("length-aware", cells, n_tokens, seconds, flops, peak, shapes)
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    if args.ab_repeats and args.precision != "32":
+        compare_with_float32(model, cells, args)
     if args.compare_naive:
         model.model.attention_backend = "dense"
         naive_seconds, naive_shapes, slow = run(model, cells, args, naive=True)

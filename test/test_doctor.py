@@ -14,6 +14,8 @@ from transcriptformer.doctor import (
     build_cuda,
     bytes_per_cell,
     check_flex_attention,
+    cpu_bf16_finding,
+    cpu_flags,
     diagnose,
     driver_cuda_version,
     format_findings,
@@ -259,3 +261,30 @@ def test_doctor_on_this_machine(capsys):
     assert main(["doctor", "--skip-flex"]) == code
     out = capsys.readouterr().out
     assert f"Python {env.python}" in out and f"torch {torch.__version__}" in out
+
+
+def test_cpu_bf16_matrix_instructions(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx512f avx512_bf16\n\n"
+        "processor\t: 1\nflags\t\t: fpu sse2 avx512f avx512_bf16\n"
+    )
+    flags = cpu_flags(str(cpuinfo))
+    assert {"avx512f", "avx512_bf16"} <= flags and "model" not in flags
+    assert cpu_flags(str(tmp_path / "absent")) is None
+    avx = cpu_bf16_finding(flags)
+    assert avx.message == "CPU bf16 matrix instructions: AVX512-BF16 (bf16-mixed runs matrix products in bf16)"
+    assert "AMX-BF16, AVX512-BF16" in cpu_bf16_finding(flags | {"amx_bf16"}).message
+    assert "--precision 32" in cpu_bf16_finding(frozenset({"avx2"})).message
+    assert "unknown" in cpu_bf16_finding(None).message
+    assert all(f.level == "info" for f in (avx, cpu_bf16_finding(None)))
+
+
+def test_doctor_names_this_cpus_bf16_instructions(capsys):
+    assert main(["doctor", "--skip-flex"]) in (0, 1)
+    line = next(line for line in capsys.readouterr().out.splitlines() if "CPU bf16 matrix instructions" in line)
+    flags = cpu_flags()
+    if flags is not None and "avx512_bf16" in flags:
+        assert "AVX512-BF16" in line
+    elif flags is not None and "amx_bf16" not in flags:
+        assert "none" in line

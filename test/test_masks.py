@@ -131,6 +131,24 @@ def test_chunked_attention_is_exact_for_any_block_of_rows():
         torch.testing.assert_close(chunked_attend(q, k, v, inputs), whole, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("embed_mode", [True, False])
+def test_bf16_chunked_attention_on_cpu_stays_close_to_float32(embed_mode):
+    """bf16 products and the compiled score loop: finite, near the float32 reference, zeros where nothing is seen."""
+    batch, heads, length, head_dim = 3, 2, 150, 16
+    counts, is_pad = dummy_inputs(batch, length, seed=3)
+    is_pad[1, :4] = True  # the first queries of cell 1 see no key
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(batch, heads, length, head_dim, generator=gen) for _ in range(3))
+    expected = dense_reference(q, k, v, counts, is_pad, 1e-6, 10.0, embed_mode)
+    inputs = build_attention_inputs(counts, is_pad, eps=1e-6, cap=10.0, embed_mode=embed_mode, backend="chunked")
+    inputs.max_score_elements = batch * heads * length * 40  # several row blocks
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = chunked_attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), inputs)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert torch.equal(got[1, :, :4].float(), torch.zeros(heads, 4, head_dim))
+    assert (got.float() - expected).norm() / expected.norm() < 1e-2
+
+
 def test_query_without_visible_key_outputs_zeros():
     counts = torch.ones(1, 4)
     is_pad = torch.tensor([[True, False, False, False]])  # the first query can only see itself, a pad

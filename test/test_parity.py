@@ -50,3 +50,10 @@ def test_mu_sums_to_total_count_and_is_zero_at_padding(reference_model, referenc
     result = reference_model.predict(reference_input, batch_size=16, output_keys=("mu",))
     np.testing.assert_allclose(result["mu"].sum(1), expected["gene_counts"].sum(1), rtol=1e-5)
     assert np.all(result["mu"][expected["gene_token_indices"] == 1] == 0)
+
+
+def test_bf16_mixed_on_cpu_embeddings_are_within_1e_2_of_float32(reference_model, reference_input, expected):
+    result = reference_model.predict(reference_input, output_keys=("embeddings",), precision="bf16-mixed")
+    got, want = result["embeddings"], expected["embeddings"]
+    assert np.isfinite(got).all() and not np.array_equal(got, want)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2

@@ -81,6 +81,7 @@ class Environment:
 
     ``versions`` maps ``torch``, ``torchvision`` and ``torchaudio`` to their versions (``None``: not installed);
     ``torch_cuda`` is ``torch.version.cuda``, the CUDA version torch is built for (``None``: not a CUDA build).
+    ``cpu_flags`` are the CPU's feature flags as Linux lists them in ``/proc/cpuinfo`` (``None``: unknown).
     """
 
     python: str
@@ -92,6 +93,7 @@ class Environment:
     driver_cuda: str | None = None
     gpus: list[GpuInfo] = field(default_factory=list)
     cuda_devices: list[CudaDevice] = field(default_factory=list)
+    cpu_flags: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ BYTES_PER_POSITION_PER_WIDTH = 22.0
 BYTES_PER_POSITION_PER_VOCAB = 14.0
 # Share of the free memory a suggestion may use, leaving room for the allocator and CUDA context.
 MEMORY_HEADROOM = 0.85
+# CPU flags (Linux /proc/cpuinfo) of bfloat16 matrix instructions, fastest first, and their names.
+CPU_BF16_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}
 
 
 def gather_environment() -> Environment:
@@ -128,6 +132,7 @@ def gather_environment() -> Environment:
         torch_cuda=torch.version.cuda,
         cuda_available=torch.cuda.is_available(),
         mps_available=torch.backends.mps.is_available(),
+        cpu_flags=cpu_flags(),
     )
     header, table = _nvidia_smi(), _nvidia_smi("--query-gpu=index,name,driver_version,memory.total,memory.free")
     env.driver_cuda = driver_cuda_version(header)
@@ -207,8 +212,30 @@ def parse_gpu_table(csv_output: str) -> list[GpuInfo]:
     return gpus
 
 
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str] | None:
+    """The CPU's feature flags from Linux's ``cpuinfo`` file; ``None`` where there is none (other systems)."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as file:
+            text = file.read()
+    except OSError:
+        return None
+    lines = (line.partition(":")[2] for line in text.splitlines() if line.split(":")[0].strip() == "flags")
+    return frozenset(chain.from_iterable(line.split() for line in lines))
+
+
+def cpu_bf16_finding(flags: frozenset[str] | None) -> Finding:
+    """Whether ``--precision bf16-mixed`` can run matrix products in bfloat16 on this CPU."""
+    prefix = "CPU bf16 matrix instructions:"
+    if flags is None:
+        return Finding("info", f"{prefix} unknown on this system; on the CPU --precision 32 is the safe choice")
+    found = [name for flag, name in CPU_BF16_FLAGS.items() if flag in flags]
+    if found:
+        return Finding("info", f"{prefix} {', '.join(found)} (bf16-mixed runs matrix products in bf16)")
+    return Finding("info", f"{prefix} none (bf16-mixed would run slower than 32 here); on the CPU use --precision 32")
+
+
 def diagnose(env: Environment) -> list[Finding]:
-    """Judge the facts: Python, the torch build against the hardware, and the torch package trio."""
+    """Judge the facts: Python, the torch build against the hardware, the torch package trio and the CPU."""
     python_ok = split_version(env.python)[0][:2] >= (3, 11)
     findings = [Finding("ok" if python_ok else "problem", f"Python {env.python} on {env.system}")]
     findings += _torch_build_findings(env)
@@ -217,6 +244,7 @@ def diagnose(env: Environment) -> list[Finding]:
     if not trio:
         installed = ", ".join(f"{name} {v}" for name, v in env.versions.items() if v)
         findings.append(Finding("ok", f"consistent packages: {installed}"))
+    findings.append(cpu_bf16_finding(env.cpu_flags))
     return findings
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +59,15 @@ def softcap(x: Tensor, cap: float) -> Tensor:
     if cap <= 0:
         return x
     return cap * torch.tanh(x / cap)
+
+
+def softcap_(x: Tensor, cap: float) -> Tensor:
+    """:func:`softcap` in place (the same values bit for bit); out of place where autograd records ``x``."""
+    if x.requires_grad:
+        return softcap(x, cap)  # the gradient of tanh needs its output unchanged
+    if cap > 0:
+        x.div_(cap).tanh_().mul_(cap)
+    return x
 
 
 def padding_mask_mod(kv_is_pad: Tensor) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
@@ -302,6 +312,10 @@ def chunked_attend(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) -> 
     """
     batch, heads, length, head_dim = q.shape
     bound = inputs.max_score_elements
+    if bound is not None and compiles_scores(q):
+        # The compiled loop's bfloat16 scores and probabilities take half the memory of the eager float32 ones;
+        # larger blocks also spare the bfloat16 products copies of their key blocks (one per block)
+        bound *= 2
     rows_per_block = length if bound is None else max(1, bound // (batch * heads * length))
     # Contiguous operands keep every block's matmuls free of copies; the scale is folded into the queries.
     q = q.contiguous() * (1.0 / math.sqrt(head_dim))
@@ -317,6 +331,8 @@ def attend_rows(q: Tensor, k: Tensor, v: Tensor, start: int, inputs: AttentionIn
     """Attention of the query rows ``start .. start + R - 1`` over the keys ``0 .. start + R - 1``.
 
     The one implementation of the score rule for the chunked backend and for decoding with a key/value cache.
+    Under bfloat16 autocast on the CPU, the two products run in bfloat16 and the score work between them is one
+    compiled loop (:func:`compiled_probabilities`); otherwise everything runs eagerly in the inputs' precision.
 
     Parameters
     ----------
@@ -330,22 +346,83 @@ def attend_rows(q: Tensor, k: Tensor, v: Tensor, start: int, inputs: AttentionIn
         Bias and padding of (at least) the ``K`` keys.
     """
     stop = k.shape[2]
-    positions = torch.arange(stop, device=q.device)
+    kv_is_pad = inputs.kv_is_pad[:, :stop]
+    scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, R, K)
+    q_idx = torch.arange(start, stop, device=q.device)[:, None]  # (R, 1)
+    sees_nothing = q_idx < _first_visible_key(kv_is_pad)[:, None, None, None]  # (B, 1, R, 1): all -inf rows
+    score_args = (inputs.count_bias[:, :stop], kv_is_pad, start, inputs.softcap, inputs.embed_mode)
+    probabilities_of = compiled_probabilities if compiles_scores(scores) else probabilities
+    probs = probabilities_of(scores, *score_args, sees_nothing if sees_nothing.any() else None, v.dtype)
+    return torch.matmul(probs, v)
+
+
+def compiles_scores(x: Tensor) -> bool:
+    """Whether attention over ``x`` (queries or products) computes its probabilities with the compiled loop."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu"
+
+
+def probabilities(
+    scores: Tensor,
+    count_bias: Tensor,
+    kv_is_pad: Tensor,
+    start: int,
+    cap: float,
+    embed_mode: bool,
+    sees_nothing: Tensor | None,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Attention probabilities of the ``(B, H, R, K)`` products ``q.k`` of the rows ``start .. K - 1``.
+
+    Computed in float32 (float64 for float64 products) and returned in ``dtype``. The score tensor is updated in
+    place: on the CPU a new tensor of its size per step costs more than the step itself.
+
+    Parameters
+    ----------
+    count_bias, kv_is_pad : Tensor
+        ``(B, K)`` log-count bias and padding of the keys.
+    sees_nothing : Tensor or None
+        ``(B, 1, R, 1)`` True for the rows that see no key, which get zeros; None when there are none.
+    """
+    stop = scores.shape[-1]
+    positions = torch.arange(stop, device=scores.device)
     q_idx = positions[start:stop, None]  # (R, 1)
     kv_idx = positions[None, :]  # (1, K)
-    key_bias = inputs.count_bias[:, None, None, :stop]  # (B, 1, 1, K)
-    bias = key_bias if inputs.embed_mode else key_bias * (q_idx > kv_idx)
-    kv_is_pad = inputs.kv_is_pad[:, :stop]
-    key_mask = torch.zeros_like(kv_is_pad, dtype=q.dtype).masked_fill(kv_is_pad, float("-inf"))[:, None, None, :]
-    causal_mask = torch.zeros(stop - start, stop, device=q.device).masked_fill(kv_idx > q_idx, float("-inf"))
-    scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, R, K)
-    scores = softcap(scores + bias, inputs.softcap) + (key_mask + causal_mask)
-    sees_nothing = q_idx < _first_visible_key(kv_is_pad)[:, None, None, None]  # (B, 1, R, 1): all -inf rows
-    if sees_nothing.any():
-        probs = torch.softmax(scores.masked_fill(sees_nothing, 0.0), dim=-1).masked_fill(sees_nothing, 0.0)
-    else:
-        probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs.to(v.dtype), v)
+    key_bias = count_bias[:, None, None, :]  # (B, 1, 1, K)
+    bias = key_bias if embed_mode else key_bias * (q_idx > kv_idx)
+    key_mask = torch.zeros_like(kv_is_pad, dtype=torch.float32).masked_fill(kv_is_pad, float("-inf"))[:, None, None]
+    causal_mask = torch.zeros(stop - start, stop, device=scores.device).masked_fill(kv_idx > q_idx, float("-inf"))
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # bfloat16 products: to float32
+    scores += bias
+    scores = softcap_(scores, cap)
+    scores += key_mask + causal_mask
+    if sees_nothing is None:
+        return torch.softmax(scores, dim=-1).to(dtype)
+    probs = torch.softmax(scores.masked_fill(sees_nothing, 0.0), dim=-1)  # not of all -inf: NaN, in gradients too
+    return probs.masked_fill(sees_nothing, 0.0).to(dtype)
+
+
+def compiled_probabilities(scores: Tensor, *args) -> Tensor:
+    """:func:`probabilities` compiled into one loop over the scores (torch.compile; eager where it cannot compile).
+
+    Used for bfloat16 products on the CPU, where the eager steps would take most of the time of attention.
+    """
+    global _compile_failed
+    if not _compile_failed:
+        try:
+            return _compiled_probabilities()(scores, *args)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            _compile_failed = True
+            warnings.warn(f"bf16 attention runs uncompiled, slower: torch.compile failed ({error})", stacklevel=2)
+    return probabilities(scores, *args)
+
+
+_compile_failed = False
+
+
+@functools.cache
+def _compiled_probabilities() -> Callable[..., Tensor]:
+    # Dynamic sizes from the start: every row block and length shares one compiled loop.
+    return torch.compile(probabilities, dynamic=True)
 
 
 def _first_visible_key(kv_is_pad: Tensor) -> Tensor:
