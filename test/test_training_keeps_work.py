@@ -44,9 +44,13 @@ class FailAtStep(Callback):
                 signal.raise_signal(signal.SIGINT)
                 # Python runs the handler (KeyboardInterrupt) at its next check between bytecodes; a loop's
                 # backward jump is one, whereas the raise below may come first (seen once under load in CI).
-                for _ in range(1000):
-                    time.sleep(0.001)
-                raise AssertionError("SIGINT did not interrupt the run")
+                # Under load the check can come late: one run missed a 1 s wait, so wait up to 30 s.
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    time.sleep(0.01)
+                blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+                handler = signal.getsignal(signal.SIGINT)
+                raise AssertionError(f"SIGINT did not interrupt the run (handler {handler}, blocked {blocked})")
             raise self.error
 
 
