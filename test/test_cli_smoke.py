@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -81,6 +82,7 @@ def test_finetune_reports_bad_input(tmp_path, capsys):
     assert "--output-path is required" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two training processes (20-32 s)
 def test_finetune_in_two_processes_with_ddp(tmp_path):
     # The DDP code path of --devices N GPUs, run with two CPU processes (gloo): the cells are split between them.
     flags = "--epochs 1 --batch-size 4 --lora-r 4 --devices cpu:2 --output-path adapters".split()

@@ -225,6 +225,7 @@ def test_esm2ce_is_the_mean_of_raw_gene_embedding_rows(inference, reference_mode
         np.testing.assert_allclose(embeddings[cell], table[genes].mean(0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # each precision in its own process; bf16 compiles its attention loop (about 25 s)
 def test_mixed_precision_runs_on_cpu_and_stays_close(inference, reference_model, reference_input):
     code, output = inference("--precision", "bf16-mixed", "--output-keys", "embeddings", "llh")
     assert code == 0
