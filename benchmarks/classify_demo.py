@@ -29,15 +29,15 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
-import scanpy as sc
-from sklearn.linear_model import LogisticRegression
+from sklearn.base import clone
 from sklearn.metrics import f1_score
 from sklearn.model_selection import StratifiedKFold
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
 
 import transcriptformer
 from transcriptformer.console import verbosity
+from transcriptformer.evaluation.config import EvaluateConfig
+from transcriptformer.evaluation.embeddings import pca_embedding
+from transcriptformer.evaluation.tasks import classifiers, predictable_cells
 from transcriptformer.model.lora import LoraSettings
 from transcriptformer.training.config import (
     ClassifySettings,
@@ -59,31 +59,16 @@ GENE_PROJECTION = ["gene_embeddings.mlp.layers.0", "gene_embeddings.mlp.layers.4
 
 
 def labelled_cells(path: Path) -> ad.AnnData:
-    """The cells of the classes with at least MIN_CELLS cells."""
+    """The cells of the classes with at least MIN_CELLS cells (as ``transcriptformer evaluate`` keeps them)."""
     adata = ad.read_h5ad(path)
-    counts = adata.obs[LABEL].value_counts()
-    keep = adata.obs[LABEL].isin(counts.index[counts >= MIN_CELLS])
-    adata = adata[keep.to_numpy()].copy()
+    adata = adata[predictable_cells(adata.obs[LABEL], MIN_CELLS, LABEL)].copy()
     adata.obs[LABEL] = adata.obs[LABEL].astype(str)
     return adata
 
 
-def pca_embedding(adata: ad.AnnData) -> np.ndarray:
-    """cz-benchmarks' PCA baseline: normalise, log1p, 3,000 HVG (all genes if fewer), 50 components."""
-    baseline = adata.copy()
-    sc.pp.normalize_total(baseline)
-    sc.pp.log1p(baseline)
-    if baseline.n_vars > 3000:
-        sc.pp.highly_variable_genes(baseline, n_top_genes=3000)
-        baseline = baseline[:, baseline.var["highly_variable"]].copy()
-    sc.pp.pca(baseline, n_comps=50, random_state=SEED)
-    return baseline.obsm["X_pca"]
-
-
 def logistic_regression_f1(features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> float:
-    """Macro F1 on ``test`` of cz-benchmarks' logistic regression fitted on ``train``."""
-    classifier = Pipeline([("scaler", StandardScaler()), ("lr", LogisticRegression())])
-    classifier.fit(features[train], labels[train])
+    """Macro F1 on ``test`` of cz-benchmarks' logistic regression (evaluate's ``lr``) fitted on ``train``."""
+    classifier = clone(classifiers(SEED, EvaluateConfig.knn_neighbors)["lr"]).fit(features[train], labels[train])
     return f1_score(labels[test], classifier.predict(features[test]), average="macro")
 
 
@@ -132,7 +117,7 @@ def main() -> None:
     adata = labelled_cells(DATA)
     labels = adata.obs[LABEL].to_numpy()
     print(f"{adata.n_obs} cells, {len(set(labels))} classes of >= {MIN_CELLS} cells; {args}")
-    pca = pca_embedding(adata)
+    pca = pca_embedding(adata, EvaluateConfig(data_file=str(DATA), label_key=LABEL, seed=SEED)).values
     frozen = transcriptformer.load(MODEL, device="cpu").embed(adata, key_added=None)
     folds = list(StratifiedKFold(n_splits=5, shuffle=True, random_state=SEED).split(pca, labels))[: args.folds]
     rows = []
