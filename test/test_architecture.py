@@ -17,10 +17,11 @@ from transcriptformer.api import TranscriptFormerModel
 from transcriptformer.cli import COMMANDS, build_parser, subcommand_parser
 from transcriptformer.cli.common import USE_RAW
 from transcriptformer.config import PredictSettings
+from transcriptformer.engine.config import InferenceConfig
 from transcriptformer.evaluation.config import EvaluateConfig
-from transcriptformer.inference.config import InferenceConfig, ScoreConfig
 from transcriptformer.model.outputs import OUTPUT_KEYS
 from transcriptformer.perturbation.config import PerturbSettings
+from transcriptformer.tasks.score import ScoreConfig
 from transcriptformer.training.config import (
     ClassifySettings,
     DataSettings,
@@ -44,16 +45,16 @@ LAYERS = {
     "checkpoint": 3,
     "pipeline": 3,
     "hub": 3,
-    "api": 4,
-    "inference": 4,
+    "engine": 3,
+    "tasks": 4,
     "perturbation": 4,
     "training": 4,
     "doctor": 4,
     "generation": 4,
-    "scoring": 4,
-    "evaluation": 4,
-    "cli": 5,
-    "__main__": 5,
+    "api": 5,
+    "evaluation": 5,
+    "cli": 6,
+    "__main__": 6,
 }
 
 

@@ -12,7 +12,7 @@ import torch
 
 from conftest import DATA_DIR
 from transcriptformer.cli import main
-from transcriptformer.inference.distributed import Rank, resolve_world_size, torchrun_rank
+from transcriptformer.engine.distributed import Rank, resolve_world_size, torchrun_rank
 
 MOUSE_10X = DATA_DIR / "mouse_10x_40cells.h5ad"
 BIN = Path(sys.executable).parent

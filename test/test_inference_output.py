@@ -12,9 +12,9 @@ import torch
 
 from transcriptformer.cli import main
 from transcriptformer.config import PredictSettings
-from transcriptformer.inference import contextual_embeddings
-from transcriptformer.inference.output import concat_frames, write_output
-from transcriptformer.inference.parts import load_part, save_part
+from transcriptformer.engine import contextual_embeddings
+from transcriptformer.engine.output import concat_frames, write_output
+from transcriptformer.engine.parts import load_part, save_part
 from transcriptformer.model.outputs import MAIN_MATRIX_ORDER, OUTPUT_KEYS, OUTPUTS, end_target_position
 from transcriptformer.pipeline import GeneOutputs, predict_gene_outputs
 

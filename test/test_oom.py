@@ -22,13 +22,14 @@ from torch import Tensor
 from conftest import PARITY_OUTPUTS
 from transcriptformer.cli.common import report_user_error
 from transcriptformer.config import PredictSettings
+from transcriptformer.engine.config import InferenceConfig, RunConfig
+from transcriptformer.engine.distributed import Rank
+from transcriptformer.engine.parts import load_part, open_parts_dir, part_file, parts_dir
+from transcriptformer.engine.run import process_units
+from transcriptformer.engine.session import prepare
 from transcriptformer.errors import UserError
-from transcriptformer.inference.config import InferenceConfig, RunConfig
-from transcriptformer.inference.distributed import Rank
-from transcriptformer.inference.parts import load_part, open_parts_dir, part_file, parts_dir
-from transcriptformer.inference.runner import process_units
-from transcriptformer.inference.session import prepare
 from transcriptformer.pipeline import Predictor, plan, predict_positions
+from transcriptformer.tasks.embed import EmbedTask
 
 CPU = torch.device("cpu")
 KEYS = (*PARITY_OUTPUTS, "cge")
@@ -156,7 +157,7 @@ def inference_session(reference_dir, reference_input, output, chunk_size):
     settings = InferenceConfig(
         data_files=[str(reference_input)], output_path=str(output), batch_size=16, chunk_size=chunk_size
     )
-    return prepare(RunConfig.from_checkpoint(reference_dir, settings), CPU)
+    return prepare(RunConfig.from_checkpoint(reference_dir, settings), CPU, EmbedTask())
 
 
 def test_a_run_keeps_the_lowered_batch_size_for_its_later_units(reference_dir, reference_input, normal_run, tmp_path):

@@ -27,11 +27,12 @@ from transcriptformer.checkpoint import WEIGHTS_FILE, load_checkpoint
 from transcriptformer.cli import build_parser, main
 from transcriptformer.cli.inference import config_from_args
 from transcriptformer.config import CONFIG_FILE
-from transcriptformer.inference import parts
-from transcriptformer.inference.session import prepare
+from transcriptformer.engine import parts
+from transcriptformer.engine.session import prepare
 from transcriptformer.model.classifier import CLASSIFIER_WEIGHTS_FILE, ClassifierInfo, save_classifier
 from transcriptformer.model.lora import ADAPTER_WEIGHTS_FILE, LoraSettings, add_lora_adapters, save_adapters
 from transcriptformer.safe_load import UnsafeFileError, sha256_of
+from transcriptformer.tasks.embed import EmbedTask
 from transcriptformer.training.config import DataSettings, FinetuneConfig, TrainerSettings
 from transcriptformer.training.run import run_finetuning
 
@@ -314,7 +315,7 @@ def test_build_vocab_refuses_a_hostile_esm_model(tmp_path, marker, torch_env, ca
 def interrupted_run(output: Path) -> Path:
     """The parts folder of an interrupted run of the reference cells, set up as the run does; its first part's path."""
     args = build_parser(["inference"]).parse_args([str(a) for a in inference_args(REFERENCE_DIR, output)])
-    with prepare(config_from_args(args), torch.device("cpu")) as session:
+    with prepare(config_from_args(args), torch.device("cpu"), EmbedTask()) as session:
         parts.open_parts_dir(session)
         return parts.part_file(session, session.units[0])
 

@@ -20,7 +20,7 @@ from test_user_errors import assert_one_line_error, run_cli
 from transcriptformer.cli import main
 from transcriptformer.model.likelihood import gene_cross_entropy, zero_truncated_poisson_nll
 from transcriptformer.model.outputs import SCORE_KEYS, end_target_position
-from transcriptformer.scoring import CELL_SCORE_KEYS, QC_KEY, flag_outliers
+from transcriptformer.tasks.score import CELL_SCORE_KEYS, QC_KEY, flag_outliers
 
 DEMO_MODEL = DATA_DIR.parent.parent / "models" / "demo-mouse-brain"
 HELDOUT = DATA_DIR / "demo_mouse_brain_heldout.h5ad"

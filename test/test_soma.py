@@ -22,8 +22,8 @@ from test_inference_resume import kill_after_some_units
 from test_user_errors import assert_one_line_error, run_cli
 from transcriptformer.cli import main
 from transcriptformer.data.soma import SomaReader
-from transcriptformer.inference.session import sha256_of
-from transcriptformer.inference.soma_output import COMPLETE, EMBEDDING_INFO
+from transcriptformer.engine.session import sha256_of
+from transcriptformer.engine.soma_output import COMPLETE, EMBEDDING_INFO
 
 BIN = Path(sys.executable).parent
 LUNG_LIKE = "cell_type == 'astrocyte' and cluster_confidence_score > 0.5"  # a filter on two obs columns

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,28 +26,23 @@ import torch
 
 from transcriptformer.checkpoint import WEIGHTS_FILE, Checkpoint, load_checkpoint
 from transcriptformer.config import GenerateSettings, PredictSettings
-from transcriptformer.data.sources import open_counts
 from transcriptformer.data.tokenize import TokenizedCells
+from transcriptformer.engine.config import InferenceConfig, ModelSection, RunConfig
+from transcriptformer.engine.run import MemoryResult, run_in_memory
+from transcriptformer.engine.task import Task
 from transcriptformer.errors import UserError
 from transcriptformer.hub.cache import resolve_checkpoint
-from transcriptformer.inference.config import ScoreConfig
 from transcriptformer.model.classifier import Classifier, has_classifier, load_classifier
 from transcriptformer.perturbation.config import PerturbSettings
-from transcriptformer.pipeline import predict_gene_outputs, predict_positions
+from transcriptformer.pipeline import predict_positions
 from transcriptformer.runtime import Backend, resolve_device
-from transcriptformer.scoring import (
-    CELL_SCORE_KEYS,
-    GENE_SCORE_KEY,
-    flag_outliers,
-    on_var,
-    var_positions,
-    write_to_anndata,
-)
+from transcriptformer.tasks.embed import EmbedConfig, EmbedTask
+from transcriptformer.tasks.score import CELL_SCORE_KEYS, GENE_SCORE_KEY, ScoreConfig, ScoreTask
 
 if TYPE_CHECKING:
     from transcriptformer.perturbation.output import PerturbationResult
 
-EMBEDDING_KEY = "X_transcriptformer"
+EMBEDDING_KEY = EmbedConfig.key_added
 """Default ``obsm`` key of :meth:`TranscriptFormerModel.embed` (scanpy's ``X_<basis>``, as scvi-tools' ``X_scVI``)."""
 
 
@@ -73,6 +69,43 @@ class TranscriptFormerModel:
     def model(self) -> torch.nn.Module:
         """The underlying :class:`~transcriptformer.model.transcriptformer.TranscriptFormer`."""
         return self.checkpoint.model
+
+    def run_task(
+        self,
+        task: Task,
+        data: ad.AnnData | str | Path,
+        settings: dict[str, Any],
+        use_raw: bool | None = None,
+        remove_duplicate_genes: bool = False,
+        **data_config: Any,
+    ) -> MemoryResult:
+        """Run a task of :mod:`transcriptformer.tasks` over ``data`` in memory; nothing is written into ``data``.
+
+        The engine's :func:`~transcriptformer.engine.run.run_in_memory`, with this model's checkpoint and device.
+
+        Parameters
+        ----------
+        task
+            The job.
+        data
+            An AnnData, or a ``.h5ad``, ``.zarr`` or 10x ``.h5`` path.
+        settings
+            Fields of :class:`~transcriptformer.engine.config.InferenceConfig`: ``output_keys``, ``batch_size``, ...
+        use_raw, remove_duplicate_genes, **data_config
+            As for :meth:`tokenize`.
+        """
+        self.checkpoint.tokenizer(**data_config)  # names an unknown setting
+        checkpoint_config = self.checkpoint.config
+        model = ModelSection(
+            checkpoint_path=str(self.checkpoint.path),
+            data_config=dataclasses.replace(checkpoint_config.data_config, **data_config),
+            model_config=checkpoint_config.model_config,
+            loss_config=checkpoint_config.loss_config,
+            inference_config=InferenceConfig(
+                use_raw=use_raw, remove_duplicate_genes=remove_duplicate_genes, **settings
+            ),
+        )
+        return run_in_memory(task, self.checkpoint, data, RunConfig(model), self.device)
 
     def tokenize(
         self,
@@ -174,16 +207,12 @@ class TranscriptFormerModel:
                 f"key_added={key_added!r} needs an AnnData, which embed fills in place, but {data} is only read: "
                 "pass anndata.read_h5ad(path) instead, or leave key_added out"
             )
-        result = self.predict(data, batch_size=batch_size, output_keys=("embeddings",), **tokenize_kwargs)
-        embeddings = result["embeddings"]
+        task = EmbedTask(settings=EmbedConfig(key_added))
+        settings = {"output_keys": ["embeddings"], "batch_size": batch_size}
+        result = self.run_task(task, data, settings, **tokenize_kwargs)
         if isinstance(data, ad.AnnData) and key_added is not None:
-            if len(embeddings) != data.n_obs:
-                raise ValueError(
-                    f"cell filters kept {len(embeddings)} of {data.n_obs} cells, so obsm[{key_added!r}] cannot hold "
-                    "their embeddings: subset the AnnData first, or pass key_added=None to get the array only"
-                )
-            data.obsm[key_added] = embeddings
-        return embeddings
+            store_every_cell(data, result, task, f"obsm[{key_added!r}]", "pass key_added=None to get the array only")
+        return result.outputs.cell_values["embeddings"]
 
     def classify(
         self,
@@ -297,7 +326,7 @@ class TranscriptFormerModel:
             An AnnData (changed in place, see below), or a ``.h5ad``, ``.zarr`` or 10x ``.h5`` path (only read).
         outlier_threshold
             A cell is flagged when the robust z-score of its ``mean_log_likelihood`` against the other cells of
-            ``data`` is below ``-outlier_threshold`` (:func:`~transcriptformer.scoring.flag_outliers`).
+            ``data`` is below ``-outlier_threshold`` (:func:`~transcriptformer.tasks.score.flag_outliers`).
         batch_size, max_tokens, precision
             As for :meth:`predict`; results do not depend on the first two.
         use_raw, remove_duplicate_genes, **data_config
@@ -314,30 +343,17 @@ class TranscriptFormerModel:
             entry for each gene of the cell's sequence; none for genes the model did not read, nor for genes that
             only ``adata.raw`` has when the counts come from there).
         """
-        settings = PredictSettings((*CELL_SCORE_KEYS, GENE_SCORE_KEY), batch_size, max_tokens, precision)
-        ScoreConfig(outlier_threshold=outlier_threshold)  # checks it before the model runs
-        tokenizer = self.checkpoint.tokenizer(remove_duplicate_genes=remove_duplicate_genes, **data_config)
-        with open_counts(data, use_raw) as reader:
-            prepared = tokenizer.prepare(reader)
-            if isinstance(data, ad.AnnData) and prepared.n_dropped:
-                raise ValueError(
-                    f"{prepared.describe_dropped()}, so adata.obs cannot hold the scores of every cell: subset the "
-                    "AnnData first, or turn the cell filters off"
-                )
-            cells = prepared.cells()
-            genes_read = reader.var.index[prepared.selection.columns]
-            from_var = isinstance(data, ad.AnnData) and reader.var is data.var  # X, not raw
-        gene_columns = np.full(len(self.checkpoint.gene_vocab), -1, dtype=np.int64)
-        gene_columns[prepared.selection.tokens] = np.arange(len(genes_read))
-        outputs = predict_gene_outputs(self.model, cells, settings, self.device, gene_columns)
-        frame = pd.DataFrame({key: outputs.cell_values[key] for key in CELL_SCORE_KEYS}, index=cells.obs_names)
-        frame, record = flag_outliers(frame, outlier_threshold)
+        task = ScoreTask(settings=ScoreConfig(outlier_threshold=outlier_threshold))  # checked before the model runs
+        settings = {
+            "output_keys": [*CELL_SCORE_KEYS, GENE_SCORE_KEY],
+            "batch_size": batch_size,
+            "max_tokens": max_tokens,
+            "precision": precision,
+        }
+        result = self.run_task(task, data, settings, use_raw, remove_duplicate_genes, **data_config)
         if isinstance(data, ad.AnnData):
-            # Counts from adata.raw: its genes are placed on adata.var by name.
-            columns = prepared.selection.columns if from_var else var_positions(data.var_names, genes_read)
-            gene_scores = on_var(outputs.gene_values[GENE_SCORE_KEY], columns, data.n_vars)
-            write_to_anndata(data, frame, record, gene_scores)
-        return frame
+            store_every_cell(data, result, task, "adata.obs", "turn the cell filters off")
+        return result.obs
 
     def perturb(
         self,
@@ -429,6 +445,16 @@ def load(
         classifier = load_classifier(adapter, Path(path) / WEIGHTS_FILE)
     checkpoint = load_checkpoint(path, device, attention_backend, adapter=adapter)
     return TranscriptFormerModel(checkpoint, device, classifier)
+
+
+def store_every_cell(adata: ad.AnnData, result: MemoryResult, task: Task, place: str, alternative: str) -> None:
+    """Let ``task`` store ``result`` in ``adata``, once sure that it holds a row for each cell of ``adata``."""
+    if len(result.obs) != adata.n_obs:
+        raise ValueError(
+            f"cell filters kept {len(result.obs)} of {adata.n_obs} cells, so {place} cannot hold their results: "
+            f"subset the AnnData first, or {alternative}"
+        )
+    task.write_into(adata, result)
 
 
 def write_predictions(adata: ad.AnnData, probabilities: np.ndarray, label_key: str, classes: list[str]) -> None:

@@ -10,7 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from transcriptformer.config import INVALID_COUNTS, DataConfig
-from transcriptformer.inference.config import ALL_OBS_KEYS, InferenceConfig, ModelSection, RunConfig, apply_overrides
+from transcriptformer.engine.config import ALL_OBS_KEYS, InferenceConfig, ModelSection, RunConfig, apply_overrides
 from transcriptformer.model.outputs import OUTPUT_KEYS
 from transcriptformer.runtime import BACKENDS, DEVICES, PRECISIONS
 
@@ -115,7 +115,7 @@ def add_overwrite_argument(group: argparse._ActionsContainer, what: str) -> None
 def add_run_arguments(
     parser: argparse.ArgumentParser, defaults: InferenceConfig
 ) -> tuple[argparse._ArgumentGroup, argparse._ArgumentGroup, argparse._ArgumentGroup]:
-    """The flags of a run through :func:`~transcriptformer.inference.runner.run_inference`, with ``defaults``.
+    """The flags of a run through :func:`~transcriptformer.engine.run.run_task`, with ``defaults``.
 
     Returns the groups ``inputs and output``, ``reading the cells`` and ``model and hardware``, for a command's own
     flags. :func:`run_config_from_args` reads them.

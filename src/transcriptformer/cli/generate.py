@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     from transcriptformer.checkpoint import load_checkpoint
     from transcriptformer.console import say
     from transcriptformer.generation import generate
-    from transcriptformer.inference.output import claim_output, write_anndata
+    from transcriptformer.engine.output import claim_output, write_anndata
     from transcriptformer.runtime import resolve_device, use_cpu_threads
 
     settings, aux = settings_from_args(args), parse_aux(args.aux)

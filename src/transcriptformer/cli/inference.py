@@ -1,7 +1,7 @@
 """``transcriptformer inference``: embeddings and likelihoods for the cells of one or more ``.h5ad`` files.
 
 The flags are those of the original release, with the same meanings and defaults; ``--config-override`` takes
-Hydra's override grammar on the settings tree of :mod:`transcriptformer.inference.config`.
+Hydra's override grammar on the settings tree of :mod:`transcriptformer.engine.config`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 
 from transcriptformer.cli.common import add_run_arguments, run_config_from_args
 from transcriptformer.errors import UserError
-from transcriptformer.inference.config import (
+from transcriptformer.engine.config import (
     EMB_TYPES,
     MODEL_TYPES,
     OUTPUT_FORMATS,
@@ -116,7 +116,8 @@ def attention_backend_of(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``transcriptformer inference``; returns the exit code."""
-    from transcriptformer.inference.runner import run_inference
+    from transcriptformer.engine.run import run_task
+    from transcriptformer.tasks.embed import EmbedTask
 
-    run_inference(config_from_args(args), dry_run=args.dry_run)
+    run_task(EmbedTask(), config_from_args(args), dry_run=args.dry_run)
     return 0

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``transcriptformer perturb``; returns the exit code."""
     from transcriptformer.api import load
     from transcriptformer.console import say
-    from transcriptformer.inference.output import claim_output
+    from transcriptformer.engine.output import claim_output
     from transcriptformer.perturbation.output import CELLS_FILE
     from transcriptformer.perturbation.specs import parse_perturbations
 

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from transcriptformer.api import load
     from transcriptformer.console import say
     from transcriptformer.data.tokenize import read_anndata
-    from transcriptformer.inference.output import claim_output, write_anndata
+    from transcriptformer.engine.output import claim_output, write_anndata
     from transcriptformer.model.classifier import read_classifier_info
     from transcriptformer.runtime import use_cpu_threads
 

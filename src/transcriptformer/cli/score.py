@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from transcriptformer.cli.common import add_run_arguments, positive_number, run_config_from_args
-from transcriptformer.inference.config import ScoreConfig
+from transcriptformer.tasks.score import ScoreConfig
 
 EXAMPLES = """\
 examples:
@@ -49,7 +49,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``transcriptformer score``; returns the exit code."""
-    from transcriptformer.scoring import run_score
+    from transcriptformer.engine.run import run_task
+    from transcriptformer.tasks.score import ScoreTask
 
-    run_score(run_config_from_args(args), ScoreConfig(args.outlier_threshold), dry_run=args.dry_run)
+    task = ScoreTask(settings=ScoreConfig(args.outlier_threshold))
+    run_task(task, run_config_from_args(args), dry_run=args.dry_run)
     return 0

@@ -17,7 +17,7 @@
         layers          log2_fold_change, delta_share, log2_share_fold_change (same entries)
         uns["perturb"]  the settings, the package version and the model inputs run
 
-The folder is held like an inference output (:func:`transcriptformer.inference.output.claim_output`): a lock
+The folder is held like an inference output (:func:`transcriptformer.engine.output.claim_output`): a lock
 file beside ``perturbations.h5ad`` keeps a second run out, and an existing result is kept unless ``overwrite``.
 """
 
@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from transcriptformer.inference.output import claim_output, remove_stale_temporaries, write_anndata
+from transcriptformer.engine.output import claim_output, remove_stale_temporaries, write_anndata
 from transcriptformer.perturbation.config import PerturbSettings
 from transcriptformer.perturbation.summary import GENE_EFFECTS, MEAN_OF, gene_symbols, gene_table, perturbation_table
 from transcriptformer.version import __version__

@@ -29,8 +29,8 @@ from urllib.parse import urlparse
 import numpy as np
 
 from transcriptformer.data.soma import first_line, import_tiledbsoma
+from transcriptformer.engine.output import hold_output
 from transcriptformer.errors import UserError
-from transcriptformer.inference.output import hold_output
 
 EMBEDDING_INFO = "CxG_embedding_info"  # the metadata key that cellxgene_census reads
 COMPLETE = "complete"

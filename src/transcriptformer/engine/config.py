@@ -18,7 +18,6 @@ imports neither Hydra nor torch until an override is applied, so that the comman
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from transcriptformer.config import (
     PredictSettings,
     TranscriptFormerConfig,
 )
-from transcriptformer.model.outputs import SCORE_KEYS, check_output_keys
+from transcriptformer.model.outputs import check_output_keys
 from transcriptformer.runtime import BACKENDS, DEVICES
 
 MODEL_TYPES = ("transcriptformer", "esm2ce")
@@ -39,10 +38,6 @@ EMB_TYPES = ("cell", "cge")
 ALL_OBS_KEYS = "all"
 # What a run writes: the .h5ad, a SOMA array of cell embeddings (at output_soma), or both.
 OUTPUT_FORMATS = ("h5ad", "soma", "both")
-# The per-cell score that the outlier rule of ``transcriptformer score`` reads, and the obs columns it adds.
-QC_SCORE = "mean_log_likelihood"
-ROBUST_Z_COLUMN = f"{QC_SCORE}_robust_z"
-OUTLIER_COLUMN = "likelihood_outlier"
 
 
 @dataclass
@@ -224,39 +219,6 @@ class InferenceConfig:
     def predict_settings(self) -> PredictSettings:
         """The settings of the batch loop."""
         return PredictSettings(tuple(self.output_keys), self.batch_size, self.max_tokens, self.precision)
-
-
-@dataclass
-class ScoreConfig:
-    """What ``transcriptformer score`` adds to the inference run that computes its scores.
-
-    Attributes
-    ----------
-    outlier_threshold : float
-        A cell is a likelihood outlier when the robust z-score of its ``mean_log_likelihood`` against the other
-        cells of the run is below ``-outlier_threshold`` (:mod:`transcriptformer.scoring`).
-    output_filename : str
-        The score run's output file name; its other settings default as an inference run's.
-    """
-
-    outlier_threshold: float = 3.5
-    output_filename: str = "scores.h5ad"
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.outlier_threshold) and self.outlier_threshold > 0):
-            raise ValueError(f"outlier_threshold must be a finite number > 0, got {self.outlier_threshold}")
-
-    def inference_defaults(self) -> InferenceConfig:
-        """The settings of a score run before flags change them: every score output, into ``output_filename``."""
-        return InferenceConfig(output_filename=self.output_filename, output_keys=list(SCORE_KEYS))
-
-    def check(self, inference: InferenceConfig) -> None:
-        """Raise a ``ValueError`` when the run does not compute the score that the outlier rule reads."""
-        if QC_SCORE not in inference.output_keys:
-            raise ValueError(
-                f"the likelihood outliers are found from {QC_SCORE}, which output_keys {inference.output_keys} "
-                f"leaves out; add {QC_SCORE} to them"
-            )
 
 
 @dataclass

@@ -1,36 +1,43 @@
-"""Score cells with the generative model: log-likelihoods per cell and per gene, and likelihood outliers for QC.
+"""``score``: log-likelihoods per cell and per gene under the generative model, and likelihood outliers for QC.
 
 The scores are outputs of the model (``log_likelihood*`` in :data:`~transcriptformer.model.outputs.OUTPUTS`),
 computed by the one batch loop in the forward pass that computes the other outputs; ``docs/score.md`` defines them.
-This module adds what a use of them needs:
+This task adds what a use of them needs:
 
 * the QC rule (:func:`flag_outliers`): the robust z-score of each cell's ``mean_log_likelihood`` against the
   other cells scored with it, ``z = (x - median) / (1.4826 * MAD)``, and a flag for ``z < -threshold``; cells
   without a score (no counts: NaN) are neither flagged nor counted in the median and MAD;
-* ``transcriptformer score`` (:func:`run_score`): an inference run of the score outputs whose output file gets the
-  outlier columns in its one atomic write, and a summary;
-* what :meth:`TranscriptFormerModel.score <transcriptformer.api.TranscriptFormerModel.score>` writes into an
-  AnnData (:func:`write_to_anndata`; per-gene scores placed on its var by :func:`on_var`, :func:`var_positions`).
+* :class:`ScoreTask`: the engine's run of the score outputs (``transcriptformer score`` from files, and
+  :meth:`TranscriptFormerModel.score <transcriptformer.api.TranscriptFormerModel.score>` in memory), whose
+  output gets the outlier columns from all cells once every unit is done, and its summary line.
+
+The command line reads :class:`ScoreConfig` before torch, so the heavy imports wait for a run.
 """
 
 from __future__ import annotations
 
-import functools
+import math
 import warnings
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import anndata as ad
-import h5py
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
-from anndata.io import read_elem
-from scipy.stats import median_abs_deviation
 
-from transcriptformer.inference.config import OUTLIER_COLUMN, QC_SCORE, ROBUST_Z_COLUMN, RunConfig, ScoreConfig
-from transcriptformer.inference.runner import run_inference
+from transcriptformer.engine.config import InferenceConfig, RunConfig
+from transcriptformer.engine.task import BatchLoopTask
 from transcriptformer.model.outputs import OUTPUTS, SCORE_KEYS
 
+if TYPE_CHECKING:
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from transcriptformer.engine.run import MemoryResult
+
+# The per-cell score that the outlier rule reads, and the obs columns it adds.
+QC_SCORE = "mean_log_likelihood"
+ROBUST_Z_COLUMN = f"{QC_SCORE}_robust_z"
+OUTLIER_COLUMN = "likelihood_outlier"
 # uns key of the outlier rule as applied: its threshold, the median and scale it found, the cells it counted.
 QC_KEY = "score_qc"
 # The per-cell scores, in OUTPUTS order: the columns of TranscriptFormerModel.score's table before the QC columns.
@@ -38,6 +45,72 @@ CELL_SCORE_KEYS = tuple(key for key in SCORE_KEYS if OUTPUTS[key].level == "cell
 # The per-gene score that TranscriptFormerModel.score writes into an AnnData's layers.
 GENE_SCORE_KEY = "gene_log_likelihood"
 MAD_TO_SD = 1.4826  # scipy's scale="normal": the MAD of a normal distribution times this is its standard deviation
+
+
+@dataclass
+class ScoreConfig:
+    """The settings of the score task.
+
+    Attributes
+    ----------
+    outlier_threshold : float
+        A cell is a likelihood outlier when the robust z-score of its ``mean_log_likelihood`` against the other
+        cells of the run is below ``-outlier_threshold``.
+    output_filename : str
+        The score run's output file name; its other settings default as an inference run's.
+    """
+
+    outlier_threshold: float = 3.5
+    output_filename: str = "scores.h5ad"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.outlier_threshold) and self.outlier_threshold > 0):
+            raise ValueError(f"outlier_threshold must be a finite number > 0, got {self.outlier_threshold}")
+
+    def inference_defaults(self) -> InferenceConfig:
+        """The settings of a score run before flags change them: every score output, into ``output_filename``."""
+        return InferenceConfig(output_filename=self.output_filename, output_keys=list(SCORE_KEYS))
+
+
+@dataclass
+class ScoreTask(BatchLoopTask):
+    """The score outputs of every cell (the batch loop), then the outlier columns from all cells."""
+
+    name: str = "score"
+    settings: ScoreConfig = field(default_factory=ScoreConfig)
+
+    def check(self, config: RunConfig) -> None:
+        """Raise a ``ValueError`` when the run does not compute the score that the outlier rule reads."""
+        keys = config.inference.output_keys
+        if QC_SCORE not in keys:
+            raise ValueError(
+                f"the likelihood outliers are found from {QC_SCORE}, which output_keys {keys} leaves out; add "
+                f"{QC_SCORE} to them"
+            )
+
+    def added_obs_columns(self) -> tuple[str, ...]:
+        """The QC columns."""
+        return ROBUST_Z_COLUMN, OUTLIER_COLUMN
+
+    def finish(self, obs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+        """:func:`flag_outliers` over every cell: the obs to write, and the rule as applied as ``uns["score_qc"]``."""
+        obs, record = flag_outliers(obs, self.settings.outlier_threshold)
+        return obs, {QC_KEY: record}
+
+    def describe(self, uns: dict) -> list[str]:
+        """One line about the outliers found."""
+        return [describe(uns[QC_KEY])]
+
+    def write_into(self, adata: ad.AnnData, result: MemoryResult) -> None:
+        """The per-cell scores and QC columns into obs, the rule into uns, the per-gene scores into layers.
+
+        The per-gene scores are placed on ``adata.var``: by position when the counts come from ``adata.X``, by
+        name when they come from ``adata.raw`` (genes that only ``raw`` has are left out).
+        """
+        super().write_into(adata, result)
+        if GENE_SCORE_KEY in result.outputs.gene_values:
+            columns = var_positions(adata.var_names, result.genes_read) if result.from_raw else result.var_rows
+            adata.layers[GENE_SCORE_KEY] = on_var(result.outputs.gene_values[GENE_SCORE_KEY], columns, adata.n_vars)
 
 
 def robust_z(values: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -51,6 +124,8 @@ def robust_z(values: np.ndarray) -> tuple[np.ndarray, float, float]:
         ``z = (values - median) / scale`` with ``scale = 1.4826 * MAD``; all NaN (with a warning) when fewer than
         two values are finite or they do not vary (``scale = 0``).
     """
+    from scipy.stats import median_abs_deviation
+
     values = np.asarray(values, dtype=np.float64)
     scored = values[np.isfinite(values)]
     median = float(np.median(scored)) if scored.size else float("nan")
@@ -100,12 +175,6 @@ def flag_outliers(frame: pd.DataFrame, threshold: float = ScoreConfig.outlier_th
     return frame, record
 
 
-def outlier_columns(obs: pd.DataFrame, threshold: float) -> tuple[pd.DataFrame, dict]:
-    """:func:`flag_outliers` for an output file's obs: the obs to write, and the record as its ``uns`` entry."""
-    obs, record = flag_outliers(obs, threshold)
-    return obs, {QC_KEY: record}
-
-
 def describe(record: dict) -> str:
     """One line about the outliers found (a ``uns["score_qc"]`` record)."""
     unscored = record["cells"] - record["cells_scored"]
@@ -117,41 +186,10 @@ def describe(record: dict) -> str:
     )
 
 
-def read_record(path: Path) -> dict:
-    """The ``uns["score_qc"]`` record of a score output file."""
-    with h5py.File(path, "r") as f:
-        return read_elem(f["uns"][QC_KEY])
-
-
-def run_score(config: RunConfig, score: ScoreConfig, *, dry_run: bool = False) -> Path:
-    """Run ``transcriptformer score``: the score outputs of every cell, with the outlier columns, in one ``.h5ad``.
-
-    Parameters
-    ----------
-    config
-        The inference run that computes the scores (:meth:`ScoreConfig.inference_defaults` and the flags);
-        its ``output_keys`` must hold ``mean_log_likelihood``.
-    score
-        The outlier rule.
-    dry_run
-        Print the plan of the inference run, write nothing.
-
-    Returns
-    -------
-    Path
-        The output file. Its obs holds the per-cell scores and the QC columns, ``uns["score_qc"]`` the rule as
-        applied; the rest is as for ``transcriptformer inference`` (``docs/inference.md``).
-    """
-    score.check(config.inference)
-    finish_obs = functools.partial(outlier_columns, threshold=score.outlier_threshold)
-    path = run_inference(config, dry_run=dry_run, finish_obs=finish_obs)
-    if not dry_run:
-        print(describe(read_record(path)), flush=True)
-    return path
-
-
 def on_var(matrix: sp.csr_matrix, columns: np.ndarray, n_vars: int) -> sp.csr_matrix:
     """``matrix`` with its column ``i`` moved to column ``columns[i]`` of ``n_vars`` (``-1``: left out)."""
+    import scipy.sparse as sp
+
     entries = matrix.tocoo()
     moved = columns[entries.col]
     kept = moved >= 0
@@ -168,15 +206,3 @@ def var_positions(var_names: pd.Index, genes: pd.Index) -> np.ndarray:
             "placed on adata.var: call adata.var_names_make_unique() first, or pass use_raw=False"
         )
     return var_names.get_indexer(genes)
-
-
-def write_to_anndata(adata: ad.AnnData, frame: pd.DataFrame, record: dict, gene_scores: sp.csr_matrix) -> None:
-    """Store the scores of all cells of ``adata``: columns in obs, the rule in uns, the per-gene scores in layers.
-
-    ``frame`` and ``gene_scores`` (``(n_obs, n_vars)``, on ``adata.var``) hold the cells in ``adata``'s order;
-    ``record`` goes to ``uns["score_qc"]``.
-    """
-    for column in frame.columns:
-        adata.obs[column] = frame[column].to_numpy()
-    adata.uns[QC_KEY] = record
-    adata.layers[GENE_SCORE_KEY] = gene_scores

@@ -4,8 +4,8 @@ Layout (``n`` cells of all input files); where each output goes is its ``anndata
 :data:`transcriptformer.model.outputs.OUTPUTS`::
 
     obs                 the inputs' obs (original obs_names and order), columns filtered to obs_keys,
-                        plus source_file and the per-cell numbers (llh); a score run adds its outlier columns
-                        (transcriptformer.scoring)
+                        plus source_file and the per-cell numbers (llh), then the task's columns
+                        (transcriptformer.engine.task.Task.finish)
     obsm[key]           per-cell vectors: (n, E) cell embeddings
     var                 with per-gene layers: the g genes matched in any input, index their gene ids, columns the
                         inputs' var columns (each gene's row from the first file that has it) and input_var_name;
@@ -52,7 +52,7 @@ CGE_EMBEDDINGS, CGE_CELL_INDICES, CGE_GENE_NAMES = "cge_embeddings", "cge_cell_i
 GENE_ID = "gene_id"
 TEMPORARY_SUFFIX = ".tmp.h5ad"
 # Adds columns to the output's obs once every cell's per-cell numbers are in it; returns the obs to write and uns
-# entries to add (transcriptformer.scoring's outlier flags).
+# entries to add (a task's finish: transcriptformer.engine.task.Task.finish).
 ObsFinisher = Callable[[pd.DataFrame], tuple[pd.DataFrame, dict]]
 
 

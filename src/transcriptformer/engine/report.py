@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from transcriptformer.data.soma import experiment_name
-from transcriptformer.inference.session import Session
+from transcriptformer.engine.session import Session
+from transcriptformer.engine.task import task_description
 from transcriptformer.pipeline import plan
 from transcriptformer.version import __version__
 
@@ -117,6 +118,7 @@ def run_metadata(session: Session, world_size: int) -> dict:
         "genes_in_file": np.array([f.n_genes for f in session.files]),
         "genes_matched": np.array([f.n_matched for f in session.files]),
         "config": json.dumps(session.config.to_dict()),
+        "task": json.dumps(task_description(session.task)),
     }
     if any(f.cells.n_dropped for f in session.files):
         metadata["cells_dropped"] = np.array([f.cells.n_dropped for f in session.files])

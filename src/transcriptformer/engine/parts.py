@@ -19,8 +19,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from transcriptformer.checkpoint import WEIGHTS_FILE
+from transcriptformer.engine.session import Session, WorkUnit
+from transcriptformer.engine.task import task_description
 from transcriptformer.errors import UserError
-from transcriptformer.inference.session import Session, WorkUnit
 from transcriptformer.model.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from transcriptformer.pipeline import GeneOutputs
 from transcriptformer.safe_load import load_npz, sha256_of
@@ -154,7 +155,7 @@ def weight_files(session: Session) -> list[Path]:
 
 
 def run_description(session: Session) -> dict:
-    """What a run computes: its settings, its inputs (``InputFile.identity``), and its files of weights by content.
+    """What a run computes: its task and settings, its inputs (``InputFile.identity``), its files of weights by content.
 
     The contents (SHA-256) of :func:`weight_files` are described, not only their paths: a file rewritten in place
     is a different run.
@@ -165,7 +166,8 @@ def run_description(session: Session) -> dict:
     inputs = {f.name: f.identity for f in session.files}
     weights, *others = weight_files(session)
     contents = {str(weights.resolve()): session.weights_sha256} | {str(p.resolve()): sha256_of(p) for p in others}
-    return json.loads(json.dumps({"settings": settings, "inputs": inputs, "contents": contents}, default=str))
+    description = {"task": task_description(session.task), "settings": settings, "inputs": inputs, "contents": contents}
+    return json.loads(json.dumps(description, default=str))
 
 
 def run_fingerprint(description: dict) -> str:
@@ -174,9 +176,10 @@ def run_fingerprint(description: dict) -> str:
 
 
 def describe_changes(before: dict, after: dict) -> list[str]:
-    """What differs between two :func:`run_description`: setting keys, input files, files of weights."""
+    """What differs between two :func:`run_description`: the task's settings, setting keys, inputs, files of weights."""
     settings_before, settings_after = _leaves(before.get("settings", {})), _leaves(after["settings"])
     sections = [
+        ("task {}", _leaves(before.get("task", {})), _leaves(after["task"])),
         ("setting {}", settings_before, settings_after),
         ("input {} (size or modification time, or the cells of its query)", before.get("inputs", {}), after["inputs"]),
         ("contents of {}", before.get("contents", {}), after["contents"]),

@@ -1,4 +1,4 @@
-"""What one inference process works with: the model, the open input files, the gene axis and the work units.
+"""What one process of a run works with: the task, the model, the open inputs, the gene axis and the work units.
 
 :func:`prepare` loads the checkpoint with the run's settings (adapters, another species' gene embeddings, the
 ``esm2ce`` baseline), opens every input file for row-block reading, matches its genes with the vocabulary, and
@@ -9,6 +9,7 @@ file (NaN, infinite, negative, non-integer, empty cells; :meth:`CellTokenizer.pr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -16,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
@@ -24,27 +26,18 @@ from transcriptformer.checkpoint import WEIGHTS_FILE, Checkpoint, load_checkpoin
 from transcriptformer.data.soma import JOINID, SomaReader
 from transcriptformer.data.sources import CountReader, open_counts
 from transcriptformer.data.tokenize import CellTokenizer, CountScanner, PreparedCells, TokenizedCells, scan_counts
-from transcriptformer.inference.config import (
-    ALL_OBS_KEYS,
-    OUTLIER_COLUMN,
-    ROBUST_Z_COLUMN,
-    InferenceConfig,
-    RunConfig,
-)
+from transcriptformer.engine.config import ALL_OBS_KEYS, InferenceConfig, RunConfig
+from transcriptformer.engine.task import Task
 from transcriptformer.model.outputs import OUTPUTS
 from transcriptformer.pipeline import Predictor
 from transcriptformer.runtime import default_precision
 from transcriptformer.safe_load import sha256_of
 
 SOURCE_FILE_COLUMN = "source_file"
-# obs columns the output adds (those of `transcriptformer score` too); an input column of the same name would be lost,
-# so it is an error.
-ADDED_OBS_COLUMNS = (
-    SOURCE_FILE_COLUMN,
-    *(key for key, spec in OUTPUTS.items() if spec.anndata == "obs"),
-    ROBUST_Z_COLUMN,
-    OUTLIER_COLUMN,
-)
+IN_MEMORY_NAME = "AnnData"  # the source_file of the cells of an in-memory AnnData
+# obs columns that every output adds (a task adds its own: Task.added_obs_columns); an input column of the same name
+# would be lost, so it is an error.
+ENGINE_OBS_COLUMNS = (SOURCE_FILE_COLUMN, *(key for key, spec in OUTPUTS.items() if spec.anndata == "obs"))
 # var column of the output that keeps each gene's var_name in the input (the output's var_names are gene ids).
 INPUT_VAR_NAME_COLUMN = "input_var_name"
 
@@ -111,6 +104,8 @@ class Session:
     Attributes
     ----------
     config : RunConfig
+    task : Task
+        The job the session's units run for.
     checkpoint : Checkpoint
         As loaded for the run (adapters merged, gene embeddings swapped).
     model : Predictor
@@ -126,6 +121,7 @@ class Session:
     """
 
     config: RunConfig
+    task: Task
     checkpoint: Checkpoint
     model: Predictor
     device: torch.device
@@ -188,28 +184,52 @@ def load_for_run(config: RunConfig, device: torch.device) -> Checkpoint:
     return checkpoint
 
 
-def prepare(config: RunConfig, device: torch.device, scan: CountScanner = scan_counts) -> Session:
-    """Load the model, open and check the inputs, and plan the work units; writes nothing.
+def prepare(config: RunConfig, device: torch.device, task: Task, scan: CountScanner = scan_counts) -> Session:
+    """Load the model, open and check the inputs, and plan the work units of ``task``; writes nothing.
 
-    ``scan`` reads the counts once to check them (several processes share it:
-    :func:`~transcriptformer.inference.distributed.shared_scan`).
+    The obs columns that ``task`` adds may not be among the inputs' kept columns; ``scan`` reads the counts once to
+    check them (several processes share it:
+    :func:`~transcriptformer.engine.distributed.shared_scan`).
 
     Whether the output may be written is for the caller to check
-    (:func:`~transcriptformer.inference.output.claim_output`): a dry run reports an existing output instead of
+    (:func:`~transcriptformer.engine.output.claim_output`): a dry run reports an existing output instead of
     failing.
     """
     inference = config.inference
     if not (inference.data_files or inference.reads_soma):
         raise ValueError("no input: give files with --data-file, or a SOMA experiment with --soma or --census-version")
-    checkpoint = load_for_run(config, device)
+    return open_session(config, load_for_run(config, device), device, task, scan)
+
+
+def open_session(
+    config: RunConfig,
+    checkpoint: Checkpoint,
+    device: torch.device,
+    task: Task,
+    scan: CountScanner = scan_counts,
+    data: ad.AnnData | str | Path | None = None,
+) -> Session:
+    """The session of a loaded ``checkpoint``: the inputs of ``config`` (or the in-memory ``data``) open and checked.
+
+    ``checkpoint`` is loaded with ``config``'s checkpoint settings (:func:`load_for_run`), or given by the Python
+    API, whose tokenizer settings are then ``config``'s ``data_config``.
+    """
+    inference = config.inference
     model = checkpoint.esm2ce() if config.model.model_type == "esm2ce" else checkpoint.model
-    tokenizer = checkpoint.tokenizer(remove_duplicate_genes=inference.remove_duplicate_genes)
+    tokenizer = checkpoint.tokenizer(
+        remove_duplicate_genes=inference.remove_duplicate_genes, **dataclasses.asdict(config.model.data_config)
+    )
+    added = (*ENGINE_OBS_COLUMNS, *task.added_obs_columns())
     with contextlib.ExitStack() as open_files:
-        if inference.reads_soma:
-            files = [open_soma_input(config, tokenizer, scan, open_files)]
+        if data is not None:
+            reader = open_files.enter_context(open_counts(data, inference.use_raw))
+            files = [_input(IN_MEMORY_NAME, reader, [], tokenizer, scan, [], added)]  # results go into its obs
+        elif inference.reads_soma:
+            files = [open_soma_input(config, tokenizer, scan, open_files, added)]
         else:
             files = [
-                open_file_input(Path(name), inference, tokenizer, scan, open_files) for name in inference.data_files
+                open_file_input(Path(name), inference, tokenizer, scan, open_files, added)
+                for name in inference.data_files
             ]
         units = plan_units([len(f.cells) for f in files], inference.chunk_size)
         if not units:
@@ -217,7 +237,7 @@ def prepare(config: RunConfig, device: torch.device, scan: CountScanner = scan_c
         genes, gene_columns = gene_axis(files, len(checkpoint.gene_vocab))
         precision = inference.precision or default_precision(device)  # the batch loop warns about a slow one
         return Session(
-            config, checkpoint, model, device, files, genes, gene_columns, units, precision, open_files.pop_all()
+            config, task, checkpoint, model, device, files, genes, gene_columns, units, precision, open_files.pop_all()
         )
 
 
@@ -227,16 +247,21 @@ def open_file_input(
     tokenizer: CellTokenizer,
     scan: CountScanner,
     open_files: contextlib.ExitStack,
+    added: Sequence[str],
 ) -> InputFile:
-    """An input file, open (until ``open_files`` closes) and checked."""
+    """An input file, open (until ``open_files`` closes) and checked; ``added``: the obs columns the output adds."""
     reader = open_files.enter_context(open_counts(path, inference.use_raw))
     stat = path.stat()
     identity = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
-    return _input(str(path), reader, inference.obs_keys, tokenizer, scan, identity)
+    return _input(str(path), reader, inference.obs_keys, tokenizer, scan, identity, added)
 
 
 def open_soma_input(
-    config: RunConfig, tokenizer: CellTokenizer, scan: CountScanner, open_files: contextlib.ExitStack
+    config: RunConfig,
+    tokenizer: CellTokenizer,
+    scan: CountScanner,
+    open_files: contextlib.ExitStack,
+    added: Sequence[str],
 ) -> InputFile:
     """The cells of the SOMA experiment that the run's query selects, open and checked.
 
@@ -261,14 +286,20 @@ def open_soma_input(
     )
     open_files.enter_context(reader)
     identity = [reader.experiment_uri, reader.n_obs, reader.query_sha256]
-    return _input(reader.source, reader, obs_keys, tokenizer, scan, identity)
+    return _input(reader.source, reader, obs_keys, tokenizer, scan, identity, added)
 
 
 def _input(
-    name: str, reader: CountReader, obs_keys: list[str], tokenizer: CellTokenizer, scan: CountScanner, identity: list
+    name: str,
+    reader: CountReader,
+    obs_keys: list[str],
+    tokenizer: CellTokenizer,
+    scan: CountScanner,
+    identity: list,
+    added: Sequence[str],
 ) -> InputFile:
     """The input ``name`` of ``reader``: its obs columns chosen, its genes matched, its counts checked (``scan``)."""
-    obs = select_obs(reader.obs, obs_keys, name)
+    obs = select_obs(reader.obs, obs_keys, name, added)
     if isinstance(reader, SomaReader):
         obs[JOINID] = reader.joinids
     cells = tokenizer.prepare(reader, scan)
@@ -277,14 +308,14 @@ def _input(
     return InputFile(name, cells, obs, identity)
 
 
-def select_obs(obs: pd.DataFrame, keys: Sequence[str], path: Path | str) -> pd.DataFrame:
-    """The requested obs columns (all for ``["all"]``), with the original obs_names."""
+def select_obs(obs: pd.DataFrame, keys: Sequence[str], path: Path | str, added: Sequence[str]) -> pd.DataFrame:
+    """The requested obs columns (all for ``["all"]``), with the original obs_names; none may be in ``added``."""
     if list(keys) == [ALL_OBS_KEYS]:
         keys = list(obs.columns)
     missing = [k for k in keys if k not in obs.columns]
     if missing:
         raise KeyError(f"{path}: obs has no column(s) {missing} (columns: {list(obs.columns)})")
-    clashing = [k for k in keys if k in ADDED_OBS_COLUMNS]
+    clashing = [k for k in keys if k in added]
     if clashing:
         raise ValueError(
             f"{path}: obs column(s) {clashing} would be overwritten by the output's; choose others with --obs-keys"

@@ -1,0 +1,305 @@
+"""Run a task over cells: from files to one ``.h5ad`` (:func:`run_task`), or in memory (:func:`run_in_memory`).
+
+Each process of :func:`run_task` (one, or one per GPU, see :mod:`~transcriptformer.engine.distributed`):
+
+1. prepares its :class:`~transcriptformer.engine.session.Session`: the task, the model, the open inputs, the work
+   units;
+2. runs its units (unit ``k`` goes to process ``k mod N``) through the task
+   (:meth:`Task.run_unit <transcriptformer.engine.task.Task.run_unit>`, by default the batch loop) and saves each
+   unit's outputs as soon as it is done (:mod:`~transcriptformer.engine.parts`);
+3. rank 0 merges the units in input order, lets the task finish the obs of all cells, writes the ``.h5ad``
+   atomically (:mod:`~transcriptformer.engine.output`), prints a summary (:mod:`~transcriptformer.engine.report`;
+   not under ``--quiet``), ``Output: <path>`` and the task's lines (:meth:`Task.describe`).
+
+The process the user started (rank 0 under torchrun) holds the output for the whole run
+(:func:`~transcriptformer.engine.output.claim_output`): its location is checked before anything is loaded, a
+second run on the same output fails at once, and temporary files of runs killed while writing it are removed.
+
+A cell's outputs depend on the cell alone: not on its batch mates, the batch size, or which process ran it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from transcriptformer.checkpoint import Checkpoint
+from transcriptformer.console import progress_bar, say
+from transcriptformer.engine import distributed, parts
+from transcriptformer.engine.config import RunConfig
+from transcriptformer.engine.distributed import Rank
+from transcriptformer.engine.output import (
+    claim_output,
+    concat_frames,
+    concat_var,
+    remove_stale_temporaries,
+    write_output,
+)
+from transcriptformer.engine.report import (
+    counted,
+    describe_source,
+    embedding_info,
+    format_plan,
+    format_summary,
+    run_metadata,
+)
+from transcriptformer.engine.session import (
+    SOURCE_FILE_COLUMN,
+    Session,
+    WorkUnit,
+    open_session,
+    output_file_of,
+    prepare,
+    read_units,
+)
+from transcriptformer.engine.soma_output import claim_soma_output, local_path, write_soma_embeddings
+from transcriptformer.engine.task import Task
+from transcriptformer.errors import UserError
+from transcriptformer.model.outputs import OUTPUTS
+from transcriptformer.pipeline import GeneOutputs, MemoryLimit
+from transcriptformer.runtime import resolve_device, use_cpu_threads
+
+
+def process_units(session: Session, units: Sequence[WorkUnit], rank: Rank) -> None:
+    """Run ``units`` through the session's task and save each one's outputs, in input order, as soon as it is done.
+
+    With ``resume``, units whose outputs are already saved are skipped.
+    """
+    units = parts.units_to_run(session, list(units))
+    limit = MemoryLimit()  # lowered by an out-of-memory error, for the rest of the run
+    n_cells = sum(unit.stop - unit.start for unit in units)
+    description = f"rank {rank.rank}" if rank.world_size > 1 else session.task.name
+    with progress_bar(total=n_cells, unit="cell", desc=description, position=rank.rank, disable=None, delay=1) as bar:
+        for unit, cells in read_units(session, units):
+            outputs = session.task.run_unit(session, cells, bar.update, limit)
+            parts.save_part(outputs, parts.part_file(session, unit))
+
+
+def merge_and_write(session: Session, world_size: int) -> tuple[list[str], dict]:
+    """Merge every unit's outputs in input order into the outputs (the ``.h5ad``, the SOMA array, or both).
+
+    The task finishes the obs of every cell (:meth:`Task.finish`) in the ``.h5ad``'s one atomic write
+    (:func:`~transcriptformer.engine.output.write_output`). A failed write (a full disk) leaves an existing output
+    as it was and the units resumable.
+
+    Returns
+    -------
+    written, uns
+        Where the outputs are, and the uns entries that the task added.
+    """
+    inference = session.config.inference
+    written, added = [], {}
+    if inference.writes_h5ad:
+        added = write_h5ad(session, world_size)
+        written.append(str(session.output_file.resolve()))
+    if inference.writes_soma:
+        write_soma(session)
+        local = local_path(inference.output_soma)
+        written.append(str(local.resolve()) if local else inference.output_soma)
+    return written, added
+
+
+def write_h5ad(session: Session, world_size: int) -> dict:
+    """Write the ``.h5ad`` from the saved units, one unit in memory at a time; returns the task's uns entries."""
+    obs = concat_frames([f.obs for f in session.files])
+    obs.index = obs.index.astype(str)  # a SOMA experiment without obs_id names its cells by joinid
+    obs[SOURCE_FILE_COLUMN] = pd.Categorical(obs[SOURCE_FILE_COLUMN], categories=[f.name for f in session.files])
+    chunks = (parts.load_part(parts.part_file(session, unit)) for unit in session.units)
+    metadata = run_metadata(session, world_size)
+    var = concat_var([f.var for f in session.files], session.genes)
+    added = {}
+
+    def finish(obs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+        obs, uns = session.task.finish(obs)
+        added.update(uns)
+        return obs, uns
+
+    try:
+        write_output(session.output_file, obs, var, chunks, metadata, session.config.inference.overwrite, finish)
+    except OSError as error:
+        raise parts.write_failed(session.output_file, error, parts.parts_dir(session)) from error
+    return added
+
+
+def write_soma(session: Session) -> None:
+    """Write the cell embeddings into the SOMA array ``output_soma`` from the saved units, a few at a time."""
+    uri = session.config.inference.output_soma
+    chunks = (
+        (session.unit_joinids(unit), parts.load_part(parts.part_file(session, unit)).cell_values["embeddings"])
+        for unit in session.units
+    )
+    first = next(chunks)
+    n_rows = int(session.files[0].cells.reader.joinids[-1]) + 1
+    try:
+        write_soma_embeddings(uri, itertools.chain([first], chunks), n_rows, first[1].shape[1], embedding_info(session))
+    except OSError as error:
+        fix = "free disk space" if local_path(uri) else "remove what was written there, check the storage's access"
+        raise parts.write_failed(uri, error, parts.parts_dir(session), fix) from error
+
+
+def run_worker(rank: Rank, init_method: str | None, task: Task, config: RunConfig, started: float) -> None:
+    """Everything one process does: prepare, run its units, and (rank 0) merge, write and report.
+
+    ``started`` is the run's start (``time.time()``), for the summary.
+    """
+    device = distributed.device_of(rank, resolve_device(config.inference.device))
+    threads = use_cpu_threads(reserved=config.inference.n_data_workers, processes=rank.world_size)
+    with (
+        distributed.process_group(rank, init_method),
+        prepare(config, device, task, distributed.shared_scan(rank)) as session,
+    ):
+        if rank.is_main:
+            say(
+                f"Running {session.n_cells} cells from {describe_source(session)} on {device.type} "
+                f"({counted(rank.world_size, 'process')}, {counted(threads, 'CPU thread')}"
+                f"{' each' if rank.world_size > 1 else ''}), precision {session.precision}"
+            )
+            done = parts.open_parts_dir(session)
+            if done:
+                say(f"Resuming: {done} of {len(session.units)} units were already done")
+        distributed.barrier(rank)
+        try:
+            process_units(session, session.units[rank.rank :: rank.world_size], rank)
+            distributed.barrier(rank)
+        except (UserError, ValueError, KeyError):
+            raise  # the message says what to do; the same run resumed would fail the same way
+        except BaseException:
+            if rank.is_main:
+                print(
+                    f"Interrupted: finished units are kept in {parts.parts_dir(session)}; rerun with --resume",
+                    flush=True,
+                )
+            raise
+        if rank.is_main:
+            written, added = merge_and_write(session, rank.world_size)
+            shutil.rmtree(parts.parts_dir(session))
+            say(format_summary(session, rank.world_size, time.time() - started))
+            for output in written:
+                print(f"Output: {output}", flush=True)
+            for line in task.describe(added):
+                print(line, flush=True)
+
+
+def run_task(task: Task, config: RunConfig, *, dry_run: bool = False) -> Path:
+    """Run ``task`` over the inputs of ``config`` and return the output file's path (``output_format`` soma: its place).
+
+    Parameters
+    ----------
+    task
+        The job (:class:`~transcriptformer.engine.task.Task`); checked against ``config`` before anything is loaded.
+    config
+        Every setting of the run; see :class:`~transcriptformer.engine.config.RunConfig`.
+    dry_run
+        Check the checkpoint, the inputs and their overlap with the vocabulary, print the plan, write nothing.
+
+    Notes
+    -----
+    Under torchrun each process runs its share; otherwise ``num_gpus`` > 1 spawns that many processes.
+    """
+    started = time.time()
+    task.check(config)
+    device = resolve_device(config.inference.device)
+    launched = distributed.torchrun_rank()
+    world_size = launched.world_size if launched else distributed.resolve_world_size(device, config.inference.num_gpus)
+    if dry_run:
+        with prepare(config, device, task) as session:
+            print(format_plan(session, world_size))
+        return output_file_of(config)
+    path = output_file_of(config)
+    if launched and not launched.is_main:  # rank 0 holds the output
+        run_worker(launched, "env://", task, config, started)
+        return path
+    inference = config.inference
+    with claim_output(path, inference.overwrite, writes=inference.writes_h5ad), contextlib.ExitStack() as claims:
+        if inference.writes_soma:
+            claims.enter_context(claim_soma_output(inference.output_soma, inference.overwrite))
+        for stale in remove_stale_temporaries(path):
+            print(f"Removed {stale}, left by a run killed while writing the output", flush=True)
+        if launched:
+            run_worker(launched, "env://", task, config, started)
+        elif world_size > 1:
+            distributed.spawn(run_worker, world_size, task, config, started)
+        else:
+            run_worker(Rank(), None, task, config, started)
+    return path
+
+
+@dataclass
+class MemoryResult:
+    """What :func:`run_in_memory` computed, for the Python API to place into the user's AnnData.
+
+    Attributes
+    ----------
+    obs : DataFrame
+        One row per cell kept, in input order, index the cells' names: the per-cell numbers, then the task's
+        columns (:meth:`Task.finish`); no input column.
+    outputs : GeneOutputs
+        Every cell's outputs; per-gene outputs on the input's matched genes, column ``i`` being the input's var
+        row ``var_rows[i]``.
+    uns : dict
+        The entries that the task added.
+    var_rows : ndarray
+        Position of each matched gene among the var of the counts read (``adata.raw.var`` when ``from_raw``).
+    genes_read : Index
+        The var names of the matched genes, in the order of the per-gene outputs' columns.
+    from_raw : bool
+        Whether the counts came from ``adata.raw`` (whose var is not ``adata.var``).
+    """
+
+    obs: pd.DataFrame
+    outputs: GeneOutputs
+    uns: dict
+    var_rows: np.ndarray
+    genes_read: pd.Index
+    from_raw: bool
+
+
+def run_in_memory(
+    task: Task,
+    checkpoint: Checkpoint,
+    data: ad.AnnData | str | Path,
+    config: RunConfig,
+    device: torch.device,
+) -> MemoryResult:
+    """Run ``task`` over the cells of ``data`` in this process, without files: the engine of the Python API.
+
+    The same task methods run as in :func:`run_task`, in the same order, on the same units of ``chunk_size``
+    cells; nothing is written, the output lock and resume do not apply.
+
+    Parameters
+    ----------
+    task
+        The job.
+    checkpoint
+        Loaded with its adapters and gene embeddings (``config``'s ``model`` section says how to tokenize).
+    data
+        An AnnData (only read here), or the path of a ``.h5ad``, ``.zarr`` or 10x ``.h5`` file.
+    config
+        The run's settings; its input and output settings are not used.
+    device
+        Where the model is.
+    """
+    task.check(config)
+    with open_session(config, checkpoint, device, task, data=data) as session:
+        limit = MemoryLimit()
+        units = read_units(session, session.units)
+        chunks = [task.run_unit(session, cells, lambda n: None, limit) for _, cells in units]
+        outputs = GeneOutputs.concat(chunks)
+        obs = pd.DataFrame(index=session.files[0].obs.index.astype(str))
+        for key, spec in OUTPUTS.items():  # in the order of OUTPUTS
+            if spec.anndata == "obs" and key in outputs.cell_values:
+                obs[key] = outputs.cell_values[key]
+        obs, uns = task.finish(obs)
+        reader, var_rows = session.files[0].cells.reader, np.asarray(session.files[0].cells.selection.columns)
+        from_raw = isinstance(data, ad.AnnData) and reader.var is not data.var
+    return MemoryResult(obs, outputs, uns, var_rows, reader.var.index[var_rows], from_raw)

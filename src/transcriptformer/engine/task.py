@@ -1,0 +1,138 @@
+"""What a job tells the engine: the :class:`Task` protocol, and :class:`BatchLoopTask`, its usual implementation.
+
+The engine (:func:`~transcriptformer.engine.run.run_task` for files, :func:`~transcriptformer.engine.run.run_in_memory`
+for the Python API) owns everything a job shares: reading and streaming cells, the batch loop, precision, device
+and CPU threads, work units, resume, several processes, the output lock and the atomic writers. A task owns what
+makes its job: its settings, the outputs it asks of the model, the checks of its settings against the run, how it
+turns a unit of cells into outputs, the obs columns it adds and how it finishes once every cell is done. The
+engine calls a task's methods and never imports a task module or names one of its columns.
+
+The engine calls, in this order (every process runs steps 3-4 for its units; rank 0 alone runs 5-6)::
+
+    1. task.check(config)                    before anything is loaded: settings against the run's
+    2. task.added_obs_columns()              while opening the inputs: input obs columns of these names are an error
+    3. task.output_keys(config)              the model outputs of each unit's batch loop
+    4. task.run_unit(session, cells, ...)    per work unit: its outputs, saved at once (resume)
+    5. task.finish(obs)                      obs of every cell, per-cell numbers included: the obs to write and
+                                             the uns entries to add, in the output's one atomic write
+    6. task.describe(uns)                    lines printed after the output's path
+
+In memory (the Python API), steps 1-5 run in the calling process, on the same units, and
+``task.write_into(adata, result)`` stores the results in the user's AnnData instead of step 6.
+
+A task is a picklable object (a dataclass): several processes each get a copy. Its ``settings`` (a dataclass)
+are part of the run's description, so a resumed run with other task settings is refused, and are recorded in
+``uns["transcriptformer"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # a task module is imported by the command line before torch: the heavy imports wait for a run
+    import anndata as ad
+    import pandas as pd
+
+    from transcriptformer.data.tokenize import TokenizedCells
+    from transcriptformer.engine.config import RunConfig
+    from transcriptformer.engine.run import MemoryResult
+    from transcriptformer.engine.session import Session
+    from transcriptformer.pipeline import GeneOutputs, MemoryLimit
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A job the engine runs; see the module docstring for when each method is called.
+
+    Attributes
+    ----------
+    name : str
+        The job's name (``"inference"``, ``"score"``): in progress bars, the run's description and its metadata.
+    settings : dataclass or None
+        The job's own settings (not those of the run, which are the engine's
+        :class:`~transcriptformer.engine.config.RunConfig`).
+    """
+
+    name: str
+    settings: Any
+
+    def check(self, config: RunConfig) -> None:
+        """Raise a ``ValueError`` naming the setting to change when the run cannot do this job."""
+
+    def output_keys(self, config: RunConfig) -> tuple[str, ...]:
+        """The model outputs (:data:`~transcriptformer.model.outputs.OUTPUT_KEYS`) that each unit computes."""
+
+    def added_obs_columns(self) -> tuple[str, ...]:
+        """Obs columns the task writes besides the model's per-cell outputs."""
+
+    def run_unit(
+        self, session: Session, cells: TokenizedCells, on_batch: Callable[[int], object], limit: MemoryLimit
+    ) -> GeneOutputs:
+        """The outputs of one unit's cells, one row per cell in their order, per-gene outputs on the gene axis."""
+
+    def finish(self, obs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+        """The obs to write and the uns entries to add, given the obs of every cell with its per-cell numbers."""
+
+    def describe(self, uns: dict) -> list[str]:
+        """Lines printed after the output's path, from the uns entries that :meth:`finish` added."""
+
+    def write_into(self, adata: ad.AnnData, result: MemoryResult) -> None:
+        """Store an in-memory run's results in the user's AnnData (the Python API; scvi-tools style)."""
+
+
+@dataclasses.dataclass
+class BatchLoopTask:
+    """A task whose outputs are the batch loop's outputs of the run's ``output_keys``, one row per cell.
+
+    Subclasses override what their job changes (score: :meth:`check`, :meth:`added_obs_columns`, :meth:`finish`,
+    :meth:`describe`).
+    """
+
+    name: str = "inference"
+    settings: Any = None
+
+    def check(self, config: RunConfig) -> None:
+        """Nothing to check beyond the run's own settings."""
+
+    def output_keys(self, config: RunConfig) -> tuple[str, ...]:
+        """The run's ``output_keys``."""
+        return tuple(config.inference.output_keys)
+
+    def added_obs_columns(self) -> tuple[str, ...]:
+        """None."""
+        return ()
+
+    def run_unit(
+        self, session: Session, cells: TokenizedCells, on_batch: Callable[[int], object], limit: MemoryLimit
+    ) -> GeneOutputs:
+        """The batch loop (:func:`~transcriptformer.pipeline.predict_gene_outputs`) over the unit's cells."""
+        from transcriptformer.pipeline import predict_gene_outputs
+
+        settings = dataclasses.replace(
+            session.config.inference.predict_settings, output_keys=self.output_keys(session.config)
+        )
+        return predict_gene_outputs(
+            session.model, cells, settings, session.device, session.gene_columns, on_batch=on_batch, limit=limit
+        )
+
+    def finish(self, obs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+        """Obs as it is, no uns entry."""
+        return obs, {}
+
+    def describe(self, uns: dict) -> list[str]:
+        """No line."""
+        return []
+
+    def write_into(self, adata: ad.AnnData, result: MemoryResult) -> None:
+        """The obs columns and uns entries of ``result``; a task with array outputs places them itself."""
+        for column in result.obs.columns:
+            adata.obs[column] = result.obs[column].to_numpy()
+        adata.uns.update(result.uns)
+
+
+def task_description(task: Task) -> dict:
+    """The task's name and settings as plain values: part of a run's description and metadata."""
+    settings = task.settings
+    return {"name": task.name, "settings": dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else {}}
