@@ -4,6 +4,8 @@ Real cells throughout: the bundled demo model (``models/demo-mouse-brain``) with
 was not trained on, and the reference checkpoint with the original implementation's outputs (``expected.npz``).
 """
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import anndata as ad
@@ -17,10 +19,13 @@ from scipy.stats import norm
 import transcriptformer
 from conftest import DATA_DIR, assert_no_output
 from test_user_errors import assert_one_line_error, run_cli
-from transcriptformer.cli import main
+from transcriptformer.cli import build_parser, main
+from transcriptformer.cli.common import run_config_from_args
+from transcriptformer.engine.parts import open_parts_dir, part_file
+from transcriptformer.engine.session import prepare
 from transcriptformer.model.likelihood import gene_cross_entropy, zero_truncated_poisson_nll
 from transcriptformer.model.outputs import SCORE_KEYS, end_target_position
-from transcriptformer.tasks.score import CELL_SCORE_KEYS, QC_KEY, flag_outliers
+from transcriptformer.tasks.score import CELL_SCORE_KEYS, QC_KEY, ScoreConfig, ScoreTask, flag_outliers
 
 DEMO_MODEL = DATA_DIR.parent.parent / "models" / "demo-mouse-brain"
 HELDOUT = DATA_DIR / "demo_mouse_brain_heldout.h5ad"
@@ -294,3 +299,32 @@ def test_the_dry_run_writes_nothing(capsys, tmp_path):
     )
     assert f"Outputs: {', '.join(SCORE_KEYS)}" in capsys.readouterr().out
     assert_no_output(out)
+
+
+def test_resume_refuses_a_run_with_another_outlier_threshold(capsys, tmp_path):
+    """The task's settings are part of the run's description: a resumed run with another rule is refused."""
+    out = tmp_path / "out"
+    args = [
+        "score",
+        "--checkpoint-path",
+        DEMO_MODEL,
+        "--data-file",
+        HELDOUT,
+        "--output-path",
+        out,
+        "--chunk-size",
+        "40",
+    ]
+    parsed = build_parser(["score"]).parse_args([str(a) for a in args])
+    with prepare(run_config_from_args(parsed), torch.device("cpu"), ScoreTask()) as session:  # an interrupted run
+        open_parts_dir(session)
+        interrupted = part_file(session, session.units[0]).parent
+    code, err = run_cli(capsys, *args, "--resume", "--outlier-threshold", "5")
+    assert_one_line_error(code, err, "score", "had other settings", "task settings.outlier_threshold")
+    assert not (out / "scores.h5ad").exists() and interrupted.is_dir()  # kept for a resume with its settings
+
+    code, err = run_cli(capsys, *args, "--resume", "--outlier-threshold", str(ScoreConfig.outlier_threshold))
+    assert code == 0, err
+    written = ad.read_h5ad(out / "scores.h5ad")
+    assert written.uns[QC_KEY]["threshold"] == ScoreConfig.outlier_threshold
+    assert json.loads(written.uns["transcriptformer"]["task"]) == {"name": "score", "settings": asdict(ScoreConfig())}
