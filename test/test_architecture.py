@@ -108,6 +108,35 @@ def test_no_module_imports_from_a_higher_layer(path):
         assert layer(imported) <= layer(importer), f"{importer} (layer {layer(importer)}) imports {imported}"
 
 
+# The commands that run through the engine (transcriptformer.engine.run.run_task), each with the task it runs.
+ENGINE_COMMANDS = {"inference": "EmbedTask", "score": "ScoreTask"}
+
+
+@pytest.mark.parametrize("command", sorted(ENGINE_COMMANDS))
+def test_commands_run_their_task_through_the_engine(command):
+    imported = package_imports(MODULES[f"transcriptformer.cli.{command}"])
+    assert "transcriptformer.engine.run.run_task" in imported, command
+    assert any(name.endswith(f".{ENGINE_COMMANDS[command]}") for name in imported), command
+
+
+def test_the_engine_names_no_column_or_key_of_a_task():
+    from transcriptformer.tasks import score
+
+    names = {*score.ScoreTask().added_obs_columns(), score.QC_KEY, score.GENE_SCORE_KEY}
+    for module, path in MODULES.items():
+        if module.startswith("transcriptformer.engine"):
+            text = path.read_text()
+            assert not [name for name in names if f'"{name}"' in text], module
+
+
+def test_the_api_and_the_command_line_hold_no_batch_loop():
+    """Jobs run through the tasks; only TranscriptFormerModel.predict returns the batch loop's raw outputs."""
+    for module, path in MODULES.items():
+        if module == "transcriptformer.api" or module.startswith("transcriptformer.cli"):
+            loops = {name for name in package_imports(path) if name.startswith("transcriptformer.pipeline.predict_")}
+            assert loops <= {"transcriptformer.pipeline.predict_positions"}, module
+
+
 def test_command_modules_share_helpers_only_through_cli_common():
     for module, path in MODULES.items():
         if module.startswith("transcriptformer.cli.") and module != "transcriptformer.cli.common":
