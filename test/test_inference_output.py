@@ -15,6 +15,7 @@ from transcriptformer.config import PredictSettings
 from transcriptformer.engine import contextual_embeddings
 from transcriptformer.engine.output import concat_frames, write_output
 from transcriptformer.engine.parts import load_part, save_part
+from transcriptformer.engine.task import Part
 from transcriptformer.model.outputs import MAIN_MATRIX_ORDER, OUTPUT_KEYS, OUTPUTS, end_target_position
 from transcriptformer.pipeline import GeneOutputs, predict_gene_outputs
 
@@ -78,9 +79,29 @@ def test_the_end_target_position_holds_no_gene_llh(reference_model, reference_in
 
 
 def test_chunk_file_round_trip(chunk, tmp_path):
-    save_part(chunk, tmp_path / "unit.npz")
+    save_part(Part(chunk), tmp_path / "unit.npz")
     assert [p.name for p in tmp_path.iterdir()] == ["unit.npz"]
-    assert_equal_chunks(load_part(tmp_path / "unit.npz"), chunk)
+    loaded = load_part(tmp_path / "unit.npz")
+    assert_equal_chunks(loaded.outputs, chunk)
+    assert loaded.obs is None
+
+
+def test_a_part_with_rows_of_its_own_keeps_them_without_pickling(chunk, tmp_path):
+    rows = pd.DataFrame(
+        {"perturbation": [f"KO G{i % 3}" for i in range(10)], "dose": np.arange(10.0), "kept": np.arange(10) % 2 == 0},
+        index=[f"cell{i}/p" for i in range(10)],
+    )
+    labels = np.array([f"type {i}" for i in range(10)], dtype=object)  # a per-row string beyond the model's outputs
+    outputs = GeneOutputs(chunk.n_cells, chunk.cell_values | {"label": labels}, chunk.gene_values, chunk.cge)
+    save_part(Part(outputs, rows), tmp_path / "unit.npz")
+    with np.load(tmp_path / "unit.npz", allow_pickle=False) as npz:  # every member reads without unpickling
+        assert all(npz[name].dtype.kind != "O" for name in npz.files)
+    loaded = load_part(tmp_path / "unit.npz")
+    pd.testing.assert_frame_equal(loaded.obs, rows)
+    assert_equal_chunks(loaded.outputs, outputs)
+    rows["owner"] = [object()] * 10
+    with pytest.raises(TypeError, match="obs column owner: a saved unit holds numbers, booleans or strings"):
+        save_part(Part(outputs, rows), tmp_path / "other.npz")
 
 
 def test_reordering_and_stacking(chunk):

@@ -180,7 +180,7 @@ def test_a_run_keeps_the_lowered_batch_size_for_its_later_units(reference_dir, r
         messages = [str(w.message) for w in caught if "out of memory" in str(w.message)]
         assert len(messages) == 1 and "continuing with --batch-size 8" in messages[0]
         for unit in session.units:
-            saved = load_part(part_file(session, unit)).cell_values["embeddings"]
+            saved = load_part(part_file(session, unit)).outputs.cell_values["embeddings"]
             desired = normal_run["embeddings"][unit.start : unit.stop]
             np.testing.assert_allclose(saved, desired, rtol=1e-5, atol=1e-6 * np.abs(desired).max())
 

@@ -132,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
     """Generate and write the cells; print the output's path."""
     from transcriptformer.checkpoint import load_checkpoint
     from transcriptformer.console import say
-    from transcriptformer.generation import generate
     from transcriptformer.engine.output import claim_output, write_anndata
+    from transcriptformer.generation import generate
     from transcriptformer.runtime import resolve_device, use_cpu_threads
 
     settings, aux = settings_from_args(args), parse_aux(args.aux)

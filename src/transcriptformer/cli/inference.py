@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 
 from transcriptformer.cli.common import add_run_arguments, run_config_from_args
-from transcriptformer.errors import UserError
 from transcriptformer.engine.config import (
     EMB_TYPES,
     MODEL_TYPES,
@@ -18,6 +17,7 @@ from transcriptformer.engine.config import (
     ModelSection,
     RunConfig,
 )
+from transcriptformer.errors import UserError
 
 EXAMPLES = """\
 examples:

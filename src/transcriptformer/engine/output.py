@@ -56,6 +56,13 @@ TEMPORARY_SUFFIX = ".tmp.h5ad"
 ObsFinisher = Callable[[pd.DataFrame], tuple[pd.DataFrame, dict]]
 
 
+def row_slot(key: str, values: np.ndarray) -> str:
+    """Where per-row values go: a model output's AnnData slot (``OUTPUTS``), else obs (a value a row) or obsm."""
+    if key in OUTPUTS:
+        return OUTPUTS[key].anndata
+    return "obs" if values.ndim == 1 else "obsm"
+
+
 def concat_frames(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
     """Stack the obs (or var) of several files (original index, all columns), in a form that ``.h5ad`` can store.
 
@@ -347,7 +354,7 @@ class _OutputWriter:
         if rows.stop > self.n_cells:
             raise ValueError(f"more cells of outputs than the {self.n_cells} rows of obs")
         for key, values in chunk.cell_values.items():
-            if OUTPUTS[key].anndata == "obs":
+            if row_slot(key, values) == "obs":
                 self.obs_values.setdefault(key, []).append(values)
             else:
                 self._dataset(self.file["obsm"], key, (self.n_cells, *values.shape[1:]), values.dtype)[rows] = values

@@ -16,17 +16,19 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from transcriptformer.checkpoint import WEIGHTS_FILE
 from transcriptformer.engine.session import Session, WorkUnit
-from transcriptformer.engine.task import task_description
+from transcriptformer.engine.task import Part, task_description
 from transcriptformer.errors import UserError
 from transcriptformer.model.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from transcriptformer.pipeline import GeneOutputs
 from transcriptformer.safe_load import load_npz, sha256_of
 
 MANIFEST = "run.json"
+OBS_INDEX = "obs_index"  # the row names of a part with rows of its own (Part.obs)
 # Settings that change how a run is carried out but not its results; a resumed run may change them.
 RESUMABLE_CHANGES = (
     "overwrite",
@@ -49,8 +51,12 @@ def part_file(session: Session, unit: WorkUnit) -> Path:
     return parts_dir(session) / f"unit-{unit.index:06d}.npz"
 
 
-def save_part(outputs: GeneOutputs, path: Path) -> None:
-    """Write a unit's outputs to an ``.npz`` file, through a hidden temporary name: a partial file never exists."""
+def save_part(part: Part, path: Path) -> None:
+    """Write a unit's outputs to an ``.npz`` file, through a hidden temporary name: a partial file never exists.
+
+    Strings are stored as fixed-width unicode arrays, so that the file is read without unpickling anything.
+    """
+    outputs = part.outputs
     arrays = {"n_cells": np.array(outputs.n_cells)}
     arrays |= {f"cell/{k}": v for k, v in outputs.cell_values.items()}
     for key, matrix in outputs.gene_values.items():
@@ -61,6 +67,10 @@ def save_part(outputs: GeneOutputs, path: Path) -> None:
             f"gene/{key}/shape": np.array(matrix.shape),
         }
     arrays |= {f"cge/{k}": v for k, v in outputs.cge.items()}
+    arrays = {name: _storable(values, name) for name, values in arrays.items()}
+    if part.obs is not None:
+        arrays |= {OBS_INDEX: _storable(part.obs.index.to_numpy(), "obs index")}
+        arrays |= {f"obs/{c}": _storable(part.obs[c].to_numpy(), f"obs column {c}") for c in part.obs.columns}
     temporary = path.with_name(f".{path.name}.tmp")
     try:
         with open(temporary, "wb") as f:
@@ -83,17 +93,33 @@ def write_failed(target: Path | str, error: OSError, folder: Path, fix: str = "f
 DAMAGED_PART_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)
 
 
-def load_part(path: Path) -> GeneOutputs:
+def _storable(values: np.ndarray, name: str) -> np.ndarray:
+    """``values`` as an array that ``.npz`` stores without pickling: strings (objects) as a unicode array."""
+    values = np.asarray(values)
+    if values.dtype.kind != "O":
+        return values
+    if not all(isinstance(v, str) for v in values.ravel()):
+        raise TypeError(f"{name}: a saved unit holds numbers, booleans or strings, not Python objects")
+    return values.astype(str)
+
+
+def load_part(path: Path) -> Part:
     """Read a file written by :func:`save_part` (no pickled objects are accepted)."""
     fix = "delete it and rerun with --resume (only its cells are computed again)"
     arrays = load_npz(path, what="a saved unit of the interrupted run", fix=fix)
+    obs = None
+    if OBS_INDEX in arrays:
+        index = pd.Index(arrays.pop(OBS_INDEX).astype(object))
+        columns = {name[len("obs/") :]: arrays.pop(name) for name in list(arrays) if name.startswith("obs/")}
+        obs = pd.DataFrame({c: v.astype(object) if v.dtype.kind == "U" else v for c, v in columns.items()}, index=index)
     outputs = GeneOutputs(n_cells=int(arrays.pop("n_cells")))
     outputs.cell_values = {name[len("cell/") :]: v for name, v in arrays.items() if name.startswith("cell/")}
     outputs.cge = {name[len("cge/") :]: v for name, v in arrays.items() if name.startswith("cge/")}
     for key in {name.split("/")[1] for name in arrays if name.startswith("gene/")}:
         parts = [arrays[f"gene/{key}/{p}"] for p in ("data", "indices", "indptr")]
         outputs.gene_values[key] = sp.csr_matrix(tuple(parts), shape=tuple(arrays[f"gene/{key}/shape"]))
-    return outputs
+    outputs.cell_values = {k: v.astype(object) if v.dtype.kind == "U" else v for k, v in outputs.cell_values.items()}
+    return Part(outputs, obs)
 
 
 def damaged_parts_error(described: list[str], folder: Path) -> UserError:
@@ -110,10 +136,10 @@ def _reason(error: BaseException) -> str:
     return str(error.args[0] if isinstance(error, KeyError) and error.args else error) or type(error).__name__
 
 
-def part_problem(path: Path, n_cells: int) -> str | None:
-    """What is wrong with the saved unit ``path`` of ``n_cells`` cells, or ``None``.
+def part_problem(path: Path, n_cells: int | None) -> str | None:
+    """What is wrong with the saved unit ``path`` of ``n_cells`` rows (``None``: rows of its own), or ``None``.
 
-    Reads the file's zip directory and its cell count, not its arrays: a truncated or foreign file is found at once,
+    Reads the file's zip directory and its row count, not its arrays: a truncated or foreign file is found at once,
     a corrupted array when it is merged (:func:`load_part`).
     """
     try:
@@ -121,7 +147,7 @@ def part_problem(path: Path, n_cells: int) -> str | None:
             saved = int(npz["n_cells"])
     except DAMAGED_PART_ERRORS as error:
         return _reason(error)
-    return None if saved == n_cells else f"{saved} cells instead of {n_cells}"
+    return None if n_cells is None or saved == n_cells else f"{saved} cells instead of {n_cells}"
 
 
 def check_saved_parts(session: Session) -> int:
@@ -136,7 +162,7 @@ def check_saved_parts(session: Session) -> int:
     damaged = [
         f"{path.name} ({problem})"
         for unit, path in saved.items()
-        if (problem := part_problem(path, unit.stop - unit.start))
+        if (problem := part_problem(path, unit.stop - unit.start if session.task.rows_are_cells else None))
     ]
     if damaged:
         raise damaged_parts_error(damaged, parts_dir(session))

@@ -43,6 +43,7 @@ from transcriptformer.engine.output import (
     concat_frames,
     concat_var,
     remove_stale_temporaries,
+    row_slot,
     write_output,
 )
 from transcriptformer.engine.report import (
@@ -63,9 +64,8 @@ from transcriptformer.engine.session import (
     read_units,
 )
 from transcriptformer.engine.soma_output import claim_soma_output, local_path, write_soma_embeddings
-from transcriptformer.engine.task import Task
+from transcriptformer.engine.task import Part, Task
 from transcriptformer.errors import UserError
-from transcriptformer.model.outputs import OUTPUTS
 from transcriptformer.pipeline import GeneOutputs, MemoryLimit
 from transcriptformer.runtime import resolve_device, use_cpu_threads
 
@@ -81,8 +81,20 @@ def process_units(session: Session, units: Sequence[WorkUnit], rank: Rank) -> No
     description = f"rank {rank.rank}" if rank.world_size > 1 else session.task.name
     with progress_bar(total=n_cells, unit="cell", desc=description, position=rank.rank, disable=None, delay=1) as bar:
         for unit, cells in read_units(session, units):
-            outputs = session.task.run_unit(session, cells, bar.update, limit)
-            parts.save_part(outputs, parts.part_file(session, unit))
+            part = session.task.run_unit(session, unit, cells, bar.update, limit)
+            check_rows(session.task, unit, part)
+            parts.save_part(part, parts.part_file(session, unit))
+
+
+def check_rows(task: Task, unit: WorkUnit, part: Part) -> None:
+    """Raise a ``ValueError`` when ``part`` does not hold the rows that ``task`` declares (a task's defect)."""
+    if task.rows_are_cells and (part.obs is not None or part.n_rows != unit.stop - unit.start):
+        raise ValueError(
+            f"task {task.name} returned {part.n_rows} rows{' with obs' if part.obs is not None else ''} for the "
+            f"{unit.stop - unit.start} cells of unit {unit.index}, and its rows are the cells"
+        )
+    if not task.rows_are_cells and (part.obs is None or len(part.obs) != part.n_rows):
+        raise ValueError(f"task {task.name} returned a unit without the obs of its {part.n_rows} rows")
 
 
 def merge_and_write(session: Session, world_size: int) -> tuple[list[str], dict]:
@@ -111,10 +123,13 @@ def merge_and_write(session: Session, world_size: int) -> tuple[list[str], dict]
 
 def write_h5ad(session: Session, world_size: int) -> dict:
     """Write the ``.h5ad`` from the saved units, one unit in memory at a time; returns the task's uns entries."""
-    obs = concat_frames([f.obs for f in session.files])
+    if session.task.rows_are_cells:
+        obs = concat_frames([f.obs for f in session.files])
+        obs[SOURCE_FILE_COLUMN] = pd.Categorical(obs[SOURCE_FILE_COLUMN], categories=[f.name for f in session.files])
+    else:  # the rows of the parts: read once for the obs (small), again for the outputs
+        obs = concat_frames([parts.load_part(parts.part_file(session, unit)).obs for unit in session.units])
     obs.index = obs.index.astype(str)  # a SOMA experiment without obs_id names its cells by joinid
-    obs[SOURCE_FILE_COLUMN] = pd.Categorical(obs[SOURCE_FILE_COLUMN], categories=[f.name for f in session.files])
-    chunks = (parts.load_part(parts.part_file(session, unit)) for unit in session.units)
+    chunks = (parts.load_part(parts.part_file(session, unit)).outputs for unit in session.units)
     metadata = run_metadata(session, world_size)
     var = concat_var([f.var for f in session.files], session.genes)
     added = {}
@@ -135,7 +150,7 @@ def write_soma(session: Session) -> None:
     """Write the cell embeddings into the SOMA array ``output_soma`` from the saved units, a few at a time."""
     uri = session.config.inference.output_soma
     chunks = (
-        (session.unit_joinids(unit), parts.load_part(parts.part_file(session, unit)).cell_values["embeddings"])
+        (session.unit_joinids(unit), parts.load_part(parts.part_file(session, unit)).outputs.cell_values["embeddings"])
         for unit in session.units
     )
     first = next(chunks)
@@ -208,6 +223,8 @@ def run_task(task: Task, config: RunConfig, *, dry_run: bool = False) -> Path:
     """
     started = time.time()
     task.check(config)
+    if config.inference.writes_soma and not task.rows_are_cells:
+        raise ValueError(f"output_soma holds a row per input cell, and the rows of task {task.name} are not the cells")
     device = resolve_device(config.inference.device)
     launched = distributed.torchrun_rank()
     world_size = launched.world_size if launched else distributed.resolve_world_size(device, config.inference.num_gpus)
@@ -241,10 +258,11 @@ class MemoryResult:
     Attributes
     ----------
     obs : DataFrame
-        One row per cell kept, in input order, index the cells' names: the per-cell numbers, then the task's
-        columns (:meth:`Task.finish`); no input column.
+        One row per output row (for most tasks: per cell kept, in input order, index the cells' names): the rows'
+        own obs when the task brings it (:class:`~transcriptformer.engine.task.Part`), the per-row numbers, then the
+        task's columns (:meth:`Task.finish`); no input column.
     outputs : GeneOutputs
-        Every cell's outputs; per-gene outputs on the input's matched genes, column ``i`` being the input's var
+        Every row's outputs; per-gene outputs on the input's matched genes, column ``i`` being the input's var
         row ``var_rows[i]``.
     uns : dict
         The entries that the task added.
@@ -292,13 +310,18 @@ def run_in_memory(
     task.check(config)
     with open_session(config, checkpoint, device, task, data=data) as session:
         limit = MemoryLimit()
-        units = read_units(session, session.units)
-        chunks = [task.run_unit(session, cells, lambda n: None, limit) for _, cells in units]
-        outputs = GeneOutputs.concat(chunks)
-        obs = pd.DataFrame(index=session.files[0].obs.index.astype(str))
-        for key, spec in OUTPUTS.items():  # in the order of OUTPUTS
-            if spec.anndata == "obs" and key in outputs.cell_values:
-                obs[key] = outputs.cell_values[key]
+        done = []
+        for unit, cells in read_units(session, session.units):
+            done.append(task.run_unit(session, unit, cells, lambda n: None, limit))
+            check_rows(task, unit, done[-1])
+        outputs = GeneOutputs.concat([part.outputs for part in done])
+        if task.rows_are_cells:
+            obs = pd.DataFrame(index=session.files[0].obs.index.astype(str))
+        else:
+            obs = concat_frames([part.obs for part in done])
+        for key, values in outputs.cell_values.items():
+            if row_slot(key, values) == "obs":
+                obs[key] = values
         obs, uns = task.finish(obs)
         reader, var_rows = session.files[0].cells.reader, np.asarray(session.files[0].cells.selection.columns)
         from_raw = isinstance(data, ad.AnnData) and reader.var is not data.var

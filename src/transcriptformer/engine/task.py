@@ -12,8 +12,8 @@ The engine calls, in this order (every process runs steps 3-4 for its units; ran
     1. task.check(config)                    before anything is loaded: settings against the run's
     2. task.added_obs_columns()              while opening the inputs: input obs columns of these names are an error
     3. task.output_keys(config)              the model outputs of each unit's batch loop
-    4. task.run_unit(session, cells, ...)    per work unit: its outputs, saved at once (resume)
-    5. task.finish(obs)                      obs of every cell, per-cell numbers included: the obs to write and
+    4. task.run_unit(session, unit, cells, ...)  per work unit: its Part, saved at once (resume)
+    5. task.finish(obs)                      obs of every row, per-row numbers included: the obs to write and
                                              the uns entries to add, in the output's one atomic write
     6. task.describe(uns)                    lines printed after the output's path
 
@@ -38,8 +38,33 @@ if TYPE_CHECKING:  # a task module is imported by the command line before torch:
     from transcriptformer.data.tokenize import TokenizedCells
     from transcriptformer.engine.config import RunConfig
     from transcriptformer.engine.run import MemoryResult
-    from transcriptformer.engine.session import Session
+    from transcriptformer.engine.session import Session, WorkUnit
     from transcriptformer.pipeline import GeneOutputs, MemoryLimit
+
+
+@dataclasses.dataclass
+class Part:
+    """The outputs of one work unit, as saved (:mod:`~transcriptformer.engine.parts`) and written.
+
+    Attributes
+    ----------
+    outputs : GeneOutputs
+        One row per output row, ``outputs.n_cells`` rows. ``cell_values`` holds the model's per-cell outputs (their
+        AnnData slot is their entry of :data:`~transcriptformer.model.outputs.OUTPUTS`) and any other per-row array
+        of the task: one value per row goes to obs, a vector per row to obsm (strings, numbers or booleans).
+    obs : DataFrame or None
+        ``None``: the rows are the unit's cells, in order (the output's obs is the inputs'). Otherwise the rows'
+        own obs (index: row names; columns of strings, numbers or booleans), for a task whose rows are not the
+        input cells (:attr:`Task.rows_are_cells` ``False``).
+    """
+
+    outputs: GeneOutputs
+    obs: pd.DataFrame | None = None
+
+    @property
+    def n_rows(self) -> int:
+        """Rows of the part."""
+        return self.outputs.n_cells
 
 
 @runtime_checkable
@@ -53,10 +78,14 @@ class Task(Protocol):
     settings : dataclass or None
         The job's own settings (not those of the run, which are the engine's
         :class:`~transcriptformer.engine.config.RunConfig`).
+    rows_are_cells : bool
+        Whether the output has one row per input cell, in input order (its obs: the inputs'); otherwise each part
+        brings its rows' obs (:class:`Part`), and the output's rows are those of the parts in unit order.
     """
 
     name: str
     settings: Any
+    rows_are_cells: bool
 
     def check(self, config: RunConfig) -> None:
         """Raise a ``ValueError`` naming the setting to change when the run cannot do this job."""
@@ -68,12 +97,22 @@ class Task(Protocol):
         """Obs columns the task writes besides the model's per-cell outputs."""
 
     def run_unit(
-        self, session: Session, cells: TokenizedCells, on_batch: Callable[[int], object], limit: MemoryLimit
-    ) -> GeneOutputs:
-        """The outputs of one unit's cells, one row per cell in their order, per-gene outputs on the gene axis."""
+        self,
+        session: Session,
+        unit: WorkUnit,
+        cells: TokenizedCells,
+        on_batch: Callable[[int], object],
+        limit: MemoryLimit,
+    ) -> Part:
+        """The outputs of one unit's cells (per-gene outputs on the session's gene axis).
+
+        ``on_batch`` takes the number of input cells done (the progress bar); ``limit`` is the batch loop's memory
+        limit, kept across units. ``session.files[unit.file_index].obs.iloc[unit.start:unit.stop]`` is the cells'
+        obs.
+        """
 
     def finish(self, obs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-        """The obs to write and the uns entries to add, given the obs of every cell with its per-cell numbers."""
+        """The obs to write and the uns entries to add, given the obs of every row with its per-row numbers."""
 
     def describe(self, uns: dict) -> list[str]:
         """Lines printed after the output's path, from the uns entries that :meth:`finish` added."""
@@ -92,6 +131,7 @@ class BatchLoopTask:
 
     name: str = "inference"
     settings: Any = None
+    rows_are_cells: bool = True
 
     def check(self, config: RunConfig) -> None:
         """Nothing to check beyond the run's own settings."""
@@ -105,17 +145,23 @@ class BatchLoopTask:
         return ()
 
     def run_unit(
-        self, session: Session, cells: TokenizedCells, on_batch: Callable[[int], object], limit: MemoryLimit
-    ) -> GeneOutputs:
+        self,
+        session: Session,
+        unit: WorkUnit,
+        cells: TokenizedCells,
+        on_batch: Callable[[int], object],
+        limit: MemoryLimit,
+    ) -> Part:
         """The batch loop (:func:`~transcriptformer.pipeline.predict_gene_outputs`) over the unit's cells."""
         from transcriptformer.pipeline import predict_gene_outputs
 
         settings = dataclasses.replace(
             session.config.inference.predict_settings, output_keys=self.output_keys(session.config)
         )
-        return predict_gene_outputs(
+        outputs = predict_gene_outputs(
             session.model, cells, settings, session.device, session.gene_columns, on_batch=on_batch, limit=limit
         )
+        return Part(outputs)
 
     def finish(self, obs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
         """Obs as it is, no uns entry."""
