@@ -1,6 +1,6 @@
 """The engine that runs every job over cells: settings of a run, the task protocol, the run from files and in memory.
 
->>> from transcriptformer.engine import RunConfig, run_task
+>>> from transcriptformer.engine import InferenceConfig, RunConfig, run_task
 >>> from transcriptformer.tasks.embed import EmbedTask
 >>> run_task(EmbedTask(), RunConfig.from_checkpoint("ckpt", InferenceConfig(data_files=["cells.h5ad"])))
 
