@@ -179,7 +179,9 @@ def test_setting_defaults_are_written_once():
     api = inspect.signature(TranscriptFormerModel.predict).parameters
     for name in ("output_keys", "batch_size", "max_tokens", "precision"):
         assert api[name].default == getattr(predict, name), name
-    assert inspect.signature(TranscriptFormerModel.embed).parameters["batch_size"].default == predict.batch_size
+    embed_api = inspect.signature(TranscriptFormerModel.embed).parameters
+    for name in ("batch_size", "max_tokens", "precision"):
+        assert embed_api[name].default == getattr(predict, name), name
     score_api = inspect.signature(TranscriptFormerModel.score).parameters
     for name in ("batch_size", "max_tokens", "precision"):
         assert score_api[name].default == getattr(predict, name), name

@@ -177,6 +177,8 @@ class TranscriptFormerModel:
         *,
         key_added: str | None = EMBEDDING_KEY,
         batch_size: int = PredictSettings.batch_size,
+        max_tokens: int | None = PredictSettings.max_tokens,
+        precision: str | None = PredictSettings.precision,
         **tokenize_kwargs: Any,
     ) -> np.ndarray:
         """Cell embeddings ``(n_cells, E)``, also stored in ``adata.obsm[key_added]`` when given an AnnData.
@@ -192,8 +194,8 @@ class TranscriptFormerModel:
         key_added
             ``obsm`` key of an AnnData's embeddings; ``None`` leaves the AnnData unchanged. A path accepts no
             other key than the default (a file is never written).
-        batch_size
-            Cells per forward pass; results do not depend on it.
+        batch_size, max_tokens, precision
+            As for :meth:`predict`; results do not depend on the first two.
         **tokenize_kwargs
             Passed to :meth:`tokenize`.
 
@@ -208,7 +210,12 @@ class TranscriptFormerModel:
                 "pass anndata.read_h5ad(path) instead, or leave key_added out"
             )
         task = EmbedTask(settings=EmbedConfig(key_added))
-        settings = {"output_keys": ["embeddings"], "batch_size": batch_size}
+        settings = {
+            "output_keys": ["embeddings"],
+            "batch_size": batch_size,
+            "max_tokens": max_tokens,
+            "precision": precision,
+        }
         result = self.run_task(task, data, settings, **tokenize_kwargs)
         if isinstance(data, ad.AnnData) and key_added is not None:
             store_every_cell(data, result, task, f"obsm[{key_added!r}]", "pass key_added=None to get the array only")
