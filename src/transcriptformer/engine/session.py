@@ -223,7 +223,8 @@ def open_session(
     with contextlib.ExitStack() as open_files:
         if data is not None:
             reader = open_files.enter_context(open_counts(data, inference.use_raw))
-            files = [_input(IN_MEMORY_NAME, reader, [], tokenizer, scan, [], added)]  # results go into its obs
+            name = IN_MEMORY_NAME if isinstance(data, ad.AnnData) else str(data)
+            files = [_input(name, reader, [], tokenizer, scan, [], added)]  # no input column: results go into its obs
         elif inference.reads_soma:
             files = [open_soma_input(config, tokenizer, scan, open_files, added)]
         else:
