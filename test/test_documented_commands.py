@@ -104,7 +104,7 @@ def in_process_command(command: str) -> tuple[dict[str, str], list[str]] | None:
     """``(environment, argv)`` of a ``[NAME=value ...] transcriptformer ARGS`` command; ``None`` for any other."""
     if SHELL_SYNTAX & set(command):
         return None
-    words = shlex.split(command, comments=True)
+    words = shlex.split(command.replace("\\\n", ""), comments=True)  # bash drops a backslash-newline
     assignments = list(itertools.takewhile(ASSIGNMENT.match, words))
     words = words[len(assignments) :]
     if not words or words[0] != "transcriptformer":
@@ -180,6 +180,7 @@ def run_in_process(command: InProcess, monkeypatch, capfd) -> tuple[int, str]:
 
 def test_commands_are_split_as_bash_reads_them():
     script = 'a \\\n  --b\npython -c "\nimport x\n"\n# note\nOMP_NUM_THREADS=2 transcriptformer doctor  # 2 threads\n'
+    assert in_process_command("transcriptformer doctor \\\n  --skip-flex\n") == ({}, ["doctor", "--skip-flex"])
     assert steps(script) == [
         'a \\\n  --b\npython -c "\nimport x\n"\n# note\n',
         InProcess({"OMP_NUM_THREADS": "2"}, ["doctor"]),
