@@ -248,6 +248,7 @@ def test_classify_needs_a_classifier(cells):
 
 
 def test_the_seed_style_entry_takes_the_classify_task(cells, tmp_path):
+    # finetune_lora.py in a fresh process, as a user runs it (test_cli_smoke runs it in-process)
     script = DEMO.parent.parent / "finetune_lora.py"
     flags = ["--task", "classify", "--label-key", LABEL, "--devices", "cpu", "--dry-run"]
     command = [sys.executable, str(script), "--checkpoint-path", str(DEMO), "--train-files", str(cells), *flags]
