@@ -190,6 +190,7 @@ def test_processes_killed_and_resumed_give_the_single_process_array(many, tmp_pa
     np.testing.assert_array_equal(embeddings, single_embeddings)
 
 
+@pytest.mark.slow  # three fresh processes (20 s on two busy cores)
 def test_two_processes_write_the_single_process_file(experiment, from_h5ad, tmp_path):
     done = run_command(
         inference(experiment, tmp_path, "--num-gpus", "2", "--chunk-size", "16", "--device", "cpu"), tmp_path
