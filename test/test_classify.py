@@ -106,7 +106,6 @@ def validation_f1(output: Path) -> np.ndarray:
     return pd.read_csv(output / "training_run" / "metrics.csv")["val/macro_f1"].dropna().to_numpy()
 
 
-@pytest.mark.slow  # trains the classifier the next tests share (about 20 s on two cores)
 def test_validation_macro_f1_rises_and_the_best_weights_are_saved(trained, cells, tmp_path):
     output, _ = trained
     f1 = validation_f1(output)
