@@ -1,12 +1,18 @@
 """Shared fixtures: the reference checkpoint and its expected outputs, bundled under test/data."""
 
+import os
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import platformdirs
 import pytest
 
 import transcriptformer
+
+# numba (scanpy's neighbours, UMAP) keeps what it compiles with cache=True in one folder for every test run and
+# every process a test starts, wherever the package is installed. Set before a test module imports numba.
+os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(platformdirs.user_cache_dir("transcriptformer")) / "numba"))
 
 DATA_DIR = Path(__file__).parent / "data"
 REFERENCE_DIR = DATA_DIR / "reference_tiny"

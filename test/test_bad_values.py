@@ -367,7 +367,6 @@ def test_inference_refuses_nan_adapters(cli, nan_adapter, reference_dir, referen
     assert_no_output(tmp_path / "out")
 
 
-@pytest.mark.slow
 def test_finetune_stops_when_the_loss_diverges_and_saves_no_adapters(cli, reference_dir, reference_input, tmp_path):
     args = ["finetune", "--checkpoint-path", reference_dir, "--train-files", reference_input, "--devices", "cpu"]
     output = tmp_path / "adapters"

@@ -106,7 +106,6 @@ def validation_f1(output: Path) -> np.ndarray:
     return pd.read_csv(output / "training_run" / "metrics.csv")["val/macro_f1"].dropna().to_numpy()
 
 
-@pytest.mark.slow  # trains the classifier the next tests share (about 20 s on two cores)
 def test_validation_macro_f1_rises_and_the_best_weights_are_saved(trained, cells, tmp_path):
     output, _ = trained
     f1 = validation_f1(output)
@@ -248,6 +247,7 @@ def test_classify_needs_a_classifier(cells):
 
 
 def test_the_seed_style_entry_takes_the_classify_task(cells, tmp_path):
+    # finetune_lora.py in a fresh process, as a user runs it (test_cli_smoke runs it in-process)
     script = DEMO.parent.parent / "finetune_lora.py"
     flags = ["--task", "classify", "--label-key", LABEL, "--devices", "cpu", "--dry-run"]
     command = [sys.executable, str(script), "--checkpoint-path", str(DEMO), "--train-files", str(cells), *flags]

@@ -1,6 +1,7 @@
-"""The training command lines, run as a user would: from the repository root, in a subprocess where it matters."""
+"""The training command lines, run as a user would: one subprocess per entry point, the others in this process."""
 
 import csv
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -19,21 +20,18 @@ CELLS = REFERENCE / "input.h5ad"
 BASE = ["--checkpoint-path", str(REFERENCE), "--train-files", str(CELLS)]
 
 
-def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    cli = "import sys; from transcriptformer.cli import main; sys.exit(main())"
-    return subprocess.run([sys.executable, "-c", cli, *args], cwd=cwd, capture_output=True, text=True)
-
-
-def test_cli_dry_run(tmp_path):
+def test_python_m_transcriptformer_runs_a_dry_run(tmp_path):
+    # `python -m transcriptformer` in a fresh process, as a user runs it; the other commands run in-process.
     flags = "--batch-size 4 --lora-r 4 --devices cpu --dry-run --output-path adapters".split()
-    result = run_cli(["finetune", *BASE, *flags], cwd=tmp_path)
+    command = [sys.executable, "-m", "transcriptformer", "finetune", *BASE, *flags]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "forward and backward passed" in result.stdout
     assert result.stdout.rstrip().endswith("Dry-run complete")
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-def test_train_dry_run_from_hydra_config(tmp_path):
+def test_train_dry_run_from_hydra_config(tmp_path, monkeypatch, capsys):
     overrides = [
         "model_config=tiny",
         "output_dir=model",
@@ -41,20 +39,28 @@ def test_train_dry_run_from_hydra_config(tmp_path):
         f"data_config.esm2_mappings=[{REFERENCE / 'vocabs/mus_musculus_gene.h5'}]",
         "trainer.devices=cpu",
     ]
-    result = run_cli(["train", "--config", str(REPO / "conf/train.yaml"), "--dry-run", *overrides], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.rstrip().endswith("Dry-run complete")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", str(REPO / "conf/train.yaml"), "--dry-run", *overrides]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("Dry-run complete")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_documented_reproduction_command_trains_loadable_adapters(tmp_path):
+def run_finetune_lora(args: list[str], monkeypatch) -> int:
+    """``python finetune_lora.py ARGS`` in this process (test_classify runs the script in a fresh one)."""
+    script = str(REPO / "finetune_lora.py")
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(script, run_name="__main__")
+    return exit_info.value.code
+
+
+def test_documented_reproduction_command_trains_loadable_adapters(tmp_path, monkeypatch, capsys):
     # The command of the documentation, word for word, with the reference checkpoint and its 64 real cells.
     flags = "--epochs 1 --batch-size 4 --lora-r 4 --lora-alpha 16 --devices 0 --output-path adapters_epoch1.pt"
-    command = [sys.executable, str(REPO / "finetune_lora.py"), *BASE, *flags.split()]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    monkeypatch.chdir(tmp_path)
+    assert run_finetune_lora([*BASE, *flags.split()], monkeypatch) == 0
     adapters = tmp_path / "adapters_epoch1.pt"
-    assert "adapters saved to adapters_epoch1.pt" in result.stdout
+    assert "adapters saved to adapters_epoch1.pt" in capsys.readouterr().out
     assert (adapters / ADAPTER_CONFIG_FILE).is_file()
     weights = load_file(adapters / ADAPTER_WEIGHTS_FILE)
     assert {tuple(w.shape) for k, w in weights.items() if "lora_A" in k} == {(4, 64), (4, 128)}

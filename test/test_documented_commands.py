@@ -10,13 +10,18 @@ Each fenced shell block (```bash) is preceded by a marker comment that says what
 * ``<!-- example: why -->``: not run (placeholder paths, GPUs, hours of training); the reason is required.
 
 The blocks of one document run in order in one directory, so a later block may use an earlier one's output.
-``pip install`` and ``pytest`` are left out: ``.ci/run`` runs them on a fresh clone.
+``pip install`` and ``pytest`` are left out: ``.ci/run`` runs them on a fresh clone. A ``transcriptformer ...``
+command (optionally after ``NAME=value`` assignments) runs in this process through
+:func:`transcriptformer.cli.main`, with the same exit code, output and files as the installed command; every
+other command (``python ...``, ``taskset ...``, pipes and redirections) runs in ``bash``.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -27,6 +32,7 @@ import pytest
 from local_http_server import LocalServer, unused_port_url
 from test_cellxgene import add_dataset, serve_catalogue
 from test_download import checkpoint_archive
+from transcriptformer.cli import main
 from transcriptformer.hub.artifacts import ARTIFACTS, BASE_URL_ENV
 from transcriptformer.hub.cellxgene import API_URL_ENV
 
@@ -35,8 +41,10 @@ DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BUNDLED = ["models", "conf", "scripts", "test", "finetune_lora.py"]
 SHELL_FENCE = re.compile(r"^```(bash|sh|shell|console)\s*$")
 MARKER = re.compile(r"^<!-- (runnable|runnable: network|example: \S.*) -->$")
-# Documents whose runnable blocks take over 20 s on two CPU cores (they train, or evaluate 3,600 cells).
-SLOW = {"training.md", "evaluation.md"}
+ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+SHELL_SYNTAX = set("|&;<>$`(){}")  # a command with any of these runs in bash
+# Documents whose runnable blocks take over 20 s on two CPU cores (they train, evaluate 3,600 cells or perturb).
+SLOW = {"training.md", "evaluation.md", "perturb.md"}
 
 
 @dataclass
@@ -76,6 +84,34 @@ def without_ci_steps(script: str) -> str:
     return "\n".join(kept)
 
 
+def shell_commands(script: str) -> list[str]:
+    """The commands of ``script``, one per logical line: continued lines and multi-line quotes joined."""
+    commands, pending = [], ""
+    for line in script.splitlines():
+        pending += line + "\n"
+        if line.endswith("\\"):
+            continue
+        try:
+            shlex.split(pending, comments=True)
+        except ValueError:  # a quote still open: the command goes on on the next line
+            continue
+        commands.append(pending)
+        pending = ""
+    return commands + [pending] if pending else commands
+
+
+def in_process_command(command: str) -> tuple[dict[str, str], list[str]] | None:
+    """``(environment, argv)`` of a ``[NAME=value ...] transcriptformer ARGS`` command; ``None`` for any other."""
+    if SHELL_SYNTAX & set(command):
+        return None
+    words = shlex.split(command.replace("\\\n", ""), comments=True)  # bash drops a backslash-newline
+    assignments = list(itertools.takewhile(ASSIGNMENT.match, words))
+    words = words[len(assignments) :]
+    if not words or words[0] != "transcriptformer":
+        return None
+    return dict(assignment.split("=", 1) for assignment in assignments), words[1:]
+
+
 def runnable_documents() -> list[pytest.param]:
     params = []
     for document in DOCUMENTS:
@@ -101,20 +137,80 @@ def published_mirror():
         yield server
 
 
+@dataclass
+class InProcess:
+    """A ``[NAME=value ...] transcriptformer ARGV`` command, run through :func:`main` with ``environ`` set."""
+
+    environ: dict[str, str]
+    argv: list[str]
+
+
+def steps(script: str) -> list[str | InProcess]:
+    """The commands of ``script`` in order: each ``transcriptformer`` command, and between them bash scripts."""
+    result: list[str | InProcess] = []
+    for command in shell_commands(script):
+        parsed = in_process_command(command)
+        if parsed is not None:
+            result.append(InProcess(*parsed))
+        elif result and isinstance(result[-1], str):
+            result[-1] += command
+        else:
+            result.append(command)
+    return result
+
+
+def run_in_bash(script: str, cwd: Path, env: dict[str, str]) -> tuple[int, str]:
+    result = subprocess.run(
+        ["bash", "-c", f"set -euo pipefail\n{script}"], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
+def run_in_process(command: InProcess, monkeypatch, capfd) -> tuple[int, str]:
+    with monkeypatch.context() as scoped:
+        for name, value in command.environ.items():
+            scoped.setenv(name, value)
+        try:
+            code = main(command.argv)
+        except SystemExit as exit_:  # --help, --version and usage errors exit through argparse
+            code = exit_.code
+    captured = capfd.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_commands_are_split_as_bash_reads_them():
+    script = 'a \\\n  --b\npython -c "\nimport x\n"\n# note\nOMP_NUM_THREADS=2 transcriptformer doctor  # 2 threads\n'
+    assert in_process_command("transcriptformer doctor \\\n  --skip-flex\n") == ({}, ["doctor", "--skip-flex"])
+    assert steps(script) == [
+        'a \\\n  --b\npython -c "\nimport x\n"\n# note\n',
+        InProcess({"OMP_NUM_THREADS": "2"}, ["doctor"]),
+    ]
+    assert in_process_command('transcriptformer download-data --assay "10x 3\' v3"') == (
+        {},
+        ["download-data", "--assay", "10x 3' v3"],
+    )
+    for command in ("taskset -c 0 transcriptformer doctor", "transcriptformer doctor | head", "python -c 1", "# x"):
+        assert in_process_command(command) is None, command
+
+
 @pytest.mark.parametrize("document", runnable_documents())
-def test_documented_commands_run_as_written(document, tmp_path, published_mirror):
+def test_documented_commands_run_as_written(document, tmp_path, published_mirror, monkeypatch, capfd):
     for name in BUNDLED:
         (tmp_path / name).symlink_to(ROOT / name)
+    monkeypatch.chdir(tmp_path)
     bin_dir = str(Path(sys.executable).parent)  # this environment's python and transcriptformer come first
     for block in shell_blocks(document):
         if not (block.marker or "").startswith("runnable"):
             continue
         # Offline blocks get an address where nothing listens: they may not fetch anything.
         server = published_mirror.base_url if block.marker == "runnable: network" else unused_port_url()
-        path = bin_dir + os.pathsep + os.environ["PATH"]
-        env = os.environ | {"PATH": path, BASE_URL_ENV: server, API_URL_ENV: server}
-        script = "set -euo pipefail\n" + without_ci_steps(block.script)
-        result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-        output = result.stdout + result.stderr
-        assert result.returncode == 0, f"{block.where} failed:\n{block.script}\n{output[-3000:]}"
-        assert "Traceback" not in output, f"{block.where} printed a traceback:\n{output[-3000:]}"
+        monkeypatch.setenv(BASE_URL_ENV, server)
+        monkeypatch.setenv(API_URL_ENV, server)
+        env = os.environ | {"PATH": bin_dir + os.pathsep + os.environ["PATH"]}
+        for step in steps(without_ci_steps(block.script)):
+            if isinstance(step, InProcess):
+                code, output = run_in_process(step, monkeypatch, capfd)
+            else:
+                code, output = run_in_bash(step, tmp_path, env)
+            assert code == 0, f"{block.where} failed:\n{block.script}\n{output[-3000:]}"
+            assert "Traceback" not in output, f"{block.where} printed a traceback:\n{output[-3000:]}"

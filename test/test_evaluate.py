@@ -151,7 +151,10 @@ def test_the_report_files_are_written(demo_report):
     assert bars.shape[0] > 300 and bars.shape[1] > 600
 
 
-@pytest.mark.parametrize("path", [MOUSE_BRAIN, PBMC], ids=["mouse_brain_1k", "pbmc3k"])
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(MOUSE_BRAIN, id="mouse_brain_1k"), pytest.param(PBMC, id="pbmc3k", marks=pytest.mark.slow)],
+)  # pbmc3k: 37 s on two busy cores
 def test_the_pca_baseline_predicts_cell_types_far_above_chance(path):
     config = EvaluateConfig(data_file=str(path), label_key="cell_type")
     cells = read_cells(config)

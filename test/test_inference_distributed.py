@@ -57,6 +57,7 @@ def run_command(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # three fresh processes (30 s on two busy cores)
 def test_two_processes_write_the_single_process_file(arguments, single_process, tmp_path):
     done = run_command([str(BIN / "transcriptformer"), "inference", *arguments, "--num-gpus", "2"], tmp_path)
     assert done.returncode == 0, done.stderr
@@ -75,6 +76,7 @@ def test_torchrun_launch_writes_the_single_process_file(arguments, single_proces
     assert_same_outputs(ad.read_h5ad(tmp_path / "inference_results" / "embeddings.h5ad"), single_process)
 
 
+@pytest.mark.slow  # three fresh processes (27 s on two busy cores)
 def test_a_failing_process_is_reported_and_writes_nothing(reference_dir, tmp_path):
     command = [str(BIN / "transcriptformer"), "inference", "--checkpoint-path", str(reference_dir), "--data-file"]
     command += [str(DATA_DIR / "pbmc_40cells.h5ad"), "--device", "cpu", "--num-gpus", "2"]

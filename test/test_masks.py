@@ -131,7 +131,9 @@ def test_chunked_attention_is_exact_for_any_block_of_rows():
         torch.testing.assert_close(chunked_attend(q, k, v, inputs), whole, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("embed_mode", [True, False])
+@pytest.mark.parametrize(
+    "embed_mode", [pytest.param(True, marks=pytest.mark.slow), False]
+)  # embed mode: 26 s on two busy cores
 def test_bf16_chunked_attention_on_cpu_stays_close_to_float32(embed_mode):
     """bf16 products and the compiled score loop: finite, near the float32 reference, zeros where nothing is seen."""
     batch, heads, length, head_dim = 3, 2, 150, 16

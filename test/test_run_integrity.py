@@ -152,6 +152,7 @@ def rewrite_keeping_size_and_mtime(path: Path, rewrite) -> None:
     assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
 
 
+@pytest.mark.slow  # an interrupted run in a process of its own (22 s on two busy cores)
 def test_resume_refuses_an_adapter_changed_in_place(reference_dir, tmp_path, capsys):
     adapter = save_adapters(
         add_lora_adapters(load_checkpoint(reference_dir).model, LoraSettings(r=4), str(reference_dir)),

@@ -190,6 +190,7 @@ def test_processes_killed_and_resumed_give_the_single_process_array(many, tmp_pa
     np.testing.assert_array_equal(embeddings, single_embeddings)
 
 
+@pytest.mark.slow  # three fresh processes (20 s on two busy cores)
 def test_two_processes_write_the_single_process_file(experiment, from_h5ad, tmp_path):
     done = run_command(
         inference(experiment, tmp_path, "--num-gpus", "2", "--chunk-size", "16", "--device", "cpu"), tmp_path
@@ -215,15 +216,14 @@ def test_an_existing_array_is_kept_unless_overwrite(experiment, tmp_path, capsys
     assert not_an_array.is_dir()
 
 
-def test_the_public_census_offline_is_one_clear_line(tmp_path):
+def test_the_public_census_offline_is_one_clear_line(tmp_path, monkeypatch, capsys):
     # A proxy that refuses connections: offline whatever the machine (requests reads HTTPS_PROXY).
-    env = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.chdir(tmp_path)
     command = ["inference", "--checkpoint-path", REFERENCE_DIR, "--census-version", "2025-01-30"]
-    done = subprocess.run(
-        [str(BIN / "transcriptformer"), *map(str, command), "--organism", "homo_sapiens"],
-        cwd=tmp_path, env=os.environ | env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert_one_line_error(done.returncode, done.stderr, "inference", "could not reach the CELLxGENE Census", "--soma")
+    code, err = run_cli(capsys, *command, "--organism", "homo_sapiens")
+    assert_one_line_error(code, err, "inference", "could not reach the CELLxGENE Census", "--soma")
     assert_no_output(tmp_path / "inference_results")
 
 

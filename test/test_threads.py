@@ -6,7 +6,9 @@ import sys
 
 import anndata as ad
 import pytest
+import torch
 
+from transcriptformer.cli import main
 from transcriptformer.runtime import cpu_threads, default_threads, idle_cpus, requested_threads, usable_cpus
 
 
@@ -61,32 +63,41 @@ def test_cpu_affinity_limits_the_threads():
     assert done.stdout.split() == ["1", "1", "2"]
 
 
-def run_inference(tmp_path, reference_dir, reference_input, environ, *flags):
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} | environ
-    command = [sys.executable, "-m", "transcriptformer", "inference", "--checkpoint-path", str(reference_dir)]
-    command += ["--data-file", str(reference_input), "--output-path", str(tmp_path), *flags]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+def run_inference(tmp_path, reference_dir, reference_input, monkeypatch, environ, *flags) -> int:
+    """``transcriptformer inference`` in this process, with only ``environ`` of the thread variables set."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    command = ["inference", "--checkpoint-path", str(reference_dir), "--data-file", str(reference_input)]
+    return main([*command, "--output-path", str(tmp_path), *flags])
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_inference_runs_with_omp_num_threads(tmp_path, reference_dir, reference_input, threads):
-    done = run_inference(tmp_path, reference_dir, reference_input, {"OMP_NUM_THREADS": str(threads)})
-    assert done.returncode == 0, done.stderr
-    assert f"on cpu (1 process, {threads} CPU thread{'s' * (threads > 1)})" in done.stdout
+def test_inference_runs_with_omp_num_threads(tmp_path, reference_dir, reference_input, monkeypatch, capsys, threads):
+    assert run_inference(tmp_path, reference_dir, reference_input, monkeypatch, {"OMP_NUM_THREADS": str(threads)}) == 0
+    assert f"on cpu (1 process, {threads} CPU thread{'s' * (threads > 1)})" in capsys.readouterr().out
     assert ad.read_h5ad(tmp_path / "embeddings.h5ad").uns["transcriptformer"]["cpu_threads"] == threads
 
 
-def test_inference_leaves_a_cpu_to_each_data_reading_thread(tmp_path, reference_dir, reference_input):
-    done = run_inference(tmp_path, reference_dir, reference_input, {}, "--n-data-workers", "1", "--device", "cpu")
-    assert done.returncode == 0, done.stderr
+def test_a_command_leaves_torch_threads_as_it_found_them(tmp_path, reference_dir, reference_input, monkeypatch):
+    before = torch.get_num_threads()
+    wanted = 1 if before > 1 else 2
+    assert run_inference(tmp_path, reference_dir, reference_input, monkeypatch, {"OMP_NUM_THREADS": str(wanted)}) == 0
+    assert ad.read_h5ad(tmp_path / "embeddings.h5ad").uns["transcriptformer"]["cpu_threads"] == wanted
+    assert torch.get_num_threads() == before
+
+
+def test_inference_leaves_a_cpu_to_each_data_reading_thread(tmp_path, reference_dir, reference_input, monkeypatch):
+    flags = ("--n-data-workers", "1", "--device", "cpu")
+    assert run_inference(tmp_path, reference_dir, reference_input, monkeypatch, {}, *flags) == 0
     threads = ad.read_h5ad(tmp_path / "embeddings.h5ad").uns["transcriptformer"]["cpu_threads"]
     assert 1 <= threads <= max(1, usable_cpus() - 1)
 
 
-def test_inference_refuses_a_wrong_omp_num_threads(tmp_path, reference_dir, reference_input):
-    done = run_inference(tmp_path, reference_dir, reference_input, {"OMP_NUM_THREADS": "all"})
-    assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1] == (
+def test_inference_refuses_a_wrong_omp_num_threads(tmp_path, reference_dir, reference_input, monkeypatch, capsys):
+    assert run_inference(tmp_path, reference_dir, reference_input, monkeypatch, {"OMP_NUM_THREADS": "all"}) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "transcriptformer inference: error: OMP_NUM_THREADS='all' is not a thread count: "
         "set it to a whole number >= 1, or unset it"
     )

@@ -35,6 +35,7 @@ def test_demo_model_is_small_and_loads_for_inference(demo):
     assert np.isfinite(result["llh"]).all() and np.isfinite(result["embeddings"]).all()
 
 
+@pytest.mark.slow  # 22 s on two busy cores
 def test_demo_model_beats_its_initialisation_and_per_gene_rates_on_heldout_cells(demo, heldout_batches):
     trained = heldout_count_nll(demo.model, heldout_batches)
     # The exact initialisation the recorded training run started from (conf/demo.yaml, seeded).

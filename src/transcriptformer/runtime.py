@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -145,3 +146,19 @@ def use_cpu_threads(reserved: int = 0, processes: int = 1) -> int:
     threads = cpu_threads(reserved, processes)
     torch.set_num_threads(threads)
     return threads
+
+
+@contextlib.contextmanager
+def torch_threads_kept() -> Iterator[None]:
+    """Within the block, a run may set torch's CPU threads (:func:`use_cpu_threads`); they are set back after it.
+
+    A command run in a process that goes on (``main(argv)`` from Python) leaves the threads as it found them. Without
+    torch imported before the block, there is nothing to keep.
+    """
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if threads is not None:
+            torch.set_num_threads(threads)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from transcriptformer.cli.common import report_user_error
 from transcriptformer.console import verbosity
 from transcriptformer.errors import UserError
+from transcriptformer.runtime import torch_threads_kept
 from transcriptformer.version import __version__
 
 # Every subcommand with its one-line help, in the order of --help.
@@ -106,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     name = f"transcriptformer {args.command}"
     try:
-        with verbosity(args.verbosity, name):
+        with verbosity(args.verbosity, name), torch_threads_kept():
             return int(args.func(args) or 0)
     except USER_ERRORS as error:
         return report_user_error(args.command, error, subcommand_parser(parser, args.command))
