@@ -9,6 +9,9 @@ spreads over all settings, and each run reports how many CPUs other processes ke
     python benchmarks/threads.py                                  # loads 0, 1, 2; default, 1, 2, all threads
     python benchmarks/threads.py --data test/data/mouse_brain_1k.h5ad --loads 0 1 --repeats 5
     python benchmarks/threads.py --src ../other-checkout/src      # measure another checkout's package
+    python benchmarks/threads.py --loads 0 --pause 90             # idle machine: the 1-minute load average decays
+
+Without ``--pause`` each run starts right after the previous one ended, as a user's next command does.
 """
 
 from __future__ import annotations
@@ -73,13 +76,16 @@ def environment(setting: str, src: Path) -> dict[str, str]:
     return env
 
 
-def measure_load(load: int, settings: list[str], job: list[str], output: Path, repeats: int, src: Path) -> None:
+def measure_load(
+    load: int, settings: list[str], job: list[str], output: Path, repeats: int, src: Path, pause: float
+) -> None:
     spinners = [psutil.Process(subprocess.Popen([sys.executable, "-c", SPIN]).pid) for _ in range(load)]
     try:
         time.sleep(1.0)
         runs: dict[str, list[Run]] = {s: [] for s in settings}
         for _ in range(repeats):
             for setting in settings:
+                time.sleep(pause)
                 runs[setting].append(run_job(job, environment(setting, src), output, spinners))
     finally:
         for spinner in spinners:
@@ -102,6 +108,7 @@ def main() -> None:
     parser.add_argument("--loads", type=int, nargs="+", default=[0, 1, 2], help="spinning processes")
     parser.add_argument("--threads", nargs="+", default=["default", "1", "2", "all"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pause", type=float, default=0.0, help="seconds of rest before each run")
     parser.add_argument("--src", type=Path, default=ROOT / "src", help="the package to measure")
     args = parser.parse_args()
     print(
@@ -115,7 +122,9 @@ def main() -> None:
             "--data-file", args.data, "--output-keys", "embeddings", "llh", "--output-path", tmp, "--overwrite",
         ]  # fmt: skip
         for load in args.loads:
-            measure_load(load, args.threads, job, Path(tmp) / "embeddings.h5ad", args.repeats, args.src.resolve())
+            measure_load(
+                load, args.threads, job, Path(tmp) / "embeddings.h5ad", args.repeats, args.src.resolve(), args.pause
+            )
 
 
 if __name__ == "__main__":

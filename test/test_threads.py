@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import anndata as ad
 import pytest
@@ -50,6 +51,28 @@ def test_this_machine():
     assert idle_cpus() <= os.cpu_count()
     assert 1 <= cpu_threads(environ={}) <= usable
     assert cpu_threads(environ={"OMP_NUM_THREADS": str(usable + 1)}) == usable + 1  # asked for: never overruled
+
+
+def test_a_busy_process_takes_its_cpu_off_the_idle_ones():
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        idle_cpus()  # opens a window in which the spinner runs throughout
+        assert idle_cpus() <= os.cpu_count() - 0.5
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def test_this_process_own_work_is_not_counted_as_busy():
+    idle_cpus()
+    started, before = time.perf_counter(), os.times()
+    while time.perf_counter() < started + 0.3:  # this process keeps a CPU busy for the whole window
+        pass
+    spent = sum(os.times()[:2]) - sum(before[:2])
+    idle = idle_cpus()
+    # What this process ran counts as idle: at least its share of the window stays idle (less the clock-tick rounding).
+    assert idle >= spent / (time.perf_counter() - started) - 0.1
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is a Linux call")

@@ -10,8 +10,10 @@ import contextlib
 import math
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -103,10 +105,72 @@ def usable_cpus() -> int:
     return joblib.cpu_count()
 
 
+# The window over which other processes' CPU use is measured: from the previous sample (the first is taken when this
+# module is imported, so a command's own start-up is the window) to now, at least MIN_WINDOW and at most MAX_WINDOW
+# seconds (older samples are replaced by a fresh window of MIN_WINDOW). The 1-minute load average, used before, still
+# counts a job that ended seconds ago: a command started right after another chose 1 thread on an idle machine.
+MIN_WINDOW = 0.2
+MAX_WINDOW = 30.0
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU time at one moment: the machine's busy seconds (all CPUs) and this process's own."""
+
+    at: float
+    busy: float
+    own: float
+
+    @classmethod
+    def now(cls) -> CpuSample:
+        """The machine's and this process's CPU seconds so far (``psutil``; ``busy`` is 0 where it cannot tell)."""
+        import psutil
+
+        times = psutil.cpu_times()
+        busy = sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
+        own = os.times()
+        return cls(time.perf_counter(), busy, own.user + own.system)
+
+
+def _first_sample() -> CpuSample | None:
+    """The sample that opens the first window: taken at import, so that a command's start-up is measured."""
+    try:
+        return CpuSample.now()
+    except (ImportError, OSError):
+        return None
+
+
+_last_sample = _first_sample()
+
+
+def _sample_window() -> tuple[CpuSample, CpuSample]:
+    """The last sample and a new one at least :data:`MIN_WINDOW` later (a fresh window when the last is too old)."""
+    global _last_sample
+    first = _last_sample
+    if first is None or time.perf_counter() - first.at > MAX_WINDOW:
+        first = CpuSample.now()
+    wait = MIN_WINDOW - (time.perf_counter() - first.at)
+    if wait > 0:
+        time.sleep(wait)
+    _last_sample = CpuSample.now()
+    return first, _last_sample
+
+
 def idle_cpus() -> float:
-    """The machine's CPUs less its 1-minute load average (runnable processes); all where no load average exists."""
+    """The machine's CPUs less those that other processes kept busy over the recent past.
+
+    Measured over the window since the previous sample (this module's import, for a command: its start-up), from
+    the machine's busy CPU time less this process's own, which is about to run the model and competes with nobody.
+    Where the machine's CPU times cannot be read, the 1-minute load average stands in; where neither exists, every
+    CPU counts as idle.
+    """
     cpus = os.cpu_count() or 1
-    return cpus - os.getloadavg()[0] if hasattr(os, "getloadavg") else float(cpus)
+    try:
+        first, last = _sample_window()
+    except (ImportError, OSError):
+        return cpus - os.getloadavg()[0] if hasattr(os, "getloadavg") else float(cpus)
+    others = (last.busy - first.busy) - (last.own - first.own)
+    return cpus - max(0.0, others) / (last.at - first.at)
 
 
 def default_threads(usable: int, idle: float, reserved: int = 0, processes: int = 1) -> int:
