@@ -1,4 +1,5 @@
 import argparse
+import shutil
 from pathlib import Path
 
 import anndata as ad
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_user_errors import assert_one_line_error, run_cli
 from transcriptformer.checkpoint import load_checkpoint
 from transcriptformer.cli import main
 from transcriptformer.data.esm_vocab import (
@@ -195,5 +197,80 @@ def test_cli_reports_coverage(tmp_path, fasta, esm_file, capsys):
     assert f"wrote 3 gene vectors of width {WIDTH} to {tmp_path / 'tiny_species_gene.h5'}" in out
     assert "5 FASTA records, 1 without a gene id (skipped), 0 genes truncated" in out
     assert "coverage of the dataset: 3 of 1,122 genes (0.3%)" in out
-    assert main([*args[:-2], "--layer", "3"]) == 1
+    assert main([*args[:-2], "--layer", "3", "--overwrite"]) == 1
     assert "layer must be between 1 and 2" in capsys.readouterr().err
+
+
+def esm_variant(esm_file, folder: Path, change) -> Path:
+    """A copy of the tiny ESM-2 file whose weights ``change(weights)`` edits in place."""
+    data = torch.load(esm_file[0], weights_only=False)  # the test's own file
+    change(data["model"])
+    path = folder / "esm2_edited.pt"
+    torch.save(data, path)
+    return path
+
+
+def build_args(fasta, esm_model, output_dir, *extra) -> list[str]:
+    return [str(arg) for arg in ["build-vocab", "--fasta", fasta, "--esm-model", esm_model, "--species", "tiny_species",
+            "--output-dir", output_dir, "--layer", "2", "--device", "cpu", "--no-progress", *extra]]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--max-residues", "0"], ["--max-residues must be >= 1", "got 0"]),  # all-NaN vectors before
+        (["--max-residues", "-5"], ["--max-residues"]),
+        (["--tokens-per-batch", "0"], ["--tokens-per-batch must be >= 1"]),
+        (["--layer", "0"], ["layer must be >= 1"]),
+        (["--species", "../escaped"], ["species '../escaped' must be a plain name", "--output-dir"]),
+        (["--species", "a/b"], ["species 'a/b'"]),
+        (["--species", ".hidden"], ["species '.hidden'"]),
+        (["--species", ""], ["species ''"]),
+        (["--check-data", "missing.h5ad"], ["missing.h5ad"]),
+    ],
+)
+def test_cli_mistakes_are_one_line_errors_and_write_nothing(tmp_path, capsys, fasta, esm_file, extra, words):
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, *build_args(fasta, esm_file[0], out, *extra))
+    assert_one_line_error(code, err, "build-vocab", *words)
+    assert not list(tmp_path.rglob("*.h5"))
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda weights: weights.clear(), ["holds no ESM-2 weights"]),
+        (lambda weights: [weights.pop(k) for k in list(weights)[::2]], ["not a complete ESM-2 checkpoint"]),
+        (lambda weights: weights["encoder.sentence_encoder.layers.0.fc1.bias"].fill_(float("nan")), ["NaN"]),
+        # finite weights whose activations overflow: the vectors are checked before the table is written
+        (lambda weights: weights["encoder.sentence_encoder.layers.0.fc1.weight"].mul_(1e36), ["infinite vectors"]),
+    ],
+)
+def test_broken_esm_files_are_one_line_errors(tmp_path, capsys, fasta, esm_file, change, words):
+    broken = esm_variant(esm_file, tmp_path, change)
+    code, err = run_cli(capsys, *build_args(fasta, broken, tmp_path / "out"))
+    assert_one_line_error(code, err, "build-vocab", *words)
+    assert not list(tmp_path.rglob("*.h5"))
+
+
+def test_an_existing_table_is_replaced_only_with_overwrite(tmp_path, capsys, fasta, esm_file):
+    table = tmp_path / "tiny_species_gene.h5"
+    table.write_bytes(b"a table of the user's")
+    code, err = run_cli(capsys, *build_args(fasta, esm_file[0], tmp_path))
+    assert_one_line_error(code, err, "build-vocab", "already exists", "--overwrite")
+    assert table.read_bytes() == b"a table of the user's"
+    assert main(build_args(fasta, esm_file[0], tmp_path, "--overwrite")) == 0
+    assert read_embedding_table(table)[1].shape == (3, WIDTH)
+    assert [p.name for p in tmp_path.iterdir()] == [table.name]  # the temporary file was renamed
+
+
+def test_a_checkpoints_own_table_is_never_replaced(tmp_path, capsys, fasta, esm_file):
+    checkpoint = shutil.copytree(REFERENCE, tmp_path / "checkpoint")
+    table = checkpoint / "vocabs" / "mus_musculus_gene.h5"
+    before = table.read_bytes()
+    args = build_args(fasta, esm_file[0], checkpoint / "vocabs", "--overwrite")
+    args[args.index("tiny_species")] = "mus_musculus"
+    code, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, "build-vocab", "table of the checkpoint", "break the checkpoint")
+    assert table.read_bytes() == before
+    load_checkpoint(checkpoint)  # still whole

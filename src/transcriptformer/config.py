@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import types
 import typing
 import warnings
@@ -235,6 +236,12 @@ class PredictSettings:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
+# Cells of one generate run at most: its plan, output matrix and obs are held in memory (run again with another
+# seed for more cells). Genes per cell at most: more than any vocabulary holds.
+MAX_GENERATED_CELLS = 1_000_000
+MAX_GENES = 1_000_000
+
+
 @dataclass(frozen=True)
 class GenerateSettings:
     """How cells are sampled from a model (``transcriptformer generate``; docs/generate.md).
@@ -242,7 +249,8 @@ class GenerateSettings:
     Attributes
     ----------
     num_cells : int or None
-        Cells to generate; ``None``: one per prompt cell (``--data-file``), else an error.
+        Cells to generate (at most :data:`MAX_GENERATED_CELLS`); ``None``: one per prompt cell (``--data-file``),
+        else an error.
     max_genes : int or None
         Genes per cell at most; ``None``: the model's ``seq_len``.
     temperature : float
@@ -252,7 +260,8 @@ class GenerateSettings:
     top_p : float
         Sample among the most likely genes that make up ``top_p`` of the probability; 1: all.
     seed : int
-        Cell ``i`` of a run draws its random numbers from ``(seed, i)``: the same cell whatever the batch size.
+        Cell ``i`` of a run draws its random numbers from ``(seed, i)``: the same cell whatever the batch size;
+        ``0 <= seed < 2**63``.
     batch_size : int
         Cells generated together.
     library_size : float or None
@@ -281,21 +290,21 @@ class GenerateSettings:
     use_cache: bool = True
 
     def __post_init__(self) -> None:
-        positive = {"num_cells": self.num_cells, "max_genes": self.max_genes, "batch_size": self.batch_size}
-        positive |= {"num_genes": self.num_genes}
-        for name, value in positive.items():
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.library_size is not None and not self.library_size > 0:
-            raise ValueError(f"library_size must be > 0, got {self.library_size}")
-        if self.prompt_genes < 0:
-            raise ValueError(f"prompt_genes must be >= 0, got {self.prompt_genes}")
+        check_types(self, "")
+        if self.num_cells is not None:
+            more = "for more cells, run again with another seed"
+            check_range(self, "", "num_cells", at_least=1, at_most=MAX_GENERATED_CELLS, also=more)
+        for name in ("max_genes", "num_genes"):
+            if getattr(self, name) is not None:
+                check_range(self, "", name, at_least=1, at_most=MAX_GENES)
+        check_range(self, "", "batch_size", at_least=1, at_most=MAX_GENERATED_CELLS)
+        check_range(self, "", "temperature", above=0, also="1: the model's distribution")
+        check_range(self, "", "top_k", at_least=0, at_most=MAX_GENES, also="0: all genes")
+        check_range(self, "", "top_p", above=0, at_most=1, also="1: all genes")
+        check_range(self, "", "seed", at_least=0, below=2**63, also="it is stored as a 64-bit integer")
+        if self.library_size is not None:
+            check_range(self, "", "library_size", above=0)
+        check_range(self, "", "prompt_genes", at_least=0, at_most=MAX_GENES)
 
 
 # Keys of published configs that configure the original's data loaders and have no meaning here.
@@ -316,14 +325,16 @@ def _mapping(value: Any, name: str) -> dict[str, Any]:
 def check_types(settings: Any, section: str) -> None:
     """Raise a ``ValueError`` naming ``section.field`` when a field of a dataclass does not hold its declared type.
 
-    ``int`` fields take integers (not booleans), ``float`` fields take integers and floats, ``bool`` fields take
-    only booleans, ``list[str]`` fields take lists of strings.
+    ``int`` fields take integers (not booleans; NumPy's too), ``float`` fields take integers and floats, ``bool``
+    fields take only booleans, ``list[str]`` fields take lists of strings. With an empty ``section`` the message
+    names the field alone.
     """
     hints = typing.get_type_hints(type(settings))
     for item in dataclasses.fields(settings):
         value = getattr(settings, item.name)
         if not _has_type(value, hints[item.name]):
-            raise ValueError(f"{section}.{item.name} must be {_type_name(hints[item.name])}, got {value!r}")
+            name = f"{section}.{item.name}" if section else item.name
+            raise ValueError(f"{name} must be {_type_name(hints[item.name])}, got {value!r:.80}")
 
 
 def check_range(
@@ -334,21 +345,58 @@ def check_range(
     at_least: float | None = None,
     above: float | None = None,
     below: float | None = None,
+    at_most: float | None = None,
     also: str = "",
 ) -> None:
-    """Raise a ``ValueError`` naming ``section.name`` when the number is not finite or lies out of the range."""
-    value = getattr(settings, name)
+    """Raise a ``ValueError`` naming ``section.name`` when the number is not finite or lies out of the range.
+
+    ``section`` may be empty: the message then names the setting alone (a keyword of the API, which the command
+    line turns into its flag).
+    """
+    check_number(
+        getattr(settings, name),
+        f"{section}.{name}" if section else name,
+        at_least=at_least,
+        above=above,
+        below=below,
+        at_most=at_most,
+        also=also,
+    )
+
+
+def check_number(
+    value: Any,
+    name: str,
+    *,
+    at_least: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    at_most: float | None = None,
+    also: str = "",
+) -> None:
+    """Raise a ``ValueError`` naming ``name`` when ``value`` is not a finite number inside the range.
+
+    Integers of any size are compared exactly (no conversion to float); booleans are not numbers here.
+    """
     bounds = [f">= {at_least}" if at_least is not None else "", f"> {above}" if above is not None else ""]
-    bounds.append(f"< {below}" if below is not None else "")
+    bounds += [f"< {below}" if below is not None else "", f"<= {at_most}" if at_most is not None else ""]
     inside = (
-        math.isfinite(value)
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and (isinstance(value, numbers.Integral) or math.isfinite(value))
         and (at_least is None or value >= at_least)
         and (above is None or value > above)
         and (below is None or value < below)
+        and (at_most is None or value <= at_most)
     )
     if not inside:
         extra = f" ({also})" if also else ""
-        raise ValueError(f"{section}.{name} must be {' and '.join(b for b in bounds if b)}{extra}, got {value!r}")
+        wanted = " and ".join(["finite"] * _is_not_finite(value) + [b for b in bounds if b])
+        raise ValueError(f"{name} must be {wanted}{extra}, got {value!r:.80}")
+
+
+def _is_not_finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and not math.isfinite(value)
 
 
 def _has_type(value: Any, hint: Any) -> bool:
@@ -359,9 +407,9 @@ def _has_type(value: Any, hint: Any) -> bool:
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if typing.get_origin(hint) is list:
         (item,) = typing.get_args(hint)
         return isinstance(value, list) and all(_has_type(v, item) for v in value)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from transcriptformer.cli.common import add_overwrite_argument
 from transcriptformer.data.esm_vocab import DEFAULT_LAYER, DEFAULT_MAX_RESIDUES, GENE_ID_RULES
 from transcriptformer.runtime import resolve_device
 
@@ -38,6 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--species", required=True, help="species name of the file: <species>_gene.h5")
     parser.add_argument("--output-dir", default=".", help="folder of the output file (default: %(default)s)")
+    add_overwrite_argument(parser, "a table of that species")
     parser.add_argument(
         "--gene-id-rule",
         default="ensembl",
@@ -72,9 +73,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the table and print the report."""
-    from transcriptformer.data.esm_vocab import build_vocab
+    from transcriptformer.data.esm_vocab import build_vocab, table_path
 
-    output = Path(args.output_dir) / f"{args.species}_gene.h5"
+    output = table_path(args.output_dir, args.species)
     report = build_vocab(
         args.fasta,
         args.esm_model,
@@ -88,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         check_data=args.check_data,
         gene_col_name=args.gene_col_name,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     print(report.summary())
     return 0

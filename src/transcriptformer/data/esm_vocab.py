@@ -26,8 +26,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from transcriptformer.config import CONFIG_FILE, VOCAB_DIR, check_number
 from transcriptformer.console import progress_bar
 from transcriptformer.data.vocab import write_embedding_table
+from transcriptformer.errors import UserError
 from transcriptformer.safe_load import load_torch_file
 
 if TYPE_CHECKING:
@@ -48,6 +50,9 @@ ESM2_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/esm2_t36_3B_UR50D.pt"
 DEFAULT_LAYER = 33
 DEFAULT_MAX_RESIDUES = 1022
 STANDARD_RESIDUES = frozenset("LAGVSERTIDPKQNFYMHWCXBUZO")
+TABLE_SUFFIX = "_gene.h5"
+# A species name becomes a file name: letters, digits, '_', '.', '-', not starting with '.'.
+SPECIES_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,42 @@ class VocabReport:
             share = self.data_covered / self.data_genes if self.data_genes else 0.0
             lines.append(f"  coverage of the dataset: {self.data_covered:,} of {self.data_genes:,} genes ({share:.1%})")
         return "\n".join(lines)
+
+
+def table_path(output_dir: str | Path, species: str) -> Path:
+    """``<output_dir>/<species>_gene.h5``; a species name that is not a plain file name (``../x``, ``a/b``) is refused.
+
+    Raises
+    ------
+    UserError
+        When ``species`` holds anything but letters, digits, ``_``, ``.`` and ``-``, or starts with ``.``: the file
+        would be written outside ``output_dir`` or hidden.
+    """
+    if not SPECIES_NAME.fullmatch(species):
+        raise UserError(
+            f"species {species!r} must be a plain name (letters, digits, '_', '.', '-'; e.g. xenopus_tropicalis): it "
+            f"names the file <species>{TABLE_SUFFIX} inside output_dir"
+        )
+    return Path(output_dir) / f"{species}{TABLE_SUFFIX}"
+
+
+def check_output_free(output: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing table without ``overwrite``, and a checkpoint's own table in any case.
+
+    A table in a checkpoint's ``vocabs/`` folder is part of that checkpoint: its weights were trained with it.
+    """
+    if output.is_dir():
+        raise UserError(f"{output} is a folder; choose another species or output_dir")
+    if not output.exists():
+        return
+    in_checkpoint = output.parent.name == VOCAB_DIR and (output.parent.parent / CONFIG_FILE).is_file()
+    if in_checkpoint:
+        raise UserError(
+            f"{output} is a gene-embedding table of the checkpoint {output.parent.parent}, whose weights were trained "
+            "with it: replacing it would break the checkpoint; write the new table to another output_dir"
+        )
+    if not overwrite:
+        raise UserError(f"{output} already exists; choose another species or output_dir, or pass --overwrite")
 
 
 def read_fasta(path: str | Path) -> Iterator[tuple[str, str]]:
@@ -192,9 +233,31 @@ def load_esm2(path: str | Path) -> tuple[esm.ESM2, esm.Alphabet]:
     )
     if not isinstance(data, Mapping) or "cfg" not in data or "model" not in data:
         raise ValueError(f"{path} is not a fair-esm ESM-2 checkpoint (expected the keys 'cfg' and 'model')")
+    weights = data["model"]
+    if (
+        not isinstance(weights, Mapping)
+        or not weights
+        or not all(isinstance(v, torch.Tensor) for v in weights.values())
+    ):
+        raise ValueError(
+            f"{path} holds no ESM-2 weights (its 'model' entry is not a non-empty set of tensors); use a file of "
+            f"fair-esm's releases, e.g. {ESM2_URL}"
+        )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Regression weights not found")  # contact head, unused here
-        model, alphabet = esm.pretrained.load_model_and_alphabet_core("esm2", data)
+        try:
+            model, alphabet = esm.pretrained.load_model_and_alphabet_core("esm2", data)
+        except (RuntimeError, KeyError, TypeError, AttributeError, ValueError) as error:
+            reason = " ".join(str(error).split())[:160]
+            raise ValueError(
+                f"{path} is not a complete ESM-2 checkpoint: its settings and weights do not make a model "
+                f"({reason}...); use a file of fair-esm's releases, e.g. {ESM2_URL}"
+            ) from None
+    bad = [
+        name for name, value in model.state_dict().items() if value.is_floating_point() and not value.isfinite().all()
+    ]
+    if bad:
+        raise ValueError(f"{path}: ESM-2 weights hold NaN or infinite values (first: {bad[0]}); the file is damaged")
     return model.eval(), alphabet
 
 
@@ -242,6 +305,7 @@ def embed_proteins(
     """
     import torch
 
+    check_embedding_settings(layer, max_residues, tokens_per_batch)
     if not 1 <= layer <= model.num_layers:
         raise ValueError(f"layer must be between 1 and {model.num_layers} for this ESM-2 model, got {layer}")
     device = next(model.parameters()).device
@@ -256,18 +320,31 @@ def embed_proteins(
             hidden = model(tokens.to(device), repr_layers=[layer])["representations"][layer].float().cpu()
         for row, gene in enumerate(batch):
             vectors[gene] = hidden[row, 1 : lengths[gene] - 1].mean(0).numpy()
+    not_finite = [gene for gene, vector in vectors.items() if not np.isfinite(vector).all()]
+    if not_finite:
+        raise ValueError(
+            f"ESM-2 gave NaN or infinite vectors for {len(not_finite)} of {len(vectors)} genes (first: "
+            f"{not_finite[0]}), so no table was written: its activations overflow; use a file of fair-esm's "
+            f"releases, e.g. {ESM2_URL}"
+        )
     return {gene: vectors[gene] for gene in sequences}
 
 
-def dataset_coverage(data: str | Path, gene_col_name: str, genes: Mapping[str, object]) -> tuple[int, int]:
-    """``(genes of the dataset, how many of them are in genes)``, ids read as the tokenizer reads them."""
+def check_embedding_settings(layer: int, max_residues: int, tokens_per_batch: int) -> None:
+    """Raise a ``ValueError`` naming the setting that is out of range (the layer's upper bound is the model's)."""
+    check_number(layer, "layer", at_least=1)
+    check_number(max_residues, "max_residues", at_least=1, also="residues of a protein that are embedded")
+    check_number(tokens_per_batch, "tokens_per_batch", at_least=1)
+
+
+def dataset_gene_ids(data: str | Path, gene_col_name: str) -> list[str]:
+    """The distinct gene ids of a dataset, read as the tokenizer reads them."""
     from transcriptformer.data.sources import open_counts
     from transcriptformer.data.tokenize import gene_ids_from_var
 
     with open_counts(data) as reader:
         var = reader.var
-    ids = gene_ids_from_var(var, gene_col_name).dropna().unique()
-    return len(ids), sum(gene in genes for gene in ids)
+    return list(gene_ids_from_var(var, gene_col_name).dropna().unique())
 
 
 def build_vocab(
@@ -284,6 +361,7 @@ def build_vocab(
     check_data: str | Path | None = None,
     gene_col_name: str = "ensembl_id",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> VocabReport:
     """FASTA + ESM-2 -> ``output`` (a ``<species>_gene.h5`` file), with a coverage report.
 
@@ -307,7 +385,16 @@ def build_vocab(
         An ``.h5ad`` file and its gene-id column: report how many of its genes get a vector.
     progress
         Show a progress bar.
+    overwrite
+        Replace an existing ``output`` (never a table of a checkpoint's ``vocabs/``).
+
+    Every input and setting is checked before ESM-2 runs; the table is written last, atomically (a temporary
+    file renamed), and only when every vector is finite.
     """
+    output = Path(output)
+    check_output_free(output, overwrite)
+    check_embedding_settings(layer, max_residues, tokens_per_batch)
+    data_ids = dataset_gene_ids(check_data, gene_col_name) if check_data else None
     proteins = longest_isoforms(fasta, rule, strip_version)
     model, alphabet = load_esm2(esm_model)
     vectors = embed_proteins(
@@ -320,14 +407,13 @@ def build_vocab(
         progress=progress,
     )
     write_embedding_table(output, vectors)
-    data_genes, covered = dataset_coverage(check_data, gene_col_name, vectors) if check_data else (None, None)
     return VocabReport(
-        path=Path(output),
+        path=output,
         n_records=proteins.n_records,
         n_without_id=proteins.n_without_id,
         n_genes=len(vectors),
         n_truncated=sum(len(s) > max_residues for s in proteins.sequences.values()),
         width=model.embed_dim,
-        data_genes=data_genes,
-        data_covered=covered,
+        data_genes=None if data_ids is None else len(data_ids),
+        data_covered=None if data_ids is None else sum(gene in vectors for gene in data_ids),
     )

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from transcriptformer.config import CONFIG_FILE, TranscriptFormerConfig, check_number, check_types
 from transcriptformer.errors import UserError
 from transcriptformer.model.lora import ADAPTER_WEIGHTS_FILE, new_file_mode
 from transcriptformer.safe_load import check_safetensors, sha256_of
@@ -28,6 +29,8 @@ from transcriptformer.safe_load import check_safetensors, sha256_of
 CLASSIFIER_CONFIG_FILE = "classifier.json"
 CLASSIFIER_WEIGHTS_FILE = "classifier_head.safetensors"
 FIX = "give a folder that 'transcriptformer finetune --task classify' wrote, with all of its files"
+# Classes named in one error message at most.
+SHOWN_CLASSES = 8
 
 
 class ClassifierHead(nn.Module):
@@ -130,15 +133,47 @@ def read_classifier_info(path: str | Path) -> ClassifierInfo:
     Raises
     ------
     UserError
-        When it is missing, not JSON, or lacks a field.
+        When it is missing, not JSON, lacks a field, or a field has the wrong type or is out of range (see
+        :func:`check_classifier_info`).
     """
     file = Path(path) / CLASSIFIER_CONFIG_FILE
     if not file.is_file():
         raise UserError(f"{path} holds no classifier ({CLASSIFIER_CONFIG_FILE} is missing): {FIX}")
     try:
-        return ClassifierInfo(**json.loads(file.read_text()))
-    except (json.JSONDecodeError, TypeError) as error:
-        raise UserError(f"{file} is not a classifier description ({error}): {FIX}") from None
+        info = ClassifierInfo(**json.loads(file.read_text()))
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as error:
+        raise UserError(f"{file} is not a classifier description ({error}); {FIX}") from None
+    try:
+        check_classifier_info(info)
+    except ValueError as error:
+        raise UserError(f"{file}: {error}; {FIX}") from None
+    return info
+
+
+def check_classifier_info(info: ClassifierInfo) -> None:
+    """Raise a ``ValueError`` naming the field of ``classifier.json`` that is of the wrong type or out of range.
+
+    The label key is a non-empty string without ``/`` (it names ``obs`` and ``obsm`` entries), the classes are two
+    or more distinct strings, ``embed_dim`` is at least 1 and ``hidden_dim`` at least 0 (0: a linear head).
+    """
+    check_types(info, "")
+    if not info.label_key or "/" in info.label_key:
+        raise ValueError(f"label_key must be a non-empty name without '/', got {info.label_key!r:.60}")
+    if len(info.classes) < 2:
+        raise ValueError(f"classes must name at least 2 classes, got {short_list(info.classes)}")
+    repeated = sorted({name for name in info.classes if info.classes.count(name) > 1})
+    if repeated:
+        raise ValueError(f"classes names {short_list(repeated)} more than once; each output of the head is one class")
+    check_number(info.embed_dim, "embed_dim", at_least=1)
+    check_number(info.hidden_dim, "hidden_dim", at_least=0, also="0: a linear head")
+
+
+def short_list(names: list, limit: int = SHOWN_CLASSES) -> str:
+    """``names`` for a message: all of them up to ``limit``, else the first ones and how many there are."""
+    if len(names) <= limit:
+        return repr(list(names))
+    shown = ", ".join(repr(name) for name in names[:limit])
+    return f"[{shown}, ...] ({len(names)} in all)"
 
 
 def load_classifier(path: str | Path, base_weights: str | Path) -> Classifier:
@@ -155,7 +190,8 @@ def load_classifier(path: str | Path, base_weights: str | Path) -> Classifier:
     ------
     UserError
         When a file is missing or unreadable, the head was trained for other classes than ``classifier.json``
-        lists, the adapters are not those it was trained with, or the base checkpoint is another one.
+        lists, the adapters are not those it was trained with, the base checkpoint is another one (other weights or
+        embedding width), or the head's weights do not fit its size or are not finite.
     """
     path = Path(path)
     info = read_classifier_info(path)
@@ -181,15 +217,34 @@ def load_classifier(path: str | Path, base_weights: str | Path) -> Classifier:
             f"{Path(base_weights).parent} (their weights differ): load it with --checkpoint-path "
             f"{info.base_checkpoint}"
         )
-    head = info.new_head()
-    try:
-        head.load_state_dict(head_state)
-    except RuntimeError as error:
-        reason = str(error).splitlines()[0]
-        raise UserError(f"{weights} does not fit {CLASSIFIER_CONFIG_FILE} ({reason}); {FIX}") from None
-    if not all(torch.isfinite(value).all() for value in head_state.values()):
+    check_embedding_width(info, Path(base_weights).parent)
+    with torch.device("meta"):  # shapes only: a hand-edited size allocates nothing before it is checked
+        expected = {key: tuple(value.shape) for key, value in info.new_head().state_dict().items()}
+    found = {key: tuple(value.shape) for key, value in head_state.items()}
+    if found != expected:
+        wrong = sorted(key for key in expected.keys() | found.keys() if expected.get(key) != found.get(key))
+        raise UserError(
+            f"{weights} does not fit {CLASSIFIER_CONFIG_FILE} ({wrong[0]}: {found.get(wrong[0], 'missing')}, "
+            f"expected {expected.get(wrong[0], 'no such tensor')}); {FIX}"
+        )
+    if not all(value.is_floating_point() and torch.isfinite(value).all() for value in head_state.values()):
         raise UserError(f"{weights} holds NaN or infinite values: train the classifier again with a lower --lr")
+    head = info.new_head()
+    head.load_state_dict(head_state)
     return Classifier(info, head.eval())
+
+
+def check_embedding_width(info: ClassifierInfo, checkpoint: Path) -> None:
+    """Refuse a head whose input width is not the cell-embedding width of the base checkpoint (its ``config.json``)."""
+    try:
+        embed_dim = TranscriptFormerConfig.from_json(checkpoint / CONFIG_FILE).model_config.embed_dim
+    except (OSError, ValueError):
+        return  # the checkpoint's own loading reports it, naming the file
+    if info.embed_dim != embed_dim:
+        raise UserError(
+            f"the classifier head takes cell embeddings of width {info.embed_dim}, but the checkpoint {checkpoint} "
+            f"embeds cells in width {embed_dim}: the classifier belongs to another model; {FIX}"
+        )
 
 
 def _read_head(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -200,5 +255,10 @@ def _read_head(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _describe(metadata: dict[str, str]) -> str:
-    classes = json.loads(metadata.get("classes", "[]"))
-    return f"{classes} of {metadata.get('label_key')!r}"
+    try:
+        classes = json.loads(metadata.get("classes", "[]"))
+    except json.JSONDecodeError:
+        classes = metadata.get("classes")
+    return (
+        f"{short_list(classes) if isinstance(classes, list) else repr(classes)[:80]} of {metadata.get('label_key')!r}"
+    )

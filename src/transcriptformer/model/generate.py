@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from transcriptformer.errors import UserError
 from transcriptformer.model.sampling import (
     cell_uniforms,
     filtered_probabilities,
@@ -33,6 +34,9 @@ from transcriptformer.model.sampling import (
     sample_zero_truncated_poisson,
 )
 from transcriptformer.model.transcriptformer import TranscriptFormer
+
+# Counts 1 .. this many are tabulated for one draw at most, when the checkpoint does not clip counts.
+MAX_COUNT_TABLE = 10_000_000
 
 
 @dataclass
@@ -137,6 +141,7 @@ def generate_cells(
             hidden = model.decode(tokens[:, i - 1], counts[:, i - 1], cache)
         uniforms = cell_uniforms(generators, 2, device)  # (B, 2): the gene's and the count's
         gene_logits = model.next_gene_logits(hidden).masked_fill(emitted, -torch.inf)
+        check_finite(gene_logits.isnan() | gene_logits.isposinf(), ~done, "gene-id logits", i)
         genes = sample_categorical(filtered_probabilities(gene_logits, **vars(sampler)), uniforms[:, 0])
         count_logits = model.count_logits(hidden, genes).double()
         if prompt is not None and i < prompt.tokens.shape[1]:
@@ -145,6 +150,7 @@ def generate_cells(
             count_logits = torch.where(forced, model.count_logits(hidden, genes).double(), count_logits)
         log_weights = torch.logaddexp(log_weights, count_logits)
         rate = mean_count * torch.exp(count_logits - log_weights) * (i + 1)
+        check_finite(~torch.isfinite(rate), ~done & (genes != special.end), "expected counts", i)
         cell_counts = sample_zero_truncated_poisson(rate, _count_bound(rate, max_count), uniforms[:, 1])
         if prompt is not None and i < prompt.counts.shape[1]:
             given = ~torch.isnan(prompt.counts[:, i]) & (prompt.tokens[:, i] != special.pad)
@@ -161,12 +167,44 @@ def generate_cells(
     return GeneratedCells(tokens, counts, ended)
 
 
+def check_finite(not_finite: Tensor, active: Tensor, what: str, step: int) -> None:
+    """Stop when a cell still being generated has a NaN or infinite value (``not_finite``: ``(B,)`` or ``(B, V)``).
+
+    Drawing from such values would give a cell that looks normal (the last gene at every step, say) but is not a
+    sample of the model; the batch loop of inference stops the same way.
+
+    Raises
+    ------
+    UserError
+        Naming what is not finite, for how many cells, and at which gene.
+    """
+    wrong = (not_finite.reshape(len(active), -1).any(dim=1) & active).sum()
+    if wrong:
+        raise UserError(
+            f"the model's {what} are NaN or infinite for {int(wrong)} of {len(active)} cells at gene {step + 1}, so "
+            "no gene can be drawn: the checkpoint's weights, its gene-embedding table or the library_size cause "
+            "it; check the checkpoint, or lower library_size"
+        )
+
+
 def _count_bound(rate: Tensor, max_count: float | None) -> int:
-    """Largest count drawn: ``max_count``, or (unclipped) far enough in the tail of the largest rate."""
+    """Largest count drawn: ``max_count``, or (unclipped) far enough in the tail of the largest rate.
+
+    Raises
+    ------
+    UserError
+        When, unclipped, the largest rate asks for a table of counts larger than :data:`MAX_COUNT_TABLE`.
+    """
     if max_count is not None:
         return max(1, int(max_count))
     largest = float(rate.max())
-    return int(largest + 12 * largest**0.5 + 20)
+    bound = largest + 12 * largest**0.5 + 20
+    if bound > MAX_COUNT_TABLE:
+        raise UserError(
+            f"a generated gene's expected count reaches {largest:.3g}, too large to draw for a checkpoint without "
+            "clip_counts: lower library_size (a cell's total count over its genes)"
+        )
+    return int(bound)
 
 
 def full_pass_output(model: TranscriptFormer, tokens: Tensor, counts: Tensor, aux_tokens: Tensor | None) -> Tensor:

@@ -15,16 +15,20 @@ without it.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from transcriptformer.config import check_number
 from transcriptformer.errors import UserError
 from transcriptformer.safe_load import check_safetensors
 
 if TYPE_CHECKING:
+    import torch
     from peft import PeftModel
     from torch import nn
 
@@ -72,6 +76,18 @@ model = transcriptformer.load("{base}", adapter="{path}")  # adapters merged int
 
 HEAD_MODULES = ("mu", "gene_id_head")
 
+# The keys of adapter_config.json that finetune sets, and those that only record where the adapters come from.
+# Every other peft option must keep peft's default: options such as DoRA, rsLoRA, rank or alpha patterns and
+# PiSSA-style initialisations change what the adapters compute, or rewrite the base weights when loaded.
+ADAPTER_SETTINGS = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")
+ADAPTER_RECORDS = ("peft_type", "base_model_name_or_path", "peft_version", "auto_mapping", "inference_mode")
+ADAPTER_RECORDS += ("revision", "task_type", "runtime_config")
+ADAPTER_FIX = "give --adapter a folder that 'transcriptformer finetune' saved for this checkpoint"
+# The names of rank, alpha and dropout: flags of finetune, keys of adapter_config.json.
+LORA_NUMBERS = ("lora_r", "lora_alpha", "lora_dropout")
+# The prefix of the module names in peft's saved weights.
+SAVED_PREFIX = "base_model.model."
+
 # Friendly names of the linear layers LoRA can adapt, as suffixes of module names (peft's matching rule).
 TARGET_ALIASES: dict[str, tuple[str, ...]] = {
     "attention": ("self_attn.linears.0", "self_attn.linears.1", "self_attn.linears.2", "self_attn.linears.3"),
@@ -111,10 +127,16 @@ class LoraSettings:
     train_heads: bool = False
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        check_lora_numbers(self.r, self.alpha, self.dropout)
+
+
+def check_lora_numbers(r: Any, alpha: Any, dropout: Any, names: tuple[str, str, str] = LORA_NUMBERS) -> None:
+    """Raise a ``ValueError`` naming the setting (by ``names``: rank, alpha, dropout) that is out of its range."""
+    if not isinstance(r, int) or isinstance(r, bool):
+        raise ValueError(f"{names[0]} must be a whole number >= 1, got {r!r:.40}")
+    check_number(r, names[0], at_least=1)
+    check_number(alpha, names[1], above=0, also="the update is alpha / r * B A")
+    check_number(dropout, names[2], at_least=0, below=1)
 
 
 def resolve_target_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
@@ -244,7 +266,9 @@ def load_adapters(
     FileNotFoundError
         When ``path`` holds no adapters.
     UserError
-        When the adapter weights hold NaN or infinite values.
+        Before the base weights change, when ``adapter_config.json`` is not plain LoRA as ``finetune`` writes it
+        (see :func:`read_adapter_config`), or the weights are not finite or do not fit ``model`` (another model,
+        width or rank); after merging, when a merged weight is not finite.
     """
     path = Path(path)
     missing = [name for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE) if not (path / name).is_file()]
@@ -252,17 +276,92 @@ def load_adapters(
         raise FileNotFoundError(f"{path} is not an adapter directory: {', '.join(missing)} missing")
     if merge and trainable:
         raise ValueError("merged adapters cannot stay trainable; pass merge=False to keep training them")
-    fix = "give --adapter a folder that 'transcriptformer finetune' saved"
-    check_safetensors(path / ADAPTER_WEIGHTS_FILE, what="the adapter weights", fix=fix)
-    check_finite_adapters(path / ADAPTER_WEIGHTS_FILE)
+    check_safetensors(path / ADAPTER_WEIGHTS_FILE, what="the adapter weights", fix=ADAPTER_FIX)
+    config = read_adapter_config(path / ADAPTER_CONFIG_FILE)
+    check_adapter_weights(path / ADAPTER_WEIGHTS_FILE, config, model)
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
     return merge_adapters(peft_model) if merge else peft_model
 
 
-def check_finite_adapters(weights_file: Path) -> None:
-    """Refuse adapter weights that hold NaN or infinite values (a diverged run), naming the first tensor."""
+def read_adapter_config(file: Path) -> dict[str, Any]:
+    """``adapter_config.json``, refused unless it describes LoRA adapters as ``finetune`` writes them.
+
+    Raises
+    ------
+    UserError
+        For a file that is not a JSON object, another peft type than LoRA, an option ``finetune`` does not write
+        (PiSSA-style initialisations rewrite the base weights at load), or a rank, alpha, dropout or target list
+        out of range.
+    """
+    try:
+        config = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{file} is not JSON ({error}); {ADAPTER_FIX}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{file} must hold a JSON object of peft settings; {ADAPTER_FIX}")
+    if config.get("peft_type") != "LORA":
+        raise UserError(
+            f"{file}: peft_type {config.get('peft_type')!r} is not supported: only LoRA adapters (peft_type LORA, "
+            f"as 'transcriptformer finetune' saves them) can be loaded; {ADAPTER_FIX}"
+        )
+    init = config.get("init_lora_weights", True)
+    if init is not True:
+        raise UserError(
+            f"{file}: init_lora_weights {init!r} is not supported: initialisations such as pissa, olora, loftq, eva "
+            "or corda rewrite the base weights when the adapters are loaded; adapters of 'transcriptformer "
+            "finetune' have init_lora_weights true"
+        )
+    changed = sorted(key for key, value in config.items() if _changes_lora(key, value))
+    if changed:
+        shown = ", ".join(f"{key}={config[key]!r:.40}" for key in changed[:4])
+        raise UserError(
+            f"{file} sets peft options that 'transcriptformer finetune' does not use ({shown}); they change what the "
+            f"adapters compute: remove them (plain LoRA: r, lora_alpha, lora_dropout, target_modules), or "
+            f"{ADAPTER_FIX}"
+        )
+    try:
+        numbers = config.get("r"), config.get("lora_alpha"), config.get("lora_dropout", 0.0)
+        check_lora_numbers(*numbers, names=("r", "lora_alpha", "lora_dropout"))
+    except ValueError as error:
+        raise UserError(f"{file}: {error}; {ADAPTER_FIX}") from None
+    targets, heads = config.get("target_modules"), config.get("modules_to_save") or []
+    for key, value in (("target_modules", targets), ("modules_to_save", heads)):
+        if not isinstance(value, list) or not all(isinstance(name, str) and name for name in value):
+            raise UserError(
+                f"{file}: {key} must be a list of module names, got {value!r:.60} (a regular expression is not "
+                f"supported); {ADAPTER_FIX}"
+            )
+    if not targets:
+        raise UserError(f"{file}: target_modules is empty, so the adapters change nothing; {ADAPTER_FIX}")
+    return config
+
+
+def _changes_lora(key: str, value: Any) -> bool:
+    """Whether the peft option ``key`` of ``adapter_config.json`` differs from plain LoRA."""
+    from peft import LoraConfig
+
+    if key in ADAPTER_SETTINGS or key in ADAPTER_RECORDS or key == "init_lora_weights":
+        return False
+    defaults = {item.name: item for item in dataclasses.fields(LoraConfig)}
+    if key in defaults:
+        item = defaults[key]
+        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        if value == default and type(value) is type(default):
+            return False
+    return not (value is None or value is False or value == {} or value == [])  # an option this peft lacks: off
+
+
+def check_adapter_weights(weights_file: Path, config: Mapping[str, Any], model: nn.Module) -> None:
+    """Check that the adapter weights are finite and fit ``model``: each targeted layer, its rank, the heads.
+
+    Raises
+    ------
+    UserError
+        When a tensor holds NaN or infinite values (a diverged run), the weights have another rank than
+        ``adapter_config.json``, or they belong to another model (layers it lacks, or of another width).
+    """
     import torch
     from safetensors.torch import load_file
 
@@ -273,11 +372,85 @@ def check_finite_adapters(weights_file: Path) -> None:
             f"{weights_file}: {len(bad)} adapter tensor(s) hold NaN or infinite values (first: {bad[0]}); they come "
             "from a diverged run: train them again with a lower --lr (and --gradient-clip on)"
         )
+    expected = expected_adapter_shapes(model, config, weights_file.parent / ADAPTER_CONFIG_FILE)
+    _check_rank(tensors, config["r"], weights_file)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    wrong = [key for key in expected if key in tensors and tuple(tensors[key].shape) != expected[key]]
+    if unexpected or wrong:
+        key = (unexpected or wrong)[0]
+        detail = f"shape {tuple(tensors[key].shape)} where the model needs {expected[key]}" if not unexpected else ""
+        detail = detail or "a layer this model does not have"
+        raise UserError(
+            f"{weights_file} does not fit the checkpoint ({len(unexpected) + len(wrong)} tensor(s), first: {key}: "
+            f"{detail}): the adapters were trained on another model; {ADAPTER_FIX}"
+        )
+    if missing:
+        raise UserError(
+            f"{weights_file} lacks {len(missing)} of the {len(expected)} tensors that adapter_config.json asks for "
+            f"(first: {missing[0]}): the file is incomplete or belongs to another config; {ADAPTER_FIX}"
+        )
+
+
+def expected_adapter_shapes(model: nn.Module, config: Mapping[str, Any], config_file: Path) -> dict[str, tuple]:
+    """The saved name and shape of every tensor that adapters of ``config`` have on ``model``."""
+    from torch import nn
+
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    targets = config["target_modules"]
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in linears):
+            raise UserError(
+                f"{config_file}: target_modules names {target!r}, which matches no linear layer of this model: the "
+                f"adapters were trained on another model; {ADAPTER_FIX}"
+            )
+    r, shapes = config["r"], {}
+    for name, module in linears.items():
+        if any(name == t or name.endswith("." + t) for t in targets):
+            shapes[f"{SAVED_PREFIX}{name}.lora_A.weight"] = (r, module.in_features)
+            shapes[f"{SAVED_PREFIX}{name}.lora_B.weight"] = (module.out_features, r)
+    for head in config.get("modules_to_save") or []:
+        if head not in HEAD_MODULES or getattr(model, head, None) is None:
+            present = [name for name in HEAD_MODULES if getattr(model, name, None) is not None]
+            raise UserError(
+                f"{config_file}: modules_to_save names {head!r}, not a head of this model ({present}); {ADAPTER_FIX}"
+            )
+        for name, parameter in getattr(model, head).named_parameters():
+            shapes[f"{SAVED_PREFIX}{head}.{name}"] = tuple(parameter.shape)
+    return shapes
+
+
+def _check_rank(tensors: Mapping[str, torch.Tensor], r: int, weights_file: Path) -> None:
+    """Refuse LoRA weights whose rank is not ``adapter_config.json``'s ``r``."""
+    ranks = {int(value.shape[0]) for key, value in tensors.items() if key.endswith("lora_A.weight") and value.ndim}
+    if ranks and ranks != {r}:
+        raise UserError(
+            f"{weights_file} holds adapters of rank {sorted(ranks)}, but adapter_config.json says r={r}: the config "
+            f"was edited or belongs to other weights; {ADAPTER_FIX}"
+        )
 
 
 def merge_adapters(model: PeftModel) -> TranscriptFormer:
-    """Fold the adapters (and trained heads) into the base weights; returns the plain base model."""
-    return model.merge_and_unload()
+    """Fold the adapters (and trained heads) into the base weights; returns the plain base model.
+
+    Raises
+    ------
+    UserError
+        When a merged weight is NaN or infinite (finite adapters can overflow once scaled by ``alpha / r``).
+    """
+    import torch
+
+    merged = model.merge_and_unload()
+    bad = [
+        key
+        for key, value in merged.state_dict().items()
+        if value.is_floating_point() and not torch.isfinite(value).all()
+    ]
+    if bad:
+        raise UserError(
+            f"merging the adapters gives NaN or infinite weights in {len(bad)} tensor(s) (first: {bad[0]}): their "
+            "update (lora_alpha / r * B A) overflows; check lora_alpha in adapter_config.json, or train them again"
+        )
+    return merged
 
 
 def base_model(model: nn.Module) -> TranscriptFormer:

@@ -20,6 +20,9 @@ def cell_uniforms(generators: list[np.random.Generator], n: int, device: torch.d
 def filtered_probabilities(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
     """``(B, V)`` logits -> ``(B, V)`` float64 probabilities after temperature, top-k and top-p (nucleus) filtering.
 
+    Rows of finite logits (``-inf`` for entries that cannot be drawn, at least one finite) give finite
+    probabilities for any finite ``temperature > 0``.
+
     Parameters
     ----------
     temperature
@@ -29,13 +32,15 @@ def filtered_probabilities(logits: Tensor, temperature: float, top_k: int, top_p
     top_p
         Keep the smallest set of most likely entries whose probability reaches ``top_p``; 1 keeps all.
     """
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    logits = logits.double()
+    # Shifted first, so that a temperature near 0 gives the most likely entry, not an overflow (inf - inf = NaN).
+    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     if top_k == 0 and top_p >= 1.0:
         return probs
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     keep = torch.ones_like(sorted_probs, dtype=torch.bool)
     if top_k > 0:
-        keep[:, top_k:] = False
+        keep[:, min(top_k, keep.shape[-1]) :] = False
     if top_p < 1.0:
         mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
         keep &= mass_before < top_p
