@@ -45,7 +45,9 @@ def split() -> dict:
 def build(split: dict, **settings) -> ReferenceIndex:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the reference's one-cell classes; tested below
-        return ReferenceIndex.build(split["reference"], split["reference_obs"], KEY, settings=AnnotateSettings(**settings))
+        return ReferenceIndex.build(
+            split["reference"], split["reference_obs"], KEY, settings=AnnotateSettings(**settings)
+        )
 
 
 def predicted(frame: pd.DataFrame, key: str = KEY) -> np.ndarray:
@@ -166,7 +168,11 @@ def test_saved_index_loads_back(split, tmp_path, approximate):
     assert sorted(p.name for p in folder.iterdir()) == ["index.faiss", "labels.npz", "manifest.json"]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["model_id"] == "sha256:abc"
-    assert (manifest["metric"], manifest["dimension"], manifest["n_cells"]) == ("euclidean", 50, len(split["reference"]))
+    assert (manifest["metric"], manifest["dimension"], manifest["n_cells"]) == (
+        "euclidean",
+        50,
+        len(split["reference"]),
+    )
     assert manifest["label_keys"] == [KEY, "major_brain_region"]
     assert manifest["exact"] is not approximate
     assert manifest["calibration"][KEY]["threshold"] == index.calibration[KEY].threshold

@@ -90,7 +90,9 @@ def _warn_small_classes(key: str, classes: np.ndarray, counts: np.ndarray) -> No
     if not len(small):
         return
     small = small[np.argsort(counts[small], kind="stable")]
-    named = ", ".join(f"{str(classes[i])!r} ({counts[i]} cell{'s' if counts[i] > 1 else ''})" for i in small[:NAMED_CLASSES])
+    named = ", ".join(
+        f"{str(classes[i])!r} ({counts[i]} cell{'s' if counts[i] > 1 else ''})" for i in small[:NAMED_CLASSES]
+    )
     more = f" and {len(small) - NAMED_CLASSES} more" if len(small) > NAMED_CLASSES else ""
     warnings.warn(
         f"label key {key!r}: {len(small)} reference classes have fewer than {SMALL_CLASS_CELLS} cells and are rarely "

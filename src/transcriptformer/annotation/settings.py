@@ -34,11 +34,14 @@ class AnnotateSettings:
         The calibration cells are held out in this many folds: each fold is labelled by the reference less the fold.
     exact_max_cells : int
         References of up to this many cells are searched exactly (every distance computed); larger ones through
-        an inverted-file index with 8-bit scalar quantisation (FAISS ``IVF<n_lists>,SQ8``), a quarter of the memory.
+        an approximate, compressed index (FAISS ``IVF<n_lists>,PQ<dimension/2>x4fs,Refine(SQ8)``: 1.25 bytes per
+        dimension instead of 4; see :mod:`transcriptformer.annotation.index`).
     n_lists : int or None
         Inverted lists (k-means clusters) of an approximate index; ``None``: the square root of the cell count.
     n_probe : int
         Inverted lists searched per query cell in an approximate index (more: slower, closer to exact search).
+    refine_factor : int
+        An approximate index ranks ``refine_factor * n_neighbors`` candidates by their 8-bit vectors.
     chunk_cells : int
         Reference cells read and added to the index at a time (memory use of the build).
     seed : int
@@ -54,7 +57,8 @@ class AnnotateSettings:
     exact_max_cells: int = 50_000
     n_lists: int | None = None
     n_probe: int = 32
-    chunk_cells: int = 50_000
+    refine_factor: int = 4
+    chunk_cells: int = 10_000
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -66,7 +70,7 @@ class AnnotateSettings:
             raise UserError(f"false_unknown_rate must be in [0, 1), not {self.false_unknown_rate}")
         if self.calibration_folds < 2:
             raise UserError(f"calibration_folds must be at least 2, not {self.calibration_folds}")
-        for name in ("calibration_cells", "n_probe", "chunk_cells"):
+        for name in ("calibration_cells", "n_probe", "refine_factor", "chunk_cells"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.n_lists is not None and self.n_lists < 1:
