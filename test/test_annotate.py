@@ -18,7 +18,7 @@ from sklearn.metrics import f1_score
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 import transcriptformer
-from transcriptformer.annotation import UNKNOWN, AnnotateSettings, ReferenceIndex
+from transcriptformer.annotation import UNKNOWN, AnnotateSettings, ReferenceIndex, summarize
 from transcriptformer.errors import UserError
 from transcriptformer.safe_load import load_npz
 
@@ -267,3 +267,20 @@ def test_api_defaults_are_the_settings_defaults():
     parameters = inspect.signature(transcriptformer.annotate).parameters
     for name in ("n_neighbors", "metric", "reject", "false_unknown_rate", "seed"):
         assert parameters[name].default == getattr(AnnotateSettings(), name), name
+
+
+def test_summary_counts_the_predicted_labels(split):
+    query = split["query"].copy()
+    query[0] = np.nan
+    with pytest.warns(UserWarning, match="1 of"):
+        frame = build(split).annotate(query)
+    summary = summarize(frame)[KEY]
+    labels = predicted(frame)
+    assert summary["cells"] == len(query) and summary["labelled"] == len(query) - 1
+    assert summary["unknown"] == (labels == UNKNOWN).sum() > 0
+    assert summary["unknown_rate"] == pytest.approx(summary["unknown"] / (len(query) - 1))
+    assert sum(summary["counts"].values()) == len(query) - 1
+    top = max(summary["counts"], key=summary["counts"].get)
+    assert list(summary["counts"])[0] == top and summary["counts"][top] == (labels == top).sum()
+    assert summary["mean_confidence"] == pytest.approx(np.nanmean(frame[f"{KEY}_confidence"]))
+    json.dumps(summary)

@@ -14,6 +14,7 @@ import pandas as pd
 from transcriptformer.annotation.index import Calibration, ReferenceIndex
 from transcriptformer.annotation.labels import Labels, LabelTable
 from transcriptformer.annotation.settings import METRICS, UNKNOWN, AnnotateSettings
+from transcriptformer.annotation.summary import summarize
 
 __all__ = [
     "METRICS",
@@ -23,6 +24,7 @@ __all__ = [
     "LabelTable",
     "ReferenceIndex",
     "annotate",
+    "summarize",
 ]
 
 
