@@ -351,7 +351,7 @@ class ReferenceIndex:
     def _calibrate(self, ids: np.ndarray, vectors: np.ndarray) -> dict[str, Calibration]:
         """Each key's threshold: held-out cells, in folds, are labelled by the rest; see ``false_unknown_rate``."""
         settings = self.settings
-        folds = np.array_split(np.arange(len(ids)), min(settings.calibration_folds, len(ids)))
+        folds = np.array_split(np.arange(len(ids)), max(1, min(settings.calibration_folds, len(ids))))
         neighbors = np.empty((len(ids), settings.n_neighbors), dtype=np.int64)
         distances = np.empty((len(ids), settings.n_neighbors), dtype=np.float32)
         for fold in folds:
