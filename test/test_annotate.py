@@ -284,3 +284,21 @@ def test_summary_counts_the_predicted_labels(split):
     assert list(summary["counts"])[0] == top and summary["counts"][top] == (labels == top).sum()
     assert summary["mean_confidence"] == pytest.approx(np.nanmean(frame[f"{KEY}_confidence"]))
     json.dumps(summary)
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_reference_read_in_chunks_from_hdf5(split, tmp_path, approximate):
+    """A reference in a file (as a backed .h5ad's obsm) is read a chunk at a time: the index is the same."""
+    import h5py
+
+    settings = {"chunk_cells": 100, **({"exact_max_cells": 100, "n_lists": 8} if approximate else {})}
+    with h5py.File(tmp_path / "reference.h5", "w") as f:
+        f["X"] = split["reference"]
+    with h5py.File(tmp_path / "reference.h5") as f:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from_file = ReferenceIndex.build(f["X"], split["reference_obs"], KEY, settings=AnnotateSettings(**settings))
+    in_memory = build(split, **settings)
+    assert from_file.exact is not approximate
+    assert from_file.calibration == in_memory.calibration
+    pd.testing.assert_frame_equal(from_file.annotate(split["query"]), in_memory.annotate(split["query"]))
