@@ -42,6 +42,7 @@ LAYERS = {
     "console": 0,
     "data": 1,
     "model": 2,
+    "annotation": 3,
     "checkpoint": 3,
     "pipeline": 3,
     "hub": 3,

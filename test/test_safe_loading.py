@@ -394,3 +394,21 @@ def test_zarr_pickle_codec_is_refused_where_numcodecs_would_unpickle(tmp_path, m
     assert all(words in message for words in zarr_refusal(store, consolidated)), message
     assert not marker.exists()
     assert_no_output(output)
+
+
+# Annotation indexes: labels.npz is read with allow_pickle=False, even when the manifest vouches for its SHA-256.
+
+
+def test_annotation_index_with_pickled_labels_is_refused(tmp_path, marker):
+    from transcriptformer.annotation import ReferenceIndex
+
+    vectors = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+    folder = ReferenceIndex.build(vectors, {"cell_type": ["a", "b"] * 20}).save(tmp_path / "index")
+    labels = folder / "labels.npz"
+    np.savez(labels, rows=np.arange(40), codes_0=np.zeros(40, dtype=np.int32), classes_0=np.array([Payload(marker)]))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["sha256"]["labels.npz"] = sha256_of(labels)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UnsafeFileError, match="labels.npz: refusing to unpickle annotation labels"):
+        ReferenceIndex.load(folder)
+    assert not marker.exists()

@@ -10,6 +10,7 @@ from transcriptformer.version import __version__ as __version__
 
 _EXPORTS = {
     "TranscriptFormerModel": "transcriptformer.api",
+    "annotate": "transcriptformer.annotation",
     "load": "transcriptformer.api",
     "Checkpoint": "transcriptformer.checkpoint",
     "load_checkpoint": "transcriptformer.checkpoint",
