@@ -1,0 +1,67 @@
+"""Bad settings of ``finetune`` and ``train``: one line naming the flag (or override) and the fix, before any work."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REFERENCE_DIR, REFERENCE_INPUT, TRAIN_CONFIG, tiny_train_overrides
+from test_user_errors import assert_one_line_error, run_cli
+
+FINETUNE = ["finetune", "--checkpoint-path", REFERENCE_DIR, "--train-files", REFERENCE_INPUT, "--devices", "cpu"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--epochs", "0"], ["--epochs must be >= 1, got 0"]),
+        (["--task", "classify", "--label-key", "cell_type", "--epochs", "0"], ["--epochs must be >= 1, got 0"]),
+        (["--epochs", "-1"], ["--epochs must be >= 1, got -1"]),
+        (["--max-steps", "-2"], ["--max-steps must be >= 1 (-1: no limit), got -2"]),
+        (["--max-steps", "0"], ["--max-steps must be >= 1"]),
+        (["--checkpoint-every-n-steps", "-1"], ["--checkpoint-every-n-steps must be >= 0"]),
+        (["--lr", "nan"], ["--lr must be > 0, got nan"]),
+        (["--lr", "inf"], ["--lr must be > 0, got inf"]),
+        (["--lr", "0"], ["--lr must be > 0"]),
+        (["--weight-decay", "-1"], ["--weight-decay must be >= 0"]),
+        (["--warmup-steps", "-3"], ["--warmup-steps must be >= 0"]),
+        (["--gradient-clip", "nan"], ["--gradient-clip must be >= 0 (0: off), got nan"]),
+        (["--early-stopping-patience", "-1"], ["--early-stopping-patience must be >= 0"]),
+        (["--val-fraction", "nan"], ["--val-fraction must be >= 0 and < 1, got nan"]),
+        (["--num-nodes", "0"], ["--num-nodes must be >= 1"]),
+        (["--lora-alpha", "nan"], ["--lora-alpha must be > 0, got nan"]),
+        (["--lora-dropout", "nan"], ["--lora-dropout"]),
+        (["--seed", "-1"], ["--seed must be >= 0 and < 4294967296, got -1"]),
+        (["--seed", "99999999999"], ["--seed must be >= 0 and < 4294967296"]),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) and value[0].startswith("--") else None,
+)
+def test_finetune_settings_out_of_range_are_one_line_errors_before_any_work(capsys, tmp_path, flags, words):
+    output = tmp_path / "adapters"
+    code, err = run_cli(capsys, *FINETUNE, "--output-path", output, *flags)
+    assert_one_line_error(code, err, "finetune", *words)
+    assert not output.exists()  # refused before the run made its folder
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("optim.lr=nan", ["optim.lr must be > 0, got nan"]),
+        ("optim.min_lr_ratio=2", ["optim.min_lr_ratio must be <= 1"]),
+        ("optim.betas=[0.9,1.5]", ["optim.betas must be two numbers"]),
+        ("trainer.max_epochs=-1", ["trainer.max_epochs must be >= 1, got -1"]),
+        ("trainer.max_steps=-5", ["trainer.max_steps must be >= 1 (-1: no limit), got -5"]),
+        ("trainer.checkpoint_every_n_steps=-1", ["trainer.checkpoint_every_n_steps must be >= 0"]),
+        ("trainer.keep_checkpoints=-2", ["trainer.keep_checkpoints must be >= -1"]),
+        ("trainer.log_every_n_steps=0", ["trainer.log_every_n_steps must be >= 1"]),
+        ("trainer.seed=-1", ["trainer.seed must be >= 0 and < 4294967296"]),
+        ("trainer.seed=99999999999", ["trainer.seed must be >= 0 and < 4294967296"]),
+        ("data.num_workers=-1", ["data.num_workers must be >= 0"]),
+        ("data.batch_size=0", ["data.batch_size must be >= 1"]),
+    ],
+)
+def test_train_overrides_out_of_range_are_one_line_errors_not_a_complete_dry_run(capsys, tmp_path, override, words):
+    output = tmp_path / "model"
+    overrides = tiny_train_overrides(output, override)
+    code, err = run_cli(capsys, "train", "--config", TRAIN_CONFIG, "--dry-run", *overrides)
+    assert_one_line_error(code, err, "train", *words)
+    assert not Path(output).exists()
