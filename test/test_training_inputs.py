@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
+import anndata as ad
 import pytest
 
-from conftest import REFERENCE_DIR, REFERENCE_INPUT, TRAIN_CONFIG, tiny_train_overrides
+from conftest import DATA_DIR, REFERENCE_DIR, REFERENCE_INPUT, TRAIN_CONFIG, tiny_train_overrides
 from test_user_errors import assert_one_line_error, run_cli
 
 FINETUNE = ["finetune", "--checkpoint-path", REFERENCE_DIR, "--train-files", REFERENCE_INPUT, "--devices", "cpu"]
@@ -65,3 +66,16 @@ def test_train_overrides_out_of_range_are_one_line_errors_not_a_complete_dry_run
     code, err = run_cli(capsys, "train", "--config", TRAIN_CONFIG, "--dry-run", *overrides)
     assert_one_line_error(code, err, "train", *words)
     assert not Path(output).exists()
+
+
+def test_a_label_column_of_120_small_classes_is_named_in_a_short_line(capsys, tmp_path):
+    cells = ad.read_h5ad(DATA_DIR / "mouse_brain_1k.h5ad")[:240].copy()
+    cells.obs["many"] = [f"type{i % 120}" for i in range(cells.n_obs)]
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    demo = DATA_DIR.parent.parent / "models" / "demo-mouse-brain"
+    args = ["--checkpoint-path", demo, "--train-files", tmp_path / "cells.h5ad", "--devices", "cpu"]
+    code, err = run_cli(capsys, "finetune", *args, "--task", "classify", "--label-key", "many", "--output-path",
+                        tmp_path / "classifier")  # fmt: skip
+    assert_one_line_error(code, err, "finetune", "'many'", "0 class(es) of at least 10 cells", "and 112 more")
+    assert len(err.strip().splitlines()[-1]) < 500
+    assert not (tmp_path / "classifier").exists()
