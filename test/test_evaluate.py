@@ -249,6 +249,7 @@ ENTRY = "give --obsm-key the key of a cell embedding"
         (["--seed", "-1"], ["--seed must be >= 0 and < 4294967296"]),
         (["--seed", str(2**64)], ["--seed must be >= 0 and < 4294967296"]),
         (["--label-key", "many"], ["'many' has 0 class(es) of at least 10 cells", "'type0': 2"]),
+        (["--data-file", "no_counts"], ["--data-file has no counts (no X, no raw.X)", "give --data-file"]),
         (["--batch-key", "missing"], ["'missing' is not an obs column", "and 62 more"]),
     ],
     ids=[
@@ -262,6 +263,7 @@ ENTRY = "give --obsm-key the key of a cell embedding"
         "negative-seed",
         "huge-seed",
         "120-labels",
+        "no-counts",
         "many-columns",
     ],  # fmt: skip
 )
@@ -269,10 +271,16 @@ def test_bad_embeddings_and_settings_are_one_line_errors_before_any_compute(caps
                                                                                words):  # fmt: skip
     output = tmp_path / "evaluation"
     label = [] if "--label-key" in args else ["--label-key", "cell_type"]
-    code, err = run_cli(capsys, "evaluate", "--data-file", odd_embeddings, *label, *args, "--output-path", output)
+    if "no_counts" in args:  # an inference output: embeddings and labels, no genes
+        cells = ad.read_h5ad(odd_embeddings)
+        ad.AnnData(obs=cells.obs, obsm={"good": cells.obsm["good"]}).write_h5ad(tmp_path / "no_counts.h5ad")
+        args = ["--data-file", tmp_path / "no_counts.h5ad", "--obsm-key", "good"]
+    else:
+        args = ["--data-file", odd_embeddings, *args]
+    code, err = run_cli(capsys, "evaluate", *label, *args, "--output-path", output)
     assert_one_line_error(code, err, "evaluate", *words)
     assert len(err.strip().splitlines()[-1]) < 400  # no line listing every label or column
-    assert "PCA baseline" not in err  # refused before the first embedding is computed
+    assert "embedding the cells" not in err  # refused before any model runs
     assert not output.exists()
 
 

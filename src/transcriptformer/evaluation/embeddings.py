@@ -103,7 +103,8 @@ def read_cells(config: EvaluateConfig) -> Cells:
 def gather_embeddings(cells: Cells, config: EvaluateConfig) -> list[Embedding]:
     """Every embedding of the run, named uniquely: checkpoints, adapters, ``obsm`` keys, ``esm2ce``, PCA."""
     stored = list(obsm_embeddings(cells.adata, config.obsm_key))  # checked before any model runs
-    embeddings = [*checkpoint_embeddings(cells.adata, config), *stored, pca_embedding(cells.adata, config)]
+    pca = pca_embedding(cells.adata, config)  # and the counts, by the baseline that needs the fewest
+    embeddings = [*checkpoint_embeddings(cells.adata, config), *stored, pca]
     seen: dict[str, int] = {}
     for embedding in embeddings:
         seen[embedding.name] = seen.get(embedding.name, 0) + 1
@@ -132,7 +133,7 @@ def stored_embedding(adata: ad.AnnData, key: str) -> np.ndarray:
     """
     values = adata.obsm[key]
     values = values.toarray() if hasattr(values, "toarray") else np.asarray(values)
-    fix = "give --obsm-key the key of a cell embedding (one row of numbers per cell)"
+    fix = "give obsm_key the key of a cell embedding (one row of numbers per cell)"
     if values.ndim != 2 or values.shape[1] == 0:
         raise UserError(f"obsm_key {key!r} holds an array of shape {values.shape}, not an embedding: {fix}")
     if values.dtype.kind not in "biuf":
@@ -185,8 +186,13 @@ def pca_embedding(adata: ad.AnnData, config: EvaluateConfig) -> Embedding:
     import scanpy as sc
 
     say("PCA baseline")
+    fix = "give data_file the cells' counts (raw.X or X), beside the labels"
+    if adata.X is None and adata.raw is None:
+        raise UserError(f"data_file has no counts (no X, no raw.X), which the PCA baseline needs: {fix}")
     with open_counts(adata) as reader:
         counts = ad.AnnData(reader.rows(0, reader.n_obs).astype(np.float32), var=pd.DataFrame(index=reader.var.index))
+    if counts.n_vars < 2 or counts.X.sum() == 0:
+        raise UserError(f"data_file has {counts.n_vars} gene(s) and {counts.X.sum():g} counts: too few for PCA: {fix}")
     counts.var_names_make_unique()
     sc.pp.normalize_total(counts)
     sc.pp.log1p(counts)
