@@ -79,3 +79,25 @@ def test_a_label_column_of_120_small_classes_is_named_in_a_short_line(capsys, tm
     assert_one_line_error(code, err, "finetune", "'many'", "0 class(es) of at least 10 cells", "and 112 more")
     assert len(err.strip().splitlines()[-1]) < 500
     assert not (tmp_path / "classifier").exists()
+
+
+def test_resume_from_a_missing_or_foreign_checkpoint_is_one_line(capsys, tmp_path):
+    output = tmp_path / "adapters"
+    code, err = run_cli(capsys, *FINETUNE, "--output-path", output, "--resume", "last")
+    assert_one_line_error(code, err, "finetune", "no last.ckpt in", "to resume from")
+    assert not output.exists()  # checked before any work
+    for text in ("not a checkpoint\n", "root:x:0:0:root:/root:/bin/bash\n"):  # torch fails in two ways on these
+        (tmp_path / "notes.txt").write_text(text)
+        code, err = run_cli(capsys, *FINETUNE, "--output-path", output, "--resume", tmp_path / "notes.txt")
+        assert_one_line_error(code, err, "finetune", "notes.txt", "give --resume a checkpoint that this tool")
+    assert not list(output.rglob("adapter_*"))
+
+
+def test_a_classification_head_too_large_for_memory_is_one_line(capsys, tmp_path):
+    demo = DATA_DIR.parent.parent / "models" / "demo-mouse-brain"
+    cells = DATA_DIR / "mouse_brain_1k.h5ad"
+    args = ["--checkpoint-path", demo, "--train-files", cells, "--devices", "cpu", "--task", "classify"]
+    code, err = run_cli(capsys, "finetune", *args, "--label-key", "cell_type", "--head-hidden-dim", 10**12,
+                        "--output-path", tmp_path / "classifier")  # fmt: skip
+    assert_one_line_error(code, err, "finetune", "does not fit in memory", "smaller --head-hidden-dim")
+    assert not (tmp_path / "classifier").exists()

@@ -58,7 +58,7 @@ from transcriptformer.training.datamodule import CellDataModule, build_datasets
 from transcriptformer.training.module import TranscriptFormerModule
 from transcriptformer.training.objective import LossTerms, ObjectiveTerms
 from transcriptformer.training.scratch import new_checkpoint
-from transcriptformer.training.trainer import TrainedOutput, dry_run, fit, resolve_hardware
+from transcriptformer.training.trainer import TrainedOutput, check_resume, dry_run, fit, resolve_hardware
 
 RUN_DIR_NAME = "training_run"
 # The files of a fine-tuning output, in the order they are moved into place: adapter_config.json, which makes the
@@ -175,6 +175,8 @@ def run_pretraining(
             f"{output} already holds a checkpoint; choose another output_dir, or pass --overwrite to replace it"
         )
     require_training_files(cfg.data)
+    if not dry_run_only:
+        check_resume(cfg.trainer, run_dir_of(cfg.trainer, output))
     require_trainable_attention(cfg.trainer)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     adatas = [read_anndata(path) for path in cfg.data.train_files]
@@ -217,6 +219,7 @@ def run_finetuning(
     output = Path(cfg.output_path)
     if not dry_run_only:
         check_adapter_output(output, overwrite)
+        check_resume(cfg.trainer, run_dir_of(cfg.trainer, output))
     require_trainable_attention(cfg.trainer)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # the initial adapter (and head) weights
     checkpoint = load_checkpoint(cfg.checkpoint_path, attention_backend=cfg.trainer.attention_backend)
@@ -333,7 +336,15 @@ def classification_run(
     """
     settings = cfg.classify
     embed_dim = checkpoint.config.model_config.embed_dim
-    head = ClassifierHead(embed_dim, len(labels.classes), settings.head_hidden_dim)
+    try:
+        head = ClassifierHead(embed_dim, len(labels.classes), settings.head_hidden_dim)
+    except RuntimeError as error:  # torch's allocation failure, CUDA's out-of-memory error among them
+        if "allocate" not in str(error):
+            raise
+        raise UserError(
+            f"a classification head of head_hidden_dim {settings.head_hidden_dim} does not fit in memory; choose a "
+            "smaller --head-hidden-dim (0: a linear head)"
+        ) from None
     weights = class_weights(training_labels(data), len(labels.classes), settings.class_weights)
     module = ClassificationModule(model, head, weights, cfg.optim, cfg.trainer.seed)
     base_sha256 = sha256_of(checkpoint.path / WEIGHTS_FILE)

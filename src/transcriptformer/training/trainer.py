@@ -368,15 +368,11 @@ def fit(
         With the code 143 when SIGTERM stopped training (what was trained is saved, see :class:`KeepWorkOnFailure`).
     """
     use_cpu_threads(reserved=data.num_workers)  # several processes: Lightning's launcher shares the CPUs instead
+    check_resume(settings, run_dir)
     trainer = build_trainer(settings, run_dir, data.has_validation, output, callbacks, module.monitor)
     trainer.logger.log_hyperparams(hparams)
-    resume = settings.resume
-    if resume is not None and resume != "last" and not Path(resume).is_file():
-        raise FileNotFoundError(f"no checkpoint to resume from at {resume}")
-    if resume == "last" and not (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
-        raise FileNotFoundError(f"no last.ckpt in {run_dir / CHECKPOINT_DIR} to resume from")
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=resume)
+        trainer.fit(module, datamodule=data, ckpt_path=settings.resume)
     except SIGTERMException:  # Lightning's SystemExit without a code would end the command with 0
         raise SystemExit(SIGTERM_EXIT_CODE) from None
     if trainer.is_global_zero:
@@ -386,6 +382,21 @@ def fit(
         require_finite_weights(module, f"the trained {output.what}")
         output.save(output.path)
     return trainer
+
+
+def check_resume(settings: TrainerSettings, run_dir: Path) -> None:
+    """Fail before any work when the checkpoint to resume from is not there.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``settings.resume`` names no file, or is ``"last"`` and ``run_dir`` holds no ``last.ckpt``.
+    """
+    resume = settings.resume
+    if resume is not None and resume != "last" and not Path(resume).is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from at {resume}")
+    if resume == "last" and not (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
+        raise FileNotFoundError(f"no last.ckpt in {run_dir / CHECKPOINT_DIR} to resume from")
 
 
 def dry_run(module: TranscriptFormerModule, data: CellDataModule, device: torch.device) -> ObjectiveTerms:
