@@ -139,7 +139,8 @@ def test_finetune_is_quiet_by_default_and_writes_a_model_card(tmp_path, capfd, m
     assert err.count(SLOW_PRECISION) == 1  # and float16 trained on the CPU, as asked
     assert out.rstrip().endswith("adapters saved to adapters")
     adapters = tmp_path / "adapters"
-    modes = {name: stat.S_IMODE((adapters / name).stat().st_mode) for name in os.listdir(adapters) if "." in name}
+    files = [name for name in os.listdir(adapters) if "." in name and not name.startswith(".")]  # not the lock
+    modes = {name: stat.S_IMODE((adapters / name).stat().st_mode) for name in files}
     assert modes == {ADAPTER_CONFIG_FILE: 0o664, ADAPTER_WEIGHTS_FILE: 0o664, MODEL_CARD_FILE: 0o664}
     card = (adapters / MODEL_CARD_FILE).read_text()
     assert "More Information Needed" not in card

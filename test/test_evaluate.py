@@ -217,6 +217,91 @@ def test_user_mistakes_are_one_line_errors(capsys, tmp_path, args, words):
     assert not output.exists()
 
 
+@pytest.fixture(scope="module")
+def odd_embeddings(tmp_path_factory) -> Path:
+    """200 mouse brain cells with embeddings in obsm that no task can use, and a column of 120 labels."""
+    cells = ad.read_h5ad(MOUSE_BRAIN)[:200].copy()
+    good = np.random.default_rng(0).normal(size=(cells.n_obs, 8))
+    cells.obsm["no_columns"] = np.zeros((cells.n_obs, 0))
+    cells.obsm["infinite"] = np.where(np.arange(8) == 0, np.inf, good)
+    cells.obsm["beyond_float32"] = np.full((cells.n_obs, 3), 1e300)
+    cells.obsm["all_nan"] = np.full((cells.n_obs, 3), np.nan)
+    cells.obsm["complex"] = good.astype(np.complex64)
+    cells.obsm["good"] = good
+    cells.obs["many"] = [f"type{i % 120}" for i in range(cells.n_obs)]
+    for column in range(40):
+        cells.obs[f"extra_{column}"] = 0
+    path = tmp_path_factory.mktemp("odd") / "odd.h5ad"
+    cells.write_h5ad(path)
+    return path
+
+
+ENTRY = "give --obsm-key the key of a cell embedding"
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--obsm-key", "no_columns"], ["--obsm-key 'no_columns' holds an array of shape (200, 0)", ENTRY]),
+        (["--obsm-key", "infinite"], ["--obsm-key 'infinite' holds infinite values", ENTRY]),
+        (["--obsm-key", "beyond_float32"], ["--obsm-key 'beyond_float32' holds infinite values", "float32"]),
+        (["--obsm-key", "all_nan"], ["--obsm-key 'all_nan' is NaN for every cell", ENTRY]),
+        (["--obsm-key", "complex"], ["--obsm-key 'complex' holds complex64 values, not real numbers", ENTRY]),
+        (["--obsm-key", "good", "--obsm-key", "good"], ["--obsm-key 'good' is given twice"]),
+        (["--checkpoint-path", DEMO, "--checkpoint-path", DEMO], ["--checkpoint-path", "is given twice"]),
+        (["--seed", "-1"], ["--seed must be >= 0 and < 4294967296"]),
+        (["--seed", str(2**64)], ["--seed must be >= 0 and < 4294967296"]),
+        (["--label-key", "many"], ["'many' has 0 class(es) of at least 10 cells", "'type0': 2"]),
+        (["--data-file", "no_counts"], ["--data-file has no counts (no X, no raw.X)", "give --data-file"]),
+        (["--batch-key", "missing"], ["'missing' is not an obs column", "and 62 more"]),
+    ],
+    ids=[
+        "0-columns",
+        "inf",
+        "beyond-float32",
+        "all-nan",
+        "complex",
+        "obsm-twice",
+        "checkpoint-twice",
+        "negative-seed",
+        "huge-seed",
+        "120-labels",
+        "no-counts",
+        "many-columns",
+    ],  # fmt: skip
+)
+def test_bad_embeddings_and_settings_are_one_line_errors_before_any_compute(capsys, tmp_path, odd_embeddings, args,
+                                                                               words):  # fmt: skip
+    output = tmp_path / "evaluation"
+    label = [] if "--label-key" in args else ["--label-key", "cell_type"]
+    if "no_counts" in args:  # an inference output: embeddings and labels, no genes
+        cells = ad.read_h5ad(odd_embeddings)
+        ad.AnnData(obs=cells.obs, obsm={"good": cells.obsm["good"]}).write_h5ad(tmp_path / "no_counts.h5ad")
+        args = ["--data-file", tmp_path / "no_counts.h5ad", "--obsm-key", "good"]
+    else:
+        args = ["--data-file", odd_embeddings, *args]
+    code, err = run_cli(capsys, "evaluate", *label, *args, "--output-path", output)
+    assert_one_line_error(code, err, "evaluate", *words)
+    assert len(err.strip().splitlines()[-1]) < 400  # no line listing every label or column
+    assert "embedding the cells" not in err  # refused before any model runs
+    assert not output.exists()
+
+
+def test_the_report_folder_is_its_own(capsys, tmp_path, monkeypatch):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    code, err = run_cli(capsys, "evaluate", "--data-file", MOUSE_BRAIN, "--label-key", "cell_type", "--output-path",
+                        folder, "--overwrite")  # fmt: skip
+    assert_one_line_error(code, err, "evaluate", "holds files that are not an evaluation report (notes.txt)")
+    assert sorted(path.name for path in folder.iterdir()) == ["notes.txt"]
+    monkeypatch.chdir(folder)
+    code, err = run_cli(
+        capsys, "evaluate", "--data-file", MOUSE_BRAIN, "--label-key", "cell_type", "--output-path", "."
+    )
+    assert_one_line_error(code, err, "evaluate", "holds the working folder", "./evaluation")
+
+
 @pytest.mark.slow  # the demo_report fixture: two minutes or more on two cores
 def test_a_report_is_not_overwritten_unless_asked(capsys, demo_report, mouse_cells):
     output = demo_report[2]

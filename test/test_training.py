@@ -223,12 +223,13 @@ def test_resume_continues_exactly(reference_dir, reference_input, tmp_path, monk
 
 
 def test_early_stopping_accumulation_and_bf16_on_cpu(reference_dir, reference_input, tmp_path):
-    # lr 0: the validation loss never improves, so training stops after 1 + patience validations.
+    # lr 1e-30 (lr 0 is refused): steps too small to change the loss, so the validation loss never improves and
+    # training stops after 1 + patience validations.
     config = FinetuneConfig(
         checkpoint_path=str(reference_dir),
         output_path=str(tmp_path / "adapters"),
         data=DataSettings(train_files=[str(reference_input)], val_fraction=0.25, batch_size=8),
-        optim=OptimSettings(lr=0.0),
+        optim=OptimSettings(lr=1e-30),
         trainer=TrainerSettings(
             devices="cpu",
             precision="bf16-mixed",

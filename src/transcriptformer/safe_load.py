@@ -74,7 +74,7 @@ def load_torch_file(path: str | Path, *, what: str, fix: str, allowed_globals: S
                 f"and unpickling it could run code; {fix}"
             ) from None
         raise _unreadable(path, what, fix) from err
-    except (EOFError, KeyError, RuntimeError) as err:  # empty, text (KeyError), truncated zip (RuntimeError)
+    except (EOFError, KeyError, IndexError, RuntimeError) as err:  # empty, text (KeyError, IndexError), truncated
         raise _unreadable(path, what, fix) from err
 
 

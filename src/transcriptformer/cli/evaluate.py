@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 
 from transcriptformer.cli.common import add_overwrite_argument, positive_int
+from transcriptformer.errors import UserError
 from transcriptformer.evaluation.config import EvaluateConfig
 from transcriptformer.runtime import DEVICES
 
@@ -94,7 +95,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from transcriptformer.evaluation.run import evaluate
 
     names = {field.name for field in dataclasses.fields(EvaluateConfig)}
-    config = EvaluateConfig(**{name: value for name, value in vars(args).items() if name in names})
+    try:
+        config = EvaluateConfig(**{name: value for name, value in vars(args).items() if name in names})
+    except ValueError as error:  # its messages start with the setting's name
+        name, _, rest = str(error).partition(" ")
+        raise UserError(f"--{name.replace('_', '-')} {rest}" if name in names else str(error)) from None
     results = evaluate(config)
     print(format_table(results))
     print(f"report written to {config.output_path}: {', '.join(REPORT_FILES)}")

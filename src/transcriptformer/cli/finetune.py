@@ -10,6 +10,7 @@ r"""``transcriptformer finetune``: train LoRA adapters on a checkpoint with your
 from __future__ import annotations
 
 import argparse
+import re
 
 from transcriptformer.cli.common import (
     USE_RAW,
@@ -20,6 +21,7 @@ from transcriptformer.cli.common import (
     positive_int,
     print_dry_run,
 )
+from transcriptformer.errors import UserError
 from transcriptformer.model.lora import TARGET_ALIASES, LoraSettings
 from transcriptformer.runtime import BACKENDS, PRECISIONS
 from transcriptformer.training.config import (
@@ -31,6 +33,15 @@ from transcriptformer.training.config import (
     OptimSettings,
     TrainerSettings,
 )
+
+# The settings whose flag is not ``--<name>`` (or ``--lora-<name>``); the messages of LoraSettings name no section.
+FLAG_OF_SETTING = {
+    "trainer.max_epochs": "--epochs",
+    "trainer.gradient_clip_val": "--gradient-clip",
+    "LoRA rank": "--lora-r",
+    "LoRA dropout": "--lora-dropout",
+}
+SETTING = re.compile(r"\b(?:data|optim|trainer|lora|classify)\.(\w+)|LoRA rank|LoRA dropout")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -260,7 +271,11 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.output_path and not args.dry_run:
         raise ValueError("--output-path is required (unless --dry-run)")
-    result = run_finetuning(config_from_args(args), dry_run_only=args.dry_run, overwrite=args.overwrite)
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        raise UserError(with_flag_of_setting(str(error))) from None
+    result = run_finetuning(config, dry_run_only=args.dry_run, overwrite=args.overwrite)
     if args.dry_run:
         print_dry_run(result)
     else:
@@ -269,3 +284,17 @@ def run(args: argparse.Namespace) -> int:
         if rank_zero_only.rank == 0:  # under DDP, every process returns here
             print(f"{'classifier' if args.task == 'classify' else 'adapters'} saved to {result}")
     return 0
+
+
+def with_flag_of_setting(message: str) -> str:
+    """``message`` with each setting it names (``trainer.max_epochs``, ``optim.lr``) named by its flag instead."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_finetune_arguments(parser)
+    flags = {option for action in parser._actions for option in action.option_strings}
+
+    def flag(match: re.Match) -> str:
+        name = match.group(1) or ""
+        candidates = [FLAG_OF_SETTING.get(match.group(0)), f"--{name.replace('_', '-')}", f"--lora-{name}"]
+        return next((option for option in candidates if option in flags), match.group(0))
+
+    return SETTING.sub(flag, message)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from transcriptformer.config import PredictSettings
 from transcriptformer.runtime import DEVICES
+from transcriptformer.training.config import SEED_LIMIT
 
 # cz-benchmarks' defaults (src/czbenchmarks/tasks/constants.py: RANDOM_SEED, N_FOLDS, MIN_CLASS_SIZE) and its PCA
 # baseline (src/czbenchmarks/tasks/utils.py: run_standard_scrna_workflow: 3,000 genes, 50 components).
@@ -105,3 +106,9 @@ class EvaluateConfig:
         for name in ("batch_key", "species_key"):
             if getattr(self, name) == self.label_key:
                 raise ValueError(f"{name} is the label column {self.label_key!r}: name another obs column")
+        for name in ("checkpoint_path", "adapter", "obsm_key"):
+            repeated = sorted({value for value in getattr(self, name) if getattr(self, name).count(value) > 1})
+            if repeated:
+                raise ValueError(f"{name} {repeated[0]!r} is given twice: give each one once")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed must be >= 0 and < {SEED_LIMIT} (numpy's seeds), got {self.seed}")

@@ -21,7 +21,7 @@ from transcriptformer.config import PredictSettings
 from transcriptformer.console import say
 from transcriptformer.data.hdf5 import open_hdf5
 from transcriptformer.data.sources import H5AD, open_counts
-from transcriptformer.errors import UserError
+from transcriptformer.errors import UserError, first_few
 from transcriptformer.evaluation.config import EvaluateConfig
 from transcriptformer.pipeline import predict_positions
 
@@ -86,7 +86,7 @@ def read_cells(config: EvaluateConfig) -> Cells:
     for name, column in given.items():
         if column not in adata.obs:
             raise KeyError(
-                f"{name} {column!r} is not an obs column of {path}; its columns: {', '.join(map(str, adata.obs))}"
+                f"{name} {column!r} is not an obs column of {path}; its columns: {first_few(list(adata.obs))}"
             )
     annotated = np.logical_and.reduce([adata.obs[column].notna().to_numpy() for column in given.values()])
     if not annotated.all():
@@ -103,7 +103,8 @@ def read_cells(config: EvaluateConfig) -> Cells:
 def gather_embeddings(cells: Cells, config: EvaluateConfig) -> list[Embedding]:
     """Every embedding of the run, named uniquely: checkpoints, adapters, ``obsm`` keys, ``esm2ce``, PCA."""
     stored = list(obsm_embeddings(cells.adata, config.obsm_key))  # checked before any model runs
-    embeddings = [*checkpoint_embeddings(cells.adata, config), *stored, pca_embedding(cells.adata, config)]
+    pca = pca_embedding(cells.adata, config)  # and the counts, by the baseline that needs the fewest
+    embeddings = [*checkpoint_embeddings(cells.adata, config), *stored, pca]
     seen: dict[str, int] = {}
     for embedding in embeddings:
         seen[embedding.name] = seen.get(embedding.name, 0) + 1
@@ -116,13 +117,34 @@ def obsm_embeddings(adata: ad.AnnData, keys: list[str]) -> Iterator[Embedding]:
     """The embeddings stored under ``keys`` of ``adata.obsm``."""
     for key in keys:
         if key not in adata.obsm:
-            available = ", ".join(adata.obsm) or "none"
+            available = first_few(list(adata.obsm)) or "none"
             raise KeyError(f"obsm_key {key!r} is not in the file's obsm (its keys: {available})")
-        values = adata.obsm[key]
-        values = values.toarray() if hasattr(values, "toarray") else np.asarray(values)
-        if values.ndim != 2:
-            raise ValueError(f"obsm[{key!r}] has shape {values.shape}; an embedding has one row per cell")
-        yield Embedding(key, f"obsm[{key!r}]", values.astype(np.float32))
+        yield Embedding(key, f"obsm[{key!r}]", stored_embedding(adata, key))
+
+
+def stored_embedding(adata: ad.AnnData, key: str) -> np.ndarray:
+    """``adata.obsm[key]`` as float32, once known to be an embedding that the tasks can use.
+
+    Raises
+    ------
+    UserError
+        When it is not a table of real numbers with a column or more, holds infinite values (or values beyond
+        float32), or is NaN for every cell.
+    """
+    values = adata.obsm[key]
+    values = values.toarray() if hasattr(values, "toarray") else np.asarray(values)
+    fix = "give obsm_key the key of a cell embedding (one row of numbers per cell)"
+    if values.ndim != 2 or values.shape[1] == 0:
+        raise UserError(f"obsm_key {key!r} holds an array of shape {values.shape}, not an embedding: {fix}")
+    if values.dtype.kind not in "biuf":
+        raise UserError(f"obsm_key {key!r} holds {values.dtype} values, not real numbers: {fix}")
+    with np.errstate(over="ignore"):
+        values = values.astype(np.float32)
+    if np.isinf(values).any():
+        raise UserError(f"obsm_key {key!r} holds infinite values (or values beyond float32): {fix}")
+    if np.isnan(values).any(axis=1).all():
+        raise UserError(f"obsm_key {key!r} is NaN for every cell: {fix}")
+    return values
 
 
 def checkpoint_embeddings(adata: ad.AnnData, config: EvaluateConfig) -> Iterator[Embedding]:
@@ -164,8 +186,13 @@ def pca_embedding(adata: ad.AnnData, config: EvaluateConfig) -> Embedding:
     import scanpy as sc
 
     say("PCA baseline")
+    fix = "give data_file the cells' counts (raw.X or X), beside the labels"
+    if adata.X is None and adata.raw is None:
+        raise UserError(f"data_file has no counts (no X, no raw.X), which the PCA baseline needs: {fix}")
     with open_counts(adata) as reader:
         counts = ad.AnnData(reader.rows(0, reader.n_obs).astype(np.float32), var=pd.DataFrame(index=reader.var.index))
+    if counts.n_vars < 2 or counts.X.sum() == 0:
+        raise UserError(f"data_file has {counts.n_vars} gene(s) and {counts.X.sum():g} counts: too few for PCA: {fix}")
     counts.var_names_make_unique()
     sc.pp.normalize_total(counts)
     sc.pp.log1p(counts)

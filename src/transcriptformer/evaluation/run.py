@@ -1,8 +1,15 @@
-"""An evaluation from settings to report: read the cells, gather the embeddings, run every task on each."""
+"""An evaluation from settings to report: read the cells, gather the embeddings, run every task on each.
+
+The report folder is written as one unit: its files go to a temporary folder beside it (``results.json`` last),
+which is then renamed into place, so that a run killed at any point leaves either the previous report or none. A run
+holds the output's lock (``.<folder>.lock`` beside it) from its start, so that two runs never write one report.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -10,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from transcriptformer.console import say
-from transcriptformer.errors import UserError
+from transcriptformer.errors import UserError, first_few
 from transcriptformer.evaluation import report, tasks
 from transcriptformer.evaluation.config import EvaluateConfig
 from transcriptformer.evaluation.embeddings import (
@@ -20,8 +27,12 @@ from transcriptformer.evaluation.embeddings import (
     gather_embeddings,
     read_cells,
 )
+from transcriptformer.engine.output import hold_output
 from transcriptformer.runtime import use_cpu_threads
 from transcriptformer.version import __version__
+
+PARTIAL_SUFFIX = ".partial"  # .<folder>.<pid>.partial: a report being written
+REPLACED_SUFFIX = ".replaced"  # .<folder>.<pid>.replaced: the previous report, while the new one takes its place
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
@@ -31,9 +42,18 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     ------
     UserError, KeyError, ValueError
         For a missing column, a label column with fewer than two classes of ``min_class_size`` cells, a batch or
-        species column with a single value, an output folder that already holds a report (without ``overwrite``).
+        species column with a single value, an output folder that already holds a report (without ``overwrite``)
+        or other files, or one that another run is writing.
     """
     output = check_output_path(config)
+    with hold_output(output, ("--output-path",)):
+        recover_killed_runs(output)
+        check_output_path(config)  # again: a run that ended while this one waited may have written it
+        return evaluate_into(output, config)
+
+
+def evaluate_into(output: Path, config: EvaluateConfig) -> dict[str, Any]:
+    """The evaluation of :func:`evaluate`, its report written to ``output`` (whose lock the caller holds)."""
     use_cpu_threads()  # torch's threads for the checkpoints: the idle CPUs
     cells = check_columns(read_cells(config), config)
     embeddings = gather_embeddings(cells, config)
@@ -69,14 +89,44 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
 
 
 def check_output_path(config: EvaluateConfig) -> Path:
-    """The report's folder, checked before anything is computed."""
-    output = Path(config.output_path)
+    """The report's folder (absolute), checked before anything is computed.
+
+    The folder is the report's own: it is replaced as a whole, so it may hold a report and nothing else.
+    """
+    output = Path(os.path.abspath(config.output_path))
     if output.exists() and not output.is_dir():
         raise UserError(f"output_path {output} is a file; give a folder for the report")
+    if output == Path.cwd() or output in Path.cwd().parents:
+        raise UserError(f"output_path {output} holds the working folder; give a folder of its own, e.g. ./evaluation")
+    if not output.is_dir():
+        return output
+    others = sorted(path.name for path in output.iterdir() if path.name not in report.REPORT_FILES)
+    if others:
+        raise UserError(
+            f"output_path {output} holds files that are not an evaluation report ({first_few(others)}); give a new or "
+            "empty folder: the report folder is replaced as a whole"
+        )
     existing = [name for name in report.REPORT_FILES if (output / name).exists()]
     if existing and not config.overwrite:
         raise UserError(f"{output} already holds a report ({', '.join(existing)}); pass --overwrite or another folder")
     return output
+
+
+def recover_killed_runs(output: Path) -> None:
+    """Undo what runs killed while writing ``output`` left beside it; call it only while holding the output.
+
+    A report being written is removed; a previous report moved aside while the new one took its place comes back
+    when there is no report (the run was killed between the two renames), and is removed otherwise.
+    """
+    prefix = f".{output.name}."
+    for leftover in sorted(output.parent.iterdir()):
+        pid, _, suffix = leftover.name.removeprefix(prefix).partition(".")
+        if not (leftover.name.startswith(prefix) and pid.isdigit() and leftover.is_dir()):
+            continue
+        if f".{suffix}" == REPLACED_SUFFIX and not output.exists():
+            leftover.rename(output)
+        elif f".{suffix}" in (PARTIAL_SUFFIX, REPLACED_SUFFIX):
+            shutil.rmtree(leftover)
 
 
 def check_columns(cells: Cells, config: EvaluateConfig) -> Cells:
@@ -111,8 +161,19 @@ def evaluate_embedding(
 
 
 def write_report(results: dict[str, Any], layouts: dict[str, np.ndarray], cells: Cells, output: Path) -> None:
-    """``results.json``, ``umap.png`` and ``metrics.png`` in ``output``."""
-    output.mkdir(parents=True, exist_ok=True)
-    report.write_json(results, output)
-    report.umap_figure(layouts, cells.labels, output / report.UMAP_FIGURE)
-    report.metrics_figure(results, output / report.METRICS_FIGURE)
+    """``umap.png``, ``metrics.png`` and ``results.json`` (last) in a temporary folder, then renamed to ``output``.
+
+    A report already there is moved aside first and removed once the new one is in place.
+    """
+    temporary = output.with_name(f".{output.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+    temporary.mkdir()
+    report.umap_figure(layouts, cells.labels, temporary / report.UMAP_FIGURE)
+    report.metrics_figure(results, temporary / report.METRICS_FIGURE)
+    report.write_json(results, temporary)
+    if not output.exists():
+        temporary.rename(output)
+        return
+    replaced = output.with_name(f".{output.name}.{os.getpid()}{REPLACED_SUFFIX}")
+    output.rename(replaced)
+    temporary.rename(output)
+    shutil.rmtree(replaced)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassF1Score
 
 from transcriptformer.data.tokenize import TokenizedCells
-from transcriptformer.errors import UserError
+from transcriptformer.errors import UserError, first_few
 from transcriptformer.model.classifier import ClassifierHead
 from transcriptformer.training.config import ClassifySettings, OptimSettings
 from transcriptformer.training.datamodule import CellDataModule, LabelledBatch
@@ -67,7 +67,7 @@ def label_column(adata: ad.AnnData, label_key: str, source: object) -> pd.Series
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UserError(
             f"{source} has no obs column {label_key!r} to take the classes from{hint}; choose --label-key among its "
-            f"obs columns: {', '.join(columns) or 'none'}"
+            f"obs columns: {first_few(columns) or 'none'}"
         )
     return adata.obs[label_key].astype(object).map(lambda value: value if pd.isna(value) else str(value))
 
@@ -91,7 +91,7 @@ def class_labels(train: Sequence[pd.Series], val: Sequence[pd.Series], settings:
     counts = pd.concat(train).value_counts()
     kept = counts[counts >= settings.min_cells_per_class]
     if len(kept) < 2:
-        found = ", ".join(f"{name!r} ({n} cells)" for name, n in counts.items()) or "no labelled cell"
+        found = first_few([f"{name!r} ({n} cells)" for name, n in counts.items()]) or "no labelled cell"
         raise UserError(
             f"obs column {key!r} of the training files has {len(kept)} class(es) of at least "
             f"{settings.min_cells_per_class} cells (found: {found}); a classifier needs at least two: choose another "
@@ -99,7 +99,7 @@ def class_labels(train: Sequence[pd.Series], val: Sequence[pd.Series], settings:
         )
     left_out = counts[counts < settings.min_cells_per_class]
     if len(left_out):
-        names = ", ".join(f"{name!r} ({n})" for name, n in left_out.items())
+        names = first_few([f"{name!r} ({n})" for name, n in left_out.items()])
         warnings.warn(
             f"{len(left_out)} class(es) of {key!r} have fewer than {settings.min_cells_per_class} training cells and "
             f"are left out with their {int(left_out.sum())} cells: {names} (--min-cells-per-class)",

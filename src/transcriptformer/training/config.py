@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transcriptformer.config import DataConfig, LossConfig, ModelConfig
+from transcriptformer.config import DataConfig, LossConfig, ModelConfig, check_range, check_types
 from transcriptformer.model.lora import LoraSettings
 from transcriptformer.runtime import BACKENDS, PRECISIONS
 
@@ -21,6 +21,15 @@ SCHEMA_NAME = "train_schema"
 TASKS = ("generative", "classify")
 # Weights of the classes in the classification loss: inversely proportional to their share of cells, or equal.
 CLASS_WEIGHTS = ("balanced", "none")
+# The seeds numpy (and so Lightning's seed_everything) accepts: 0 to 2**32 - 1.
+SEED_LIMIT = 2**32
+
+
+def check_limit_or_off(settings: object, section: str, name: str, off: int) -> None:
+    """Raise a ``ValueError`` naming ``section.name`` unless the whole number is at least 1, or ``off`` (no limit)."""
+    value = getattr(settings, name)
+    if value != off:
+        check_range(settings, section, name, at_least=1, also=f"{off}: no limit")
 
 
 @dataclass
@@ -58,10 +67,10 @@ class DataSettings:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_types(self, "data")
+        check_range(self, "data", "val_fraction", at_least=0, below=1)
+        check_range(self, "data", "batch_size", at_least=1)
+        check_range(self, "data", "num_workers", at_least=0)
 
 
 @dataclass
@@ -87,6 +96,17 @@ class OptimSettings:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_types(self, "optim")
+        check_range(self, "optim", "lr", above=0)
+        check_range(self, "optim", "weight_decay", at_least=0, also="0: off")
+        check_range(self, "optim", "warmup_steps", at_least=0)
+        check_range(self, "optim", "min_lr_ratio", at_least=0)
+        if self.min_lr_ratio > 1:
+            raise ValueError(f"optim.min_lr_ratio must be <= 1 (1: no decay), got {self.min_lr_ratio!r}")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"optim.betas must be two numbers >= 0 and < 1, got {self.betas}")
 
 
 @dataclass
@@ -148,12 +168,19 @@ class TrainerSettings:
     def __post_init__(self) -> None:
         self.devices = str(self.devices)
         self.precision = str(self.precision)
+        check_types(self, "trainer")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
-        if self.accumulate_grad_batches < 1:
-            raise ValueError(f"accumulate_grad_batches must be >= 1, got {self.accumulate_grad_batches}")
+        for name in ("num_nodes", "max_epochs", "accumulate_grad_batches", "log_every_n_steps"):
+            check_range(self, "trainer", name, at_least=1)
+        check_limit_or_off(self, "trainer", "max_steps", off=-1)
+        check_range(self, "trainer", "gradient_clip_val", at_least=0, also="0: off")
+        check_range(self, "trainer", "checkpoint_every_n_steps", at_least=0, also="0: each epoch")
+        check_range(self, "trainer", "keep_checkpoints", at_least=-1, also="-1: all")
+        check_range(self, "trainer", "early_stopping_patience", at_least=0, also="0: off")
+        check_range(self, "trainer", "seed", at_least=0, below=SEED_LIMIT)
 
 
 @dataclass
@@ -209,12 +236,11 @@ class ClassifySettings:
     head_hidden_dim: int = 0
 
     def __post_init__(self) -> None:
+        check_types(self, "classify")
         if self.class_weights not in CLASS_WEIGHTS:
             raise ValueError(f"class_weights must be one of {CLASS_WEIGHTS}, got {self.class_weights!r}")
-        if self.min_cells_per_class < 2:
-            raise ValueError(f"min_cells_per_class must be >= 2, got {self.min_cells_per_class}")
-        if self.head_hidden_dim < 0:
-            raise ValueError(f"head_hidden_dim must be >= 0 (0: a linear head), got {self.head_hidden_dim}")
+        check_range(self, "classify", "min_cells_per_class", at_least=2)
+        check_range(self, "classify", "head_hidden_dim", at_least=0, also="0: a linear head")
 
 
 @dataclass
@@ -256,6 +282,7 @@ class FinetuneConfig:
             raise ValueError("label_key is for the classify task; add --task classify to train a classifier")
         if self.task == "classify" and self.lora.train_heads:
             raise ValueError("train_heads trains the count and gene-id heads, which the classify task does not use")
+        check_range(self.lora, "lora", "alpha", above=0)  # LoraSettings checks the rank and the dropout
 
 
 def compose_train_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:

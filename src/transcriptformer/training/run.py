@@ -6,12 +6,20 @@ checkpoint directory in the published layout (pretraining) or an adapter directo
 ``dry_run_only`` they stop after one forward and backward pass and write nothing. A run that fails or is
 interrupted writes what it trained to ``<output>/interrupted`` and a resumable ``last.ckpt`` to its run directory
 (see :class:`~transcriptformer.training.trainer.KeepWorkOnFailure`).
+
+Adapters are written as one unit: into a temporary folder inside the output first, then moved into place with
+``adapter_config.json`` (what makes the folder loadable) last, so that a run killed while saving leaves nothing that
+loads. A run replaces none of the files it writes (the model card ``README.md`` included) that are already there,
+unless told to overwrite, and holds the output's lock while it trains.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -19,13 +27,22 @@ import anndata as ad
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
 
 from transcriptformer.checkpoint import VOCAB_DIR, WEIGHTS_FILE, Checkpoint, load_checkpoint, save_checkpoint
 from transcriptformer.config import CONFIG_FILE
 from transcriptformer.console import say
 from transcriptformer.data.tokenize import TokenizedCells, read_anndata
+from transcriptformer.errors import UserError
+from transcriptformer.engine.output import hold_output
 from transcriptformer.model import lora
-from transcriptformer.model.classifier import ClassifierHead, ClassifierInfo, save_classifier
+from transcriptformer.model.classifier import (
+    CLASSIFIER_CONFIG_FILE,
+    CLASSIFIER_WEIGHTS_FILE,
+    ClassifierHead,
+    ClassifierInfo,
+    save_classifier,
+)
 from transcriptformer.safe_load import sha256_of
 from transcriptformer.training.classify import (
     ClassificationModule,
@@ -41,9 +58,19 @@ from transcriptformer.training.datamodule import CellDataModule, build_datasets
 from transcriptformer.training.module import TranscriptFormerModule
 from transcriptformer.training.objective import LossTerms, ObjectiveTerms
 from transcriptformer.training.scratch import new_checkpoint
-from transcriptformer.training.trainer import TrainedOutput, dry_run, fit, resolve_hardware
+from transcriptformer.training.trainer import TrainedOutput, check_resume, dry_run, fit, resolve_hardware
 
 RUN_DIR_NAME = "training_run"
+# The files of a fine-tuning output, in the order they are moved into place: adapter_config.json, which makes the
+# folder loadable, last.
+ADAPTER_OUTPUT_FILES = (
+    lora.MODEL_CARD_FILE,
+    lora.ADAPTER_WEIGHTS_FILE,
+    CLASSIFIER_WEIGHTS_FILE,
+    CLASSIFIER_CONFIG_FILE,
+    lora.ADAPTER_CONFIG_FILE,
+)
+PARTIAL_PREFIX = ".partial-"  # the temporary folder of a save in progress, inside the output
 
 
 def tokenize_files(
@@ -148,6 +175,8 @@ def run_pretraining(
             f"{output} already holds a checkpoint; choose another output_dir, or pass --overwrite to replace it"
         )
     require_training_files(cfg.data)
+    if not dry_run_only:
+        check_resume(cfg.trainer, run_dir_of(cfg.trainer, output))
     require_trainable_attention(cfg.trainer)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     adatas = [read_anndata(path) for path in cfg.data.train_files]
@@ -188,10 +217,9 @@ def run_finetuning(
         The adapter directory; the objective of the single batch with ``dry_run_only``.
     """
     output = Path(cfg.output_path)
-    if not dry_run_only and not overwrite and (output / lora.ADAPTER_WEIGHTS_FILE).exists():
-        raise FileExistsError(
-            f"{output} already holds adapters; choose another output path, or pass --overwrite to replace them"
-        )
+    if not dry_run_only:
+        check_adapter_output(output, overwrite)
+        check_resume(cfg.trainer, run_dir_of(cfg.trainer, output))
     require_trainable_attention(cfg.trainer)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # the initial adapter (and head) weights
     checkpoint = load_checkpoint(cfg.checkpoint_path, attention_backend=cfg.trainer.attention_backend)
@@ -203,19 +231,88 @@ def run_finetuning(
         data = build_datamodule(checkpoint, cfg.data, cfg.trainer.seed, device=device)
     model = lora.add_lora_adapters(checkpoint.model, cfg.lora, base_checkpoint=str(checkpoint.path))
     if cfg.task == "classify":
-        module, save = classification_run(cfg, checkpoint, model, data, labels)
+        module, write = classification_run(cfg, checkpoint, model, data, labels)
     else:
         module = TranscriptFormerModule(model, cfg.optim, cfg.trainer.seed)
-        save = partial(lora.save_adapters, model, overwrite=True)
+        write = partial(write_adapters, model)
     if dry_run_only:
         return dry_run(module, data, device)
     what = "classifier" if cfg.task == "classify" else "adapters"
-    target = TrainedOutput(output, save, what=what, resume_option="--resume ")
+    target = TrainedOutput(output, partial(save_as_one_unit, write), what=what, resume_option="--resume ")
     run_dir = run_dir_of(cfg.trainer, output)
-    trainer = fit(module, data, cfg.trainer, run_dir, dataclasses.asdict(cfg), target, callbacks)
+    with hold_adapter_output(output, overwrite):
+        trainer = fit(module, data, cfg.trainer, run_dir, dataclasses.asdict(cfg), target, callbacks)
     best = trainer.checkpoint_callback.best_model_score
     if cfg.task == "classify" and best is not None:
         say(f"best validation macro F1: {float(best):.4f} (the weights saved)")
+    return output
+
+
+def check_adapter_output(output: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output that is a file, or that holds files the run writes (without overwrite).
+
+    Raises
+    ------
+    UserError
+        ``output`` is a file.
+    FileExistsError
+        It holds adapters, a classifier or a ``README.md`` (any file of :data:`ADAPTER_OUTPUT_FILES`), and
+        ``overwrite`` is off.
+    """
+    if output.is_file():
+        raise UserError(f"output_path {output} is a file; adapters are saved as a folder: give a folder")
+    existing = [name for name in ADAPTER_OUTPUT_FILES if (output / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{output} already holds {', '.join(existing)}, which fine-tuning writes; choose another output path, or "
+            "pass --overwrite to replace them"
+        )
+
+
+@contextlib.contextmanager
+def hold_adapter_output(output: Path, overwrite: bool) -> Iterator[None]:
+    """Hold the output's lock (first process only) while training; folders of killed saves are removed first.
+
+    Raises
+    ------
+    UserError
+        Another run holds the output.
+    FileExistsError
+        A run that ended in the meantime wrote adapters there (see :func:`check_adapter_output`).
+    """
+    if rank_zero_only.rank != 0:  # the other processes of a DDP run: the first one holds the output
+        yield
+        return
+    with hold_output(output / lora.ADAPTER_CONFIG_FILE, ("--output-path",)):
+        check_adapter_output(output, overwrite)
+        for partial_save in output.glob(f"{PARTIAL_PREFIX}*"):
+            shutil.rmtree(partial_save, ignore_errors=True)
+        yield
+
+
+def write_adapters(model: torch.nn.Module, folder: Path, final: Path) -> None:
+    """Write the adapters of ``model`` to ``folder``, with the model card of their place once moved, ``final``."""
+    lora.save_adapters(model, folder, overwrite=True)
+    (folder / lora.MODEL_CARD_FILE).write_text(lora.model_card(model, final))
+
+
+def save_as_one_unit(write: Callable[[Path, Path], object], output: Path) -> Path:
+    """Write the files of :data:`ADAPTER_OUTPUT_FILES` with ``write`` to a temporary folder, then move them in place.
+
+    The loadable file (``adapter_config.json``) of adapters already there is removed first and the new one moved in
+    last: a run killed in between leaves no folder that loads. A file of the list that ``write`` does not write (a
+    classifier's, when adapters replace a classifier) is removed.
+    """
+    output.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=PARTIAL_PREFIX, dir=output) as temporary:
+        written = Path(temporary)
+        write(written, output)
+        (output / lora.ADAPTER_CONFIG_FILE).unlink(missing_ok=True)
+        for name in ADAPTER_OUTPUT_FILES:
+            if (written / name).exists():
+                (written / name).replace(output / name)
+            else:
+                (output / name).unlink(missing_ok=True)
     return output
 
 
@@ -232,17 +329,28 @@ def labelled_cells(cfg: FinetuneConfig) -> tuple[list[ad.AnnData], list[ad.AnnDa
 
 def classification_run(
     cfg: FinetuneConfig, checkpoint: Checkpoint, model: torch.nn.Module, data: CellDataModule, labels: ClassLabels
-) -> tuple[ClassificationModule, Callable[[Path], Path]]:
-    """The module that trains ``model``'s adapters and a new head, and how the two are saved together."""
+) -> tuple[ClassificationModule, Callable[[Path, Path], Path]]:
+    """The module that trains ``model``'s adapters and a new head, and how the two are written together.
+
+    The writer takes the folder to write and the folder the files end up in (see :func:`save_as_one_unit`).
+    """
     settings = cfg.classify
     embed_dim = checkpoint.config.model_config.embed_dim
-    head = ClassifierHead(embed_dim, len(labels.classes), settings.head_hidden_dim)
+    try:
+        head = ClassifierHead(embed_dim, len(labels.classes), settings.head_hidden_dim)
+    except RuntimeError as error:  # torch's allocation failure, CUDA's out-of-memory error among them
+        if "allocate" not in str(error):
+            raise
+        raise UserError(
+            f"a classification head of head_hidden_dim {settings.head_hidden_dim} does not fit in memory; choose a "
+            "smaller --head-hidden-dim (0: a linear head)"
+        ) from None
     weights = class_weights(training_labels(data), len(labels.classes), settings.class_weights)
     module = ClassificationModule(model, head, weights, cfg.optim, cfg.trainer.seed)
     base_sha256 = sha256_of(checkpoint.path / WEIGHTS_FILE)
 
-    def save(path: Path) -> Path:
-        lora.save_adapters(model, path, overwrite=True)
+    def write(path: Path, final: Path) -> Path:
+        write_adapters(model, path, final)
         info = ClassifierInfo(
             label_key=labels.label_key,
             classes=labels.classes,
@@ -254,7 +362,7 @@ def classification_run(
         )
         return save_classifier(module.head, info, path)
 
-    return module, save
+    return module, write
 
 
 def merge_adapters_into_checkpoint(

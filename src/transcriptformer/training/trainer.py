@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision, TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from transcriptformer.console import show_progress
@@ -41,6 +42,7 @@ from transcriptformer.training.objective import ObjectiveTerms
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"  # Lightning's name for the latest checkpoint, which ``resume="last"`` reads
 INTERRUPTED_DIR = "interrupted"  # <output>/interrupted: the model trained so far when a run stops on an error
+SIGTERM_EXIT_CODE = 128 + 15  # the shell's exit status of a process that SIGTERM ended
 
 
 class NonFiniteWeightsError(UserError, RuntimeError):
@@ -362,16 +364,17 @@ def fit(
     ------
     NonFiniteWeightsError
         When the trained weights hold NaN or infinite values; nothing is saved.
+    SystemExit
+        With the code 143 when SIGTERM stopped training (what was trained is saved, see :class:`KeepWorkOnFailure`).
     """
     use_cpu_threads(reserved=data.num_workers)  # several processes: Lightning's launcher shares the CPUs instead
+    check_resume(settings, run_dir)
     trainer = build_trainer(settings, run_dir, data.has_validation, output, callbacks, module.monitor)
     trainer.logger.log_hyperparams(hparams)
-    resume = settings.resume
-    if resume is not None and resume != "last" and not Path(resume).is_file():
-        raise FileNotFoundError(f"no checkpoint to resume from at {resume}")
-    if resume == "last" and not (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
-        raise FileNotFoundError(f"no last.ckpt in {run_dir / CHECKPOINT_DIR} to resume from")
-    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=settings.resume)
+    except SIGTERMException:  # Lightning's SystemExit without a code would end the command with 0
+        raise SystemExit(SIGTERM_EXIT_CODE) from None
     if trainer.is_global_zero:
         best = trainer.checkpoint_callback.best_model_path if module.restore_best and data.has_validation else ""
         if best:
@@ -379,6 +382,21 @@ def fit(
         require_finite_weights(module, f"the trained {output.what}")
         output.save(output.path)
     return trainer
+
+
+def check_resume(settings: TrainerSettings, run_dir: Path) -> None:
+    """Fail before any work when the checkpoint to resume from is not there.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``settings.resume`` names no file, or is ``"last"`` and ``run_dir`` holds no ``last.ckpt``.
+    """
+    resume = settings.resume
+    if resume is not None and resume != "last" and not Path(resume).is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from at {resume}")
+    if resume == "last" and not (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
+        raise FileNotFoundError(f"no last.ckpt in {run_dir / CHECKPOINT_DIR} to resume from")
 
 
 def dry_run(module: TranscriptFormerModule, data: CellDataModule, device: torch.device) -> ObjectiveTerms:
