@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from transcriptformer.console import say
+from transcriptformer.engine.output import hold_output
 from transcriptformer.errors import UserError, first_few
 from transcriptformer.evaluation import report, tasks
 from transcriptformer.evaluation.config import EvaluateConfig
@@ -27,7 +28,6 @@ from transcriptformer.evaluation.embeddings import (
     gather_embeddings,
     read_cells,
 )
-from transcriptformer.engine.output import hold_output
 from transcriptformer.runtime import use_cpu_threads
 from transcriptformer.version import __version__
 

@@ -33,8 +33,8 @@ from transcriptformer.checkpoint import VOCAB_DIR, WEIGHTS_FILE, Checkpoint, loa
 from transcriptformer.config import CONFIG_FILE
 from transcriptformer.console import say
 from transcriptformer.data.tokenize import TokenizedCells, read_anndata
-from transcriptformer.errors import UserError
 from transcriptformer.engine.output import hold_output
+from transcriptformer.errors import UserError
 from transcriptformer.model import lora
 from transcriptformer.model.classifier import (
     CLASSIFIER_CONFIG_FILE,
