@@ -140,6 +140,7 @@ class TranscriptFormerModel:
         batch_size: int = PredictSettings.batch_size,
         max_tokens: int | None = PredictSettings.max_tokens,
         precision: str | None = PredictSettings.precision,
+        embedding_layer_index: int = PredictSettings.embedding_layer_index,
         **tokenize_kwargs: Any,
     ) -> dict[str, np.ndarray]:
         """Outputs of every cell, in input order.
@@ -157,6 +158,9 @@ class TranscriptFormerModel:
             Token budget per forward pass instead of a fixed ``batch_size``.
         precision
             ``"32"``, ``"16-mixed"`` or ``"bf16-mixed"``; ``None``: ``16-mixed`` on CUDA, ``32`` elsewhere.
+        embedding_layer_index
+            The layer whose output ``embeddings`` pools: 0 the first, negative from the end; -1 (the last layer)
+            gives the original release's embeddings (as Geneformer's ``emb_layer``).
         **tokenize_kwargs
             Passed to :meth:`tokenize`.
 
@@ -167,7 +171,7 @@ class TranscriptFormerModel:
             model inputs, which say which gene each per-position output belongs to) and ``aux_token_indices``.
             Per-position outputs are 0 at padding.
         """
-        settings = PredictSettings(tuple(output_keys), batch_size, max_tokens, precision)
+        settings = PredictSettings(tuple(output_keys), batch_size, max_tokens, precision, embedding_layer_index)
         cells = data if isinstance(data, TokenizedCells) else self.tokenize(data, **tokenize_kwargs)
         return predict_positions(self.model, cells, settings, self.device)
 
@@ -179,6 +183,7 @@ class TranscriptFormerModel:
         batch_size: int = PredictSettings.batch_size,
         max_tokens: int | None = PredictSettings.max_tokens,
         precision: str | None = PredictSettings.precision,
+        embedding_layer_index: int = PredictSettings.embedding_layer_index,
         **tokenize_kwargs: Any,
     ) -> np.ndarray:
         """Cell embeddings ``(n_cells, E)``, also stored in ``adata.obsm[key_added]`` when given an AnnData.
@@ -194,7 +199,7 @@ class TranscriptFormerModel:
         key_added
             ``obsm`` key of an AnnData's embeddings; ``None`` leaves the AnnData unchanged. A path accepts no
             other key than the default (a file is never written).
-        batch_size, max_tokens, precision
+        batch_size, max_tokens, precision, embedding_layer_index
             As for :meth:`predict`; results do not depend on the first two.
         **tokenize_kwargs
             Passed to :meth:`tokenize`.
@@ -215,6 +220,7 @@ class TranscriptFormerModel:
             "batch_size": batch_size,
             "max_tokens": max_tokens,
             "precision": precision,
+            "embedding_layer_index": embedding_layer_index,
         }
         result = self.run_task(task, data, settings, **tokenize_kwargs)
         if isinstance(data, ad.AnnData) and key_added is not None:

@@ -217,12 +217,16 @@ class PredictSettings:
         Token budget per forward pass (cells x batch length) instead of a fixed ``batch_size``.
     precision : str or None
         ``"32"``, ``"16-mixed"`` or ``"bf16-mixed"``; ``None``: ``16-mixed`` on CUDA, ``32`` elsewhere.
+    embedding_layer_index : int
+        The layer whose output the cell embedding pools: 0 the first, negative from the end; -1, the last layer, as
+        the original release (Geneformer's ``emb_layer``).
     """
 
     output_keys: tuple[str, ...] = ("embeddings",)
     batch_size: int = 8
     max_tokens: int | None = None
     precision: str | None = None
+    embedding_layer_index: int = -1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output_keys", tuple(dict.fromkeys(self.output_keys)))

@@ -196,7 +196,11 @@ def _predict(
     on_device = inputs.to(device)
     with autocast(device, precision):
         outputs = model.predict(
-            on_device.gene_tokens, on_device.gene_counts, on_device.aux_tokens, settings.output_keys
+            on_device.gene_tokens,
+            on_device.gene_counts,
+            on_device.aux_tokens,
+            settings.output_keys,
+            settings.embedding_layer_index,
         )
     return {key: value.float().cpu().numpy() for key, value in outputs.items()}
 

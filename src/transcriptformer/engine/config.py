@@ -89,6 +89,9 @@ class InferenceConfig:
     emb_type : str
         ``"cell"``, or ``"cge"`` to also write contextual gene embeddings (the original release's flag: ``cge``
         is then added to ``output_keys``).
+    embedding_layer_index : int
+        The layer whose output the cell embedding pools: 0 the first, negative from the end; -1 (the last layer)
+        gives the original release's embeddings.
     device : str
         ``auto``, ``cpu``, ``cuda`` or ``mps``.
     num_gpus : int
@@ -132,6 +135,7 @@ class InferenceConfig:
     pretrained_embedding: list[str] = field(default_factory=list)
     adapter: str | None = None
     emb_type: str = "cell"
+    embedding_layer_index: int = PredictSettings.embedding_layer_index
     device: str = "auto"
     num_gpus: int = 1
     n_data_workers: int = 0
@@ -218,7 +222,9 @@ class InferenceConfig:
     @property
     def predict_settings(self) -> PredictSettings:
         """The settings of the batch loop."""
-        return PredictSettings(tuple(self.output_keys), self.batch_size, self.max_tokens, self.precision)
+        return PredictSettings(
+            tuple(self.output_keys), self.batch_size, self.max_tokens, self.precision, self.embedding_layer_index
+        )
 
 
 @dataclass

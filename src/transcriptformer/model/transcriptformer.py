@@ -158,6 +158,7 @@ class TranscriptFormer(nn.Module):
         embed_mode: bool = True,
         compute_mu: bool = True,
         compute_gene_logits: bool = True,
+        embedding_layer_index: int = -1,
     ) -> ModelOutput:
         """Run the model.
 
@@ -173,7 +174,11 @@ class TranscriptFormer(nn.Module):
             Inference mode of the original (count bias on the attention diagonal); ``False`` for training.
         compute_mu, compute_gene_logits : bool
             Skip a head whose output is not needed.
+        embedding_layer_index : int
+            The layer whose output the cell embedding pools (0 the first, negative from the end); the heads always
+            read the last layer's. Default: the last layer, as the original release.
         """
+        embedding_layer = self.layer_number(embedding_layer_index)
         gene_counts = gene_counts.float()
         in_tokens, in_counts = self.shifted_inputs(gene_tokens, gene_counts)
         x = self.gene_embeddings(in_tokens)  # (B, L, E)
@@ -196,16 +201,34 @@ class TranscriptFormer(nn.Module):
             block_size=cfg.block_len,
             block_masks=self.block_masks,
         )
-        hidden = self.transformer_encoder(x, attention)[:, x.shape[1] - gene_tokens.shape[1] :]  # (B, L, E)
-
         # 0 where the input is padding: what attention leaves there would depend on the batch mates.
-        hidden = hidden * ~is_pad[:, -gene_tokens.shape[1] :, None]
-        out = ModelOutput(hidden=hidden, embeddings=hidden.sum(1) / cfg.seq_len)
+        is_gene = ~is_pad[:, -gene_tokens.shape[1] :, None]  # (B, L, 1)
+        for layer, output in enumerate(self.transformer_encoder.layer_outputs(x, attention)):
+            if layer == embedding_layer:
+                embedded = output[:, -gene_tokens.shape[1] :] * is_gene  # (B, L, E)
+        hidden = output[:, -gene_tokens.shape[1] :] * is_gene  # (B, L, E), the last layer's
+        out = ModelOutput(hidden=hidden, embeddings=embedded.sum(1) / cfg.seq_len)
         if compute_mu:
             out.mu = self._expected_counts(hidden, gene_tokens, gene_counts)
         if compute_gene_logits and self.gene_id_head is not None:
             out.gene_logits = self.gene_id_head(hidden)
         return out
+
+    def layer_number(self, embedding_layer_index: int) -> int:
+        """The layer (0 the first) that ``embedding_layer_index`` names: negative counts from the end.
+
+        Raises
+        ------
+        ValueError
+            When the model has no such layer.
+        """
+        layers = len(self.transformer_encoder.encoder_layers)
+        if not -layers <= embedding_layer_index < layers:
+            raise ValueError(
+                f"embedding_layer_index={embedding_layer_index} names no layer of this model's {layers}: "
+                f"use 0 to {layers - 1}, or -{layers} to -1 from the end"
+            )
+        return embedding_layer_index % layers
 
     def _embed_aux(self, aux_tokens: Tensor | None, batch_size: int) -> tuple[Tensor, Tensor]:
         """``(B, A, E)`` aux embeddings and ``(B, A)`` mask of unknown values."""
@@ -326,6 +349,7 @@ class TranscriptFormer(nn.Module):
         gene_counts: Tensor,
         aux_tokens: Tensor | None,
         output_keys: Collection[str],
+        embedding_layer_index: int = -1,
     ) -> dict[str, Tensor]:
         """Inference outputs of the original release, computing only the heads they need.
 
@@ -333,6 +357,8 @@ class TranscriptFormer(nn.Module):
         ----------
         output_keys
             Names of :data:`~transcriptformer.model.outputs.OUTPUTS`, which describes each.
+        embedding_layer_index
+            The layer whose output ``embeddings`` pools; see :meth:`forward`.
         """
         check_output_keys(output_keys, self.output_keys)
         out = self(
@@ -342,6 +368,7 @@ class TranscriptFormer(nn.Module):
             embed_mode=True,
             compute_mu=needs_head(output_keys, "count"),
             compute_gene_logits=needs_head(output_keys, "gene_id"),
+            embedding_layer_index=embedding_layer_index,
         )
         scores = self.likelihoods(out, gene_tokens, gene_counts)
         available = {
