@@ -3,6 +3,7 @@
 Layers import only downwards, outputs and settings are declared once, the command line starts without torch.
 """
 
+import argparse
 import ast
 import dataclasses
 import inspect
@@ -16,7 +17,7 @@ import transcriptformer
 from transcriptformer.api import TranscriptFormerModel
 from transcriptformer.cli import COMMANDS, build_parser, subcommand_parser
 from transcriptformer.cli.common import USE_RAW
-from transcriptformer.config import PredictSettings
+from transcriptformer.config import PredictConfig
 from transcriptformer.engine.config import InferenceConfig
 from transcriptformer.evaluation.config import EvaluateConfig
 from transcriptformer.model.outputs import OUTPUT_KEYS
@@ -164,11 +165,13 @@ def test_the_end_target_rule_is_written_once():
 
 
 def flag_defaults(name: str) -> dict[str, object]:
-    return {a.dest: a.default for a in subcommand_parser(build_parser([name]), name)._actions if a.option_strings}
+    """Each flag's default by setting name; a hidden former name of a flag has none."""
+    actions = subcommand_parser(build_parser([name]), name)._actions
+    return {a.dest: a.default for a in actions if a.option_strings and a.help != argparse.SUPPRESS}
 
 
 def test_setting_defaults_are_written_once():
-    predict = PredictSettings()
+    predict = PredictConfig()
     inference = InferenceConfig()
     assert (inference.batch_size, inference.max_tokens, inference.precision) == (
         predict.batch_size,

@@ -3,7 +3,7 @@
 ``config.json`` of a published checkpoint holds ``{"model": {"data_config": ..., "model_config": ...,
 "loss_config": ...}}``. Each section maps onto one dataclass below; unknown keys (such as ``_target_``) are
 ignored and missing optional keys take their defaults, so one loader serves every published checkpoint.
-:class:`PredictSettings` holds the settings of the batch loop (:mod:`transcriptformer.pipeline`) that every use
+:class:`PredictConfig` holds the settings of the batch loop (:mod:`transcriptformer.pipeline`) that every use
 of a model shares. This module imports nothing heavy, so that the command line can read defaults from it.
 """
 
@@ -203,7 +203,7 @@ class TranscriptFormerConfig:
 
 
 @dataclass(frozen=True)
-class PredictSettings:
+class PredictConfig:
     """How cells are run through a model. Results do not depend on ``batch_size`` or ``max_tokens``.
 
     Attributes
@@ -227,22 +227,20 @@ class PredictSettings:
         object.__setattr__(self, "output_keys", tuple(dict.fromkeys(self.output_keys)))
         if not self.output_keys:
             raise ValueError("output_keys is empty: ask for at least one output")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        check_range(self, "", "batch_size", at_least=1)
+        check_range(self, "", "max_tokens", at_least=1, optional=True)
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
-class GenerateSettings:
+class GenerateConfig:
     """How cells are sampled from a model (``transcriptformer generate``; docs/generate.md).
 
     Attributes
     ----------
     num_cells : int or None
-        Cells to generate; ``None``: one per prompt cell (``--data-file``), else an error.
+        Cells to generate; ``None``: one per prompt cell, else an error.
     max_genes : int or None
         Genes per cell at most; ``None``: the model's ``seq_len``.
     temperature : float
@@ -281,22 +279,18 @@ class GenerateSettings:
     use_cache: bool = True
 
     def __post_init__(self) -> None:
-        positive = {"num_cells": self.num_cells, "max_genes": self.max_genes, "batch_size": self.batch_size}
-        positive |= {"num_genes": self.num_genes}
-        for name, value in positive.items():
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.library_size is not None and not self.library_size > 0:
-            raise ValueError(f"library_size must be > 0, got {self.library_size}")
-        if self.prompt_genes < 0:
-            raise ValueError(f"prompt_genes must be >= 0, got {self.prompt_genes}")
+        for name in ("num_cells", "max_genes", "batch_size", "num_genes"):
+            check_range(self, "", name, at_least=1, optional=True)
+        check_range(self, "", "temperature", above=0)
+        check_range(self, "", "top_k", at_least=0)
+        check_range(self, "", "top_p", above=0, at_most=1)
+        check_range(self, "", "library_size", above=0, optional=True)
+        check_range(self, "", "prompt_genes", at_least=0)
 
+
+# Former names of the settings above, for code written against them.
+PredictSettings = PredictConfig
+GenerateSettings = GenerateConfig
 
 # Keys of published configs that configure the original's data loaders and have no meaning here.
 _IGNORED_KEYS = {"_target_", "aux_vocab_path", "pin_memory", "n_data_workers", "esm2_mappings_path"}
@@ -334,21 +328,31 @@ def check_range(
     at_least: float | None = None,
     above: float | None = None,
     below: float | None = None,
+    at_most: float | None = None,
     also: str = "",
+    optional: bool = False,
 ) -> None:
-    """Raise a ``ValueError`` naming ``section.name`` when the number is not finite or lies out of the range."""
+    """Raise a ``ValueError`` naming ``section.name`` when the number is not finite or lies out of the range.
+
+    ``section`` is the prefix of the name in the message (``data_config``), or ``""`` for a bare parameter name;
+    with ``optional``, ``None`` is accepted (the setting is off).
+    """
     value = getattr(settings, name)
+    if optional and value is None:
+        return
     bounds = [f">= {at_least}" if at_least is not None else "", f"> {above}" if above is not None else ""]
-    bounds.append(f"< {below}" if below is not None else "")
+    bounds += [f"< {below}" if below is not None else "", f"<= {at_most}" if at_most is not None else ""]
     inside = (
         math.isfinite(value)
         and (at_least is None or value >= at_least)
         and (above is None or value > above)
         and (below is None or value < below)
+        and (at_most is None or value <= at_most)
     )
     if not inside:
         extra = f" ({also})" if also else ""
-        raise ValueError(f"{section}.{name} must be {' and '.join(b for b in bounds if b)}{extra}, got {value!r}")
+        label = f"{section}.{name}" if section else name
+        raise ValueError(f"{label} must be {' and '.join(b for b in bounds if b)}{extra}, got {value!r}")
 
 
 def _has_type(value: Any, hint: Any) -> bool:

@@ -63,11 +63,11 @@ def resolve_world_size(device: torch.device, num_gpus: int) -> int:
         available = torch.cuda.device_count()
         wanted = available if num_gpus == -1 else num_gpus
         if wanted > available:
-            raise ValueError(f"--num-gpus {num_gpus} asks for {wanted} GPUs but {available} are visible")
+            raise ValueError(f"`num_gpus={num_gpus}` asks for {wanted} GPUs but {available} are visible")
         return wanted
     if device.type == "mps":
         if num_gpus > 1:
-            raise ValueError(f"--num-gpus {num_gpus}: an MPS device runs one process")
+            raise ValueError(f"`num_gpus={num_gpus}`: an MPS device runs one process")
         return 1
     return 1 if num_gpus == -1 else num_gpus
 
