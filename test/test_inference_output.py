@@ -166,7 +166,7 @@ def test_atomic_write_keeps_an_existing_file(chunk, tmp_path):
     target.write_bytes(b"an earlier result")
     obs = pd.DataFrame(index=[f"cell{i}" for i in range(10)])
     no_genes = pd.DataFrame(index=pd.Index([]))
-    with pytest.raises(FileExistsError, match="pass --overwrite"):
+    with pytest.raises(FileExistsError, match="pass `overwrite=True`"):
         write_output(target, obs, no_genes, [GeneOutputs(10, dict(chunk.cell_values))], {}, overwrite=False)
     assert target.read_bytes() == b"an earlier result"
     write_output(target, obs, no_genes, [GeneOutputs(10, dict(chunk.cell_values))], {}, overwrite=True)
@@ -271,5 +271,5 @@ def test_contextual_embeddings_of_one_gene(cge_output, reference_model, api_outp
     np.testing.assert_array_equal(embeddings, api_outputs["cge"][rows, positions])
     with pytest.raises(KeyError, match="no cell's sequence in this output holds gene 'ENSMUSG0'"):
         contextual_embeddings(adata, "ENSMUSG0")
-    with pytest.raises(KeyError, match="--emb-type cge"):
+    with pytest.raises(KeyError, match="`emb_type=cge`"):
         contextual_embeddings(ad.AnnData(obs=adata.obs), gene)
