@@ -10,7 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from transcriptformer.config import INVALID_COUNTS, DataConfig
-from transcriptformer.engine.config import ALL_OBS_KEYS, InferenceConfig, ModelSection, RunConfig, apply_overrides
+from transcriptformer.engine.config import ALL_OBS_KEYS, InferenceConfig, ModelRunConfig, RunConfig, apply_overrides
 from transcriptformer.model.outputs import OUTPUT_KEYS
 from transcriptformer.runtime import BACKENDS, DEVICES, PRECISIONS
 
@@ -348,7 +348,7 @@ def add_batch_arguments(
 
 
 def run_config_from_args(
-    args: argparse.Namespace, model_type: str = ModelSection.model_type, **settings: object
+    args: argparse.Namespace, model_type: str = ModelRunConfig.model_type, **settings: object
 ) -> RunConfig:
     """A run's settings from the flags of :func:`add_run_arguments`.
 

@@ -219,7 +219,7 @@ class InferenceConfig:
 
 
 @dataclass
-class ModelSection:
+class ModelRunConfig:
     """The ``model`` node: the checkpoint, the model family, and all settings."""
 
     checkpoint_path: str = ""
@@ -242,7 +242,7 @@ class ModelSection:
 class RunConfig:
     """Every setting of an inference run."""
 
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelRunConfig = field(default_factory=ModelRunConfig)
 
     @classmethod
     def from_checkpoint(
@@ -266,7 +266,7 @@ class RunConfig:
         if not (path / CONFIG_FILE).exists():
             raise FileNotFoundError(f"{path} is not a TranscriptFormer checkpoint: {CONFIG_FILE} is missing")
         checkpoint = TranscriptFormerConfig.from_json(path / CONFIG_FILE)
-        section = ModelSection(
+        section = ModelRunConfig(
             checkpoint_path=str(checkpoint_path),
             model_type=model_type,
             data_config=checkpoint.data_config,
