@@ -68,6 +68,11 @@ def say(message: str) -> None:
         print(worded(message), flush=True)
 
 
+def current_wording() -> Callable[[str], str]:
+    """How this package's messages are worded now (see :func:`verbosity`): to hand to the processes of a run."""
+    return _wording
+
+
 def worded(message: str) -> str:
     """``message`` in the words of the user's interface: a command's flags for the settings it names."""
     return _wording(message)

@@ -19,7 +19,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from transcriptformer.cli.common import report_user_error, with_flag_names
+from transcriptformer.cli.common import FlagNames, report_user_error
 from transcriptformer.console import verbosity
 from transcriptformer.errors import UserError
 from transcriptformer.runtime import torch_threads_kept
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = f"transcriptformer {args.command}"
     command = subcommand_parser(parser, args.command)
     try:
-        with verbosity(args.verbosity, name, lambda message: with_flag_names(message, command)), torch_threads_kept():
+        with verbosity(args.verbosity, name, FlagNames.of(command)), torch_threads_kept():
             return int(args.func(args) or 0)
     except USER_ERRORS as error:
         return report_user_error(args.command, error, command)

@@ -39,48 +39,65 @@ MARKED_PARAMETER = re.compile(r"`(?P<name>[a-z][a-z0-9_]*)(?:=(?P<value>[^`\s]+)
 
 
 def with_flag_names(message: str, parser: argparse.ArgumentParser) -> str:
-    """``message`` of library code, which names settings as parameters, with the flags of ``parser`` instead.
+    """``message`` of library code, which names settings as parameters, with the flags of ``parser`` instead."""
+    return FlagNames.of(parser)(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlagNames:
+    """Rewords messages of library code, which name settings as parameters, with a command's flags.
 
     A flag's setting shares its name (its ``dest``), so library code speaks of ``max_genes`` and a command's user
     reads ``--max-genes``. Two forms are translated, so that ordinary words are never touched: a parameter in
     backticks (```resume```, ```invalid_counts='drop'``` becomes ``--invalid-counts drop``, ```overwrite=True```
     the switch ``--overwrite``), and a setting whose name has an underscore, as a whole word (``max_genes``). A
-    name that is no flag of ``parser`` and a dotted key (``model.inference_config.batch_size``, as in
-    ``--config-override``) are left as they are.
+    name that is no flag of the command and a dotted key (``model.inference_config.batch_size``, as in
+    ``--config-override``) are left as they are. Plain data, so that the processes of a run word alike.
+
+    Attributes
+    ----------
+    flags : dict
+        Setting name -> (flag, kind): ``switch`` (``--overwrite``), ``negatable`` (``--[no-]filter-to-vocabs``)
+        or ``value`` (``--batch-size 8``).
     """
-    actions = flag_actions(parser)
 
-    def marked(match: re.Match) -> str:
-        action = actions.get(match["name"])
-        return match[0] if action is None else flag_text(action, match["value"])
+    flags: dict[str, tuple[str, str]]
 
-    message = MARKED_PARAMETER.sub(marked, message)
-    for dest, action in actions.items():
-        if "_" in dest:
-            message = re.sub(rf"(?<![\w./`-]){re.escape(dest)}(?![\w=./`-])", flag_text(action, None), message)
-    return message
+    @classmethod
+    def of(cls, parser: argparse.ArgumentParser) -> FlagNames:
+        """The flags of ``parser``: each setting's first flag (a hidden former name comes after it)."""
+        flags: dict[str, tuple[str, str]] = {}
+        for action in parser._actions:
+            flag = next((option for option in action.option_strings if option.startswith("--")), None)
+            if flag is None:
+                continue
+            kind = "value"
+            if isinstance(action, argparse.BooleanOptionalAction):
+                kind = "negatable"
+            elif isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+                kind = "switch"
+            flags.setdefault(action.dest, (flag, kind))
+        return cls(flags)
 
+    def __call__(self, message: str) -> str:
+        """``message`` with the flags for the settings it names."""
+        message = MARKED_PARAMETER.sub(self._marked, message)
+        for name, (flag, _) in self.flags.items():
+            if "_" in name:
+                message = re.sub(rf"(?<![\w./`-]){re.escape(name)}(?![\w=./`-])", flag, message)
+        return message
 
-def flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """Each setting (``dest``) of ``parser`` with the action of its flag, the first one it was given."""
-    actions: dict[str, argparse.Action] = {}
-    for action in parser._actions:
-        if any(option.startswith("--") for option in action.option_strings):
-            actions.setdefault(action.dest, action)
-    return actions
-
-
-def flag_text(action: argparse.Action, value: str | None) -> str:
-    """The flag of ``action`` as a user types it, with ``value`` (a Python literal) when one is given."""
-    flag = next(option for option in action.option_strings if option.startswith("--"))
-    if value is None:
-        return flag
-    value = value.strip("'\"")
-    if isinstance(action, argparse.BooleanOptionalAction):
-        return flag if value == "True" else "--no-" + flag.removeprefix("--")
-    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
-        return flag
-    return f"{flag} {value}"
+    def _marked(self, match: re.Match) -> str:
+        if match["name"] not in self.flags:
+            return match[0]
+        flag, kind = self.flags[match["name"]]
+        value = match["value"]
+        if value is None:
+            return flag
+        value = value.strip("'\"")
+        if kind == "negatable":
+            return flag if value == "True" else "--no-" + flag.removeprefix("--")
+        return flag if kind == "switch" else f"{flag} {value}"
 
 
 def add_hidden_alias(group: argparse._ActionsContainer, alias: str, action: argparse.Action) -> None:
