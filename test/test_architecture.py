@@ -297,7 +297,7 @@ def test_a_flag_and_its_setting_share_one_name(command, task_settings):
 # Flags of other programs that library code names in the commands it runs or suggests.
 OTHER_PROGRAMS_FLAGS = {"--query-gpu", "--format", "--yes", "--recursive"}
 # A whole command line, such as the one that wrote a folder ('transcriptformer finetune --task classify').
-COMMAND_LINE = re.compile(r"transcriptformer [a-z][a-z-]*[^'\"`\n]*")
+COMMAND_LINE = re.compile(r"transcriptformer [a-z][a-z-]*(?:[^'\"`\n\\]|\\\n)*")
 # Modules whose messages still name flags; each is to name parameters, as the rest of the library does.
 STILL_NAMING_FLAGS = {
     "transcriptformer.checkpoint",
@@ -324,10 +324,18 @@ def flags_in_messages(path: Path) -> set[str]:
         and isinstance(node.body[0], ast.Expr)
         and isinstance(node.body[0].value, ast.Constant)
     }
-    strings = [
+    parts_of_fstrings = {id(part) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for part in node.values}
+    strings = [  # an f-string whole, each placeholder as {}
+        "".join(part.value if isinstance(part, ast.Constant) else "{}" for part in node.values)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.JoinedStr)
+    ]
+    strings += [
         node.value
         for node in ast.walk(tree)
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in docstrings | parts_of_fstrings
     ]
     flag = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]+")
     return {found for text in strings for found in flag.findall(COMMAND_LINE.sub("", text))}
