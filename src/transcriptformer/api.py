@@ -27,7 +27,7 @@ import torch
 from transcriptformer.checkpoint import WEIGHTS_FILE, Checkpoint, load_checkpoint
 from transcriptformer.config import GenerateSettings, PredictSettings
 from transcriptformer.data.tokenize import TokenizedCells
-from transcriptformer.engine.config import InferenceConfig, ModelSection, RunConfig
+from transcriptformer.engine.config import InferenceConfig, ModelRunConfig, RunConfig
 from transcriptformer.engine.run import MemoryResult, run_in_memory
 from transcriptformer.engine.task import Task
 from transcriptformer.errors import UserError
@@ -96,7 +96,7 @@ class TranscriptFormerModel:
         """
         self.checkpoint.tokenizer(**data_config)  # names an unknown setting
         checkpoint_config = self.checkpoint.config
-        model = ModelSection(
+        model = ModelRunConfig(
             checkpoint_path=str(self.checkpoint.path),
             data_config=dataclasses.replace(checkpoint_config.data_config, **data_config),
             model_config=checkpoint_config.model_config,

@@ -3,7 +3,7 @@
 ``config.json`` of a published checkpoint holds ``{"model": {"data_config": ..., "model_config": ...,
 "loss_config": ...}}``. Each section maps onto one dataclass below; unknown keys (such as ``_target_``) are
 ignored and missing optional keys take their defaults, so one loader serves every published checkpoint.
-:class:`PredictSettings` holds the settings of the batch loop (:mod:`transcriptformer.pipeline`) that every use
+:class:`PredictConfig` holds the settings of the batch loop (:mod:`transcriptformer.pipeline`) that every use
 of a model shares. This module imports nothing heavy, so that the command line can read defaults from it.
 """
 
@@ -204,7 +204,7 @@ class TranscriptFormerConfig:
 
 
 @dataclass(frozen=True)
-class PredictSettings:
+class PredictConfig:
     """How cells are run through a model. Results do not depend on ``batch_size`` or ``max_tokens``.
 
     Attributes
@@ -232,10 +232,8 @@ class PredictSettings:
         object.__setattr__(self, "output_keys", tuple(dict.fromkeys(self.output_keys)))
         if not self.output_keys:
             raise ValueError("output_keys is empty: ask for at least one output")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        check_range(self, "", "batch_size", at_least=1)
+        check_range(self, "", "max_tokens", at_least=1, optional=True)
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
@@ -247,14 +245,13 @@ MAX_GENES = 1_000_000
 
 
 @dataclass(frozen=True)
-class GenerateSettings:
+class GenerateConfig:
     """How cells are sampled from a model (``transcriptformer generate``; docs/generate.md).
 
     Attributes
     ----------
     num_cells : int or None
-        Cells to generate (at most :data:`MAX_GENERATED_CELLS`); ``None``: one per prompt cell (``--data-file``),
-        else an error.
+        Cells to generate (at most :data:`MAX_GENERATED_CELLS`); ``None``: one per prompt cell, else an error.
     max_genes : int or None
         Genes per cell at most; ``None``: the model's ``seq_len``.
     temperature : float
@@ -311,6 +308,10 @@ class GenerateSettings:
         check_range(self, "", "prompt_genes", at_least=0, at_most=MAX_GENES)
 
 
+# Former names of the settings above, for code written against them.
+PredictSettings = PredictConfig
+GenerateSettings = GenerateConfig
+
 # Keys of published configs that configure the original's data loaders and have no meaning here.
 _IGNORED_KEYS = {"_target_", "aux_vocab_path", "pin_memory", "n_data_workers", "esm2_mappings_path"}
 # DataConfig settings of a run, not of a checkpoint: the original's inference config reset them.
@@ -351,12 +352,16 @@ def check_range(
     below: float | None = None,
     at_most: float | None = None,
     also: str = "",
+    optional: bool = False,
 ) -> None:
     """Raise a ``ValueError`` naming ``section.name`` when the number is not finite or lies out of the range.
 
-    ``section`` may be empty: the message then names the setting alone (a keyword of the API, which the command
-    line turns into its flag).
+    ``section`` is the prefix of the name in the message (``data_config``), or ``""`` for a bare parameter name (a
+    keyword of the API, which the command line turns into its flag); with ``optional``, ``None`` is accepted (the
+    setting is off).
     """
+    if optional and getattr(settings, name) is None:
+        return
     check_number(
         getattr(settings, name),
         f"{section}.{name}" if section else name,

@@ -14,7 +14,7 @@ from transcriptformer.engine.config import (
     MODEL_TYPES,
     OUTPUT_FORMATS,
     InferenceConfig,
-    ModelSection,
+    ModelRunConfig,
     RunConfig,
 )
 from transcriptformer.errors import UserError
@@ -93,7 +93,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--model-type",
         choices=MODEL_TYPES,
-        default=ModelSection.model_type,
+        default=ModelRunConfig.model_type,
         help="transcriptformer, or esm2ce: the mean of the cell's raw gene-embedding rows, no transformer "
         "(default: %(default)s)",
     )

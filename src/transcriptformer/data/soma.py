@@ -65,17 +65,17 @@ def open_census(census_version: str):
         import cellxgene_census
     except ImportError as error:
         raise UserError(
-            f"--census-version opens the Census with cellxgene-census, which is missing: {SOMA_INSTALL}"
+            f"census_version opens the Census with cellxgene-census, which is missing: {SOMA_INSTALL}"
         ) from error
     try:
         return cellxgene_census.open_soma(census_version=census_version)
     except ValueError as error:  # a version that the Census' directory does not list
-        raise UserError(f"--census-version {census_version}: {first_line(error)}") from None
+        raise UserError(f"`census_version` {census_version}: {first_line(error)}") from None
     except (OSError, RuntimeError) as error:  # requests' connection errors are OSErrors; TileDB's are RuntimeErrors
         raise UserError(
-            f"could not reach the CELLxGENE Census (--census-version {census_version}): {first_line(error)}; "
-            "check the network, or copy the Census to a folder (docs/scale.md) and read it with --soma FOLDER "
-            "--organism NAME"
+            f"could not reach the CELLxGENE Census (`census_version` {census_version}): {first_line(error)}; "
+            "check the network, or copy the Census to a folder (docs/scale.md) and read it with `soma` FOLDER "
+            "and `organism` NAME"
         ) from None
 
 
@@ -86,11 +86,11 @@ def open_soma_uri(uri: str):
         return soma.open(uri)
     except soma.DoesNotExistError:
         raise UserError(
-            f"--soma {uri}: there is no SOMA experiment or Census there; give the folder or s3:// URI of one "
+            f"`soma` {uri}: there is no SOMA experiment or Census there; give the folder or s3:// URI of one "
             "(tiledbsoma.io.from_h5ad writes an experiment from an .h5ad file)"
         ) from None
     except (soma.SOMAError, RuntimeError, TypeError) as error:
-        raise UserError(f"--soma {uri}: cannot open it as a SOMA object ({first_line(error)})") from None
+        raise UserError(f"`soma` {uri}: cannot open it as a SOMA object ({first_line(error)})") from None
 
 
 def select_experiment(root, organism: str | None, where: str):
@@ -102,10 +102,10 @@ def select_experiment(root, organism: str | None, where: str):
     experiments = root[CENSUS_DATA] if CENSUS_DATA in root else root
     names = sorted(experiments.keys())
     if organism is None:
-        raise UserError(f"{where} holds several experiments ({', '.join(names)}); choose one with --organism")
+        raise UserError(f"{where} holds several experiments ({', '.join(names)}); choose one with `organism`")
     name = experiment_name(organism)
     if name not in names:
-        raise UserError(f"{where} holds no experiment {name!r} (--organism {organism}); it holds {', '.join(names)}")
+        raise UserError(f"{where} holds no experiment {name!r} (`organism` {organism!r}); it holds {', '.join(names)}")
     return experiments[name]
 
 
@@ -168,8 +168,8 @@ class SomaReader(CountReader):
             if experiment is not self._root:
                 self.source = f"{self.source} ({experiment_name(organism)})"
             self.experiment_uri = experiment.uri
-            ms = _member(experiment.ms, measurement, "--soma-measurement", "measurement")
-            self._x = _member(ms.X, x_layer, "--soma-x-layer", "X layer")
+            ms = _member(experiment.ms, measurement, "soma_measurement", "measurement")
+            self._x = _member(ms.X, x_layer, "soma_x_layer", "X layer")
             self.var = self._read_var(ms.var)
             self.obs = self._read_obs(experiment.obs, obs_filter, obs_columns)
         except BaseException:
@@ -195,14 +195,14 @@ class SomaReader(CountReader):
                 raise
             shown = ", ".join(c for c in stored[:12] if c != JOINID) + (", ..." if len(stored) > 12 else "")
             raise UserError(
-                f"--obs-filter {obs_filter!r} is not a valid SOMA value filter on obs ({first_line(error)}); write "
+                f"obs_filter {obs_filter!r} is not a valid SOMA value filter on obs ({first_line(error)}); write "
                 f"it like {FILTER_EXAMPLE} with obs columns of {self.source} ({shown})"
             ) from None
         if frame.empty:
             raise UserError(
                 f"{self.source} holds no cells"
                 if obs_filter is None
-                else f"--obs-filter {obs_filter!r} selects no cells of {self.source}; relax it"
+                else f"obs_filter {obs_filter!r} selects no cells of {self.source}; relax it"
             )
         frame = frame.sort_values(JOINID, kind="stable")[columns or frame.columns]  # tiledbsoma adds filtered ones
         if OBS_NAME_COLUMN in frame.columns:

@@ -123,35 +123,35 @@ def claim_output(path: Path, overwrite: bool = False, writes: bool = True) -> It
         The output exists and ``overwrite`` is off.
     """
     if path.is_dir():
-        raise UserError(f"the output {path} is a folder, not a file; choose another --output-filename")
-    with hold_output(path, ("--output-path", "--output-filename")):
+        raise UserError(f"the output {path} is a folder, not a file; choose another output_filename")
+    with hold_output(path, ("output_path", "output_filename")):
         if writes and path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+            raise FileExistsError(f"{path} exists; pass `overwrite=True` to replace it")
         yield
 
 
 @contextmanager
-def hold_output(path: Path, flags: tuple[str, ...]) -> Iterator[None]:
+def hold_output(path: Path, settings: tuple[str, ...]) -> Iterator[None]:
     """Create the folder of the output ``path`` and hold the output's lock for the duration of the block.
 
     The lock (``.<name>.lock`` beside ``path``) is released when the block ends or the process dies. Errors name
-    ``flags``, which choose the output's place (the first, its folder).
+    ``settings``, which choose the output's place (the first, its folder).
 
     Raises
     ------
     UserError
         The folder is a file or cannot be written, or another run holds the output.
     """
-    folder, folder_flag = path.parent, flags[0]
+    folder, folder_setting = path.parent, settings[0]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         blocking = next(p for p in (folder, *folder.parents) if p.exists())
         raise UserError(
-            f"{folder_flag} {folder} is not a folder: {blocking} is a file; give a folder (missing ones are created)"
+            f"{folder_setting} {folder} is not a folder: {blocking} is a file; give a folder (missing ones are created)"
         ) from None
     except OSError as error:
-        raise _unwritable(f"create {folder}", error, folder_flag) from error
+        raise _unwritable(f"create {folder}", error, folder_setting) from error
     lock_file = lock_file_of(path)
     lock = FileLock(lock_file, timeout=0)
     try:
@@ -160,18 +160,18 @@ def hold_output(path: Path, flags: tuple[str, ...]) -> Iterator[None]:
         holder = lock_holder(lock_file)
         raise UserError(
             f"{path} is being written by another run{f' (pid {holder})' if holder else ''}, which holds {lock_file}; "
-            f"wait for it to end, or choose another {' or '.join(flags)}"
+            f"wait for it to end, or choose another {' or '.join(settings)}"
         ) from None
     except OSError as error:
-        raise _unwritable(f"write in {folder}", error, folder_flag) from error
+        raise _unwritable(f"write in {folder}", error, folder_setting) from error
     try:
         yield
     finally:
         lock.release()
 
 
-def _unwritable(action: str, error: OSError, folder_flag: str) -> UserError:
-    return UserError(f"cannot {action} ({error.strerror or error}); choose a writable {folder_flag}")
+def _unwritable(action: str, error: OSError, folder_setting: str) -> UserError:
+    return UserError(f"cannot {action} ({error.strerror or error}); choose a writable {folder_setting}")
 
 
 def lock_holder(lock_file: Path) -> int | None:
@@ -240,7 +240,7 @@ def write_output(
         Columns computed from all cells' per-cell numbers, written with them in the one atomic write.
     """
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+        raise FileExistsError(f"{path} exists; pass `overwrite=True` to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = temporary_file_of(path, os.getpid())
     try:
@@ -434,7 +434,7 @@ def contextual_embeddings(adata: ad.AnnData, gene_id: str) -> tuple[pd.Index, np
         The names of the cells whose sequence holds the gene, and its ``(len(cells), E)`` embeddings in them.
     """
     if CGE_EMBEDDINGS not in adata.uns:
-        raise KeyError("this output has no contextual gene embeddings; run inference with --emb-type cge")
+        raise KeyError("this output has no contextual gene embeddings; run inference with `emb_type=cge`")
     rows = adata.uns[CGE_GENE_NAMES] == gene_id
     if not rows.any():
         examples = list(pd.unique(adata.uns[CGE_GENE_NAMES])[:3])

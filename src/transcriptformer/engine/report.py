@@ -41,7 +41,7 @@ def describe_inputs(session: Session) -> list[str]:
 
 def count_batches(session: Session) -> int:
     """Forward passes the run will make (reads every unit's counts for their lengths)."""
-    settings = session.config.inference.predict_settings
+    settings = session.config.inference.predict_config
     return sum(len(plan(session.model, session.read_unit(u), settings, session.device)) for u in session.units)
 
 
@@ -76,7 +76,7 @@ def existing_output_note(session: Session) -> str:
         return ""
     if session.config.inference.overwrite:
         return " (exists; will be replaced)"
-    return " (exists; the run would stop: pass --overwrite to replace it)"
+    return " (exists; the run would stop: pass `overwrite=True` to replace it)"
 
 
 def format_summary(session: Session, world_size: int, seconds: float) -> str:

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from transcriptformer.checkpoint import Checkpoint
-from transcriptformer.console import progress_bar, say
+from transcriptformer.console import progress_bar, say, worded
 from transcriptformer.engine import distributed, parts
 from transcriptformer.engine.config import RunConfig
 from transcriptformer.engine.distributed import Rank
@@ -190,10 +190,8 @@ def run_worker(rank: Rank, init_method: str | None, task: Task, config: RunConfi
             raise  # the message says what to do; the same run resumed would fail the same way
         except BaseException:
             if rank.is_main:
-                print(
-                    f"Interrupted: finished units are kept in {parts.parts_dir(session)}; rerun with --resume",
-                    flush=True,
-                )
+                kept = f"Interrupted: finished units are kept in {parts.parts_dir(session)}; rerun with `resume=True`"
+                print(worded(kept), flush=True)
             raise
         if rank.is_main:
             written, added = merge_and_write(session, rank.world_size)
@@ -230,7 +228,7 @@ def run_task(task: Task, config: RunConfig, *, dry_run: bool = False) -> Path:
     world_size = launched.world_size if launched else distributed.resolve_world_size(device, config.inference.num_gpus)
     if dry_run:
         with prepare(config, device, task) as session:
-            print(format_plan(session, world_size))
+            print(worded(format_plan(session, world_size)))
         return output_file_of(config)
     path = output_file_of(config)
     if launched and not launched.is_main:  # rank 0 holds the output

@@ -197,7 +197,7 @@ def prepare(config: RunConfig, device: torch.device, task: Task, scan: CountScan
     """
     inference = config.inference
     if not (inference.data_files or inference.reads_soma):
-        raise ValueError("no input: give files with --data-file, or a SOMA experiment with --soma or --census-version")
+        raise ValueError("no input: give files with data_files, or a SOMA experiment with `soma` or census_version")
     return open_session(config, load_for_run(config, device), device, task, scan)
 
 
@@ -319,7 +319,7 @@ def select_obs(obs: pd.DataFrame, keys: Sequence[str], path: Path | str, added: 
     clashing = [k for k in keys if k in added]
     if clashing:
         raise ValueError(
-            f"{path}: obs column(s) {clashing} would be overwritten by the output's; choose others with --obs-keys"
+            f"{path}: obs column(s) {clashing} would be overwritten by the output's; choose others with obs_keys"
         )
     return obs[list(keys)].copy()
 

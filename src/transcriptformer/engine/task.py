@@ -156,7 +156,7 @@ class BatchLoopTask:
         from transcriptformer.pipeline import predict_gene_outputs
 
         settings = dataclasses.replace(
-            session.config.inference.predict_settings, output_keys=self.output_keys(session.config)
+            session.config.inference.predict_config, output_keys=self.output_keys(session.config)
         )
         outputs = predict_gene_outputs(
             session.model, cells, settings, session.device, session.gene_columns, on_batch=on_batch, limit=limit
