@@ -403,7 +403,7 @@ def test_errors_name_settings_by_their_flags(capsys, tmp_path, argv, flag, pytho
 
 def test_the_library_names_parameters_and_the_command_line_names_flags(reference_model, tmp_path, capsys):
     """A Python user reads the parameter (``max_genes``), the user of a command its flag (``--num-gpus``)."""
-    with pytest.raises(ValueError, match=r"^max_genes must be >= 1, got 0$"):
+    with pytest.raises(ValueError, match=r"^max_genes must be >= 1 and <= 1000000, got 0$"):
         reference_model.generate(max_genes=0, num_cells=1, library_size=100.0)
     with pytest.raises(ValueError, match=r"^num_gpus must be >= 1 \(or -1: every visible GPU\), got 0$"):
         InferenceConfig(num_gpus=0)
