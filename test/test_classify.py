@@ -163,7 +163,8 @@ def test_predict_labels_writes_classes_and_probabilities(trained, cells, tmp_pat
     assert code == 0
     labelled = ad.read_h5ad(tmp_path / "predicted_labels.h5ad")
     source = ad.read_h5ad(cells)
-    assert labelled.obs_names.equals(source.obs_names) and labelled.n_vars == source.n_vars
+    assert labelled.obs_names.equals(source.obs_names)
+    assert (labelled.obs[LABEL].astype(str) == source.obs[LABEL].astype(str)).all()  # the input's obs is kept
     classes = json.loads((output / CLASSIFIER_CONFIG_FILE).read_text())["classes"]
     assert list(labelled.uns["cell_type_probabilities"]["classes"]) == classes
     probabilities = labelled.obsm["cell_type_probabilities"]

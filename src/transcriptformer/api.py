@@ -36,6 +36,7 @@ from transcriptformer.model.classifier import Classifier, has_classifier, load_c
 from transcriptformer.perturbation.config import PerturbSettings
 from transcriptformer.pipeline import predict_positions
 from transcriptformer.runtime import Backend, resolve_device
+from transcriptformer.tasks.classify import ClassifyTask
 from transcriptformer.tasks.embed import EmbedConfig, EmbedTask
 from transcriptformer.tasks.score import CELL_SCORE_KEYS, GENE_SCORE_KEY, ScoreConfig, ScoreTask
 
@@ -260,18 +261,12 @@ class TranscriptFormerModel:
                 "this model has no classifier: load it with transcriptformer.load(CHECKPOINT, adapter=FOLDER), "
                 "FOLDER written by 'transcriptformer finetune --task classify'"
             )
-        cells = self.tokenize(data, **tokenize_kwargs)
-        embeddings = self.predict(cells, batch_size=batch_size, output_keys=("embeddings",))["embeddings"]
-        probabilities = self.classifier.probabilities(embeddings)
-        info = self.classifier.info
+        task = ClassifyTask(classifier=self.classifier)
+        result = self.run_task(task, data, {"output_keys": ["embeddings"], "batch_size": batch_size}, **tokenize_kwargs)
         if isinstance(data, ad.AnnData):
-            if len(probabilities) != data.n_obs:
-                raise ValueError(
-                    f"cell filters kept {len(probabilities)} of {data.n_obs} cells, so obs cannot hold their "
-                    "classes: subset the AnnData first, or pass its path to get the probabilities only"
-                )
-            write_predictions(data, probabilities, info.label_key, info.classes)
-        return pd.DataFrame(probabilities, index=cells.obs_names, columns=info.classes)
+            store_every_cell(data, result, task, "obs", "pass its path to get the probabilities only")
+        probabilities = result.outputs.cell_values[task.probabilities_key]
+        return pd.DataFrame(probabilities, index=result.obs.index, columns=task.settings.classes)
 
     def generate(
         self,
@@ -463,12 +458,3 @@ def store_every_cell(adata: ad.AnnData, result: MemoryResult, task: Task, place:
         )
     task.write_into(adata, result)
 
-
-def write_predictions(adata: ad.AnnData, probabilities: np.ndarray, label_key: str, classes: list[str]) -> None:
-    """Store the classes and probabilities of :meth:`TranscriptFormerModel.classify` in ``adata``."""
-    known = np.isfinite(probabilities).all(axis=1)
-    best = np.where(known, np.nan_to_num(probabilities, nan=-1.0).argmax(axis=1), -1)
-    adata.obs[f"predicted_{label_key}"] = pd.Categorical.from_codes(best, categories=classes)
-    adata.obs[f"predicted_{label_key}_probability"] = probabilities.max(axis=1)  # NaN where unknown
-    adata.obsm[f"{label_key}_probabilities"] = probabilities.astype(np.float32)
-    adata.uns[f"{label_key}_probabilities"] = {"classes": np.asarray(classes, dtype=object)}
