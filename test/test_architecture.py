@@ -114,7 +114,7 @@ ENGINE_COMMANDS = {"inference": "EmbedTask", "score": "ScoreTask"}
 
 @pytest.mark.parametrize("command", sorted(ENGINE_COMMANDS))
 def test_commands_run_their_task_through_the_engine(command):
-    imported = package_imports(MODULES[f"transcriptformer.cli.{command}"])
+    imported = package_imports(MODULES[f"transcriptformer.cli.{command.replace('-', '_')}"])
     assert "transcriptformer.engine.run.run_task" in imported, command
     assert any(name.endswith(f".{ENGINE_COMMANDS[command]}") for name in imported), command
 

@@ -457,4 +457,3 @@ def store_every_cell(adata: ad.AnnData, result: MemoryResult, task: Task, place:
             f"subset the AnnData first, or {alternative}"
         )
     task.write_into(adata, result)
-

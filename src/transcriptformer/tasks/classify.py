@@ -152,8 +152,11 @@ class ClassifyTask(BatchLoopTask):
         return part
 
     def predictions(self, embeddings: np.ndarray) -> dict[str, np.ndarray]:
-        """The per-cell values of ``(n_cells, E)`` cell embeddings: probabilities, predicted class (its index,
-        ``-1`` where unknown) and its probability (NaN where unknown)."""
+        """The per-cell values of ``(n_cells, E)`` cell embeddings.
+
+        Every class's probability, the predicted class (its index, ``-1`` where unknown) and its probability (NaN
+        where unknown).
+        """
         probabilities = self.classifier.probabilities(embeddings).astype(np.float32)
         known = np.isfinite(probabilities).all(axis=1)
         best = np.where(known, np.nan_to_num(probabilities, nan=-1.0).argmax(axis=1), -1)
@@ -164,7 +167,7 @@ class ClassifyTask(BatchLoopTask):
         }
 
     def finish(self, obs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-        """The predicted classes as a categorical column; the classes and their counts as ``uns["<key>_probabilities"]``."""
+        """The predicted classes as categories; the classes and their counts as uns ``<key>_probabilities``."""
         classes = self.settings.classes
         predicted = pd.Categorical.from_codes(obs[self.predicted_column].to_numpy(dtype=np.int64), categories=classes)
         obs = obs.assign(**{self.predicted_column: predicted})
@@ -178,7 +181,6 @@ class ClassifyTask(BatchLoopTask):
         return ["Predicted: " + (", ".join(counted) or "no class (no cell has counts of the vocabulary's genes)")]
 
     def write_into(self, adata: ad.AnnData, result: MemoryResult) -> None:
-        """The predicted classes and their probabilities into obs, every class's probability into obsm, the classes
-        into uns."""
+        """The predicted classes and their probabilities into obs, every class's into obsm, the classes into uns."""
         super().write_into(adata, result)
         adata.obsm[self.probabilities_key] = result.outputs.cell_values[self.probabilities_key]
