@@ -3,6 +3,7 @@
 The trained demo model (models/demo-mouse-brain) generates from the bundled held-out mouse brain cells.
 """
 
+import json
 from pathlib import Path
 
 import anndata as ad
@@ -15,8 +16,8 @@ import transcriptformer
 from conftest import DATA_DIR, REFERENCE_DIR
 from test_user_errors import assert_one_line_error, run_cli
 from transcriptformer.cli import main
-from transcriptformer.generation import GENERATION_ORDER
 from transcriptformer.model.sampling import sample_zero_truncated_poisson, zero_truncated_poisson_probabilities
+from transcriptformer.tasks.generate import GENERATION_ORDER
 
 DEMO_MODEL = DATA_DIR.parent.parent / "models" / "demo-mouse-brain"
 HELDOUT = DATA_DIR / "demo_mouse_brain_heldout.h5ad"
@@ -67,23 +68,23 @@ def test_cached_and_uncached_generation_give_the_same_cells(prompt_cells, sampli
     demo64 = transcriptformer.load(DEMO_MODEL, device="cpu")
     demo64.model.double()
     settings = {"num_cells": 6, "max_genes": 40, "seed": 3, "prompt_genes": 2} | sampling
-    cached = demo64.generate(prompt_cells, **settings)
-    uncached = demo64.generate(prompt_cells, use_cache=False, **settings)
+    cached = demo64.generate(HELDOUT, **settings)
+    uncached = demo64.generate(HELDOUT, use_cache=False, **settings)
     assert sequences(cached) == sequences(uncached)
     assert cached.obs["num_genes"].min() > 10
 
 
 def test_a_cell_depends_on_the_seed_and_its_index_not_the_batch(demo, prompt_cells):
-    whole = demo.generate(prompt_cells, num_cells=9, max_genes=30, seed=1, batch_size=9)
-    split = demo.generate(prompt_cells, num_cells=9, max_genes=30, seed=1, batch_size=4)
-    other_seed = demo.generate(prompt_cells, num_cells=9, max_genes=30, seed=2, batch_size=9)
+    whole = demo.generate(HELDOUT, num_cells=9, max_genes=30, seed=1, batch_size=9)
+    split = demo.generate(HELDOUT, num_cells=9, max_genes=30, seed=1, batch_size=4)
+    other_seed = demo.generate(HELDOUT, num_cells=9, max_genes=30, seed=2, batch_size=9)
     assert sequences(whole) == sequences(split)
     assert all(a != b for a, b in zip(sequences(whole), sequences(other_seed), strict=True))
 
 
 def test_generated_cells_follow_the_sampling_rules(demo, prompt_cells):
     vocab = demo.checkpoint.gene_vocab
-    adata = demo.generate(prompt_cells, num_cells=12, seed=0)
+    adata = demo.generate(HELDOUT, num_cells=12, seed=0)
     clip = demo.checkpoint.config.data_config.clip_counts
     for cell in sequences(adata):
         genes = [gene for gene, _ in cell]
@@ -113,7 +114,7 @@ def test_greedy_sampling_takes_the_most_likely_gene(demo):
 def test_prompts_and_targets(demo, prompt_cells):
     first = prompt_cells.batch([0])
     n_genes = int((first.gene_tokens != demo.model.special_tokens.pad).sum())
-    adata = demo.generate(prompt_cells, num_cells=1, prompt_genes=5)
+    adata = demo.generate(HELDOUT, num_cells=1, prompt_genes=5)
     ids = demo.checkpoint.gene_vocab.gene_ids
     n_special = len(demo.checkpoint.gene_vocab.special_tokens)
     prompt = [
@@ -125,7 +126,7 @@ def test_prompts_and_targets(demo, prompt_cells):
     assert adata.obs["target_library_size"].iloc[0] == pytest.approx(float(first.gene_counts.sum()))
     assert adata.obs["prompt_cell"].iloc[0] == prompt_cells.obs_names[0]
     # A gene list (symbols) starts every cell in its order; max_genes caps the cell, scaling its total.
-    listed = demo.generate(prompt_cells, num_cells=3, genes=["Crym", "Vgf"], max_genes=10)
+    listed = demo.generate(HELDOUT, num_cells=3, genes=["Crym", "Vgf"], max_genes=10)
     symbols = ["ENSMUSG00000030905", "ENSMUSG00000037428"]  # Crym, Vgf
     assert all([gene for gene, _ in cell[:2]] == symbols for cell in sequences(listed))
     assert (listed.obs["num_genes"] == 10).all()
@@ -152,7 +153,7 @@ def test_generated_cells_resemble_the_real_ones(demo, prompt_cells):
     real = np.zeros((len(prompt_cells), len(demo.checkpoint.gene_vocab)))
     np.put_along_axis(real, batch.gene_tokens.numpy(), batch.gene_counts.numpy(), axis=1)
     real = real[:, n_special:]
-    generated = demo.generate(prompt_cells, seed=0).X.toarray()
+    generated = demo.generate(HELDOUT, seed=0).X.toarray()
     for statistic in (lambda x: (x > 0).sum(1), lambda x: x.sum(1)):
         assert np.median(statistic(generated)) == pytest.approx(np.median(statistic(real)), rel=0.2)
     top = np.argsort(-real.mean(0))[:50]
@@ -168,7 +169,7 @@ def test_the_cli_writes_cells_that_scanpy_and_inference_read(tmp_path, capsys):
     assert f"Output: {(out / 'generated.h5ad').resolve()}" in capsys.readouterr().out
     adata = ad.read_h5ad(out / "generated.h5ad")
     assert adata.shape == (8, len(transcriptformer.load(DEMO_MODEL, device="cpu").checkpoint.gene_vocab.gene_ids))
-    assert sp.issparse(adata.X) and adata.uns["transcriptformer"]["settings"]["seed"] == 0
+    assert sp.issparse(adata.X) and json.loads(adata.uns["transcriptformer"]["task"])["settings"]["seed"] == 0
     assert set(adata.obs["assay"]) == {"MERFISH"}
     sc.pp.normalize_total(adata)
     sc.pp.log1p(adata)

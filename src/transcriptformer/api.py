@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from transcriptformer.checkpoint import WEIGHTS_FILE, Checkpoint, load_checkpoint
-from transcriptformer.config import GenerateSettings, PredictSettings
+from transcriptformer.config import PredictSettings
 from transcriptformer.data.tokenize import TokenizedCells
 from transcriptformer.engine.config import InferenceConfig, ModelSection, RunConfig
 from transcriptformer.engine.run import MemoryResult, run_in_memory
@@ -38,6 +38,7 @@ from transcriptformer.pipeline import predict_positions
 from transcriptformer.runtime import Backend, resolve_device
 from transcriptformer.tasks.classify import ClassifyTask
 from transcriptformer.tasks.embed import EmbedConfig, EmbedTask
+from transcriptformer.tasks.generate import GenerateConfig, GenerateTask
 from transcriptformer.tasks.score import CELL_SCORE_KEYS, GENE_SCORE_KEY, ScoreConfig, ScoreTask
 
 if TYPE_CHECKING:
@@ -270,10 +271,10 @@ class TranscriptFormerModel:
 
     def generate(
         self,
-        data: ad.AnnData | str | Path | TokenizedCells | None = None,
+        data: ad.AnnData | str | Path | None = None,
         *,
         aux: dict[str, str] | None = None,
-        genes: Sequence[str] = (),
+        genes: Sequence[str] | str = (),
         **settings: Any,
     ) -> ad.AnnData:
         """Sample new cells, gene by gene with their counts (docs/generate.md).
@@ -287,7 +288,8 @@ class TranscriptFormerModel:
         aux
             Aux column -> value for every cell (e.g. ``{"assay": "MERFISH"}``), instead of the prompt cells'.
         genes
-            Genes (ids or symbols) every cell starts with, in this order; their counts are drawn.
+            Genes (ids or symbols) every cell starts with, in this order; their counts are drawn. A string is one
+            gene.
         **settings
             Fields of :class:`~transcriptformer.config.GenerateSettings`: ``num_cells``, ``max_genes``,
             ``num_genes``, ``library_size``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``batch_size``,
@@ -296,14 +298,13 @@ class TranscriptFormerModel:
         Returns
         -------
         AnnData
-            Cells x the vocabulary's genes, raw counts in ``X``; see :mod:`transcriptformer.generation`.
+            Cells x the vocabulary's genes, raw counts in ``X``; see :mod:`transcriptformer.tasks.generate`.
         """
-        from transcriptformer.generation import generate
-
-        prompt_cells = data
-        if data is not None and not isinstance(data, TokenizedCells):
-            prompt_cells = self.tokenize(data, drop_empty_cells=True)
-        return generate(self.checkpoint, GenerateSettings(**settings), self.device, prompt_cells, aux, genes)
+        if isinstance(data, TokenizedCells):
+            raise TypeError("data takes an AnnData or the path of a file of prompt cells, not tokenized cells")
+        task = GenerateTask(settings=GenerateConfig(aux=aux or {}, genes=genes, **settings))
+        result = self.run_task(task, data, {}, drop_empty_cells=True)
+        return task.to_anndata(result, self.checkpoint)
 
     def score(
         self,
