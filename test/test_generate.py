@@ -4,6 +4,9 @@ The trained demo model (models/demo-mouse-brain) generates from the bundled held
 """
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -223,3 +226,52 @@ def test_a_cell_that_draws_end_stops_while_the_others_go_on(demo):
     assert result.ended.tolist() == [True, False]
     assert (result.tokens[0] != pad).sum() == 2 and (result.counts[0, 2:] == 0).all()
     assert (result.tokens[1] != pad).sum() == 10
+
+
+def generate_command(output: Path, *extra) -> list[str]:
+    args = ["generate", "--checkpoint-path", DEMO_MODEL, "--data-file", HELDOUT, "--output-path", output,
+            "--max-genes", 12, "--batch-size", 2, "--chunk-size", 5, "--device", "cpu", *extra]  # fmt: skip
+    return [sys.executable, "-m", "transcriptformer", *map(str, args)]
+
+
+def assert_same_cells(adata: ad.AnnData, whole: ad.AnnData) -> None:
+    assert adata.obs.equals(whole.obs)
+    assert sequences(adata) == sequences(whole)
+
+
+def test_units_of_the_file_run_generate_the_cells_of_the_in_memory_run(demo, prompt_cells, tmp_path):
+    """Cells past the last prompt cell wrap around to the first, across units of 5 cells; the same cells."""
+    n_cells = len(prompt_cells) + 7
+    assert main(generate_command(tmp_path, "--num-cells", n_cells)[3:]) == 0
+    written = ad.read_h5ad(tmp_path / "generated.h5ad")
+    in_memory = demo.generate(HELDOUT, num_cells=n_cells, max_genes=12, batch_size=3)
+    assert_same_cells(written, in_memory)
+    assert list(written.obs["prompt_cell"].iloc[-7:]) == list(prompt_cells.obs_names[:7])
+    assert (written.X != written.layers["counts"]).nnz == 0
+
+
+@pytest.mark.slow  # three fresh processes
+def test_generate_resumes_and_runs_in_two_processes_as_one_run(tmp_path):
+    from test_inference_resume import kill_after_some_units
+
+    extra = ["--num-cells", "40", "--batch-size", "1"]
+    assert main(generate_command(tmp_path / "whole", *extra)[3:]) == 0
+    whole = ad.read_h5ad(tmp_path / "whole" / "generated.h5ad")
+    parts = tmp_path / "resumed" / ".generated.h5ad.parts"
+    kill_after_some_units(generate_command(tmp_path / "resumed", *extra), parts)
+    done = len(list(parts.glob("unit-*.npz")))
+    resumed = subprocess.run(generate_command(tmp_path / "resumed", *extra, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming: {done} of 8 units were already done" in resumed.stdout
+    assert_same_cells(ad.read_h5ad(tmp_path / "resumed" / "generated.h5ad"), whole)
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}
+    two = subprocess.run(
+        generate_command(tmp_path / "two", *extra, "--num-gpus", "2"), capture_output=True, text=True, env=env
+    )
+    assert two.returncode == 0, two.stderr
+    assert_same_cells(ad.read_h5ad(tmp_path / "two" / "generated.h5ad"), whole)
+
+
+def test_a_gene_given_as_a_string_is_one_gene(demo):
+    one = demo.generate(num_cells=2, num_genes=3, library_size=6, genes="Crym", aux={"assay": "MERFISH"})
+    assert all(cell[0][0] == "ENSMUSG00000030905" for cell in sequences(one))
