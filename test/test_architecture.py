@@ -109,7 +109,13 @@ def test_no_module_imports_from_a_higher_layer(path):
 
 
 # The commands that run through the engine (transcriptformer.engine.run.run_task), each with the task it runs.
-ENGINE_COMMANDS = {"inference": "EmbedTask", "score": "ScoreTask"}
+# The commands that run their task through the engine (engine.run.run_task), and their task.
+ENGINE_COMMANDS = {
+    "inference": "EmbedTask",
+    "score": "ScoreTask",
+    "predict-labels": "ClassifyTask",
+    "generate": "GenerateTask",
+}
 
 
 @pytest.mark.parametrize("command", sorted(ENGINE_COMMANDS))
