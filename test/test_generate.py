@@ -228,8 +228,8 @@ def test_a_cell_that_draws_end_stops_while_the_others_go_on(demo):
     assert (result.tokens[1] != pad).sum() == 10
 
 
-def generate_command(output: Path, *extra) -> list[str]:
-    args = ["generate", "--checkpoint-path", DEMO_MODEL, "--data-file", HELDOUT, "--output-path", output,
+def generate_command(output: Path, *extra, prompts: Path = HELDOUT) -> list[str]:
+    args = ["generate", "--checkpoint-path", DEMO_MODEL, "--data-file", prompts, "--output-path", output,
             "--max-genes", 12, "--batch-size", 2, "--chunk-size", 5, "--device", "cpu", *extra]  # fmt: skip
     return [sys.executable, "-m", "transcriptformer", *map(str, args)]
 
@@ -239,14 +239,16 @@ def assert_same_cells(adata: ad.AnnData, whole: ad.AnnData) -> None:
     assert sequences(adata) == sequences(whole)
 
 
-def test_units_of_the_file_run_generate_the_cells_of_the_in_memory_run(demo, prompt_cells, tmp_path):
-    """Cells past the last prompt cell wrap around to the first, across units of 5 cells; the same cells."""
-    n_cells = len(prompt_cells) + 7
-    assert main(generate_command(tmp_path, "--num-cells", n_cells)[3:]) == 0
+def test_units_of_the_file_run_generate_the_cells_of_the_in_memory_run(demo, tmp_path):
+    """Cells past the last of 4 prompt cells wrap around to the first, across units of 5 cells; the same cells."""
+    prompts = tmp_path / "prompts.h5ad"
+    ad.read_h5ad(HELDOUT)[:4].copy().write_h5ad(prompts)
+    assert main(generate_command(tmp_path, "--num-cells", 11, prompts=prompts)[3:]) == 0
     written = ad.read_h5ad(tmp_path / "generated.h5ad")
-    in_memory = demo.generate(HELDOUT, num_cells=n_cells, max_genes=12, batch_size=3)
+    in_memory = demo.generate(prompts, num_cells=11, max_genes=12, batch_size=3)
     assert_same_cells(written, in_memory)
-    assert list(written.obs["prompt_cell"].iloc[-7:]) == list(prompt_cells.obs_names[:7])
+    names = ad.read_h5ad(prompts).obs_names
+    assert list(written.obs["prompt_cell"]) == [names[i % 4] for i in range(11)]
     assert (written.X != written.layers["counts"]).nnz == 0
 
 

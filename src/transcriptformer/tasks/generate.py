@@ -189,9 +189,9 @@ class GenerateTask:
         return COUNTS
 
     def finish(self, obs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-        """Aux values as categories; the count rule and a summary as ``uns["generation"]``."""
-        aux = [c for c in obs.columns if obs[c].dtype == object and c != "prompt_cell"]
-        obs = obs.assign(**{c: pd.Categorical(obs[c]) for c in aux})
+        """The prompt cells and aux values as categories; the count rule and a summary as ``uns["generation"]``."""
+        strings = [c for c in obs.columns if obs[c].dtype == object]
+        obs = obs.assign(**{c: pd.Categorical(obs[c]) for c in strings})
         summary = {
             "count_rule": COUNT_RULE,
             "cells": len(obs),
