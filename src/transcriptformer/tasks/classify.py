@@ -183,4 +183,5 @@ class ClassifyTask(BatchLoopTask):
     def write_into(self, adata: ad.AnnData, result: MemoryResult) -> None:
         """The predicted classes and their probabilities into obs, every class's into obsm, the classes into uns."""
         super().write_into(adata, result)
+        adata.obs[self.predicted_column] = result.obs[self.predicted_column].array  # categorical, as in the file
         adata.obsm[self.probabilities_key] = result.outputs.cell_values[self.probabilities_key]
