@@ -113,12 +113,18 @@ def test_no_module_imports_from_a_higher_layer(path):
 
 
 # The commands that run through the engine (transcriptformer.engine.run.run_task), each with the task it runs.
-ENGINE_COMMANDS = {"inference": "EmbedTask", "score": "ScoreTask"}
+# The commands that run their task through the engine (engine.run.run_task), and their task.
+ENGINE_COMMANDS = {
+    "inference": "EmbedTask",
+    "score": "ScoreTask",
+    "predict-labels": "ClassifyTask",
+    "generate": "GenerateTask",
+}
 
 
 @pytest.mark.parametrize("command", sorted(ENGINE_COMMANDS))
 def test_commands_run_their_task_through_the_engine(command):
-    imported = package_imports(MODULES[f"transcriptformer.cli.{command}"])
+    imported = package_imports(MODULES[f"transcriptformer.cli.{command.replace('-', '_')}"])
     assert "transcriptformer.engine.run.run_task" in imported, command
     assert any(name.endswith(f".{ENGINE_COMMANDS[command]}") for name in imported), command
 
@@ -303,7 +309,6 @@ COMMAND_LINE = re.compile(r"transcriptformer [a-z][a-z-]*(?:[^'\"`\n\\]|\\\n)*")
 STILL_NAMING_FLAGS = {
     "transcriptformer.checkpoint",
     "transcriptformer.evaluation.run",
-    "transcriptformer.generation",
     "transcriptformer.model.classifier",
     "transcriptformer.model.lora",
     "transcriptformer.training.classify",

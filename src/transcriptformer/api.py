@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from transcriptformer.checkpoint import WEIGHTS_FILE, Checkpoint, load_checkpoint
-from transcriptformer.config import GenerateSettings, PredictSettings
+from transcriptformer.config import PredictSettings
 from transcriptformer.data.tokenize import TokenizedCells
 from transcriptformer.engine.config import InferenceConfig, ModelRunConfig, RunConfig
 from transcriptformer.engine.run import MemoryResult, run_in_memory
@@ -36,7 +36,9 @@ from transcriptformer.model.classifier import Classifier, has_classifier, load_c
 from transcriptformer.perturbation.config import PerturbSettings
 from transcriptformer.pipeline import predict_positions
 from transcriptformer.runtime import Backend, resolve_device
+from transcriptformer.tasks.classify import ClassifyTask
 from transcriptformer.tasks.embed import EmbedConfig, EmbedTask
+from transcriptformer.tasks.generate import GenerateConfig, GenerateTask
 from transcriptformer.tasks.score import CELL_SCORE_KEYS, GENE_SCORE_KEY, ScoreConfig, ScoreTask
 
 if TYPE_CHECKING:
@@ -266,25 +268,19 @@ class TranscriptFormerModel:
                 "this model has no classifier: load it with transcriptformer.load(CHECKPOINT, adapter=FOLDER), "
                 "FOLDER written by 'transcriptformer finetune --task classify'"
             )
-        cells = self.tokenize(data, **tokenize_kwargs)
-        embeddings = self.predict(cells, batch_size=batch_size, output_keys=("embeddings",))["embeddings"]
-        probabilities = self.classifier.probabilities(embeddings)
-        info = self.classifier.info
+        task = ClassifyTask(classifier=self.classifier)
+        result = self.run_task(task, data, {"output_keys": ["embeddings"], "batch_size": batch_size}, **tokenize_kwargs)
         if isinstance(data, ad.AnnData):
-            if len(probabilities) != data.n_obs:
-                raise ValueError(
-                    f"cell filters kept {len(probabilities)} of {data.n_obs} cells, so obs cannot hold their "
-                    "classes: subset the AnnData first, or pass its path to get the probabilities only"
-                )
-            write_predictions(data, probabilities, info.label_key, info.classes)
-        return pd.DataFrame(probabilities, index=cells.obs_names, columns=info.classes)
+            store_every_cell(data, result, task, "obs", "pass its path to get the probabilities only")
+        probabilities = result.outputs.cell_values[task.probabilities_key]
+        return pd.DataFrame(probabilities, index=result.obs.index, columns=task.settings.classes)
 
     def generate(
         self,
-        data: ad.AnnData | str | Path | TokenizedCells | None = None,
+        data: ad.AnnData | str | Path | None = None,
         *,
         aux: dict[str, str] | None = None,
-        genes: Sequence[str] = (),
+        genes: Sequence[str] | str = (),
         **settings: Any,
     ) -> ad.AnnData:
         """Sample new cells, gene by gene with their counts (docs/generate.md).
@@ -298,23 +294,23 @@ class TranscriptFormerModel:
         aux
             Aux column -> value for every cell (e.g. ``{"assay": "MERFISH"}``), instead of the prompt cells'.
         genes
-            Genes (ids or symbols) every cell starts with, in this order; their counts are drawn.
+            Genes (ids or symbols) every cell starts with, in this order; their counts are drawn. A string is one
+            gene.
         **settings
-            Fields of :class:`~transcriptformer.config.GenerateSettings`: ``num_cells``, ``max_genes``,
+            Fields of :class:`~transcriptformer.config.SamplingConfig`: ``num_cells``, ``max_genes``,
             ``num_genes``, ``library_size``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``batch_size``,
             ``prompt_genes``, ``use_cache``.
 
         Returns
         -------
         AnnData
-            Cells x the vocabulary's genes, raw counts in ``X``; see :mod:`transcriptformer.generation`.
+            Cells x the vocabulary's genes, raw counts in ``X``; see :mod:`transcriptformer.tasks.generate`.
         """
-        from transcriptformer.generation import generate
-
-        prompt_cells = data
-        if data is not None and not isinstance(data, TokenizedCells):
-            prompt_cells = self.tokenize(data, drop_empty_cells=True)
-        return generate(self.checkpoint, GenerateSettings(**settings), self.device, prompt_cells, aux, genes)
+        if isinstance(data, TokenizedCells):
+            raise TypeError("data takes an AnnData or the path of a file of prompt cells, not tokenized cells")
+        task = GenerateTask(settings=GenerateConfig(aux=aux or {}, genes=genes, **settings))
+        result = self.run_task(task, data, {}, drop_empty_cells=True)
+        return task.to_anndata(result, self.checkpoint)
 
     def score(
         self,
@@ -468,13 +464,3 @@ def store_every_cell(adata: ad.AnnData, result: MemoryResult, task: Task, place:
             f"subset the AnnData first, or {alternative}"
         )
     task.write_into(adata, result)
-
-
-def write_predictions(adata: ad.AnnData, probabilities: np.ndarray, label_key: str, classes: list[str]) -> None:
-    """Store the classes and probabilities of :meth:`TranscriptFormerModel.classify` in ``adata``."""
-    known = np.isfinite(probabilities).all(axis=1)
-    best = np.where(known, np.nan_to_num(probabilities, nan=-1.0).argmax(axis=1), -1)
-    adata.obs[f"predicted_{label_key}"] = pd.Categorical.from_codes(best, categories=classes)
-    adata.obs[f"predicted_{label_key}_probability"] = probabilities.max(axis=1)  # NaN where unknown
-    adata.obsm[f"{label_key}_probabilities"] = probabilities.astype(np.float32)
-    adata.uns[f"{label_key}_probabilities"] = {"classes": np.asarray(classes, dtype=object)}

@@ -245,7 +245,7 @@ MAX_GENES = 1_000_000
 
 
 @dataclass(frozen=True)
-class GenerateConfig:
+class SamplingConfig:
     """How cells are sampled from a model (``transcriptformer generate``; docs/generate.md).
 
     Attributes
@@ -310,7 +310,6 @@ class GenerateConfig:
 
 # Former names of the settings above, for code written against them.
 PredictSettings = PredictConfig
-GenerateSettings = GenerateConfig
 
 # Keys of published configs that configure the original's data loaders and have no meaning here.
 _IGNORED_KEYS = {"_target_", "aux_vocab_path", "pin_memory", "n_data_workers", "esm2_mappings_path"}

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -215,6 +215,7 @@ def write_output(
     metadata: dict,
     overwrite: bool = False,
     finish_obs: ObsFinisher | None = None,
+    main_layer: Callable[[Collection[str]], str | None] = main_matrix_key,
 ) -> None:
     """Write the output ``.h5ad`` (layout in the module docstring) from chunks of consecutive cells.
 
@@ -238,6 +239,8 @@ def write_output(
         Stored as ``uns["transcriptformer"]``.
     finish_obs
         Columns computed from all cells' per-cell numbers, written with them in the one atomic write.
+    main_layer
+        The per-gene layer that ``X`` holds, given the layers' keys (``None``: no genes, an empty ``X``).
     """
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass `overwrite=True` to replace it")
@@ -251,7 +254,7 @@ def write_output(
                     for chunk in chunks:
                         writer.append(chunk)
                         raw.raise_failure()
-                    writer.finish(obs, metadata, finish_obs)
+                    writer.finish(obs, metadata, finish_obs, main_layer)
             except Exception:
                 raw.raise_failure()  # what made HDF5 fail, if a write did
                 raise
@@ -369,7 +372,13 @@ class _OutputWriter:
             self._extend(CGE_GENE_NAMES, self.gene_ids[chunk.cge["gene_index"]])
         self.written = rows.stop
 
-    def finish(self, obs: pd.DataFrame, metadata: dict, finish_obs: ObsFinisher | None = None) -> None:
+    def finish(
+        self,
+        obs: pd.DataFrame,
+        metadata: dict,
+        finish_obs: ObsFinisher | None = None,
+        main_layer: Callable[[Collection[str]], str | None] = main_matrix_key,
+    ) -> None:
         """Write obs (per-cell numbers, then the columns of ``finish_obs``), var, X and uns once every chunk is in."""
         if self.written != self.n_cells:
             raise ValueError(f"{self.written} cells of outputs for {self.n_cells} rows of obs")
@@ -382,7 +391,7 @@ class _OutputWriter:
             for key, value in uns.items():
                 write_elem(self.file["uns"], key, value)
         write_elem(self.file, "obs", _as_written_by_anndata(obs))
-        main_matrix = main_matrix_key(self.file["layers"])
+        main_matrix = main_layer(list(self.file["layers"]))
         if main_matrix is None:  # no per-gene layer: no genes, and X an empty matrix
             write_elem(self.file, "var", pd.DataFrame(index=self.var.index[:0]))
             write_elem(self.file, "X", sp.csr_matrix((self.n_cells, 0), dtype=np.float32))

@@ -131,7 +131,9 @@ def write_h5ad(session: Session, world_size: int) -> dict:
     obs.index = obs.index.astype(str)  # a SOMA experiment without obs_id names its cells by joinid
     chunks = (parts.load_part(parts.part_file(session, unit)).outputs for unit in session.units)
     metadata = run_metadata(session, world_size)
-    var = concat_var([f.var for f in session.files], session.genes)
+    var = session.task.output_var(session)
+    if var is None:
+        var = concat_var([f.var for f in session.files], session.genes)
     added = {}
 
     def finish(obs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
@@ -140,7 +142,16 @@ def write_h5ad(session: Session, world_size: int) -> dict:
         return obs, uns
 
     try:
-        write_output(session.output_file, obs, var, chunks, metadata, session.config.inference.overwrite, finish)
+        write_output(
+            session.output_file,
+            obs,
+            var,
+            chunks,
+            metadata,
+            session.config.inference.overwrite,
+            finish,
+            session.task.main_layer,
+        )
     except OSError as error:
         raise parts.write_failed(session.output_file, error, parts.parts_dir(session)) from error
     return added
@@ -283,7 +294,7 @@ class MemoryResult:
 def run_in_memory(
     task: Task,
     checkpoint: Checkpoint,
-    data: ad.AnnData | str | Path,
+    data: ad.AnnData | str | Path | None,
     config: RunConfig,
     device: torch.device,
 ) -> MemoryResult:
@@ -299,7 +310,8 @@ def run_in_memory(
     checkpoint
         Loaded with its adapters and gene embeddings (``config``'s ``model`` section says how to tokenize).
     data
-        An AnnData (only read here), or the path of a ``.h5ad``, ``.zarr`` or 10x ``.h5`` file.
+        An AnnData (only read here), or the path of a ``.h5ad``, ``.zarr`` or 10x ``.h5`` file; ``None`` for a task
+        that plans its own rows (:meth:`Task.planned_rows`) without input cells.
     config
         The run's settings; its input and output settings are not used.
     device
@@ -321,6 +333,8 @@ def run_in_memory(
             if row_slot(key, values) == "obs":
                 obs[key] = values
         obs, uns = task.finish(obs)
+        if not session.files:  # a task that plans its own rows, without input cells
+            return MemoryResult(obs, outputs, uns, np.zeros(0, dtype=np.int64), pd.Index([]), False)
         reader, var_rows = session.files[0].cells.reader, np.asarray(session.files[0].cells.selection.columns)
         from_raw = isinstance(data, ad.AnnData) and reader.var is not data.var
     return MemoryResult(obs, outputs, uns, var_rows, reader.var.index[var_rows], from_raw)
