@@ -421,14 +421,22 @@ def _has_type(value: Any, hint: Any) -> bool:
     if typing.get_origin(hint) is list:
         (item,) = typing.get_args(hint)
         return isinstance(value, list) and all(_has_type(v, item) for v in value)
+    if typing.get_origin(hint) is tuple:  # tuple[X, ...]
+        item = typing.get_args(hint)[0]
+        return isinstance(value, tuple) and all(_has_type(v, item) for v in value)
+    if typing.get_origin(hint) is dict:
+        key, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(_has_type(k, key) and _has_type(v, item) for k, v in value.items())
     return isinstance(value, hint)
 
 
 def _type_name(hint: Any) -> str:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return " or ".join(_type_name(option) for option in typing.get_args(hint))
-    if typing.get_origin(hint) is list:
+    if typing.get_origin(hint) in (list, tuple):
         return f"a list of {_type_name(typing.get_args(hint)[0]).split(' ', 1)[-1]}s"
+    if typing.get_origin(hint) is dict:
+        return f"a mapping of {_type_name(typing.get_args(hint)[1]).split(' ', 1)[-1]}s"
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 

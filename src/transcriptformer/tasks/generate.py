@@ -66,9 +66,9 @@ class GenerateConfig(SamplingConfig):
     genes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         object.__setattr__(self, "genes", (self.genes,) if isinstance(self.genes, str) else tuple(self.genes))
         object.__setattr__(self, "aux", dict(self.aux or {}))
+        super().__post_init__()
         if self.prompt_genes and self.genes:
             raise ValueError("give either prompt_genes (genes of the prompt cells) or genes (a gene list), not both")
 
@@ -215,6 +215,8 @@ class GenerateTask:
 
     def to_anndata(self, result: MemoryResult, checkpoint: Checkpoint) -> ad.AnnData:
         """The AnnData of an in-memory run's generated cells, laid out as the output file."""
+        import json
+
         import anndata as ad
 
         from transcriptformer.engine.task import task_description
@@ -227,7 +229,7 @@ class GenerateTask:
             obs=result.obs,
             var=vocabulary_var(checkpoint),
             layers={COUNTS: counts, GENERATION_ORDER: result.outputs.gene_values[GENERATION_ORDER]},
-            uns={"transcriptformer": metadata | {"task": task_description(self)}, **result.uns},
+            uns={"transcriptformer": metadata | {"task": json.dumps(task_description(self))}, **result.uns},
         )
 
 
