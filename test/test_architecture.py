@@ -20,7 +20,7 @@ from transcriptformer.config import PredictSettings
 from transcriptformer.engine.config import InferenceConfig
 from transcriptformer.evaluation.config import EvaluateConfig
 from transcriptformer.model.outputs import OUTPUT_KEYS
-from transcriptformer.perturbation.config import PerturbSettings
+from transcriptformer.tasks.perturb import PerturbConfig
 from transcriptformer.tasks.score import ScoreConfig
 from transcriptformer.training.config import (
     ClassifySettings,
@@ -109,7 +109,7 @@ def test_no_module_imports_from_a_higher_layer(path):
 
 
 # The commands that run through the engine (transcriptformer.engine.run.run_task), each with the task it runs.
-ENGINE_COMMANDS = {"inference": "EmbedTask", "score": "ScoreTask"}
+ENGINE_COMMANDS = {"inference": "EmbedTask", "score": "ScoreTask", "perturb": "PerturbTask"}
 
 
 @pytest.mark.parametrize("command", sorted(ENGINE_COMMANDS))
@@ -229,10 +229,11 @@ def test_setting_defaults_are_written_once():
 
     perturb = flag_defaults("perturb")
     perturb_api = inspect.signature(TranscriptFormerModel.perturb).parameters
-    for field in dataclasses.fields(PerturbSettings):
+    for field in dataclasses.fields(PerturbConfig):
         assert perturb[field.name] == (list(field.default) if isinstance(field.default, tuple) else field.default)
         if field.name in perturb_api:
             assert perturb_api[field.name].default == field.default, field.name
+    assert perturb["chunk_size"] == perturb_api["chunk_size"].default == InferenceConfig.chunk_size
     for name in ("batch_size", "max_tokens", "precision"):
         assert perturb[name] == perturb_api[name].default == getattr(predict, name), name
     assert flag_defaults("predict-labels")["batch_size"] == predict.batch_size
