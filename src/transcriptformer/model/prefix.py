@@ -39,6 +39,11 @@ from transcriptformer.model.transcriptformer import ModelOutput, TranscriptForme
 # Positions computed per pass (variants x positions from the pass's first position to its end).
 DEFAULT_MAX_TOKENS = 16384
 
+# A pass may recompute this share of its positions (equal to its cells'), unless it is smaller than SMALL_PASS x
+# max_tokens: fewer, larger passes where each costs little.
+MAX_RECOMPUTED = 0.1
+SMALL_PASS = 1 / 16
+
 # Gene-id logits (positions x vocabulary) held at once.
 MAX_GENE_LOGITS = 1 << 24
 
@@ -349,9 +354,10 @@ def run_pass(
 def plan_passes(starts: np.ndarray, lengths: np.ndarray, max_tokens: int, whole_rows: bool = False) -> list[Pass]:
     """Group variants into passes of close first positions and lengths.
 
-    Variants are taken by length, then first position; a pass grows while its positions (variants x positions
-    from its smallest first position minus one to its largest length; x its largest length with ``whole_rows``)
-    stay within ``max_tokens`` and, past a quarter of it, at least half of them are positions its variants need.
+    Variants are taken by length, then first position. A pass's size is its variants times its positions (from its
+    smallest first position minus one to its largest length; its largest length with ``whole_rows``). A pass grows
+    while its size stays within ``max_tokens`` and, past :data:`SMALL_PASS` of it, no more than
+    :data:`MAX_RECOMPUTED` of it are positions that its variants would not need alone.
     """
     order = np.lexsort((starts, lengths))
     passes, first = [], 0
@@ -362,7 +368,8 @@ def plan_passes(starts: np.ndarray, lengths: np.ndarray, max_tokens: int, whole_
             new_lo, new_hi = min(lo, starts[v]), max(hi, lengths[v])
             size = (stop - first + 1) * (new_hi if whole_rows else new_hi - new_lo + 1)
             new_needed = needed + lengths[v] - starts[v] + 1
-            if stop > first and (size > max_tokens or (4 * size > max_tokens and 2 * new_needed < size)):
+            wasteful = size > SMALL_PASS * max_tokens and size - new_needed > MAX_RECOMPUTED * size
+            if stop > first and (size > max_tokens or wasteful):
                 break
             lo, hi, needed, stop = new_lo, new_hi, new_needed, stop + 1
         passes.append(Pass(order[first:stop], int(lo), int(hi)))
