@@ -180,8 +180,8 @@ def predict_variants(
     starts = first_changed_positions(cell_tokens, cell_counts, variant_tokens, variant_counts, variant_cell, lengths)
     cells = int(starts.max())  # the cells' positions that some variant reuses
     run = run_cells(model, cell_tokens[:, :cells], cell_counts[:, :cells], aux_tokens, output_keys)
-    rows_per_position = "cge" in output_keys
-    for planned in plan_passes(starts.cpu().numpy(), lengths.cpu().numpy(), max_tokens, rows_per_position):
+    whole_rows = "cge" in output_keys  # cge: every position of a variant is an output
+    for planned in plan_passes(starts.cpu().numpy(), lengths.cpu().numpy(), max_tokens, whole_rows):
         index = torch.from_numpy(planned.variants).to(variant_cell.device)
         positions = slice(0, planned.length)
         outputs = run_pass(
