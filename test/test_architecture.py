@@ -109,7 +109,7 @@ def test_no_module_imports_from_a_higher_layer(path):
 
 
 # The commands that run through the engine (transcriptformer.engine.run.run_task), each with the task it runs.
-ENGINE_COMMANDS = {"inference": "EmbedTask", "score": "ScoreTask", "perturb": "PerturbTask"}
+ENGINE_COMMANDS = {"inference": "EmbedTask", "score": "ScoreTask", "perturb": "PerturbTask", "screen": "ScreenTask"}
 
 
 @pytest.mark.parametrize("command", sorted(ENGINE_COMMANDS))
