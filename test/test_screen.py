@@ -5,6 +5,8 @@ ranked genes with p-values and FDR; bad input stops before any work with a one-l
 """
 
 import dataclasses
+import subprocess
+import sys
 
 import anndata as ad
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 
 import transcriptformer
 from conftest import DATA_DIR, assert_no_output
+from test_inference_resume import kill_after_some_units
 from test_user_errors import assert_one_line_error, run_cli
 from transcriptformer.cli import main
 from transcriptformer.config import PredictSettings
@@ -119,3 +122,23 @@ def test_unknown_genes_of_a_genes_file_are_named_and_skipped(tmp_path, capsys):
     assert "warning: genes_file" in err and "1 unknown gene(s) skipped: NotAGene" in err
     pairs = pd.read_parquet(output / "screen_pairs.parquet")
     assert set(pairs["gene_id"]) <= {"ENSMUSG00000050953", "ENSMUSG00000032281"}
+
+
+@pytest.mark.slow  # two fresh processes and a run in this one (about 40 s on two busy cores)
+def test_a_killed_screen_resumes_to_the_uninterrupted_result(tmp_path):
+    flags = ["--knock-out", "all", "--obs-filter", "cell_type == 'astrocyte'", "--max-genes-per-cell", "20"]
+    flags += ["--chunk-size", "2", "--device", "cpu"]
+
+    def args(output):
+        return ["screen", "--checkpoint-path", str(DEMO), "--data-file", str(HELDOUT), "--output-path", str(output)]
+
+    assert main([*args(tmp_path / "whole"), *flags]) == 0
+    command = [sys.executable, "-m", "transcriptformer", *args(tmp_path / "resumed"), *flags]
+    parts = tmp_path / "resumed" / ".screen.h5ad.parts"
+    kill_after_some_units(command, parts, units=2)
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "units were already done" in resumed.stdout
+    for name in ("screen_pairs.parquet", "screen_genes.parquet"):
+        whole, again = (pd.read_parquet(tmp_path / run / name) for run in ("whole", "resumed"))
+        pd.testing.assert_frame_equal(again, whole)
