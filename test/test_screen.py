@@ -5,13 +5,16 @@ ranked genes with p-values and FDR; bad input stops before any work with a one-l
 """
 
 import dataclasses
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 import torch
 
 import transcriptformer
@@ -57,7 +60,8 @@ def test_prefix_reuse_equals_the_straightforward_path_on_real_cells_cut_ones_inc
 def test_a_screen_writes_its_pairs_and_ranked_genes(tmp_path, capsys):
     output = tmp_path / "out"
     args = ["screen", "--checkpoint-path", DEMO, "--data-file", HELDOUT, "--output-path", output, "--knock-out", "all"]
-    code, err = run_cli(capsys, *args, "--obs-filter", "cell_type == 'astrocyte'", "--max-genes-per-cell", "6")
+    flags = ["--obs-filter", "cell_type == 'astrocyte'", "--max-genes-per-cell", "6", "--null-bins", "2"]
+    code, err = run_cli(capsys, *args, *flags)
     assert code == 0, err
     cells = ad.read_h5ad(HELDOUT)
     astrocytes = cells[cells.obs["cell_type"] == "astrocyte"]
@@ -76,6 +80,20 @@ def test_a_screen_writes_its_pairs_and_ranked_genes(tmp_path, capsys):
     assert (np.diff(tested["p_value"]) >= 0).all()
     means = pairs.groupby("gene_id")["cosine_shift"].mean()
     np.testing.assert_allclose(genes.set_index("gene_id")["mean_cosine_shift"], means[genes["gene_id"]])
+    for gene in tested["gene_id"].iloc[[0, -1]]:  # the first and last ranked: p-values recomputed pair by pair
+        assert tested.set_index("gene_id").loc[gene, "p_value"] == pytest.approx(null_p_value(pairs, gene, 2))
+
+
+def null_p_value(pairs: pd.DataFrame, gene: str, n_bins: int) -> float:
+    """The one-sided p-value of ``gene``'s cosine shifts against the other genes of its cells and count bin."""
+    bins = pd.qcut(np.log1p(pairs["count"]), n_bins, labels=False, duplicates="drop")
+    residuals = []
+    for index, pair in pairs[pairs["gene_id"] == gene].iterrows():
+        group = pairs[(pairs["cell"] == pair["cell"]) & (bins == bins[index])]["cosine_shift"]
+        if len(group) >= 3:
+            others = group.drop(index)
+            residuals.append((pair["cosine_shift"] - others.mean()) / group.std())
+    return scipy.stats.ttest_1samp(residuals, 0, alternative="greater").pvalue
 
 
 def test_a_goal_state_screen_ranks_by_the_shift_toward_the_goal(tmp_path):
@@ -142,3 +160,18 @@ def test_a_killed_screen_resumes_to_the_uninterrupted_result(tmp_path):
     for name in ("screen_pairs.parquet", "screen_genes.parquet"):
         whole, again = (pd.read_parquet(tmp_path / run / name) for run in ("whole", "resumed"))
         pd.testing.assert_frame_equal(again, whole)
+
+
+@pytest.mark.slow  # three fresh processes (about 40 s on two busy cores)
+def test_two_processes_write_the_single_process_screen(tmp_path):
+    flags = ["--knock-out", "all", "--obs-filter", "cell_type == 'astrocyte'", "--max-genes-per-cell", "8"]
+    flags += ["--chunk-size", "3", "--device", "cpu", "--checkpoint-path", str(DEMO), "--data-file", str(HELDOUT)]
+    assert main(["screen", *flags, "--output-path", str(tmp_path / "one")]) == 0
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}
+    command = [str(Path(sys.executable).parent / "transcriptformer"), "screen", *flags, "--num-gpus", "2"]
+    done = subprocess.run([*command, "--output-path", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "(2 processes" in done.stdout
+    for name in ("screen_pairs.parquet", "screen_genes.parquet"):
+        one, two = (pd.read_parquet(tmp_path / run / name) for run in ("one", "two"))
+        pd.testing.assert_frame_equal(two, one)

@@ -244,9 +244,10 @@ def null_residuals(pairs: pd.DataFrame, effect: str, n_bins: int) -> np.ndarray:
 def gene_statistics(pairs: pd.DataFrame, effect: str, n_bins: int = 10) -> pd.DataFrame:
     """Per screened gene: its mean effects, and a test of ``effect`` against the null of :func:`null_residuals`.
 
-    Returns one row per gene, ranked by p-value then by ``|mean residual|``: ``n_cells``, the means of the pairs'
-    effects, ``mean_residual`` (in null standard deviations), ``t`` and ``p_value`` (a two-sided one-sample t test
-    of the residuals across the gene's cells, scipy), ``fdr`` (Benjamini-Hochberg over the genes with a p-value,
+    Returns one row per gene, ranked by p-value then by ``mean_residual``, largest first: ``n_cells``, the means
+    of the pairs' effects, ``mean_residual`` (in null standard deviations), ``t`` and ``p_value`` (a one-sample t
+    test of the residuals across the gene's cells, one-sided: the gene's perturbation moves the cells more than the
+    null's, or further toward the goal), ``fdr`` (Benjamini-Hochberg over the genes with a p-value,
     ``scipy.stats.false_discovery_control``) and ``rank``.
     """
     effects = [
@@ -259,12 +260,11 @@ def gene_statistics(pairs: pd.DataFrame, effect: str, n_bins: int = 10) -> pd.Da
     residual = grouped["residual"]
     n, mean, sd = residual.count(), residual.mean(), residual.std()
     t = mean / (sd / np.sqrt(n))
-    p = pd.Series(2 * scipy.stats.t.sf(np.abs(t), n - 1), index=t.index).where(n >= MIN_CELLS)
+    p = pd.Series(scipy.stats.t.sf(t, n - 1), index=t.index).where(n >= MIN_CELLS)  # one-sided: above the null
     table["mean_residual"], table["t"], table["p_value"] = mean, t, p
     valid = p.notna()
     table["fdr"] = np.nan
     table.loc[valid, "fdr"] = scipy.stats.false_discovery_control(p[valid].to_numpy())
-    table["strength"] = mean.abs()
-    table = table.sort_values(["p_value", "strength"], ascending=[True, False], na_position="last", kind="stable")
+    table = table.sort_values(["p_value", "mean_residual"], ascending=[True, False], na_position="last", kind="stable")
     table.insert(0, "rank", np.arange(1, len(table) + 1))
-    return table.drop(columns="strength")
+    return table
