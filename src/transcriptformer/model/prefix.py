@@ -380,6 +380,6 @@ def plan_passes(starts: np.ndarray, lengths: np.ndarray, max_tokens: int, whole_
 def _empty_output(key: str, model: TranscriptFormer, n_variants: int, length: int) -> Tensor:
     """Zeros of output ``key`` for ``n_variants`` variants of ``length`` positions, on the model's device."""
     device = model.gene_embeddings.embedding.weight.device
-    width = (model.model_config.embed_dim,) if key in ("embeddings", "cge") else ()
+    width = (model.model_config.embed_dim,) if OUTPUTS[key].anndata in ("obsm", "cge") else ()  # the vectors
     shape = (n_variants, *width) if OUTPUTS[key].level == "cell" else (n_variants, length, *width)
     return torch.zeros(shape, device=device)

@@ -218,7 +218,7 @@ def screen_group(run: ScreenRun, cells: TokenizedCells, rows: np.ndarray, column
     after = run.variant_outputs(group, variants, cell_of)
     old = {key: value[cell_of] for key, value in before.items()}
     frame["cosine_shift"] = cosine_shift(after["embeddings"], old["embeddings"])
-    for key in ("log_likelihood", "mean_log_likelihood"):
+    for key in SCREEN_KEYS[1:]:  # the log-likelihoods after the embeddings
         frame[f"delta_{key}"] = after[key].astype(np.float64) - old[key]
     if run.goal is not None:
         frame["goal_shift"] = run.goal.shift(after["embeddings"].astype(np.float64), old["embeddings"])
