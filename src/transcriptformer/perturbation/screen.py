@@ -40,6 +40,7 @@ from transcriptformer.perturbation.effects import cosine_shift
 from transcriptformer.perturbation.specs import KNOCK_OUT
 from transcriptformer.perturbation.variants import same_inputs
 from transcriptformer.pipeline import MemoryLimit, Predictor, predict_gene_outputs
+from transcriptformer.runtime import autocast, resolve_precision
 
 # Variants computed per call of the model's prefix path or of the batch loop: bounds memory.
 VARIANTS_PER_CALL = 2048
@@ -147,7 +148,8 @@ class ScreenRun:
             variants.batch(np.arange(len(variants)), length),
         )
         device = self.device
-        with torch.inference_mode():
+        precision = resolve_precision(self.settings.precision, device)  # the batch loop's, for the cells
+        with torch.inference_mode(), autocast(device, precision):
             after = predict_variants(
                 self.model,
                 cell_batch.gene_tokens.to(device),
