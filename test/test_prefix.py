@@ -133,6 +133,11 @@ def test_shapes_that_do_not_go_together_are_refused(reference):
             net, batch.gene_tokens, batch.gene_counts, batch.aux_tokens, batch.gene_tokens, batch.gene_counts,
             torch.tensor([0]), ("embeddings",),
         )  # fmt: skip
+    with pytest.raises(ValueError, match="no variants to run"):
+        predict_variants(
+            net, batch.gene_tokens, batch.gene_counts, batch.aux_tokens, batch.gene_tokens[:0], batch.gene_counts[:0],
+            torch.tensor([], dtype=torch.long), ("embeddings",),
+        )  # fmt: skip
     with pytest.raises(ValueError, match=r"variant_cell must index the 2 cells"):
         predict_variants(
             net, batch.gene_tokens, batch.gene_counts, batch.aux_tokens, batch.gene_tokens, batch.gene_counts,

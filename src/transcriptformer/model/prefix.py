@@ -152,7 +152,7 @@ def predict_variants(
     variant_tokens, variant_counts
         ``(V, L)`` each variant's model inputs, padded to the same length ``L`` as the cells.
     variant_cell
-        ``(V,)`` long: the cell (row of ``cell_tokens``) of each variant.
+        ``(V,)`` long: the cell (row of ``cell_tokens``) of each variant; at least one variant.
     output_keys
         Names of :data:`~transcriptformer.model.outputs.OUTPUTS`.
     max_tokens
@@ -172,13 +172,13 @@ def predict_variants(
     _check_inputs(model, cell_tokens, cell_counts, aux_tokens, variant_tokens, variant_counts, variant_cell)
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    results = {key: _empty_output(key, model, len(variant_cell), variant_tokens.shape[1]) for key in output_keys}
     if not len(variant_cell):
-        return results
+        raise ValueError("no variants to run")
     cell_counts, variant_counts = cell_counts.float(), variant_counts.float()
     lengths = needed_lengths(variant_tokens, model.special_tokens.pad)
     starts = first_changed_positions(cell_tokens, cell_counts, variant_tokens, variant_counts, variant_cell, lengths)
     cells = int(starts.max())  # the cells' positions that some variant reuses
+    results: dict[str, Tensor] = {}
     run = run_cells(model, cell_tokens[:, :cells], cell_counts[:, :cells], aux_tokens, output_keys)
     whole_rows = "cge" in output_keys  # cge: every position of a variant is an output
     for planned in plan_passes(starts.cpu().numpy(), lengths.cpu().numpy(), max_tokens, whole_rows):
@@ -195,9 +195,10 @@ def predict_variants(
         )
         for key, value in outputs.items():
             if OUTPUTS[key].level == "cell":
-                results[key][index] = value
+                results.setdefault(key, value.new_zeros(len(variant_cell), *value.shape[1:]))[index] = value
             else:
-                results[key][index, positions] = value
+                shape = (len(variant_cell), variant_tokens.shape[1], *value.shape[2:])
+                results.setdefault(key, value.new_zeros(shape))[index, positions] = value
         if on_pass is not None:
             on_pass(len(planned.variants))
     return results
@@ -375,11 +376,3 @@ def plan_passes(starts: np.ndarray, lengths: np.ndarray, max_tokens: int, whole_
         passes.append(Pass(order[first:stop], int(lo), int(hi)))
         first = stop
     return passes
-
-
-def _empty_output(key: str, model: TranscriptFormer, n_variants: int, length: int) -> Tensor:
-    """Zeros of output ``key`` for ``n_variants`` variants of ``length`` positions, on the model's device."""
-    device = model.gene_embeddings.embedding.weight.device
-    width = (model.model_config.embed_dim,) if OUTPUTS[key].anndata in ("obsm", "cge") else ()  # the vectors
-    shape = (n_variants, *width) if OUTPUTS[key].level == "cell" else (n_variants, length, *width)
-    return torch.zeros(shape, device=device)
