@@ -22,8 +22,8 @@ from transcriptformer.config import DataConfig, PredictConfig
 from transcriptformer.engine.config import InferenceConfig, ModelRunConfig
 from transcriptformer.evaluation.config import EvaluateConfig
 from transcriptformer.model.outputs import OUTPUT_KEYS
-from transcriptformer.perturbation.config import PerturbSettings
 from transcriptformer.tasks.embed import EmbedTask
+from transcriptformer.tasks.perturb import PerturbConfig
 from transcriptformer.tasks.score import ScoreConfig, ScoreTask
 from transcriptformer.training.config import (
     ClassifySettings,
@@ -119,6 +119,8 @@ ENGINE_COMMANDS = {
     "score": "ScoreTask",
     "predict-labels": "ClassifyTask",
     "generate": "GenerateTask",
+    "perturb": "PerturbTask",
+    "screen": "ScreenTask",
 }
 
 
@@ -241,10 +243,11 @@ def test_setting_defaults_are_written_once():
 
     perturb = flag_defaults("perturb")
     perturb_api = inspect.signature(TranscriptFormerModel.perturb).parameters
-    for field in dataclasses.fields(PerturbSettings):
+    for field in dataclasses.fields(PerturbConfig):
         assert perturb[field.name] == (list(field.default) if isinstance(field.default, tuple) else field.default)
         if field.name in perturb_api:
             assert perturb_api[field.name].default == field.default, field.name
+    assert perturb["chunk_size"] == perturb_api["chunk_size"].default == InferenceConfig.chunk_size
     for name in ("batch_size", "max_tokens", "precision"):
         assert perturb[name] == perturb_api[name].default == getattr(predict, name), name
     assert flag_defaults("predict-labels")["batch_size"] == predict.batch_size
@@ -258,7 +261,6 @@ FORMER_SETTINGS_NAMES = {
     "OptimSettings",
     "TrainerSettings",
     "ClassifySettings",
-    "PerturbSettings",
 }
 OTHER_SETTINGS_SUFFIXES = ("Settings", "Section", "Options", "Params", "Parameters", "Conf")
 

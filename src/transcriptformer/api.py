@@ -33,12 +33,13 @@ from transcriptformer.engine.task import Task
 from transcriptformer.errors import UserError
 from transcriptformer.hub.cache import resolve_checkpoint
 from transcriptformer.model.classifier import Classifier, has_classifier, load_classifier
-from transcriptformer.perturbation.config import PerturbSettings
+from transcriptformer.model.outputs import PERTURBATION_KEYS
 from transcriptformer.pipeline import predict_positions
 from transcriptformer.runtime import Backend, resolve_device
 from transcriptformer.tasks.classify import ClassifyTask
 from transcriptformer.tasks.embed import EmbedConfig, EmbedTask
 from transcriptformer.tasks.generate import GenerateConfig, GenerateTask
+from transcriptformer.tasks.perturb import PerturbConfig, PerturbTask
 from transcriptformer.tasks.score import CELL_SCORE_KEYS, GENE_SCORE_KEY, ScoreConfig, ScoreTask
 
 if TYPE_CHECKING:
@@ -366,27 +367,30 @@ class TranscriptFormerModel:
 
     def perturb(
         self,
-        data: ad.AnnData | str | Path | TokenizedCells,
-        knock_out: Sequence[str] | str = PerturbSettings.knock_out,
-        over_express: Sequence[str] | str = PerturbSettings.over_express,
+        data: ad.AnnData | str | Path,
+        knock_out: Sequence[str] | str = PerturbConfig.knock_out,
+        over_express: Sequence[str] | str = PerturbConfig.over_express,
         *,
-        top_genes: int = PerturbSettings.top_genes,
-        chunk_size: int = PerturbSettings.chunk_size,
+        top_genes: int = PerturbConfig.top_genes,
+        chunk_size: int = InferenceConfig.chunk_size,
         batch_size: int = PredictSettings.batch_size,
         max_tokens: int | None = PredictSettings.max_tokens,
         precision: str | None = PredictSettings.precision,
-        **tokenize_kwargs: Any,
+        use_raw: bool | None = None,
+        remove_duplicate_genes: bool = False,
+        **data_config: Any,
     ) -> PerturbationResult:
         """In-silico perturbation: knock genes out of every cell or over-express them, and compare the outputs.
 
-        Each perturbation is applied to each cell at the count level; a cell whose model inputs it does not change
-        (a knock-out of a gene the cell does not express) is unaffected and not run. The changed cells and the
-        cells they are compared with run through one batch loop. Definitions and caveats: ``docs/perturb.md``.
+        Runs the task of ``transcriptformer perturb`` (:class:`~transcriptformer.tasks.perturb.PerturbTask`) in
+        memory. Each perturbation is applied to each cell at the count level; a cell whose model inputs it does not
+        change (a knock-out of a gene the cell does not express) is unaffected and not run. Definitions and caveats:
+        ``docs/perturb.md``.
 
         Parameters
         ----------
         data
-            AnnData, file path, or cells already tokenized with :meth:`tokenize`.
+            An AnnData (only read), or a ``.h5ad``, ``.zarr`` or 10x ``.h5`` path.
         knock_out
             Genes to remove, one perturbation each: Ensembl ids of the vocabulary or symbols (``"Gad1"``);
             ``"Gad1+Gad2"`` removes both at once.
@@ -396,11 +400,12 @@ class TranscriptFormerModel:
         top_genes
             Rows of the ranked gene table per perturbation; 0: all.
         chunk_size
-            Model inputs run and reduced together (memory); results do not depend on it.
+            Cells perturbed and run together (memory grows with it times the perturbations); results do not
+            depend on it.
         batch_size, max_tokens, precision
             As for :meth:`predict`; results do not depend on the first two.
-        **tokenize_kwargs
-            Passed to :meth:`tokenize`.
+        use_raw, remove_duplicate_genes, **data_config
+            As for :meth:`tokenize`.
 
         Returns
         -------
@@ -408,15 +413,18 @@ class TranscriptFormerModel:
             ``summary`` (one row per perturbation), ``genes`` (the most affected genes of each, ranked) and
             ``cells`` (an AnnData of one row per perturbation and cell); ``write(folder)`` saves them.
         """
-        from transcriptformer.perturbation.effects import perturb_cells
-        from transcriptformer.perturbation.specs import parse_perturbations
+        from transcriptformer.perturbation.output import PerturbationResult
 
-        settings = PerturbSettings(knock_out, over_express, top_genes, chunk_size)
-        predict = PredictSettings(batch_size=batch_size, max_tokens=max_tokens, precision=precision)
-        vocab = self.checkpoint.gene_vocab
-        perturbations = parse_perturbations(settings.knock_out, settings.over_express, vocab)
-        cells = data if isinstance(data, TokenizedCells) else self.tokenize(data, **tokenize_kwargs)
-        return perturb_cells(self.model, cells, perturbations, vocab, settings, predict, self.device)
+        task = PerturbTask(settings=PerturbConfig(knock_out, over_express, top_genes))
+        settings = {
+            "output_keys": list(PERTURBATION_KEYS),
+            "chunk_size": chunk_size,
+            "batch_size": batch_size,
+            "max_tokens": max_tokens,
+            "precision": precision,
+        }
+        result = self.run_task(task, data, settings, use_raw, remove_duplicate_genes, **data_config)
+        return PerturbationResult.from_memory(result)
 
 
 def load(

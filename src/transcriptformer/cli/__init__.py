@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "inference": "embed and score the cells of h5ad files; write one h5ad",
     "score": "log-likelihood of each cell and gene under the model; flag outlier cells",
     "perturb": "knock genes out of cells or over-express them in silico; compare the model's outputs",
+    "screen": "knock out or over-express every expressed gene, one at a time; rank genes with statistics",
     "train": "pretrain a model from scratch on .h5ad files (Hydra config)",
     "finetune": "train LoRA adapters on a checkpoint with your cells, or a cell classifier (--task classify)",
     "predict-labels": "label cells with a classifier from finetune --task classify; write one h5ad",

@@ -239,7 +239,8 @@ def add_run_arguments(
     soma.add_argument(
         "--obs-filter",
         metavar="FILTER",
-        help="SOMA value filter selecting the cells, e.g. \"tissue_general == 'lung' and is_primary_data == True\"",
+        help="SOMA value filter selecting the cells (of files too), e.g. "
+        "\"tissue_general == 'lung' and is_primary_data == True\"",
     )
     soma.add_argument(
         "--soma-measurement", default=defaults.soma_measurement, help="measurement to read (default: %(default)s)"

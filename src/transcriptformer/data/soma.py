@@ -59,6 +59,28 @@ def first_line(error: BaseException) -> str:
     return (text.splitlines() or [type(error).__name__])[0].removeprefix("SOMAError: ")
 
 
+def obs_filter_rows(obs: pd.DataFrame, obs_filter: str, source: str) -> np.ndarray:
+    """``(len(obs),)`` bool: the cells of a file's ``obs`` that a SOMA value filter selects.
+
+    The filter is read as tiledbsoma reads it (comparisons of obs columns with values, ``and``, ``or``, ``not``,
+    ``in [...]``), here by pandas' ``DataFrame.eval``, so that one filter selects cells of a file and of an
+    experiment alike.
+    """
+    try:
+        selected = obs.eval(obs_filter, engine="python")
+        if not (isinstance(selected, pd.Series) and selected.dtype == bool):
+            raise ValueError("it is not a condition on each cell")
+    except Exception as error:  # pandas raises SyntaxError, NameError (an unknown column), TypeError or ValueError
+        shown = ", ".join(map(str, obs.columns[:12])) + (", ..." if len(obs.columns) > 12 else "")
+        raise UserError(
+            f"obs_filter {obs_filter!r} is not a valid filter on obs ({first_line(error)}); write it like "
+            f"{FILTER_EXAMPLE} with obs columns of {source} ({shown})"
+        ) from None
+    if not selected.any():
+        raise UserError(f"obs_filter {obs_filter!r} selects no cells of {source}; relax it")
+    return selected.to_numpy()
+
+
 def open_census(census_version: str):
     """The public CELLxGENE Census of ``census_version`` (a SOMA collection); it needs the network."""
     try:

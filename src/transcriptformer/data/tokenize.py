@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anndata as ad
@@ -566,6 +566,13 @@ class PreparedCells:
             "their outputs are NaN (training leaves them out); `drop_empty_cells=True` leaves "
             "them out of the outputs"
         )
+
+    def keep_only(self, keep: np.ndarray, name: str) -> PreparedCells:
+        """These cells without those whose source row is False in ``keep`` (``(n_obs,)`` bool), counted for ``name``."""
+        kept = self.source_rows()
+        kept = kept[keep[kept]]
+        dropped = {**self.dropped, name: len(self) - kept.size}
+        return replace(self, kept=kept, dropped=dropped)
 
     def source_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows in the source of cells ``start .. stop - 1`` (all by default)."""

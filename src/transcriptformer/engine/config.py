@@ -59,8 +59,9 @@ class InferenceConfig:
         The experiment of a Census (``homo_sapiens`` or ``"Homo sapiens"``); for an experiment, its organism as
         recorded with the output.
     obs_filter : str or None
-        A SOMA value filter selecting the experiment's cells, e.g. ``"tissue_general == 'lung' and
-        is_primary_data == True"``; ``None``: every cell. Cells run in ascending ``soma_joinid`` order.
+        A SOMA value filter selecting the cells, e.g. ``"tissue_general == 'lung' and is_primary_data == True"``;
+        ``None``: every cell. Of an experiment, cells run in ascending ``soma_joinid`` order; of files, the same
+        language selects cells by their obs (:func:`~transcriptformer.data.soma.obs_filter_rows`).
     soma_measurement, soma_x_layer : str
         The experiment's measurement and its X layer of raw counts.
     output_path, output_filename : str
@@ -171,10 +172,8 @@ class InferenceConfig:
             raise ValueError(f"{' and '.join(given)} are alternatives: read the cells from one of them")
         if self.census_version and not self.organism:
             raise ValueError("census_version: the Census holds one experiment per organism; choose one with `organism`")
-        if (self.organism or self.obs_filter) and not self.reads_soma:
-            raise ValueError(
-                "`organism` and obs_filter select cells of a SOMA experiment: give `soma` or census_version"
-            )
+        if self.organism and not self.reads_soma:
+            raise ValueError("`organism` selects the experiment of a Census: give `soma` or census_version")
 
     def _check_soma_output(self) -> None:
         if self.output_format is not None:

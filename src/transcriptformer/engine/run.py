@@ -134,24 +134,20 @@ def write_h5ad(session: Session, world_size: int) -> dict:
     var = session.task.output_var(session)
     if var is None:
         var = concat_var([f.var for f in session.files], session.genes)
-    added = {}
+    task, added, finished = session.task, {}, {}
 
     def finish(obs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-        obs, uns = session.task.finish(obs)
+        obs, uns = task.finish(obs)
+        rows = (parts.load_part(parts.part_file(session, unit)).outputs for unit in session.units)
+        uns = uns | task.summarize(obs, rows, session.genes)
         added.update(uns)
+        finished["obs"] = obs
         return obs, uns
 
+    files = (task.output_files(session.config), lambda folder: task.write_files(folder, finished["obs"], added))
+    overwrite = session.config.inference.overwrite
     try:
-        write_output(
-            session.output_file,
-            obs,
-            var,
-            chunks,
-            metadata,
-            session.config.inference.overwrite,
-            finish,
-            session.task.main_layer,
-        )
+        write_output(session.output_file, obs, var, chunks, metadata, overwrite, finish, task.main_layer, files)
     except OSError as error:
         raise parts.write_failed(session.output_file, error, parts.parts_dir(session)) from error
     return added
@@ -246,7 +242,8 @@ def run_task(task: Task, config: RunConfig, *, dry_run: bool = False) -> Path:
         run_worker(launched, "env://", task, config, started)
         return path
     inference = config.inference
-    with claim_output(path, inference.overwrite, writes=inference.writes_h5ad), contextlib.ExitStack() as claims:
+    beside = task.output_files(config)
+    with claim_output(path, inference.overwrite, inference.writes_h5ad, beside), contextlib.ExitStack() as claims:
         if inference.writes_soma:
             claims.enter_context(claim_soma_output(inference.output_soma, inference.overwrite))
         for stale in remove_stale_temporaries(path):
@@ -281,6 +278,8 @@ class MemoryResult:
         The var names of the matched genes, in the order of the per-gene outputs' columns.
     from_raw : bool
         Whether the counts came from ``adata.raw`` (whose var is not ``adata.var``).
+    gene_ids : Index
+        The gene ids of the matched genes, in the order of the per-gene outputs' columns.
     """
 
     obs: pd.DataFrame
@@ -289,6 +288,7 @@ class MemoryResult:
     var_rows: np.ndarray
     genes_read: pd.Index
     from_raw: bool
+    gene_ids: pd.Index
 
 
 def run_in_memory(
@@ -333,8 +333,9 @@ def run_in_memory(
             if row_slot(key, values) == "obs":
                 obs[key] = values
         obs, uns = task.finish(obs)
+        uns = uns | task.summarize(obs, [outputs], session.genes)
         if not session.files:  # a task that plans its own rows, without input cells
-            return MemoryResult(obs, outputs, uns, np.zeros(0, dtype=np.int64), pd.Index([]), False)
+            return MemoryResult(obs, outputs, uns, np.zeros(0, dtype=np.int64), pd.Index([]), False, session.genes)
         reader, var_rows = session.files[0].cells.reader, np.asarray(session.files[0].cells.selection.columns)
         from_raw = isinstance(data, ad.AnnData) and reader.var is not data.var
-    return MemoryResult(obs, outputs, uns, var_rows, reader.var.index[var_rows], from_raw)
+    return MemoryResult(obs, outputs, uns, var_rows, reader.var.index[var_rows], from_raw, session.genes)

@@ -23,11 +23,12 @@ import pandas as pd
 import torch
 
 from transcriptformer.checkpoint import WEIGHTS_FILE, Checkpoint, load_checkpoint
-from transcriptformer.data.soma import JOINID, SomaReader
+from transcriptformer.data.soma import JOINID, SomaReader, obs_filter_rows
 from transcriptformer.data.sources import CountReader, open_counts
 from transcriptformer.data.tokenize import CellTokenizer, CountScanner, PreparedCells, TokenizedCells, scan_counts
 from transcriptformer.engine.config import ALL_OBS_KEYS, InferenceConfig, RunConfig
 from transcriptformer.engine.task import Task
+from transcriptformer.errors import UserError
 from transcriptformer.model.outputs import OUTPUTS
 from transcriptformer.pipeline import Predictor
 from transcriptformer.runtime import default_precision
@@ -267,7 +268,7 @@ def open_file_input(
     reader = open_files.enter_context(open_counts(path, inference.use_raw))
     stat = path.stat()
     identity = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
-    return _input(str(path), reader, inference.obs_keys, tokenizer, scan, identity, added)
+    return _input(str(path), reader, inference.obs_keys, tokenizer, scan, identity, added, inference.obs_filter)
 
 
 def open_soma_input(
@@ -311,12 +312,20 @@ def _input(
     scan: CountScanner,
     identity: list,
     added: Sequence[str],
+    obs_filter: str | None = None,
 ) -> InputFile:
-    """The input ``name`` of ``reader``: its obs columns chosen, its genes matched, its counts checked (``scan``)."""
+    """The input ``name`` of ``reader``: its obs columns chosen, its genes matched, its counts checked (``scan``).
+
+    ``obs_filter`` selects the cells of a file (a SOMA reader applies it when it reads obs).
+    """
     obs = select_obs(reader.obs, obs_keys, name, added)
     if isinstance(reader, SomaReader):
         obs[JOINID] = reader.joinids
     cells = tokenizer.prepare(reader, scan)
+    if obs_filter is not None and not isinstance(reader, SomaReader):
+        cells = cells.keep_only(obs_filter_rows(reader.obs, obs_filter, name), "obs_filter")
+        if not len(cells):
+            raise UserError(f"{name}: {cells.describe_dropped()}; relax obs_filter or the cell filters")
     obs = obs.iloc[cells.source_rows()].copy() if cells.n_dropped else obs
     obs[SOURCE_FILE_COLUMN] = name
     return InputFile(name, cells, obs, identity)

@@ -51,9 +51,10 @@ class ModelOutput:
 
     Attributes
     ----------
-    hidden : Tensor
+    hidden : Tensor or None
         ``(B, L, E)`` last-layer output at the gene positions (contextual gene embeddings); 0 where the (shifted)
-        input is padding.
+        input is padding. Always set by :meth:`TranscriptFormer.forward`; None in outputs assembled without it
+        (:mod:`transcriptformer.model.prefix`, unless ``cge`` is asked for).
     embeddings : Tensor
         ``(B, E)`` cell embeddings.
     mu : Tensor or None
@@ -62,7 +63,7 @@ class ModelOutput:
         ``(B, L, V)`` gene-id logits (before softcap).
     """
 
-    hidden: Tensor
+    hidden: Tensor | None
     embeddings: Tensor
     mu: Tensor | None = None
     gene_logits: Tensor | None = None
@@ -209,7 +210,7 @@ class TranscriptFormer(nn.Module):
         hidden = output[:, -gene_tokens.shape[1] :] * is_gene  # (B, L, E), the last layer's
         out = ModelOutput(hidden=hidden, embeddings=embedded.sum(1) / cfg.seq_len)
         if compute_mu:
-            out.mu = self._expected_counts(hidden, gene_tokens, gene_counts)
+            out.mu = self.expected_counts(self.count_logits(hidden, gene_tokens), gene_tokens, gene_counts)
         if compute_gene_logits and self.gene_id_head is not None:
             out.gene_logits = self.gene_id_head(hidden)
         return out
@@ -241,9 +242,12 @@ class TranscriptFormer(nn.Module):
         unknown = torch.tensor(self.aux_unknown, device=aux_tokens.device)
         return torch.stack(embedded, dim=1), aux_tokens == unknown
 
-    def _expected_counts(self, hidden: Tensor, gene_tokens: Tensor, gene_counts: Tensor) -> Tensor:
-        """Count head: softmax over the cell's unpadded positions, times its total count."""
-        logits = self.count_logits(hidden, gene_tokens).masked_fill(gene_tokens == self.special_tokens.pad, -torch.inf)
+    def expected_counts(self, count_logits: Tensor, gene_tokens: Tensor, gene_counts: Tensor) -> Tensor:
+        """Count head: ``(B, L)`` logits -> ``(B, L)`` expected counts (``mu``), 0 at padding.
+
+        The softmax of the logits over the cell's unpadded positions, times its total count.
+        """
+        logits = count_logits.masked_fill(gene_tokens == self.special_tokens.pad, -torch.inf)
         return torch.softmax(logits, dim=-1) * gene_counts.sum(-1, keepdim=True)
 
     def count_logits(self, hidden: Tensor, gene_tokens: Tensor) -> Tensor:
@@ -300,9 +304,17 @@ class TranscriptFormer(nn.Module):
         The output predicts the gene after it; it is 0 for ``[PAD]`` (a cell that has ended). Equals the last
         position of :meth:`forward` over all the genes so far (inference-mode attention), in one query per layer.
         """
-        tokens = gene_tokens[:, None]
-        x = self.gene_embeddings(tokens)
-        return self._decode_positions(x, gene_counts[:, None].float(), tokens == self.special_tokens.pad, cache)[:, -1]
+        return self.decode_genes(gene_tokens[:, None], gene_counts[:, None], cache)[:, -1]
+
+    def decode_genes(self, gene_tokens: Tensor, gene_counts: Tensor, cache: KVCache) -> Tensor:
+        """Add ``T`` genes to each cell of ``cache``: ``(B, T)`` tokens and counts -> ``(B, T, E)`` outputs there.
+
+        The output at gene ``t`` predicts the gene after it; it is 0 for ``[PAD]``. Equals those positions of
+        :meth:`forward` over all the genes so far (inference-mode attention): the genes are the inputs of the
+        positions that follow the cached ones, each attending to the cached positions and the genes before it.
+        """
+        x = self.gene_embeddings(gene_tokens)
+        return self._decode_positions(x, gene_counts.float(), gene_tokens == self.special_tokens.pad, cache)
 
     def _decode_positions(self, x: Tensor, counts: Tensor, is_pad: Tensor, cache: KVCache) -> Tensor:
         """Run ``(B, T, E)`` inputs of new positions over the cached ones (inference mode); ``(B, T, E)`` outputs."""
@@ -330,10 +342,18 @@ class TranscriptFormer(nn.Module):
             count_nll = zero_truncated_poisson_nll(out.mu, target_counts, eps, self.loss_config.softplus_approx)
             result["count_nll"] = torch.where(mask, count_nll, 0.0)
         if out.gene_logits is not None:
-            classes, has_class = self.gene_head_targets(target_tokens)
-            gene_nll = gene_cross_entropy(out.gene_logits, classes, self.model_config.softcap)
-            result["gene_nll"] = torch.where(mask, torch.where(has_class, gene_nll, torch.nan), 0.0)
+            result["gene_nll"] = self.gene_nll(out.gene_logits, target_tokens, mask)
         return result
+
+    def gene_nll(self, gene_logits: Tensor, target_tokens: Tensor, mask: Tensor) -> Tensor:
+        """Gene cross-entropy of ``(B, R, V)`` gene logits against ``(B, R)`` targets; 0 where ``mask`` is False.
+
+        NaN for a target that the gene-id head has no class for (after a gene-table swap). The positions may be
+        any ``R`` consecutive ones of the cells; their targets are those of :meth:`likelihoods`.
+        """
+        classes, has_class = self.gene_head_targets(target_tokens)
+        gene_nll = gene_cross_entropy(gene_logits, classes, self.model_config.softcap)
+        return torch.where(mask, torch.where(has_class, gene_nll, torch.nan), 0.0)
 
     def gene_head_targets(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Gene-id head class of each token and whether it has one (after a gene-table swap, new genes have none)."""
@@ -370,7 +390,10 @@ class TranscriptFormer(nn.Module):
             compute_gene_logits=needs_head(output_keys, "gene_id"),
             embedding_layer_index=embedding_layer_index,
         )
-        scores = self.likelihoods(out, gene_tokens, gene_counts)
+        return self.outputs(out, self.likelihoods(out, gene_tokens, gene_counts), output_keys)
+
+    def outputs(self, out: ModelOutput, scores: dict[str, Tensor], output_keys: Collection[str]) -> dict[str, Tensor]:
+        """The outputs ``output_keys`` (float32) of a forward pass and its :meth:`likelihoods`, as :meth:`predict`."""
         available = {
             "embeddings": lambda: out.embeddings,
             "llh": lambda: masked_mean(scores["count_nll"], scores["mask"]),
