@@ -22,7 +22,7 @@ from conftest import DATA_DIR, assert_no_output
 from test_inference_resume import kill_after_some_units
 from test_user_errors import assert_one_line_error, run_cli
 from transcriptformer.cli import main
-from transcriptformer.config import PredictSettings
+from transcriptformer.config import PredictConfig
 from transcriptformer.perturbation.screen import ScreenRun, screen_cells
 
 DEMO = DATA_DIR.parent.parent / "models" / "demo-mouse-brain"
@@ -33,7 +33,7 @@ EFFECTS = ["cosine_shift", "delta_log_likelihood", "delta_mean_log_likelihood"]
 def screen_of(model, cells, prefix_reuse: bool, kind="knock_out", cap=10) -> pd.DataFrame:
     vocab_size = len(model.checkpoint.gene_vocab)
     run = ScreenRun(
-        model.model, PredictSettings(batch_size=8), torch.device("cpu"), prefix_reuse, np.full(vocab_size, -1)
+        model.model, PredictConfig(batch_size=8), torch.device("cpu"), prefix_reuse, np.full(vocab_size, -1)
     )
     return screen_cells(run, cells, kind, None, cap)
 

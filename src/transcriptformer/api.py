@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from transcriptformer.checkpoint import WEIGHTS_FILE, Checkpoint, load_checkpoint
-from transcriptformer.config import PredictSettings
+from transcriptformer.config import PredictConfig
 from transcriptformer.data.tokenize import TokenizedCells
 from transcriptformer.engine.config import InferenceConfig, ModelRunConfig, RunConfig
 from transcriptformer.engine.run import MemoryResult, run_in_memory
@@ -139,11 +139,11 @@ class TranscriptFormerModel:
         self,
         data: ad.AnnData | str | Path | TokenizedCells,
         *,
-        output_keys: Collection[str] = PredictSettings.output_keys,
-        batch_size: int = PredictSettings.batch_size,
-        max_tokens: int | None = PredictSettings.max_tokens,
-        precision: str | None = PredictSettings.precision,
-        embedding_layer_index: int = PredictSettings.embedding_layer_index,
+        output_keys: Collection[str] = PredictConfig.output_keys,
+        batch_size: int = PredictConfig.batch_size,
+        max_tokens: int | None = PredictConfig.max_tokens,
+        precision: str | None = PredictConfig.precision,
+        embedding_layer_index: int = PredictConfig.embedding_layer_index,
         **tokenize_kwargs: Any,
     ) -> dict[str, np.ndarray]:
         """Outputs of every cell, in input order.
@@ -174,7 +174,7 @@ class TranscriptFormerModel:
             model inputs, which say which gene each per-position output belongs to) and ``aux_token_indices``.
             Per-position outputs are 0 at padding.
         """
-        settings = PredictSettings(tuple(output_keys), batch_size, max_tokens, precision, embedding_layer_index)
+        settings = PredictConfig(tuple(output_keys), batch_size, max_tokens, precision, embedding_layer_index)
         cells = data if isinstance(data, TokenizedCells) else self.tokenize(data, **tokenize_kwargs)
         return predict_positions(self.model, cells, settings, self.device)
 
@@ -183,10 +183,10 @@ class TranscriptFormerModel:
         data: ad.AnnData | str | Path,
         *,
         key_added: str | None = EMBEDDING_KEY,
-        batch_size: int = PredictSettings.batch_size,
-        max_tokens: int | None = PredictSettings.max_tokens,
-        precision: str | None = PredictSettings.precision,
-        embedding_layer_index: int = PredictSettings.embedding_layer_index,
+        batch_size: int = PredictConfig.batch_size,
+        max_tokens: int | None = PredictConfig.max_tokens,
+        precision: str | None = PredictConfig.precision,
+        embedding_layer_index: int = PredictConfig.embedding_layer_index,
         **tokenize_kwargs: Any,
     ) -> np.ndarray:
         """Cell embeddings ``(n_cells, E)``, also stored in ``adata.obsm[key_added]`` when given an AnnData.
@@ -234,7 +234,7 @@ class TranscriptFormerModel:
         self,
         data: ad.AnnData | str | Path,
         *,
-        batch_size: int = PredictSettings.batch_size,
+        batch_size: int = PredictConfig.batch_size,
         **tokenize_kwargs: Any,
     ) -> pd.DataFrame:
         """Class probabilities of every cell, from the classifier the adapters were loaded with.
@@ -318,9 +318,9 @@ class TranscriptFormerModel:
         data: ad.AnnData | str | Path,
         *,
         outlier_threshold: float = ScoreConfig.outlier_threshold,
-        batch_size: int = PredictSettings.batch_size,
-        max_tokens: int | None = PredictSettings.max_tokens,
-        precision: str | None = PredictSettings.precision,
+        batch_size: int = PredictConfig.batch_size,
+        max_tokens: int | None = PredictConfig.max_tokens,
+        precision: str | None = PredictConfig.precision,
         use_raw: bool | None = None,
         remove_duplicate_genes: bool = False,
         **data_config: Any,
@@ -373,9 +373,9 @@ class TranscriptFormerModel:
         *,
         top_genes: int = PerturbConfig.top_genes,
         chunk_size: int = InferenceConfig.chunk_size,
-        batch_size: int = PredictSettings.batch_size,
-        max_tokens: int | None = PredictSettings.max_tokens,
-        precision: str | None = PredictSettings.precision,
+        batch_size: int = PredictConfig.batch_size,
+        max_tokens: int | None = PredictConfig.max_tokens,
+        precision: str | None = PredictConfig.precision,
         use_raw: bool | None = None,
         remove_duplicate_genes: bool = False,
         **data_config: Any,

@@ -30,7 +30,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from transcriptformer.config import PredictSettings
+from transcriptformer.config import PredictConfig
 from transcriptformer.data.tokenize import TokenizedCells
 from transcriptformer.data.vocab import GeneVocab
 from transcriptformer.model.outputs import PERTURBATION_KEYS
@@ -159,7 +159,7 @@ def perturb_cells(
     cells: TokenizedCells,
     perturbations: Sequence[Perturbation],
     vocab: GeneVocab,
-    settings: PredictSettings,
+    settings: PredictConfig,
     device: torch.device,
     gene_columns: np.ndarray,
     on_batch: Callable[[int], object] | None = None,

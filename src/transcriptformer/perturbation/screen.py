@@ -32,7 +32,7 @@ import scipy.sparse as sp
 import scipy.stats
 import torch
 
-from transcriptformer.config import PredictSettings
+from transcriptformer.config import PredictConfig
 from transcriptformer.data.tokenize import TokenizedCells
 from transcriptformer.model.outputs import SCREEN_KEYS
 from transcriptformer.model.prefix import predict_variants
@@ -111,7 +111,7 @@ class ScreenRun:
     Attributes
     ----------
     model : Predictor
-    settings : PredictSettings
+    settings : PredictConfig
         Batch size, token budget and precision of the batch loop (output keys: :data:`SCREEN_KEYS`).
     device : torch.device
     prefix_reuse : bool
@@ -125,7 +125,7 @@ class ScreenRun:
     """
 
     model: Predictor
-    settings: PredictSettings
+    settings: PredictConfig
     device: torch.device
     prefix_reuse: bool
     gene_columns: np.ndarray
