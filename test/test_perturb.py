@@ -296,11 +296,22 @@ def test_the_command_writes_tables_and_an_anndata_that_scanpy_reads(tmp_path, ge
         (["--knock-out", "Pou3f"], ["--knock-out 'Pou3f'", "close matches", "Pou3f3"]),
         (["--over-express", "Pou3f3=abc"], ["--over-express 'Pou3f3=abc'", "GENE=COUNT"]),
         (["--over-express", "Pou3f3=-2"], ["not a number above 0"]),
+        (["--over-express", "Pou3f3=1e-300"], ["--over-express 'Pou3f3=1e-300'", "not a number above 0", "float32"]),
+        (["--over-express", "Pou3f3=1e300"], ["not a number above 0 that a count matrix (float32) holds"]),
         (["--knock-out", "Pou3f3=0"], ["--knock-out 'Pou3f3=0'", "takes no count", "--over-express"]),
         (["--knock-out", "Pou3f3+Pou3f3"], ["names a gene twice"]),
         ([], ["nothing to perturb", "--knock-out", "--over-express"]),
     ],
-    ids=["unknown-gene", "count-not-a-number", "negative-count", "knock-out-count", "gene-twice", "nothing"],
+    ids=[
+        "unknown-gene",
+        "count-not-a-number",
+        "negative-count",
+        "count-float32-rounds-to-0",
+        "count-float32-rounds-to-inf",
+        "knock-out-count",
+        "gene-twice",
+        "nothing",
+    ],
 )
 def test_mistakes_are_one_line_errors(tmp_path, capsys, flags, words):
     output = tmp_path / "out"

@@ -446,3 +446,16 @@ def test_a_dry_run_names_the_parameter_in_python_and_the_flag_on_the_command_lin
 def test_flags_replace_only_the_parameters_a_message_marks_or_whose_names_have_an_underscore(message, worded):
     inference = subcommand_parser(build_parser(["inference"]), "inference")
     assert with_flag_names(message, inference) == (worded or message)
+
+
+@pytest.mark.parametrize("command", ["inference", "generate", "predict-labels", "perturb"])
+@pytest.mark.parametrize("name", ["../escaped.h5ad", "sub/out.h5ad", ".."])
+def test_an_output_file_name_cannot_leave_the_output_folder(tmp_path, capsys, command, name):
+    """``--output-filename`` is a name in ``--output-path``: a path in it would write elsewhere."""
+    folder = tmp_path / "a" / "b"
+    code, err = run_cli(
+        capsys, command, "--checkpoint-path", REFERENCE_DIR, "--data-file", REFERENCE_INPUT,
+        "--output-path", folder, "--output-filename", name,
+    )  # fmt: skip
+    assert_one_line_error(code, err, command, f"--output-filename {name!r} is not a file name", "--output-path")
+    assert not list(tmp_path.rglob("*.h5ad"))

@@ -158,6 +158,11 @@ class InferenceConfig:
         _check_choices("device", [self.device], DEVICES)
         _check_choices("attention_backend", [self.attention_backend], BACKENDS)
         check_range(self, "", "chunk_size", at_least=1)
+        if self.output_filename in ("", ".", "..") or Path(self.output_filename).name != self.output_filename:
+            raise ValueError(
+                f"output_filename {self.output_filename!r} is not a file name: give the folder as output_path and "
+                "a name without '/' as output_filename"
+            )
         if self.num_gpus != -1:
             check_range(self, "", "num_gpus", at_least=1, also="or -1: every visible GPU")
         check_range(self, "", "n_data_workers", at_least=0)

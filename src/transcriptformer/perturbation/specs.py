@@ -12,6 +12,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from transcriptformer.data.gene_symbols import GeneNames
 from transcriptformer.data.vocab import GeneVocab
 
@@ -61,15 +63,20 @@ class Perturbation:
 
 
 def parse_count(text: str, flag: str, spec: str) -> float:
-    """A count written after ``GENE=``: a finite number above 0."""
+    """A count written after ``GENE=``: a finite number above 0 that a count matrix (float32) holds as such.
+
+    A count that float32 rounds to 0 (``1e-300``) would knock the gene out under an over-expression's name, and one
+    it rounds to infinity would make every output of the cell non-finite.
+    """
     try:
         count = float(text)
     except ValueError:
         count = math.nan
-    if not (math.isfinite(count) and count > 0):
+    as_stored = float(np.float32(count)) if math.isfinite(count) and abs(count) < 1e39 else math.inf
+    if not (math.isfinite(as_stored) and as_stored > 0):
         raise ValueError(
-            f"{flag} {spec!r}: the count {text!r} is not a number above 0; write GENE=COUNT (GENE=20), "
-            "or GENE alone for the cell's highest count"
+            f"{flag} {spec!r}: the count {text!r} is not a number above 0 that a count matrix (float32) holds; "
+            "write GENE=COUNT (GENE=20), or GENE alone for the cell's highest count"
         )
     return count
 
