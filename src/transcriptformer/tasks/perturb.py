@@ -113,7 +113,7 @@ class PerturbTask(BatchLoopTask):
         """The unit's cells perturbed and run with their unperturbed selves (progress: the unit's cells at its end)."""
         from transcriptformer.perturbation.effects import perturb_cells
 
-        predict = session.config.inference.predict_settings
+        predict = session.config.inference.predict_config
         obs, effects = perturb_cells(
             session.model,
             cells,

@@ -140,7 +140,7 @@ class ScreenTask(BatchLoopTask):
         from transcriptformer.pipeline import GeneOutputs
 
         settings = self.settings
-        predict = session.config.inference.predict_settings
+        predict = session.config.inference.predict_config
         run = ScreenRun(session.model, predict, session.device, settings.prefix_reuse, session.gene_columns)
         run.limit = limit
         if settings.goal_state is not None:
