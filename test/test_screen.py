@@ -137,7 +137,7 @@ def test_unknown_genes_of_a_genes_file_are_named_and_skipped(tmp_path, capsys):
     args = ["screen", "--checkpoint-path", DEMO, "--data-file", HELDOUT, "--output-path", output, "--knock-out", "all"]
     code, err = run_cli(capsys, *args, "--genes-file", genes_file, "--obs-filter", "cell_type == 'astrocyte'")
     assert code == 0, err
-    assert "warning: genes_file" in err and "1 unknown gene(s) skipped: NotAGene" in err
+    assert "warning: --genes-file" in err and "1 unknown gene(s) skipped: NotAGene" in err
     pairs = pd.read_parquet(output / "screen_pairs.parquet")
     assert set(pairs["gene_id"]) <= {"ENSMUSG00000050953", "ENSMUSG00000032281"}
 

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from transcriptformer.config import SamplingConfig
-from transcriptformer.engine.task import Part
+from transcriptformer.engine.task import BatchLoopTask, Part
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -97,7 +97,7 @@ class Plan:
 
 
 @dataclass
-class GenerateTask:
+class GenerateTask(BatchLoopTask):
     """Generated cells as the output's rows, in units of ``chunk_size`` cells."""
 
     name: str = "generate"
