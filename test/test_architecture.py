@@ -26,11 +26,11 @@ from transcriptformer.perturbation.config import PerturbSettings
 from transcriptformer.tasks.embed import EmbedTask
 from transcriptformer.tasks.score import ScoreConfig, ScoreTask
 from transcriptformer.training.config import (
-    ClassifySettings,
-    DataSettings,
+    ClassifyConfig,
+    TrainDataConfig,
     FinetuneConfig,
-    OptimSettings,
-    TrainerSettings,
+    OptimConfig,
+    TrainerConfig,
 )
 
 PACKAGE = Path(transcriptformer.__file__).parent
@@ -205,11 +205,11 @@ def test_setting_defaults_are_written_once():
             if field.name in flags:
                 assert flags[field.name] == getattr(run, field.name), (command, field.name)
     finetune = flag_defaults("finetune")
-    data, optim, trainer = DataSettings(), OptimSettings(), TrainerSettings()
+    data, optim, trainer = TrainDataConfig(), OptimConfig(), TrainerConfig()
     pairs = {
         "batch_size": data.batch_size,
         "val_fraction": data.val_fraction,
-        "num_workers": data.num_workers,
+        "n_data_workers": data.n_data_workers,
         "lr": optim.lr,
         "weight_decay": optim.weight_decay,
         "warmup_steps": optim.warmup_steps,
@@ -218,10 +218,10 @@ def test_setting_defaults_are_written_once():
         "precision": trainer.precision,
         "attention_backend": trainer.attention_backend,
         "early_stopping_patience": trainer.early_stopping_patience,
-        "devices": trainer.devices,
+        "device": trainer.device,
         "seed": trainer.seed,
         "task": FinetuneConfig.task,
-        **{field.name: getattr(ClassifySettings(), field.name) for field in dataclasses.fields(ClassifySettings)},
+        **{field.name: getattr(ClassifyConfig(), field.name) for field in dataclasses.fields(ClassifyConfig)},
     }
     for dest, default in pairs.items():
         assert finetune[dest] == default, dest
@@ -245,13 +245,13 @@ def test_setting_defaults_are_written_once():
 
 
 # One suffix for the dataclasses of settings: Config. These still carry their former names, each to become
-# <Name>Config (LoraSettings -> LoraConfig, ...); the list only shrinks.
+# <Name>Config (LoraConfig -> LoraConfig, ...); the list only shrinks.
 FORMER_SETTINGS_NAMES = {
-    "LoraSettings",
-    "DataSettings",
-    "OptimSettings",
-    "TrainerSettings",
-    "ClassifySettings",
+    "LoraConfig",
+    "TrainDataConfig",
+    "OptimConfig",
+    "TrainerConfig",
+    "ClassifyConfig",
     "PerturbSettings",
 }
 OTHER_SETTINGS_SUFFIXES = ("Settings", "Section", "Options", "Params", "Parameters", "Conf")

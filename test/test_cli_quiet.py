@@ -21,7 +21,7 @@ from transcriptformer.model.lora import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     MODEL_CARD_FILE,
-    LoraSettings,
+    LoraConfig,
     add_lora_adapters,
     save_adapters,
 )
@@ -118,7 +118,7 @@ def test_help_shows_every_default(name):
 
 
 def test_saved_files_follow_the_umask(tmp_path):
-    model = add_lora_adapters(load_checkpoint(REFERENCE_DIR).model, LoraSettings(r=4), str(REFERENCE_DIR))
+    model = add_lora_adapters(load_checkpoint(REFERENCE_DIR).model, LoraConfig(r=4), str(REFERENCE_DIR))
     previous = os.umask(0o027)
     try:
         adapters = save_adapters(model, tmp_path / "adapters")
@@ -132,7 +132,7 @@ def test_saved_files_follow_the_umask(tmp_path):
 
 
 def test_finetune_is_quiet_by_default_and_writes_a_model_card(tmp_path, capfd, monkeypatch):
-    flags = ["--max-steps", "2", "--batch-size", "8", "--lora-r", "4", "--devices", "cpu", "--output-path", "adapters"]
+    flags = ["--max-steps", "2", "--batch-size", "8", "--lora-r", "4", "--device", "cpu", "--output-path", "adapters"]
     code, out, err = run_cli([*FINETUNE, *flags, "--precision", "16-mixed"], tmp_path, capfd, monkeypatch, umask=0o002)
     assert code == 0, err
     assert not [noise for noise in LIGHTNING_NOISE if noise in err], err
@@ -150,7 +150,7 @@ def test_finetune_is_quiet_by_default_and_writes_a_model_card(tmp_path, capfd, m
 
 
 def test_verbose_shows_lightning_logs_and_quiet_only_the_result(tmp_path, capfd, monkeypatch):
-    flags = ["--max-steps", "1", "--batch-size", "8", "--lora-r", "4", "--devices", "cpu", "--output-path", "adapters"]
+    flags = ["--max-steps", "1", "--batch-size", "8", "--lora-r", "4", "--device", "cpu", "--output-path", "adapters"]
     code, _, err = run_cli([*FINETUNE, *flags, "--verbose"], tmp_path, capfd, monkeypatch)
     assert code == 0, err
     assert "GPU available: False, used: False" in err

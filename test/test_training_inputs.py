@@ -8,7 +8,7 @@ import pytest
 from conftest import DATA_DIR, REFERENCE_DIR, REFERENCE_INPUT, TRAIN_CONFIG, tiny_train_overrides
 from test_user_errors import assert_one_line_error, run_cli
 
-FINETUNE = ["finetune", "--checkpoint-path", REFERENCE_DIR, "--train-files", REFERENCE_INPUT, "--devices", "cpu"]
+FINETUNE = ["finetune", "--checkpoint-path", REFERENCE_DIR, "--train-files", REFERENCE_INPUT, "--device", "cpu"]
 
 
 @pytest.mark.parametrize(
@@ -73,7 +73,7 @@ def test_a_label_column_of_120_small_classes_is_named_in_a_short_line(capsys, tm
     cells.obs["many"] = [f"type{i % 120}" for i in range(cells.n_obs)]
     cells.write_h5ad(tmp_path / "cells.h5ad")
     demo = DATA_DIR.parent.parent / "models" / "demo-mouse-brain"
-    args = ["--checkpoint-path", demo, "--train-files", tmp_path / "cells.h5ad", "--devices", "cpu"]
+    args = ["--checkpoint-path", demo, "--train-files", tmp_path / "cells.h5ad", "--device", "cpu"]
     code, err = run_cli(capsys, "finetune", *args, "--task", "classify", "--label-key", "many", "--output-path",
                         tmp_path / "classifier")  # fmt: skip
     assert_one_line_error(code, err, "finetune", "'many'", "0 class(es) of at least 10 cells", "and 112 more")
@@ -96,7 +96,7 @@ def test_resume_from_a_missing_or_foreign_checkpoint_is_one_line(capsys, tmp_pat
 def test_a_classification_head_too_large_for_memory_is_one_line(capsys, tmp_path):
     demo = DATA_DIR.parent.parent / "models" / "demo-mouse-brain"
     cells = DATA_DIR / "mouse_brain_1k.h5ad"
-    args = ["--checkpoint-path", demo, "--train-files", cells, "--devices", "cpu", "--task", "classify"]
+    args = ["--checkpoint-path", demo, "--train-files", cells, "--device", "cpu", "--task", "classify"]
     code, err = run_cli(capsys, "finetune", *args, "--label-key", "cell_type", "--head-hidden-dim", 10**12,
                         "--output-path", tmp_path / "classifier")  # fmt: skip
     assert_one_line_error(code, err, "finetune", "does not fit in memory", "smaller --head-hidden-dim")
