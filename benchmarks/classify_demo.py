@@ -41,9 +41,9 @@ from transcriptformer.evaluation.tasks import classifiers, predictable_cells
 from transcriptformer.model.lora import LoraConfig
 from transcriptformer.training.config import (
     ClassifyConfig,
-    TrainDataConfig,
     FinetuneConfig,
     OptimConfig,
+    TrainDataConfig,
     TrainerConfig,
 )
 from transcriptformer.training.run import run_finetuning

@@ -21,15 +21,16 @@ from transcriptformer.cli.common import USE_RAW
 from transcriptformer.config import DataConfig, PredictConfig
 from transcriptformer.engine.config import InferenceConfig, ModelRunConfig
 from transcriptformer.evaluation.config import EvaluateConfig
+from transcriptformer.model.lora import LoraConfig
 from transcriptformer.model.outputs import OUTPUT_KEYS
 from transcriptformer.perturbation.config import PerturbSettings
 from transcriptformer.tasks.embed import EmbedTask
 from transcriptformer.tasks.score import ScoreConfig, ScoreTask
 from transcriptformer.training.config import (
     ClassifyConfig,
-    TrainDataConfig,
     FinetuneConfig,
     OptimConfig,
+    TrainDataConfig,
     TrainerConfig,
 )
 
@@ -245,15 +246,8 @@ def test_setting_defaults_are_written_once():
 
 
 # One suffix for the dataclasses of settings: Config. These still carry their former names, each to become
-# <Name>Config (LoraConfig -> LoraConfig, ...); the list only shrinks.
-FORMER_SETTINGS_NAMES = {
-    "LoraConfig",
-    "TrainDataConfig",
-    "OptimConfig",
-    "TrainerConfig",
-    "ClassifyConfig",
-    "PerturbSettings",
-}
+# <Name>Config (PerturbSettings -> PerturbConfig, AnnotateSettings -> AnnotateConfig); the list only shrinks.
+FORMER_SETTINGS_NAMES = {"PerturbSettings", "AnnotateSettings"}
 OTHER_SETTINGS_SUFFIXES = ("Settings", "Section", "Options", "Params", "Parameters", "Conf")
 
 
@@ -279,13 +273,31 @@ def test_settings_dataclasses_are_named_config():
 # Flags of a run that set no setting of the run's dataclasses, and flags that keep the original release's name.
 NOT_SETTINGS = {"help", "verbosity", "config_override", "dry_run", "disable_compile_block_mask"}
 ORIGINAL_FLAG_NAMES = {"data_files": "--data-file", "use_oom_dataloader": "--oom-dataloader"}
+# Flags of finetune named otherwise than the Lightning setting they set (flag -> field of TrainerConfig).
+OTHER_NAMES_OF_TRAINER_SETTINGS = {"epochs": "max_epochs", "gradient_clip": "gradient_clip_val"}
 
 
-@pytest.mark.parametrize(("command", "task_settings"), [("inference", None), ("score", ScoreConfig)])
-def test_a_flag_and_its_setting_share_one_name(command, task_settings):
+def field_names(*settings: type, prefix: str = "") -> set[str]:
+    """The names of the fields of the dataclasses ``settings``, each after ``prefix``."""
+    return {prefix + field.name for cls in settings for field in dataclasses.fields(cls)}
+
+
+RUN_SETTINGS = field_names(InferenceConfig, ModelRunConfig, DataConfig)
+FINETUNE_SETTINGS = field_names(FinetuneConfig, TrainDataConfig, OptimConfig, TrainerConfig, ClassifyConfig)
+FINETUNE_SETTINGS |= field_names(LoraConfig, prefix="lora_") | {"train_heads"}  # --lora-r: LoraConfig.r
+FINETUNE_SETTINGS |= set(OTHER_NAMES_OF_TRAINER_SETTINGS) | {"overwrite"}  # overwrite: run_finetuning's keyword
+
+
+@pytest.mark.parametrize(
+    ("command", "fields"),
+    [
+        ("inference", RUN_SETTINGS),
+        ("score", RUN_SETTINGS | field_names(ScoreConfig)),
+        ("finetune", FINETUNE_SETTINGS),
+    ],
+)
+def test_a_flag_and_its_setting_share_one_name(command, fields):
     """Each flag of a run sets the field of its name (``--max-tokens``: ``max_tokens``); former names are hidden."""
-    settings = [InferenceConfig, ModelRunConfig, DataConfig, *([task_settings] if task_settings else [])]
-    fields = {field.name for cls in settings for field in dataclasses.fields(cls)}
     for action in subcommand_parser(build_parser([command]), command)._actions:
         if not action.option_strings or action.dest in NOT_SETTINGS:
             continue
@@ -300,18 +312,7 @@ OTHER_PROGRAMS_FLAGS = {"--query-gpu", "--format", "--yes", "--recursive"}
 # A whole command line, such as the one that wrote a folder ('transcriptformer finetune --task classify').
 COMMAND_LINE = re.compile(r"transcriptformer [a-z][a-z-]*(?:[^'\"`\n\\]|\\\n)*")
 # Modules whose messages still name flags; each is to name parameters, as the rest of the library does.
-STILL_NAMING_FLAGS = {
-    "transcriptformer.checkpoint",
-    "transcriptformer.evaluation.run",
-    "transcriptformer.generation",
-    "transcriptformer.model.classifier",
-    "transcriptformer.model.lora",
-    "transcriptformer.training.classify",
-    "transcriptformer.training.config",
-    "transcriptformer.training.module",
-    "transcriptformer.training.run",
-    "transcriptformer.training.trainer",
-}
+STILL_NAMING_FLAGS = {"transcriptformer.evaluation.run", "transcriptformer.generation"}
 
 
 def flags_in_messages(path: Path) -> set[str]:

@@ -29,10 +29,10 @@ from transcriptformer.model.classifier import CLASSIFIER_CONFIG_FILE, CLASSIFIER
 from transcriptformer.model.lora import ADAPTER_WEIGHTS_FILE
 from transcriptformer.training.config import (
     ClassifyConfig,
-    TrainDataConfig,
     FinetuneConfig,
     LoraConfig,
     OptimConfig,
+    TrainDataConfig,
     TrainerConfig,
 )
 from transcriptformer.training.datamodule import split_rows

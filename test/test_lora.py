@@ -15,7 +15,7 @@ from transcriptformer.model.lora import (
     resolve_target_modules,
     save_adapters,
 )
-from transcriptformer.training.config import TrainDataConfig, FinetuneConfig, LoraConfig, OptimConfig, TrainerConfig
+from transcriptformer.training.config import FinetuneConfig, LoraConfig, OptimConfig, TrainDataConfig, TrainerConfig
 from transcriptformer.training.objective import training_loss
 from transcriptformer.training.run import merge_adapters_into_checkpoint, run_finetuning
 

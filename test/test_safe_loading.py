@@ -33,7 +33,7 @@ from transcriptformer.model.classifier import CLASSIFIER_WEIGHTS_FILE, Classifie
 from transcriptformer.model.lora import ADAPTER_WEIGHTS_FILE, LoraConfig, add_lora_adapters, save_adapters
 from transcriptformer.safe_load import UnsafeFileError, sha256_of
 from transcriptformer.tasks.embed import EmbedTask
-from transcriptformer.training.config import TrainDataConfig, FinetuneConfig, TrainerConfig
+from transcriptformer.training.config import FinetuneConfig, TrainDataConfig, TrainerConfig
 from transcriptformer.training.run import run_finetuning
 
 TORCH_UNSAFE = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"

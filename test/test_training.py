@@ -18,10 +18,10 @@ from transcriptformer.data.tokenize import read_anndata
 from transcriptformer.model.likelihood import masked_mean
 from transcriptformer.model.lora import ADAPTER_WEIGHTS_FILE
 from transcriptformer.training.config import (
-    TrainDataConfig,
     FinetuneConfig,
     LoraConfig,
     OptimConfig,
+    TrainDataConfig,
     TrainerConfig,
     compose_train_config,
 )

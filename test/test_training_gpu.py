@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from transcriptformer.checkpoint import load_checkpoint
 from transcriptformer.model.lora import ADAPTER_WEIGHTS_FILE
-from transcriptformer.training.config import TrainDataConfig, FinetuneConfig, LoraConfig, OptimConfig, TrainerConfig
+from transcriptformer.training.config import FinetuneConfig, LoraConfig, OptimConfig, TrainDataConfig, TrainerConfig
 from transcriptformer.training.objective import training_loss
 from transcriptformer.training.run import run_finetuning
 

@@ -19,10 +19,10 @@ from transcriptformer.checkpoint import CONFIG_FILE, load_checkpoint
 from transcriptformer.cli import main
 from transcriptformer.model.lora import ADAPTER_WEIGHTS_FILE, load_adapters
 from transcriptformer.training.config import (
-    TrainDataConfig,
     FinetuneConfig,
     LoraConfig,
     OptimConfig,
+    TrainDataConfig,
     TrainerConfig,
     compose_train_config,
 )

@@ -29,9 +29,9 @@ from transcriptformer.training.config import (
     CLASS_WEIGHTS,
     TASKS,
     ClassifyConfig,
-    TrainDataConfig,
     FinetuneConfig,
     OptimConfig,
+    TrainDataConfig,
     TrainerConfig,
 )
 
@@ -89,7 +89,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
         default=data.n_data_workers,
         help="data-loader worker processes (default: %(default)s)",
     )
-    add_hidden_alias(io, "--n-data-workers", workers)
+    add_hidden_alias(io, "--num-workers", workers)
 
     classes = parser.add_argument_group("classification (--task classify)")
     classes.add_argument(
@@ -184,7 +184,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
         help="cpu or 0: CPU; cpu:N: N CPU processes (DDP over gloo); N: N GPUs (DDP when N > 1); cuda: every GPU; "
         "mps: Apple's GPU; auto: every GPU, else CPU (default: %(default)s)",
     )
-    add_hidden_alias(run_group, "--device", device)
+    add_hidden_alias(run_group, "--devices", device)
     run_group.add_argument(
         "--num-nodes", type=int, default=trainer.num_nodes, help="machines for multi-node DDP (default: %(default)s)"
     )

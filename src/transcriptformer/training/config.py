@@ -104,8 +104,8 @@ class OptimConfig:
         check_range(self, "optim", "min_lr_ratio", at_least=0, at_most=1, also="1: no decay")
         if len(self.betas) != 2:
             raise ValueError(f"optim.betas must be two numbers >= 0 and < 1, got {self.betas}")
-        for beta in self.betas:
-            check_number(beta, "optim.betas", at_least=0, below=1)
+        for index, beta in enumerate(self.betas):
+            check_number(beta, f"optim.betas[{index}]", at_least=0, below=1)
 
 
 @dataclass
@@ -316,7 +316,7 @@ def compose_train_config(config_file: str | Path | None = None, overrides: list[
         message = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]  # what and why
         cause = str(error.__cause__).strip().splitlines()[0] if error.__cause__ is not None else ""
         message = message if cause in message else f"{message}: {cause}"
-        renamed = [f"{old} is now {new}" for old, new in FORMER_KEYS.items() if f"'{old.rpartition('.')[2]}'" in message]
+        renamed = [f"{old} is now {new}" for old, new in FORMER_KEYS.items() if f"'{old.split('.')[-1]}'" in message]
         raise ValueError("; ".join([message, *renamed])) from None
 
 

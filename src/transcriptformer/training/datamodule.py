@@ -332,4 +332,5 @@ class CellDataModule(L.LightningDataModule):
         """Validation cells in a fixed order (none when there is no validation set)."""
         if self.val is None:
             return []
-        return DataLoader(self.val, batch_size=self.batch_size, collate_fn=self.collate, num_workers=self.n_data_workers)
+        workers = self.n_data_workers
+        return DataLoader(self.val, batch_size=self.batch_size, collate_fn=self.collate, num_workers=workers)

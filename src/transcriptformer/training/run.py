@@ -53,7 +53,7 @@ from transcriptformer.training.classify import (
     labels_of_cells,
     training_labels,
 )
-from transcriptformer.training.config import TrainDataConfig, FinetuneConfig, TrainConfig, TrainerConfig
+from transcriptformer.training.config import FinetuneConfig, TrainConfig, TrainDataConfig, TrainerConfig
 from transcriptformer.training.datamodule import CellDataModule, build_datasets
 from transcriptformer.training.module import TranscriptFormerModule
 from transcriptformer.training.objective import LossTerms, ObjectiveTerms

@@ -78,7 +78,8 @@ class TrainedOutput:
     what
         Its name in messages, e.g. ``"adapters"``.
     resume_option
-        How the command is told to resume, followed by the checkpoint path: ``"`resume` "`` (the command line says ``--resume``), ``"trainer.resume="``.
+        How the run is told to resume, followed by the checkpoint path: ``"`resume` "`` (a parameter, which the
+        command line words as ``--resume``), ``"trainer.resume="`` (an override of ``transcriptformer train``).
     """
 
     path: Path
