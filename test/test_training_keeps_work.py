@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 import transcriptformer
 from conftest import REFERENCE_INPUT, TRAIN_CONFIG, tiny_train_overrides
 from transcriptformer.checkpoint import CONFIG_FILE, load_checkpoint
-from transcriptformer.cli import main
+from transcriptformer.cli import build_parser, main, subcommand_parser
+from transcriptformer.cli.common import with_flag_names
 from transcriptformer.model.lora import ADAPTER_WEIGHTS_FILE, load_adapters
 from transcriptformer.training.config import (
     FinetuneConfig,
@@ -120,7 +121,8 @@ def test_failure_mid_finetuning_saves_adapters_and_a_resumable_checkpoint(
     assert not (output / ADAPTER_WEIGHTS_FILE).exists()  # the output path is for finished runs only
     snapshot, last = output / INTERRUPTED_DIR, output / "training_run" / "checkpoints" / "last.ckpt"
     message = capsys.readouterr().err
-    assert str(snapshot) in message and f"--resume {last}" in message
+    assert str(snapshot) in message and f"`resume` {last}" in message  # the parameter; the command says its flag:
+    assert f"--resume {last}" in with_flag_names(message, subcommand_parser(build_parser(["finetune"]), "finetune"))
     assert failure.value.__notes__ == [message.strip()]  # so that a traceback ends with it
 
     saved = torch.load(last, map_location="cpu", weights_only=True)
