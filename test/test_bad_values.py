@@ -433,7 +433,8 @@ def test_config_settings_that_differ_from_the_weights_are_refused(
 
 def test_config_override_of_seq_len_is_refused_for_recorded_weights(cli, saved_checkpoint, reference_input, tmp_path):
     args = inference_args(saved_checkpoint, reference_input, tmp_path / "out")
-    fails(cli(*args, "--config-override", "model.model_config.seq_len=63"), "model_config.seq_len is 63")
+    result = cli(*args, "--config-override", "model.model_config.seq_len=63")
+    fails(result, "model_config.seq_len is 63", "(and drop any --config-override of them)")
 
 
 def test_architecture_that_differs_from_the_weights_is_refused(cli, checkpoint, reference_input, tmp_path):

@@ -370,7 +370,8 @@ def check_adapter_weights(weights_file: Path, config: Mapping[str, Any], model: 
     if bad:
         raise UserError(
             f"{weights_file}: {len(bad)} adapter tensor(s) hold NaN or infinite values (first: {bad[0]}); they come "
-            "from a diverged run: train them again with a lower `lr` (and gradient_clip on)"
+            "from a diverged run: train them again with a lower learning rate and gradient clipping on "
+            "('transcriptformer finetune --lr, --gradient-clip')"
         )
     expected = expected_adapter_shapes(model, config, weights_file.parent / ADAPTER_CONFIG_FILE)
     _check_rank(tensors, config["r"], weights_file)
