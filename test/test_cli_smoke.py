@@ -55,8 +55,9 @@ def run_finetune_lora(args: list[str], monkeypatch) -> int:
 
 
 def test_documented_reproduction_command_trains_loadable_adapters(tmp_path, monkeypatch, capsys):
-    # The command of the documentation, word for word, with the reference checkpoint and its 64 real cells.
-    flags = "--epochs 1 --batch-size 4 --lora-r 4 --lora-alpha 16 --device 0 --output-path adapters_epoch1.pt"
+    # The command of the documentation, word for word (--devices: the former name of --device), with the reference
+    # checkpoint and its 64 real cells.
+    flags = "--epochs 1 --batch-size 4 --lora-r 4 --lora-alpha 16 --devices 0 --output-path adapters_epoch1.pt"
     monkeypatch.chdir(tmp_path)
     assert run_finetune_lora([*BASE, *flags.split()], monkeypatch) == 0
     adapters = tmp_path / "adapters_epoch1.pt"

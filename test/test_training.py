@@ -115,6 +115,8 @@ def test_warmup_then_cosine_schedule():
 def test_hardware_and_precision_settings():
     assert resolve_hardware("cpu").accelerator == resolve_hardware("0").accelerator == "cpu"
     assert resolve_hardware("cpu:2") == Hardware("cpu", 2, "ddp")
+    assert resolve_hardware("cpu").first_device == torch.device("cpu")
+    assert Hardware("gpu", 2, "ddp").first_device == torch.device("cuda:0")  # the device of a dry run
     with pytest.raises(ValueError, match="device must be 'cpu', 'cpu:N', 'cuda', 'mps', 'auto' or a number"):
         resolve_hardware("gpu0")
     if not torch.cuda.is_available():

@@ -135,8 +135,8 @@ def run_dir_of(trainer: TrainerConfig, output: str | Path) -> Path:
 
 
 def first_device(trainer: TrainerConfig) -> torch.device:
-    """The device a dry run uses: the first GPU of ``trainer.device``, else the CPU."""
-    return torch.device("cuda:0" if resolve_hardware(trainer.device).accelerator == "gpu" else "cpu")
+    """The device a dry run uses: the first GPU of ``trainer.device`` (or Apple's GPU), else the CPU."""
+    return resolve_hardware(trainer.device).first_device
 
 
 def require_trainable_attention(trainer: TrainerConfig) -> None:

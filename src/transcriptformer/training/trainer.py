@@ -101,6 +101,11 @@ class Hardware:
     devices: int
     strategy: str
 
+    @property
+    def first_device(self) -> torch.device:
+        """The torch device of the first process: the first GPU, Apple's GPU or the CPU."""
+        return torch.device({"gpu": "cuda:0", "mps": "mps"}.get(self.accelerator, "cpu"))
+
 
 def resolve_hardware(device: str, num_nodes: int = 1) -> Hardware:
     """Map the ``device`` setting to Lightning's arguments.
@@ -138,14 +143,14 @@ def resolve_hardware(device: str, num_nodes: int = 1) -> Hardware:
     return Hardware("gpu", count, "ddp" if count > 1 or num_nodes > 1 else "auto")
 
 
-def precision_arguments(precision: str, accelerator: str) -> dict[str, Any]:
-    """Lightning's arguments for ``precision`` on ``accelerator``.
+def precision_arguments(precision: str, hardware: Hardware) -> dict[str, Any]:
+    """Lightning's arguments for ``precision`` on ``hardware``.
 
     ``16-mixed`` on the CPU trains as asked, with the warning of :func:`~transcriptformer.runtime.resolve_precision`
     (Lightning itself would switch to ``bf16-mixed``).
     """
-    resolve_precision(precision, torch.device("cpu" if accelerator == "cpu" else "cuda"))
-    if precision == "16-mixed" and accelerator == "cpu":
+    resolve_precision(precision, hardware.first_device)
+    if precision == "16-mixed" and hardware.accelerator == "cpu":
         return {"plugins": [MixedPrecision("16-mixed", "cpu")]}
     return {"precision": precision}
 
@@ -318,7 +323,7 @@ def build_trainer(
         )
         all_callbacks.append(stopping)
     all_callbacks.extend(callbacks)
-    precision = precision_arguments(settings.precision, hardware.accelerator)
+    precision = precision_arguments(settings.precision, hardware)
     plugins = [SafeCheckpointIO(output.resume_option), *precision.pop("plugins", [])]
     return L.Trainer(
         accelerator=hardware.accelerator,
