@@ -30,7 +30,7 @@ import torch
 from transcriptformer.checkpoint import Checkpoint, load_checkpoint
 from transcriptformer.data.tokenize import Batch, TokenizedCells, read_anndata
 from transcriptformer.data.vocab import write_embedding_table
-from transcriptformer.model.lora import LoraSettings, add_lora_adapters
+from transcriptformer.model.lora import LoraConfig, add_lora_adapters
 from transcriptformer.training.config import compose_train_config
 from transcriptformer.training.datamodule import CellDataset, collate_cells
 from transcriptformer.training.module import parameter_groups
@@ -67,7 +67,7 @@ def mid_case(cells_path: Path, workdir: Path) -> tuple[Checkpoint, Batch]:
     table_file = workdir / "homo_sapiens_gene.h5"
     rng = np.random.default_rng(0)
     write_embedding_table(table_file, {gene: rng.standard_normal(ESM_WIDTH, dtype=np.float32) for gene in gene_ids})
-    overrides = ["model_config=mid", f"data_config.esm2_mappings=[{table_file}]", f"output_dir={workdir / 'mid'}"]
+    overrides = ["model_config=mid", f"data_config.esm2_mappings=[{table_file}]", f"output_path={workdir / 'mid'}"]
     checkpoint = new_checkpoint(compose_train_config(REPO / "conf" / "train.yaml", overrides), [adata])
     return checkpoint, longest_cells_batch(tokenize(checkpoint, adata))
 
@@ -76,7 +76,7 @@ def time_lora_steps(
     checkpoint: Checkpoint, batch: Batch, device: torch.device, precision: str, steps: int, warmup: int
 ) -> tuple[list[float], int, int]:
     """Seconds of each timed step, trainable and total parameter counts."""
-    model = add_lora_adapters(checkpoint.model, LoraSettings(r=4, alpha=16, dropout=0.05)).to(device).train()
+    model = add_lora_adapters(checkpoint.model, LoraConfig(r=4, alpha=16, dropout=0.05)).to(device).train()
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.01), lr=1e-4)
     batch = batch.to(device)
     autocast = (

@@ -38,13 +38,13 @@ from transcriptformer.console import verbosity
 from transcriptformer.evaluation.config import EvaluateConfig
 from transcriptformer.evaluation.embeddings import pca_embedding
 from transcriptformer.evaluation.tasks import classifiers, predictable_cells
-from transcriptformer.model.lora import LoraSettings
+from transcriptformer.model.lora import LoraConfig
 from transcriptformer.training.config import (
-    ClassifySettings,
-    DataSettings,
+    ClassifyConfig,
     FinetuneConfig,
-    OptimSettings,
-    TrainerSettings,
+    OptimConfig,
+    TrainDataConfig,
+    TrainerConfig,
 )
 from transcriptformer.training.run import run_finetuning
 
@@ -80,13 +80,13 @@ def finetuned_f1(adata: ad.AnnData, train: np.ndarray, test: np.ndarray, args: a
         checkpoint_path=str(MODEL),
         output_path=str(work / "classifier"),
         task="classify",
-        data=DataSettings(train_files=[str(train_file)], val_fraction=args.val_fraction, batch_size=args.batch_size),
-        optim=OptimSettings(lr=args.lr, warmup_steps=args.warmup_steps),
-        trainer=TrainerSettings(
-            devices="cpu", max_epochs=args.epochs, early_stopping_patience=args.patience, seed=args.seed
+        data=TrainDataConfig(train_files=[str(train_file)], val_fraction=args.val_fraction, batch_size=args.batch_size),
+        optim=OptimConfig(lr=args.lr, warmup_steps=args.warmup_steps),
+        trainer=TrainerConfig(
+            device="cpu", max_epochs=args.epochs, early_stopping_patience=args.patience, seed=args.seed
         ),
-        lora=LoraSettings(r=args.lora_r, alpha=2.0 * args.lora_r, target_modules=args.lora_targets),
-        classify=ClassifySettings(label_key=LABEL, head_hidden_dim=args.head_hidden_dim),
+        lora=LoraConfig(r=args.lora_r, alpha=2.0 * args.lora_r, target_modules=args.lora_targets),
+        classify=ClassifyConfig(label_key=LABEL, head_hidden_dim=args.head_hidden_dim),
     )
     with verbosity("quiet", "classify_demo"):
         run_finetuning(config, overwrite=True)
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lora-r", type=int, default=8)
-    parser.add_argument("--lora-targets", nargs="+", default=[*LoraSettings().target_modules, *GENE_PROJECTION])
+    parser.add_argument("--lora-targets", nargs="+", default=[*LoraConfig().target_modules, *GENE_PROJECTION])
     parser.add_argument("--head-hidden-dim", type=int, default=0)
     parser.add_argument("--val-fraction", type=float, default=0.15)
     parser.add_argument("--seed", type=int, default=0, help="seed of fine-tuning (the folds use 42)")

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=REPO / "conf" / "demo.yaml", help="the training config")
-    parser.add_argument("--model", type=Path, default=None, help="trained checkpoint (default: its output_dir)")
+    parser.add_argument("--model", type=Path, default=None, help="trained checkpoint (default: its output_path)")
     parser.add_argument("--save-heldout", type=Path, default=None, help="also write the held-out cells to this h5ad")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as given to 'transcriptformer train'")
     args = parser.parse_args()
@@ -39,7 +39,7 @@ def main() -> None:
     adatas = [read_anndata(path) for path in cfg.data.train_files]
     untrained = new_checkpoint(cfg, adatas)
     data = build_datamodule(untrained, cfg.data, cfg.trainer.seed, train_sources=adatas)
-    trained = load_checkpoint(args.model or REPO / cfg.output_dir)
+    trained = load_checkpoint(args.model or REPO / cfg.output_path)
     if trained.gene_vocab.index != untrained.gene_vocab.index or trained.aux_vocabs != untrained.aux_vocabs:
         raise SystemExit("the trained checkpoint's vocabularies differ from the config's; wrong --model?")
     if data.val is None:

@@ -48,7 +48,7 @@ from transcriptformer.config import PredictConfig
 from transcriptformer.data.tokenize import Batch
 from transcriptformer.model.attention import MultiHeadSelfAttention, compiled_flex_attention
 from transcriptformer.pipeline import predict_batches
-from transcriptformer.training.config import DataSettings, compose_train_config
+from transcriptformer.training.config import TrainDataConfig, compose_train_config
 from transcriptformer.training.objective import training_loss
 from transcriptformer.training.run import build_datamodule, run_pretraining
 
@@ -159,9 +159,9 @@ def pretraining(args: argparse.Namespace, device: torch.device, lines: list[str]
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [
-            f"output_dir={tmp}/model",
+            f"output_path={tmp}/model",
             f"trainer.run_dir={tmp}/run",
-            f"trainer.devices={'1' if device.type == 'cuda' else 'cpu'}",
+            f"trainer.device={'1' if device.type == 'cuda' else 'cpu'}",
             f"trainer.precision={precision}",
             f"trainer.max_steps={args.train_steps}",
             "trainer.max_epochs=-1",
@@ -233,7 +233,7 @@ def attention_compilations(model, batches: Iterable[Batch], backend: str) -> tup
 def training_batches(n_batches: int, batch_size: int = 16) -> tuple[torch.nn.Module, list[Batch]]:
     """The demo model with the flex backend, and its first training batches trimmed to their longest cell."""
     checkpoint = load_checkpoint(DEMO_MODEL, attention_backend="chunked")  # exact trimming: many lengths
-    data = build_datamodule(checkpoint, DataSettings(train_files=[str(DEMO_CELLS)], batch_size=batch_size), seed=0)
+    data = build_datamodule(checkpoint, TrainDataConfig(train_files=[str(DEMO_CELLS)], batch_size=batch_size), seed=0)
     loader = iter(data.train_dataloader())
     batches = [next(loader) for _ in range(n_batches)]
     checkpoint.model.attention_backend = "flex"

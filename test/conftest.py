@@ -51,12 +51,12 @@ def tiny_train_overrides(output: Path, *overrides: str) -> list[str]:
     """Hydra overrides of conf/train.yaml: a model of the reference size, trained on the reference cells."""
     return [
         "model_config=tiny",
-        f"output_dir={output}",
+        f"output_path={output}",
         f"data.train_files=[{REFERENCE_INPUT}]",
         f"data_config.esm2_mappings=[{REFERENCE_DIR / 'vocabs' / 'mus_musculus_gene.h5'}]",
         "data_config.aux_cols=[assay]",
         "data.batch_size=8",
-        "trainer.devices=cpu",
+        "trainer.device=cpu",
         "trainer.log_every_n_steps=1",
         *overrides,
     ]

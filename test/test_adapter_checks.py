@@ -18,13 +18,13 @@ from test_user_errors import assert_one_line_error, run_cli
 from transcriptformer.checkpoint import load_checkpoint
 from transcriptformer.config import WEIGHTS_FILE
 from transcriptformer.model.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, add_lora_adapters, save_adapters
-from transcriptformer.training.config import LoraSettings
+from transcriptformer.training.config import LoraConfig
 
 
 def trained_adapters(base: Path, folder: Path, **settings) -> Path:
     """Adapters of ``base`` whose update is not zero (fresh adapters are an exact identity)."""
     torch.manual_seed(0)
-    model = add_lora_adapters(load_checkpoint(base).model, LoraSettings(r=4, **settings), str(base))
+    model = add_lora_adapters(load_checkpoint(base).model, LoraConfig(r=4, **settings), str(base))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:

@@ -21,16 +21,17 @@ from transcriptformer.cli.common import USE_RAW
 from transcriptformer.config import DataConfig, PredictConfig
 from transcriptformer.engine.config import InferenceConfig, ModelRunConfig
 from transcriptformer.evaluation.config import EvaluateConfig
+from transcriptformer.model.lora import LoraConfig
 from transcriptformer.model.outputs import OUTPUT_KEYS
 from transcriptformer.tasks.embed import EmbedTask
 from transcriptformer.tasks.perturb import PerturbConfig
 from transcriptformer.tasks.score import ScoreConfig, ScoreTask
 from transcriptformer.training.config import (
-    ClassifySettings,
-    DataSettings,
+    ClassifyConfig,
     FinetuneConfig,
-    OptimSettings,
-    TrainerSettings,
+    OptimConfig,
+    TrainDataConfig,
+    TrainerConfig,
 )
 
 PACKAGE = Path(transcriptformer.__file__).parent
@@ -213,11 +214,11 @@ def test_setting_defaults_are_written_once():
             if field.name in flags:
                 assert flags[field.name] == getattr(run, field.name), (command, field.name)
     finetune = flag_defaults("finetune")
-    data, optim, trainer = DataSettings(), OptimSettings(), TrainerSettings()
+    data, optim, trainer = TrainDataConfig(), OptimConfig(), TrainerConfig()
     pairs = {
         "batch_size": data.batch_size,
         "val_fraction": data.val_fraction,
-        "num_workers": data.num_workers,
+        "n_data_workers": data.n_data_workers,
         "lr": optim.lr,
         "weight_decay": optim.weight_decay,
         "warmup_steps": optim.warmup_steps,
@@ -226,10 +227,10 @@ def test_setting_defaults_are_written_once():
         "precision": trainer.precision,
         "attention_backend": trainer.attention_backend,
         "early_stopping_patience": trainer.early_stopping_patience,
-        "devices": trainer.devices,
+        "device": trainer.device,
         "seed": trainer.seed,
         "task": FinetuneConfig.task,
-        **{field.name: getattr(ClassifySettings(), field.name) for field in dataclasses.fields(ClassifySettings)},
+        **{field.name: getattr(ClassifyConfig(), field.name) for field in dataclasses.fields(ClassifyConfig)},
     }
     for dest, default in pairs.items():
         assert finetune[dest] == default, dest
@@ -254,14 +255,8 @@ def test_setting_defaults_are_written_once():
 
 
 # One suffix for the dataclasses of settings: Config. These still carry their former names, each to become
-# <Name>Config (LoraSettings -> LoraConfig, ...); the list only shrinks.
-FORMER_SETTINGS_NAMES = {
-    "LoraSettings",
-    "DataSettings",
-    "OptimSettings",
-    "TrainerSettings",
-    "ClassifySettings",
-}
+# <Name>Config: every former name is renamed; the list only shrinks.
+FORMER_SETTINGS_NAMES: set[str] = set()
 OTHER_SETTINGS_SUFFIXES = ("Settings", "Section", "Options", "Params", "Parameters", "Conf")
 
 
@@ -287,13 +282,31 @@ def test_settings_dataclasses_are_named_config():
 # Flags of a run that set no setting of the run's dataclasses, and flags that keep the original release's name.
 NOT_SETTINGS = {"help", "verbosity", "config_override", "dry_run", "disable_compile_block_mask"}
 ORIGINAL_FLAG_NAMES = {"data_files": "--data-file", "use_oom_dataloader": "--oom-dataloader"}
+# Flags of finetune named otherwise than the Lightning setting they set (flag -> field of TrainerConfig).
+OTHER_NAMES_OF_TRAINER_SETTINGS = {"epochs": "max_epochs", "gradient_clip": "gradient_clip_val"}
 
 
-@pytest.mark.parametrize(("command", "task_settings"), [("inference", None), ("score", ScoreConfig)])
-def test_a_flag_and_its_setting_share_one_name(command, task_settings):
+def field_names(*settings: type, prefix: str = "") -> set[str]:
+    """The names of the fields of the dataclasses ``settings``, each after ``prefix``."""
+    return {prefix + field.name for cls in settings for field in dataclasses.fields(cls)}
+
+
+RUN_SETTINGS = field_names(InferenceConfig, ModelRunConfig, DataConfig)
+FINETUNE_SETTINGS = field_names(FinetuneConfig, TrainDataConfig, OptimConfig, TrainerConfig, ClassifyConfig)
+FINETUNE_SETTINGS |= field_names(LoraConfig, prefix="lora_") | {"train_heads"}  # --lora-r: LoraConfig.r
+FINETUNE_SETTINGS |= set(OTHER_NAMES_OF_TRAINER_SETTINGS) | {"overwrite"}  # overwrite: run_finetuning's keyword
+
+
+@pytest.mark.parametrize(
+    ("command", "fields"),
+    [
+        ("inference", RUN_SETTINGS),
+        ("score", RUN_SETTINGS | field_names(ScoreConfig)),
+        ("finetune", FINETUNE_SETTINGS),
+    ],
+)
+def test_a_flag_and_its_setting_share_one_name(command, fields):
     """Each flag of a run sets the field of its name (``--max-tokens``: ``max_tokens``); former names are hidden."""
-    settings = [InferenceConfig, ModelRunConfig, DataConfig, *([task_settings] if task_settings else [])]
-    fields = {field.name for cls in settings for field in dataclasses.fields(cls)}
     for action in subcommand_parser(build_parser([command]), command)._actions:
         if not action.option_strings or action.dest in NOT_SETTINGS:
             continue
@@ -308,17 +321,7 @@ OTHER_PROGRAMS_FLAGS = {"--query-gpu", "--format", "--yes", "--recursive"}
 # A whole command line, such as the one that wrote a folder ('transcriptformer finetune --task classify').
 COMMAND_LINE = re.compile(r"transcriptformer [a-z][a-z-]*(?:[^'\"`\n\\]|\\\n)*")
 # Modules whose messages still name flags; each is to name parameters, as the rest of the library does.
-STILL_NAMING_FLAGS = {
-    "transcriptformer.checkpoint",
-    "transcriptformer.evaluation.run",
-    "transcriptformer.model.classifier",
-    "transcriptformer.model.lora",
-    "transcriptformer.training.classify",
-    "transcriptformer.training.config",
-    "transcriptformer.training.module",
-    "transcriptformer.training.run",
-    "transcriptformer.training.trainer",
-}
+STILL_NAMING_FLAGS = {"transcriptformer.evaluation.run"}
 
 
 def flags_in_messages(path: Path) -> set[str]:

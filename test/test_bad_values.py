@@ -26,7 +26,7 @@ from transcriptformer.cli import main
 from transcriptformer.data.vocab import read_embedding_keys, read_embedding_table, write_embedding_table
 from transcriptformer.model.lora import ADAPTER_WEIGHTS_FILE, add_lora_adapters, save_adapters
 from transcriptformer.pipeline import NonFiniteOutputError
-from transcriptformer.training.config import LoraSettings
+from transcriptformer.training.config import LoraConfig
 
 GENE_FILE = "mus_musculus_gene.h5"
 
@@ -193,7 +193,7 @@ def test_finetune_refuses_invalid_counts_and_drops_them_on_request(
     cli, reference_model, reference_input, reference_dir, tmp_path
 ):
     data = write_counts(tmp_path, reference_input, corrupt_entries(reference_model, -1.0))
-    args = ["finetune", "--checkpoint-path", reference_dir, "--train-files", data, "--devices", "cpu"]
+    args = ["finetune", "--checkpoint-path", reference_dir, "--train-files", data, "--device", "cpu"]
     fails(cli(*args, "--output-path", tmp_path / "adapters"), str(data), "negative", "--invalid-counts drop")
     assert not (tmp_path / "adapters").exists()
     code, text = cli(*args, "--invalid-counts", "drop", "--dry-run")
@@ -346,7 +346,7 @@ def test_pretrained_embedding_with_nan_vectors_is_refused(cli, reference_dir, re
 @pytest.fixture
 def nan_adapter(tmp_path, reference_dir) -> Path:
     """Real LoRA adapters of the reference checkpoint, one of whose values is NaN (as a diverged run leaves them)."""
-    model = add_lora_adapters(load_checkpoint(reference_dir).model, LoraSettings(r=2), str(reference_dir))
+    model = add_lora_adapters(load_checkpoint(reference_dir).model, LoraConfig(r=2), str(reference_dir))
     path = save_adapters(model, tmp_path / "adapter")
     tensors = load_file(path / ADAPTER_WEIGHTS_FILE)
     key = sorted(k for k in tensors if "lora_A" in k)[0]
@@ -368,7 +368,7 @@ def test_inference_refuses_nan_adapters(cli, nan_adapter, reference_dir, referen
 
 
 def test_finetune_stops_when_the_loss_diverges_and_saves_no_adapters(cli, reference_dir, reference_input, tmp_path):
-    args = ["finetune", "--checkpoint-path", reference_dir, "--train-files", reference_input, "--devices", "cpu"]
+    args = ["finetune", "--checkpoint-path", reference_dir, "--train-files", reference_input, "--device", "cpu"]
     output = tmp_path / "adapters"
     result = cli(*args, "--output-path", output, "--lr", "1e30", "--max-steps", "3", "--batch-size", "8")
     fails(result, "the training loss is nan at optimizer step 1", "diverged", "--lr")
@@ -433,7 +433,8 @@ def test_config_settings_that_differ_from_the_weights_are_refused(
 
 def test_config_override_of_seq_len_is_refused_for_recorded_weights(cli, saved_checkpoint, reference_input, tmp_path):
     args = inference_args(saved_checkpoint, reference_input, tmp_path / "out")
-    fails(cli(*args, "--config-override", "model.model_config.seq_len=63"), "model_config.seq_len is 63")
+    result = cli(*args, "--config-override", "model.model_config.seq_len=63")
+    fails(result, "model_config.seq_len is 63", "(and drop any --config-override of them)")
 
 
 def test_architecture_that_differs_from_the_weights_is_refused(cli, checkpoint, reference_input, tmp_path):

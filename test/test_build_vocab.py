@@ -189,6 +189,7 @@ def test_checkpoints_are_loaded_safely(tmp_path, esm_file):
 
 
 def test_cli_reports_coverage(tmp_path, fasta, esm_file, capsys):
+    # --output-dir: the former name of --output-path, which still works
     args = ["build-vocab", "--fasta", str(fasta), "--esm-model", str(esm_file[0]), "--species", "tiny_species",
             "--output-dir", str(tmp_path), "--layer", "2", "--device", "cpu", "--no-progress",
             "--check-data", str(REFERENCE / "input.h5ad")]  # fmt: skip
@@ -210,9 +211,9 @@ def esm_variant(esm_file, folder: Path, change) -> Path:
     return path
 
 
-def build_args(fasta, esm_model, output_dir, *extra) -> list[str]:
+def build_args(fasta, esm_model, output_path, *extra) -> list[str]:
     return [str(arg) for arg in ["build-vocab", "--fasta", fasta, "--esm-model", esm_model, "--species", "tiny_species",
-            "--output-dir", output_dir, "--layer", "2", "--device", "cpu", "--no-progress", *extra]]  # fmt: skip
+            "--output-path", output_path, "--layer", "2", "--device", "cpu", "--no-progress", *extra]]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -222,7 +223,7 @@ def build_args(fasta, esm_model, output_dir, *extra) -> list[str]:
         (["--max-residues", "-5"], ["--max-residues"]),
         (["--tokens-per-batch", "0"], ["--tokens-per-batch must be >= 1"]),
         (["--layer", "0"], ["layer must be >= 1"]),
-        (["--species", "../escaped"], ["species '../escaped' must be a plain name", "--output-dir"]),
+        (["--species", "../escaped"], ["species '../escaped' must be a plain name", "--output-path"]),
         (["--species", "a/b"], ["species 'a/b'"]),
         (["--species", ".hidden"], ["species '.hidden'"]),
         (["--species", ""], ["species ''"]),

@@ -26,7 +26,7 @@ from transcriptformer.model.classifier import (
 )
 from transcriptformer.model.lora import ADAPTER_WEIGHTS_FILE, add_lora_adapters, save_adapters
 from transcriptformer.safe_load import sha256_of
-from transcriptformer.training.config import LoraSettings
+from transcriptformer.training.config import LoraConfig
 
 CELLS = DATA_DIR / "demo_mouse_brain_heldout.h5ad"
 EMBED_DIM = 128  # the demo model's
@@ -34,7 +34,7 @@ EMBED_DIM = 128  # the demo model's
 
 def make_classifier(folder: Path, classes: list[str], embed_dim: int = EMBED_DIM, hidden_dim: int = 0) -> Path:
     torch.manual_seed(0)
-    model = add_lora_adapters(load_checkpoint(DEMO_MODEL).model, LoraSettings(r=2), str(DEMO_MODEL))
+    model = add_lora_adapters(load_checkpoint(DEMO_MODEL).model, LoraConfig(r=2), str(DEMO_MODEL))
     save_adapters(model, folder)
     info = ClassifierInfo(
         label_key="cell_type",

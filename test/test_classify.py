@@ -29,12 +29,12 @@ from transcriptformer.errors import UserError
 from transcriptformer.model.classifier import CLASSIFIER_CONFIG_FILE, CLASSIFIER_WEIGHTS_FILE
 from transcriptformer.model.lora import ADAPTER_WEIGHTS_FILE
 from transcriptformer.training.config import (
-    ClassifySettings,
-    DataSettings,
+    ClassifyConfig,
     FinetuneConfig,
-    LoraSettings,
-    OptimSettings,
-    TrainerSettings,
+    LoraConfig,
+    OptimConfig,
+    TrainDataConfig,
+    TrainerConfig,
 )
 from transcriptformer.training.datamodule import split_rows
 from transcriptformer.training.run import run_finetuning
@@ -62,11 +62,11 @@ def classify_config(cells: Path, output: Path, **trainer) -> FinetuneConfig:
         checkpoint_path=str(DEMO),
         output_path=str(output),
         task="classify",
-        data=DataSettings(train_files=[str(cells)], val_fraction=0.25, batch_size=16),
-        optim=OptimSettings(lr=3e-3, warmup_steps=2),
-        trainer=TrainerSettings(devices="cpu", log_every_n_steps=1, **trainer),
-        lora=LoraSettings(r=4, alpha=8),
-        classify=ClassifySettings(label_key=LABEL),
+        data=TrainDataConfig(train_files=[str(cells)], val_fraction=0.25, batch_size=16),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2),
+        trainer=TrainerConfig(device="cpu", log_every_n_steps=1, **trainer),
+        lora=LoraConfig(r=4, alpha=8),
+        classify=ClassifyConfig(label_key=LABEL),
     )
 
 
@@ -183,7 +183,7 @@ def test_predict_labels_writes_classes_and_probabilities(trained, cells, tmp_pat
 
 
 def finetune_args(cells: Path, output: Path, *extra) -> list:
-    return ["finetune", "--checkpoint-path", DEMO, "--train-files", cells, "--output-path", output, "--devices", "cpu",
+    return ["finetune", "--checkpoint-path", DEMO, "--train-files", cells, "--output-path", output, "--device", "cpu",
             "--max-steps", "1", *extra]  # fmt: skip
 
 
@@ -251,7 +251,7 @@ def test_classify_needs_a_classifier(cells):
 def test_the_seed_style_entry_takes_the_classify_task(cells, tmp_path):
     # finetune_lora.py in a fresh process, as a user runs it (test_cli_smoke runs it in-process)
     script = DEMO.parent.parent / "finetune_lora.py"
-    flags = ["--task", "classify", "--label-key", LABEL, "--devices", "cpu", "--dry-run"]
+    flags = ["--task", "classify", "--label-key", LABEL, "--device", "cpu", "--dry-run"]
     command = [sys.executable, str(script), "--checkpoint-path", str(DEMO), "--train-files", str(cells), *flags]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -23,7 +23,7 @@ from transcriptformer.model.lora import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     MODEL_CARD_FILE,
-    LoraSettings,
+    LoraConfig,
     add_lora_adapters,
     save_adapters,
 )
@@ -121,7 +121,7 @@ def test_help_shows_every_default(name):
 
 
 def test_saved_files_follow_the_umask(tmp_path):
-    model = add_lora_adapters(load_checkpoint(REFERENCE_DIR).model, LoraSettings(r=4), str(REFERENCE_DIR))
+    model = add_lora_adapters(load_checkpoint(REFERENCE_DIR).model, LoraConfig(r=4), str(REFERENCE_DIR))
     previous = os.umask(0o027)
     try:
         adapters = save_adapters(model, tmp_path / "adapters")
@@ -135,7 +135,7 @@ def test_saved_files_follow_the_umask(tmp_path):
 
 
 def test_finetune_is_quiet_by_default_and_writes_a_model_card(tmp_path):
-    flags = ["--max-steps", "2", "--batch-size", "8", "--lora-r", "4", "--devices", "cpu", "--output-path", "adapters"]
+    flags = ["--max-steps", "2", "--batch-size", "8", "--lora-r", "4", "--device", "cpu", "--output-path", "adapters"]
     result = run_cli([*FINETUNE, *flags, "--precision", "16-mixed"], cwd=tmp_path, umask=0o002)
     assert result.returncode == 0, result.stderr
     assert not [noise for noise in LIGHTNING_NOISE if noise in result.stderr], result.stderr
@@ -153,7 +153,7 @@ def test_finetune_is_quiet_by_default_and_writes_a_model_card(tmp_path):
 
 
 def test_verbose_shows_lightning_logs_and_quiet_only_the_result(tmp_path):
-    flags = ["--max-steps", "1", "--batch-size", "8", "--lora-r", "4", "--devices", "cpu", "--output-path", "adapters"]
+    flags = ["--max-steps", "1", "--batch-size", "8", "--lora-r", "4", "--device", "cpu", "--output-path", "adapters"]
     verbose = run_cli([*FINETUNE, *flags, "--verbose"], cwd=tmp_path)
     assert verbose.returncode == 0, verbose.stderr
     assert "GPU available: False, used: False" in verbose.stderr

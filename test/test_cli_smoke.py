@@ -22,7 +22,7 @@ BASE = ["--checkpoint-path", str(REFERENCE), "--train-files", str(CELLS)]
 
 def test_python_m_transcriptformer_runs_a_dry_run(tmp_path):
     # `python -m transcriptformer` in a fresh process, as a user runs it; the other commands run in-process.
-    flags = "--batch-size 4 --lora-r 4 --devices cpu --dry-run --output-path adapters".split()
+    flags = "--batch-size 4 --lora-r 4 --device cpu --dry-run --output-path adapters".split()
     command = [sys.executable, "-m", "transcriptformer", "finetune", *BASE, *flags]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -34,10 +34,10 @@ def test_python_m_transcriptformer_runs_a_dry_run(tmp_path):
 def test_train_dry_run_from_hydra_config(tmp_path, monkeypatch, capsys):
     overrides = [
         "model_config=tiny",
-        "output_dir=model",
+        "output_path=model",
         f"data.train_files=[{CELLS}]",
         f"data_config.esm2_mappings=[{REFERENCE / 'vocabs/mus_musculus_gene.h5'}]",
-        "trainer.devices=cpu",
+        "trainer.device=cpu",
     ]
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--config", str(REPO / "conf/train.yaml"), "--dry-run", *overrides]) == 0
@@ -55,7 +55,8 @@ def run_finetune_lora(args: list[str], monkeypatch) -> int:
 
 
 def test_documented_reproduction_command_trains_loadable_adapters(tmp_path, monkeypatch, capsys):
-    # The command of the documentation, word for word, with the reference checkpoint and its 64 real cells.
+    # The command of the documentation, word for word (--devices: the former name of --device), with the reference
+    # checkpoint and its 64 real cells.
     flags = "--epochs 1 --batch-size 4 --lora-r 4 --lora-alpha 16 --devices 0 --output-path adapters_epoch1.pt"
     monkeypatch.chdir(tmp_path)
     assert run_finetune_lora([*BASE, *flags.split()], monkeypatch) == 0
@@ -90,8 +91,8 @@ def test_finetune_reports_bad_input(tmp_path, capsys):
 
 @pytest.mark.slow  # two training processes (20-32 s)
 def test_finetune_in_two_processes_with_ddp(tmp_path):
-    # The DDP code path of --devices N GPUs, run with two CPU processes (gloo): the cells are split between them.
-    flags = "--epochs 1 --batch-size 4 --lora-r 4 --devices cpu:2 --output-path adapters".split()
+    # The DDP code path of --device N GPUs, run with two CPU processes (gloo): the cells are split between them.
+    flags = "--epochs 1 --batch-size 4 --lora-r 4 --device cpu:2 --output-path adapters".split()
     command = [sys.executable, "-m", "transcriptformer", "finetune", *BASE, *flags]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -32,7 +32,7 @@ from transcriptformer.evaluation.tasks import (
     predictable_cells,
 )
 from transcriptformer.model.lora import add_lora_adapters, save_adapters
-from transcriptformer.training.config import LoraSettings
+from transcriptformer.training.config import LoraConfig
 
 MOUSE_BRAIN = DATA_DIR / "mouse_brain_1k.h5ad"
 PBMC = DATA_DIR / "pbmc3k_counts.h5ad"
@@ -68,7 +68,7 @@ def mouse_cells(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fresh_adapters(tmp_path_factory) -> Path:
     """LoRA adapters of the demo model as finetune starts them: their update is zero, an exact identity."""
-    model = add_lora_adapters(load_checkpoint(DEMO).model, LoraSettings(r=2), str(DEMO))
+    model = add_lora_adapters(load_checkpoint(DEMO).model, LoraConfig(r=2), str(DEMO))
     return save_adapters(model, tmp_path_factory.mktemp("adapters") / "fresh")
 
 

@@ -12,7 +12,7 @@ from transcriptformer.cli import main
 from transcriptformer.model.classifier import CLASSIFIER_CONFIG_FILE, CLASSIFIER_WEIGHTS_FILE
 from transcriptformer.model.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MODEL_CARD_FILE
 
-FINETUNE = ["finetune", "--checkpoint-path", REFERENCE_DIR, "--train-files", REFERENCE_INPUT, "--devices", "cpu"]
+FINETUNE = ["finetune", "--checkpoint-path", REFERENCE_DIR, "--train-files", REFERENCE_INPUT, "--device", "cpu"]
 SHORT = ["--max-steps", "1", "--batch-size", "8", "--lora-r", "2"]
 
 

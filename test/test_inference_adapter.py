@@ -9,14 +9,14 @@ import transcriptformer
 from transcriptformer.checkpoint import load_checkpoint
 from transcriptformer.cli import main
 from transcriptformer.model.lora import add_lora_adapters, save_adapters
-from transcriptformer.training.config import LoraSettings
+from transcriptformer.training.config import LoraConfig
 
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, reference_dir):
     """Adapters whose update is not zero (fresh adapters are an exact identity)."""
     torch.manual_seed(0)
-    model = add_lora_adapters(load_checkpoint(reference_dir).model, LoraSettings(r=4), str(reference_dir))
+    model = add_lora_adapters(load_checkpoint(reference_dir).model, LoraConfig(r=4), str(reference_dir))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:

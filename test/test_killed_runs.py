@@ -102,7 +102,7 @@ def test_evaluate_killed_at_any_point_leaves_the_previous_report_or_none(labelle
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".evaluation")) == [".evaluation.lock"]
 
 
-FINETUNE = ["finetune", "--checkpoint-path", REFERENCE_DIR, "--devices", "cpu", "--batch-size", "8", "--lora-r", "2"]
+FINETUNE = ["finetune", "--checkpoint-path", REFERENCE_DIR, "--device", "cpu", "--batch-size", "8", "--lora-r", "2"]
 
 
 def adapters_of(output: Path) -> dict[str, bytes] | None:

@@ -15,7 +15,7 @@ from transcriptformer.model.lora import (
     resolve_target_modules,
     save_adapters,
 )
-from transcriptformer.training.config import DataSettings, FinetuneConfig, LoraSettings, OptimSettings, TrainerSettings
+from transcriptformer.training.config import FinetuneConfig, LoraConfig, OptimConfig, TrainDataConfig, TrainerConfig
 from transcriptformer.training.objective import training_loss
 from transcriptformer.training.run import merge_adapters_into_checkpoint, run_finetuning
 
@@ -26,10 +26,10 @@ def finetune_config(reference_dir, reference_input, output, **trainer):
     return FinetuneConfig(
         checkpoint_path=str(reference_dir),
         output_path=str(output),
-        data=DataSettings(train_files=[str(reference_input)], batch_size=8),
-        optim=OptimSettings(lr=1e-2),
-        trainer=TrainerSettings(devices="cpu", log_every_n_steps=1, **trainer),
-        lora=LoraSettings(r=4, alpha=16, dropout=0.1),
+        data=TrainDataConfig(train_files=[str(reference_input)], batch_size=8),
+        optim=OptimConfig(lr=1e-2),
+        trainer=TrainerConfig(device="cpu", log_every_n_steps=1, **trainer),
+        lora=LoraConfig(r=4, alpha=16, dropout=0.1),
     )
 
 
@@ -53,7 +53,7 @@ def trained(tmp_path_factory, reference_dir, reference_input):
 
 
 def test_only_adapters_require_grad(reference_dir):
-    model = add_lora_adapters(load_checkpoint(reference_dir).model, LoraSettings(r=4))
+    model = add_lora_adapters(load_checkpoint(reference_dir).model, LoraConfig(r=4))
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     # 2 layers x (4 attention projections + 2 FFN linears) x (A, B)
     assert len(trainable) == 2 * 6 * 2
@@ -62,7 +62,7 @@ def test_only_adapters_require_grad(reference_dir):
 
 
 def test_train_heads_makes_head_copies_trainable(reference_dir):
-    model = add_lora_adapters(load_checkpoint(reference_dir).model, LoraSettings(r=4, train_heads=True))
+    model = add_lora_adapters(load_checkpoint(reference_dir).model, LoraConfig(r=4, train_heads=True))
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     heads = {name for name in trainable if ".lora_" not in name}
     assert heads and all(".mu." in n or ".gene_id_head." in n for n in heads)
@@ -79,7 +79,7 @@ def test_target_module_aliases_and_errors(reference_dir):
 
 def test_fresh_adapters_leave_outputs_unchanged(reference_dir, reference_input, expected):
     checkpoint = load_checkpoint(reference_dir)
-    adapted = add_lora_adapters(checkpoint.model, LoraSettings(r=4, train_heads=True))
+    adapted = add_lora_adapters(checkpoint.model, LoraConfig(r=4, train_heads=True))
     batch = transcriptformer.load(reference_dir, device="cpu").tokenize(reference_input).batch(np.arange(64))
     result = adapted.eval().predict(batch.gene_tokens, batch.gene_counts, batch.aux_tokens, OUTPUTS)
     for key in OUTPUTS:
@@ -125,7 +125,7 @@ def test_saved_and_merged_adapters_reproduce_adapted_outputs(
 
 def test_adapter_files_are_protected(trained, tmp_path, reference_dir):
     path, _ = trained
-    model = add_lora_adapters(load_checkpoint(reference_dir).model, LoraSettings(r=4))
+    model = add_lora_adapters(load_checkpoint(reference_dir).model, LoraConfig(r=4))
     with pytest.raises(FileExistsError, match="already holds adapters"):
         save_adapters(model, path)
     with pytest.raises(FileNotFoundError, match="is not an adapter directory"):

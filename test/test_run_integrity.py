@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from transcriptformer.checkpoint import load_checkpoint
 from transcriptformer.cli import main
 from transcriptformer.model.lora import ADAPTER_WEIGHTS_FILE, add_lora_adapters, save_adapters
-from transcriptformer.training.config import LoraSettings
+from transcriptformer.training.config import LoraConfig
 
 OUTPUT = "embeddings.h5ad"
 PARTS = f".{OUTPUT}.parts"
@@ -155,7 +155,7 @@ def rewrite_keeping_size_and_mtime(path: Path, rewrite) -> None:
 @pytest.mark.slow  # an interrupted run in a process of its own (22 s on two busy cores)
 def test_resume_refuses_an_adapter_changed_in_place(reference_dir, tmp_path, capsys):
     adapter = save_adapters(
-        add_lora_adapters(load_checkpoint(reference_dir).model, LoraSettings(r=4), str(reference_dir)),
+        add_lora_adapters(load_checkpoint(reference_dir).model, LoraConfig(r=4), str(reference_dir)),
         tmp_path / "adapter",
     )
     args = arguments(reference_dir, tmp_path / "out", "--adapter", str(adapter))

@@ -30,10 +30,10 @@ from transcriptformer.config import CONFIG_FILE
 from transcriptformer.engine import parts
 from transcriptformer.engine.session import prepare
 from transcriptformer.model.classifier import CLASSIFIER_WEIGHTS_FILE, ClassifierInfo, save_classifier
-from transcriptformer.model.lora import ADAPTER_WEIGHTS_FILE, LoraSettings, add_lora_adapters, save_adapters
+from transcriptformer.model.lora import ADAPTER_WEIGHTS_FILE, LoraConfig, add_lora_adapters, save_adapters
 from transcriptformer.safe_load import UnsafeFileError, sha256_of
 from transcriptformer.tasks.embed import EmbedTask
-from transcriptformer.training.config import DataSettings, FinetuneConfig, TrainerSettings
+from transcriptformer.training.config import FinetuneConfig, TrainDataConfig, TrainerConfig
 from transcriptformer.training.run import run_finetuning
 
 TORCH_UNSAFE = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
@@ -176,7 +176,7 @@ def test_checkpoint_table_with_pickled_keys_is_refused(tmp_path, marker, torch_e
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory) -> Path:
     """Fresh (untrained) adapters of the reference checkpoint, saved as finetune saves them."""
-    model = add_lora_adapters(load_checkpoint(REFERENCE_DIR).model, LoraSettings(r=2), str(REFERENCE_DIR))
+    model = add_lora_adapters(load_checkpoint(REFERENCE_DIR).model, LoraConfig(r=2), str(REFERENCE_DIR))
     return save_adapters(model, tmp_path_factory.mktemp("adapters") / "lora")
 
 
@@ -250,7 +250,7 @@ def test_finetune_resume_from_a_hostile_checkpoint_never_runs_it(tmp_path, marke
     resume = hostile_lightning_checkpoint(tmp_path / "last.ckpt", marker)
     output = tmp_path / "adapters"
     args = ["finetune", "--checkpoint-path", REFERENCE_DIR, "--train-files", REFERENCE_INPUT, "--output-path", output,
-            "--lora-r", "2", "--max-steps", "4", "--devices", "cpu", "--resume", resume]  # fmt: skip
+            "--lora-r", "2", "--max-steps", "4", "--device", "cpu", "--resume", resume]  # fmt: skip
     refused(
         args,
         capsys,
@@ -281,9 +281,9 @@ def test_a_real_lightning_checkpoint_still_resumes_under_the_variable(tmp_path, 
         return FinetuneConfig(
             checkpoint_path=str(REFERENCE_DIR),
             output_path=str(tmp_path / "adapters"),
-            data=DataSettings(train_files=[str(REFERENCE_INPUT)], batch_size=8),
-            trainer=TrainerSettings(devices="cpu", **trainer),
-            lora=LoraSettings(r=2),
+            data=TrainDataConfig(train_files=[str(REFERENCE_INPUT)], batch_size=8),
+            trainer=TrainerConfig(device="cpu", **trainer),
+            lora=LoraConfig(r=2),
         )
 
     run_finetuning(config(max_steps=3, checkpoint_every_n_steps=2, keep_checkpoints=-1))

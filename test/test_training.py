@@ -18,11 +18,11 @@ from transcriptformer.data.tokenize import read_anndata
 from transcriptformer.model.likelihood import masked_mean
 from transcriptformer.model.lora import ADAPTER_WEIGHTS_FILE
 from transcriptformer.training.config import (
-    DataSettings,
     FinetuneConfig,
-    LoraSettings,
-    OptimSettings,
-    TrainerSettings,
+    LoraConfig,
+    OptimConfig,
+    TrainDataConfig,
+    TrainerConfig,
     compose_train_config,
 )
 from transcriptformer.training.datamodule import CellDataset, EpochShuffleSampler, collate_cells, split_rows
@@ -115,27 +115,53 @@ def test_warmup_then_cosine_schedule():
 def test_hardware_and_precision_settings():
     assert resolve_hardware("cpu").accelerator == resolve_hardware("0").accelerator == "cpu"
     assert resolve_hardware("cpu:2") == Hardware("cpu", 2, "ddp")
-    with pytest.raises(ValueError, match="devices must be 'cpu', 'cpu:N', 'auto' or a number"):
+    assert resolve_hardware("cpu").first_device == torch.device("cpu")
+    assert Hardware("gpu", 2, "ddp").first_device == torch.device("cuda:0")  # the device of a dry run
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cpu:N', 'cuda', 'mps', 'auto' or a number"):
         resolve_hardware("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="GPU\\(s\\) asked for, but this machine has 0"):
+            resolve_hardware("cuda")  # inference's name of the GPUs
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match="device mps needs Apple's GPU"):
+            resolve_hardware("mps")
     with pytest.raises(ValueError, match="'cpu:N' needs a number of processes N >= 1"):
         resolve_hardware("cpu:0")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="GPU\\(s\\) asked for"):
             resolve_hardware("2")
     with pytest.raises(ValueError, match="precision must be one of"):
-        TrainerSettings(precision="64")
+        TrainerConfig(precision="64")
 
 
 def test_hydra_config_composes_groups_and_overrides():
     cfg = compose_train_config(REPO / "conf/demo.yaml", ["optim.lr=5e-4", "model_config=tiny"])
     assert cfg.optim.lr == 5e-4 and cfg.model_config.num_layers == 2 and cfg.model_config.embed_dim == 64
     assert cfg.data_config.aux_cols == ["assay"] and cfg.data.val_fraction == 0.1
-    assert cfg.output_dir == "models/demo-mouse-brain"
+    assert cfg.output_path == "models/demo-mouse-brain"
     with pytest.raises(
         ValueError, match="model_config.num_layers=two: Value 'two' of type 'str' could not be"
     ) as error:
         compose_train_config(REPO / "conf/demo.yaml", ["model_config.num_layers=two"])
     assert "\n" not in str(error.value)
+
+
+def test_former_names_of_settings_still_work_as_overrides():
+    """``output_dir=``, ``trainer.devices=`` and ``data.num_workers=`` of existing commands set the renamed fields."""
+    former = ["output_dir=out", "trainer.devices=cpu:2", "data.num_workers=3"]
+    current = ["output_path=out", "trainer.device=cpu:2", "data.n_data_workers=3"]
+    cfg = compose_train_config(REPO / "conf/demo.yaml", former)
+    assert cfg == compose_train_config(REPO / "conf/demo.yaml", current)
+    assert (cfg.output_path, cfg.trainer.device, cfg.data.n_data_workers) == ("out", "cpu:2", 3)
+    with pytest.raises(ValueError, match="data.n_data_workers must be >= 0"):
+        compose_train_config(None, ["data.num_workers=-1"])
+
+
+def test_a_config_file_with_a_former_key_names_the_current_one(tmp_path):
+    config = tmp_path / "old.yaml"
+    config.write_text("defaults:\n  - train_schema\n  - _self_\n\noutput_dir: out\n")
+    with pytest.raises(ValueError, match="output_dir.*; output_dir is now output_path"):
+        compose_train_config(config)
 
 
 def test_new_model_tables_and_vocabularies(reference_dir, reference_input, tmp_path):
@@ -197,10 +223,10 @@ def test_resume_continues_exactly(reference_dir, reference_input, tmp_path, monk
         return FinetuneConfig(
             checkpoint_path=str(reference_dir),
             output_path=str(output),
-            data=DataSettings(train_files=[str(reference_input)], batch_size=8),
-            optim=OptimSettings(lr=1e-2, warmup_steps=2),
-            trainer=TrainerSettings(devices="cpu", max_steps=6, **trainer),
-            lora=LoraSettings(r=4, dropout=0.1),
+            data=TrainDataConfig(train_files=[str(reference_input)], batch_size=8),
+            optim=OptimConfig(lr=1e-2, warmup_steps=2),
+            trainer=TrainerConfig(device="cpu", max_steps=6, **trainer),
+            lora=LoraConfig(r=4, dropout=0.1),
         )
 
     straight = run_finetuning(config(tmp_path / "a", checkpoint_every_n_steps=3, keep_checkpoints=-1))
@@ -228,17 +254,17 @@ def test_early_stopping_accumulation_and_bf16_on_cpu(reference_dir, reference_in
     config = FinetuneConfig(
         checkpoint_path=str(reference_dir),
         output_path=str(tmp_path / "adapters"),
-        data=DataSettings(train_files=[str(reference_input)], val_fraction=0.25, batch_size=8),
-        optim=OptimSettings(lr=1e-30),
-        trainer=TrainerSettings(
-            devices="cpu",
+        data=TrainDataConfig(train_files=[str(reference_input)], val_fraction=0.25, batch_size=8),
+        optim=OptimConfig(lr=1e-30),
+        trainer=TrainerConfig(
+            device="cpu",
             precision="bf16-mixed",
             max_epochs=10,
             accumulate_grad_batches=2,
             early_stopping_patience=1,
             log_every_n_steps=1,
         ),
-        lora=LoraSettings(r=4),
+        lora=LoraConfig(r=4),
     )
     path = run_finetuning(config)
     metrics = pd.read_csv(path / "training_run" / "metrics.csv")

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from transcriptformer.checkpoint import load_checkpoint
 from transcriptformer.model.lora import ADAPTER_WEIGHTS_FILE
-from transcriptformer.training.config import DataSettings, FinetuneConfig, LoraSettings, OptimSettings, TrainerSettings
+from transcriptformer.training.config import FinetuneConfig, LoraConfig, OptimConfig, TrainDataConfig, TrainerConfig
 from transcriptformer.training.objective import training_loss
 from transcriptformer.training.run import run_finetuning
 
@@ -35,10 +35,10 @@ def test_finetune_on_gpu_in_mixed_precision(reference_dir, reference_input, tmp_
     config = FinetuneConfig(
         checkpoint_path=str(reference_dir),
         output_path=str(tmp_path / "adapters"),
-        data=DataSettings(train_files=[str(reference_input)], batch_size=8),
-        optim=OptimSettings(lr=1e-2),
-        trainer=TrainerSettings(devices="1", precision=precision, max_epochs=2, log_every_n_steps=1),
-        lora=LoraSettings(r=4),
+        data=TrainDataConfig(train_files=[str(reference_input)], batch_size=8),
+        optim=OptimConfig(lr=1e-2),
+        trainer=TrainerConfig(device="1", precision=precision, max_epochs=2, log_every_n_steps=1),
+        lora=LoraConfig(r=4),
     )
     path = run_finetuning(config)
     weights = load_file(path / ADAPTER_WEIGHTS_FILE)

@@ -16,14 +16,15 @@ from safetensors.torch import load_file
 import transcriptformer
 from conftest import REFERENCE_INPUT, TRAIN_CONFIG, tiny_train_overrides
 from transcriptformer.checkpoint import CONFIG_FILE, load_checkpoint
-from transcriptformer.cli import main
+from transcriptformer.cli import build_parser, main, subcommand_parser
+from transcriptformer.cli.common import with_flag_names
 from transcriptformer.model.lora import ADAPTER_WEIGHTS_FILE, load_adapters
 from transcriptformer.training.config import (
-    DataSettings,
     FinetuneConfig,
-    LoraSettings,
-    OptimSettings,
-    TrainerSettings,
+    LoraConfig,
+    OptimConfig,
+    TrainDataConfig,
+    TrainerConfig,
     compose_train_config,
 )
 from transcriptformer.training.run import run_finetuning, run_pretraining
@@ -72,10 +73,10 @@ def finetune_config(reference_dir, reference_input, output, lr=1e-2, **trainer):
     return FinetuneConfig(
         checkpoint_path=str(reference_dir),
         output_path=str(output),
-        data=DataSettings(train_files=[str(reference_input)], batch_size=8),
-        optim=OptimSettings(lr=lr),
-        trainer=TrainerSettings(devices="cpu", log_every_n_steps=1, **trainer),
-        lora=LoraSettings(r=4),
+        data=TrainDataConfig(train_files=[str(reference_input)], batch_size=8),
+        optim=OptimConfig(lr=lr),
+        trainer=TrainerConfig(device="cpu", log_every_n_steps=1, **trainer),
+        lora=LoraConfig(r=4),
     )
 
 
@@ -93,7 +94,7 @@ def test_demo_config_with_fewer_steps_than_an_epoch_validates_and_saves(tmp_path
     # conf/demo.yaml stops early with patience 3; 2 steps end the first epoch (57 batches) long before its end.
     output, run_dir = tmp_path / "demo", tmp_path / "run"
     args = ["train", "--config", str(REPO / "conf/demo.yaml"), "model_config=tiny", "trainer.max_steps=2"]
-    assert main([*args, f"output_dir={output}", f"trainer.run_dir={run_dir}"]) == 0
+    assert main([*args, f"output_path={output}", f"trainer.run_dir={run_dir}"]) == 0
     assert validation_steps(run_dir) == [1]  # one validation, after the last step
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert transcriptformer.load(output, device="cpu").checkpoint.config.model_config.num_layers == 2
@@ -102,7 +103,7 @@ def test_demo_config_with_fewer_steps_than_an_epoch_validates_and_saves(tmp_path
 def test_finetune_with_early_stopping_and_max_steps_validates_and_saves(reference_dir, reference_input, tmp_path):
     output = tmp_path / "adapters"
     args = ["finetune", "--checkpoint-path", str(reference_dir), "--train-files", str(reference_input)]
-    args += ["--val-fraction", "0.25", "--early-stopping-patience", "1", "--max-steps", "2", "--devices", "cpu"]
+    args += ["--val-fraction", "0.25", "--early-stopping-patience", "1", "--max-steps", "2", "--device", "cpu"]
     assert main([*args, "--lora-r", "4", "--output-path", str(output)]) == 0
     assert validation_steps(output / "training_run") == [1]
     load_adapters(load_checkpoint(reference_dir).model, output)
@@ -120,7 +121,8 @@ def test_failure_mid_finetuning_saves_adapters_and_a_resumable_checkpoint(
     assert not (output / ADAPTER_WEIGHTS_FILE).exists()  # the output path is for finished runs only
     snapshot, last = output / INTERRUPTED_DIR, output / "training_run" / "checkpoints" / "last.ckpt"
     message = capsys.readouterr().err
-    assert str(snapshot) in message and f"--resume {last}" in message
+    assert str(snapshot) in message and f"`resume` {last}" in message  # the parameter; the command says its flag:
+    assert f"--resume {last}" in with_flag_names(message, subcommand_parser(build_parser(["finetune"]), "finetune"))
     assert failure.value.__notes__ == [message.strip()]  # so that a traceback ends with it
 
     saved = torch.load(last, map_location="cpu", weights_only=True)

@@ -268,7 +268,7 @@ def test_finetune_on_a_corrupt_h5ad(capsys, tmp_path, make):
         cells,
         "--output-path",
         adapters,
-        "--devices",
+        "--device",
         "cpu",
         "--max-steps",
         "1",
@@ -280,7 +280,7 @@ def test_finetune_on_a_corrupt_h5ad(capsys, tmp_path, make):
 def test_finetune_with_flex_attention_on_the_cpu(capsys, tmp_path):
     adapters = tmp_path / "adapters"
     args = ["--checkpoint-path", REFERENCE_DIR, "--train-files", REFERENCE_INPUT, "--output-path", adapters]
-    code, err = run_cli(capsys, "finetune", *args, "--devices", "cpu", "--attention-backend", "flex")
+    code, err = run_cli(capsys, "finetune", *args, "--device", "cpu", "--attention-backend", "flex")
     assert_one_line_error(code, err, "finetune", "flex attention backend cannot train on the CPU", "chunked")
     assert not adapters.exists()
 
@@ -363,7 +363,7 @@ def test_sha256_that_is_not_64_hex_digits_is_refused_before_downloading(capsys, 
         ("finetune", "--batch-size", "0", "must be at least 1, got 0"),
         ("finetune", "--lora-r", "0", "must be at least 1, got 0"),
         ("finetune", "--accumulate-grad-batches", "0", "must be at least 1, got 0"),
-        ("finetune", "--num-workers", "-1", "must be at least 0, got -1"),
+        ("finetune", "--n-data-workers", "-1", "must be at least 0, got -1"),
     ],
 )
 def test_counts_out_of_range_name_the_flag(capsys, tmp_path, command, flag, value, words):

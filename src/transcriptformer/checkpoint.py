@@ -232,7 +232,7 @@ def check_recorded_settings(state: Mapping[str, torch.Tensor], model_config: Mod
     if differ:
         raise CheckpointMismatchError(
             f"{path}: the config does not match {WEIGHTS_FILE}: {'; '.join(differ)}; restore these settings in "
-            f"{CONFIG_FILE} (and drop any --config-override of them)"
+            f"{CONFIG_FILE} (and drop any config_override of them)"
         )
 
 
@@ -343,7 +343,7 @@ def save_checkpoint(
     path = Path(path)
     if not overwrite and any((path / name).exists() for name in (CONFIG_FILE, WEIGHTS_FILE)):
         raise FileExistsError(
-            f"{path} already holds a checkpoint; choose another directory, or pass --overwrite to replace it"
+            f"{path} already holds a checkpoint; choose another directory, or pass `overwrite=True` to replace it"
         )
     names = [Path(f).name for f in gene_embedding_files]
     if len(set(names)) != len(names):

@@ -352,17 +352,20 @@ def check_range(
     at_most: float | None = None,
     also: str = "",
     optional: bool = False,
+    off: float | None = None,
 ) -> None:
     """Raise a ``ValueError`` naming ``section.name`` when the number is not finite or lies out of the range.
 
     ``section`` is the prefix of the name in the message (``data_config``), or ``""`` for a bare parameter name (a
     keyword of the API, which the command line turns into its flag); with ``optional``, ``None`` is accepted (the
-    setting is off).
+    setting is off); ``off``, a number outside the range that turns the setting off (``-1``: no limit), is
+    accepted too (say what it means in ``also``).
     """
-    if optional and getattr(settings, name) is None:
+    value = getattr(settings, name)
+    if (optional and value is None) or (off is not None and value == off and not isinstance(value, bool)):
         return
     check_number(
-        getattr(settings, name),
+        value,
         f"{section}.{name}" if section else name,
         at_least=at_least,
         above=above,

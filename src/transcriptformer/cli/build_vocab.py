@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from transcriptformer.cli.common import add_overwrite_argument
+from transcriptformer.cli.common import add_hidden_alias, add_overwrite_argument
 from transcriptformer.data.esm_vocab import DEFAULT_LAYER, DEFAULT_MAX_RESIDUES, GENE_ID_RULES
 from transcriptformer.runtime import resolve_device
 
@@ -37,7 +37,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--esm-model", required=True, help="fair-esm ESM-2 checkpoint (.pt), or a model name in the torch hub cache"
     )
     parser.add_argument("--species", required=True, help="species name of the file: <species>_gene.h5")
-    parser.add_argument("--output-dir", default=".", help="folder of the output file (default: %(default)s)")
+    output = parser.add_argument("--output-path", default=".", help="folder of the output file (default: %(default)s)")
+    add_hidden_alias(parser, "--output-dir", output)
     add_overwrite_argument(parser, "a table of that species")
     parser.add_argument(
         "--gene-id-rule",
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     """Build the table and print the report."""
     from transcriptformer.data.esm_vocab import build_vocab, table_path
 
-    output = table_path(args.output_dir, args.species)
+    output = table_path(args.output_path, args.species)
     report = build_vocab(
         args.fasta,
         args.esm_model,

@@ -28,7 +28,7 @@ def report_user_error(command: str, error: BaseException, parser: argparse.Argum
     (:func:`with_flag_names`).
     """
     message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
-    if parser is not None and "override" not in message:  # an override error names the override's keys
+    if parser is not None and "config override" not in message:  # an override's error names its keys as written
         message = with_flag_names(message, parser)
     print(f"transcriptformer {command}: error: {message}", file=sys.stderr)
     return 1

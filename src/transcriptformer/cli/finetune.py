@@ -14,6 +14,7 @@ import re
 
 from transcriptformer.cli.common import (
     USE_RAW,
+    add_hidden_alias,
     add_invalid_counts_argument,
     add_overwrite_argument,
     add_use_raw_argument,
@@ -22,26 +23,21 @@ from transcriptformer.cli.common import (
     print_dry_run,
 )
 from transcriptformer.errors import UserError
-from transcriptformer.model.lora import TARGET_ALIASES, LoraSettings
+from transcriptformer.model.lora import TARGET_ALIASES, LoraConfig
 from transcriptformer.runtime import BACKENDS, PRECISIONS
 from transcriptformer.training.config import (
     CLASS_WEIGHTS,
     TASKS,
-    ClassifySettings,
-    DataSettings,
+    ClassifyConfig,
     FinetuneConfig,
-    OptimSettings,
-    TrainerSettings,
+    OptimConfig,
+    TrainDataConfig,
+    TrainerConfig,
 )
 
-# The settings whose flag is not ``--<name>`` (or ``--lora-<name>``); the messages of LoraSettings name no section.
-FLAG_OF_SETTING = {
-    "trainer.max_epochs": "--epochs",
-    "trainer.gradient_clip_val": "--gradient-clip",
-    "LoRA rank": "--lora-r",
-    "LoRA dropout": "--lora-dropout",
-}
-SETTING = re.compile(r"\b(?:data|optim|trainer|lora|classify)\.(\w+)|LoRA rank|LoRA dropout")
+# The settings whose flag is not ``--<name>`` (or ``--lora-<name>``).
+FLAG_OF_SETTING = {"trainer.max_epochs": "--epochs", "trainer.gradient_clip_val": "--gradient-clip"}
+SETTING = re.compile(r"\b(?:data|optim|trainer|lora|classify)\.(\w+)")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -58,8 +54,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``finetune`` (shared with ``finetune_lora.py``)."""
-    lora, optim, trainer, data = LoraSettings(), OptimSettings(), TrainerSettings(), DataSettings()
-    classify = ClassifySettings()
+    lora, optim, trainer, data = LoraConfig(), OptimConfig(), TrainerConfig(), TrainDataConfig()
+    classify = ClassifyConfig()
     parser.add_argument(
         "--task",
         choices=TASKS,
@@ -87,12 +83,13 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
         help="adapter directory to write (required unless --dry-run); a name such as adapters.pt is a directory too",
     )
     add_overwrite_argument(io, "adapters")
-    io.add_argument(
-        "--num-workers",
+    workers = io.add_argument(
+        "--n-data-workers",
         type=non_negative_int,
-        default=data.num_workers,
+        default=data.n_data_workers,
         help="data-loader worker processes (default: %(default)s)",
     )
+    add_hidden_alias(io, "--num-workers", workers)
 
     classes = parser.add_argument_group("classification (--task classify)")
     classes.add_argument(
@@ -181,12 +178,13 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     run_group = parser.add_argument_group("hardware, checkpoints and logs")
-    run_group.add_argument(
-        "--devices",
-        default=trainer.devices,
-        help="cpu or 0: CPU; cpu:N: N CPU processes (DDP over gloo); N: N GPUs (DDP when N > 1); "
-        "auto: every GPU, else CPU (default: %(default)s)",
+    device = run_group.add_argument(
+        "--device",
+        default=trainer.device,
+        help="cpu or 0: CPU; cpu:N: N CPU processes (DDP over gloo); N: N GPUs (DDP when N > 1); cuda: every GPU; "
+        "mps: Apple's GPU; auto: every GPU, else CPU (default: %(default)s)",
     )
+    add_hidden_alias(run_group, "--devices", device)
     run_group.add_argument(
         "--num-nodes", type=int, default=trainer.num_nodes, help="machines for multi-node DDP (default: %(default)s)"
     )
@@ -223,7 +221,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         checkpoint_path=args.checkpoint_path,
         output_path=args.output_path or "",
         task=args.task,
-        data=DataSettings(
+        data=TrainDataConfig(
             train_files=list(args.train_files),
             val_files=list(args.val_files),
             val_fraction=args.val_fraction,
@@ -231,11 +229,11 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
             invalid_counts=args.invalid_counts,
             use_raw=use_raw,
             batch_size=args.batch_size,
-            num_workers=args.num_workers,
+            n_data_workers=args.n_data_workers,
         ),
-        optim=OptimSettings(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps),
-        trainer=TrainerSettings(
-            devices=args.devices,
+        optim=OptimConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps),
+        trainer=TrainerConfig(
+            device=args.device,
             num_nodes=args.num_nodes,
             precision=args.precision,
             max_epochs=args.epochs,
@@ -249,14 +247,14 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
             resume=args.resume,
             attention_backend=args.attention_backend,
         ),
-        lora=LoraSettings(
+        lora=LoraConfig(
             r=args.lora_r,
             alpha=args.lora_alpha,
             dropout=args.lora_dropout,
             target_modules=list(args.lora_target_modules),
             train_heads=args.train_heads,
         ),
-        classify=ClassifySettings(
+        classify=ClassifyConfig(
             label_key=args.label_key,
             class_weights=args.class_weights,
             min_cells_per_class=args.min_cells_per_class,

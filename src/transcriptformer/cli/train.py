@@ -4,7 +4,7 @@
 
     transcriptformer train --config conf/demo.yaml trainer.max_epochs=5 optim.lr=1e-3
 
-writes a checkpoint directory in the published layout to ``output_dir`` (``--overwrite`` replaces one already
+writes a checkpoint directory in the published layout to ``output_path`` (``--overwrite`` replaces one already
 there).
 """
 
@@ -29,7 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="Hydra overrides, e.g. optim.lr=1e-3 trainer.devices=cpu data.train_files=[a.h5ad,b.h5ad]",
+        help="Hydra overrides, e.g. optim.lr=1e-3 trainer.device=cpu data.train_files=[a.h5ad,b.h5ad]",
     )
     add_overwrite_argument(parser, "a checkpoint")
     parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")

@@ -116,21 +116,21 @@ class VocabReport:
         return "\n".join(lines)
 
 
-def table_path(output_dir: str | Path, species: str) -> Path:
-    """``<output_dir>/<species>_gene.h5``; a species name that is not a plain file name (``../x``, ``a/b``) is refused.
+def table_path(output_path: str | Path, species: str) -> Path:
+    """``<output_path>/<species>_gene.h5``; a species name that is not a plain file name (``../x``, ``a/b``) is refused.
 
     Raises
     ------
     UserError
         When ``species`` holds anything but letters, digits, ``_``, ``.`` and ``-``, or starts with ``.``: the file
-        would be written outside ``output_dir`` or hidden.
+        would be written outside ``output_path`` or hidden.
     """
     if not SPECIES_NAME.fullmatch(species):
         raise UserError(
             f"species {species!r} must be a plain name (letters, digits, '_', '.', '-'; e.g. xenopus_tropicalis): it "
-            f"names the file <species>{TABLE_SUFFIX} inside output_dir"
+            f"names the file <species>{TABLE_SUFFIX} inside output_path"
         )
-    return Path(output_dir) / f"{species}{TABLE_SUFFIX}"
+    return Path(output_path) / f"{species}{TABLE_SUFFIX}"
 
 
 def check_output_free(output: Path, overwrite: bool) -> None:
@@ -139,14 +139,14 @@ def check_output_free(output: Path, overwrite: bool) -> None:
     A table in a checkpoint's ``vocabs/`` folder is part of that checkpoint: its weights were trained with it.
     """
     if output.is_dir():
-        raise UserError(f"{output} is a folder; choose another species or output_dir")
+        raise UserError(f"{output} is a folder; choose another species or output_path")
     if not output.exists():
         return
     in_checkpoint = output.parent.name == VOCAB_DIR and (output.parent.parent / CONFIG_FILE).is_file()
     if in_checkpoint:
         raise UserError(
             f"{output} is a gene-embedding table of the checkpoint {output.parent.parent}, whose weights were trained "
-            "with it: replacing it would break the checkpoint; write the new table to another output_dir"
+            "with it: replacing it would break the checkpoint; write the new table to another output_path"
         )
     if not overwrite:
         raise UserError(f"{output} already exists; choose another species or output_path, or pass `overwrite=True`")

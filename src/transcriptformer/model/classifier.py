@@ -214,7 +214,7 @@ def load_classifier(path: str | Path, base_weights: str | Path) -> Classifier:
     if sha256_of(base_weights) != info.base_weights_sha256:
         raise UserError(
             f"the classifier in {path} was trained on the checkpoint {info.base_checkpoint}, not on "
-            f"{Path(base_weights).parent} (their weights differ): load it with --checkpoint-path "
+            f"{Path(base_weights).parent} (their weights differ): load it with checkpoint_path "
             f"{info.base_checkpoint}"
         )
     check_embedding_width(info, Path(base_weights).parent)
@@ -228,7 +228,10 @@ def load_classifier(path: str | Path, base_weights: str | Path) -> Classifier:
             f"expected {expected.get(wrong[0], 'no such tensor')}); {FIX}"
         )
     if not all(value.is_floating_point() and torch.isfinite(value).all() for value in head_state.values()):
-        raise UserError(f"{weights} holds NaN or infinite values: train the classifier again with a lower --lr")
+        raise UserError(
+            f"{weights} holds NaN or infinite values: train the classifier again with a lower learning rate "
+            "('transcriptformer finetune --task classify --lr')"
+        )
     head = info.new_head()
     head.load_state_dict(head_state)
     return Classifier(info, head.eval())

@@ -9,7 +9,7 @@ Adapters are saved alone in the ``peft`` layout, which Hugging Face users know::
 >>> from transcriptformer.checkpoint import load_checkpoint
 >>> checkpoint = load_checkpoint("checkpoints/tf_sapiens", adapter="adapters/my_cells")  # merged weights
 
-``peft`` (and with it torch) is imported when adapters are first used, so that :class:`LoraSettings` can be read
+``peft`` (and with it torch) is imported when adapters are first used, so that :class:`LoraConfig` can be read
 without it.
 """
 
@@ -82,7 +82,7 @@ HEAD_MODULES = ("mu", "gene_id_head")
 ADAPTER_SETTINGS = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")
 ADAPTER_RECORDS = ("peft_type", "base_model_name_or_path", "peft_version", "auto_mapping", "inference_mode")
 ADAPTER_RECORDS += ("revision", "task_type", "runtime_config")
-ADAPTER_FIX = "give --adapter a folder that 'transcriptformer finetune' saved for this checkpoint"
+ADAPTER_FIX = "give `adapter` a folder that 'transcriptformer finetune' saved for this checkpoint"
 # The names of rank, alpha and dropout: flags of finetune, keys of adapter_config.json.
 LORA_NUMBERS = ("lora_r", "lora_alpha", "lora_dropout")
 # The prefix of the module names in peft's saved weights.
@@ -102,7 +102,7 @@ TARGET_ALIASES: dict[str, tuple[str, ...]] = {
 
 
 @dataclass
-class LoraSettings:
+class LoraConfig:
     """LoRA adapters (through ``peft``).
 
     Attributes
@@ -165,7 +165,7 @@ def resolve_target_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
     return targets
 
 
-def add_lora_adapters(model: TranscriptFormer, settings: LoraSettings, base_checkpoint: str | None = None) -> PeftModel:
+def add_lora_adapters(model: TranscriptFormer, settings: LoraConfig, base_checkpoint: str | None = None) -> PeftModel:
     """Wrap ``model`` with fresh LoRA adapters; every base weight is frozen.
 
     The adapters start as an exact identity (``B = 0``), so the wrapped model computes what ``model`` does.
@@ -179,18 +179,18 @@ def add_lora_adapters(model: TranscriptFormer, settings: LoraSettings, base_chec
     base_checkpoint
         Path of the base checkpoint, recorded in ``adapter_config.json``.
     """
-    from peft import LoraConfig, get_peft_model
+    import peft
 
     model.name_or_path = base_checkpoint  # the Hugging Face attribute that peft records in adapter_config.json
     heads = [name for name in HEAD_MODULES if getattr(model, name, None) is not None] if settings.train_heads else []
-    config = LoraConfig(
+    config = peft.LoraConfig(  # peft's settings, built from ours
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=resolve_target_modules(model, settings.target_modules),
         modules_to_save=heads or None,
     )
-    return get_peft_model(model, config)
+    return peft.get_peft_model(model, config)
 
 
 def save_adapters(model: PeftModel, path: str | Path, overwrite: bool = False) -> Path:
@@ -208,7 +208,7 @@ def save_adapters(model: PeftModel, path: str | Path, overwrite: bool = False) -
         raise FileExistsError(f"{path} is a file; adapters are saved as a directory")
     if (path / ADAPTER_WEIGHTS_FILE).exists() and not overwrite:
         raise FileExistsError(
-            f"{path} already holds adapters; choose another output path, or pass --overwrite to replace them"
+            f"{path} already holds adapters; choose another output path, or pass `overwrite=True` to replace them"
         )
     model.save_pretrained(path, safe_serialization=True)
     (path / MODEL_CARD_FILE).write_text(model_card(model, path))  # replaces peft's empty template
@@ -340,11 +340,11 @@ def read_adapter_config(file: Path) -> dict[str, Any]:
 
 def _changes_lora(key: str, value: Any) -> bool:
     """Whether the peft option ``key`` of ``adapter_config.json`` differs from plain LoRA."""
-    from peft import LoraConfig
+    import peft
 
     if key in ADAPTER_SETTINGS or key in ADAPTER_RECORDS or key == "init_lora_weights":
         return False
-    defaults = {item.name: item for item in dataclasses.fields(LoraConfig)}
+    defaults = {item.name: item for item in dataclasses.fields(peft.LoraConfig)}
     if key in defaults:
         item = defaults[key]
         default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
@@ -370,7 +370,8 @@ def check_adapter_weights(weights_file: Path, config: Mapping[str, Any], model: 
     if bad:
         raise UserError(
             f"{weights_file}: {len(bad)} adapter tensor(s) hold NaN or infinite values (first: {bad[0]}); they come "
-            "from a diverged run: train them again with a lower --lr (and --gradient-clip on)"
+            "from a diverged run: train them again with a lower learning rate and gradient clipping on "
+            "('transcriptformer finetune --lr, --gradient-clip')"
         )
     expected = expected_adapter_shapes(model, config, weights_file.parent / ADAPTER_CONFIG_FILE)
     _check_rank(tensors, config["r"], weights_file)

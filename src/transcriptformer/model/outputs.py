@@ -10,6 +10,11 @@ outputs. An output is either
 Which positions of a per-gene output hold a value of the gene at that position is decided by
 :func:`gene_positions`, with the one rule about the end of a full-length sequence (:func:`end_target_position`).
 
+``llh`` and ``gene_llh`` keep the original release's names and are negative log-likelihoods (lower is more likely),
+beside the ``log_likelihood*`` outputs of ``transcriptformer score`` (higher is more likely):
+``llh = -log_likelihood_count / n`` (``n`` the cell's number of positions, as in ``mean_log_likelihood``),
+``gene_llh = -gene_log_likelihood_gene_id``.
+
 This module imports nothing heavy, so that the command line can offer the outputs without loading torch.
 """
 

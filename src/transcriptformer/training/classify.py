@@ -25,7 +25,7 @@ from torchmetrics.classification import MulticlassF1Score
 from transcriptformer.data.tokenize import TokenizedCells
 from transcriptformer.errors import UserError, first_few
 from transcriptformer.model.classifier import ClassifierHead
-from transcriptformer.training.config import ClassifySettings, OptimSettings
+from transcriptformer.training.config import ClassifyConfig, OptimConfig
 from transcriptformer.training.datamodule import CellDataModule, LabelledBatch
 from transcriptformer.training.module import TranscriptFormerModule
 
@@ -66,13 +66,13 @@ def label_column(adata: ad.AnnData, label_key: str, source: object) -> pd.Series
         close = difflib.get_close_matches(label_key, columns, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UserError(
-            f"{source} has no obs column {label_key!r} to take the classes from{hint}; choose --label-key among its "
+            f"{source} has no obs column {label_key!r} to take the classes from{hint}; choose label_key among its "
             f"obs columns: {first_few(columns) or 'none'}"
         )
     return adata.obs[label_key].astype(object).map(lambda value: value if pd.isna(value) else str(value))
 
 
-def class_labels(train: Sequence[pd.Series], val: Sequence[pd.Series], settings: ClassifySettings) -> ClassLabels:
+def class_labels(train: Sequence[pd.Series], val: Sequence[pd.Series], settings: ClassifyConfig) -> ClassLabels:
     """Classes of the training files and the class of each cell; classes under ``min_cells_per_class`` are left out.
 
     Parameters
@@ -95,14 +95,14 @@ def class_labels(train: Sequence[pd.Series], val: Sequence[pd.Series], settings:
         raise UserError(
             f"obs column {key!r} of the training files has {len(kept)} class(es) of at least "
             f"{settings.min_cells_per_class} cells (found: {found}); a classifier needs at least two: choose another "
-            "--label-key, add cells, or lower --min-cells-per-class"
+            "label_key, add cells, or lower min_cells_per_class"
         )
     left_out = counts[counts < settings.min_cells_per_class]
     if len(left_out):
         names = first_few([f"{name!r} ({n})" for name, n in left_out.items()])
         warnings.warn(
             f"{len(left_out)} class(es) of {key!r} have fewer than {settings.min_cells_per_class} training cells and "
-            f"are left out with their {int(left_out.sum())} cells: {names} (--min-cells-per-class)",
+            f"are left out with their {int(left_out.sum())} cells: {names} (min_cells_per_class)",
             stacklevel=2,
         )
     unlabelled = sum(int(column.isna().sum()) for column in [*train, *val])
@@ -206,7 +206,7 @@ class ClassificationModule(TranscriptFormerModule):
     monitor = (VAL_F1, "max")
     restore_best = True
 
-    def __init__(self, model: nn.Module, head: ClassifierHead, weights: Tensor, optim: OptimSettings, seed: int = 0):
+    def __init__(self, model: nn.Module, head: ClassifierHead, weights: Tensor, optim: OptimConfig, seed: int = 0):
         super().__init__(model, optim, seed)
         self.head = head.train()
         self.register_buffer("class_weights", weights.float())

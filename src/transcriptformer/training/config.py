@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transcriptformer.config import DataConfig, LossConfig, ModelConfig, check_range, check_types
-from transcriptformer.model.lora import LoraSettings
+from transcriptformer.config import DataConfig, LossConfig, ModelConfig, check_number, check_range, check_types
+from transcriptformer.model.lora import LoraConfig
 from transcriptformer.runtime import BACKENDS, PRECISIONS
 
 SCHEMA_NAME = "train_schema"
@@ -23,17 +23,16 @@ TASKS = ("generative", "classify")
 CLASS_WEIGHTS = ("balanced", "none")
 # The seeds numpy (and so Lightning's seed_everything) accepts: 0 to 2**32 - 1.
 SEED_LIMIT = 2**32
-
-
-def check_limit_or_off(settings: object, section: str, name: str, off: int) -> None:
-    """Raise a ``ValueError`` naming ``section.name`` unless the whole number is at least 1, or ``off`` (no limit)."""
-    value = getattr(settings, name)
-    if value != off:
-        check_range(settings, section, name, at_least=1, also=f"{off}: no limit")
+# Former names of settings, which overrides of ``transcriptformer train`` may still use: former -> current key.
+FORMER_KEYS = {
+    "output_dir": "output_path",
+    "data.num_workers": "data.n_data_workers",
+    "trainer.devices": "trainer.device",
+}
 
 
 @dataclass
-class DataSettings:
+class TrainDataConfig:
     """Which cells to train on and how to batch them.
 
     Attributes
@@ -53,7 +52,7 @@ class DataSettings:
         Count matrix: ``adata.raw`` when present (``None``), forced (``True``) or ``adata.X`` (``False``).
     batch_size : int
         Cells per batch (per device).
-    num_workers : int
+    n_data_workers : int
         Data-loader worker processes.
     """
 
@@ -64,17 +63,17 @@ class DataSettings:
     invalid_counts: str | None = None
     use_raw: bool | None = None
     batch_size: int = 8
-    num_workers: int = 0
+    n_data_workers: int = 0
 
     def __post_init__(self) -> None:
         check_types(self, "data")
         check_range(self, "data", "val_fraction", at_least=0, below=1)
         check_range(self, "data", "batch_size", at_least=1)
-        check_range(self, "data", "num_workers", at_least=0)
+        check_range(self, "data", "n_data_workers", at_least=0)
 
 
 @dataclass
-class OptimSettings:
+class OptimConfig:
     """AdamW with linear warm-up and cosine decay.
 
     Attributes
@@ -102,21 +101,22 @@ class OptimSettings:
         check_range(self, "optim", "lr", above=0)
         check_range(self, "optim", "weight_decay", at_least=0, also="0: off")
         check_range(self, "optim", "warmup_steps", at_least=0)
-        check_range(self, "optim", "min_lr_ratio", at_least=0)
-        if self.min_lr_ratio > 1:
-            raise ValueError(f"optim.min_lr_ratio must be <= 1 (1: no decay), got {self.min_lr_ratio!r}")
-        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+        check_range(self, "optim", "min_lr_ratio", at_least=0, at_most=1, also="1: no decay")
+        if len(self.betas) != 2:
             raise ValueError(f"optim.betas must be two numbers >= 0 and < 1, got {self.betas}")
+        for index, beta in enumerate(self.betas):
+            check_number(beta, f"optim.betas[{index}]", at_least=0, below=1)
 
 
 @dataclass
-class TrainerSettings:
-    """How Lightning runs: devices, precision, length, logging, checkpoints.
+class TrainerConfig:
+    """How Lightning runs: device, precision, length, logging, checkpoints.
 
     Attributes
     ----------
-    devices : str
-        ``"cpu"`` or ``"0"``: CPU; ``"N"``: N GPUs (DDP when N > 1); ``"auto"``: every GPU, else CPU.
+    device : str
+        ``"cpu"`` or ``"0"``: CPU (``"cpu:N"``: N CPU processes); ``"N"``: N GPUs (DDP when N > 1); ``"cuda"``:
+        every GPU; ``"mps"``: Apple's GPU; ``"auto"``: every GPU, else CPU.
     num_nodes : int
         Machines taking part (Lightning's multi-node DDP).
     precision : str
@@ -149,7 +149,7 @@ class TrainerSettings:
         elsewhere), ``"flex"``, ``"chunked"`` or ``"dense"``.
     """
 
-    devices: str = "auto"
+    device: str = "auto"
     num_nodes: int = 1
     precision: str = "32"
     max_epochs: int = 1
@@ -166,7 +166,7 @@ class TrainerSettings:
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
-        self.devices = str(self.devices)
+        self.device = str(self.device)
         self.precision = str(self.precision)
         check_types(self, "trainer")
         if self.precision not in PRECISIONS:
@@ -175,7 +175,7 @@ class TrainerSettings:
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
         for name in ("num_nodes", "max_epochs", "accumulate_grad_batches", "log_every_n_steps"):
             check_range(self, "trainer", name, at_least=1)
-        check_limit_or_off(self, "trainer", "max_steps", off=-1)
+        check_range(self, "trainer", "max_steps", at_least=1, off=-1, also="-1: no limit")
         check_range(self, "trainer", "gradient_clip_val", at_least=0, also="0: off")
         check_range(self, "trainer", "checkpoint_every_n_steps", at_least=0, also="0: each epoch")
         check_range(self, "trainer", "keep_checkpoints", at_least=-1, also="-1: all")
@@ -189,8 +189,9 @@ class TrainConfig:
 
     Attributes
     ----------
-    output_dir : str
-        Checkpoint directory written at the end, in the published layout.
+    output_path : str
+        Checkpoint directory written at the end, in the published layout (``output_dir``, its former name, still
+        works as an override).
     model_config : ModelConfig
         Architecture, stored as the checkpoint's ``model_config``.
     loss_config : LossConfig
@@ -200,20 +201,20 @@ class TrainConfig:
         gene-embedding ``.h5`` files (copied into ``vocabs/``), ``aux_cols`` the ``obs`` columns whose values
         become aux tokens (their vocabularies are read from the training files).
     data, optim, trainer
-        See :class:`DataSettings`, :class:`OptimSettings`, :class:`TrainerSettings`.
+        See :class:`TrainDataConfig`, :class:`OptimConfig`, :class:`TrainerConfig`.
     """
 
-    output_dir: str = "checkpoints/transcriptformer"
+    output_path: str = "checkpoints/transcriptformer"
     model_config: ModelConfig = field(default_factory=ModelConfig)
     loss_config: LossConfig = field(default_factory=LossConfig)
     data_config: DataConfig = field(default_factory=DataConfig)
-    data: DataSettings = field(default_factory=lambda: DataSettings(val_fraction=0.1))
-    optim: OptimSettings = field(default_factory=OptimSettings)
-    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    data: TrainDataConfig = field(default_factory=lambda: TrainDataConfig(val_fraction=0.1))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
 @dataclass
-class ClassifySettings:
+class ClassifyConfig:
     """Supervised fine-tuning for cell classification (``finetune --task classify``).
 
     Attributes
@@ -259,18 +260,18 @@ class FinetuneConfig:
         cells); ``"classify"`` trains the adapters and a classification head on the cell embedding to predict
         ``classify.label_key``.
     data, optim, trainer, lora, classify
-        See :class:`DataSettings`, :class:`OptimSettings`, :class:`TrainerSettings`, :class:`LoraSettings`,
-        :class:`ClassifySettings`.
+        See :class:`TrainDataConfig`, :class:`OptimConfig`, :class:`TrainerConfig`, :class:`LoraConfig`,
+        :class:`ClassifyConfig`.
     """
 
     checkpoint_path: str
     output_path: str
     task: str = "generative"
-    data: DataSettings = field(default_factory=DataSettings)
-    optim: OptimSettings = field(default_factory=OptimSettings)
-    trainer: TrainerSettings = field(default_factory=TrainerSettings)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    classify: ClassifySettings = field(default_factory=ClassifySettings)
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -279,10 +280,10 @@ class FinetuneConfig:
         if self.task == "classify" and not has_labels:
             raise ValueError("the classify task needs label_key: the obs column that holds each cell's class")
         if self.task != "classify" and has_labels:
-            raise ValueError("label_key is for the classify task; add --task classify to train a classifier")
+            raise ValueError("label_key is for the classify task; pass `task='classify'` to train a classifier")
         if self.task == "classify" and self.lora.train_heads:
             raise ValueError("train_heads trains the count and gene-id heads, which the classify task does not use")
-        check_range(self.lora, "lora", "alpha", above=0)  # LoraSettings checks the rank and the dropout
+        check_range(self.lora, "lora", "alpha", above=0)  # LoraConfig checks the rank and the dropout
 
 
 def compose_train_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -297,7 +298,8 @@ def compose_train_config(config_file: str | Path | None = None, overrides: list[
         A YAML file, e.g. ``conf/demo.yaml``; its folder is the Hydra config directory, so its defaults list
         may name groups such as ``model_config: tiny``. Without a file, the dataclass defaults apply.
     overrides
-        Hydra overrides, e.g. ``["optim.lr=1e-3", "trainer.max_epochs=5"]``.
+        Hydra overrides, e.g. ``["optim.lr=1e-3", "trainer.max_epochs=5"]``; a key's former name
+        (:data:`FORMER_KEYS`, e.g. ``output_dir=``) sets the setting of its current name.
 
     Raises
     ------
@@ -308,11 +310,21 @@ def compose_train_config(config_file: str | Path | None = None, overrides: list[
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        return _compose(config_file, overrides)
+        return _compose(config_file, [with_current_key(override) for override in overrides or []])
     except (HydraException, OmegaConfBaseException) as error:
-        message = str(error).strip().splitlines()[0]
+        lines = str(error).strip().splitlines()
+        message = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]  # what and why
         cause = str(error.__cause__).strip().splitlines()[0] if error.__cause__ is not None else ""
-        raise ValueError(message if cause in message else f"{message}: {cause}") from None
+        message = message if cause in message else f"{message}: {cause}"
+        renamed = [f"{old} is now {new}" for old, new in FORMER_KEYS.items() if f"'{old.split('.')[-1]}'" in message]
+        raise ValueError("; ".join([message, *renamed])) from None
+
+
+def with_current_key(override: str) -> str:
+    """A Hydra override with the current name of its key: ``output_dir=out`` -> ``output_path=out``."""
+    prefix = override[: len(override) - len(override.lstrip("+~"))]
+    key, equals, value = override[len(prefix) :].partition("=")
+    return f"{prefix}{FORMER_KEYS.get(key, key)}{equals}{value}"
 
 
 def _compose(config_file: str | Path | None, overrides: list[str] | None) -> TrainConfig:

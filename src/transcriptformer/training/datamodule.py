@@ -279,7 +279,7 @@ class CellDataModule(L.LightningDataModule):
         Index of ``[PAD]``, for trimming batches.
     batch_size
         Cells per batch.
-    num_workers
+    n_data_workers
         Loader worker processes.
     seed
         Seed of the training order.
@@ -293,7 +293,7 @@ class CellDataModule(L.LightningDataModule):
         val: ConcatDataset | None,
         pad_index: int,
         batch_size: int,
-        num_workers: int = 0,
+        n_data_workers: int = 0,
         seed: int = 0,
         length_multiple: int = 1,
     ):
@@ -301,7 +301,7 @@ class CellDataModule(L.LightningDataModule):
         self.train = train
         self.val = val
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.n_data_workers = n_data_workers
         self.seed = seed
         self.collate: Callable[[Sequence[Batch]], Batch] = partial(
             collate_cells, pad_index=pad_index, length_multiple=length_multiple
@@ -325,11 +325,12 @@ class CellDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=EpochShuffleSampler(len(self.train), self.seed, lengths, group_size),
             collate_fn=self.collate,
-            num_workers=self.num_workers,
+            num_workers=self.n_data_workers,
         )
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation cells in a fixed order (none when there is no validation set)."""
         if self.val is None:
             return []
-        return DataLoader(self.val, batch_size=self.batch_size, collate_fn=self.collate, num_workers=self.num_workers)
+        workers = self.n_data_workers
+        return DataLoader(self.val, batch_size=self.batch_size, collate_fn=self.collate, num_workers=workers)

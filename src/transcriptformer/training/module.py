@@ -21,7 +21,7 @@ from torch import nn
 from transcriptformer.data.tokenize import Batch
 from transcriptformer.errors import UserError
 from transcriptformer.model.lora import base_model
-from transcriptformer.training.config import OptimSettings
+from transcriptformer.training.config import OptimConfig
 from transcriptformer.training.objective import ObjectiveTerms, training_loss
 
 
@@ -88,7 +88,7 @@ class TranscriptFormerModule(L.LightningModule):
     restore_best: bool = False
     """Whether the weights saved at the end are those of the best validation (instead of the last step)."""
 
-    def __init__(self, model: nn.Module, optim: OptimSettings, seed: int = 0):
+    def __init__(self, model: nn.Module, optim: OptimConfig, seed: int = 0):
         super().__init__()
         self.model = model.train()  # a loaded checkpoint is in eval mode; Lightning keeps the mode it finds
         self.optim = optim
@@ -115,8 +115,9 @@ class TranscriptFormerModule(L.LightningModule):
         if not torch.isfinite(terms.loss):
             raise NonFiniteLossError(
                 f"the training loss is {float(terms.loss)} at optimizer step {self.global_step} (batch {batch_idx} "
-                f"of epoch {self.current_epoch}): the run diverged; lower the learning rate (--lr, optim.lr), warm "
-                "up longer (--warmup-steps) and keep gradient clipping on (--gradient-clip)"
+                f"of epoch {self.current_epoch}): the run diverged; lower the learning rate (`lr`, optim.lr), warm "
+                "up longer (warmup_steps, optim.warmup_steps) and keep gradient clipping on (gradient_clip, "
+                "trainer.gradient_clip_val)"
             )
         self._log_terms("train", terms, batch)
         return terms.loss

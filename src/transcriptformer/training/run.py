@@ -53,7 +53,7 @@ from transcriptformer.training.classify import (
     labels_of_cells,
     training_labels,
 )
-from transcriptformer.training.config import DataSettings, FinetuneConfig, TrainConfig, TrainerSettings
+from transcriptformer.training.config import FinetuneConfig, TrainConfig, TrainDataConfig, TrainerConfig
 from transcriptformer.training.datamodule import CellDataModule, build_datasets
 from transcriptformer.training.module import TranscriptFormerModule
 from transcriptformer.training.objective import LossTerms, ObjectiveTerms
@@ -74,7 +74,7 @@ PARTIAL_PREFIX = ".partial-"  # the temporary folder of a save in progress, insi
 
 
 def tokenize_files(
-    checkpoint: Checkpoint, sources: Sequence[str | Path | ad.AnnData], data: DataSettings
+    checkpoint: Checkpoint, sources: Sequence[str | Path | ad.AnnData], data: TrainDataConfig
 ) -> list[TokenizedCells]:
     """Tokenize training or validation cells with the checkpoint's vocabularies and tokenization settings."""
     settings = {"gene_col_name": data.gene_col_name, "invalid_counts": data.invalid_counts}
@@ -84,7 +84,7 @@ def tokenize_files(
 
 def build_datamodule(
     checkpoint: Checkpoint,
-    data: DataSettings,
+    data: TrainDataConfig,
     seed: int,
     train_sources: Sequence[str | Path | ad.AnnData] | None = None,
     device: torch.device | None = None,
@@ -120,38 +120,38 @@ def build_datamodule(
         val_labels = list(map(labels_of_cells, labels.val, val_sources, val))
     train_set, val_set = build_datasets(train, val, data.val_fraction, seed, train_labels, val_labels)
     multiple = checkpoint.model.length_multiple(device or torch.device("cpu"))
-    return CellDataModule(train_set, val_set, train[0].pad_index, data.batch_size, data.num_workers, seed, multiple)
+    return CellDataModule(train_set, val_set, train[0].pad_index, data.batch_size, data.n_data_workers, seed, multiple)
 
 
-def require_training_files(data: DataSettings) -> None:
+def require_training_files(data: TrainDataConfig) -> None:
     """Fail early, with a clear message, when no training file is given."""
     if not data.train_files:
-        raise ValueError("no training file given (data.train_files / --train-files)")
+        raise ValueError("no training file given (data.train_files / train_files)")
 
 
-def run_dir_of(trainer: TrainerSettings, output: str | Path) -> Path:
+def run_dir_of(trainer: TrainerConfig, output: str | Path) -> Path:
     """The run directory: ``trainer.run_dir``, or ``<output>/training_run``."""
     return Path(trainer.run_dir) if trainer.run_dir else Path(output) / RUN_DIR_NAME
 
 
-def first_device(trainer: TrainerSettings) -> torch.device:
-    """The device a dry run uses: the first GPU of ``--devices``, else the CPU."""
-    return torch.device("cuda:0" if resolve_hardware(trainer.devices).accelerator == "gpu" else "cpu")
+def first_device(trainer: TrainerConfig) -> torch.device:
+    """The device a dry run uses: the first GPU of ``trainer.device`` (or Apple's GPU), else the CPU."""
+    return resolve_hardware(trainer.device).first_device
 
 
-def require_trainable_attention(trainer: TrainerSettings) -> None:
+def require_trainable_attention(trainer: TrainerConfig) -> None:
     """Fail early where the attention backend cannot train: torch has no FlexAttention backward on the CPU."""
     if trainer.attention_backend == "flex" and first_device(trainer).type == "cpu":
         raise ValueError(
             "the flex attention backend cannot train on the CPU (torch has no FlexAttention backward pass there); "
-            "use --attention-backend auto or chunked (trainer.attention_backend= for transcriptformer train), or a GPU"
+            "use `attention_backend=auto` or chunked (trainer.attention_backend= for transcriptformer train), or a GPU"
         )
 
 
 def run_pretraining(
     cfg: TrainConfig, dry_run_only: bool = False, overwrite: bool = False, callbacks: Sequence[Callback] = ()
 ) -> Path | LossTerms:
-    """Train a new model from scratch and write its checkpoint directory to ``cfg.output_dir``.
+    """Train a new model from scratch and write its checkpoint directory to ``cfg.output_path``.
 
     Parameters
     ----------
@@ -160,7 +160,7 @@ def run_pretraining(
     dry_run_only
         Stop after one forward and backward pass; write nothing.
     overwrite
-        Replace a checkpoint already at ``cfg.output_dir``.
+        Replace a checkpoint already at ``cfg.output_path``.
     callbacks
         Further Lightning callbacks.
 
@@ -169,10 +169,10 @@ def run_pretraining(
     Path or LossTerms
         The checkpoint directory; the loss of the single batch with ``dry_run_only``.
     """
-    output = Path(cfg.output_dir)
+    output = Path(cfg.output_path)
     if not dry_run_only and not overwrite and (output / CONFIG_FILE).exists():
         raise FileExistsError(
-            f"{output} already holds a checkpoint; choose another output_dir, or pass --overwrite to replace it"
+            f"{output} already holds a checkpoint; choose another output_path, or pass `overwrite=True` to replace it"
         )
     require_training_files(cfg.data)
     if not dry_run_only:
@@ -238,7 +238,7 @@ def run_finetuning(
     if dry_run_only:
         return dry_run(module, data, device)
     what = "classifier" if cfg.task == "classify" else "adapters"
-    target = TrainedOutput(output, partial(save_as_one_unit, write), what=what, resume_option="--resume ")
+    target = TrainedOutput(output, partial(save_as_one_unit, write), what=what, resume_option="`resume` ")
     run_dir = run_dir_of(cfg.trainer, output)
     with hold_adapter_output(output, overwrite):
         trainer = fit(module, data, cfg.trainer, run_dir, dataclasses.asdict(cfg), target, callbacks)
@@ -265,7 +265,7 @@ def check_adapter_output(output: Path, overwrite: bool) -> None:
     if existing and not overwrite:
         raise FileExistsError(
             f"{output} already holds {', '.join(existing)}, which fine-tuning writes; choose another output path, or "
-            "pass --overwrite to replace them"
+            "pass `overwrite=True` to replace them"
         )
 
 
@@ -283,7 +283,7 @@ def hold_adapter_output(output: Path, overwrite: bool) -> Iterator[None]:
     if rank_zero_only.rank != 0:  # the other processes of a DDP run: the first one holds the output
         yield
         return
-    with hold_output(output / lora.ADAPTER_CONFIG_FILE, ("--output-path",)):
+    with hold_output(output / lora.ADAPTER_CONFIG_FILE, ("output_path",)):
         check_adapter_output(output, overwrite)
         for partial_save in output.glob(f"{PARTIAL_PREFIX}*"):
             shutil.rmtree(partial_save, ignore_errors=True)
@@ -343,7 +343,7 @@ def classification_run(
             raise
         raise UserError(
             f"a classification head of head_hidden_dim {settings.head_hidden_dim} does not fit in memory; choose a "
-            "smaller --head-hidden-dim (0: a linear head)"
+            "smaller head_hidden_dim (0: a linear head)"
         ) from None
     weights = class_weights(training_labels(data), len(labels.classes), settings.class_weights)
     module = ClassificationModule(model, head, weights, cfg.optim, cfg.trainer.seed)

@@ -101,5 +101,5 @@ def new_checkpoint(cfg: TrainConfig, adatas: Sequence[ad.AnnData]) -> Checkpoint
         )
     config = TranscriptFormerConfig(data_config, cfg.model_config, cfg.loss_config)
     return Checkpoint(
-        path=Path(cfg.output_dir), config=config, gene_vocab=gene_vocab, aux_vocabs=aux_vocabs, model=model
+        path=Path(cfg.output_path), config=config, gene_vocab=gene_vocab, aux_vocabs=aux_vocabs, model=model
     )

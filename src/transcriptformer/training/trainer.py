@@ -1,8 +1,8 @@
-"""Lightning's Trainer set up from :class:`TrainerSettings`: devices, precision, logging, checkpoints, resume.
+"""Lightning's Trainer set up from :class:`TrainerConfig`: devices, precision, logging, checkpoints, resume.
 
-``devices``: ``"cpu"`` or ``"0"`` trains on the CPU (``"cpu:N"``: N CPU processes with DDP), ``"N"`` on N GPUs
-(DDP when N > 1; several machines with ``num_nodes`` and Lightning's cluster environment variables), ``"auto"`` on
-every GPU when there is one.
+``device``: ``"cpu"`` or ``"0"`` trains on the CPU (``"cpu:N"``: N CPU processes with DDP), ``"N"`` on N GPUs
+(DDP when N > 1; several machines with ``num_nodes`` and Lightning's cluster environment variables), ``"cuda"`` on
+every GPU, ``"mps"`` on Apple's GPU, ``"auto"`` on every GPU when there is one.
 
 Training never loses work: a run that ``max_steps`` ends mid-epoch still validates once before it stops (so early
 stopping and the best checkpoint have their validation loss), and a run that fails or is interrupted (Ctrl+C) after
@@ -30,11 +30,11 @@ from lightning.pytorch.plugins import MixedPrecision, TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
-from transcriptformer.console import show_progress
+from transcriptformer.console import show_progress, worded
 from transcriptformer.errors import UserError
 from transcriptformer.runtime import resolve_precision, use_cpu_threads
 from transcriptformer.safe_load import load_torch_file
-from transcriptformer.training.config import TrainerSettings
+from transcriptformer.training.config import TrainerConfig
 from transcriptformer.training.datamodule import CellDataModule
 from transcriptformer.training.module import NonFiniteLossError, TranscriptFormerModule
 from transcriptformer.training.objective import ObjectiveTerms
@@ -78,7 +78,8 @@ class TrainedOutput:
     what
         Its name in messages, e.g. ``"adapters"``.
     resume_option
-        How the command is told to resume, followed by the checkpoint path: ``"--resume "``, ``"trainer.resume="``.
+        How the run is told to resume, followed by the checkpoint path: ``"`resume` "`` (a parameter, which the
+        command line words as ``--resume``), ``"trainer.resume="`` (an override of ``transcriptformer train``).
     """
 
     path: Path
@@ -94,48 +95,62 @@ class TrainedOutput:
 
 @dataclass(frozen=True)
 class Hardware:
-    """Lightning's ``accelerator``, ``devices`` and ``strategy`` for a ``--devices`` value."""
+    """Lightning's ``accelerator``, ``devices`` and ``strategy`` for a ``device`` setting."""
 
     accelerator: str
     devices: int
     strategy: str
 
+    @property
+    def first_device(self) -> torch.device:
+        """The torch device of the first process: the first GPU, Apple's GPU or the CPU."""
+        return torch.device({"gpu": "cuda:0", "mps": "mps"}.get(self.accelerator, "cpu"))
 
-def resolve_hardware(devices: str, num_nodes: int = 1) -> Hardware:
-    """Map ``--devices`` to Lightning's arguments.
+
+def resolve_hardware(device: str, num_nodes: int = 1) -> Hardware:
+    """Map the ``device`` setting to Lightning's arguments.
 
     Raises
     ------
     ValueError
-        For a value that is neither ``cpu``, ``auto`` nor a count, or GPUs asked for where there are none.
+        For a value that is neither ``cpu``, ``cuda``, ``mps``, ``auto`` nor a count, or GPUs asked for where there
+        are none.
     """
-    value = devices.strip().lower()
+    value = device.strip().lower()
     if value == "auto":
         value = str(torch.cuda.device_count()) if torch.cuda.is_available() else "cpu"
+    if value == "cuda":
+        value = str(max(torch.cuda.device_count(), 1))  # none: the error below says so
+    if value == "mps":
+        if num_nodes > 1 or not torch.backends.mps.is_available():
+            raise ValueError("device mps needs Apple's GPU (one machine), which this one lacks; pass `device=cpu`")
+        return Hardware("mps", 1, "auto")
     if value in ("cpu", "0") or value.startswith("cpu:"):
         if num_nodes > 1:
-            raise ValueError("training on several nodes needs GPUs: pass --devices N with N >= 1")
+            raise ValueError("training on several nodes needs GPUs: pass `device=N` with N >= 1")
         processes = value.removeprefix("cpu:") if value.startswith("cpu:") else "1"
         if not processes.isdigit() or int(processes) < 1:
-            raise ValueError(f"devices 'cpu:N' needs a number of processes N >= 1, got {devices!r}")
+            raise ValueError(f"device 'cpu:N' needs a number of processes N >= 1, got {device!r}")
         return Hardware("cpu", int(processes), "ddp" if int(processes) > 1 else "auto")
     if not value.isdigit():
-        raise ValueError(f"devices must be 'cpu', 'cpu:N', 'auto' or a number of GPUs (0 = CPU), got {devices!r}")
+        raise ValueError(
+            f"device must be 'cpu', 'cpu:N', 'cuda', 'mps', 'auto' or a number of GPUs (0 = CPU), got {device!r}"
+        )
     count = int(value)
     available = torch.cuda.device_count()
     if count > available:
-        raise ValueError(f"{count} GPU(s) asked for, but this machine has {available}; pass --devices cpu")
+        raise ValueError(f"{count} GPU(s) asked for, but this machine has {available}; pass `device=cpu`")
     return Hardware("gpu", count, "ddp" if count > 1 or num_nodes > 1 else "auto")
 
 
-def precision_arguments(precision: str, accelerator: str) -> dict[str, Any]:
-    """Lightning's arguments for ``precision`` on ``accelerator``.
+def precision_arguments(precision: str, hardware: Hardware) -> dict[str, Any]:
+    """Lightning's arguments for ``precision`` on ``hardware``.
 
     ``16-mixed`` on the CPU trains as asked, with the warning of :func:`~transcriptformer.runtime.resolve_precision`
     (Lightning itself would switch to ``bf16-mixed``).
     """
-    resolve_precision(precision, torch.device("cpu" if accelerator == "cpu" else "cuda"))
-    if precision == "16-mixed" and accelerator == "cpu":
+    resolve_precision(precision, hardware.first_device)
+    if precision == "16-mixed" and hardware.accelerator == "cpu":
         return {"plugins": [MixedPrecision("16-mixed", "cpu")]}
     return {"precision": precision}
 
@@ -252,12 +267,12 @@ class KeepWorkOnFailure(Callback):
 def report(trainer: L.Trainer, exception: BaseException, message: str) -> None:
     """Print ``message`` to stderr (first process only) and add it to ``exception``, so a traceback ends with it."""
     if trainer.is_global_zero:
-        print(f"\n{message}", file=sys.stderr, flush=True)
-    exception.add_note(message)
+        print(f"\n{worded(message)}", file=sys.stderr, flush=True)
+    exception.add_note(worded(message))
 
 
 def build_trainer(
-    settings: TrainerSettings,
+    settings: TrainerConfig,
     run_dir: Path,
     has_validation: bool,
     output: TrainedOutput,
@@ -282,7 +297,7 @@ def build_trainer(
     monitor
         The validation metric that selects checkpoints and stops early, and its mode (``min`` or ``max``).
     """
-    hardware = resolve_hardware(settings.devices, settings.num_nodes)
+    hardware = resolve_hardware(settings.device, settings.num_nodes)
     checkpoint_dir = run_dir / CHECKPOINT_DIR
     metric, mode = monitor
     checkpointing = ModelCheckpoint(
@@ -308,7 +323,7 @@ def build_trainer(
         )
         all_callbacks.append(stopping)
     all_callbacks.extend(callbacks)
-    precision = precision_arguments(settings.precision, hardware.accelerator)
+    precision = precision_arguments(settings.precision, hardware)
     plugins = [SafeCheckpointIO(output.resume_option), *precision.pop("plugins", [])]
     return L.Trainer(
         accelerator=hardware.accelerator,
@@ -335,7 +350,7 @@ def build_trainer(
 def fit(
     module: TranscriptFormerModule,
     data: CellDataModule,
-    settings: TrainerSettings,
+    settings: TrainerConfig,
     run_dir: Path,
     hparams: dict[str, Any],
     output: TrainedOutput,
@@ -367,7 +382,7 @@ def fit(
     SystemExit
         With the code 143 when SIGTERM stopped training (what was trained is saved, see :class:`KeepWorkOnFailure`).
     """
-    use_cpu_threads(reserved=data.num_workers)  # several processes: Lightning's launcher shares the CPUs instead
+    use_cpu_threads(reserved=data.n_data_workers)  # several processes: Lightning's launcher shares the CPUs instead
     check_resume(settings, run_dir)
     trainer = build_trainer(settings, run_dir, data.has_validation, output, callbacks, module.monitor)
     trainer.logger.log_hyperparams(hparams)
@@ -384,7 +399,7 @@ def fit(
     return trainer
 
 
-def check_resume(settings: TrainerSettings, run_dir: Path) -> None:
+def check_resume(settings: TrainerConfig, run_dir: Path) -> None:
     """Fail before any work when the checkpoint to resume from is not there.
 
     Raises
