@@ -110,7 +110,7 @@ def test_no_module_imports_from_a_higher_layer(path):
 
 
 # The commands that run through the engine (transcriptformer.engine.run.run_task), each with the task it runs.
-ENGINE_COMMANDS = {"inference": "EmbedTask", "score": "ScoreTask"}
+ENGINE_COMMANDS = {"inference": "EmbedTask", "score": "ScoreTask", "annotate": "AnnotateTask"}
 
 
 @pytest.mark.parametrize("command", sorted(ENGINE_COMMANDS))

@@ -25,12 +25,18 @@ Layout (``n`` cells of all input files); where each output goes is its ``anndata
 A run holds its output through :func:`claim_output`: the output's folder and name are checked before anything is
 computed, and a lock file beside the output (``.<output name>.lock``) keeps a second run from writing the same
 output, or its ``.parts`` folder, at the same time.
+
+A task may write files of its own beside the output (:meth:`Task.write_files
+<transcriptformer.engine.task.Task.write_files>`): they are written into a temporary folder with the output's
+temporary file, and moved into place just before it, so that the output, renamed last, appears only with them; an
+existing one is replaced only with ``overwrite``, as the output is.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,9 +57,12 @@ from transcriptformer.pipeline import GeneOutputs
 CGE_EMBEDDINGS, CGE_CELL_INDICES, CGE_GENE_NAMES = "cge_embeddings", "cge_cell_indices", "cge_gene_names"
 GENE_ID = "gene_id"
 TEMPORARY_SUFFIX = ".tmp.h5ad"
+TEMPORARY_FOLDER_SUFFIX = ".tmp-files"  # the task's files beside the output, while it is written
 # Adds columns to the output's obs once every cell's per-cell numbers are in it; returns the obs to write and uns
 # entries to add (a task's finish: transcriptformer.engine.task.Task.finish).
 ObsFinisher = Callable[[pd.DataFrame], tuple[pd.DataFrame, dict]]
+# Writes a task's files into the folder it is given, once obs is finished (a task's write_files).
+FilesWriter = Callable[[Path], None]
 
 
 def row_slot(key: str, values: np.ndarray) -> str:
@@ -107,13 +116,28 @@ def temporary_file_of(path: Path, pid: int) -> Path:
     return path.with_name(f".{path.stem}.{pid}{TEMPORARY_SUFFIX}")
 
 
+def temporary_folder_of(path: Path, pid: int) -> Path:
+    """Where process ``pid`` writes the task's files beside the output ``path`` before moving them into place."""
+    return path.with_name(f".{path.stem}.{pid}{TEMPORARY_FOLDER_SUFFIX}")
+
+
+def refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
+    """Raise ``FileExistsError`` naming the first of ``paths`` that exists, unless ``overwrite``."""
+    existing = [path for path in paths if path.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace it")
+
+
 @contextmanager
-def claim_output(path: Path, overwrite: bool = False, writes: bool = True) -> Iterator[None]:
+def claim_output(
+    path: Path, overwrite: bool = False, writes: bool = True, beside: Sequence[str] = ()
+) -> Iterator[None]:
     """Hold the output ``path`` (and the ``.parts`` folder beside it) for the duration of the block.
 
     Before anything is computed: creates the output folder, checks that it can be written and that ``path`` is not
     a folder, takes the output's lock (:func:`hold_output`), and refuses an existing output unless ``overwrite`` (or
-    unless the run ``writes`` no ``.h5ad``, and holds ``path`` only for its ``.parts`` folder).
+    unless the run ``writes`` no ``.h5ad``, and holds ``path`` only for its ``.parts`` folder), as it refuses the
+    files of the names ``beside`` that the task writes next to it.
 
     Raises
     ------
@@ -125,8 +149,8 @@ def claim_output(path: Path, overwrite: bool = False, writes: bool = True) -> It
     if path.is_dir():
         raise UserError(f"the output {path} is a folder, not a file; choose another --output-filename")
     with hold_output(path, ("--output-path", "--output-filename")):
-        if writes and path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+        if writes:
+            refuse_existing([path, *(path.with_name(name) for name in beside)], overwrite)
         yield
 
 
@@ -190,7 +214,7 @@ def lock_holder(lock_file: Path) -> int | None:
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Delete the temporary files of the output ``path`` that runs killed while writing it left behind.
+    """Delete the temporary files (and folders of a task's files) that runs killed while writing ``path`` left behind.
 
     Call it only while holding the output (:func:`claim_output`): no other run is writing it then.
     """
@@ -198,12 +222,11 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     stale = [
         p
         for p in path.parent.iterdir()
-        if p.name.startswith(prefix)
-        and p.name.endswith(TEMPORARY_SUFFIX)
-        and p.name[len(prefix) : -len(TEMPORARY_SUFFIX)].isdigit()
+        for suffix in (TEMPORARY_SUFFIX, TEMPORARY_FOLDER_SUFFIX)
+        if p.name.startswith(prefix) and p.name.endswith(suffix) and p.name[len(prefix) : -len(suffix)].isdigit()
     ]
     for temporary in stale:
-        temporary.unlink(missing_ok=True)
+        shutil.rmtree(temporary) if temporary.is_dir() else temporary.unlink(missing_ok=True)
     return stale
 
 
@@ -215,6 +238,7 @@ def write_output(
     metadata: dict,
     overwrite: bool = False,
     finish_obs: ObsFinisher | None = None,
+    files: tuple[Sequence[str], FilesWriter] | None = None,
 ) -> None:
     """Write the output ``.h5ad`` (layout in the module docstring) from chunks of consecutive cells.
 
@@ -238,11 +262,16 @@ def write_output(
         Stored as ``uns["transcriptformer"]``.
     finish_obs
         Columns computed from all cells' per-cell numbers, written with them in the one atomic write.
+    files
+        The names of a task's files beside the output, and what writes them into a folder (after ``finish_obs``):
+        they are moved into place just before the output, each replacing an existing file only with ``overwrite``.
     """
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    names, write_files = files or ((), None)
+    beside = [path.with_name(name) for name in names]
+    refuse_existing([path, *beside], overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = temporary_file_of(path, os.getpid())
+    folder = temporary_folder_of(path, os.getpid())
     try:
         with _DeferredFailureFile(temporary) as raw:
             try:
@@ -256,22 +285,44 @@ def write_output(
                 raw.raise_failure()  # what made HDF5 fail, if a write did
                 raise
             raw.raise_failure()  # the writes of closing
+        if write_files is not None:
+            folder.mkdir()
+            write_files(folder)
+            move_files(folder, beside)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def write_anndata(adata: ad.AnnData, path: Path) -> None:
+def move_files(folder: Path, targets: Sequence[Path]) -> None:
+    """Move the files of ``folder`` to ``targets`` (same names); a file of another name is a task's defect."""
+    written = sorted(p.name for p in folder.iterdir())
+    if written != sorted(t.name for t in targets):
+        raise ValueError(f"the task wrote {written} beside the output, and declared {[t.name for t in targets]}")
+    for target in targets:
+        os.replace(folder / target.name, target)
+
+
+def write_anndata(adata: ad.AnnData, path: Path, files: tuple[Sequence[str], FilesWriter] | None = None) -> None:
     """Write ``adata`` to ``path`` under a temporary name, then rename it into place (no half-written file).
 
-    Hold the output with :func:`claim_output` around it.
+    Hold the output with :func:`claim_output` around it. ``files``: the names of files beside the output and what
+    writes them into a folder, moved into place just before the output, as :func:`write_output` does.
     """
+    names, write_files = files or ((), None)
     temporary = temporary_file_of(path, os.getpid())
+    folder = temporary_folder_of(path, os.getpid())
     try:
         adata.write_h5ad(temporary)
+        if write_files is not None:
+            folder.mkdir()
+            write_files(folder)
+            move_files(folder, [path.with_name(name) for name in names])
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class _DeferredFailureFile(io.FileIO):
@@ -344,6 +395,7 @@ class _OutputWriter:
         self.file, self.n_cells, self.var = file, n_cells, var
         self.gene_ids = var.index.to_numpy(dtype=object)
         self.written = 0
+        self.layer_order: list[str] = []  # per-gene keys in the order the chunks bring them
         self.obs_values: dict[str, list[np.ndarray]] = {}
         for group in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
             write_elem(file, group, {})
@@ -363,6 +415,7 @@ class _OutputWriter:
                 sparse_dataset(self.file["layers"][key]).append(matrix)
             else:
                 write_elem(self.file["layers"], key, matrix)
+                self.layer_order.append(key)
         if chunk.cge:
             self._extend(CGE_EMBEDDINGS, chunk.cge["embeddings"])
             self._extend(CGE_CELL_INDICES, chunk.cge["cell_index"].astype(np.int64) + self.written)
@@ -382,7 +435,8 @@ class _OutputWriter:
             for key, value in uns.items():
                 write_elem(self.file["uns"], key, value)
         write_elem(self.file, "obs", _as_written_by_anndata(obs))
-        main_matrix = main_matrix_key(self.file["layers"])
+        # a model output by MAIN_MATRIX_ORDER, else a task's first per-gene array
+        main_matrix = main_matrix_key(self.layer_order) or next(iter(self.layer_order), None)
         if main_matrix is None:  # no per-gene layer: no genes, and X an empty matrix
             write_elem(self.file, "var", pd.DataFrame(index=self.var.index[:0]))
             write_elem(self.file, "X", sp.csr_matrix((self.n_cells, 0), dtype=np.float32))

@@ -132,15 +132,20 @@ def write_h5ad(session: Session, world_size: int) -> dict:
     chunks = (parts.load_part(parts.part_file(session, unit)).outputs for unit in session.units)
     metadata = run_metadata(session, world_size)
     var = concat_var([f.var for f in session.files], session.genes)
-    added = {}
+    task, added, finished = session.task, {}, {}
 
     def finish(obs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-        obs, uns = session.task.finish(obs)
+        obs, uns = task.finish(obs)
+        rows = (parts.load_part(parts.part_file(session, unit)).outputs for unit in session.units)
+        uns = uns | task.summarize(obs, rows, session.genes)
         added.update(uns)
+        finished["obs"] = obs
         return obs, uns
 
+    files = (task.output_files(session.config), lambda folder: task.write_files(folder, finished["obs"], added))
+    overwrite = session.config.inference.overwrite
     try:
-        write_output(session.output_file, obs, var, chunks, metadata, session.config.inference.overwrite, finish)
+        write_output(session.output_file, obs, var, chunks, metadata, overwrite, finish, files)
     except OSError as error:
         raise parts.write_failed(session.output_file, error, parts.parts_dir(session)) from error
     return added
@@ -237,7 +242,8 @@ def run_task(task: Task, config: RunConfig, *, dry_run: bool = False) -> Path:
         run_worker(launched, "env://", task, config, started)
         return path
     inference = config.inference
-    with claim_output(path, inference.overwrite, writes=inference.writes_h5ad), contextlib.ExitStack() as claims:
+    beside = task.output_files(config)
+    with claim_output(path, inference.overwrite, inference.writes_h5ad, beside), contextlib.ExitStack() as claims:
         if inference.writes_soma:
             claims.enter_context(claim_soma_output(inference.output_soma, inference.overwrite))
         for stale in remove_stale_temporaries(path):
@@ -272,6 +278,8 @@ class MemoryResult:
         The var names of the matched genes, in the order of the per-gene outputs' columns.
     from_raw : bool
         Whether the counts came from ``adata.raw`` (whose var is not ``adata.var``).
+    gene_ids : Index
+        The gene ids of the matched genes, in the order of the per-gene outputs' columns.
     """
 
     obs: pd.DataFrame
@@ -280,6 +288,7 @@ class MemoryResult:
     var_rows: np.ndarray
     genes_read: pd.Index
     from_raw: bool
+    gene_ids: pd.Index
 
 
 def run_in_memory(
@@ -323,6 +332,7 @@ def run_in_memory(
             if row_slot(key, values) == "obs":
                 obs[key] = values
         obs, uns = task.finish(obs)
+        uns = uns | task.summarize(obs, [outputs], session.genes)
         reader, var_rows = session.files[0].cells.reader, np.asarray(session.files[0].cells.selection.columns)
         from_raw = isinstance(data, ad.AnnData) and reader.var is not data.var
-    return MemoryResult(obs, outputs, uns, var_rows, reader.var.index[var_rows], from_raw)
+    return MemoryResult(obs, outputs, uns, var_rows, reader.var.index[var_rows], from_raw, session.genes)

@@ -15,9 +15,12 @@ The engine calls, in this order (every process runs steps 3-4 for its units; ran
     4. task.run_unit(session, unit, cells, ...)  per work unit: its Part, saved at once (resume)
     5. task.finish(obs)                      obs of every row, per-row numbers included: the obs to write and
                                              the uns entries to add, in the output's one atomic write
+       task.summarize(obs, outputs, genes)   uns entries reduced from every row's outputs, read a part at a time
+       task.write_files(folder, obs, uns)    the task's files beside the output (task.output_files(config)),
+                                             moved into place with the output in its one atomic write
     6. task.describe(uns)                    lines printed after the output's path
 
-In memory (the Python API), steps 1-5 run in the calling process, on the same units, and
+In memory (the Python API), steps 1-5 (without ``write_files``) run in the calling process, on the same units, and
 ``task.write_into(adata, result)`` stores the results in the user's AnnData instead of step 6.
 
 A task is a picklable object (a dataclass): several processes each get a copy. Its ``settings`` (a dataclass)
@@ -28,7 +31,8 @@ are part of the run's description, so a resumed run with other task settings is 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # a task module is imported by the command line before torch: the heavy imports wait for a run
@@ -114,6 +118,22 @@ class Task(Protocol):
     def finish(self, obs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
         """The obs to write and the uns entries to add, given the obs of every row with its per-row numbers."""
 
+    def summarize(self, obs: pd.DataFrame, outputs: Iterable[GeneOutputs], genes: pd.Index) -> dict:
+        """More uns entries, reduced from every row's outputs (after :meth:`finish`, whose obs this is).
+
+        ``outputs`` yields the parts' outputs in row order, one part in memory at a time; ``genes`` are the gene ids
+        of their per-gene columns.
+        """
+
+    def output_files(self, config: RunConfig) -> tuple[str, ...]:
+        """Names of the files that :meth:`write_files` writes beside the output; an existing one needs ``overwrite``."""
+
+    def write_files(self, folder: Path, obs: pd.DataFrame, uns: dict) -> None:
+        """Write :meth:`output_files` into ``folder`` (temporary: the engine moves them beside the output with it).
+
+        ``obs`` and ``uns`` are those written to the output (the uns entries of :meth:`finish` and :meth:`summarize`).
+        """
+
     def describe(self, uns: dict) -> list[str]:
         """Lines printed after the output's path, from the uns entries that :meth:`finish` added."""
 
@@ -166,6 +186,17 @@ class BatchLoopTask:
     def finish(self, obs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
         """Obs as it is, no uns entry."""
         return obs, {}
+
+    def summarize(self, obs: pd.DataFrame, outputs: Iterable[GeneOutputs], genes: pd.Index) -> dict:
+        """No uns entry (the outputs are not read)."""
+        return {}
+
+    def output_files(self, config: RunConfig) -> tuple[str, ...]:
+        """None: the output alone."""
+        return ()
+
+    def write_files(self, folder: Path, obs: pd.DataFrame, uns: dict) -> None:
+        """Nothing to write."""
 
     def describe(self, uns: dict) -> list[str]:
         """No line."""
