@@ -255,10 +255,9 @@ def reference_obs(args: argparse.Namespace, soma_filter: tuple[str | None, str |
     if args.reference_soma:
         with soma_reader(args, soma_filter) as reader:
             return reader.obs.copy()
-    from transcriptformer.data.sources import open_counts
+    from transcriptformer.data.sources import read_obs
 
-    with open_counts(args.reference) as reader:
-        return reader.obs.copy()
+    return read_obs(args.reference)
 
 
 def soma_reader(args: argparse.Namespace, soma_filter: tuple[str | None, str | None]) -> Any:

@@ -27,6 +27,7 @@ from transcriptformer.annotation.settings import UNKNOWN, AnnotateSettings
 from transcriptformer.engine.config import InferenceConfig, RunConfig
 from transcriptformer.engine.task import BatchLoopTask, Part
 from transcriptformer.errors import UserError
+from transcriptformer.tasks.embed import EmbedConfig
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -216,7 +217,7 @@ class AnnotateTask(BatchLoopTask):
     def write_into(self, adata: ad.AnnData, result: MemoryResult) -> None:
         """Predictions into obs, the summary into ``uns["annotation"]``, the embeddings into ``obsm``."""
         super().write_into(adata, result)
-        adata.obsm["X_transcriptformer"] = result.outputs.cell_values[EMBEDDINGS]
+        adata.obsm[EmbedConfig.key_added] = result.outputs.cell_values[EMBEDDINGS]
 
 
 def reference_record(index: ReferenceIndex) -> dict:
