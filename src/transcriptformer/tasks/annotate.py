@@ -248,7 +248,8 @@ def summary_record(obs: pd.DataFrame, label_keys: list[str]) -> dict:
 def evaluate(obs: pd.DataFrame, true_key: str, label_key: str) -> dict:
     """Accuracy and macro F1 of the predictions against ``obs[true_key]`` (F1 as ``evaluate``: binary for 2 classes).
 
-    Cells without a true label are left out; a cell called Unknown counts as wrong.
+    The F1 is averaged over the true labels; a cell called Unknown counts as a miss of its true label (Unknown is no
+    class of its own). Cells without a true label are left out.
     """
     from sklearn.metrics import accuracy_score, f1_score
 
@@ -257,14 +258,15 @@ def evaluate(obs: pd.DataFrame, true_key: str, label_key: str) -> dict:
     truth, predicted = obs[true_key], obs[predicted_column(label_key)]
     scored = truth.notna().to_numpy() & predicted.notna().to_numpy()
     truth, predicted = truth[scored].astype(str).to_numpy(), predicted[scored].astype(str).to_numpy()
-    average = "binary" if len(np.unique(truth)) == 2 else "macro"
-    positive = {"pos_label": np.unique(truth)[1]} if average == "binary" else {}
+    classes = np.unique(truth)
+    average = "binary" if len(classes) == 2 else "macro"
+    positive = {"pos_label": classes[1]} if average == "binary" else {"labels": classes}
     return {
         "true_key": true_key,
         "label_key": label_key,
         "cells": int(scored.sum()),
         "accuracy": float(accuracy_score(truth, predicted)) if scored.any() else float("nan"),
-        "macro_f1": float(f1_score(truth, predicted, average=average, **positive)) if scored.any() else float("nan"),
+        "macro_f1": float(f1_score(truth, predicted, average=average, zero_division=0, **positive)) if scored.any() else float("nan"),
     }
 
 
