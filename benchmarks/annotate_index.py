@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 from scipy import sparse
 
-from transcriptformer.annotation import AnnotateSettings, ReferenceIndex
+from transcriptformer.annotation import AnnotateConfig, ReferenceIndex
 
 DATA = Path(__file__).parent.parent / "test" / "data" / "mouse_brain_1k.h5ad"
 KEY = "cell_type"
@@ -95,7 +95,7 @@ def cpu_seconds() -> float:
 
 def build(args: argparse.Namespace) -> dict:
     """Index the reference from the HDF5 file (chunk by chunk) and save it."""
-    settings = AnnotateSettings(n_probe=args.n_probe, n_lists=args.n_lists)
+    settings = AnnotateConfig(n_probe=args.n_probe, n_lists=args.n_lists)
     with h5py.File(args.work / "reference.h5") as f:
         labels = {KEY: f[KEY][:].astype(str)}
         start, cpu = time.perf_counter(), cpu_seconds()
@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--query-cells", type=int, default=10_000)
     parser.add_argument("--truth-cells", type=int, default=1_000, help="query cells searched exactly for recall")
     parser.add_argument("--dimension", type=int, default=2048)
-    parser.add_argument("--n-probe", type=int, default=AnnotateSettings.n_probe)
+    parser.add_argument("--n-probe", type=int, default=AnnotateConfig.n_probe)
     parser.add_argument("--n-lists", type=int, default=None)
     parser.add_argument("--work", type=Path, default=None, help="folder of the reference file and the index")
     parser.add_argument("--phase", choices=["build", "exact", "annotate"], default=None, help=argparse.SUPPRESS)
@@ -181,7 +181,7 @@ def main() -> None:
         resampler = Resampler(args.dimension)
         query, query_types = resampler.cells(args.query_cells, seed=0)
         truth = query[: args.truth_cells]
-        k = AnnotateSettings.n_neighbors
+        k = AnnotateConfig.n_neighbors
         result = {
             "build": lambda: build(args),
             "exact": lambda: exact_neighbors(args, truth, k),

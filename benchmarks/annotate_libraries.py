@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 from annotate_index import Resampler
 
-from transcriptformer.annotation import AnnotateSettings, ReferenceIndex
+from transcriptformer.annotation import AnnotateConfig, ReferenceIndex
 
 K = 15
 
@@ -68,7 +68,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
 
     def faiss_build(exact_max_cells: int):
-        settings = AnnotateSettings(exact_max_cells=exact_max_cells, calibration_cells=100)  # the index alone
+        settings = AnnotateConfig(exact_max_cells=exact_max_cells, calibration_cells=100)  # the index alone
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return ReferenceIndex.build(reference, {"cell_type": types}, settings=settings)

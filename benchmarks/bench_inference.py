@@ -26,7 +26,7 @@ import torch
 
 import transcriptformer
 from transcriptformer.checkpoint import save_checkpoint
-from transcriptformer.config import DataConfig, LossConfig, ModelConfig, PredictSettings, TranscriptFormerConfig
+from transcriptformer.config import DataConfig, LossConfig, ModelConfig, PredictConfig, TranscriptFormerConfig
 from transcriptformer.data.vocab import GeneVocab, write_embedding_table
 from transcriptformer.model.transcriptformer import SpecialTokens, TranscriptFormer
 from transcriptformer.pipeline import predict_batches
@@ -43,7 +43,7 @@ SIZES = {
 }
 SAPIENS_VOCAB = 23_829
 DTYPES = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
-# The same precisions as named by PredictSettings (the batch loop then applies the same autocast).
+# The same precisions as named by PredictConfig (the batch loop then applies the same autocast).
 PRECISION_NAMES = {"32": "32", "bf16": "bf16-mixed", "16": "16-mixed"}
 
 
@@ -141,7 +141,7 @@ def run(model, cells, args, naive: bool) -> tuple[float, list[tuple[int, int]], 
                 embeddings.append(out["embeddings"].cpu().numpy())
                 shapes.append(tuple(batch.gene_tokens.shape))
         else:
-            settings = PredictSettings(keys, args.batch_size, args.max_tokens, PRECISION_NAMES[args.precision])
+            settings = PredictConfig(keys, args.batch_size, args.max_tokens, PRECISION_NAMES[args.precision])
             for batch in predict_batches(model.model, cells, settings, device):
                 rows_seen.append(batch.rows)
                 embeddings.append(batch.outputs["embeddings"])

@@ -44,7 +44,7 @@ from torch._dynamo.utils import counters
 
 import transcriptformer
 from transcriptformer.checkpoint import load_checkpoint
-from transcriptformer.config import PredictSettings
+from transcriptformer.config import PredictConfig
 from transcriptformer.data.tokenize import Batch
 from transcriptformer.model.attention import MultiHeadSelfAttention, compiled_flex_attention
 from transcriptformer.pipeline import predict_batches
@@ -67,7 +67,7 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def timed_pass(model: transcriptformer.TranscriptFormerModel, cells, settings: PredictSettings) -> dict[str, float]:
+def timed_pass(model: transcriptformer.TranscriptFormerModel, cells, settings: PredictConfig) -> dict[str, float]:
     """One pass of the batch loop over ``cells``: seconds to the first batch and in all, graphs compiled."""
     device = model.device
     graphs = compiled_graphs()
@@ -88,7 +88,7 @@ def inference(args: argparse.Namespace, device: torch.device, lines: list[str]) 
     data = ad.read_h5ad(args.data)
     seq_len = args.seq_len
     precision = "bf16-mixed" if device.type == "cuda" else "32"
-    settings = PredictSettings(("embeddings",), args.batch_size, args.max_tokens, precision)
+    settings = PredictConfig(("embeddings",), args.batch_size, args.max_tokens, precision)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         path = build_checkpoint(args.size, gene_ids_of(data), Path(tmp), seq_len)

@@ -9,10 +9,14 @@ import platformdirs
 import pytest
 
 import transcriptformer
+from transcriptformer.runtime import use_cpu_threads
 
 # numba (scanpy's neighbours, UMAP) keeps what it compiles with cache=True in one folder for every test run and
 # every process a test starts, wherever the package is installed. Set before a test module imports numba.
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(platformdirs.user_cache_dir("transcriptformer")) / "numba"))
+# torch's CPU threads for the tests' own work, as a command sets them: on a busy machine, more threads than idle
+# CPUs make every parallel operation wait for a paused thread.
+use_cpu_threads()
 
 DATA_DIR = Path(__file__).parent / "data"
 REFERENCE_DIR = DATA_DIR / "reference_tiny"

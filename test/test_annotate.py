@@ -18,7 +18,7 @@ from sklearn.metrics import f1_score
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 import transcriptformer
-from transcriptformer.annotation import UNKNOWN, AnnotateSettings, ReferenceIndex, summarize
+from transcriptformer.annotation import UNKNOWN, AnnotateConfig, ReferenceIndex, summarize
 from transcriptformer.errors import UserError
 from transcriptformer.safe_load import load_npz
 
@@ -46,7 +46,7 @@ def build(split: dict, **settings) -> ReferenceIndex:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the reference's one-cell classes; tested below
         return ReferenceIndex.build(
-            split["reference"], split["reference_obs"], KEY, settings=AnnotateSettings(**settings)
+            split["reference"], split["reference_obs"], KEY, settings=AnnotateConfig(**settings)
         )
 
 
@@ -67,7 +67,7 @@ def test_without_rejection_equals_scikit_learn_knn(split, metric):
         frame = transcriptformer.annotate(
             split["query"], split["reference"], split["reference_obs"], KEY, metric=metric, reject=False
         )
-    knn = scikit_learn_knn(metric, AnnotateSettings.n_neighbors).fit(
+    knn = scikit_learn_knn(metric, AnnotateConfig.n_neighbors).fit(
         split["reference"], split["reference_obs"][KEY].astype(str)
     )
     expected = knn.predict(split["query"])
@@ -86,7 +86,7 @@ def test_threshold_is_the_quantile_of_correct_held_out_confidences(split):
     """Held out one by one (as many folds as cells), the threshold follows from a plain neighbour search."""
     n_cells = len(split["reference"])
     index = build(split, calibration_cells=n_cells, calibration_folds=n_cells, false_unknown_rate=0.1)
-    k = AnnotateSettings.n_neighbors
+    k = AnnotateConfig.n_neighbors
     distances, neighbors = NearestNeighbors(n_neighbors=k + 1, metric="cosine").fit(split["reference"]).kneighbors()
     labels = split["reference_obs"][KEY].astype(str).to_numpy()
     classes = np.unique(labels)
@@ -162,7 +162,7 @@ def test_saved_index_loads_back(split, tmp_path, approximate):
         warnings.simplefilter("ignore")
         index = ReferenceIndex.build(
             split["reference"], split["reference_obs"], [KEY, "major_brain_region"], model_id="sha256:abc",
-            settings=AnnotateSettings(metric="euclidean", **settings),
+            settings=AnnotateConfig(metric="euclidean", **settings),
         )  # fmt: skip
     folder = index.save(tmp_path / "index")
     assert sorted(p.name for p in folder.iterdir()) == ["index.faiss", "labels.npz", "manifest.json"]
@@ -225,7 +225,7 @@ def test_label_key_missing_or_all_nan(split):
     partial = split["reference_obs"][KEY].astype(object).copy()
     partial[:10] = np.nan
     with pytest.warns(UserWarning, match=f"10 of {len(partial)} reference cells have no label and do not vote"):
-        index = ReferenceIndex.build(split["reference"], partial, settings=AnnotateSettings(false_unknown_rate=0))
+        index = ReferenceIndex.build(split["reference"], partial, settings=AnnotateConfig(false_unknown_rate=0))
     assert index.label_keys == [KEY]
     assert UNKNOWN not in predicted(index.annotate(split["query"]))
 
@@ -240,7 +240,7 @@ def test_bad_labels_and_embeddings(split):
     with pytest.raises(UserError, match="reference embeddings have shape"):
         ReferenceIndex.build(np.zeros(5), ["a"] * 5)
     with pytest.raises(UserError, match="metric must be one of cosine, euclidean"):
-        AnnotateSettings(metric="manhattan")
+        AnnotateConfig(metric="manhattan")
 
 
 def test_nan_embeddings_are_left_out_with_a_warning(split):
@@ -266,7 +266,7 @@ def test_api_defaults_are_the_settings_defaults():
 
     parameters = inspect.signature(transcriptformer.annotate).parameters
     for name in ("n_neighbors", "metric", "reject", "false_unknown_rate", "seed"):
-        assert parameters[name].default == getattr(AnnotateSettings(), name), name
+        assert parameters[name].default == getattr(AnnotateConfig(), name), name
 
 
 def test_summary_counts_the_predicted_labels(split):
@@ -297,7 +297,7 @@ def test_reference_read_in_chunks_from_hdf5(split, tmp_path, approximate):
     with h5py.File(tmp_path / "reference.h5") as f:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from_file = ReferenceIndex.build(f["X"], split["reference_obs"], KEY, settings=AnnotateSettings(**settings))
+            from_file = ReferenceIndex.build(f["X"], split["reference_obs"], KEY, settings=AnnotateConfig(**settings))
     in_memory = build(split, **settings)
     assert from_file.exact is not approximate
     assert from_file.calibration == in_memory.calibration

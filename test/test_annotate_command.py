@@ -19,7 +19,7 @@ import transcriptformer
 from conftest import DATA_DIR, REFERENCE_DIR, assert_no_output
 from test_annotate import scikit_learn_knn
 from test_user_errors import assert_one_line_error, run_cli
-from transcriptformer.annotation import UNKNOWN, AnnotateSettings, ReferenceIndex
+from transcriptformer.annotation import UNKNOWN, AnnotateConfig, ReferenceIndex
 from transcriptformer.cli import main
 from transcriptformer.data.vocab import write_embedding_table
 from transcriptformer.tasks.annotate import CONFUSION_FILE, SUMMARY_FILE, UMAP_FILE
@@ -79,7 +79,7 @@ def test_obsm_key_without_rejection_equals_scikit_learn_knn(files, tmp_path, cap
     assert printed.splitlines()[0] == f"Output: {(output / 'annotated.h5ad').resolve()}"
     result = ad.read_h5ad(output / "annotated.h5ad")
     reference, query = ad.read_h5ad(files["reference"]), ad.read_h5ad(files["query"])
-    knn = scikit_learn_knn("cosine", AnnotateSettings.n_neighbors).fit(reference.obsm["X_pca"], reference.obs[KEY])
+    knn = scikit_learn_knn("cosine", AnnotateConfig.n_neighbors).fit(reference.obsm["X_pca"], reference.obs[KEY])
     expected = knn.predict(query.obsm["X_pca"])
     truth = query.obs[KEY].astype(str).to_numpy()
     ours = result.obs[f"predicted_{KEY}"].astype(str).to_numpy()

@@ -3,9 +3,11 @@
 Layers import only downwards, outputs and settings are declared once, the command line starts without torch.
 """
 
+import argparse
 import ast
 import dataclasses
 import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +18,13 @@ import transcriptformer
 from transcriptformer.api import TranscriptFormerModel
 from transcriptformer.cli import COMMANDS, build_parser, subcommand_parser
 from transcriptformer.cli.common import USE_RAW
-from transcriptformer.config import PredictSettings
-from transcriptformer.engine.config import InferenceConfig
+from transcriptformer.config import DataConfig, PredictConfig
+from transcriptformer.engine.config import InferenceConfig, ModelRunConfig
 from transcriptformer.evaluation.config import EvaluateConfig
 from transcriptformer.model.outputs import OUTPUT_KEYS
-from transcriptformer.perturbation.config import PerturbSettings
-from transcriptformer.tasks.score import ScoreConfig
+from transcriptformer.tasks.embed import EmbedTask
+from transcriptformer.tasks.perturb import PerturbConfig
+from transcriptformer.tasks.score import ScoreConfig, ScoreTask
 from transcriptformer.training.config import (
     ClassifySettings,
     DataSettings,
@@ -110,12 +113,21 @@ def test_no_module_imports_from_a_higher_layer(path):
 
 
 # The commands that run through the engine (transcriptformer.engine.run.run_task), each with the task it runs.
-ENGINE_COMMANDS = {"inference": "EmbedTask", "score": "ScoreTask", "annotate": "AnnotateTask"}
+# The commands that run their task through the engine (engine.run.run_task), and their task.
+ENGINE_COMMANDS = {
+    "inference": "EmbedTask",
+    "score": "ScoreTask",
+    "predict-labels": "ClassifyTask",
+    "generate": "GenerateTask",
+    "annotate": "AnnotateTask",
+    "perturb": "PerturbTask",
+    "screen": "ScreenTask",
+}
 
 
 @pytest.mark.parametrize("command", sorted(ENGINE_COMMANDS))
 def test_commands_run_their_task_through_the_engine(command):
-    imported = package_imports(MODULES[f"transcriptformer.cli.{command}"])
+    imported = package_imports(MODULES[f"transcriptformer.cli.{command.replace('-', '_')}"])
     assert "transcriptformer.engine.run.run_task" in imported, command
     assert any(name.endswith(f".{ENGINE_COMMANDS[command]}") for name in imported), command
 
@@ -165,11 +177,13 @@ def test_the_end_target_rule_is_written_once():
 
 
 def flag_defaults(name: str) -> dict[str, object]:
-    return {a.dest: a.default for a in subcommand_parser(build_parser([name]), name)._actions if a.option_strings}
+    """Each flag's default by setting name; a hidden former name of a flag has none."""
+    actions = subcommand_parser(build_parser([name]), name)._actions
+    return {a.dest: a.default for a in actions if a.option_strings and a.help != argparse.SUPPRESS}
 
 
 def test_setting_defaults_are_written_once():
-    predict = PredictSettings()
+    predict = PredictConfig()
     inference = InferenceConfig()
     assert (inference.batch_size, inference.max_tokens, inference.precision) == (
         predict.batch_size,
@@ -230,13 +244,122 @@ def test_setting_defaults_are_written_once():
 
     perturb = flag_defaults("perturb")
     perturb_api = inspect.signature(TranscriptFormerModel.perturb).parameters
-    for field in dataclasses.fields(PerturbSettings):
+    for field in dataclasses.fields(PerturbConfig):
         assert perturb[field.name] == (list(field.default) if isinstance(field.default, tuple) else field.default)
         if field.name in perturb_api:
             assert perturb_api[field.name].default == field.default, field.name
+    assert perturb["chunk_size"] == perturb_api["chunk_size"].default == InferenceConfig.chunk_size
     for name in ("batch_size", "max_tokens", "precision"):
         assert perturb[name] == perturb_api[name].default == getattr(predict, name), name
     assert flag_defaults("predict-labels")["batch_size"] == predict.batch_size
+
+
+# One suffix for the dataclasses of settings: Config. These still carry their former names, each to become
+# <Name>Config (LoraSettings -> LoraConfig, ...); the list only shrinks.
+FORMER_SETTINGS_NAMES = {
+    "LoraSettings",
+    "DataSettings",
+    "OptimSettings",
+    "TrainerSettings",
+    "ClassifySettings",
+}
+OTHER_SETTINGS_SUFFIXES = ("Settings", "Section", "Options", "Params", "Parameters", "Conf")
+
+
+def package_dataclasses() -> dict[str, str]:
+    """Each dataclass defined in the package, by name, with its module."""
+    found = {}
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any("dataclass" in ast.unparse(d) for d in node.decorator_list):
+                found[node.name] = module_name(path)
+    return found
+
+
+def test_settings_dataclasses_are_named_config():
+    names = package_dataclasses()
+    other = sorted(n for n in names if n.endswith(OTHER_SETTINGS_SUFFIXES) and n not in FORMER_SETTINGS_NAMES)
+    assert not other, f"settings dataclasses are named <Name>Config: {other}"
+    assert FORMER_SETTINGS_NAMES <= set(names), "a former name was renamed: take it off FORMER_SETTINGS_NAMES"
+    for task in (EmbedTask(), ScoreTask()):  # a task's settings too
+        assert type(task.settings).__name__.endswith("Config"), task.name
+
+
+# Flags of a run that set no setting of the run's dataclasses, and flags that keep the original release's name.
+NOT_SETTINGS = {"help", "verbosity", "config_override", "dry_run", "disable_compile_block_mask"}
+ORIGINAL_FLAG_NAMES = {"data_files": "--data-file", "use_oom_dataloader": "--oom-dataloader"}
+
+
+@pytest.mark.parametrize(("command", "task_settings"), [("inference", None), ("score", ScoreConfig)])
+def test_a_flag_and_its_setting_share_one_name(command, task_settings):
+    """Each flag of a run sets the field of its name (``--max-tokens``: ``max_tokens``); former names are hidden."""
+    settings = [InferenceConfig, ModelRunConfig, DataConfig, *([task_settings] if task_settings else [])]
+    fields = {field.name for cls in settings for field in dataclasses.fields(cls)}
+    for action in subcommand_parser(build_parser([command]), command)._actions:
+        if not action.option_strings or action.dest in NOT_SETTINGS:
+            continue
+        assert action.dest in fields, f"{command} {action.option_strings}: no setting {action.dest}"
+        if action.help != argparse.SUPPRESS:  # a shown flag; a hidden one is a former name that still works
+            flag = ORIGINAL_FLAG_NAMES.get(action.dest, "--" + action.dest.replace("_", "-"))
+            assert action.option_strings[0] == flag, (command, action.option_strings, action.dest)
+
+
+# Flags of other programs that library code names in the commands it runs or suggests.
+OTHER_PROGRAMS_FLAGS = {"--query-gpu", "--format", "--yes", "--recursive"}
+# A whole command line, such as the one that wrote a folder ('transcriptformer finetune --task classify').
+COMMAND_LINE = re.compile(r"transcriptformer [a-z][a-z-]*(?:[^'\"`\n\\]|\\\n)*")
+# Modules whose messages still name flags; each is to name parameters, as the rest of the library does.
+STILL_NAMING_FLAGS = {
+    "transcriptformer.checkpoint",
+    "transcriptformer.evaluation.run",
+    "transcriptformer.model.classifier",
+    "transcriptformer.model.lora",
+    "transcriptformer.training.classify",
+    "transcriptformer.training.config",
+    "transcriptformer.training.module",
+    "transcriptformer.training.run",
+    "transcriptformer.training.trainer",
+}
+
+
+def flags_in_messages(path: Path) -> set[str]:
+    """The ``--flag`` words in the strings of a module; docstrings and whole command lines may name flags."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    parts_of_fstrings = {id(part) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for part in node.values}
+    strings = [  # an f-string whole, each placeholder as {}
+        "".join(part.value if isinstance(part, ast.Constant) else "{}" for part in node.values)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.JoinedStr)
+    ]
+    strings += [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in docstrings | parts_of_fstrings
+    ]
+    flag = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]+")
+    return {found for text in strings for found in flag.findall(COMMAND_LINE.sub("", text))}
+
+
+def test_the_library_names_parameters_not_flags():
+    """Messages of library code name ``max_genes``; the command line says ``--max-genes`` (cli.main rewords)."""
+    naming = {}
+    for path in SOURCES:
+        name = module_name(path)
+        if not name.startswith("transcriptformer.cli") and (flags := flags_in_messages(path) - OTHER_PROGRAMS_FLAGS):
+            naming[name] = sorted(flags)
+    unexpected = {name: flags for name, flags in naming.items() if name not in STILL_NAMING_FLAGS}
+    assert not unexpected, f"name the parameter (`overwrite=True`, max_genes), not the flag: {unexpected}"
+    assert set(naming) == STILL_NAMING_FLAGS, "a module names parameters now: take it off STILL_NAMING_FLAGS"
 
 
 HEAVY = ("torch", "anndata", "lightning", "peft", "hydra", "scipy")

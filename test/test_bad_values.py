@@ -243,7 +243,7 @@ def test_drop_empty_cells_leaves_them_out(cli, reference_input, reference_dir, e
     data = write_counts(tmp_path, reference_input, empty_cells)
     code, text = cli(*inference_args(reference_dir, data, tmp_path / "out", "--drop-empty-cells"))
     assert code == 0, text
-    assert warning_line(text, "2 by drop_empty_cells")
+    assert warning_line(text, "2 by --drop-empty-cells")
     written = ad.read_h5ad(tmp_path / "out" / "embeddings.h5ad")
     others = np.setdiff1d(np.arange(64), [3, 10])
     assert list(written.obs_names) == list(ad.read_h5ad(reference_input).obs_names[others])

@@ -126,7 +126,7 @@ def test_download_data_by_species(server, tmp_path, capsys):
     ]
     serve_catalogue(server, records)
     out = tmp_path / "cellxgene"
-    args = ["download-data", "--species", "homo sapiens", "--api-url", server.base_url, "--output-dir", str(out)]
+    args = ["download-data", "--species", "homo sapiens", "--api-url", server.base_url, "--output-path", str(out)]
     assert main([*args, "--workers", "2"]) == 0
     assert "2 of 4 datasets selected" in capsys.readouterr().out
     for dataset_id in ["human-a", "human-b"]:
@@ -173,7 +173,7 @@ def test_cli_exit_code_when_a_dataset_fails(server, tmp_path, capsys):
             "homo sapiens",
             "--api-url",
             server.base_url,
-            "--output-dir",
+            "--output-path",
             str(tmp_path),
             "--max-retries",
             "1",
@@ -195,7 +195,7 @@ def test_dry_run_downloads_nothing(server, tmp_path, capsys):
             "homo sapiens",
             "--api-url",
             server.base_url,
-            "--output-dir",
+            "--output-path",
             str(tmp_path / "out"),
             "--dry-run",
         ]
@@ -215,7 +215,7 @@ def test_unreachable_or_broken_api(server, tmp_path, capsys):
             "homo sapiens",
             "--api-url",
             unused_port_url(),
-            "--output-dir",
+            "--output-path",
             str(tmp_path),
             "--max-retries",
             "1",
@@ -247,7 +247,7 @@ def test_api_records_are_not_trusted_blindly(server, tmp_path, capsys):
     records = [good, pinned, wrong_digest, bad_digest, no_size, local_file, plain_http, newline_id]
     serve_catalogue(server, records)
     out = tmp_path / "out"
-    args = ["download-data", "--species", "mus musculus", "--api-url", server.base_url, "--output-dir", str(out)]
+    args = ["download-data", "--species", "mus musculus", "--api-url", server.base_url, "--output-path", str(out)]
     assert main([*args, "--max-retries", "1", "--workers", "1"]) == 1
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
@@ -272,20 +272,21 @@ def test_api_records_are_not_trusted_blindly(server, tmp_path, capsys):
 
 @pytest.mark.parametrize("api", ["file:///etc", "ftp://127.0.0.1:21"])
 def test_api_address_with_another_scheme_fails_at_once(tmp_path, capsys, api):
-    args = ["download-data", "--species", "homo sapiens", "--api-url", api, "--output-dir", str(tmp_path / "out")]
+    args = ["download-data", "--species", "homo sapiens", "--api-url", api, "--output-path", str(tmp_path / "out")]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and "unsupported address scheme" in err and "attempt" not in err
     assert not (tmp_path / "out").exists()
 
 
-def test_output_dir_that_is_a_file_is_one_clear_line(server, tmp_path, capsys):
+def test_output_path_that_is_a_file_is_one_clear_line(server, tmp_path, capsys):
+    """Given by its former name --output-dir (still accepted), the folder is named by its flag --output-path."""
     serve_catalogue(server, [add_dataset(server, "human-a", HUMAN)])
     a_file = tmp_path / "cells.txt"
     a_file.write_text("not a folder")
     argv = ["download-data", "--species", "homo sapiens", "--api-url", server.base_url, "--output-dir", str(a_file)]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
-    message = f"{a_file} is a file, not a folder: choose another --output-dir"
+    message = f"{a_file} is a file, not a folder: choose another --output-path"
     assert err == f"transcriptformer download-data: error: {message}"
     assert a_file.read_text() == "not a folder"

@@ -5,6 +5,7 @@ a class too small to train on), with the bundled demo model.
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -163,7 +164,8 @@ def test_predict_labels_writes_classes_and_probabilities(trained, cells, tmp_pat
     assert code == 0
     labelled = ad.read_h5ad(tmp_path / "predicted_labels.h5ad")
     source = ad.read_h5ad(cells)
-    assert labelled.obs_names.equals(source.obs_names) and labelled.n_vars == source.n_vars
+    assert labelled.obs_names.equals(source.obs_names)
+    assert (labelled.obs[LABEL].astype(str) == source.obs[LABEL].astype(str)).all()  # the input's obs is kept
     classes = json.loads((output / CLASSIFIER_CONFIG_FILE).read_text())["classes"]
     assert list(labelled.uns["cell_type_probabilities"]["classes"]) == classes
     probabilities = labelled.obsm["cell_type_probabilities"]
@@ -254,3 +256,67 @@ def test_the_seed_style_entry_takes_the_classify_task(cells, tmp_path):
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "(cross-entropy), accuracy" in result.stdout and "Dry-run complete" in result.stdout
+
+
+def predict_labels_command(trained, cells: Path, output: Path, *extra) -> list[str]:
+    args = ["predict-labels", "--checkpoint-path", DEMO, "--adapter", trained[0], "--data-file", cells,
+            "--output-path", output, "--device", "cpu", "--batch-size", "1", "--chunk-size", "8", *extra]  # fmt: skip
+    return [sys.executable, "-m", "transcriptformer", *map(str, args)]
+
+
+def assert_same_labels(labelled: ad.AnnData, whole: ad.AnnData) -> None:
+    assert labelled.obs.equals(whole.obs)
+    np.testing.assert_array_equal(labelled.obsm["cell_type_probabilities"], whole.obsm["cell_type_probabilities"])
+    np.testing.assert_array_equal(labelled.obsm["embeddings"], whole.obsm["embeddings"])
+
+
+@pytest.mark.slow  # four fresh processes
+def test_predict_labels_resumes_and_runs_in_two_processes_as_one_run(trained, cells, tmp_path):
+    from test_inference_resume import kill_after_some_units
+
+    whole_command = predict_labels_command(trained, cells, tmp_path / "whole")
+    assert main(whole_command[3:]) == 0
+    whole = ad.read_h5ad(tmp_path / "whole" / "predicted_labels.h5ad")
+    assert whole.obs["predicted_cell_type"].notna().all() and whole.n_obs == 203
+
+    parts = tmp_path / "resumed" / ".predicted_labels.h5ad.parts"
+    kill_after_some_units(predict_labels_command(trained, cells, tmp_path / "resumed"), parts)
+    done = len(list(parts.glob("unit-*.npz")))
+    resumed = subprocess.run(
+        predict_labels_command(trained, cells, tmp_path / "resumed", "--resume"), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming: {done} of 26 units were already done" in resumed.stdout
+    assert "Predicted: " in resumed.stdout
+    assert_same_labels(ad.read_h5ad(tmp_path / "resumed" / "predicted_labels.h5ad"), whole)
+
+    two = subprocess.run(
+        predict_labels_command(trained, cells, tmp_path / "two", "--num-gpus", "2"),
+        capture_output=True,
+        text=True,
+        env=os.environ | {"CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert two.returncode == 0, two.stderr
+    assert "(2 processes" in two.stdout
+    assert_same_labels(ad.read_h5ad(tmp_path / "two" / "predicted_labels.h5ad"), whole)
+
+
+def test_model_classify_writes_what_predict_labels_writes(trained, cells, tmp_path):
+    """The Python API runs the same task in memory; an AnnData gets the command's columns, arrays and classes.
+
+    The head runs on a unit's embeddings at once, and units of other sizes round differently (by 1e-7).
+    """
+    assert main(predict_labels_command(trained, cells, tmp_path)[3:]) == 0
+    written = ad.read_h5ad(tmp_path / "predicted_labels.h5ad")
+    adata = ad.read_h5ad(cells)
+    probabilities = transcriptformer.load(DEMO, device="cpu", adapter=trained[0]).classify(adata, batch_size=8)
+    np.testing.assert_allclose(probabilities.to_numpy(), written.obsm["cell_type_probabilities"], rtol=1e-5)
+    assert list(probabilities.columns) == list(written.uns["cell_type_probabilities"]["classes"])
+    assert probabilities.index.equals(adata.obs_names)
+    pd.testing.assert_series_equal(adata.obs["predicted_cell_type"], written.obs["predicted_cell_type"])
+    np.testing.assert_allclose(
+        adata.obs["predicted_cell_type_probability"], written.obs["predicted_cell_type_probability"], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        adata.obsm["cell_type_probabilities"], written.obsm["cell_type_probabilities"], rtol=1e-5
+    )

@@ -7,6 +7,8 @@ card of saved adapters.
 import argparse
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,19 +33,20 @@ SLOW_PRECISION = "warning: precision 16-mixed on the CPU is several times slower
 FINETUNE = ["finetune", "--checkpoint-path", str(REFERENCE_DIR), "--train-files", str(REFERENCE_INPUT)]
 
 
-def run_cli(args: list[str], cwd: Path, capfd, monkeypatch, umask: int = 0o022) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of the command, run through ``main`` in ``cwd`` with ``umask``.
+def run_cli(args: list[str], cwd: Path, umask: int = 0o022) -> subprocess.CompletedProcess:
+    """The command in a fresh process, as a user runs it.
 
-    ``capfd`` takes what reaches the terminal, Lightning's loggers and tqdm included.
+    What Lightning prints depends on the process: its loggers get their own handler on the real stderr when it is
+    imported where no logging is set up, as in a command's process but not in a test's, where capture and logging
+    plugins are in place. The tests of that output run the command apart, the others through ``main``.
     """
-    monkeypatch.chdir(cwd)
-    previous = os.umask(umask)
-    try:
-        code = main(args)
-    finally:
-        os.umask(previous)
-    captured = capfd.readouterr()
-    return code, captured.out, captured.err
+    return subprocess.run(
+        [sys.executable, "-m", "transcriptformer", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: os.umask(umask),
+    )
 
 
 def inference(tmp_path: Path, *flags: str) -> list[str]:
@@ -131,13 +134,13 @@ def test_saved_files_follow_the_umask(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters", "new_species_gene.h5"]  # no temporary left
 
 
-def test_finetune_is_quiet_by_default_and_writes_a_model_card(tmp_path, capfd, monkeypatch):
+def test_finetune_is_quiet_by_default_and_writes_a_model_card(tmp_path):
     flags = ["--max-steps", "2", "--batch-size", "8", "--lora-r", "4", "--devices", "cpu", "--output-path", "adapters"]
-    code, out, err = run_cli([*FINETUNE, *flags, "--precision", "16-mixed"], tmp_path, capfd, monkeypatch, umask=0o002)
-    assert code == 0, err
-    assert not [noise for noise in LIGHTNING_NOISE if noise in err], err
-    assert err.count(SLOW_PRECISION) == 1  # and float16 trained on the CPU, as asked
-    assert out.rstrip().endswith("adapters saved to adapters")
+    result = run_cli([*FINETUNE, *flags, "--precision", "16-mixed"], cwd=tmp_path, umask=0o002)
+    assert result.returncode == 0, result.stderr
+    assert not [noise for noise in LIGHTNING_NOISE if noise in result.stderr], result.stderr
+    assert result.stderr.count(SLOW_PRECISION) == 1  # and float16 trained on the CPU, as asked
+    assert result.stdout.rstrip().endswith("adapters saved to adapters")
     adapters = tmp_path / "adapters"
     files = [name for name in os.listdir(adapters) if "." in name and not name.startswith(".")]  # not the lock
     modes = {name: stat.S_IMODE((adapters / name).stat().st_mode) for name in files}
@@ -149,16 +152,14 @@ def test_finetune_is_quiet_by_default_and_writes_a_model_card(tmp_path, capfd, m
     assert f"--checkpoint-path {REFERENCE_DIR} --adapter adapters --data-file" in card  # paths as given
 
 
-def test_verbose_shows_lightning_logs_and_quiet_only_the_result(tmp_path, capfd, monkeypatch):
+def test_verbose_shows_lightning_logs_and_quiet_only_the_result(tmp_path):
     flags = ["--max-steps", "1", "--batch-size", "8", "--lora-r", "4", "--devices", "cpu", "--output-path", "adapters"]
-    code, _, err = run_cli([*FINETUNE, *flags, "--verbose"], tmp_path, capfd, monkeypatch)
-    assert code == 0, err
-    assert "GPU available: False, used: False" in err
+    verbose = run_cli([*FINETUNE, *flags, "--verbose"], cwd=tmp_path)
+    assert verbose.returncode == 0, verbose.stderr
+    assert "GPU available: False, used: False" in verbose.stderr
 
     train = ["train", "--quiet", "--config", str(TRAIN_CONFIG)]
-    code, out, err = run_cli(
-        [*train, *tiny_train_overrides(tmp_path / "model", "trainer.max_steps=1")], tmp_path, capfd, monkeypatch
-    )
-    assert code == 0, err
-    assert out == f"checkpoint saved to {tmp_path / 'model'}\n"
-    assert not [noise for noise in LIGHTNING_NOISE if noise in err], err
+    quiet = run_cli([*train, *tiny_train_overrides(tmp_path / "model", "trainer.max_steps=1")], cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout == f"checkpoint saved to {tmp_path / 'model'}\n"
+    assert not [noise for noise in LIGHTNING_NOISE if noise in quiet.stderr], quiet.stderr

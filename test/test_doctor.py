@@ -275,7 +275,7 @@ def test_cpu_bf16_matrix_instructions(tmp_path):
     avx = cpu_bf16_finding(flags)
     assert avx.message == "CPU bf16 matrix instructions: AVX512-BF16 (bf16-mixed runs matrix products in bf16)"
     assert "AMX-BF16, AVX512-BF16" in cpu_bf16_finding(flags | {"amx_bf16"}).message
-    assert "--precision 32" in cpu_bf16_finding(frozenset({"avx2"})).message
+    assert "use precision 32" in cpu_bf16_finding(frozenset({"avx2"})).message
     assert "unknown" in cpu_bf16_finding(None).message
     assert all(f.level == "info" for f in (avx, cpu_bf16_finding(None)))
 

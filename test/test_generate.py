@@ -3,6 +3,10 @@
 The trained demo model (models/demo-mouse-brain) generates from the bundled held-out mouse brain cells.
 """
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -15,8 +19,8 @@ import transcriptformer
 from conftest import DATA_DIR, REFERENCE_DIR
 from test_user_errors import assert_one_line_error, run_cli
 from transcriptformer.cli import main
-from transcriptformer.generation import GENERATION_ORDER
 from transcriptformer.model.sampling import sample_zero_truncated_poisson, zero_truncated_poisson_probabilities
+from transcriptformer.tasks.generate import GENERATION_ORDER
 
 DEMO_MODEL = DATA_DIR.parent.parent / "models" / "demo-mouse-brain"
 HELDOUT = DATA_DIR / "demo_mouse_brain_heldout.h5ad"
@@ -67,23 +71,23 @@ def test_cached_and_uncached_generation_give_the_same_cells(prompt_cells, sampli
     demo64 = transcriptformer.load(DEMO_MODEL, device="cpu")
     demo64.model.double()
     settings = {"num_cells": 6, "max_genes": 40, "seed": 3, "prompt_genes": 2} | sampling
-    cached = demo64.generate(prompt_cells, **settings)
-    uncached = demo64.generate(prompt_cells, use_cache=False, **settings)
+    cached = demo64.generate(HELDOUT, **settings)
+    uncached = demo64.generate(HELDOUT, use_cache=False, **settings)
     assert sequences(cached) == sequences(uncached)
     assert cached.obs["num_genes"].min() > 10
 
 
 def test_a_cell_depends_on_the_seed_and_its_index_not_the_batch(demo, prompt_cells):
-    whole = demo.generate(prompt_cells, num_cells=9, max_genes=30, seed=1, batch_size=9)
-    split = demo.generate(prompt_cells, num_cells=9, max_genes=30, seed=1, batch_size=4)
-    other_seed = demo.generate(prompt_cells, num_cells=9, max_genes=30, seed=2, batch_size=9)
+    whole = demo.generate(HELDOUT, num_cells=9, max_genes=30, seed=1, batch_size=9)
+    split = demo.generate(HELDOUT, num_cells=9, max_genes=30, seed=1, batch_size=4)
+    other_seed = demo.generate(HELDOUT, num_cells=9, max_genes=30, seed=2, batch_size=9)
     assert sequences(whole) == sequences(split)
     assert all(a != b for a, b in zip(sequences(whole), sequences(other_seed), strict=True))
 
 
 def test_generated_cells_follow_the_sampling_rules(demo, prompt_cells):
     vocab = demo.checkpoint.gene_vocab
-    adata = demo.generate(prompt_cells, num_cells=12, seed=0)
+    adata = demo.generate(HELDOUT, num_cells=12, seed=0)
     clip = demo.checkpoint.config.data_config.clip_counts
     for cell in sequences(adata):
         genes = [gene for gene, _ in cell]
@@ -113,7 +117,7 @@ def test_greedy_sampling_takes_the_most_likely_gene(demo):
 def test_prompts_and_targets(demo, prompt_cells):
     first = prompt_cells.batch([0])
     n_genes = int((first.gene_tokens != demo.model.special_tokens.pad).sum())
-    adata = demo.generate(prompt_cells, num_cells=1, prompt_genes=5)
+    adata = demo.generate(HELDOUT, num_cells=1, prompt_genes=5)
     ids = demo.checkpoint.gene_vocab.gene_ids
     n_special = len(demo.checkpoint.gene_vocab.special_tokens)
     prompt = [
@@ -125,7 +129,7 @@ def test_prompts_and_targets(demo, prompt_cells):
     assert adata.obs["target_library_size"].iloc[0] == pytest.approx(float(first.gene_counts.sum()))
     assert adata.obs["prompt_cell"].iloc[0] == prompt_cells.obs_names[0]
     # A gene list (symbols) starts every cell in its order; max_genes caps the cell, scaling its total.
-    listed = demo.generate(prompt_cells, num_cells=3, genes=["Crym", "Vgf"], max_genes=10)
+    listed = demo.generate(HELDOUT, num_cells=3, genes=["Crym", "Vgf"], max_genes=10)
     symbols = ["ENSMUSG00000030905", "ENSMUSG00000037428"]  # Crym, Vgf
     assert all([gene for gene, _ in cell[:2]] == symbols for cell in sequences(listed))
     assert (listed.obs["num_genes"] == 10).all()
@@ -152,7 +156,7 @@ def test_generated_cells_resemble_the_real_ones(demo, prompt_cells):
     real = np.zeros((len(prompt_cells), len(demo.checkpoint.gene_vocab)))
     np.put_along_axis(real, batch.gene_tokens.numpy(), batch.gene_counts.numpy(), axis=1)
     real = real[:, n_special:]
-    generated = demo.generate(prompt_cells, seed=0).X.toarray()
+    generated = demo.generate(HELDOUT, seed=0).X.toarray()
     for statistic in (lambda x: (x > 0).sum(1), lambda x: x.sum(1)):
         assert np.median(statistic(generated)) == pytest.approx(np.median(statistic(real)), rel=0.2)
     top = np.argsort(-real.mean(0))[:50]
@@ -168,7 +172,7 @@ def test_the_cli_writes_cells_that_scanpy_and_inference_read(tmp_path, capsys):
     assert f"Output: {(out / 'generated.h5ad').resolve()}" in capsys.readouterr().out
     adata = ad.read_h5ad(out / "generated.h5ad")
     assert adata.shape == (8, len(transcriptformer.load(DEMO_MODEL, device="cpu").checkpoint.gene_vocab.gene_ids))
-    assert sp.issparse(adata.X) and adata.uns["transcriptformer"]["settings"]["seed"] == 0
+    assert sp.issparse(adata.X) and json.loads(adata.uns["transcriptformer"]["task"])["settings"]["seed"] == 0
     assert set(adata.obs["assay"]) == {"MERFISH"}
     sc.pp.normalize_total(adata)
     sc.pp.log1p(adata)
@@ -222,3 +226,54 @@ def test_a_cell_that_draws_end_stops_while_the_others_go_on(demo):
     assert result.ended.tolist() == [True, False]
     assert (result.tokens[0] != pad).sum() == 2 and (result.counts[0, 2:] == 0).all()
     assert (result.tokens[1] != pad).sum() == 10
+
+
+def generate_command(output: Path, *extra, prompts: Path = HELDOUT) -> list[str]:
+    args = ["generate", "--checkpoint-path", DEMO_MODEL, "--data-file", prompts, "--output-path", output,
+            "--max-genes", 12, "--batch-size", 2, "--chunk-size", 5, "--device", "cpu", *extra]  # fmt: skip
+    return [sys.executable, "-m", "transcriptformer", *map(str, args)]
+
+
+def assert_same_cells(adata: ad.AnnData, whole: ad.AnnData) -> None:
+    assert adata.obs.equals(whole.obs)
+    assert sequences(adata) == sequences(whole)
+
+
+def test_units_of_the_file_run_generate_the_cells_of_the_in_memory_run(demo, tmp_path):
+    """Cells past the last of 4 prompt cells wrap around to the first, across units of 5 cells; the same cells."""
+    prompts = tmp_path / "prompts.h5ad"
+    ad.read_h5ad(HELDOUT)[:4].copy().write_h5ad(prompts)
+    assert main(generate_command(tmp_path, "--num-cells", 11, prompts=prompts)[3:]) == 0
+    written = ad.read_h5ad(tmp_path / "generated.h5ad")
+    in_memory = demo.generate(prompts, num_cells=11, max_genes=12, batch_size=3)
+    assert_same_cells(written, in_memory)
+    names = ad.read_h5ad(prompts).obs_names
+    assert list(written.obs["prompt_cell"]) == [names[i % 4] for i in range(11)]
+    assert (written.X != written.layers["counts"]).nnz == 0
+
+
+@pytest.mark.slow  # three fresh processes
+def test_generate_resumes_and_runs_in_two_processes_as_one_run(tmp_path):
+    from test_inference_resume import kill_after_some_units
+
+    extra = ["--num-cells", "40", "--batch-size", "1"]
+    assert main(generate_command(tmp_path / "whole", *extra)[3:]) == 0
+    whole = ad.read_h5ad(tmp_path / "whole" / "generated.h5ad")
+    parts = tmp_path / "resumed" / ".generated.h5ad.parts"
+    kill_after_some_units(generate_command(tmp_path / "resumed", *extra), parts)
+    done = len(list(parts.glob("unit-*.npz")))
+    resumed = subprocess.run(generate_command(tmp_path / "resumed", *extra, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming: {done} of 8 units were already done" in resumed.stdout
+    assert_same_cells(ad.read_h5ad(tmp_path / "resumed" / "generated.h5ad"), whole)
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}
+    two = subprocess.run(
+        generate_command(tmp_path / "two", *extra, "--num-gpus", "2"), capture_output=True, text=True, env=env
+    )
+    assert two.returncode == 0, two.stderr
+    assert_same_cells(ad.read_h5ad(tmp_path / "two" / "generated.h5ad"), whole)
+
+
+def test_a_gene_given_as_a_string_is_one_gene(demo):
+    one = demo.generate(num_cells=2, num_genes=3, library_size=6, genes="Crym", aux={"assay": "MERFISH"})
+    assert all(cell[0][0] == "ENSMUSG00000030905" for cell in sequences(one))

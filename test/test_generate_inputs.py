@@ -19,7 +19,7 @@ from conftest import REFERENCE_DIR, assert_no_output
 from test_generate import DEMO_MODEL, sequences
 from test_properties import examples
 from test_user_errors import assert_one_line_error, run_cli
-from transcriptformer.config import MAX_GENERATED_CELLS, GenerateSettings
+from transcriptformer.config import MAX_GENERATED_CELLS, SamplingConfig
 from transcriptformer.errors import UserError
 from transcriptformer.model.sampling import filtered_probabilities
 
@@ -70,12 +70,12 @@ def test_out_of_range_settings_are_one_line_errors(tmp_path, capsys, flag, value
 )
 def test_api_settings_of_the_wrong_type_or_range_name_the_keyword(setting, words):
     with pytest.raises(ValueError) as error:
-        GenerateSettings(**setting)
+        SamplingConfig(**setting)
     assert all(word in str(error.value) for word in words), str(error.value)
 
 
 def test_numpy_integers_are_accepted_as_settings():
-    assert GenerateSettings(num_cells=np.int64(3), seed=np.uint32(7)).num_cells == 3
+    assert SamplingConfig(num_cells=np.int64(3), seed=np.uint32(7)).num_cells == 3
 
 
 def test_a_temperature_near_zero_takes_the_most_likely_gene_and_a_huge_one_every_gene_alike():

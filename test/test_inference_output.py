@@ -11,7 +11,7 @@ import scanpy as sc
 import torch
 
 from transcriptformer.cli import main
-from transcriptformer.config import PredictSettings
+from transcriptformer.config import PredictConfig
 from transcriptformer.engine import contextual_embeddings
 from transcriptformer.engine.output import concat_frames, write_output
 from transcriptformer.engine.parts import load_part, save_part
@@ -36,7 +36,7 @@ def chunk(reference_model, reference_input, n_special):
     cells = reference_model.tokenize(ad.read_h5ad(reference_input)[:10].copy())
     vocab_index = np.arange(len(reference_model.checkpoint.gene_vocab))
     gene_columns = np.where(vocab_index >= n_special, vocab_index - n_special, -1)
-    settings = PredictSettings(OUTPUT_KEYS, batch_size=3)
+    settings = PredictConfig(OUTPUT_KEYS, batch_size=3)
     return predict_gene_outputs(reference_model.model, cells, settings, torch.device("cpu"), gene_columns)
 
 
@@ -70,7 +70,7 @@ def test_the_end_target_position_holds_no_gene_llh(reference_model, reference_in
     assert full.size  # the reference cells include full-length ones
     vocab_index = np.arange(len(reference_model.checkpoint.gene_vocab))
     gene_columns = np.where(vocab_index >= n_special, vocab_index - n_special, -1)
-    outputs = predict_gene_outputs(model, cells, PredictSettings(("mu", "gene_llh")), torch.device("cpu"), gene_columns)
+    outputs = predict_gene_outputs(model, cells, PredictConfig(("mu", "gene_llh")), torch.device("cpu"), gene_columns)
     last_gene = cells.batch(full).gene_tokens[:, end_target_position(cells.seq_len)].numpy() - n_special
     assert (outputs.gene_values["gene_llh"][full, last_gene] == 0).all()
     assert (outputs.gene_values["mu"][full, last_gene] != 0).all()
@@ -166,7 +166,7 @@ def test_atomic_write_keeps_an_existing_file(chunk, tmp_path):
     target.write_bytes(b"an earlier result")
     obs = pd.DataFrame(index=[f"cell{i}" for i in range(10)])
     no_genes = pd.DataFrame(index=pd.Index([]))
-    with pytest.raises(FileExistsError, match="pass --overwrite"):
+    with pytest.raises(FileExistsError, match="pass `overwrite=True`"):
         write_output(target, obs, no_genes, [GeneOutputs(10, dict(chunk.cell_values))], {}, overwrite=False)
     assert target.read_bytes() == b"an earlier result"
     write_output(target, obs, no_genes, [GeneOutputs(10, dict(chunk.cell_values))], {}, overwrite=True)
@@ -271,5 +271,5 @@ def test_contextual_embeddings_of_one_gene(cge_output, reference_model, api_outp
     np.testing.assert_array_equal(embeddings, api_outputs["cge"][rows, positions])
     with pytest.raises(KeyError, match="no cell's sequence in this output holds gene 'ENSMUSG0'"):
         contextual_embeddings(adata, "ENSMUSG0")
-    with pytest.raises(KeyError, match="--emb-type cge"):
+    with pytest.raises(KeyError, match="`emb_type=cge`"):
         contextual_embeddings(ad.AnnData(obs=adata.obs), gene)

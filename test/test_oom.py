@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 
 from conftest import PARITY_OUTPUTS
+from transcriptformer.cli import build_parser, subcommand_parser
 from transcriptformer.cli.common import report_user_error
-from transcriptformer.config import PredictSettings
+from transcriptformer.config import PredictConfig
 from transcriptformer.engine.config import InferenceConfig, RunConfig
 from transcriptformer.engine.distributed import Rank
 from transcriptformer.engine.parts import load_part, open_parts_dir, part_file, parts_dir
@@ -82,10 +83,10 @@ def seq_len(reference_model) -> int:
 @pytest.fixture(scope="module")
 def normal_run(reference_model, cells):
     """Every output of the reference cells, 16 cells a batch, on a device large enough."""
-    return predict_positions(reference_model.model, cells, PredictSettings(KEYS, batch_size=16), CPU)
+    return predict_positions(reference_model.model, cells, PredictConfig(KEYS, batch_size=16), CPU)
 
 
-def run_on(device: SmallDevice, cells, settings: PredictSettings) -> tuple[dict[str, np.ndarray], list[str]]:
+def run_on(device: SmallDevice, cells, settings: PredictConfig) -> tuple[dict[str, np.ndarray], list[str]]:
     """The outputs and the warnings of a run."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -105,11 +106,11 @@ def assert_same_outputs(actual: dict[str, np.ndarray], desired: dict[str, np.nda
 
 
 def test_out_of_memory_halves_the_batch_size_and_changes_no_result(reference_model, cells, seq_len, normal_run):
-    first = plan(reference_model.model, cells, PredictSettings(batch_size=16), CPU)[0]
+    first = plan(reference_model.model, cells, PredictConfig(batch_size=16), CPU)[0]
     assert (len(first.rows), first.length) == (16, seq_len)  # the premise: the longest cells come first
     device = SmallDevice(reference_model.model, capacity=8 * seq_len - 1)  # 16 and 8 full-length cells do not fit
 
-    outputs, messages = run_on(device, cells, PredictSettings(KEYS, batch_size=16))
+    outputs, messages = run_on(device, cells, PredictConfig(KEYS, batch_size=16))
 
     assert_same_outputs(outputs, normal_run)
     assert device.failures() == [(16, seq_len), (8, seq_len)]
@@ -118,38 +119,40 @@ def test_out_of_memory_halves_the_batch_size_and_changes_no_result(reference_mod
     assert device.cells_computed() == len(cells)  # every cell once
     assert len(messages) == 2  # one warning per lowering
     assert f"out of memory in a batch of 16 cells x {seq_len} positions" in messages[0]
-    assert "continuing with --batch-size 8" in messages[0]
-    assert "continuing with --batch-size 4" in messages[1]
+    assert "continuing with `batch_size=8`" in messages[0]
+    assert "continuing with `batch_size=4`" in messages[1]
 
 
 def test_out_of_memory_halves_the_token_budget_and_changes_no_result(reference_model, cells, seq_len, normal_run):
     device = SmallDevice(reference_model.model, capacity=8 * seq_len - 1)
 
-    outputs, messages = run_on(device, cells, PredictSettings(KEYS, max_tokens=16 * seq_len))
+    outputs, messages = run_on(device, cells, PredictConfig(KEYS, max_tokens=16 * seq_len))
 
     assert_same_outputs(outputs, normal_run)
     assert device.failures() == [(16, seq_len), (8, seq_len)]
     assert all(n * length <= 4 * seq_len for n, length, _ in device.tried[2:])
     assert device.cells_computed() == len(cells)
     assert len(messages) == 2
-    assert f"continuing with --max-tokens-per-batch {8 * seq_len}" in messages[0]
-    assert f"continuing with --max-tokens-per-batch {4 * seq_len}" in messages[1]
+    assert f"continuing with `max_tokens={8 * seq_len}`" in messages[0]
+    assert f"continuing with `max_tokens={4 * seq_len}`" in messages[1]
 
 
 def test_a_single_cell_that_does_not_fit_is_a_one_line_error(reference_model, cells, seq_len, capsys):
     device = SmallDevice(reference_model.model, capacity=seq_len - 1)  # not even one full-length cell fits
 
     with pytest.raises(UserError) as raised, warnings.catch_warnings(record=True):
-        predict_positions(device, cells, PredictSettings(KEYS, batch_size=16), CPU)
+        predict_positions(device, cells, PredictConfig(KEYS, batch_size=16), CPU)
 
     assert [n for n, _ in device.failures()] == [16, 8, 4, 2, 1]  # halved down to one cell before giving up
     assert device.cells_computed() == 0
     assert isinstance(raised.value.__cause__, torch.OutOfMemoryError)
-    assert report_user_error("inference", raised.value) == 1  # how the command line reports it
+    assert "`device=cpu`" in str(raised.value)  # the library names the parameter
+    inference = subcommand_parser(build_parser(["inference"]), "inference")
+    assert report_user_error("inference", raised.value, inference) == 1  # how the command line reports it
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"error: out of memory on cpu with a single cell of {seq_len} positions" in err
-    assert "--device cpu" in err
+    assert "--device cpu" in err and "`" not in err
 
 
 def inference_session(reference_dir, reference_input, output, chunk_size):
@@ -178,7 +181,7 @@ def test_a_run_keeps_the_lowered_batch_size_for_its_later_units(reference_dir, r
         assert device.cells_computed() == 64
         assert all(n <= 8 for n, _, _ in device.tried[1:])
         messages = [str(w.message) for w in caught if "out of memory" in str(w.message)]
-        assert len(messages) == 1 and "continuing with --batch-size 8" in messages[0]
+        assert len(messages) == 1 and "continuing with `batch_size=8`" in messages[0]
         for unit in session.units:
             saved = load_part(part_file(session, unit)).outputs.cell_values["embeddings"]
             desired = normal_run["embeddings"][unit.start : unit.stop]

@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from test_masks import dense_reference
-from transcriptformer.config import PredictSettings
+from transcriptformer.config import PredictConfig
 from transcriptformer.data.tokenize import CellTokenizer, TokenizedCells
 from transcriptformer.model.attention import build_attention_inputs, chunked_attend, flex_attend
 from transcriptformer.pipeline import predict_positions
@@ -365,7 +365,7 @@ def pool(reference) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
     model, cells = reference
     by_length = np.argsort(cells.n_tokens(), kind="stable")
     rows = by_length[np.linspace(0, len(cells) - 1, POOL_SIZE).astype(int)]
-    single = PredictSettings(MODEL_KEYS, batch_size=1)
+    single = PredictConfig(MODEL_KEYS, batch_size=1)
     return rows, [predict_positions(model.model, subset(cells, [row]), single, CPU) for row in rows]
 
 
@@ -376,8 +376,8 @@ def test_batch_mates_change_no_model_output(reference, pool, data):
     rows, alone = pool
     picks = data.draw(st.lists(st.integers(0, POOL_SIZE - 1), min_size=2, max_size=5, unique=True))
     budget = data.draw(st.one_of(st.none(), st.integers(1, 5 * cells.seq_len)), label="max_tokens")
-    predict_settings = PredictSettings(MODEL_KEYS, batch_size=data.draw(st.integers(1, 5)), max_tokens=budget)
-    together = predict_positions(model.model, subset(cells, rows[picks]), predict_settings, CPU)
+    predict_config = PredictConfig(MODEL_KEYS, batch_size=data.draw(st.integers(1, 5)), max_tokens=budget)
+    together = predict_positions(model.model, subset(cells, rows[picks]), predict_config, CPU)
     for i, pick in enumerate(picks):
         single = alone[pick]
         for key, value in single.items():

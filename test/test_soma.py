@@ -252,8 +252,12 @@ def test_mistakes_with_a_soma_input_are_one_line(experiment, tmp_path, capsys, e
         (["--soma", "missing_folder"], ["--soma missing_folder", "no SOMA experiment or Census there"]),
         (["--soma", REFERENCE_INPUT], ["no SOMA experiment or Census there"]),
         (
+            ["--data-file", REFERENCE_INPUT, "--organism", "homo_sapiens"],
+            ["organism selects the experiment of a Census", "--census-version"],
+        ),
+        (  # the filter selects cells of files too: a column the file lacks is named with the file's columns
             ["--data-file", REFERENCE_INPUT, "--obs-filter", "x == 1"],
-            ["--obs-filter", "give --soma or --census-version"],
+            ["--obs-filter 'x == 1' is not a valid filter on obs", "reference_tiny"],
         ),
         (
             ["--data-file", REFERENCE_INPUT, "--output-soma", "x.soma"],

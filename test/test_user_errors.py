@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from conftest import DATA_DIR, REFERENCE_DIR, REFERENCE_INPUT, TRAIN_CONFIG, tiny_train_overrides
+from conftest import DATA_DIR, REFERENCE_DIR, REFERENCE_INPUT, TRAIN_CONFIG, assert_no_output, tiny_train_overrides
 from local_http_server import LocalServer
-from transcriptformer.cli import main
+from transcriptformer.cli import build_parser, main, subcommand_parser
+from transcriptformer.cli.common import with_flag_names
+from transcriptformer.engine import InferenceConfig, RunConfig, run_task
+from transcriptformer.tasks.embed import EmbedTask
 
 GENE_TABLE = "vocabs/mus_musculus_gene.h5"
 TENX_HUMAN = DATA_DIR / "10x_v3_chr21_1107cells.h5"
@@ -396,3 +399,50 @@ def test_errors_name_settings_by_their_flags(capsys, tmp_path, argv, flag, pytho
     err = capsys.readouterr().err
     assert_one_line_error(code, err, command, f"{flag} must be")
     assert python_name not in err
+
+
+def test_the_library_names_parameters_and_the_command_line_names_flags(reference_model, tmp_path, capsys):
+    """A Python user reads the parameter (``max_genes``), the user of a command its flag (``--num-gpus``)."""
+    with pytest.raises(ValueError, match=r"^max_genes must be >= 1 and <= 1000000, got 0$"):
+        reference_model.generate(max_genes=0, num_cells=1, library_size=100.0)
+    with pytest.raises(ValueError, match=r"^num_gpus must be >= 1 \(or -1: every visible GPU\), got 0$"):
+        InferenceConfig(num_gpus=0)
+    code, err = run_cli(
+        capsys, "inference", "--checkpoint-path", REFERENCE_DIR, "--data-file", REFERENCE_INPUT,
+        "--output-path", tmp_path, "--num-gpus", "0",
+    )  # fmt: skip
+    assert_one_line_error(code, err, "inference", "--num-gpus must be >= 1 (or -1: every visible GPU), got 0")
+    assert "num_gpus" not in err
+    assert_no_output(tmp_path)
+
+
+def test_a_dry_run_names_the_parameter_in_python_and_the_flag_on_the_command_line(tmp_path, capsys):
+    (tmp_path / "embeddings.h5ad").write_text("an earlier output")
+    settings = InferenceConfig(data_files=[str(REFERENCE_INPUT)], output_path=str(tmp_path))
+    run_task(EmbedTask(), RunConfig.from_checkpoint(REFERENCE_DIR, settings), dry_run=True)
+    assert "(exists; the run would stop: pass `overwrite=True` to replace it)" in capsys.readouterr().out
+    argv = ["inference", "--checkpoint-path", REFERENCE_DIR, "--data-file", REFERENCE_INPUT, "--output-path", tmp_path]
+    assert main([*map(str, argv), "--dry-run"]) == 0
+    assert "(exists; the run would stop: pass --overwrite to replace it)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("message", "worded"),
+    [
+        ("pass `overwrite=True` to replace it", "pass --overwrite to replace it"),
+        ("run without `resume` to start over", "run without --resume to start over"),
+        ("or pass `invalid_counts='drop'`", "or pass --invalid-counts drop"),
+        ("pass `filter_to_vocabs=False`", "pass --no-filter-to-vocabs"),
+        ("`num_gpus=4` asks for 4 GPUs", "--num-gpus 4 asks for 4 GPUs"),
+        ("max_tokens must be >= 1, got 0", "--max-tokens must be >= 1, got 0"),
+        ("give files with data_files", "give files with --data-file"),
+        # Ordinary words, names without a flag and dotted keys stay as they are.
+        ("the run would resume on this device, at the same precision", None),
+        ("set `normalize_to_scale` with an override", None),
+        ("model.inference_config.batch_size=0: must be >= 1", None),
+        ("/data/output_path/cells.h5ad is missing", None),
+    ],
+)
+def test_flags_replace_only_the_parameters_a_message_marks_or_whose_names_have_an_underscore(message, worded):
+    inference = subcommand_parser(build_parser(["inference"]), "inference")
+    assert with_flag_names(message, inference) == (worded or message)

@@ -17,7 +17,7 @@ _EXPORTS = {
     "DataConfig": "transcriptformer.config",
     "LossConfig": "transcriptformer.config",
     "ModelConfig": "transcriptformer.config",
-    "PredictSettings": "transcriptformer.config",
+    "PredictConfig": "transcriptformer.config",
     "TranscriptFormerConfig": "transcriptformer.config",
 }
 __all__ = sorted([*_EXPORTS, "__version__"])

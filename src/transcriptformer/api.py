@@ -24,21 +24,24 @@ import numpy as np
 import pandas as pd
 import torch
 
-from transcriptformer.annotation.settings import AnnotateSettings
+from transcriptformer.annotation.settings import AnnotateConfig
 from transcriptformer.checkpoint import WEIGHTS_FILE, Checkpoint, load_checkpoint
-from transcriptformer.config import GenerateSettings, PredictSettings
+from transcriptformer.config import PredictConfig
 from transcriptformer.data.sources import read_obs
 from transcriptformer.data.tokenize import TokenizedCells
-from transcriptformer.engine.config import InferenceConfig, ModelSection, RunConfig
+from transcriptformer.engine.config import InferenceConfig, ModelRunConfig, RunConfig
 from transcriptformer.engine.run import MemoryResult, run_in_memory
 from transcriptformer.engine.task import Task
 from transcriptformer.errors import UserError
 from transcriptformer.hub.cache import resolve_checkpoint
 from transcriptformer.model.classifier import Classifier, has_classifier, load_classifier
-from transcriptformer.perturbation.config import PerturbSettings
+from transcriptformer.model.outputs import PERTURBATION_KEYS
 from transcriptformer.pipeline import predict_positions
 from transcriptformer.runtime import Backend, resolve_device
+from transcriptformer.tasks.classify import ClassifyTask
 from transcriptformer.tasks.embed import EmbedConfig, EmbedTask
+from transcriptformer.tasks.generate import GenerateConfig, GenerateTask
+from transcriptformer.tasks.perturb import PerturbConfig, PerturbTask
 from transcriptformer.tasks.score import CELL_SCORE_KEYS, GENE_SCORE_KEY, ScoreConfig, ScoreTask
 
 if TYPE_CHECKING:
@@ -99,7 +102,7 @@ class TranscriptFormerModel:
         """
         self.checkpoint.tokenizer(**data_config)  # names an unknown setting
         checkpoint_config = self.checkpoint.config
-        model = ModelSection(
+        model = ModelRunConfig(
             checkpoint_path=str(self.checkpoint.path),
             data_config=dataclasses.replace(checkpoint_config.data_config, **data_config),
             model_config=checkpoint_config.model_config,
@@ -139,10 +142,11 @@ class TranscriptFormerModel:
         self,
         data: ad.AnnData | str | Path | TokenizedCells,
         *,
-        output_keys: Collection[str] = PredictSettings.output_keys,
-        batch_size: int = PredictSettings.batch_size,
-        max_tokens: int | None = PredictSettings.max_tokens,
-        precision: str | None = PredictSettings.precision,
+        output_keys: Collection[str] = PredictConfig.output_keys,
+        batch_size: int = PredictConfig.batch_size,
+        max_tokens: int | None = PredictConfig.max_tokens,
+        precision: str | None = PredictConfig.precision,
+        embedding_layer_index: int = PredictConfig.embedding_layer_index,
         **tokenize_kwargs: Any,
     ) -> dict[str, np.ndarray]:
         """Outputs of every cell, in input order.
@@ -160,6 +164,9 @@ class TranscriptFormerModel:
             Token budget per forward pass instead of a fixed ``batch_size``.
         precision
             ``"32"``, ``"16-mixed"`` or ``"bf16-mixed"``; ``None``: ``16-mixed`` on CUDA, ``32`` elsewhere.
+        embedding_layer_index
+            The layer whose output ``embeddings`` pools: 0 the first, negative from the end; -1 (the last layer)
+            gives the original release's embeddings (as Geneformer's ``emb_layer``).
         **tokenize_kwargs
             Passed to :meth:`tokenize`.
 
@@ -170,7 +177,7 @@ class TranscriptFormerModel:
             model inputs, which say which gene each per-position output belongs to) and ``aux_token_indices``.
             Per-position outputs are 0 at padding.
         """
-        settings = PredictSettings(tuple(output_keys), batch_size, max_tokens, precision)
+        settings = PredictConfig(tuple(output_keys), batch_size, max_tokens, precision, embedding_layer_index)
         cells = data if isinstance(data, TokenizedCells) else self.tokenize(data, **tokenize_kwargs)
         return predict_positions(self.model, cells, settings, self.device)
 
@@ -179,9 +186,10 @@ class TranscriptFormerModel:
         data: ad.AnnData | str | Path,
         *,
         key_added: str | None = EMBEDDING_KEY,
-        batch_size: int = PredictSettings.batch_size,
-        max_tokens: int | None = PredictSettings.max_tokens,
-        precision: str | None = PredictSettings.precision,
+        batch_size: int = PredictConfig.batch_size,
+        max_tokens: int | None = PredictConfig.max_tokens,
+        precision: str | None = PredictConfig.precision,
+        embedding_layer_index: int = PredictConfig.embedding_layer_index,
         **tokenize_kwargs: Any,
     ) -> np.ndarray:
         """Cell embeddings ``(n_cells, E)``, also stored in ``adata.obsm[key_added]`` when given an AnnData.
@@ -197,7 +205,7 @@ class TranscriptFormerModel:
         key_added
             ``obsm`` key of an AnnData's embeddings; ``None`` leaves the AnnData unchanged. A path accepts no
             other key than the default (a file is never written).
-        batch_size, max_tokens, precision
+        batch_size, max_tokens, precision, embedding_layer_index
             As for :meth:`predict`; results do not depend on the first two.
         **tokenize_kwargs
             Passed to :meth:`tokenize`.
@@ -218,6 +226,7 @@ class TranscriptFormerModel:
             "batch_size": batch_size,
             "max_tokens": max_tokens,
             "precision": precision,
+            "embedding_layer_index": embedding_layer_index,
         }
         result = self.run_task(task, data, settings, **tokenize_kwargs)
         if isinstance(data, ad.AnnData) and key_added is not None:
@@ -228,7 +237,7 @@ class TranscriptFormerModel:
         self,
         data: ad.AnnData | str | Path,
         *,
-        batch_size: int = PredictSettings.batch_size,
+        batch_size: int = PredictConfig.batch_size,
         **tokenize_kwargs: Any,
     ) -> pd.DataFrame:
         """Class probabilities of every cell, from the classifier the adapters were loaded with.
@@ -263,25 +272,19 @@ class TranscriptFormerModel:
                 "this model has no classifier: load it with transcriptformer.load(CHECKPOINT, adapter=FOLDER), "
                 "FOLDER written by 'transcriptformer finetune --task classify'"
             )
-        cells = self.tokenize(data, **tokenize_kwargs)
-        embeddings = self.predict(cells, batch_size=batch_size, output_keys=("embeddings",))["embeddings"]
-        probabilities = self.classifier.probabilities(embeddings)
-        info = self.classifier.info
+        task = ClassifyTask(classifier=self.classifier)
+        result = self.run_task(task, data, {"output_keys": ["embeddings"], "batch_size": batch_size}, **tokenize_kwargs)
         if isinstance(data, ad.AnnData):
-            if len(probabilities) != data.n_obs:
-                raise ValueError(
-                    f"cell filters kept {len(probabilities)} of {data.n_obs} cells, so obs cannot hold their "
-                    "classes: subset the AnnData first, or pass its path to get the probabilities only"
-                )
-            write_predictions(data, probabilities, info.label_key, info.classes)
-        return pd.DataFrame(probabilities, index=cells.obs_names, columns=info.classes)
+            store_every_cell(data, result, task, "obs", "pass its path to get the probabilities only")
+        probabilities = result.outputs.cell_values[task.probabilities_key]
+        return pd.DataFrame(probabilities, index=result.obs.index, columns=task.settings.classes)
 
     def generate(
         self,
-        data: ad.AnnData | str | Path | TokenizedCells | None = None,
+        data: ad.AnnData | str | Path | None = None,
         *,
         aux: dict[str, str] | None = None,
-        genes: Sequence[str] = (),
+        genes: Sequence[str] | str = (),
         **settings: Any,
     ) -> ad.AnnData:
         """Sample new cells, gene by gene with their counts (docs/generate.md).
@@ -295,32 +298,32 @@ class TranscriptFormerModel:
         aux
             Aux column -> value for every cell (e.g. ``{"assay": "MERFISH"}``), instead of the prompt cells'.
         genes
-            Genes (ids or symbols) every cell starts with, in this order; their counts are drawn.
+            Genes (ids or symbols) every cell starts with, in this order; their counts are drawn. A string is one
+            gene.
         **settings
-            Fields of :class:`~transcriptformer.config.GenerateSettings`: ``num_cells``, ``max_genes``,
+            Fields of :class:`~transcriptformer.config.SamplingConfig`: ``num_cells``, ``max_genes``,
             ``num_genes``, ``library_size``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``batch_size``,
             ``prompt_genes``, ``use_cache``.
 
         Returns
         -------
         AnnData
-            Cells x the vocabulary's genes, raw counts in ``X``; see :mod:`transcriptformer.generation`.
+            Cells x the vocabulary's genes, raw counts in ``X``; see :mod:`transcriptformer.tasks.generate`.
         """
-        from transcriptformer.generation import generate
-
-        prompt_cells = data
-        if data is not None and not isinstance(data, TokenizedCells):
-            prompt_cells = self.tokenize(data, drop_empty_cells=True)
-        return generate(self.checkpoint, GenerateSettings(**settings), self.device, prompt_cells, aux, genes)
+        if isinstance(data, TokenizedCells):
+            raise TypeError("data takes an AnnData or the path of a file of prompt cells, not tokenized cells")
+        task = GenerateTask(settings=GenerateConfig(aux=aux or {}, genes=genes, **settings))
+        result = self.run_task(task, data, {}, drop_empty_cells=True)
+        return task.to_anndata(result, self.checkpoint)
 
     def score(
         self,
         data: ad.AnnData | str | Path,
         *,
         outlier_threshold: float = ScoreConfig.outlier_threshold,
-        batch_size: int = PredictSettings.batch_size,
-        max_tokens: int | None = PredictSettings.max_tokens,
-        precision: str | None = PredictSettings.precision,
+        batch_size: int = PredictConfig.batch_size,
+        max_tokens: int | None = PredictConfig.max_tokens,
+        precision: str | None = PredictConfig.precision,
         use_raw: bool | None = None,
         remove_duplicate_genes: bool = False,
         **data_config: Any,
@@ -371,13 +374,13 @@ class TranscriptFormerModel:
         reference: ad.AnnData | str | Path | ReferenceIndex,
         label_key: str | Sequence[str] | None = None,
         *,
-        n_neighbors: int = AnnotateSettings.n_neighbors,
-        metric: str = AnnotateSettings.metric,
-        reject: bool = AnnotateSettings.reject,
-        false_unknown_rate: float = AnnotateSettings.false_unknown_rate,
-        batch_size: int = PredictSettings.batch_size,
-        max_tokens: int | None = PredictSettings.max_tokens,
-        precision: str | None = PredictSettings.precision,
+        n_neighbors: int = AnnotateConfig.n_neighbors,
+        metric: str = AnnotateConfig.metric,
+        reject: bool = AnnotateConfig.reject,
+        false_unknown_rate: float = AnnotateConfig.false_unknown_rate,
+        batch_size: int = PredictConfig.batch_size,
+        max_tokens: int | None = PredictConfig.max_tokens,
+        precision: str | None = PredictConfig.precision,
         **tokenize_kwargs: Any,
     ) -> pd.DataFrame:
         """Label the query cells from a labelled reference, both embedded by this model (docs/annotate.md).
@@ -409,7 +412,7 @@ class TranscriptFormerModel:
         """
         from transcriptformer.annotation import ReferenceIndex
         from transcriptformer.safe_load import sha256_of
-        from transcriptformer.tasks.annotate import EMBEDDINGS, AnnotateConfig, AnnotateTask
+        from transcriptformer.tasks.annotate import EMBEDDINGS, AnnotateTask, AnnotateTaskConfig
 
         model_id = sha256_of(self.checkpoint.path / WEIGHTS_FILE)
         batches = {"batch_size": batch_size, "max_tokens": max_tokens, "precision": precision}
@@ -419,12 +422,12 @@ class TranscriptFormerModel:
         else:
             labels = reference.obs if isinstance(reference, ad.AnnData) else read_obs(reference)
             embeddings = self.embed(reference, key_added=None, **batches, **tokenize_kwargs)
-            settings = AnnotateSettings(
+            settings = AnnotateConfig(
                 n_neighbors=n_neighbors, metric=metric, false_unknown_rate=false_unknown_rate, reject=reject
             )
             index = ReferenceIndex.build(embeddings, labels, label_key, model_id=model_id, settings=settings)
         keys = index.label_keys if label_key is None else [label_key] if isinstance(label_key, str) else list(label_key)
-        task = AnnotateTask(settings=AnnotateConfig(label_keys=keys, reject=reject, figures=False), reference=index)
+        task = AnnotateTask(settings=AnnotateTaskConfig(label_keys=keys, reject=reject, figures=False), reference=index)
         result = self.run_task(task, query, {"output_keys": [EMBEDDINGS], **batches}, **tokenize_kwargs)
         if isinstance(query, ad.AnnData):
             store_every_cell(query, result, task, "query.obs", "subset the query to the cells with counts first")
@@ -432,27 +435,30 @@ class TranscriptFormerModel:
 
     def perturb(
         self,
-        data: ad.AnnData | str | Path | TokenizedCells,
-        knock_out: Sequence[str] | str = PerturbSettings.knock_out,
-        over_express: Sequence[str] | str = PerturbSettings.over_express,
+        data: ad.AnnData | str | Path,
+        knock_out: Sequence[str] | str = PerturbConfig.knock_out,
+        over_express: Sequence[str] | str = PerturbConfig.over_express,
         *,
-        top_genes: int = PerturbSettings.top_genes,
-        chunk_size: int = PerturbSettings.chunk_size,
-        batch_size: int = PredictSettings.batch_size,
-        max_tokens: int | None = PredictSettings.max_tokens,
-        precision: str | None = PredictSettings.precision,
-        **tokenize_kwargs: Any,
+        top_genes: int = PerturbConfig.top_genes,
+        chunk_size: int = InferenceConfig.chunk_size,
+        batch_size: int = PredictConfig.batch_size,
+        max_tokens: int | None = PredictConfig.max_tokens,
+        precision: str | None = PredictConfig.precision,
+        use_raw: bool | None = None,
+        remove_duplicate_genes: bool = False,
+        **data_config: Any,
     ) -> PerturbationResult:
         """In-silico perturbation: knock genes out of every cell or over-express them, and compare the outputs.
 
-        Each perturbation is applied to each cell at the count level; a cell whose model inputs it does not change
-        (a knock-out of a gene the cell does not express) is unaffected and not run. The changed cells and the
-        cells they are compared with run through one batch loop. Definitions and caveats: ``docs/perturb.md``.
+        Runs the task of ``transcriptformer perturb`` (:class:`~transcriptformer.tasks.perturb.PerturbTask`) in
+        memory. Each perturbation is applied to each cell at the count level; a cell whose model inputs it does not
+        change (a knock-out of a gene the cell does not express) is unaffected and not run. Definitions and caveats:
+        ``docs/perturb.md``.
 
         Parameters
         ----------
         data
-            AnnData, file path, or cells already tokenized with :meth:`tokenize`.
+            An AnnData (only read), or a ``.h5ad``, ``.zarr`` or 10x ``.h5`` path.
         knock_out
             Genes to remove, one perturbation each: Ensembl ids of the vocabulary or symbols (``"Gad1"``);
             ``"Gad1+Gad2"`` removes both at once.
@@ -462,11 +468,12 @@ class TranscriptFormerModel:
         top_genes
             Rows of the ranked gene table per perturbation; 0: all.
         chunk_size
-            Model inputs run and reduced together (memory); results do not depend on it.
+            Cells perturbed and run together (memory grows with it times the perturbations); results do not
+            depend on it.
         batch_size, max_tokens, precision
             As for :meth:`predict`; results do not depend on the first two.
-        **tokenize_kwargs
-            Passed to :meth:`tokenize`.
+        use_raw, remove_duplicate_genes, **data_config
+            As for :meth:`tokenize`.
 
         Returns
         -------
@@ -474,15 +481,18 @@ class TranscriptFormerModel:
             ``summary`` (one row per perturbation), ``genes`` (the most affected genes of each, ranked) and
             ``cells`` (an AnnData of one row per perturbation and cell); ``write(folder)`` saves them.
         """
-        from transcriptformer.perturbation.effects import perturb_cells
-        from transcriptformer.perturbation.specs import parse_perturbations
+        from transcriptformer.perturbation.output import PerturbationResult
 
-        settings = PerturbSettings(knock_out, over_express, top_genes, chunk_size)
-        predict = PredictSettings(batch_size=batch_size, max_tokens=max_tokens, precision=precision)
-        vocab = self.checkpoint.gene_vocab
-        perturbations = parse_perturbations(settings.knock_out, settings.over_express, vocab)
-        cells = data if isinstance(data, TokenizedCells) else self.tokenize(data, **tokenize_kwargs)
-        return perturb_cells(self.model, cells, perturbations, vocab, settings, predict, self.device)
+        task = PerturbTask(settings=PerturbConfig(knock_out, over_express, top_genes))
+        settings = {
+            "output_keys": list(PERTURBATION_KEYS),
+            "chunk_size": chunk_size,
+            "batch_size": batch_size,
+            "max_tokens": max_tokens,
+            "precision": precision,
+        }
+        result = self.run_task(task, data, settings, use_raw, remove_duplicate_genes, **data_config)
+        return PerturbationResult.from_memory(result)
 
 
 def load(
@@ -530,13 +540,3 @@ def store_every_cell(adata: ad.AnnData, result: MemoryResult, task: Task, place:
             f"subset the AnnData first, or {alternative}"
         )
     task.write_into(adata, result)
-
-
-def write_predictions(adata: ad.AnnData, probabilities: np.ndarray, label_key: str, classes: list[str]) -> None:
-    """Store the classes and probabilities of :meth:`TranscriptFormerModel.classify` in ``adata``."""
-    known = np.isfinite(probabilities).all(axis=1)
-    best = np.where(known, np.nan_to_num(probabilities, nan=-1.0).argmax(axis=1), -1)
-    adata.obs[f"predicted_{label_key}"] = pd.Categorical.from_codes(best, categories=classes)
-    adata.obs[f"predicted_{label_key}_probability"] = probabilities.max(axis=1)  # NaN where unknown
-    adata.obsm[f"{label_key}_probabilities"] = probabilities.astype(np.float32)
-    adata.uns[f"{label_key}_probabilities"] = {"classes": np.asarray(classes, dtype=object)}

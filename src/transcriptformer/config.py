@@ -3,7 +3,7 @@
 ``config.json`` of a published checkpoint holds ``{"model": {"data_config": ..., "model_config": ...,
 "loss_config": ...}}``. Each section maps onto one dataclass below; unknown keys (such as ``_target_``) are
 ignored and missing optional keys take their defaults, so one loader serves every published checkpoint.
-:class:`PredictSettings` holds the settings of the batch loop (:mod:`transcriptformer.pipeline`) that every use
+:class:`PredictConfig` holds the settings of the batch loop (:mod:`transcriptformer.pipeline`) that every use
 of a model shares. This module imports nothing heavy, so that the command line can read defaults from it.
 """
 
@@ -204,7 +204,7 @@ class TranscriptFormerConfig:
 
 
 @dataclass(frozen=True)
-class PredictSettings:
+class PredictConfig:
     """How cells are run through a model. Results do not depend on ``batch_size`` or ``max_tokens``.
 
     Attributes
@@ -217,21 +217,23 @@ class PredictSettings:
         Token budget per forward pass (cells x batch length) instead of a fixed ``batch_size``.
     precision : str or None
         ``"32"``, ``"16-mixed"`` or ``"bf16-mixed"``; ``None``: ``16-mixed`` on CUDA, ``32`` elsewhere.
+    embedding_layer_index : int
+        The layer whose output the cell embedding pools: 0 the first, negative from the end; -1, the last layer, as
+        the original release (Geneformer's ``emb_layer``).
     """
 
     output_keys: tuple[str, ...] = ("embeddings",)
     batch_size: int = 8
     max_tokens: int | None = None
     precision: str | None = None
+    embedding_layer_index: int = -1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output_keys", tuple(dict.fromkeys(self.output_keys)))
         if not self.output_keys:
             raise ValueError("output_keys is empty: ask for at least one output")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        check_range(self, "", "batch_size", at_least=1)
+        check_range(self, "", "max_tokens", at_least=1, optional=True)
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
@@ -243,14 +245,13 @@ MAX_GENES = 1_000_000
 
 
 @dataclass(frozen=True)
-class GenerateSettings:
+class SamplingConfig:
     """How cells are sampled from a model (``transcriptformer generate``; docs/generate.md).
 
     Attributes
     ----------
     num_cells : int or None
-        Cells to generate (at most :data:`MAX_GENERATED_CELLS`); ``None``: one per prompt cell (``--data-file``),
-        else an error.
+        Cells to generate (at most :data:`MAX_GENERATED_CELLS`); ``None``: one per prompt cell, else an error.
     max_genes : int or None
         Genes per cell at most; ``None``: the model's ``seq_len``.
     temperature : float
@@ -307,6 +308,9 @@ class GenerateSettings:
         check_range(self, "", "prompt_genes", at_least=0, at_most=MAX_GENES)
 
 
+# Former names of the settings above, for code written against them.
+PredictSettings = PredictConfig
+
 # Keys of published configs that configure the original's data loaders and have no meaning here.
 _IGNORED_KEYS = {"_target_", "aux_vocab_path", "pin_memory", "n_data_workers", "esm2_mappings_path"}
 # DataConfig settings of a run, not of a checkpoint: the original's inference config reset them.
@@ -347,12 +351,16 @@ def check_range(
     below: float | None = None,
     at_most: float | None = None,
     also: str = "",
+    optional: bool = False,
 ) -> None:
     """Raise a ``ValueError`` naming ``section.name`` when the number is not finite or lies out of the range.
 
-    ``section`` may be empty: the message then names the setting alone (a keyword of the API, which the command
-    line turns into its flag).
+    ``section`` is the prefix of the name in the message (``data_config``), or ``""`` for a bare parameter name (a
+    keyword of the API, which the command line turns into its flag); with ``optional``, ``None`` is accepted (the
+    setting is off).
     """
+    if optional and getattr(settings, name) is None:
+        return
     check_number(
         getattr(settings, name),
         f"{section}.{name}" if section else name,
@@ -413,14 +421,22 @@ def _has_type(value: Any, hint: Any) -> bool:
     if typing.get_origin(hint) is list:
         (item,) = typing.get_args(hint)
         return isinstance(value, list) and all(_has_type(v, item) for v in value)
+    if typing.get_origin(hint) is tuple:  # tuple[X, ...]
+        item = typing.get_args(hint)[0]
+        return isinstance(value, tuple) and all(_has_type(v, item) for v in value)
+    if typing.get_origin(hint) is dict:
+        key, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(_has_type(k, key) and _has_type(v, item) for k, v in value.items())
     return isinstance(value, hint)
 
 
 def _type_name(hint: Any) -> str:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return " or ".join(_type_name(option) for option in typing.get_args(hint))
-    if typing.get_origin(hint) is list:
+    if typing.get_origin(hint) in (list, tuple):
         return f"a list of {_type_name(typing.get_args(hint)[0]).split(' ', 1)[-1]}s"
+    if typing.get_origin(hint) is dict:
+        return f"a mapping of {_type_name(typing.get_args(hint)[1]).split(' ', 1)[-1]}s"
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 

@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
@@ -65,7 +65,25 @@ def current_verbosity() -> Verbosity:
 def say(message: str) -> None:
     """Print a progress message to stdout, unless quiet (a command's result is printed with ``print``)."""
     if current_verbosity() != "quiet":
-        print(message, flush=True)
+        print(worded(message), flush=True)
+
+
+def current_wording() -> Callable[[str], str]:
+    """How this package's messages are worded now (see :func:`verbosity`): to hand to the processes of a run."""
+    return _wording
+
+
+def worded(message: str) -> str:
+    """``message`` in the words of the user's interface: a command's flags for the settings it names."""
+    return _wording(message)
+
+
+def _same_words(message: str) -> str:
+    return message
+
+
+# How this package's messages are worded for the user: a command names settings by their flags (verbosity()).
+_wording: Callable[[str], str] = _same_words
 
 
 def show_progress() -> bool:
@@ -81,7 +99,9 @@ def progress_bar(*args: Any, disable: bool | None = False, **kwargs: Any) -> tqd
 
 
 @contextlib.contextmanager
-def verbosity(level: Verbosity | None = None, name: str = "transcriptformer") -> Iterator[None]:
+def verbosity(
+    level: Verbosity | None = None, name: str = "transcriptformer", wording: Callable[[str], str] | None = None
+) -> Iterator[None]:
     """Within the block, messages, logs and warnings follow ``level``; everything is restored after it.
 
     Parameters
@@ -90,11 +110,17 @@ def verbosity(level: Verbosity | None = None, name: str = "transcriptformer") ->
         quiet, normal or verbose (see the module's description); ``None``: the inherited one.
     name
         Prefix of this package's warnings, which are printed on one line: ``NAME: warning: MESSAGE``.
+    wording
+        Rewords this package's messages (:func:`say`) and warnings for the user: the command line names the
+        settings that library code names as parameters by their flags.
     """
+    global _wording
     level = level or current_verbosity()
     with contextlib.ExitStack() as restore, warnings.catch_warnings():
         restore.callback(_set_environ, os.environ.get(VERBOSITY_ENV))
         os.environ[VERBOSITY_ENV] = level
+        restore.callback(setattr, sys.modules[__name__], "_wording", _wording)
+        _wording = wording or _wording
         warnings.showwarning = _one_line_for_package(name, warnings.showwarning)
         if level == "verbose":
             warnings.simplefilter("default")
@@ -153,7 +179,7 @@ def _one_line_for_package(name: str, show_other: Any) -> Any:
         line: str | None = None,
     ) -> None:
         if Path(filename).resolve().is_relative_to(PACKAGE_DIR):
-            print(f"{name}: warning: {message}", file=file or sys.stderr, flush=True)
+            print(f"{name}: warning: {_wording(str(message))}", file=file or sys.stderr, flush=True)
         else:
             show_other(message, category, filename, lineno, file, line)
 

@@ -227,11 +227,11 @@ def cpu_bf16_finding(flags: frozenset[str] | None) -> Finding:
     """Whether ``--precision bf16-mixed`` can run matrix products in bfloat16 on this CPU."""
     prefix = "CPU bf16 matrix instructions:"
     if flags is None:
-        return Finding("info", f"{prefix} unknown on this system; on the CPU --precision 32 is the safe choice")
+        return Finding("info", f"{prefix} unknown on this system; on the CPU, precision 32 is the safe choice")
     found = [name for flag, name in CPU_BF16_FLAGS.items() if flag in flags]
     if found:
         return Finding("info", f"{prefix} {', '.join(found)} (bf16-mixed runs matrix products in bf16)")
-    return Finding("info", f"{prefix} none (bf16-mixed would run slower than 32 here); on the CPU use --precision 32")
+    return Finding("info", f"{prefix} none (bf16-mixed would run slower than 32 here); on the CPU use precision 32")
 
 
 def diagnose(env: Environment) -> list[Finding]:

@@ -34,7 +34,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from transcriptformer.config import PredictSettings
+from transcriptformer.config import PredictConfig
 from transcriptformer.data.batching import PlannedBatch, plan_batches
 from transcriptformer.data.tokenize import Batch, TokenizedCells
 from transcriptformer.errors import UserError
@@ -104,21 +104,21 @@ class MemoryLimit:
     batch_size: int | None = None
     max_tokens: int | None = None
 
-    def applied_to(self, settings: PredictSettings) -> PredictSettings:
+    def applied_to(self, settings: PredictConfig) -> PredictConfig:
         """``settings`` with their batch size, or their token budget when they give one, lowered to this limit."""
         if settings.max_tokens is None:
             return replace(settings, batch_size=min(settings.batch_size, self.batch_size or settings.batch_size))
         return replace(settings, max_tokens=min(settings.max_tokens, self.max_tokens or settings.max_tokens))
 
-    def lower(self, failed: PlannedBatch, settings: PredictSettings) -> str:
+    def lower(self, failed: PlannedBatch, settings: PredictConfig) -> str:
         """Halve the size of ``failed``, a batch of several cells that ran out of memory; returns what changed."""
         cells, length = len(failed.rows), failed.length
         if settings.max_tokens is None:
             self.batch_size = cells // 2
-            new_size = f"--batch-size {self.batch_size}"
+            new_size = f"`batch_size={self.batch_size}`"
         else:
             self.max_tokens = cells * length // 2
-            new_size = f"--max-tokens-per-batch {self.max_tokens}"
+            new_size = f"`max_tokens={self.max_tokens}`"
         return (
             f"out of memory in a batch of {cells} cells x {length} positions; continuing with {new_size} for the "
             f"rest of the run (results do not depend on it; pass {new_size} to start there)"
@@ -128,7 +128,7 @@ class MemoryLimit:
 def plan(
     model: Predictor,
     cells: TokenizedCells,
-    settings: PredictSettings,
+    settings: PredictConfig,
     device: torch.device,
     rows: np.ndarray | None = None,
 ) -> list[PlannedBatch]:
@@ -150,7 +150,7 @@ def plan(
 def predict_batches(
     model: Predictor,
     cells: TokenizedCells,
-    settings: PredictSettings,
+    settings: PredictConfig,
     device: torch.device,
     limit: MemoryLimit | None = None,
 ) -> Iterator[PredictedBatch]:
@@ -178,7 +178,7 @@ def predict_batches(
             if len(planned.rows) == 1:
                 raise UserError(
                     f"out of memory on {device} with a single cell of {planned.length} positions: free memory on the "
-                    "device (other processes), use one with more memory, or run on the CPU with --device cpu"
+                    "device (other processes), use one with more memory, or run on the CPU with `device=cpu`"
                 ) from error
             warnings.warn(limit.lower(planned, settings), stacklevel=2)
             not_done = np.concatenate([planned.rows, *(batch.rows for batch in pending)])
@@ -190,13 +190,17 @@ def predict_batches(
 
 
 def _predict(
-    model: Predictor, inputs: Batch, settings: PredictSettings, device: torch.device, precision: str
+    model: Predictor, inputs: Batch, settings: PredictConfig, device: torch.device, precision: str
 ) -> dict[str, np.ndarray]:
     """One forward pass of ``inputs`` on ``device``; float32 outputs on the CPU."""
     on_device = inputs.to(device)
     with autocast(device, precision):
         outputs = model.predict(
-            on_device.gene_tokens, on_device.gene_counts, on_device.aux_tokens, settings.output_keys
+            on_device.gene_tokens,
+            on_device.gene_counts,
+            on_device.aux_tokens,
+            settings.output_keys,
+            settings.embedding_layer_index,
         )
     return {key: value.float().cpu().numpy() for key, value in outputs.items()}
 
@@ -218,7 +222,7 @@ def check_batch(batch: PredictedBatch, cells: TokenizedCells, precision: str) ->
         raise NonFiniteOutputError(
             f"the model inputs of {int(not_finite.sum())} cell(s) hold NaN or infinite counts (first: cell "
             f"{cells.obs_names[batch.rows[not_finite.argmax()]]!r}); check the counts and the settings that change "
-            "them: --clip-counts, --invalid-counts, normalize_to_scale"
+            "them: clip_counts, invalid_counts, normalize_to_scale"
         )
     empty = ~(counts > 0).any(axis=1)
     for key, values in batch.outputs.items():
@@ -232,7 +236,7 @@ def check_batch(batch: PredictedBatch, cells: TokenizedCells, precision: str) ->
                 f"the model's {key} output is NaN or infinite for {int(wrong.sum())} of the {len(wrong)} cells of a "
                 f"batch (first: cell {cells.obs_names[batch.rows[wrong.argmax()]]!r}) although their counts are "
                 f"finite: the checkpoint's weights or gene-embedding table, or the precision ({precision}), cause "
-                "it; check the checkpoint, or try --precision 32"
+                "it; check the checkpoint, or try `precision=32`"
             )
 
 
@@ -248,7 +252,7 @@ def value_positions(key: str, ndim: int, tokens: np.ndarray, cells: TokenizedCel
 
 
 def predict_positions(
-    model: Predictor, cells: TokenizedCells, settings: PredictSettings, device: torch.device
+    model: Predictor, cells: TokenizedCells, settings: PredictConfig, device: torch.device
 ) -> dict[str, np.ndarray]:
     """Every cell's outputs in input order, per gene position at full length.
 
@@ -376,7 +380,7 @@ class GeneOutputs:
 def predict_gene_outputs(
     model: Predictor,
     cells: TokenizedCells,
-    settings: PredictSettings,
+    settings: PredictConfig,
     device: torch.device,
     gene_columns: np.ndarray,
     on_batch: Callable[[int], object] | None = None,

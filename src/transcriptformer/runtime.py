@@ -45,7 +45,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but this torch build sees no CUDA GPU; use --device cpu")
+        raise ValueError("device 'cuda' was asked for, but this torch build sees no CUDA GPU; use `device=cpu`")
     return device
 
 
@@ -65,7 +65,7 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
     if precision == "16-mixed" and device.type == "cpu":
         warnings.warn(
             "precision 16-mixed on the CPU is several times slower than 32 (CPUs have no fast float16 arithmetic); "
-            "use --precision 32, or bf16-mixed on a CPU with bfloat16 support",
+            "use `precision=32`, or bf16-mixed on a CPU with bfloat16 support",
             stacklevel=1,  # attributed here: one warning however many batch loops a run has
         )
     return precision or default_precision(device)

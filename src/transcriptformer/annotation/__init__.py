@@ -13,13 +13,13 @@ import pandas as pd
 
 from transcriptformer.annotation.index import Calibration, ReferenceIndex
 from transcriptformer.annotation.labels import Labels, LabelTable
-from transcriptformer.annotation.settings import METRICS, UNKNOWN, AnnotateSettings
+from transcriptformer.annotation.settings import METRICS, UNKNOWN, AnnotateConfig
 from transcriptformer.annotation.summary import summarize
 
 __all__ = [
     "METRICS",
     "UNKNOWN",
-    "AnnotateSettings",
+    "AnnotateConfig",
     "Calibration",
     "LabelTable",
     "ReferenceIndex",
@@ -34,15 +34,15 @@ def annotate(
     labels: Labels,
     label_keys: str | Sequence[str] | None = None,
     *,
-    n_neighbors: int = AnnotateSettings.n_neighbors,
-    metric: str = AnnotateSettings.metric,
-    reject: bool = AnnotateSettings.reject,
-    false_unknown_rate: float = AnnotateSettings.false_unknown_rate,
-    seed: int = AnnotateSettings.seed,
+    n_neighbors: int = AnnotateConfig.n_neighbors,
+    metric: str = AnnotateConfig.metric,
+    reject: bool = AnnotateConfig.reject,
+    false_unknown_rate: float = AnnotateConfig.false_unknown_rate,
+    seed: int = AnnotateConfig.seed,
 ) -> pd.DataFrame:
     """Label query cells by the weighted vote of their nearest labelled reference cells, with ``"Unknown"``.
 
-    The reference is put in a FAISS index (exact search up to ``AnnotateSettings.exact_max_cells`` cells,
+    The reference is put in a FAISS index (exact search up to ``AnnotateConfig.exact_max_cells`` cells,
     approximate above); each query cell takes the label that its ``n_neighbors`` nearest reference cells vote for,
     each weighted by its similarity (cosine similarity, or inverse Euclidean distance), and the winning label's share
     of the weights as its confidence. A cell whose confidence is below the threshold chosen on the reference is
@@ -81,7 +81,7 @@ def annotate(
     ...                                         "cell_type")  # doctest: +SKIP
     >>> query.obs = query.obs.join(predictions.set_index(query.obs_names))  # doctest: +SKIP
     """
-    settings = AnnotateSettings(
+    settings = AnnotateConfig(
         n_neighbors=n_neighbors, metric=metric, reject=reject, false_unknown_rate=false_unknown_rate, seed=seed
     )
     return ReferenceIndex.build(reference_embeddings, labels, label_keys, settings=settings).annotate(query_embeddings)

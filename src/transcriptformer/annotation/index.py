@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from transcriptformer.annotation.labels import Labels, LabelTable, encode_labels, label_columns
-from transcriptformer.annotation.settings import UNKNOWN, AnnotateSettings
+from transcriptformer.annotation.settings import UNKNOWN, AnnotateConfig
 from transcriptformer.annotation.transfer import transfer_labels
 from transcriptformer.errors import UserError
 from transcriptformer.runtime import cpu_threads
@@ -113,7 +113,7 @@ class ReferenceIndex:
         self,
         index: Any,
         *,
-        settings: AnnotateSettings,
+        settings: AnnotateConfig,
         labels: list[LabelTable],
         rows: np.ndarray,
         calibration: dict[str, Calibration],
@@ -154,7 +154,7 @@ class ReferenceIndex:
         label_keys: str | Sequence[str] | None = None,
         *,
         model_id: str | None = None,
-        settings: AnnotateSettings | None = None,
+        settings: AnnotateConfig | None = None,
     ) -> ReferenceIndex:
         """Index the reference cells and choose each label key's Unknown threshold on held-out reference cells.
 
@@ -173,14 +173,14 @@ class ReferenceIndex:
             Identity of the model that computed the embeddings (e.g. its weights' SHA-256); recorded, and a query
             from another model is refused.
         settings
-            Neighbours, metric, threshold rule and index settings; the defaults of :class:`AnnotateSettings`.
+            Neighbours, metric, threshold rule and index settings; the defaults of :class:`AnnotateConfig`.
 
         Raises
         ------
         UserError
             Empty reference, unknown label key, labels all missing, a class named ``"Unknown"``, no usable cell.
         """
-        settings = settings or AnnotateSettings()
+        settings = settings or AnnotateConfig()
         n_cells, dimension = _shape(embeddings)
         if n_cells == 0 or dimension == 0:
             raise UserError(f"the reference has no cells to index (embeddings of shape {(n_cells, dimension)})")
@@ -326,7 +326,7 @@ class ReferenceIndex:
             raise UserError(f"{folder}: the index does not match its manifest; build it again")
         return cls(
             index,
-            settings=AnnotateSettings(**manifest["settings"]),
+            settings=AnnotateConfig(**manifest["settings"]),
             labels=tables,
             rows=arrays["rows"],
             calibration={key: Calibration(**value) for key, value in manifest["calibration"].items()},
@@ -385,7 +385,7 @@ def _shape(embeddings: Any) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-def _empty_index(n_cells: int, dimension: int, settings: AnnotateSettings) -> Any:
+def _empty_index(n_cells: int, dimension: int, settings: AnnotateConfig) -> Any:
     faiss = import_faiss()
     metric = faiss.METRIC_INNER_PRODUCT if settings.metric == "cosine" else faiss.METRIC_L2
     if n_cells <= settings.exact_max_cells:
@@ -401,7 +401,7 @@ def _read_rows(embeddings: Any, rows: np.ndarray | slice, metric: str) -> tuple[
     return chunk, usable_rows(chunk, metric)
 
 
-def _train(index: Any, embeddings: Any, n_cells: int, settings: AnnotateSettings) -> None:
+def _train(index: Any, embeddings: Any, n_cells: int, settings: AnnotateConfig) -> None:
     """Train the k-means lists and the quantisers of an approximate index on a random sample of the reference.
 
     On one thread: product quantisation trains one small k-means per code (1,024 for 2,048 dimensions), for which
@@ -418,7 +418,7 @@ def _train(index: Any, embeddings: Any, n_cells: int, settings: AnnotateSettings
 
 
 def _add_in_chunks(
-    index: Any, embeddings: Any, n_cells: int, settings: AnnotateSettings
+    index: Any, embeddings: Any, n_cells: int, settings: AnnotateConfig
 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Add the usable reference cells, ``chunk_cells`` rows at a time, and keep the calibration cells' vectors.
 

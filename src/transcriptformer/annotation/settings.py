@@ -14,7 +14,7 @@ UNKNOWN = "Unknown"
 
 
 @dataclass(frozen=True)
-class AnnotateSettings:
+class AnnotateConfig:
     """How a reference is indexed and how its labels are transferred to query cells.
 
     Attributes

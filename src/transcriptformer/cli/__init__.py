@@ -6,6 +6,10 @@ sets ``func`` (called with the parsed namespace, returning an exit code) through
 of the command being run is imported, so that ``--help`` and ``--version`` answer at once. Every subcommand takes
 ``--quiet`` and ``--verbose`` (see :mod:`transcriptformer.console`). :func:`main` reports an error the user can fix
 in one line with exit code 1; argparse reports usage errors, with the subcommand's usage, with exit code 2.
+
+Library code names settings as parameters (``max_genes``, ```overwrite=True```); :func:`main` is the one place
+where its errors, warnings and progress messages are reworded with the command's flags (``--max-genes``,
+``--overwrite``; :func:`~transcriptformer.cli.common.with_flag_names`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from transcriptformer.cli.common import report_user_error
+from transcriptformer.cli.common import FlagNames, report_user_error
 from transcriptformer.console import verbosity
 from transcriptformer.errors import UserError
 from transcriptformer.runtime import torch_threads_kept
@@ -26,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "inference": "embed and score the cells of h5ad files; write one h5ad",
     "score": "log-likelihood of each cell and gene under the model; flag outlier cells",
     "perturb": "knock genes out of cells or over-express them in silico; compare the model's outputs",
+    "screen": "knock out or over-express every expressed gene, one at a time; rank genes with statistics",
     "train": "pretrain a model from scratch on .h5ad files (Hydra config)",
     "finetune": "train LoRA adapters on a checkpoint with your cells, or a cell classifier (--task classify)",
     "annotate": "label cells from a labelled reference (neighbours in a vector index, Unknown); write one h5ad",
@@ -107,11 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     name = f"transcriptformer {args.command}"
+    command = subcommand_parser(parser, args.command)
     try:
-        with verbosity(args.verbosity, name), torch_threads_kept():
+        with verbosity(args.verbosity, name, FlagNames.of(command)), torch_threads_kept():
             return int(args.func(args) or 0)
     except USER_ERRORS as error:
-        return report_user_error(args.command, error, subcommand_parser(parser, args.command))
+        return report_user_error(args.command, error, command)
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130

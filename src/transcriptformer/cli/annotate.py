@@ -17,10 +17,10 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transcriptformer.annotation.settings import METRICS, AnnotateSettings
+from transcriptformer.annotation.settings import METRICS, AnnotateConfig
 from transcriptformer.cli.common import add_run_arguments, positive_int, run_config_from_args
 from transcriptformer.errors import UserError
-from transcriptformer.tasks.annotate import AnnotateConfig
+from transcriptformer.tasks.annotate import AnnotateTaskConfig
 
 if TYPE_CHECKING:
     import numpy as np
@@ -53,8 +53,8 @@ documentation: docs/annotate.md
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Add the arguments of ``annotate``; defaults: :class:`AnnotateConfig`'s and :class:`AnnotateSettings`'."""
-    task = AnnotateConfig()
+    """Add the arguments of ``annotate``; defaults: :class:`AnnotateTaskConfig`'s and :class:`AnnotateConfig`'."""
+    task = AnnotateTaskConfig()
     parser.description = (
         "Label the cells of one or more files from a labelled reference: each query cell takes the label its "
         "nearest reference cells vote for, with a confidence, or Unknown below a threshold chosen on the reference. "
@@ -98,10 +98,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     labels.add_argument(
         "--n-neighbors",
         type=positive_int,
-        default=AnnotateSettings.n_neighbors,
+        default=AnnotateConfig.n_neighbors,
         help="reference cells voting for each query cell (default: %(default)s)",
     )
-    labels.add_argument("--metric", choices=METRICS, default=AnnotateSettings.metric, help="(default: %(default)s)")
+    labels.add_argument("--metric", choices=METRICS, default=AnnotateConfig.metric, help="(default: %(default)s)")
     labels.add_argument(
         "--reject",
         action=argparse.BooleanOptionalAction,
@@ -111,7 +111,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     labels.add_argument(
         "--false-unknown-rate",
         type=float,
-        default=AnnotateSettings.false_unknown_rate,
+        default=AnnotateConfig.false_unknown_rate,
         help="share of held-out, correctly labelled reference cells that the threshold calls Unknown "
         "(default: %(default)s)",
     )
@@ -132,7 +132,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``transcriptformer annotate``; returns the exit code."""
     check_arguments(args)
-    settings = AnnotateSettings(
+    settings = AnnotateConfig(
         n_neighbors=args.n_neighbors, metric=args.metric, false_unknown_rate=args.false_unknown_rate
     )
     reference_filter = (args.organism, args.obs_filter) if args.reference_soma else (None, None)
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     config = None if precomputed(args) else run_config_from_args(args)
     with contextlib.ExitStack() as stack:
         index, index_dir = reference_index(args, settings, config, reference_filter, stack)
-        task_settings = AnnotateConfig(
+        task_settings = AnnotateTaskConfig(
             label_keys=index.label_keys,
             reject=args.reject,
             true_key=args.true_key,
@@ -171,9 +171,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     if precomputed(args):
         if args.checkpoint_path:
             raise UserError("--obsm-key reads embeddings already computed: drop --checkpoint-path, or --obsm-key")
-        if not args.data_file:
+        if not args.data_files:
             raise UserError("--obsm-key reads the query's obsm: give the query as --data-file")
-        if len(args.data_file) > 1:
+        if len(args.data_files) > 1:
             raise UserError("--obsm-key reads one query file: give one --data-file")
         if not (args.index or args.reference_soma) and not (args.reference_obsm or args.obsm_key):
             raise UserError("give --obsm-key (both files) or --reference-obsm for the reference's embeddings")
@@ -196,7 +196,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def reference_index(
     args: argparse.Namespace,
-    settings: AnnotateSettings,
+    settings: AnnotateConfig,
     config: RunConfig | None,
     soma_filter: tuple[str | None, str | None],
     stack: contextlib.ExitStack,
@@ -349,15 +349,15 @@ def annotate_precomputed(task: Any, args: argparse.Namespace) -> None:
     with claim_output(path, args.overwrite, beside=task.output_files()):
         for stale in remove_stale_temporaries(path):
             print(f"Removed {stale}, left by a run killed while writing the output", flush=True)
-        query = read_annotated(args.data_file[0], "--data-file")
+        query = read_annotated(args.data_files[0], "--data-file")
         key = args.query_obsm or args.obsm_key
         if key not in query.obsm:
             raise UserError(
-                f"--data-file {args.data_file[0]} has no obsm[{key!r}]; it has {', '.join(query.obsm) or 'none'}"
+                f"--data-file {args.data_files[0]} has no obsm[{key!r}]; it has {', '.join(query.obsm) or 'none'}"
             )
         taken = [column for column in task.added_obs_columns() if column in query.obs]
         if taken:
-            raise UserError(f"--data-file {args.data_file[0]} already has obs {taken}; remove them or rename them")
+            raise UserError(f"--data-file {args.data_files[0]} already has obs {taken}; remove them or rename them")
         uns = annotate_embeddings(task, query.obs, query.obsm[key], recorded_model_id(query.uns))
         query.uns.update(uns)
         write_anndata(query, path, (task.output_files(), lambda folder: task.write_files(folder, query.obs, uns)))

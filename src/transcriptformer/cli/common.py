@@ -10,7 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from transcriptformer.config import INVALID_COUNTS, DataConfig
-from transcriptformer.engine.config import ALL_OBS_KEYS, InferenceConfig, ModelSection, RunConfig, apply_overrides
+from transcriptformer.engine.config import ALL_OBS_KEYS, InferenceConfig, ModelRunConfig, RunConfig, apply_overrides
 from transcriptformer.model.outputs import OUTPUT_KEYS
 from transcriptformer.runtime import BACKENDS, DEVICES, PRECISIONS
 
@@ -24,8 +24,8 @@ USE_RAW = {"auto": None, "true": True, "false": False}
 def report_user_error(command: str, error: BaseException, parser: argparse.ArgumentParser | None = None) -> int:
     """Print ``transcriptformer COMMAND: error: MESSAGE`` on one line and return the exit code 1.
 
-    With the command's ``parser``, settings that the message names by their Python name (``num_gpus``) are named by
-    their flag (``--num-gpus``), since a flag and its setting share one name.
+    With the command's ``parser``, the settings that the message names as parameters are named by their flags
+    (:func:`with_flag_names`).
     """
     message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
     if parser is not None and "override" not in message:  # an override error names the override's keys
@@ -34,16 +34,79 @@ def report_user_error(command: str, error: BaseException, parser: argparse.Argum
     return 1
 
 
-def with_flag_names(message: str, parser: argparse.ArgumentParser) -> str:
-    """``message`` with each flag's setting name (one with an underscore, as a whole word) replaced by the flag.
+# A parameter that library code marks in backticks, with an optional value: `organism`, `invalid_counts='drop'`.
+MARKED_PARAMETER = re.compile(r"`(?P<name>[a-z][a-z0-9_]*)(?:=(?P<value>[^`\s]+))?`")
 
-    A dotted override key (``model.inference_config.batch_size=0``) is left as it is.
+
+def with_flag_names(message: str, parser: argparse.ArgumentParser) -> str:
+    """``message`` of library code, which names settings as parameters, with the flags of ``parser`` instead."""
+    return FlagNames.of(parser)(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlagNames:
+    """Rewords messages of library code, which name settings as parameters, with a command's flags.
+
+    A flag's setting shares its name (its ``dest``), so library code speaks of ``max_genes`` and a command's user
+    reads ``--max-genes``. Two forms are translated, so that ordinary words are never touched: a parameter in
+    backticks (```resume```, ```invalid_counts='drop'``` becomes ``--invalid-counts drop``, ```overwrite=True```
+    the switch ``--overwrite``), and a setting whose name has an underscore, as a whole word (``max_genes``). A
+    name that is no flag of the command and a dotted key (``model.inference_config.batch_size``, as in
+    ``--config-override``) are left as they are. Plain data, so that the processes of a run word alike.
+
+    Attributes
+    ----------
+    flags : dict
+        Setting name -> (flag, kind): ``switch`` (``--overwrite``), ``negatable`` (``--[no-]filter-to-vocabs``)
+        or ``value`` (``--batch-size 8``).
     """
-    for action in parser._actions:
-        flag = next((option for option in action.option_strings if option.startswith("--")), None)
-        if flag and "_" in action.dest:
-            message = re.sub(rf"(?<![\w./-]){re.escape(action.dest)}(?![\w=./-])", flag, message)
-    return message
+
+    flags: dict[str, tuple[str, str]]
+
+    @classmethod
+    def of(cls, parser: argparse.ArgumentParser) -> FlagNames:
+        """The flags of ``parser``: each setting's first flag (a hidden former name comes after it)."""
+        flags: dict[str, tuple[str, str]] = {}
+        for action in parser._actions:
+            flag = next((option for option in action.option_strings if option.startswith("--")), None)
+            if flag is None:
+                continue
+            kind = "value"
+            if isinstance(action, argparse.BooleanOptionalAction):
+                kind = "negatable"
+            elif isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+                kind = "switch"
+            flags.setdefault(action.dest, (flag, kind))
+        return cls(flags)
+
+    def __call__(self, message: str) -> str:
+        """``message`` with the flags for the settings it names."""
+        message = MARKED_PARAMETER.sub(self._marked, message)
+        for name, (flag, _) in self.flags.items():
+            if "_" in name:
+                message = re.sub(rf"(?<![\w./`-]){re.escape(name)}(?![\w=./`-])", flag, message)
+        return message
+
+    def _marked(self, match: re.Match) -> str:
+        if match["name"] not in self.flags:
+            return match[0]
+        flag, kind = self.flags[match["name"]]
+        value = match["value"]
+        if value is None:
+            return flag
+        value = value.strip("'\"")
+        if kind == "negatable":
+            return flag if value == "True" else "--no-" + flag.removeprefix("--")
+        return flag if kind == "switch" else f"{flag} {value}"
+
+
+def add_hidden_alias(group: argparse._ActionsContainer, alias: str, action: argparse.Action) -> None:
+    """``alias``, a former name of ``action``'s flag, sets the same setting; ``--help`` shows only the flag."""
+    hidden = {"dest": action.dest, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
+    if isinstance(action, argparse._StoreTrueAction):
+        group.add_argument(alias, action="store_true", **hidden)
+    else:
+        group.add_argument(alias, type=action.type, nargs=action.nargs, choices=action.choices, **hidden)
 
 
 def positive_int(text: str) -> int:
@@ -130,7 +193,9 @@ def add_run_arguments(
     cells = io.add_mutually_exclusive_group(required=True)
     cells.add_argument(
         "--data-file",
+        dest="data_files",
         nargs="+",
+        default=defaults.data_files,
         metavar="FILE",
         help="input .h5ad, .zarr or 10x .h5 file(s), their cells concatenated in order",
     )
@@ -179,7 +244,8 @@ def add_run_arguments(
     soma.add_argument(
         "--obs-filter",
         metavar="FILTER",
-        help="SOMA value filter selecting the cells, e.g. \"tissue_general == 'lung' and is_primary_data == True\"",
+        help="SOMA value filter selecting the cells (of files too), e.g. "
+        "\"tissue_general == 'lung' and is_primary_data == True\"",
     )
     soma.add_argument(
         "--soma-measurement", default=defaults.soma_measurement, help="measurement to read (default: %(default)s)"
@@ -282,14 +348,14 @@ def add_batch_arguments(
     group.add_argument(
         "--batch-size", type=positive_int, default=batch_size, help="cells per forward pass (default: %(default)s)"
     )
-    group.add_argument(
-        "--max-tokens-per-batch",
-        dest="max_tokens",
+    budget = group.add_argument(
+        "--max-tokens",
         type=positive_int,
         default=max_tokens,
         metavar="N",
         help="token budget per forward pass (cells x trimmed length) instead of a fixed --batch-size",
     )
+    add_hidden_alias(group, "--max-tokens-per-batch", budget)
     group.add_argument(
         "--chunk-size", type=positive_int, default=chunk_size, help=f"{chunk_help} (default: %(default)s)"
     )
@@ -305,7 +371,7 @@ def add_batch_arguments(
 
 
 def run_config_from_args(
-    args: argparse.Namespace, model_type: str = ModelSection.model_type, **settings: object
+    args: argparse.Namespace, model_type: str = ModelRunConfig.model_type, **settings: object
 ) -> RunConfig:
     """A run's settings from the flags of :func:`add_run_arguments`.
 
@@ -314,7 +380,7 @@ def run_config_from_args(
     :class:`~transcriptformer.config.DataConfig` field, when given, replaces the checkpoint's value. The cells of a
     SOMA experiment have their gene ids in var ``feature_id`` unless ``--gene-col-name`` says otherwise.
     """
-    flags = vars(args) | {"data_files": args.data_file or [], "use_raw": USE_RAW[args.use_raw]} | settings
+    flags = vars(args) | {"use_raw": USE_RAW[args.use_raw]} | settings
     if flags["gene_col_name"] is None and (args.soma or args.census_version):
         from transcriptformer.data.soma import SOMA_GENE_ID_COLUMN
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from transcriptformer.cli.common import positive_int
+from transcriptformer.cli.common import add_hidden_alias, positive_int
 from transcriptformer.console import say
 from transcriptformer.hub.cellxgene import (
     API_URL_ENV,
@@ -55,7 +55,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     select.add_argument("--limit", type=int, default=None, help="download at most this many datasets")
     run_opts = parser.add_argument_group("how")
-    run_opts.add_argument("--output-dir", default="./data/cellxgene", help="destination folder (default: %(default)s)")
+    output = run_opts.add_argument(
+        "--output-path", default="./data/cellxgene", help="destination folder (default: %(default)s)"
+    )
+    add_hidden_alias(run_opts, "--output-dir", output)
     run_opts.add_argument(
         "--workers",
         "--processes",
@@ -110,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     outcomes = download_datasets(
         selected,
-        args.output_dir,
+        args.output_path,
         workers=args.workers,
         retry=retry,
         save_metadata=not args.no_metadata,
@@ -118,9 +121,8 @@ def run(args: argparse.Namespace) -> int:
     )
     failed = [o for o in outcomes if o.status == "failed"]
     done = len(outcomes) - len(failed)
-    print(
-        f"{done} of {len(outcomes)} datasets ready in {args.output_dir}" + (f"; {len(failed)} failed" if failed else "")
-    )
+    failures = f"; {len(failed)} failed" if failed else ""
+    print(f"{done} of {len(outcomes)} datasets ready in {args.output_path}{failures}")
     return 1 if failed else 0
 
 

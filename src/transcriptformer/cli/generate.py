@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from transcriptformer.cli.common import USE_RAW, add_overwrite_argument, add_use_raw_argument, positive_int
-from transcriptformer.config import GenerateSettings
+from transcriptformer.engine.config import InferenceConfig
 from transcriptformer.runtime import DEVICES
+from transcriptformer.tasks.generate import GenerateConfig
 
-OUTPUT_PATH = "./generated"
-OUTPUT_FILENAME = "generated.h5ad"
+OUTPUT_DEFAULTS = InferenceConfig(output_path="./generated", output_filename="generated.h5ad", chunk_size=256)
 
 EXAMPLES = """\
 examples:
@@ -27,8 +26,8 @@ documentation: docs/generate.md
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Add the arguments of ``generate``; their defaults are :class:`GenerateSettings`'."""
-    defaults = GenerateSettings()
+    """Add the arguments of ``generate``; their defaults are :class:`GenerateConfig`'s and :data:`OUTPUT_DEFAULTS`'."""
+    defaults, output = GenerateConfig(), OUTPUT_DEFAULTS
     parser.description = (
         "Sample cells from a TranscriptFormer checkpoint, gene by gene (gene-id head) with their counts (count "
         "head), and write their counts over the vocabulary's genes to an .h5ad file."
@@ -39,17 +38,36 @@ def configure(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--checkpoint-path", required=True, help="checkpoint directory (config.json, model_weights.pt)")
     io.add_argument(
         "--data-file",
-        default=None,
+        dest="data_files",
+        nargs=1,
+        default=[],
         metavar="FILE",
         help="real cells (.h5ad, .zarr, 10x .h5): generated cell i takes the assay, number of genes and total "
         "count of cell i modulo their number",
     )
     add_use_raw_argument(io)
     io.add_argument("--gene-col-name", default=None, help="var column of the --data-file with gene ids")
-    io.add_argument("--output-path", default=OUTPUT_PATH, help="output directory (default: %(default)s)")
-    io.add_argument("--output-filename", default=OUTPUT_FILENAME, help="output file name (default: %(default)s)")
+    io.add_argument("--output-path", default=output.output_path, help="output directory (default: %(default)s)")
+    io.add_argument("--output-filename", default=output.output_filename, help="output file name (default: %(default)s)")
     add_overwrite_argument(io, "an output file")
-    io.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: %(default)s)")
+    io.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run with the same settings from its last completed chunk of cells",
+    )
+    io.add_argument("--device", choices=DEVICES, default=output.device, help="where to run (default: %(default)s)")
+    io.add_argument(
+        "--num-gpus",
+        type=int,
+        default=output.num_gpus,
+        help="processes, one per GPU; -1: every visible GPU; on CPU, CPU processes (default: %(default)s)",
+    )
+    io.add_argument(
+        "--chunk-size",
+        type=positive_int,
+        default=output.chunk_size,
+        help="cells generated and saved together; --resume granularity (default: %(default)s)",
+    )
 
     cells = parser.add_argument_group("the cells")
     cells.add_argument(
@@ -112,11 +130,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
-def settings_from_args(args: argparse.Namespace) -> GenerateSettings:
-    """The :class:`GenerateSettings` of the flags, which share their names."""
+def settings_from_args(args: argparse.Namespace) -> GenerateConfig:
+    """The :class:`GenerateConfig` of the flags, which share their names (``--aux`` as pairs)."""
     import dataclasses
 
-    return GenerateSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GenerateSettings)})
+    flags = vars(args) | {"aux": parse_aux(args.aux)}
+    return GenerateConfig(**{f.name: flags[f.name] for f in dataclasses.fields(GenerateConfig)})
+
+
+def config_from_args(args: argparse.Namespace):
+    """The run's settings: the checkpoint's, the output and hardware flags; prompt cells without counts left out."""
+    import dataclasses
+
+    from transcriptformer.engine.config import RunConfig
+
+    run = {name: getattr(args, name) for name in ("data_files", "output_path", "output_filename", "overwrite")}
+    run |= {name: getattr(args, name) for name in ("resume", "device", "num_gpus", "chunk_size")}
+    inference = dataclasses.replace(OUTPUT_DEFAULTS, use_raw=USE_RAW[args.use_raw], **run)
+    config = RunConfig.from_checkpoint(args.checkpoint_path, inference)
+    data = {"drop_empty_cells": True} | ({"gene_col_name": args.gene_col_name} if args.gene_col_name else {})
+    config.model.data_config = dataclasses.replace(config.model.data_config, **data)
+    return config
 
 
 def parse_aux(values: list[str]) -> dict[str, str]:
@@ -129,32 +163,9 @@ def parse_aux(values: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Generate and write the cells; print the output's path."""
-    from transcriptformer.checkpoint import load_checkpoint
-    from transcriptformer.console import say
-    from transcriptformer.engine.output import claim_output, write_anndata
-    from transcriptformer.generation import generate
-    from transcriptformer.runtime import resolve_device, use_cpu_threads
+    """Entry point of ``transcriptformer generate``; returns the exit code."""
+    from transcriptformer.engine.run import run_task
+    from transcriptformer.tasks.generate import GenerateTask
 
-    settings, aux = settings_from_args(args), parse_aux(args.aux)
-    path = Path(args.output_path) / args.output_filename
-    with claim_output(path, args.overwrite):
-        device = resolve_device(args.device)
-        threads = use_cpu_threads()
-        checkpoint = load_checkpoint(args.checkpoint_path, device)
-        prompt_cells = None
-        if args.data_file is not None:
-            data_config = {"drop_empty_cells": True}
-            if args.gene_col_name:
-                data_config["gene_col_name"] = args.gene_col_name
-            prompt_cells = checkpoint.tokenizer(**data_config).tokenize(args.data_file, USE_RAW[args.use_raw])
-        say(f"Generating on {device.type} ({threads} CPU threads)")
-        adata = generate(checkpoint, settings, device, prompt_cells, aux, args.genes)
-        write_anndata(adata, path)
-    genes, counts, ended = adata.obs["num_genes"], adata.obs["total_counts"], adata.obs["ended"]
-    say(
-        f"Generated {adata.n_obs} cells: median {genes.median():g} genes and {counts.median():g} counts per cell; "
-        f"{int(ended.sum())} ended with [END]"
-    )
-    print(f"Output: {path.resolve()}")
+    run_task(GenerateTask(settings=settings_from_args(args)), config_from_args(args))
     return 0

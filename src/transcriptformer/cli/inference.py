@@ -14,7 +14,7 @@ from transcriptformer.engine.config import (
     MODEL_TYPES,
     OUTPUT_FORMATS,
     InferenceConfig,
-    ModelSection,
+    ModelRunConfig,
     RunConfig,
 )
 from transcriptformer.errors import UserError
@@ -76,6 +76,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="cell: cell embeddings; cge: also contextual gene embeddings, one per gene of each cell "
         "(default: %(default)s)",
     )
+    io.add_argument(
+        "--embedding-layer-index",
+        type=int,
+        default=defaults.embedding_layer_index,
+        metavar="N",
+        help="the layer whose output the cell embedding pools: 0 the first, negative from the end "
+        "(default: %(default)s, the last layer, as the original release)",
+    )
     data.add_argument(
         "--oom-dataloader",
         dest="use_oom_dataloader",
@@ -85,7 +93,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--model-type",
         choices=MODEL_TYPES,
-        default=ModelSection.model_type,
+        default=ModelRunConfig.model_type,
         help="transcriptformer, or esm2ce: the mean of the cell's raw gene-embedding rows, no transformer "
         "(default: %(default)s)",
     )

@@ -149,7 +149,7 @@ def check_output_free(output: Path, overwrite: bool) -> None:
             "with it: replacing it would break the checkpoint; write the new table to another output_dir"
         )
     if not overwrite:
-        raise UserError(f"{output} already exists; choose another species or output_dir, or pass --overwrite")
+        raise UserError(f"{output} already exists; choose another species or output_path, or pass `overwrite=True`")
 
 
 def read_fasta(path: str | Path) -> Iterator[tuple[str, str]]:

@@ -59,23 +59,45 @@ def first_line(error: BaseException) -> str:
     return (text.splitlines() or [type(error).__name__])[0].removeprefix("SOMAError: ")
 
 
+def obs_filter_rows(obs: pd.DataFrame, obs_filter: str, source: str) -> np.ndarray:
+    """``(len(obs),)`` bool: the cells of a file's ``obs`` that a SOMA value filter selects.
+
+    The filter is read as tiledbsoma reads it (comparisons of obs columns with values, ``and``, ``or``, ``not``,
+    ``in [...]``), here by pandas' ``DataFrame.eval``, so that one filter selects cells of a file and of an
+    experiment alike.
+    """
+    try:
+        selected = obs.eval(obs_filter, engine="python")
+        if not (isinstance(selected, pd.Series) and selected.dtype == bool):
+            raise ValueError("it is not a condition on each cell")
+    except Exception as error:  # pandas raises SyntaxError, NameError (an unknown column), TypeError or ValueError
+        shown = ", ".join(map(str, obs.columns[:12])) + (", ..." if len(obs.columns) > 12 else "")
+        raise UserError(
+            f"obs_filter {obs_filter!r} is not a valid filter on obs ({first_line(error)}); write it like "
+            f"{FILTER_EXAMPLE} with obs columns of {source} ({shown})"
+        ) from None
+    if not selected.any():
+        raise UserError(f"obs_filter {obs_filter!r} selects no cells of {source}; relax it")
+    return selected.to_numpy()
+
+
 def open_census(census_version: str):
     """The public CELLxGENE Census of ``census_version`` (a SOMA collection); it needs the network."""
     try:
         import cellxgene_census
     except ImportError as error:
         raise UserError(
-            f"--census-version opens the Census with cellxgene-census, which is missing: {SOMA_INSTALL}"
+            f"census_version opens the Census with cellxgene-census, which is missing: {SOMA_INSTALL}"
         ) from error
     try:
         return cellxgene_census.open_soma(census_version=census_version)
     except ValueError as error:  # a version that the Census' directory does not list
-        raise UserError(f"--census-version {census_version}: {first_line(error)}") from None
+        raise UserError(f"`census_version` {census_version}: {first_line(error)}") from None
     except (OSError, RuntimeError) as error:  # requests' connection errors are OSErrors; TileDB's are RuntimeErrors
         raise UserError(
-            f"could not reach the CELLxGENE Census (--census-version {census_version}): {first_line(error)}; "
-            "check the network, or copy the Census to a folder (docs/scale.md) and read it with --soma FOLDER "
-            "--organism NAME"
+            f"could not reach the CELLxGENE Census (`census_version` {census_version}): {first_line(error)}; "
+            "check the network, or copy the Census to a folder (docs/scale.md) and read it with `soma` FOLDER "
+            "and `organism` NAME"
         ) from None
 
 
@@ -86,11 +108,11 @@ def open_soma_uri(uri: str):
         return soma.open(uri)
     except soma.DoesNotExistError:
         raise UserError(
-            f"--soma {uri}: there is no SOMA experiment or Census there; give the folder or s3:// URI of one "
+            f"`soma` {uri}: there is no SOMA experiment or Census there; give the folder or s3:// URI of one "
             "(tiledbsoma.io.from_h5ad writes an experiment from an .h5ad file)"
         ) from None
     except (soma.SOMAError, RuntimeError, TypeError) as error:
-        raise UserError(f"--soma {uri}: cannot open it as a SOMA object ({first_line(error)})") from None
+        raise UserError(f"`soma` {uri}: cannot open it as a SOMA object ({first_line(error)})") from None
 
 
 def select_experiment(root, organism: str | None, where: str):
@@ -102,10 +124,10 @@ def select_experiment(root, organism: str | None, where: str):
     experiments = root[CENSUS_DATA] if CENSUS_DATA in root else root
     names = sorted(experiments.keys())
     if organism is None:
-        raise UserError(f"{where} holds several experiments ({', '.join(names)}); choose one with --organism")
+        raise UserError(f"{where} holds several experiments ({', '.join(names)}); choose one with `organism`")
     name = experiment_name(organism)
     if name not in names:
-        raise UserError(f"{where} holds no experiment {name!r} (--organism {organism}); it holds {', '.join(names)}")
+        raise UserError(f"{where} holds no experiment {name!r} (`organism` {organism!r}); it holds {', '.join(names)}")
     return experiments[name]
 
 
@@ -168,8 +190,8 @@ class SomaReader(CountReader):
             if experiment is not self._root:
                 self.source = f"{self.source} ({experiment_name(organism)})"
             self.experiment_uri = experiment.uri
-            ms = _member(experiment.ms, measurement, "--soma-measurement", "measurement")
-            self._x = _member(ms.X, x_layer, "--soma-x-layer", "X layer")
+            ms = _member(experiment.ms, measurement, "soma_measurement", "measurement")
+            self._x = _member(ms.X, x_layer, "soma_x_layer", "X layer")
             self.var = self._read_var(ms.var)
             self.obs = self._read_obs(experiment.obs, obs_filter, obs_columns)
         except BaseException:
@@ -195,14 +217,14 @@ class SomaReader(CountReader):
                 raise
             shown = ", ".join(c for c in stored[:12] if c != JOINID) + (", ..." if len(stored) > 12 else "")
             raise UserError(
-                f"--obs-filter {obs_filter!r} is not a valid SOMA value filter on obs ({first_line(error)}); write "
+                f"obs_filter {obs_filter!r} is not a valid SOMA value filter on obs ({first_line(error)}); write "
                 f"it like {FILTER_EXAMPLE} with obs columns of {self.source} ({shown})"
             ) from None
         if frame.empty:
             raise UserError(
                 f"{self.source} holds no cells"
                 if obs_filter is None
-                else f"--obs-filter {obs_filter!r} selects no cells of {self.source}; relax it"
+                else f"obs_filter {obs_filter!r} selects no cells of {self.source}; relax it"
             )
         frame = frame.sort_values(JOINID, kind="stable")[columns or frame.columns]  # tiledbsoma adds filtered ones
         if OBS_NAME_COLUMN in frame.columns:

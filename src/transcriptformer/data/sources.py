@@ -115,7 +115,7 @@ class _GroupReader(CountReader):
     def __init__(self, root, use_raw: bool | None, source: str):
         has_raw = "raw" in root and "X" in root["raw"]
         if use_raw and not has_raw:
-            raise ValueError(f"use_raw=True but {source} has no raw/X; read X instead (--use-raw false)")
+            raise ValueError(f"use_raw=True but {source} has no raw/X; read X instead (`use_raw=False`)")
         base = root["raw"] if has_raw and use_raw is not False else root
         prefix = "raw/" if base is not root else ""
         self.obs = _read_dataframe(root, "obs", "obs", source)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anndata as ad
@@ -207,7 +207,7 @@ def check_duplicates(gene_ids: pd.Series, keep_first: bool) -> np.ndarray:
         shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
         raise ValueError(
             f"{len(names)} gene id(s) occur more than once after version stripping: {shown}. "
-            "Use --remove-duplicate-genes (remove_duplicate_genes=True in Python) to keep the first of each."
+            "Pass `remove_duplicate_genes=True` to keep the first of each."
         )
     return ~duplicated.to_numpy()
 
@@ -405,19 +405,19 @@ def check_counts(scan: CountScan, reader: CountReader, selection: GeneSelection,
         raise UserError(
             f"{reader.source}: {n_invalid} count(s) of the {len(selection.columns)} genes read are NaN, infinite or "
             f"negative, in {int((scan.invalid > 0).sum())} cell(s) (first: {first}); "
-            "fix the data, or pass --invalid-counts drop to leave those cells out, or --invalid-counts clip to set NaN "
-            "and negative counts to 0 and infinite ones to --clip-counts (invalid_counts='drop' or 'clip' in Python)"
+            "fix the data, or pass `invalid_counts='drop'` to leave those cells out, or `invalid_counts='clip'` to set "
+            "NaN and negative counts to 0 and infinite ones to clip_counts"
         )
     if scan.n_infinite and config.invalid_counts == "clip" and config.clip_counts is None:
         raise UserError(
-            f"{reader.source}: {scan.n_infinite} count(s) are infinite and --invalid-counts clip sets them to "
-            "--clip-counts, which is off; give --clip-counts a value, or pass --invalid-counts drop"
+            f"{reader.source}: {scan.n_infinite} count(s) are infinite and `invalid_counts='clip'` sets them to "
+            "clip_counts, which is off; give clip_counts a value, or pass `invalid_counts='drop'`"
         )
     if scan.non_integer:
         warnings.warn(
             f"{reader.source}: {scan.non_integer} of {scan.n_stored} stored counts of the genes read are not whole "
             f"numbers (first: {describe_entry(scan.first_non_integer, reader, selection)}); TranscriptFormer expects "
-            "raw counts: use the layer or .raw that holds them (--use-raw)",
+            "raw counts: use the layer or .raw that holds them (use_raw)",
             stacklevel=3,
         )
 
@@ -452,7 +452,7 @@ def select_genes(
     if missing.any() and not filter_to_vocabs:
         raise ValueError(
             f"{int(missing.sum())} gene(s) are not in the model's vocabulary (e.g. {list(gene_ids[missing][:5])}); "
-            "use --filter-to-vocabs (filter_to_vocabs=True in Python) to drop them"
+            "pass `filter_to_vocabs=True` to drop them"
         )
     keep &= tokens >= 0
     if not keep.any():
@@ -563,9 +563,16 @@ class PreparedCells:
         """What becomes of the cells without any count, e.g. ``2 of 64 cells have no count ...``."""
         return (
             f"{self.n_empty} of {len(self)} cells have no count among the {len(self.selection.columns)} genes read: "
-            "their outputs are NaN (training leaves them out); --drop-empty-cells (drop_empty_cells=True in Python) "
-            "leaves them out of the outputs"
+            "their outputs are NaN (training leaves them out); `drop_empty_cells=True` leaves "
+            "them out of the outputs"
         )
+
+    def keep_only(self, keep: np.ndarray, name: str) -> PreparedCells:
+        """These cells without those whose source row is False in ``keep`` (``(n_obs,)`` bool), counted for ``name``."""
+        kept = self.source_rows()
+        kept = kept[keep[kept]]
+        dropped = {**self.dropped, name: len(self) - kept.size}
+        return replace(self, kept=kept, dropped=dropped)
 
     def source_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows in the source of cells ``start .. stop - 1`` (all by default)."""

@@ -27,8 +27,9 @@ from transcriptformer.config import (
     DataConfig,
     LossConfig,
     ModelConfig,
-    PredictSettings,
+    PredictConfig,
     TranscriptFormerConfig,
+    check_range,
 )
 from transcriptformer.model.outputs import check_output_keys
 from transcriptformer.runtime import BACKENDS, DEVICES
@@ -58,8 +59,9 @@ class InferenceConfig:
         The experiment of a Census (``homo_sapiens`` or ``"Homo sapiens"``); for an experiment, its organism as
         recorded with the output.
     obs_filter : str or None
-        A SOMA value filter selecting the experiment's cells, e.g. ``"tissue_general == 'lung' and
-        is_primary_data == True"``; ``None``: every cell. Cells run in ascending ``soma_joinid`` order.
+        A SOMA value filter selecting the cells, e.g. ``"tissue_general == 'lung' and is_primary_data == True"``;
+        ``None``: every cell. Of an experiment, cells run in ascending ``soma_joinid`` order; of files, the same
+        language selects cells by their obs (:func:`~transcriptformer.data.soma.obs_filter_rows`).
     soma_measurement, soma_x_layer : str
         The experiment's measurement and its X layer of raw counts.
     output_path, output_filename : str
@@ -89,6 +91,9 @@ class InferenceConfig:
     emb_type : str
         ``"cell"``, or ``"cge"`` to also write contextual gene embeddings (the original release's flag: ``cge``
         is then added to ``output_keys``).
+    embedding_layer_index : int
+        The layer whose output the cell embedding pools: 0 the first, negative from the end; -1 (the last layer)
+        gives the original release's embeddings.
     device : str
         ``auto``, ``cpu``, ``cuda`` or ``mps``.
     num_gpus : int
@@ -124,14 +129,15 @@ class InferenceConfig:
     output_filename: str = "embeddings.h5ad"
     output_format: str | None = None
     output_soma: str | None = None
-    batch_size: int = PredictSettings.batch_size
-    max_tokens: int | None = PredictSettings.max_tokens
-    output_keys: list[str] = field(default_factory=lambda: list(PredictSettings.output_keys))
+    batch_size: int = PredictConfig.batch_size
+    max_tokens: int | None = PredictConfig.max_tokens
+    output_keys: list[str] = field(default_factory=lambda: list(PredictConfig.output_keys))
     obs_keys: list[str] = field(default_factory=lambda: [ALL_OBS_KEYS])
-    precision: str | None = PredictSettings.precision
+    precision: str | None = PredictConfig.precision
     pretrained_embedding: list[str] = field(default_factory=list)
     adapter: str | None = None
     emb_type: str = "cell"
+    embedding_layer_index: int = PredictConfig.embedding_layer_index
     device: str = "auto"
     num_gpus: int = 1
     n_data_workers: int = 0
@@ -148,15 +154,13 @@ class InferenceConfig:
         if self.emb_type == "cge" and "cge" not in self.output_keys:
             self.output_keys = [*self.output_keys, "cge"]
         check_output_keys(self.output_keys)
-        _ = self.predict_settings  # built once here to validate batch_size, max_tokens and precision
+        _ = self.predict_config  # built once here to validate batch_size, max_tokens and precision
         _check_choices("device", [self.device], DEVICES)
         _check_choices("attention_backend", [self.attention_backend], BACKENDS)
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        if self.num_gpus == 0 or self.num_gpus < -1:
-            raise ValueError(f"num_gpus must be -1 (all) or >= 1, got {self.num_gpus}")
-        if self.n_data_workers < 0:
-            raise ValueError(f"n_data_workers must be >= 0, got {self.n_data_workers}")
+        check_range(self, "", "chunk_size", at_least=1)
+        if self.num_gpus != -1:
+            check_range(self, "", "num_gpus", at_least=1, also="or -1: every visible GPU")
+        check_range(self, "", "n_data_workers", at_least=0)
         if not self.obs_keys:
             raise ValueError(f"obs_keys is empty: list columns, or [{ALL_OBS_KEYS}] for every column")
         self._check_soma_input()
@@ -167,32 +171,28 @@ class InferenceConfig:
         if len(given) > 1:
             raise ValueError(f"{' and '.join(given)} are alternatives: read the cells from one of them")
         if self.census_version and not self.organism:
-            raise ValueError("census_version: the Census holds one experiment per organism; choose one with --organism")
-        if (self.organism or self.obs_filter) and not self.reads_soma:
-            raise ValueError(
-                "--organism and --obs-filter select cells of a SOMA experiment: give --soma or --census-version"
-            )
+            raise ValueError("census_version: the Census holds one experiment per organism; choose one with `organism`")
+        if self.organism and not self.reads_soma:
+            raise ValueError("`organism` selects the experiment of a Census: give `soma` or census_version")
 
     def _check_soma_output(self) -> None:
         if self.output_format is not None:
             _check_choices("output_format", [self.output_format], OUTPUT_FORMATS)
         if not self.writes_soma:
             if self.output_soma:
-                raise ValueError(f"output_soma is written with --output-format soma or both, not {self.output_format}")
+                raise ValueError(f"output_soma is written when output_format is soma or both, not {self.output_format}")
             return
         if not self.output_soma:
-            raise ValueError(
-                f"--output-format {self.output_format} writes a SOMA array: give its URI with --output-soma"
-            )
+            raise ValueError(f"`output_format={self.output_format}` writes a SOMA array: give its URI with output_soma")
         if not self.reads_soma:
             raise ValueError(
                 "output_soma: the array is indexed by the soma_joinid of the input experiment; read the cells with "
-                "--soma or --census-version (or write an .h5ad)"
+                "`soma` or census_version (or write an .h5ad)"
             )
         if "embeddings" not in self.output_keys or (not self.writes_h5ad and len(self.output_keys) > 1):
             raise ValueError(
                 f"output_soma holds cell embeddings and output_keys are {self.output_keys}: compute embeddings, and "
-                "write the other outputs to an .h5ad too with --output-format both"
+                "write the other outputs to an .h5ad too with `output_format=both`"
             )
 
     @property
@@ -216,13 +216,15 @@ class InferenceConfig:
         return self.resolved_output_format != "h5ad"
 
     @property
-    def predict_settings(self) -> PredictSettings:
+    def predict_config(self) -> PredictConfig:
         """The settings of the batch loop."""
-        return PredictSettings(tuple(self.output_keys), self.batch_size, self.max_tokens, self.precision)
+        return PredictConfig(
+            tuple(self.output_keys), self.batch_size, self.max_tokens, self.precision, self.embedding_layer_index
+        )
 
 
 @dataclass
-class ModelSection:
+class ModelRunConfig:
     """The ``model`` node: the checkpoint, the model family, and all settings."""
 
     checkpoint_path: str = ""
@@ -245,7 +247,7 @@ class ModelSection:
 class RunConfig:
     """Every setting of an inference run."""
 
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelRunConfig = field(default_factory=ModelRunConfig)
 
     @classmethod
     def from_checkpoint(
@@ -269,7 +271,7 @@ class RunConfig:
         if not (path / CONFIG_FILE).exists():
             raise FileNotFoundError(f"{path} is not a TranscriptFormer checkpoint: {CONFIG_FILE} is missing")
         checkpoint = TranscriptFormerConfig.from_json(path / CONFIG_FILE)
-        section = ModelSection(
+        section = ModelRunConfig(
             checkpoint_path=str(checkpoint_path),
             model_type=model_type,
             data_config=checkpoint.data_config,

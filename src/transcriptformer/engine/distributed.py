@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from transcriptformer.console import verbosity
+from transcriptformer.console import current_wording, verbosity
 from transcriptformer.data.sources import CountReader
 from transcriptformer.data.tokenize import CountScan, CountScanner, Entry, scan_counts
 from transcriptformer.errors import UserError
@@ -63,11 +63,11 @@ def resolve_world_size(device: torch.device, num_gpus: int) -> int:
         available = torch.cuda.device_count()
         wanted = available if num_gpus == -1 else num_gpus
         if wanted > available:
-            raise ValueError(f"--num-gpus {num_gpus} asks for {wanted} GPUs but {available} are visible")
+            raise ValueError(f"`num_gpus={num_gpus}` asks for {wanted} GPUs but {available} are visible")
         return wanted
     if device.type == "mps":
         if num_gpus > 1:
-            raise ValueError(f"--num-gpus {num_gpus}: an MPS device runs one process")
+            raise ValueError(f"`num_gpus={num_gpus}`: an MPS device runs one process")
         return 1
     return 1 if num_gpus == -1 else num_gpus
 
@@ -140,14 +140,23 @@ def spawn(worker: Callable[..., None], world_size: int, *args) -> None:
     """
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     try:
-        mp.spawn(_run_spawned, args=(world_size, init_method, worker, args), nprocs=world_size, join=True)
+        spawned = (world_size, init_method, current_wording(), worker, args)
+        mp.spawn(_run_spawned, args=spawned, nprocs=world_size, join=True)
     except mp.ProcessRaisedException as error:
         last_line = str(error).strip().splitlines()[-1]
         raise UserError(f"an inference process failed: {last_line}") from error
 
 
-def _run_spawned(index: int, world_size: int, init_method: str, worker: Callable[..., None], args: tuple) -> None:
-    with verbosity():  # the command's --quiet / --verbose, inherited through the environment
+def _run_spawned(
+    index: int,
+    world_size: int,
+    init_method: str,
+    wording: Callable[[str], str],
+    worker: Callable[..., None],
+    args: tuple,
+) -> None:
+    # The command's --quiet / --verbose, inherited through the environment, and its wording of messages.
+    with verbosity(wording=wording):
         worker(Rank(index, world_size, index), init_method, *args)
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -125,7 +125,7 @@ def refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
     """Raise ``FileExistsError`` naming the first of ``paths`` that exists, unless ``overwrite``."""
     existing = [path for path in paths if path.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace it")
+        raise FileExistsError(f"{existing[0]} exists; pass `overwrite=True` to replace it")
 
 
 @contextmanager
@@ -147,35 +147,35 @@ def claim_output(
         The output exists and ``overwrite`` is off.
     """
     if path.is_dir():
-        raise UserError(f"the output {path} is a folder, not a file; choose another --output-filename")
-    with hold_output(path, ("--output-path", "--output-filename")):
+        raise UserError(f"the output {path} is a folder, not a file; choose another output_filename")
+    with hold_output(path, ("output_path", "output_filename")):
         if writes:
             refuse_existing([path, *(path.with_name(name) for name in beside)], overwrite)
         yield
 
 
 @contextmanager
-def hold_output(path: Path, flags: tuple[str, ...]) -> Iterator[None]:
+def hold_output(path: Path, settings: tuple[str, ...]) -> Iterator[None]:
     """Create the folder of the output ``path`` and hold the output's lock for the duration of the block.
 
     The lock (``.<name>.lock`` beside ``path``) is released when the block ends or the process dies. Errors name
-    ``flags``, which choose the output's place (the first, its folder).
+    ``settings``, which choose the output's place (the first, its folder).
 
     Raises
     ------
     UserError
         The folder is a file or cannot be written, or another run holds the output.
     """
-    folder, folder_flag = path.parent, flags[0]
+    folder, folder_setting = path.parent, settings[0]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         blocking = next(p for p in (folder, *folder.parents) if p.exists())
         raise UserError(
-            f"{folder_flag} {folder} is not a folder: {blocking} is a file; give a folder (missing ones are created)"
+            f"{folder_setting} {folder} is not a folder: {blocking} is a file; give a folder (missing ones are created)"
         ) from None
     except OSError as error:
-        raise _unwritable(f"create {folder}", error, folder_flag) from error
+        raise _unwritable(f"create {folder}", error, folder_setting) from error
     lock_file = lock_file_of(path)
     lock = FileLock(lock_file, timeout=0)
     try:
@@ -184,18 +184,18 @@ def hold_output(path: Path, flags: tuple[str, ...]) -> Iterator[None]:
         holder = lock_holder(lock_file)
         raise UserError(
             f"{path} is being written by another run{f' (pid {holder})' if holder else ''}, which holds {lock_file}; "
-            f"wait for it to end, or choose another {' or '.join(flags)}"
+            f"wait for it to end, or choose another {' or '.join(settings)}"
         ) from None
     except OSError as error:
-        raise _unwritable(f"write in {folder}", error, folder_flag) from error
+        raise _unwritable(f"write in {folder}", error, folder_setting) from error
     try:
         yield
     finally:
         lock.release()
 
 
-def _unwritable(action: str, error: OSError, folder_flag: str) -> UserError:
-    return UserError(f"cannot {action} ({error.strerror or error}); choose a writable {folder_flag}")
+def _unwritable(action: str, error: OSError, folder_setting: str) -> UserError:
+    return UserError(f"cannot {action} ({error.strerror or error}); choose a writable {folder_setting}")
 
 
 def lock_holder(lock_file: Path) -> int | None:
@@ -238,6 +238,7 @@ def write_output(
     metadata: dict,
     overwrite: bool = False,
     finish_obs: ObsFinisher | None = None,
+    main_layer: Callable[[Collection[str]], str | None] = main_matrix_key,
     files: tuple[Sequence[str], FilesWriter] | None = None,
 ) -> None:
     """Write the output ``.h5ad`` (layout in the module docstring) from chunks of consecutive cells.
@@ -262,6 +263,8 @@ def write_output(
         Stored as ``uns["transcriptformer"]``.
     finish_obs
         Columns computed from all cells' per-cell numbers, written with them in the one atomic write.
+    main_layer
+        The per-gene layer that ``X`` holds, given the layers' keys (``None``: the first per-gene array, if any).
     files
         The names of a task's files beside the output, and what writes them into a folder (after ``finish_obs``):
         they are moved into place just before the output, each replacing an existing file only with ``overwrite``.
@@ -280,7 +283,7 @@ def write_output(
                     for chunk in chunks:
                         writer.append(chunk)
                         raw.raise_failure()
-                    writer.finish(obs, metadata, finish_obs)
+                    writer.finish(obs, metadata, finish_obs, main_layer)
             except Exception:
                 raw.raise_failure()  # what made HDF5 fail, if a write did
                 raise
@@ -422,7 +425,13 @@ class _OutputWriter:
             self._extend(CGE_GENE_NAMES, self.gene_ids[chunk.cge["gene_index"]])
         self.written = rows.stop
 
-    def finish(self, obs: pd.DataFrame, metadata: dict, finish_obs: ObsFinisher | None = None) -> None:
+    def finish(
+        self,
+        obs: pd.DataFrame,
+        metadata: dict,
+        finish_obs: ObsFinisher | None = None,
+        main_layer: Callable[[Collection[str]], str | None] = main_matrix_key,
+    ) -> None:
         """Write obs (per-cell numbers, then the columns of ``finish_obs``), var, X and uns once every chunk is in."""
         if self.written != self.n_cells:
             raise ValueError(f"{self.written} cells of outputs for {self.n_cells} rows of obs")
@@ -435,8 +444,8 @@ class _OutputWriter:
             for key, value in uns.items():
                 write_elem(self.file["uns"], key, value)
         write_elem(self.file, "obs", _as_written_by_anndata(obs))
-        # a model output by MAIN_MATRIX_ORDER, else a task's first per-gene array
-        main_matrix = main_matrix_key(self.layer_order) or next(iter(self.layer_order), None)
+        # the task's choice (a model output by MAIN_MATRIX_ORDER by default), else a task's first per-gene array
+        main_matrix = main_layer(self.layer_order) or next(iter(self.layer_order), None)
         if main_matrix is None:  # no per-gene layer: no genes, and X an empty matrix
             write_elem(self.file, "var", pd.DataFrame(index=self.var.index[:0]))
             write_elem(self.file, "X", sp.csr_matrix((self.n_cells, 0), dtype=np.float32))
@@ -488,7 +497,7 @@ def contextual_embeddings(adata: ad.AnnData, gene_id: str) -> tuple[pd.Index, np
         The names of the cells whose sequence holds the gene, and its ``(len(cells), E)`` embeddings in them.
     """
     if CGE_EMBEDDINGS not in adata.uns:
-        raise KeyError("this output has no contextual gene embeddings; run inference with --emb-type cge")
+        raise KeyError("this output has no contextual gene embeddings; run inference with `emb_type=cge`")
     rows = adata.uns[CGE_GENE_NAMES] == gene_id
     if not rows.any():
         examples = list(pd.unique(adata.uns[CGE_GENE_NAMES])[:3])

@@ -85,7 +85,7 @@ def write_failed(target: Path | str, error: OSError, folder: Path, fix: str = "f
     """The error of a write that failed (a full disk, a quota): nothing was replaced and the saved units remain."""
     return UserError(
         f"writing {target} failed ({error.strerror or error}); nothing was replaced, and the finished units are kept "
-        f"in {folder}: {fix} and rerun with --resume"
+        f"in {folder}: {fix} and rerun with `resume=True`"
     )
 
 
@@ -105,7 +105,7 @@ def _storable(values: np.ndarray, name: str) -> np.ndarray:
 
 def load_part(path: Path) -> Part:
     """Read a file written by :func:`save_part` (no pickled objects are accepted)."""
-    fix = "delete it and rerun with --resume (only its cells are computed again)"
+    fix = "delete it and rerun with `resume=True` (only its cells are computed again)"
     arrays = load_npz(path, what="a saved unit of the interrupted run", fix=fix)
     obs = None
     if OBS_INDEX in arrays:
@@ -125,8 +125,8 @@ def load_part(path: Path) -> Part:
 def damaged_parts_error(described: list[str], folder: Path) -> UserError:
     """The error for saved units that cannot be read, ``described`` as ``"<file name> (<reason>)"``."""
     return UserError(
-        f"saved unit(s) in {folder} are damaged: {', '.join(described)}; delete those files and rerun with --resume "
-        "(only their cells are computed again)"
+        f"saved unit(s) in {folder} are damaged: {', '.join(described)}; delete those files and rerun with "
+        "`resume=True` (only their cells are computed again)"
     )
 
 
@@ -231,9 +231,9 @@ def read_manifest(manifest: Path) -> dict:
     try:
         content = json.loads(manifest.read_text())
     except (OSError, ValueError) as error:
-        raise UserError(f"{manifest} is unreadable ({error}); run without --resume to start over") from error
+        raise UserError(f"{manifest} is unreadable ({error}); run without `resume` to start over") from error
     if not isinstance(content, dict):
-        raise UserError(f"{manifest} is not a run's manifest; run without --resume to start over")
+        raise UserError(f"{manifest} is not a run's manifest; run without `resume` to start over")
     return content
 
 
@@ -261,7 +261,7 @@ def open_parts_dir(session: Session) -> int:
         if interrupted.get("fingerprint") != fingerprint:
             changes = describe_changes(interrupted["run"], description) if "run" in interrupted else []
             raise UserError(
-                f"the interrupted run in {folder} had other settings, inputs or weights; run without --resume to "
+                f"the interrupted run in {folder} had other settings, inputs or weights; run without `resume` to "
                 f"start over" + (f" (changed: {'; '.join(changes)})" if changes else "")
             )
         return check_saved_parts(session)

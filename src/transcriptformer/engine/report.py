@@ -41,7 +41,7 @@ def describe_inputs(session: Session) -> list[str]:
 
 def count_batches(session: Session) -> int:
     """Forward passes the run will make (reads every unit's counts for their lengths)."""
-    settings = session.config.inference.predict_settings
+    settings = session.config.inference.predict_config
     return sum(len(plan(session.model, session.read_unit(u), settings, session.device)) for u in session.units)
 
 
@@ -76,14 +76,15 @@ def existing_output_note(session: Session) -> str:
         return ""
     if session.config.inference.overwrite:
         return " (exists; will be replaced)"
-    return " (exists; the run would stop: pass --overwrite to replace it)"
+    return " (exists; the run would stop: pass `overwrite=True` to replace it)"
 
 
 def format_summary(session: Session, world_size: int, seconds: float) -> str:
     """What a finished run did, and how to open its output (whose path the run prints last)."""
-    path, inference = session.output_file.resolve(), session.config.inference
+    path, inference, task = session.output_file.resolve(), session.config.inference, session.task
+    embeddings = task.rows_are_cells and "embeddings" in task.output_keys(session.config)  # obsm of the cells
     lines = [
-        "Inference finished.",
+        f"{task.name.capitalize()} finished.",
         *describe_inputs(session),
         f"{session.n_cells} cells in {seconds:.1f} s ({session.n_cells / seconds:.1f} cells/s) on "
         f"{session.device.type} ({counted(world_size, 'process')}), precision {session.precision}",
@@ -91,7 +92,7 @@ def format_summary(session: Session, world_size: int, seconds: float) -> str:
     if inference.writes_h5ad:
         lines.append(
             f'Open it with: adata = anndata.read_h5ad("{path}")'
-            + ('; sc.pp.neighbors(adata, use_rep="embeddings")' if "embeddings" in inference.output_keys else "")
+            + ('; sc.pp.neighbors(adata, use_rep="embeddings")' if embeddings else "")
         )
     if inference.writes_soma:
         lines.append(

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from transcriptformer.checkpoint import Checkpoint
-from transcriptformer.console import progress_bar, say
+from transcriptformer.console import progress_bar, say, worded
 from transcriptformer.engine import distributed, parts
 from transcriptformer.engine.config import RunConfig
 from transcriptformer.engine.distributed import Rank
@@ -131,7 +131,9 @@ def write_h5ad(session: Session, world_size: int) -> dict:
     obs.index = obs.index.astype(str)  # a SOMA experiment without obs_id names its cells by joinid
     chunks = (parts.load_part(parts.part_file(session, unit)).outputs for unit in session.units)
     metadata = run_metadata(session, world_size)
-    var = concat_var([f.var for f in session.files], session.genes)
+    var = session.task.output_var(session)
+    if var is None:
+        var = concat_var([f.var for f in session.files], session.genes)
     task, added, finished = session.task, {}, {}
 
     def finish(obs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
@@ -145,7 +147,7 @@ def write_h5ad(session: Session, world_size: int) -> dict:
     files = (task.output_files(session.config), lambda folder: task.write_files(folder, finished["obs"], added))
     overwrite = session.config.inference.overwrite
     try:
-        write_output(session.output_file, obs, var, chunks, metadata, overwrite, finish, files)
+        write_output(session.output_file, obs, var, chunks, metadata, overwrite, finish, task.main_layer, files)
     except OSError as error:
         raise parts.write_failed(session.output_file, error, parts.parts_dir(session)) from error
     return added
@@ -195,10 +197,8 @@ def run_worker(rank: Rank, init_method: str | None, task: Task, config: RunConfi
             raise  # the message says what to do; the same run resumed would fail the same way
         except BaseException:
             if rank.is_main:
-                print(
-                    f"Interrupted: finished units are kept in {parts.parts_dir(session)}; rerun with --resume",
-                    flush=True,
-                )
+                kept = f"Interrupted: finished units are kept in {parts.parts_dir(session)}; rerun with `resume=True`"
+                print(worded(kept), flush=True)
             raise
         if rank.is_main:
             written, added = merge_and_write(session, rank.world_size)
@@ -235,7 +235,7 @@ def run_task(task: Task, config: RunConfig, *, dry_run: bool = False) -> Path:
     world_size = launched.world_size if launched else distributed.resolve_world_size(device, config.inference.num_gpus)
     if dry_run:
         with prepare(config, device, task) as session:
-            print(format_plan(session, world_size))
+            print(worded(format_plan(session, world_size)))
         return output_file_of(config)
     path = output_file_of(config)
     if launched and not launched.is_main:  # rank 0 holds the output
@@ -294,7 +294,7 @@ class MemoryResult:
 def run_in_memory(
     task: Task,
     checkpoint: Checkpoint,
-    data: ad.AnnData | str | Path,
+    data: ad.AnnData | str | Path | None,
     config: RunConfig,
     device: torch.device,
 ) -> MemoryResult:
@@ -310,7 +310,8 @@ def run_in_memory(
     checkpoint
         Loaded with its adapters and gene embeddings (``config``'s ``model`` section says how to tokenize).
     data
-        An AnnData (only read here), or the path of a ``.h5ad``, ``.zarr`` or 10x ``.h5`` file.
+        An AnnData (only read here), or the path of a ``.h5ad``, ``.zarr`` or 10x ``.h5`` file; ``None`` for a task
+        that plans its own rows (:meth:`Task.planned_rows`) without input cells.
     config
         The run's settings; its input and output settings are not used.
     device
@@ -333,6 +334,8 @@ def run_in_memory(
                 obs[key] = values
         obs, uns = task.finish(obs)
         uns = uns | task.summarize(obs, [outputs], session.genes)
+        if not session.files:  # a task that plans its own rows, without input cells
+            return MemoryResult(obs, outputs, uns, np.zeros(0, dtype=np.int64), pd.Index([]), False, session.genes)
         reader, var_rows = session.files[0].cells.reader, np.asarray(session.files[0].cells.selection.columns)
         from_raw = isinstance(data, ad.AnnData) and reader.var is not data.var
     return MemoryResult(obs, outputs, uns, var_rows, reader.var.index[var_rows], from_raw, session.genes)

@@ -23,11 +23,12 @@ import pandas as pd
 import torch
 
 from transcriptformer.checkpoint import WEIGHTS_FILE, Checkpoint, load_checkpoint
-from transcriptformer.data.soma import JOINID, SomaReader
+from transcriptformer.data.soma import JOINID, SomaReader, obs_filter_rows
 from transcriptformer.data.sources import CountReader, open_counts
 from transcriptformer.data.tokenize import CellTokenizer, CountScanner, PreparedCells, TokenizedCells, scan_counts
 from transcriptformer.engine.config import ALL_OBS_KEYS, InferenceConfig, RunConfig
 from transcriptformer.engine.task import Task
+from transcriptformer.errors import UserError
 from transcriptformer.model.outputs import OUTPUTS
 from transcriptformer.pipeline import Predictor
 from transcriptformer.runtime import default_precision
@@ -87,9 +88,16 @@ class InputFile:
         return var.set_axis(pd.Index(self.cells.selection.gene_ids))
 
 
+# file_index of a unit of rows that its task plans itself (Task.planned_rows): no input file's cells.
+TASK_ROWS = -1
+
+
 @dataclass(frozen=True)
 class WorkUnit:
-    """Consecutive cells ``start:stop`` of one input file; outputs are saved per unit."""
+    """Consecutive cells ``start:stop`` of one input file, or rows of the task (``file_index`` :data:`TASK_ROWS`).
+
+    Outputs are saved per unit.
+    """
 
     index: int
     file_index: int
@@ -158,8 +166,10 @@ class Session:
         joinids = self.files[unit.file_index].joinids
         return None if joinids is None else joinids[unit.start : unit.stop]
 
-    def read_unit(self, unit: WorkUnit) -> TokenizedCells:
-        """The tokenized cells of one unit, read from its file."""
+    def read_unit(self, unit: WorkUnit) -> TokenizedCells | None:
+        """The tokenized cells of one unit, read from its file; ``None`` for rows that the task plans."""
+        if unit.file_index == TASK_ROWS:
+            return None
         return self.files[unit.file_index].cells.cells(unit.start, unit.stop)
 
 
@@ -196,8 +206,8 @@ def prepare(config: RunConfig, device: torch.device, task: Task, scan: CountScan
     failing.
     """
     inference = config.inference
-    if not (inference.data_files or inference.reads_soma):
-        raise ValueError("no input: give files with --data-file, or a SOMA experiment with --soma or --census-version")
+    if not (inference.data_files or inference.reads_soma) and task.planned_rows(None) is None:
+        raise ValueError("no input: give files with data_files, or a SOMA experiment with `soma` or census_version")
     return open_session(config, load_for_run(config, device), device, task, scan)
 
 
@@ -232,7 +242,11 @@ def open_session(
                 open_file_input(Path(name), inference, tokenizer, scan, open_files, added)
                 for name in inference.data_files
             ]
-        units = plan_units([len(f.cells) for f in files], inference.chunk_size)
+        planned = task.planned_rows(sum(len(f.cells) for f in files) if files else None)
+        if planned is None:
+            units = plan_units([len(f.cells) for f in files], inference.chunk_size)
+        else:
+            units = plan_units([planned], inference.chunk_size, file_index=TASK_ROWS)
         if not units:
             raise ValueError(f"the input files {inference.data_files} hold no cells")
         genes, gene_columns = gene_axis(files, len(checkpoint.gene_vocab))
@@ -254,7 +268,7 @@ def open_file_input(
     reader = open_files.enter_context(open_counts(path, inference.use_raw))
     stat = path.stat()
     identity = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
-    return _input(str(path), reader, inference.obs_keys, tokenizer, scan, identity, added)
+    return _input(str(path), reader, inference.obs_keys, tokenizer, scan, identity, added, inference.obs_filter)
 
 
 def open_soma_input(
@@ -298,12 +312,20 @@ def _input(
     scan: CountScanner,
     identity: list,
     added: Sequence[str],
+    obs_filter: str | None = None,
 ) -> InputFile:
-    """The input ``name`` of ``reader``: its obs columns chosen, its genes matched, its counts checked (``scan``)."""
+    """The input ``name`` of ``reader``: its obs columns chosen, its genes matched, its counts checked (``scan``).
+
+    ``obs_filter`` selects the cells of a file (a SOMA reader applies it when it reads obs).
+    """
     obs = select_obs(reader.obs, obs_keys, name, added)
     if isinstance(reader, SomaReader):
         obs[JOINID] = reader.joinids
     cells = tokenizer.prepare(reader, scan)
+    if obs_filter is not None and not isinstance(reader, SomaReader):
+        cells = cells.keep_only(obs_filter_rows(reader.obs, obs_filter, name), "obs_filter")
+        if not len(cells):
+            raise UserError(f"{name}: {cells.describe_dropped()}; relax obs_filter or the cell filters")
     obs = obs.iloc[cells.source_rows()].copy() if cells.n_dropped else obs
     obs[SOURCE_FILE_COLUMN] = name
     return InputFile(name, cells, obs, identity)
@@ -319,13 +341,15 @@ def select_obs(obs: pd.DataFrame, keys: Sequence[str], path: Path | str, added: 
     clashing = [k for k in keys if k in added]
     if clashing:
         raise ValueError(
-            f"{path}: obs column(s) {clashing} would be overwritten by the output's; choose others with --obs-keys"
+            f"{path}: obs column(s) {clashing} would be overwritten by the output's; choose others with obs_keys"
         )
     return obs[list(keys)].copy()
 
 
 def gene_axis(files: Sequence[InputFile], vocab_size: int) -> tuple[pd.Index, np.ndarray]:
     """Genes matched in any file, in order of first appearance, and each vocabulary entry's column among them."""
+    if not files:
+        return pd.Index([], name="gene_id"), np.full(vocab_size, -1, dtype=np.int64)
     tokens = np.concatenate([f.cells.selection.tokens for f in files])
     ids = np.concatenate([f.cells.selection.gene_ids for f in files])
     _, first = np.unique(tokens, return_index=True)
@@ -335,12 +359,17 @@ def gene_axis(files: Sequence[InputFile], vocab_size: int) -> tuple[pd.Index, np
     return pd.Index(ids[first].astype(str), name="gene_id"), columns
 
 
-def plan_units(file_sizes: Sequence[int], chunk_size: int) -> list[WorkUnit]:
-    """Cut each file's cells into units of at most ``chunk_size`` consecutive cells, in input order."""
+def plan_units(file_sizes: Sequence[int], chunk_size: int, file_index: int | None = None) -> list[WorkUnit]:
+    """Cut each file's cells into units of at most ``chunk_size`` consecutive cells, in input order.
+
+    ``file_index`` given (:data:`TASK_ROWS`), every unit has it: ``file_sizes`` are then a task's rows.
+    """
     units = []
-    for file_index, size in enumerate(file_sizes):
+    for index, size in enumerate(file_sizes):
         for start in range(0, size, chunk_size):
-            units.append(WorkUnit(len(units), file_index, start, min(start + chunk_size, size)))
+            units.append(
+                WorkUnit(len(units), index if file_index is None else file_index, start, min(start + chunk_size, size))
+            )
     return units
 
 

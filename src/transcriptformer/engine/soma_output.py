@@ -70,7 +70,7 @@ def remote_array_exists(uri: str) -> bool:
         return soma.SparseNDArray.exists(uri)
     except (soma.SOMAError, RuntimeError) as error:
         raise UserError(
-            f"--output-soma {uri}: cannot reach it ({first_line(error)}); check the URI and credentials"
+            f"output_soma {uri}: cannot reach it ({first_line(error)}); check the URI and credentials"
         ) from None
 
 
@@ -93,22 +93,22 @@ def claim_soma_output(uri: str, overwrite: bool) -> Iterator[None]:
     if path is None:
         if remote_array_exists(uri):
             raise UserError(
-                f"--output-soma {uri} exists, and a remote array is not replaced: remove it with your storage's "
-                "tools (e.g. aws s3 rm --recursive) or choose another --output-soma"
+                f"output_soma {uri} exists, and a remote array is not replaced: remove it with your storage's "
+                "tools (e.g. aws s3 rm --recursive) or choose another output_soma"
             )
         yield
         return
-    with hold_output(path, ("--output-soma",)):
+    with hold_output(path, ("output_soma",)):
         for stale in path.parent.glob(f".{path.name}.*"):
             if stale.name.endswith(TEMPORARY_SUFFIXES):  # left by a run killed while writing
                 shutil.rmtree(stale, ignore_errors=True)
         if path.exists():
             if not overwrite:
-                raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+                raise FileExistsError(f"{path} exists; pass `overwrite=True` to replace it")
             if not is_embedding_array(str(path)):
                 raise UserError(
-                    f"--output-soma {path} exists and is not a SOMA array of embeddings, so --overwrite does not "
-                    "replace it; choose another --output-soma"
+                    f"output_soma {path} exists and is not a SOMA array of embeddings, so `overwrite` does not "
+                    "replace it; choose another output_soma"
                 )
         yield
 

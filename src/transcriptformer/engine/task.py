@@ -11,10 +11,14 @@ The engine calls, in this order (every process runs steps 3-4 for its units; ran
 
     1. task.check(config)                    before anything is loaded: settings against the run's
     2. task.added_obs_columns()              while opening the inputs: input obs columns of these names are an error
+       task.planned_rows(input_cells)        once the inputs are open: None (units of the input cells), or the
+                                             number of rows the task plans itself (units of rows, cells None)
     3. task.output_keys(config)              the model outputs of each unit's batch loop
     4. task.run_unit(session, unit, cells, ...)  per work unit: its Part, saved at once (resume)
     5. task.finish(obs)                      obs of every row, per-row numbers included: the obs to write and
                                              the uns entries to add, in the output's one atomic write
+       task.output_var(session)              the var of the per-gene outputs (None: the inputs' matched genes)
+       task.main_layer(layers)               the per-gene layer that X holds
        task.summarize(obs, outputs, genes)   uns entries reduced from every row's outputs, read a part at a time
        task.write_files(folder, obs, uns)    the task's files beside the output (task.output_files(config)),
                                              moved into place with the output in its one atomic write
@@ -31,7 +35,7 @@ are part of the run's description, so a resumed run with other task settings is 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -100,20 +104,36 @@ class Task(Protocol):
     def added_obs_columns(self) -> tuple[str, ...]:
         """Obs columns the task writes besides the model's per-cell outputs."""
 
+    def planned_rows(self, input_cells: int | None) -> int | None:
+        """``None`` when the work units are the input cells'; else the number of rows that the task plans itself.
+
+        Given the number of input cells (``None``: no input); the rows are cut into units of ``chunk_size`` rows
+        (``unit.file_index`` :data:`~transcriptformer.engine.session.TASK_ROWS`); a task that needs no input
+        cells returns a number for ``None``. Raises a ``ValueError`` naming the setting to change when it cannot
+        plan.
+        """
+
     def run_unit(
         self,
         session: Session,
         unit: WorkUnit,
-        cells: TokenizedCells,
+        cells: TokenizedCells | None,
         on_batch: Callable[[int], object],
         limit: MemoryLimit,
     ) -> Part:
-        """The outputs of one unit's cells (per-gene outputs on the session's gene axis).
+        """The outputs of one unit's cells (per-gene outputs on the session's gene axis), or of its planned rows.
 
-        ``on_batch`` takes the number of input cells done (the progress bar); ``limit`` is the batch loop's memory
-        limit, kept across units. ``session.files[unit.file_index].obs.iloc[unit.start:unit.stop]`` is the cells'
-        obs.
+        ``on_batch`` takes the number of input cells (or rows) done (the progress bar); ``limit`` is the batch
+        loop's memory limit, kept across units. ``session.files[unit.file_index].obs.iloc[unit.start:unit.stop]``
+        is the cells' obs. ``cells`` is ``None`` for a unit of rows that the task plans (:meth:`planned_rows`),
+        which reads what it needs of the inputs itself (``session.files``).
         """
+
+    def output_var(self, session: Session) -> pd.DataFrame | None:
+        """The var of the per-gene outputs (index the genes' ids) when they are not on the session's gene axis."""
+
+    def main_layer(self, layers: Collection[str]) -> str | None:
+        """The per-gene output among ``layers`` that the output's ``X`` holds; ``None``: no genes, an empty ``X``."""
 
     def finish(self, obs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
         """The obs to write and the uns entries to add, given the obs of every row with its per-row numbers."""
@@ -164,6 +184,20 @@ class BatchLoopTask:
         """None."""
         return ()
 
+    def planned_rows(self, input_cells: int | None) -> int | None:
+        """``None``: one row per input cell."""
+        return None
+
+    def output_var(self, session: Session) -> pd.DataFrame | None:
+        """``None``: the per-gene outputs are on the inputs' matched genes."""
+        return None
+
+    def main_layer(self, layers: Collection[str]) -> str | None:
+        """The first of :data:`~transcriptformer.model.outputs.MAIN_MATRIX_ORDER` among ``layers``."""
+        from transcriptformer.model.outputs import main_matrix_key
+
+        return main_matrix_key(layers)
+
     def run_unit(
         self,
         session: Session,
@@ -176,7 +210,7 @@ class BatchLoopTask:
         from transcriptformer.pipeline import predict_gene_outputs
 
         settings = dataclasses.replace(
-            session.config.inference.predict_settings, output_keys=self.output_keys(session.config)
+            session.config.inference.predict_config, output_keys=self.output_keys(session.config)
         )
         outputs = predict_gene_outputs(
             session.model, cells, settings, session.device, session.gene_columns, on_batch=on_batch, limit=limit

@@ -156,7 +156,7 @@ def download_artifact(
     checkpoint_dir = Path(checkpoint_dir)
     if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
         raise NotADirectoryError(
-            f"{checkpoint_dir} is a file, not a folder: choose another --checkpoint-dir (it is created when missing)"
+            f"{checkpoint_dir} is a file, not a folder: choose another checkpoint_dir (it is created when missing)"
         )
     target = checkpoint_dir / artifact.directory
     if is_complete(target) and not force:
@@ -165,7 +165,7 @@ def download_artifact(
     if target.exists() and not force:
         raise FileExistsError(
             f"{target} exists but is not a finished download (no {COMPLETION_MARKER}); "
-            "move it away or pass force=True (--force) to replace it"
+            "move it away or pass `force=True` to replace it"
         )
     url = artifact_url(artifact, base_url)
     archive = checkpoint_dir / DOWNLOADS_DIR / artifact.archive
@@ -280,7 +280,7 @@ class _MemberFilter:
             raise ArchiveError(
                 f"{self.archive.name} unpacks to more than {self.max_expansion:g} times its size "
                 f"({self.archive.stat().st_size} bytes), like a decompression bomb; nothing was kept. If you trust "
-                "the archive, raise the limit with --max-expansion"
+                "the archive, raise the limit with max_expansion"
             )
 
 

@@ -5,9 +5,9 @@ are primary data, and download assets. :func:`select_datasets` filters that list
 fetches the ``.h5ad`` asset of each selected dataset in parallel, resumably and with retries (see
 :mod:`transcriptformer.hub.http`), into the layout of the original release::
 
-    <output_dir>/<dataset_id>/full.h5ad
-    <output_dir>/<dataset_id>/__success__      completion marker (JSON), written last
-    <output_dir>/dataset_metadata.json         API records of the selected datasets
+    <output_path>/<dataset_id>/full.h5ad
+    <output_path>/<dataset_id>/__success__      completion marker (JSON), written last
+    <output_path>/dataset_metadata.json         API records of the selected datasets
 
 A dataset with a marker is skipped by later runs. The API address can be changed with
 ``TRANSCRIPTFORMER_CELLXGENE_API`` (or ``api_url``).
@@ -184,13 +184,13 @@ def _is_loopback(host: str | None) -> bool:
 
 
 def download_dataset(
-    dataset: Dataset, output_dir: str | Path, retry: RetryPolicy | None = None, progress: bool = False
+    dataset: Dataset, output_path: str | Path, retry: RetryPolicy | None = None, progress: bool = False
 ) -> DatasetOutcome:
-    """Download one dataset's ``.h5ad`` into ``output_dir/<dataset_id>/``; never raises for a failed download."""
+    """Download one dataset's ``.h5ad`` into ``output_path/<dataset_id>/``; never raises for a failed download."""
     dataset_id = str(dataset.get("dataset_id", ""))
     if not SAFE_DATASET_ID.fullmatch(dataset_id):
         return DatasetOutcome(dataset_id, "failed", error=f"refusing unsafe dataset id {dataset_id!r}")
-    folder = Path(output_dir) / dataset_id
+    folder = Path(output_path) / dataset_id
     if (folder / SUCCESS_MARKER).exists():
         return DatasetOutcome(dataset_id, "skipped", folder / DATASET_FILE)
     asset = h5ad_asset(dataset)
@@ -226,7 +226,7 @@ def download_dataset(
 
 def download_datasets(
     datasets: Sequence[Dataset],
-    output_dir: str | Path,
+    output_path: str | Path,
     *,
     workers: int = WORKERS,
     retry: RetryPolicy | None = None,
@@ -239,14 +239,14 @@ def download_datasets(
     ----------
     datasets
         Records of the curation API (see :func:`select_datasets`).
-    output_dir
+    output_path
         Folder of the per-dataset folders.
     workers
         Parallel downloads.
     retry
         Retry policy of each download.
     save_metadata
-        Write the records to ``output_dir/dataset_metadata.json``.
+        Write the records to ``output_path/dataset_metadata.json``.
     on_outcome
         Called (from a worker thread) as each dataset finishes.
 
@@ -257,15 +257,15 @@ def download_datasets(
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise NotADirectoryError(f"{output_dir} is a file, not a folder: choose another --output-dir")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_path = Path(output_path)
+    if output_path.exists() and not output_path.is_dir():
+        raise NotADirectoryError(f"{output_path} is a file, not a folder: choose another output_path")
+    output_path.mkdir(parents=True, exist_ok=True)
     if save_metadata:
-        (output_dir / METADATA_FILE).write_text(json.dumps(list(datasets), indent=2))
+        (output_path / METADATA_FILE).write_text(json.dumps(list(datasets), indent=2))
 
     def run_one(dataset: Dataset) -> DatasetOutcome:
-        outcome = download_dataset(dataset, output_dir, retry, progress=workers == 1)
+        outcome = download_dataset(dataset, output_path, retry, progress=workers == 1)
         if on_outcome is not None:
             on_outcome(outcome)
         return outcome

@@ -203,7 +203,7 @@ def download_file(
         When ``sha256`` is not 64 hexadecimal digits, or the address is not ``http(s)://``; nothing is fetched.
     """
     if sha256 is not None and not SHA256_HEX.fullmatch(sha256):
-        raise UserError(f"the expected SHA-256 (--sha256) {sha256!r} is not 64 hexadecimal digits; copy it whole")
+        raise UserError(f"the expected SHA-256 (`sha256`) {sha256!r} is not 64 hexadecimal digits; copy it whole")
     check_scheme(url)
     retry = retry or RetryPolicy()
     dest = Path(dest)

@@ -310,20 +310,48 @@ def chunked_attend(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) -> 
     Tensor
         ``(B, H, N, D)``; a query with no visible key gets zeros, as in flex attention.
     """
-    batch, heads, length, head_dim = q.shape
+    # Contiguous operands keep every block's matmuls free of copies; the scale is folded into the queries.
+    q = q.contiguous() * (1.0 / math.sqrt(q.shape[-1]))
+    return attend_row_blocks(q, k.contiguous(), v.contiguous(), inputs)
+
+
+def attend_row_blocks(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) -> Tensor:
+    """Attention of the last ``R`` of ``K`` positions over all ``K``, in blocks of query rows.
+
+    A block of rows sees the keys up to its last row only, and no more than ``inputs.max_score_elements`` scores
+    exist at a time. The whole sequence (``R = K``) for :func:`chunked_attend`; the positions that follow cached
+    ones for a pass with a :class:`KVCache`.
+
+    Parameters
+    ----------
+    q : Tensor
+        ``(B, H, R, D)`` queries of the positions ``K - R .. K - 1``, already scaled by ``1 / sqrt(D)``.
+    k, v : Tensor
+        ``(B, H, K, D)``.
+    inputs : AttentionInputs
+        Bias and padding of the ``K`` keys, and the bound on scores held at once.
+
+    Returns
+    -------
+    Tensor
+        ``(B, H, R, D)``; a query with no visible key gets zeros, as in flex attention.
+    """
+    batch, heads, rows, _ = q.shape
+    keys = k.shape[2]
+    first = keys - rows
     bound = inputs.max_score_elements
     if bound is not None and compiles_scores(q):
         # The compiled loop's bfloat16 scores and probabilities take half the memory of the eager float32 ones;
         # larger blocks also spare the bfloat16 products copies of their key blocks (one per block)
         bound *= 2
-    rows_per_block = length if bound is None else max(1, bound // (batch * heads * length))
-    # Contiguous operands keep every block's matmuls free of copies; the scale is folded into the queries.
-    q = q.contiguous() * (1.0 / math.sqrt(head_dim))
-    k, v = k.contiguous(), v.contiguous()
+    rows_per_block = rows if bound is None else max(1, bound // (batch * heads * keys))
     out = torch.empty_like(q)
-    for start in range(0, length, rows_per_block):
-        stop = min(length, start + rows_per_block)
-        out[:, :, start:stop] = attend_rows(q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], start, inputs)
+    for start in range(0, rows, rows_per_block):
+        stop = min(rows, start + rows_per_block)
+        block_keys = first + stop
+        out[:, :, start:stop] = attend_rows(
+            q[:, :, start:stop], k[:, :, :block_keys], v[:, :, :block_keys], first + start, inputs
+        )
     return out
 
 
@@ -453,11 +481,16 @@ class KVCache:
         self.length = 0  # positions held
         self.new = 0  # positions being added by the current pass
 
+    @property
+    def capacity(self) -> int:
+        """Positions the cache holds at most."""
+        return self.kv_is_pad.shape[1]
+
     def append(self, count_bias: Tensor, kv_is_pad: Tensor) -> None:
         """Start a pass over ``T`` new positions with ``(B, T)`` count bias and padding."""
         new = count_bias.shape[1]
-        if self.length + new > self.keys.shape[3]:
-            raise ValueError(f"the cache holds {self.keys.shape[3]} positions; {self.length + new} asked for")
+        if self.length + new > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions; {self.length + new} asked for")
         self.count_bias[:, self.length : self.length + new] = count_bias
         self.kv_is_pad[:, self.length : self.length + new] = kv_is_pad
         self.new = new
@@ -499,9 +532,8 @@ class MultiHeadSelfAttention(nn.Module):
         q, k, v = self.project(x)
         if cache is not None:
             kv_cache, layer = cache
-            start = kv_cache.length
             k, v = kv_cache.store(layer, k, v)
-            out = attend_rows(q * (1.0 / math.sqrt(q.shape[-1])), k, v, start, inputs)
+            out = attend_row_blocks(q * (1.0 / math.sqrt(q.shape[-1])), k, v, inputs)
         elif inputs.block_mask is not None:
             out = flex_attend(q, k, v, inputs)
         else:

@@ -47,9 +47,15 @@ class ESM2CellEmbedding(nn.Module):
         gene_counts: Tensor,
         aux_tokens: Tensor | None,
         output_keys: Collection[str],
+        embedding_layer_index: int = -1,
     ) -> dict[str, Tensor]:
-        """``embeddings`` ``(B, esm_dim)``; counts and aux tokens play no part."""
+        """``embeddings`` ``(B, esm_dim)``; counts and aux tokens play no part; the baseline has no layers."""
         check_output_keys(output_keys, self.output_keys)
+        if embedding_layer_index != -1:
+            raise ValueError(
+                "embedding_layer_index applies to a TranscriptFormer's layers; the esm2ce baseline has none: "
+                "leave it at -1"
+            )
         rows = self.gene_embedding(gene_tokens)  # (B, L, esm_dim)
         valid = (gene_tokens != self.special_tokens.pad)[..., None]
         return {"embeddings": ((rows * valid).sum(1) / valid.sum(1).clamp(min=1)).float()}

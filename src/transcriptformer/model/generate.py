@@ -41,7 +41,7 @@ MAX_COUNT_TABLE = 10_000_000
 
 @dataclass
 class Sampler:
-    """How the next gene is drawn (the fields of :class:`~transcriptformer.config.GenerateSettings` of that name)."""
+    """How the next gene is drawn (the fields of :class:`~transcriptformer.config.SamplingConfig` of that name)."""
 
     temperature: float
     top_k: int

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -105,8 +107,15 @@ class TransformerEncoder(nn.Module):
 
     def forward(self, x: Tensor, attention: AttentionInputs, cache: KVCache | None = None) -> Tensor:
         """Run every layer with the same attention inputs (over the cached positions too, given ``cache``)."""
+        output = x
+        for output in self.layer_outputs(x, attention, cache):  # noqa: B007 (it ends as the last layer's output)
+            pass
+        return output
+
+    def layer_outputs(self, x: Tensor, attention: AttentionInputs, cache: KVCache | None = None) -> Iterator[Tensor]:
+        """``(B, N, E)`` output of each layer in turn; the cache (when given) is committed after the last."""
         for index, layer in enumerate(self.encoder_layers):
             x = layer(x, attention, None if cache is None else (cache, index))
+            yield x
         if cache is not None:
             cache.commit()
-        return x

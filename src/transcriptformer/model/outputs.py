@@ -107,6 +107,8 @@ OUTPUT_KEYS = tuple(OUTPUTS)
 SCORE_KEYS = tuple(key for key in OUTPUT_KEYS if "log_likelihood" in key)
 # What ``transcriptformer perturb`` compares between a perturbed cell and the cell (transcriptformer.perturbation).
 PERTURBATION_KEYS = ("embeddings", "mu", "log_likelihood", "mean_log_likelihood")
+# What ``transcriptformer screen`` compares: per cell only (pairs x genes of per-gene effects would not fit).
+SCREEN_KEYS = ("embeddings", "log_likelihood", "mean_log_likelihood")
 # The per-gene layers in the order in which an AnnData's main matrix X takes them: the expected counts first, the
 # closest to the expression matrix that scanpy's functions on X expect.
 MAIN_MATRIX_ORDER = (

@@ -51,9 +51,10 @@ class ModelOutput:
 
     Attributes
     ----------
-    hidden : Tensor
+    hidden : Tensor or None
         ``(B, L, E)`` last-layer output at the gene positions (contextual gene embeddings); 0 where the (shifted)
-        input is padding.
+        input is padding. Always set by :meth:`TranscriptFormer.forward`; None in outputs assembled without it
+        (:mod:`transcriptformer.model.prefix`, unless ``cge`` is asked for).
     embeddings : Tensor
         ``(B, E)`` cell embeddings.
     mu : Tensor or None
@@ -62,7 +63,7 @@ class ModelOutput:
         ``(B, L, V)`` gene-id logits (before softcap).
     """
 
-    hidden: Tensor
+    hidden: Tensor | None
     embeddings: Tensor
     mu: Tensor | None = None
     gene_logits: Tensor | None = None
@@ -158,6 +159,7 @@ class TranscriptFormer(nn.Module):
         embed_mode: bool = True,
         compute_mu: bool = True,
         compute_gene_logits: bool = True,
+        embedding_layer_index: int = -1,
     ) -> ModelOutput:
         """Run the model.
 
@@ -173,7 +175,11 @@ class TranscriptFormer(nn.Module):
             Inference mode of the original (count bias on the attention diagonal); ``False`` for training.
         compute_mu, compute_gene_logits : bool
             Skip a head whose output is not needed.
+        embedding_layer_index : int
+            The layer whose output the cell embedding pools (0 the first, negative from the end); the heads always
+            read the last layer's. Default: the last layer, as the original release.
         """
+        embedding_layer = self.layer_number(embedding_layer_index)
         gene_counts = gene_counts.float()
         in_tokens, in_counts = self.shifted_inputs(gene_tokens, gene_counts)
         x = self.gene_embeddings(in_tokens)  # (B, L, E)
@@ -196,16 +202,34 @@ class TranscriptFormer(nn.Module):
             block_size=cfg.block_len,
             block_masks=self.block_masks,
         )
-        hidden = self.transformer_encoder(x, attention)[:, x.shape[1] - gene_tokens.shape[1] :]  # (B, L, E)
-
         # 0 where the input is padding: what attention leaves there would depend on the batch mates.
-        hidden = hidden * ~is_pad[:, -gene_tokens.shape[1] :, None]
-        out = ModelOutput(hidden=hidden, embeddings=hidden.sum(1) / cfg.seq_len)
+        is_gene = ~is_pad[:, -gene_tokens.shape[1] :, None]  # (B, L, 1)
+        for layer, output in enumerate(self.transformer_encoder.layer_outputs(x, attention)):
+            if layer == embedding_layer:
+                embedded = output[:, -gene_tokens.shape[1] :] * is_gene  # (B, L, E)
+        hidden = output[:, -gene_tokens.shape[1] :] * is_gene  # (B, L, E), the last layer's
+        out = ModelOutput(hidden=hidden, embeddings=embedded.sum(1) / cfg.seq_len)
         if compute_mu:
-            out.mu = self._expected_counts(hidden, gene_tokens, gene_counts)
+            out.mu = self.expected_counts(self.count_logits(hidden, gene_tokens), gene_tokens, gene_counts)
         if compute_gene_logits and self.gene_id_head is not None:
             out.gene_logits = self.gene_id_head(hidden)
         return out
+
+    def layer_number(self, embedding_layer_index: int) -> int:
+        """The layer (0 the first) that ``embedding_layer_index`` names: negative counts from the end.
+
+        Raises
+        ------
+        ValueError
+            When the model has no such layer.
+        """
+        layers = len(self.transformer_encoder.encoder_layers)
+        if not -layers <= embedding_layer_index < layers:
+            raise ValueError(
+                f"embedding_layer_index={embedding_layer_index} names no layer of this model's {layers}: "
+                f"use 0 to {layers - 1}, or -{layers} to -1 from the end"
+            )
+        return embedding_layer_index % layers
 
     def _embed_aux(self, aux_tokens: Tensor | None, batch_size: int) -> tuple[Tensor, Tensor]:
         """``(B, A, E)`` aux embeddings and ``(B, A)`` mask of unknown values."""
@@ -218,9 +242,12 @@ class TranscriptFormer(nn.Module):
         unknown = torch.tensor(self.aux_unknown, device=aux_tokens.device)
         return torch.stack(embedded, dim=1), aux_tokens == unknown
 
-    def _expected_counts(self, hidden: Tensor, gene_tokens: Tensor, gene_counts: Tensor) -> Tensor:
-        """Count head: softmax over the cell's unpadded positions, times its total count."""
-        logits = self.count_logits(hidden, gene_tokens).masked_fill(gene_tokens == self.special_tokens.pad, -torch.inf)
+    def expected_counts(self, count_logits: Tensor, gene_tokens: Tensor, gene_counts: Tensor) -> Tensor:
+        """Count head: ``(B, L)`` logits -> ``(B, L)`` expected counts (``mu``), 0 at padding.
+
+        The softmax of the logits over the cell's unpadded positions, times its total count.
+        """
+        logits = count_logits.masked_fill(gene_tokens == self.special_tokens.pad, -torch.inf)
         return torch.softmax(logits, dim=-1) * gene_counts.sum(-1, keepdim=True)
 
     def count_logits(self, hidden: Tensor, gene_tokens: Tensor) -> Tensor:
@@ -277,9 +304,17 @@ class TranscriptFormer(nn.Module):
         The output predicts the gene after it; it is 0 for ``[PAD]`` (a cell that has ended). Equals the last
         position of :meth:`forward` over all the genes so far (inference-mode attention), in one query per layer.
         """
-        tokens = gene_tokens[:, None]
-        x = self.gene_embeddings(tokens)
-        return self._decode_positions(x, gene_counts[:, None].float(), tokens == self.special_tokens.pad, cache)[:, -1]
+        return self.decode_genes(gene_tokens[:, None], gene_counts[:, None], cache)[:, -1]
+
+    def decode_genes(self, gene_tokens: Tensor, gene_counts: Tensor, cache: KVCache) -> Tensor:
+        """Add ``T`` genes to each cell of ``cache``: ``(B, T)`` tokens and counts -> ``(B, T, E)`` outputs there.
+
+        The output at gene ``t`` predicts the gene after it; it is 0 for ``[PAD]``. Equals those positions of
+        :meth:`forward` over all the genes so far (inference-mode attention): the genes are the inputs of the
+        positions that follow the cached ones, each attending to the cached positions and the genes before it.
+        """
+        x = self.gene_embeddings(gene_tokens)
+        return self._decode_positions(x, gene_counts.float(), gene_tokens == self.special_tokens.pad, cache)
 
     def _decode_positions(self, x: Tensor, counts: Tensor, is_pad: Tensor, cache: KVCache) -> Tensor:
         """Run ``(B, T, E)`` inputs of new positions over the cached ones (inference mode); ``(B, T, E)`` outputs."""
@@ -307,10 +342,18 @@ class TranscriptFormer(nn.Module):
             count_nll = zero_truncated_poisson_nll(out.mu, target_counts, eps, self.loss_config.softplus_approx)
             result["count_nll"] = torch.where(mask, count_nll, 0.0)
         if out.gene_logits is not None:
-            classes, has_class = self.gene_head_targets(target_tokens)
-            gene_nll = gene_cross_entropy(out.gene_logits, classes, self.model_config.softcap)
-            result["gene_nll"] = torch.where(mask, torch.where(has_class, gene_nll, torch.nan), 0.0)
+            result["gene_nll"] = self.gene_nll(out.gene_logits, target_tokens, mask)
         return result
+
+    def gene_nll(self, gene_logits: Tensor, target_tokens: Tensor, mask: Tensor) -> Tensor:
+        """Gene cross-entropy of ``(B, R, V)`` gene logits against ``(B, R)`` targets; 0 where ``mask`` is False.
+
+        NaN for a target that the gene-id head has no class for (after a gene-table swap). The positions may be
+        any ``R`` consecutive ones of the cells; their targets are those of :meth:`likelihoods`.
+        """
+        classes, has_class = self.gene_head_targets(target_tokens)
+        gene_nll = gene_cross_entropy(gene_logits, classes, self.model_config.softcap)
+        return torch.where(mask, torch.where(has_class, gene_nll, torch.nan), 0.0)
 
     def gene_head_targets(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Gene-id head class of each token and whether it has one (after a gene-table swap, new genes have none)."""
@@ -326,6 +369,7 @@ class TranscriptFormer(nn.Module):
         gene_counts: Tensor,
         aux_tokens: Tensor | None,
         output_keys: Collection[str],
+        embedding_layer_index: int = -1,
     ) -> dict[str, Tensor]:
         """Inference outputs of the original release, computing only the heads they need.
 
@@ -333,6 +377,8 @@ class TranscriptFormer(nn.Module):
         ----------
         output_keys
             Names of :data:`~transcriptformer.model.outputs.OUTPUTS`, which describes each.
+        embedding_layer_index
+            The layer whose output ``embeddings`` pools; see :meth:`forward`.
         """
         check_output_keys(output_keys, self.output_keys)
         out = self(
@@ -342,8 +388,12 @@ class TranscriptFormer(nn.Module):
             embed_mode=True,
             compute_mu=needs_head(output_keys, "count"),
             compute_gene_logits=needs_head(output_keys, "gene_id"),
+            embedding_layer_index=embedding_layer_index,
         )
-        scores = self.likelihoods(out, gene_tokens, gene_counts)
+        return self.outputs(out, self.likelihoods(out, gene_tokens, gene_counts), output_keys)
+
+    def outputs(self, out: ModelOutput, scores: dict[str, Tensor], output_keys: Collection[str]) -> dict[str, Tensor]:
+        """The outputs ``output_keys`` (float32) of a forward pass and its :meth:`likelihoods`, as :meth:`predict`."""
         available = {
             "embeddings": lambda: out.embeddings,
             "llh": lambda: masked_mean(scores["count_nll"], scores["mask"]),

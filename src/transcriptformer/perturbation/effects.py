@@ -1,11 +1,9 @@
-"""Run perturbed cells and their unperturbed cells through the one batch loop, and compare them.
+"""Run a unit of cells and their perturbed variants through the one batch loop, and compare them.
 
-The model inputs of a job are, in this order, the unperturbed cells that some perturbation changes, then every
-changed (perturbation, cell) variant, perturbation by perturbation. They are cut into chunks of ``chunk_size``
-inputs; each chunk goes through :func:`~transcriptformer.pipeline.predict_gene_outputs` (length-aware batches
-across perturbations) and is reduced to its effects before the next is built, so memory holds the unperturbed
-cells' outputs, one chunk, and the effects. A cell's outputs depend on the cell alone, so the effects depend
-neither on the batch size nor on the chunking.
+The model inputs of a unit are the unperturbed cells that some perturbation changes, then every changed
+(perturbation, cell) variant, perturbation by perturbation; they go through
+:func:`~transcriptformer.pipeline.predict_gene_outputs` together (length-aware batches across perturbations). A
+cell's outputs depend on the cell alone, so the effects depend neither on the batch size nor on the units.
 
 Effects of a variant against its cell:
 
@@ -24,66 +22,25 @@ shifts expression from some of them to others.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from transcriptformer.config import PredictSettings
-from transcriptformer.console import progress_bar
+from transcriptformer.config import PredictConfig
 from transcriptformer.data.tokenize import TokenizedCells
 from transcriptformer.data.vocab import GeneVocab
 from transcriptformer.model.outputs import PERTURBATION_KEYS
-from transcriptformer.perturbation.config import PerturbSettings
-from transcriptformer.perturbation.output import PerturbationResult, build_result
 from transcriptformer.perturbation.specs import Perturbation
+from transcriptformer.perturbation.summary import GENE_EFFECTS, MEAN_OF
 from transcriptformer.perturbation.variants import Variants, totals
-from transcriptformer.pipeline import GeneOutputs, Predictor, predict_gene_outputs
+from transcriptformer.pipeline import GeneOutputs, MemoryLimit, Predictor, predict_gene_outputs
 
-
-@dataclass
-class Effects:
-    """Effects of some variants: per variant, and per (variant, gene) pair.
-
-    Attributes
-    ----------
-    perturbation, cell : ndarray
-        ``(m,)`` each variant's perturbation and cell.
-    cosine_shift, delta_log_likelihood, delta_mean_log_likelihood, total_after : ndarray
-        ``(m,)`` per variant; ``total_after``: the variant's total input count.
-    variant, column : ndarray
-        ``(k,)`` the variant (index into the per-variant arrays) and gene column of each pair.
-    delta_mu, log2_fold_change, delta_share, log2_share_fold_change : ndarray
-        ``(k,)`` per pair (:data:`~transcriptformer.perturbation.summary.GENE_EFFECTS`).
-    """
-
-    perturbation: np.ndarray
-    cell: np.ndarray
-    cosine_shift: np.ndarray
-    delta_log_likelihood: np.ndarray
-    delta_mean_log_likelihood: np.ndarray
-    total_after: np.ndarray
-    variant: np.ndarray
-    column: np.ndarray
-    delta_mu: np.ndarray
-    log2_fold_change: np.ndarray
-    delta_share: np.ndarray
-    log2_share_fold_change: np.ndarray
-
-    @classmethod
-    def concat(cls, parts: Sequence[Effects]) -> Effects:
-        """Effects of the variants of every part, in order."""
-        offsets = np.cumsum([0] + [len(part.cell) for part in parts[:-1]])
-        shifted = [replace(part, variant=part.variant + offset) for part, offset in zip(parts, offsets, strict=True)]
-        return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in shifted]) for f in fields(cls)})
-
-    @classmethod
-    def empty(cls) -> Effects:
-        """No variant."""
-        indices = ("perturbation", "cell", "variant", "column")
-        return cls(**{f.name: np.zeros(0, np.int64 if f.name in indices else np.float64) for f in fields(cls)})
+# Row names of the effects: "<perturbation>|<cell>".
+ROW_SEPARATOR = "|"
 
 
 def cosine_shift(after: np.ndarray, before: np.ndarray) -> np.ndarray:
@@ -121,10 +78,12 @@ def compare(after: GeneOutputs, before: GeneOutputs, edited: sp.csr_matrix) -> d
     pairs = sp.coo_matrix(common)
     keep = pairs.data > 0
     variant, column = pairs.row[keep].astype(np.int64), pairs.col[keep].astype(np.int64)
+    order = np.lexsort((column, variant))
+    variant, column = variant[order], column[order]
     new = np.asarray(mu_after[variant, column], dtype=np.float64).ravel()
     old = np.asarray(mu_before[variant, column], dtype=np.float64).ravel()
-    new_sum = np.bincount(variant, weights=new, minlength=len(edited.indptr) - 1)[variant]
-    old_sum = np.bincount(variant, weights=old, minlength=len(edited.indptr) - 1)[variant]
+    new_sum = np.bincount(variant, weights=new, minlength=edited.shape[0])[variant]
+    old_sum = np.bincount(variant, weights=old, minlength=edited.shape[0])[variant]
     log2_fold_change = np.log2(new / old)
     return {
         "variant": variant,
@@ -134,54 +93,6 @@ def compare(after: GeneOutputs, before: GeneOutputs, edited: sp.csr_matrix) -> d
         "delta_share": new / new_sum - old / old_sum,
         "log2_share_fold_change": log2_fold_change - np.log2(new_sum / old_sum),
     }
-
-
-class Unperturbed:
-    """The outputs of the unperturbed cells that were run, found by cell."""
-
-    def __init__(self, cells: np.ndarray, n_cells: int):
-        self.row = np.full(n_cells, -1)
-        self.row[cells] = np.arange(len(cells))
-        self.parts: list[GeneOutputs] = []
-        self._outputs: GeneOutputs | None = None
-
-    def add(self, outputs: GeneOutputs) -> None:
-        """Outputs of the next cells."""
-        self.parts.append(outputs)
-
-    def of(self, cells: np.ndarray) -> GeneOutputs:
-        """The outputs of ``cells`` (every unperturbed cell has been added)."""
-        if self._outputs is None:
-            self._outputs = GeneOutputs.concat(self.parts)
-            self.parts = []
-        return self._outputs.take(self.row[cells])
-
-
-def effects_of(
-    outputs: GeneOutputs,
-    perturbation: np.ndarray,
-    cell: np.ndarray,
-    total_after: np.ndarray,
-    unperturbed: Unperturbed,
-    variants: Variants,
-) -> Effects:
-    """The effects of variants (cell ``cell[i]`` under ``perturbation[i]``) from their outputs."""
-    before = unperturbed.of(cell)
-    columns = [variants.columns[p] for p in perturbation]
-    rows = np.repeat(np.arange(len(cell)), [len(c) for c in columns])
-    edited = sp.csr_matrix(
-        (np.ones(rows.size), (rows, np.concatenate(columns) if columns else rows)), shape=(len(cell), variants.n_genes)
-    )
-    values, old = outputs.cell_values, before.cell_values
-    return Effects(
-        perturbation=perturbation,
-        cell=cell,
-        cosine_shift=cosine_shift(values["embeddings"], old["embeddings"]),
-        delta_log_likelihood=values["log_likelihood"].astype(np.float64) - old["log_likelihood"],
-        delta_mean_log_likelihood=values["mean_log_likelihood"].astype(np.float64) - old["mean_log_likelihood"],
-        total_after=total_after,
-        **compare(outputs, before, edited),
-    )
 
 
 def jobs_of(variants: Variants) -> tuple[np.ndarray, np.ndarray]:
@@ -196,41 +107,51 @@ def jobs_of(variants: Variants) -> tuple[np.ndarray, np.ndarray]:
     return perturbation.astype(np.int64), np.concatenate([cells, *changed]).astype(np.int64)
 
 
-def run_variants(
-    model: Predictor,
-    variants: Variants,
-    predict: PredictSettings,
-    chunk_size: int,
-    device: torch.device,
-) -> tuple[Effects, int]:
-    """Run every changed variant and its cell; their effects, and the number of model inputs run."""
-    perturbation, cell = jobs_of(variants)
-    unperturbed = Unperturbed(cell[perturbation < 0], len(variants.cells))
-    gene_columns = np.full(variants.vocab_size, -1)
-    gene_columns[variants.cells.gene_tokens] = np.arange(variants.n_genes)
-    settings = replace(predict, output_keys=PERTURBATION_KEYS)
-    parts = []
-    with progress_bar(total=len(cell), unit="cell", desc="perturb", disable=None, delay=1) as bar:
-        for start in range(0, len(cell), chunk_size):
-            chunk_perturbation, chunk_cell = perturbation[start : start + chunk_size], cell[start : start + chunk_size]
-            inputs = variants.take(chunk_perturbation, chunk_cell)
-            outputs = predict_gene_outputs(model, inputs, settings, device, gene_columns, on_batch=bar.update)
-            changed = np.flatnonzero(chunk_perturbation >= 0)
-            if len(changed) < len(chunk_cell):
-                unperturbed.add(outputs.take(np.flatnonzero(chunk_perturbation < 0)))
-            if len(changed):
-                total_after = totals(inputs)[changed]
-                parts.append(
-                    effects_of(
-                        outputs.take(changed),
-                        chunk_perturbation[changed],
-                        chunk_cell[changed],
-                        total_after,
-                        unperturbed,
-                        variants,
-                    )
-                )
-    return (Effects.concat(parts) if parts else Effects.empty()), len(cell)
+def with_perturbed_genes(gene_columns: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """``gene_columns`` with a column after the gene axis for each of ``tokens`` that it lacks.
+
+    A perturbed gene that no input holds (an over-expression) enters only the variants' sequences, where it is
+    edited: it has no effect of its own, so these columns hold none.
+    """
+    columns = gene_columns.copy()
+    missing = np.unique(tokens[columns[tokens] < 0])
+    columns[missing] = columns.max(initial=-1) + 1 + np.arange(missing.size)
+    return columns
+
+
+def edited_columns(
+    perturbations: Sequence[Perturbation], perturbation: np.ndarray, columns: np.ndarray, vocab: GeneVocab
+) -> sp.csr_matrix:
+    """``(len(perturbation), n_genes)`` ones at the columns of the genes that each row's perturbation edits."""
+    edited = [columns[vocab.lookup(list(perturbations[p].gene_ids))] for p in perturbation]
+    rows = np.repeat(np.arange(len(perturbation)), [len(c) for c in edited])
+    cols = np.concatenate(edited) if edited else rows
+    return sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(len(perturbation), int(columns.max()) + 1))
+
+
+def effects_obs(variants: Variants, rows: np.ndarray, values: dict[str, np.ndarray], total_after: np.ndarray):
+    """One row per (cell, perturbation), cell by cell: its effects, 0 for an unaffected one.
+
+    ``rows`` are the rows of the changed variants, ``values`` their :data:`MEAN_OF` and ``total_after`` their total
+    input count.
+    """
+    names = [p.name for p in variants.perturbations]
+    cell = np.repeat(np.asarray(variants.cells.obs_names, dtype=str).astype(object), len(names))
+    perturbation = np.tile(np.asarray(names, dtype=object), len(variants.cells))
+    size = len(perturbation)
+    affected = np.zeros(size, dtype=bool)
+    affected[rows] = True
+    obs = pd.DataFrame(
+        {"perturbation": perturbation, "cell": cell, "affected": affected},
+        index=pd.Index([f"{p}{ROW_SEPARATOR}{c}" for p, c in zip(perturbation, cell, strict=True)]),
+    )
+    for key in MEAN_OF:
+        obs[key] = np.zeros(size)
+        obs.iloc[rows, obs.columns.get_loc(key)] = values[key]
+    obs["total_count_before"] = np.repeat(variants.totals, len(names))
+    obs["total_count_after"] = obs["total_count_before"].to_numpy()
+    obs.iloc[rows, obs.columns.get_loc("total_count_after")] = total_after
+    return obs
 
 
 def perturb_cells(
@@ -238,29 +159,72 @@ def perturb_cells(
     cells: TokenizedCells,
     perturbations: Sequence[Perturbation],
     vocab: GeneVocab,
-    settings: PerturbSettings,
-    predict: PredictSettings,
+    settings: PredictConfig,
     device: torch.device,
-) -> PerturbationResult:
-    """Apply every perturbation to every cell, run the changed ones, and summarise.
+    gene_columns: np.ndarray,
+    on_batch: Callable[[int], object] | None = None,
+    limit: MemoryLimit | None = None,
+) -> tuple[pd.DataFrame, GeneOutputs]:
+    """Apply every perturbation to every cell, run the changed variants and their cells, and compare them.
 
     Parameters
     ----------
     model
         The model (its :class:`~transcriptformer.pipeline.Predictor` interface).
     cells
-        The unperturbed cells.
+        The unperturbed cells (a work unit's).
     perturbations
-        From :func:`~transcriptformer.perturbation.specs.parse_perturbations` of ``settings``.
+        From :func:`~transcriptformer.perturbation.specs.parse_perturbations`.
     vocab
         The checkpoint's gene vocabulary.
     settings
-        Chunk size, the length of the ranked gene table, and what was asked (recorded in the AnnData).
-    predict
         Batch size, token budget and precision (its output keys are replaced by what the comparison needs).
     device
         Where the model runs.
+    gene_columns
+        ``(vocab_size,)`` column of each vocabulary entry on the gene axis of the effects, ``-1`` when absent
+        (the engine's :attr:`Session.gene_columns <transcriptformer.engine.session.Session.gene_columns>`).
+    on_batch, limit
+        As for :func:`~transcriptformer.pipeline.predict_gene_outputs` (``on_batch`` counts model inputs).
+
+    Returns
+    -------
+    obs, effects
+        One row per (cell, perturbation), cell by cell, named ``"<perturbation>|<cell>"``: its
+        per-cell effects (:func:`effects_obs`), and its per-gene effects (``gene_values``: each of
+        :data:`~transcriptformer.perturbation.summary.GENE_EFFECTS` as a float32 sparse matrix on the gene axis;
+        rows of unaffected variants are empty).
     """
     variants = Variants(cells, perturbations, vocab)
-    effects, inputs_run = run_variants(model, variants, predict, settings.chunk_size, device)
-    return build_result(variants, effects, settings, inputs_run)
+    perturbation, cell = jobs_of(variants)
+    n_genes = int(gene_columns.max(initial=-1)) + 1
+    n_rows = len(perturbations) * len(cells)
+    changed = perturbation >= 0
+    values = {key: np.zeros(0) for key in MEAN_OF}
+    pairs = {key: np.zeros(0) for key in ("variant", "column", *GENE_EFFECTS)}
+    total_after = np.zeros(0)
+    if changed.any():
+        tokens = vocab.lookup([gene for p in perturbations for gene in p.gene_ids])
+        columns = with_perturbed_genes(gene_columns, tokens)
+        inputs = variants.take(perturbation, cell)
+        predict = replace(settings, output_keys=PERTURBATION_KEYS)
+        outputs = predict_gene_outputs(model, inputs, predict, device, columns, on_batch=on_batch, limit=limit)
+        unperturbed = np.full(len(cells), -1)
+        unperturbed[cell[~changed]] = np.flatnonzero(~changed)
+        after, before = outputs.take(np.flatnonzero(changed)), outputs.take(unperturbed[cell[changed]])
+        new, old = after.cell_values, before.cell_values
+        values = {
+            "cosine_shift": cosine_shift(new["embeddings"], old["embeddings"]),
+            "delta_log_likelihood": new["log_likelihood"].astype(np.float64) - old["log_likelihood"],
+            "delta_mean_log_likelihood": new["mean_log_likelihood"].astype(np.float64) - old["mean_log_likelihood"],
+        }
+        total_after = totals(inputs)[changed]
+        pairs = compare(after, before, edited_columns(perturbations, perturbation[changed], columns, vocab))
+    rows = cell[changed] * len(perturbations) + perturbation[changed]
+    obs = effects_obs(variants, rows, values, total_after)
+    effects = GeneOutputs(n_cells=n_rows)
+    pair_rows = rows[pairs["variant"].astype(np.int64)]
+    for key in GENE_EFFECTS:
+        matrix = sp.csr_matrix((pairs[key].astype(np.float32), (pair_rows, pairs["column"])), shape=(n_rows, n_genes))
+        effects.gene_values[key] = matrix
+    return obs, effects

@@ -9,7 +9,7 @@ called Unknown) and, with a column of true labels, scores them (macro F1 as ``tr
 summary table and the figures (a joint UMAP of reference and query, a confusion matrix) are written beside the
 output in its one atomic write (:meth:`AnnotateTask.write_files`).
 
-The command line reads :class:`AnnotateConfig` before torch, so the heavy imports wait for a run.
+The command line reads :class:`AnnotateTaskConfig` before torch, so the heavy imports wait for a run.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from transcriptformer.annotation.settings import UNKNOWN, AnnotateSettings
+from transcriptformer.annotation.settings import UNKNOWN, AnnotateConfig
 from transcriptformer.engine.config import InferenceConfig, RunConfig
 from transcriptformer.engine.task import BatchLoopTask, Part
 from transcriptformer.errors import UserError
@@ -59,8 +59,8 @@ def confidence_column(key: str) -> str:
 
 
 @dataclass
-class AnnotateConfig:
-    """The settings of the annotate task (how the reference is indexed: :class:`AnnotateSettings`, in the index).
+class AnnotateTaskConfig:
+    """The settings of the annotate task (how the reference is indexed: :class:`AnnotateConfig`, in the index).
 
     Attributes
     ----------
@@ -82,7 +82,7 @@ class AnnotateConfig:
     """
 
     label_keys: list[str] = field(default_factory=list)
-    reject: bool = AnnotateSettings.reject
+    reject: bool = AnnotateConfig.reject
     true_key: str | None = None
     figures: bool = True
     index_id: str = ""
@@ -104,7 +104,7 @@ class AnnotateTask(BatchLoopTask):
     """
 
     name: str = "annotate"
-    settings: AnnotateConfig = field(default_factory=AnnotateConfig)
+    settings: AnnotateTaskConfig = field(default_factory=AnnotateTaskConfig)
     index_dir: str = ""
     reference: ReferenceIndex | None = field(default=None, repr=False, compare=False)
     _figure_query: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
@@ -258,15 +258,16 @@ def evaluate(obs: pd.DataFrame, true_key: str, label_key: str) -> dict:
     truth, predicted = obs[true_key], obs[predicted_column(label_key)]
     scored = truth.notna().to_numpy() & predicted.notna().to_numpy()
     truth, predicted = truth[scored].astype(str).to_numpy(), predicted[scored].astype(str).to_numpy()
-    classes = np.unique(truth)
+    classes, nan = np.unique(truth), float("nan")
     average = "binary" if len(classes) == 2 else "macro"
     positive = {"pos_label": classes[1]} if average == "binary" else {"labels": classes}
+    f1 = float(f1_score(truth, predicted, average=average, zero_division=0, **positive)) if scored.any() else nan
     return {
         "true_key": true_key,
         "label_key": label_key,
         "cells": int(scored.sum()),
-        "accuracy": float(accuracy_score(truth, predicted)) if scored.any() else float("nan"),
-        "macro_f1": float(f1_score(truth, predicted, average=average, zero_division=0, **positive)) if scored.any() else float("nan"),
+        "accuracy": float(accuracy_score(truth, predicted)) if scored.any() else nan,
+        "macro_f1": f1,
     }
 
 
@@ -320,7 +321,7 @@ def annotate_embeddings(task: AnnotateTask, obs: pd.DataFrame, embeddings: np.nd
     return uns
 
 
-def settings_of(args: Any) -> AnnotateSettings:
-    """:class:`AnnotateSettings` of the flags named like its fields (the others keep their defaults)."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(AnnotateSettings) if hasattr(args, f.name)}
-    return AnnotateSettings(**{k: v for k, v in given.items() if v is not None})
+def settings_of(args: Any) -> AnnotateConfig:
+    """:class:`AnnotateConfig` of the flags named like its fields (the others keep their defaults)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(AnnotateConfig) if hasattr(args, f.name)}
+    return AnnotateConfig(**{k: v for k, v in given.items() if v is not None})

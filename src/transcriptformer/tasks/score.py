@@ -16,7 +16,6 @@ The command line reads :class:`ScoreConfig` before torch, so the heavy imports w
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from transcriptformer.config import check_range
 from transcriptformer.engine.config import InferenceConfig, RunConfig
 from transcriptformer.engine.task import BatchLoopTask
 from transcriptformer.model.outputs import OUTPUTS, SCORE_KEYS
@@ -64,8 +64,7 @@ class ScoreConfig:
     output_filename: str = "scores.h5ad"
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.outlier_threshold) and self.outlier_threshold > 0):
-            raise ValueError(f"outlier_threshold must be a finite number > 0, got {self.outlier_threshold}")
+        check_range(self, "", "outlier_threshold", above=0)
 
     def inference_defaults(self) -> InferenceConfig:
         """The settings of a score run before flags change them: every score output, into ``output_filename``."""
