@@ -302,3 +302,16 @@ def test_a_query_without_genes_of_the_vocabulary_is_one_line(files, tmp_path, ca
     code, err = run_cli(capsys, *arguments)
     assert_one_line_error(code, err, "annotate")
     assert_no_output(output)
+
+
+def test_dry_run_checks_and_plans_without_embedding(files, tmp_path, capsys):
+    output = tmp_path / "out"
+    common = ["--reference", files["reference"], "--data-file", files["query"], "--output-path", output]
+    arguments = annotate("--checkpoint-path", REFERENCE_DIR, "--label-key", KEY, "--dry-run", *common)
+    assert quietly_main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert "Reference: 678 cells, label keys cell_type" in printed and "Dry run: nothing is written." in printed
+    assert not output.exists()
+    arguments = annotate("--checkpoint-path", REFERENCE_DIR, "--label-key", "nope", "--dry-run", *common)
+    code, err = run_cli(capsys, *arguments)
+    assert_one_line_error(code, err, "annotate", "'nope'")

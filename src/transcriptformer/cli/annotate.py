@@ -139,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     if args.reference_soma:  # they select the reference's cells, not the query's
         args.organism = args.obs_filter = None
     config = None if precomputed(args) else run_config_from_args(args)
+    if args.dry_run and not args.index:
+        return dry_run(args, config, reference_filter)
     with contextlib.ExitStack() as stack:
         index, index_dir = reference_index(args, settings, config, reference_filter, stack)
         task_settings = AnnotateTaskConfig(
@@ -158,6 +160,20 @@ def run(args: argparse.Namespace) -> int:
             from transcriptformer.engine.run import run_task
 
             run_task(task, config, dry_run=args.dry_run)
+    return 0
+
+
+def dry_run(args: argparse.Namespace, config: RunConfig | None, soma_filter: tuple[str | None, str | None]) -> int:
+    """Check the reference's labels and (from a checkpoint) the query's run and print its plan; embed nothing."""
+    from transcriptformer.tasks.annotate import AnnotateTask
+
+    obs = reference_obs(args, soma_filter)
+    check_labels(obs, args.label_key)
+    print(f"Reference: {len(obs)} cells, label keys {', '.join(args.label_key)}")
+    if config is not None:
+        from transcriptformer.engine.run import run_task
+
+        run_task(AnnotateTask(settings=AnnotateTaskConfig(label_keys=args.label_key)), config, dry_run=True)
     return 0
 
 
