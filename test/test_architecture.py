@@ -120,6 +120,7 @@ ENGINE_COMMANDS = {
     "score": "ScoreTask",
     "predict-labels": "ClassifyTask",
     "generate": "GenerateTask",
+    "annotate": "AnnotateTask",
     "perturb": "PerturbTask",
     "screen": "ScreenTask",
 }

@@ -43,8 +43,8 @@ SHELL_FENCE = re.compile(r"^```(bash|sh|shell|console)\s*$")
 MARKER = re.compile(r"^<!-- (runnable|runnable: network|example: \S.*) -->$")
 ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 SHELL_SYNTAX = set("|&;<>$`(){}")  # a command with any of these runs in bash
-# Documents whose runnable blocks take over 20 s on two CPU cores (they train, evaluate 3,600 cells or perturb).
-SLOW = {"training.md", "evaluation.md", "perturb.md"}
+# Documents whose runnable blocks take over 20 s on two CPU cores (train, evaluate, perturb, annotate).
+SLOW = {"training.md", "evaluation.md", "perturb.md", "annotate.md"}
 
 
 @dataclass

@@ -24,8 +24,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from transcriptformer.annotation.settings import AnnotateConfig
 from transcriptformer.checkpoint import WEIGHTS_FILE, Checkpoint, load_checkpoint
 from transcriptformer.config import PredictConfig
+from transcriptformer.data.sources import read_obs
 from transcriptformer.data.tokenize import TokenizedCells
 from transcriptformer.engine.config import InferenceConfig, ModelRunConfig, RunConfig
 from transcriptformer.engine.run import MemoryResult, run_in_memory
@@ -43,6 +45,7 @@ from transcriptformer.tasks.perturb import PerturbConfig, PerturbTask
 from transcriptformer.tasks.score import CELL_SCORE_KEYS, GENE_SCORE_KEY, ScoreConfig, ScoreTask
 
 if TYPE_CHECKING:
+    from transcriptformer.annotation import ReferenceIndex
     from transcriptformer.perturbation.output import PerturbationResult
 
 EMBEDDING_KEY = EmbedConfig.key_added
@@ -363,6 +366,71 @@ class TranscriptFormerModel:
         result = self.run_task(task, data, settings, use_raw, remove_duplicate_genes, **data_config)
         if isinstance(data, ad.AnnData):
             store_every_cell(data, result, task, "adata.obs", "turn the cell filters off")
+        return result.obs
+
+    def annotate(
+        self,
+        query: ad.AnnData | str | Path,
+        reference: ad.AnnData | str | Path | ReferenceIndex,
+        label_key: str | Sequence[str] | None = None,
+        *,
+        n_neighbors: int = AnnotateConfig.n_neighbors,
+        metric: str = AnnotateConfig.metric,
+        reject: bool = AnnotateConfig.reject,
+        false_unknown_rate: float = AnnotateConfig.false_unknown_rate,
+        batch_size: int = PredictConfig.batch_size,
+        max_tokens: int | None = PredictConfig.max_tokens,
+        precision: str | None = PredictConfig.precision,
+        **tokenize_kwargs: Any,
+    ) -> pd.DataFrame:
+        """Label the query cells from a labelled reference, both embedded by this model (docs/annotate.md).
+
+        The task of ``transcriptformer annotate`` (:class:`~transcriptformer.tasks.annotate.AnnotateTask`), in
+        memory: the reference is embedded and indexed (or given as a :class:`ReferenceIndex` built by this model),
+        the query embedded and each cell labelled by its reference neighbours' vote, ``"Unknown"`` below the
+        threshold chosen on the reference.
+
+        Parameters
+        ----------
+        query
+            An AnnData (changed in place, see below), or a ``.h5ad``, ``.zarr`` or 10x ``.h5`` path (only read).
+        reference
+            The labelled reference cells (an AnnData, or a path), or a saved and loaded index.
+        label_key
+            The reference obs column(s) to transfer; ``None`` with an index: the index's.
+        n_neighbors, metric, reject, false_unknown_rate
+            As for :func:`transcriptformer.annotate` (``reject=False``: no Unknown).
+        batch_size, max_tokens, precision, **tokenize_kwargs
+            As for :meth:`embed`, for both sets of cells.
+
+        Returns
+        -------
+        DataFrame
+            One row per query cell: ``predicted_<key>`` and ``<key>_confidence`` per label key. Given an AnnData,
+            they are also written into ``query.obs``, the summary into ``query.uns["annotation"]`` and the
+            embeddings into ``query.obsm["X_transcriptformer"]``.
+        """
+        from transcriptformer.annotation import ReferenceIndex
+        from transcriptformer.safe_load import sha256_of
+        from transcriptformer.tasks.annotate import EMBEDDINGS, AnnotateTask, AnnotateTaskConfig
+
+        model_id = sha256_of(self.checkpoint.path / WEIGHTS_FILE)
+        batches = {"batch_size": batch_size, "max_tokens": max_tokens, "precision": precision}
+        if isinstance(reference, ReferenceIndex):
+            index = reference
+            index.check_model(model_id)
+        else:
+            labels = reference.obs if isinstance(reference, ad.AnnData) else read_obs(reference)
+            embeddings = self.embed(reference, key_added=None, **batches, **tokenize_kwargs)
+            settings = AnnotateConfig(
+                n_neighbors=n_neighbors, metric=metric, false_unknown_rate=false_unknown_rate, reject=reject
+            )
+            index = ReferenceIndex.build(embeddings, labels, label_key, model_id=model_id, settings=settings)
+        keys = index.label_keys if label_key is None else [label_key] if isinstance(label_key, str) else list(label_key)
+        task = AnnotateTask(settings=AnnotateTaskConfig(label_keys=keys, reject=reject, figures=False), reference=index)
+        result = self.run_task(task, query, {"output_keys": [EMBEDDINGS], **batches}, **tokenize_kwargs)
+        if isinstance(query, ad.AnnData):
+            store_every_cell(query, result, task, "query.obs", "subset the query to the cells with counts first")
         return result.obs
 
     def perturb(

@@ -245,7 +245,7 @@ class ReferenceIndex:
         UserError
             Another model's or another dimension's embeddings.
         """
-        self._check_model(model_id)
+        self.check_model(model_id)
         query = as_matrix(query_embeddings, "query embeddings")
         if query.shape[1] != self.dimension:
             raise UserError(
@@ -333,7 +333,8 @@ class ReferenceIndex:
             model_id=manifest["model_id"],
         )
 
-    def _check_model(self, model_id: str | None) -> None:
+    def check_model(self, model_id: str | None) -> None:
+        """Raise a ``UserError`` when ``model_id`` and the index's are both known and differ."""
         if model_id is not None and self.model_id is not None and model_id != self.model_id:
             raise UserError(
                 f"the query was embedded by model {model_id}, the reference index by model {self.model_id}; embed "

@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "screen": "knock out or over-express every expressed gene, one at a time; rank genes with statistics",
     "train": "pretrain a model from scratch on .h5ad files (Hydra config)",
     "finetune": "train LoRA adapters on a checkpoint with your cells, or a cell classifier (--task classify)",
+    "annotate": "label cells from a labelled reference (neighbours in a vector index, Unknown); write one h5ad",
     "predict-labels": "label cells with a classifier from finetune --task classify; write one h5ad",
     "merge-adapters": "merge LoRA adapters into their base checkpoint",
     "generate": "sample new cells from a checkpoint (genes and counts); write one h5ad",

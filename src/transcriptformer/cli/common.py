@@ -176,15 +176,20 @@ def add_overwrite_argument(group: argparse._ActionsContainer, what: str) -> None
 
 
 def add_run_arguments(
-    parser: argparse.ArgumentParser, defaults: InferenceConfig
+    parser: argparse.ArgumentParser, defaults: InferenceConfig, checkpoint_required: bool = True
 ) -> tuple[argparse._ArgumentGroup, argparse._ArgumentGroup, argparse._ArgumentGroup]:
     """The flags of a run through :func:`~transcriptformer.engine.run.run_task`, with ``defaults``.
 
     Returns the groups ``inputs and output``, ``reading the cells`` and ``model and hardware``, for a command's own
-    flags. :func:`run_config_from_args` reads them.
+    flags. :func:`run_config_from_args` reads them. ``checkpoint_required``: ``False`` for a command that can run
+    without a model (it checks ``--checkpoint-path`` itself).
     """
     io = parser.add_argument_group("inputs and output")
-    io.add_argument("--checkpoint-path", required=True, help="checkpoint directory (config.json, model_weights.pt)")
+    io.add_argument(
+        "--checkpoint-path",
+        required=checkpoint_required,
+        help="checkpoint directory (config.json, model_weights.pt)",
+    )
     cells = io.add_mutually_exclusive_group(required=True)
     cells.add_argument(
         "--data-file",

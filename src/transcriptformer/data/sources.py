@@ -284,3 +284,9 @@ def open_counts(data: ad.AnnData | str | Path, use_raw: bool | None = None) -> C
             raise ValueError(f"{path}: a 10x .h5 file has no raw matrix")
         return TenXH5Reader(path)
     raise ValueError(f"{path}: unsupported file type {suffix!r}; expected one of {SUFFIXES}")
+
+
+def read_obs(path: str | Path) -> pd.DataFrame:
+    """The obs of the cells of a ``.h5ad``, ``.zarr`` or 10x ``.h5`` file, without reading their counts."""
+    with open_counts(path) as reader:
+        return reader.obs.copy()

@@ -307,17 +307,25 @@ def move_files(folder: Path, targets: Sequence[Path]) -> None:
         os.replace(folder / target.name, target)
 
 
-def write_anndata(adata: ad.AnnData, path: Path) -> None:
+def write_anndata(adata: ad.AnnData, path: Path, files: tuple[Sequence[str], FilesWriter] | None = None) -> None:
     """Write ``adata`` to ``path`` under a temporary name, then rename it into place (no half-written file).
 
-    Hold the output with :func:`claim_output` around it.
+    Hold the output with :func:`claim_output` around it. ``files``: the names of files beside the output and what
+    writes them into a folder, moved into place just before the output, as :func:`write_output` does.
     """
+    names, write_files = files or ((), None)
     temporary = temporary_file_of(path, os.getpid())
+    folder = temporary_folder_of(path, os.getpid())
     try:
         adata.write_h5ad(temporary)
+        if write_files is not None:
+            folder.mkdir()
+            write_files(folder)
+            move_files(folder, [path.with_name(name) for name in names])
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class _DeferredFailureFile(io.FileIO):
