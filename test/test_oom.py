@@ -54,14 +54,19 @@ class SmallDevice:
         return self.model.length_multiple(device)
 
     def predict(
-        self, gene_tokens: Tensor, gene_counts: Tensor, aux_tokens: Tensor | None, output_keys: Collection[str]
+        self,
+        gene_tokens: Tensor,
+        gene_counts: Tensor,
+        aux_tokens: Tensor | None,
+        output_keys: Collection[str],
+        embedding_layer_index: int = -1,
     ) -> dict[str, Tensor]:
         cells, positions = gene_tokens.shape
         out_of_memory = cells * positions > self.capacity
         self.tried.append((cells, positions, out_of_memory))
         if out_of_memory:
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate a batch of {cells} x {positions}")
-        return self.model.predict(gene_tokens, gene_counts, aux_tokens, output_keys)
+        return self.model.predict(gene_tokens, gene_counts, aux_tokens, output_keys, embedding_layer_index)
 
     def failures(self) -> list[tuple[int, int]]:
         return [(cells, positions) for cells, positions, out_of_memory in self.tried if out_of_memory]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -101,11 +102,18 @@ def open_census(census_version: str):
         ) from None
 
 
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a local folder made absolute: TileDB resolves a relative one against the working folder of its
+    first use in the process, not the current one.
+    """
+    return uri if "://" in uri else str(Path(uri).absolute())
+
+
 def open_soma_uri(uri: str):
     """The SOMA object at ``uri`` (a folder, ``file://``, ``s3://``, ...), open for reading."""
     soma = import_tiledbsoma()
     try:
-        return soma.open(uri)
+        return soma.open(absolute_uri(uri))
     except soma.DoesNotExistError:
         raise UserError(
             f"`soma` {uri}: there is no SOMA experiment or Census there; give the folder or s3:// URI of one "

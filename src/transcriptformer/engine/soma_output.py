@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from transcriptformer.data.soma import first_line, import_tiledbsoma
+from transcriptformer.data.soma import absolute_uri, first_line, import_tiledbsoma
 from transcriptformer.engine.output import hold_output
 from transcriptformer.errors import UserError
 
@@ -45,7 +45,7 @@ def local_path(uri: str) -> Path | None:
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         return Path(parsed.path)
-    return None if "://" in uri else Path(uri)
+    return None if "://" in uri else Path(uri).absolute()  # absolute: see data.soma.absolute_uri
 
 
 def temporary_array_of(path: Path, pid: int, suffix: str) -> Path:
@@ -57,7 +57,7 @@ def is_embedding_array(uri: str) -> bool:
     """Whether ``uri`` holds a SOMA array of embeddings (one that this module or the Census wrote)."""
     soma = import_tiledbsoma()
     try:
-        with soma.open(uri) as array:
+        with soma.open(absolute_uri(uri)) as array:
             return array.soma_type == "SOMASparseNDArray" and EMBEDDING_INFO in array.metadata
     except (soma.SOMAError, RuntimeError):
         return False
