@@ -103,8 +103,9 @@ def open_census(census_version: str):
 
 
 def absolute_uri(uri: str) -> str:
-    """``uri`` with a local folder made absolute: TileDB resolves a relative one against the working folder of its
-    first use in the process, not the current one.
+    """``uri`` with a local folder made absolute.
+
+    TileDB resolves a relative folder against the working folder of its first use in the process, not the current one.
     """
     return uri if "://" in uri else str(Path(uri).absolute())
 
