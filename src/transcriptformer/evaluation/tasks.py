@@ -39,6 +39,8 @@ from sklearn.metrics import (
     f1_score,
     make_scorer,
     normalized_mutual_info_score,
+    precision_score,
+    recall_score,
     roc_auc_score,
     silhouette_samples,
 )
@@ -53,7 +55,7 @@ from transcriptformer.evaluation.config import EvaluateConfig
 from transcriptformer.runtime import cpu_threads
 
 UNSCALED_KNN = "knn_unscaled"
-SCORES = ("accuracy", "f1", "auroc")
+SCORES = ("accuracy", "f1", "precision", "recall", "auroc")
 # Leiden as cz-benchmarks runs it (src/czbenchmarks/tasks/utils.py, cluster_embedding; tasks/constants.py).
 LEIDEN_ITERATIONS = 2
 
@@ -62,14 +64,15 @@ def classifiers(seed: int, knn_neighbors: int) -> dict[str, ClassifierMixin]:
     """cz-benchmarks' label-prediction classifiers, and a kNN on the unscaled embedding.
 
     The first three are the pipelines of cz-benchmarks' ``MetadataLabelPredictionTask._run_task``
-    (src/czbenchmarks/tasks/label_prediction.py) with its defaults: logistic regression and a 5-neighbour kNN after
-    ``StandardScaler``, a random forest of 100 trees. Scaling every dimension to unit variance gives a low-variance
+    (src/czbenchmarks/tasks/label_prediction.py, 0.15.1) with its defaults: logistic regression and a 5-neighbour kNN
+    after ``StandardScaler(with_mean=False)`` (each dimension divided by its standard deviation, not centred), a
+    random forest of 100 trees. Scaling every dimension to unit variance gives a low-variance
     (noise) dimension the weight of the first one, which misleads a distance-based kNN; the unscaled kNN measures
     the embedding's own geometry.
     """
     return {
-        "lr": Pipeline([("scaler", StandardScaler()), ("lr", LogisticRegression())]),
-        "knn": Pipeline([("scaler", StandardScaler()), ("knn", KNeighborsClassifier())]),
+        "lr": Pipeline([("scaler", StandardScaler(with_mean=False)), ("lr", LogisticRegression())]),
+        "knn": Pipeline([("scaler", StandardScaler(with_mean=False)), ("knn", KNeighborsClassifier())]),
         # n_jobs changes the speed only: the trees are the same (runtime.cpu_threads: the idle CPUs)
         "rf": Pipeline([("rf", RandomForestClassifier(random_state=seed, n_jobs=cpu_threads()))]),
         UNSCALED_KNN: KNeighborsClassifier(n_neighbors=knn_neighbors),
@@ -77,11 +80,17 @@ def classifiers(seed: int, knn_neighbors: int) -> dict[str, ClassifierMixin]:
 
 
 def scorers(n_classes: int) -> dict[str, Any]:
-    """cz-benchmarks' scorers: accuracy, macro F1 (binary F1 for two classes), macro one-vs-rest AUROC."""
+    """cz-benchmarks' scorers: accuracy, macro F1, precision and recall (binary for two classes), macro AUROC.
+
+    A class never predicted has a precision of 0 (scikit-learn's ``zero_division`` default, which cz-benchmarks
+    keeps), without scikit-learn's warning.
+    """
     average = "binary" if n_classes == 2 else "macro"
     return {
         "accuracy": make_scorer(accuracy_score),
         "f1": make_scorer(f1_score, average=average),
+        "precision": make_scorer(precision_score, average=average, zero_division=0),
+        "recall": make_scorer(recall_score, average=average, zero_division=0),
         "auroc": make_scorer(roc_auc_score, average="macro", multi_class="ovr", response_method="predict_proba"),
     }
 
@@ -242,3 +251,51 @@ def cross_species(
             }
             results.append({"train": train, "test": test, "shared_labels": len(shared), "classifier": name, **scores})
     return results
+
+
+def sequential_organisation(values: np.ndarray, times: np.ndarray, config: EvaluateConfig) -> dict[str, float]:
+    """cz-benchmarks' ``SequentialOrganizationTask``: silhouette of the times, and their sequential alignment.
+
+    Both over every cell (as cz-benchmarks computes them), each distinct time a label of the silhouette.
+    """
+    return {
+        "silhouette_time": label_silhouette(values, times),
+        "sequential_alignment": sequential_alignment(values, times, config.sequential_neighbors, config.seed),
+    }
+
+
+def sequential_alignment(values: np.ndarray, times: np.ndarray, k: int, seed: int) -> float:
+    """How close in time a cell's ``k`` nearest neighbours are: 1 - their mean time distance over a random one's.
+
+    cz-benchmarks' ``sequential_alignment`` (src/czbenchmarks/metrics/utils.py, normalised, fixed ``k``), clipped
+    to 0..1: 1 when every neighbour shares the cell's time, 0 when neighbours are no closer in time than random
+    cells. The random expectation is drawn as cz-benchmarks draws it, from a ``RandomState`` seeded with ``seed``
+    (cz-benchmarks draws from numpy's global one, unseeded: seeding that with ``seed`` gives the same value).
+    """
+    if len(values) < k + 1:
+        raise UserError(f"sequential organisation needs more than {k} cells (sequential_neighbors); got {len(values)}")
+    if len(np.unique(times)) == 1:
+        return 1.0
+    neighbors = NearestNeighbors(n_neighbors=k + 1).fit(values).kneighbors(values, return_distance=False)
+    distance = np.mean(np.abs(times[:, None] - times[neighbors[:, 1:]]).mean(axis=1))
+    expected = random_time_distance(times, k, np.random.RandomState(seed))
+    return float(np.clip(1 - distance / expected, 0, 1)) if expected > 0 else 1.0
+
+
+def random_time_distance(times: np.ndarray, k: int, rng: np.random.RandomState) -> float:
+    """Mean time distance from a random cell to ``k`` other random cells, over ``min(10,000, 10 n)`` draws.
+
+    cz-benchmarks' ``_compute_random_baseline``, draw for draw.
+    """
+    n = len(times)
+    k = max(1, min(k, n - 1))
+    draws = []
+    for _ in range(min(10_000, n * 10)):
+        cell = rng.randint(0, n)
+        if k == n - 1:
+            others = np.delete(np.arange(n), cell)
+        else:
+            choices = rng.choice(n - 1, size=k, replace=False)
+            others = choices + (choices >= cell).astype(int)
+        draws.append(np.mean(np.abs(times[cell] - times[others])))
+    return float(np.mean(draws))
