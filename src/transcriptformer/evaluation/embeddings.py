@@ -234,7 +234,7 @@ def pca_embedding(adata: ad.AnnData, config: EvaluateConfig) -> Embedding:
         raise UserError(f"data_file has no counts (no X, no raw.X), which the PCA baseline needs: {fix}")
     with open_counts(adata) as reader:
         dense = reader.rows(0, reader.n_obs).toarray().astype(np.float32, copy=False)
-    counts = ad.AnnData(dense, var=pd.DataFrame(index=reader.var.index))
+        counts = ad.AnnData(dense, var=pd.DataFrame(index=reader.var.index))
     if counts.n_vars < 2 or counts.X.sum() == 0:
         raise UserError(f"data_file has {counts.n_vars} gene(s) and {counts.X.sum():g} counts: too few for PCA: {fix}")
     counts.var_names_make_unique()
