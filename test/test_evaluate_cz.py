@@ -40,6 +40,10 @@ from czbenchmarks.tasks.single_cell.cross_species_integration import (  # noqa: 
     CrossSpeciesIntegrationTask,
     CrossSpeciesIntegrationTaskInput,
 )
+from czbenchmarks.tasks.single_cell.cross_species_label_prediction import (  # noqa: E402
+    CrossSpeciesLabelPredictionTask,
+    CrossSpeciesLabelPredictionTaskInput,
+)
 
 pytestmark = pytest.mark.slow  # the six comparisons: about seven minutes on two busy cores
 MOUSE_BRAIN = DATA_DIR / "mouse_brain_1k.h5ad"
@@ -135,3 +139,32 @@ def test_sequential_organisation_equals_cz_benchmarks(mouse_brain):
     assert mine["sequential_alignment"] == pytest.approx(metric(results, "sequential_alignment"), abs=1e-12)
     assert mine["silhouette_time"] == pytest.approx(metric(results, "silhouette_score"), abs=1e-5)
     assert 0.1 < mine["sequential_alignment"] < 1
+
+
+@pytest.mark.parametrize("aggregation", ["none", "mean"])
+def test_cross_species_label_prediction_equals_cz_benchmarks(mouse_brain, aggregation):
+    config, cells, ours, _ = mouse_brain
+    top = cells.labels.isin(cells.labels.value_counts().index[:4]).to_numpy()  # the labels both halves have
+    values, labels = ours[top], cells.labels[top].reset_index(drop=True)
+    rng = np.random.default_rng(0)
+    species = pd.Series(np.where(rng.random(len(labels)) < 0.5, "human", "mouse"))
+    samples = pd.Series([f"{label}-{name}-{rng.integers(6)}" for label, name in zip(labels, species, strict=True)])
+    samples = samples if aggregation == "mean" else None
+    mine = tasks.cross_species_label_prediction(values, labels, species, samples, config)
+    each = {name: (species == name).to_numpy() for name in ("human", "mouse")}
+    task_input = CrossSpeciesLabelPredictionTaskInput(
+        labels=[labels[cells].reset_index(drop=True) for cells in each.values()],
+        organisms=[Organism.HUMAN, Organism.MOUSE],
+        sample_ids=None if samples is None else [samples[cells].reset_index(drop=True) for cells in each.values()],
+        aggregation_method=aggregation,
+    )
+    output = CrossSpeciesLabelPredictionTask(random_seed=SEED)._run_task([values[c] for c in each.values()], task_input)
+    name = {str(Organism.HUMAN): "human", str(Organism.MOUSE): "mouse"}
+    theirs = {
+        (name[r["train_species"]], name[r["test_species"]], r["classifier"], r.get("split")): r for r in output.results
+    }
+    assert len(mine) == len(theirs) == 2 * 3 + 2 * 3 * 5  # transfers, and folds within each species
+    for row in mine:
+        expected = theirs[(row["train"], row["test"], row["classifier"], row.get("split"))]
+        for score in tasks.SCORES:
+            assert row[score] == pytest.approx(expected[score], abs=1e-6)

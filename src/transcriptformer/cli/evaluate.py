@@ -41,6 +41,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     cells.add_argument(
         "--species-key", help="obs column of the species: adds cross-species integration and label transfer"
     )
+    cells.add_argument(
+        "--sample-key",
+        help="obs column of the samples (donors): cross-species label prediction on each sample's mean embedding",
+    )
     cells.add_argument("--time-key", help="obs column of a numeric time (days, hours): adds sequential organisation")
     methods = parser.add_argument_group("embeddings (PCA of the counts is always evaluated)")
     methods.add_argument(

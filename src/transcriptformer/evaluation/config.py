@@ -31,6 +31,9 @@ class EvaluateConfig:
     species_key : str or None
         ``obs`` column of the species; given, cross-species integration is measured and labels are transferred from
         each species to each other one.
+    sample_key : str or None
+        ``obs`` column of the samples (donors); with ``species_key``, cross-species label prediction classifies the
+        samples' mean embeddings (a sample's label is its first cell's), as cz-benchmarks does.
     time_key : str or None
         ``obs`` column of a numeric time (a time point, a developmental stage in days); given, the sequential
         organisation of the embedding is measured (cz-benchmarks' ``SequentialOrganizationTask``).
@@ -77,6 +80,7 @@ class EvaluateConfig:
     label_key: str = ""
     batch_key: str | None = None
     species_key: str | None = None
+    sample_key: str | None = None
     time_key: str | None = None
     checkpoint_path: list[str] = field(default_factory=list)
     adapter: list[str] = field(default_factory=list)
@@ -101,6 +105,8 @@ class EvaluateConfig:
             raise ValueError("data_file is empty: give the .h5ad file of the cells")
         if not self.label_key:
             raise ValueError("label_key is empty: give the obs column of the cell labels")
+        if self.sample_key and not self.species_key:
+            raise ValueError("sample_key is used by cross-species label prediction: give species_key too")
         if self.adapter and len(self.checkpoint_path) != 1:
             raise ValueError(
                 f"{len(self.adapter)} adapter(s) need the one checkpoint they were trained on: give exactly one "
@@ -123,7 +129,7 @@ class EvaluateConfig:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        for name in ("batch_key", "species_key", "time_key"):
+        for name in ("batch_key", "species_key", "sample_key", "time_key"):
             if getattr(self, name) == self.label_key:
                 raise ValueError(f"{name} is the label column {self.label_key!r}: name another obs column")
         for name in ("checkpoint_path", "adapter", "obsm_key"):

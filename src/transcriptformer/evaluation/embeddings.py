@@ -77,6 +77,8 @@ class Cells:
         The batch and species of every cell, as strings, when their columns are given.
     times : Series or None
         The time of every cell, as float64, when its column is given.
+    samples : Series or None
+        The sample of every cell, as strings, when its column is given.
     """
 
     adata: ad.AnnData
@@ -84,13 +86,17 @@ class Cells:
     batches: pd.Series | None
     species: pd.Series | None
     times: pd.Series | None = None
+    samples: pd.Series | None = None
 
     def subset(self, keep: np.ndarray) -> Cells:
         """The cells where ``keep`` is true."""
         return Cells(
             self.adata[keep].copy(),
             self.labels[keep],
-            *(None if column is None else column[keep] for column in (self.batches, self.species, self.times)),
+            *(
+                None if column is None else column[keep]
+                for column in (self.batches, self.species, self.times, self.samples)
+            ),
         )
 
 
@@ -106,6 +112,7 @@ def read_cells(config: EvaluateConfig) -> Cells:
         "batch_key": config.batch_key,
         "species_key": config.species_key,
         "time_key": config.time_key,
+        "sample_key": config.sample_key,
     }
     given = {name: column for name, column in columns.items() if column is not None}
     for name, column in given.items():
@@ -122,6 +129,7 @@ def read_cells(config: EvaluateConfig) -> Cells:
         adata.obs[config.batch_key].astype(str) if config.batch_key else None,
         adata.obs[config.species_key].astype(str) if config.species_key else None,
         numeric_times(adata.obs[config.time_key], config.time_key) if config.time_key else None,
+        adata.obs[config.sample_key].astype(str) if config.sample_key else None,
     )
     return cells if annotated.all() else cells.subset(annotated)
 

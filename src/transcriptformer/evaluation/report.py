@@ -46,9 +46,13 @@ def summary(method: dict[str, Any]) -> dict[str, tuple[float, float]]:
         for key, name in names.items():
             if task in method:
                 rows[name] = (method[task][key], 0.0)
-    for transfer in method.get("cross_species", []):
-        if "f1" in transfer:
-            rows[f"{transfer['train']}->{transfer['test']} {transfer['classifier']} f1"] = (transfer["f1"], 0.0)
+    transfers: dict[str, list[float]] = {}
+    for transfer in method.get("cross_species_label_prediction", []):  # a species with itself: one row per fold
+        transfers.setdefault(f"{transfer['train']}->{transfer['test']} {transfer['classifier']} f1", []).append(
+            transfer["f1"]
+        )
+    for row, values in transfers.items():
+        rows[row] = (float(np.mean(values)), float(np.std(values)))
     return rows
 
 

@@ -159,7 +159,9 @@ def evaluate_embedding(
     if cells.species is not None:
         species = cells.species.to_numpy()
         result["cross_species_integration"] = tasks.batch_mixing(values, labels, species, sample, config)
-        result["cross_species"] = tasks.cross_species(values, cells.labels, cells.species, config)
+        result["cross_species_label_prediction"] = tasks.cross_species_label_prediction(
+            values, cells.labels, cells.species, cells.samples, config
+        )
     if cells.times is not None:
         result["sequential_organisation"] = tasks.sequential_organisation(values, cells.times.to_numpy(), config)
     return result, tasks.umap_coordinates(graph, config.seed)

@@ -44,7 +44,7 @@ from sklearn.metrics import (
     roc_auc_score,
     silhouette_samples,
 )
-from sklearn.model_selection import StratifiedKFold, cross_validate
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_validate
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
@@ -222,37 +222,6 @@ def check_batches(batches: pd.Series, what: str) -> None:
         raise UserError(f"{what} holds a single value ({batches.iloc[0]!r}): name a column with two or more")
 
 
-def cross_species(
-    values: np.ndarray, labels: pd.Series, species: pd.Series, config: EvaluateConfig
-) -> list[dict[str, Any]]:
-    """Classifiers trained on one species' cells and tested on another's, for each ordered pair of species.
-
-    Like cz-benchmarks' ``CrossSpeciesLabelPredictionTask`` (same classifiers and scores), on the labels both
-    species share: classes of at least ``min_class_size`` cells in the training species that the test species has.
-    """
-    results = []
-    for train, test in itertools.permutations(sorted(species.unique()), 2):
-        train_cells, test_cells = (species == train).to_numpy(), (species == test).to_numpy()
-        counts = labels[train_cells].value_counts()
-        shared = sorted(set(counts[counts >= config.min_class_size].index) & set(labels[test_cells]))
-        if len(shared) < 2:
-            say(f"{train}->{test}: {len(shared)} shared label(s) of {config.min_class_size}+ cells; transfer skipped")
-            results.append({"train": train, "test": test, "shared_labels": len(shared)})
-            continue
-        train_cells &= labels.isin(shared).to_numpy()
-        test_cells &= labels.isin(shared).to_numpy()
-        codes = pd.Categorical(labels, categories=shared).codes
-        for name, classifier in classifiers(config.seed, config.knn_neighbors).items():
-            with default_iterations():
-                fitted = clone(classifier).fit(values[train_cells], codes[train_cells])
-            scores = {
-                score: float(scorer(fitted, values[test_cells], codes[test_cells]))
-                for score, scorer in scorers(len(shared)).items()
-            }
-            results.append({"train": train, "test": test, "shared_labels": len(shared), "classifier": name, **scores})
-    return results
-
-
 def sequential_organisation(values: np.ndarray, times: np.ndarray, config: EvaluateConfig) -> dict[str, float]:
     """cz-benchmarks' ``SequentialOrganizationTask``: silhouette of the times, and their sequential alignment.
 
@@ -299,3 +268,113 @@ def random_time_distance(times: np.ndarray, k: int, rng: np.random.RandomState) 
             others = choices + (choices >= cell).astype(int)
         draws.append(np.mean(np.abs(times[cell] - times[others])))
     return float(np.mean(draws))
+
+
+def cross_species_classifiers(seed: int) -> dict[str, ClassifierMixin]:
+    """cz-benchmarks' ``CrossSpeciesLabelPredictionTask`` classifiers: centred scaling, 1,000 iterations of LR."""
+    return {
+        "lr": Pipeline([("scaler", StandardScaler()), ("lr", LogisticRegression(max_iter=1000, random_state=seed))]),
+        "knn": Pipeline([("scaler", StandardScaler()), ("knn", KNeighborsClassifier(n_neighbors=5))]),
+        "rf": Pipeline([("rf", RandomForestClassifier(n_estimators=100, random_state=seed, n_jobs=cpu_threads()))]),
+    }
+
+
+def aggregate_samples(
+    values: np.ndarray, labels: pd.Series, samples: pd.Series
+) -> tuple[np.ndarray, pd.Series, pd.Series]:
+    """Mean embedding of each sample (sorted by name) and its first cell's label: cz-benchmarks' aggregation."""
+    frame = pd.DataFrame(values)
+    frame["sample"] = samples.to_numpy()
+    means = frame.groupby("sample").agg("mean")
+    first = pd.Series(labels.to_numpy(), index=samples.to_numpy()).groupby(level=0).first().reindex(means.index)
+    return means.to_numpy(), first.reset_index(drop=True), pd.Series(means.index.to_numpy())
+
+
+def cross_species_label_prediction(
+    values: np.ndarray, labels: pd.Series, species: pd.Series, samples: pd.Series | None, config: EvaluateConfig
+) -> list[dict[str, Any]]:
+    """cz-benchmarks' ``CrossSpeciesLabelPredictionTask``: for every ordered pair of species, the classifiers.
+
+    With ``samples``, each species' cells are first averaged per sample (the label of a sample is its first cell's).
+    A species against itself is ``n_folds``-fold cross-validation (grouped by sample, so that no sample is on both
+    sides); against another species, trained on one, tested on the other, on the training species' labels.
+    """
+    values, labels, species, samples = labels_in_every_species(values, labels, species, samples, config.n_folds)
+    per_species = {}
+    for name in sorted(species.unique()):
+        cells = (species == name).to_numpy()
+        if samples is None:
+            per_species[name] = (values[cells], labels[cells].reset_index(drop=True), None)
+        else:
+            per_species[name] = aggregate_samples(values[cells], labels[cells], samples[cells])
+    results = []
+    for train, test in itertools.product(per_species, per_species):
+        if train == test:
+            results += cross_validated_species(*per_species[train], train, config)
+        else:
+            results += transferred_species(per_species[train][:2], per_species[test][:2], train, test, config)
+    return results
+
+
+def labels_in_every_species(
+    values: np.ndarray, labels: pd.Series, species: pd.Series, samples: pd.Series | None, n_folds: int
+) -> tuple[np.ndarray, pd.Series, pd.Series, pd.Series | None]:
+    """The cells of the labels that every species has in ``n_folds`` samples (cells without ``samples``) or more.
+
+    cz-benchmarks needs that (each fold of each species tests every label, each species is tested on the labels it
+    was trained on) and fails otherwise; the other labels are left out here, and said.
+    """
+    cell = pd.Series(np.arange(len(labels)), index=labels.index)
+    units = labels.astype(str) + "\0" + (samples if samples is not None else cell).astype(str)
+    per_species = pd.DataFrame({"label": labels, "species": species, "unit": units}).drop_duplicates()
+    counts = per_species.groupby(["label", "species"]).size().unstack(fill_value=0)
+    kept = counts.index[(counts >= n_folds).all(axis=1)]
+    if len(kept) < 2:
+        raise UserError(
+            f"{len(kept)} label(s) have {n_folds} or more {'samples' if samples is not None else 'cells'} in every "
+            "species; cross-species label prediction needs two: name a label column that the species share (label_key)"
+        )
+    keep = labels.isin(kept).to_numpy()
+    if not keep.all():
+        say(f"cross-species label prediction: {len(counts) - len(kept)} label(s) not in every species left out")
+    subset = (labels[keep], species[keep], None if samples is None else samples[keep])
+    return values[keep], *subset
+
+
+def cross_validated_species(
+    values: np.ndarray, labels: pd.Series, groups: pd.Series | None, name: str, config: EvaluateConfig
+) -> list[dict[str, Any]]:
+    """The classifiers of one species, cross-validated (by sample when ``groups`` are given)."""
+    kind = StratifiedKFold if groups is None else StratifiedGroupKFold
+    folds = kind(n_splits=config.n_folds, shuffle=True, random_state=config.seed)
+    codes = pd.Categorical(labels.astype(str)).codes
+    score = scorers(codes.max() + 1)
+    results = []
+    for classifier, model in cross_species_classifiers(config.seed).items():
+        for split, (train, test) in enumerate(folds.split(values, codes, groups=groups)):
+            fitted = clone(model).fit(values[train], codes[train])
+            scores = {key: float(scorer(fitted, values[test], codes[test])) for key, scorer in score.items()}
+            results.append({"train": name, "test": name, "classifier": classifier, "split": split, **scores})
+    return results
+
+
+def transferred_species(
+    train: tuple[np.ndarray, pd.Series], test: tuple[np.ndarray, pd.Series], train_name: str, test_name: str,
+    config: EvaluateConfig,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The classifiers trained on one species and tested on another, whose labels the training species must have."""
+    train_labels = pd.Categorical(train[1].astype(str))
+    test_labels = pd.Categorical(test[1].astype(str), categories=train_labels.categories)
+    unseen = sorted(set(test[1].astype(str)) - set(train_labels.categories))
+    if unseen:
+        raise UserError(
+            f"species {test_name!r} has labels that {train_name!r} has not ({', '.join(unseen[:3])}): cross-species "
+            "label prediction needs the same labels in every species; name a harmonised label column (label_key)"
+        )
+    score = scorers(len(train_labels.categories))
+    results = []
+    for classifier, model in cross_species_classifiers(config.seed).items():
+        fitted = clone(model).fit(train[0], train_labels.codes)
+        scores = {key: float(scorer(fitted, test[0], test_labels.codes)) for key, scorer in score.items()}
+        results.append({"train": train_name, "test": test_name, "classifier": classifier, **scores})
+    return results
