@@ -27,8 +27,9 @@ documentation: docs/evaluation.md
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of ``evaluate``; their defaults are :class:`EvaluateConfig`'s."""
     parser.description = (
-        "Judge cell embeddings on labelled cells: label prediction (cz-benchmarks' classifiers and a kNN without "
-        "scaling), Leiden clustering, silhouettes, batch mixing and cross-species transfer, for embeddings in obsm, "
+        "Judge cell embeddings on labelled cells with cz-benchmarks 0.15.1's tasks (label prediction, clustering, "
+        "embedding, batch and cross-species integration, cross-species label prediction, sequential organisation) "
+        "and a kNN without scaling, for embeddings in obsm, "
         "checkpoints run here, and the PCA and esm2ce baselines. Prints a table; writes results.json, umap.png "
         "and metrics.png."
     )

@@ -5,7 +5,10 @@
 * clustering: Leiden (igraph flavour) on the kNN graph of the embedding, compared with the labels (ARI, NMI);
 * label silhouette (scIB's, rescaled to 0..1);
 * batch mixing: entropy of the batches among each cell's neighbours, and scIB's batch silhouette;
-* cross-species transfer: classifiers trained on the cells of one species, tested on another's.
+* cross-species integration (the batch metrics with the species as batches) and cross-species label prediction:
+  classifiers trained on one species (or its samples' mean embeddings), tested on another, and cross-validated
+  within each;
+* sequential organisation: silhouette of the times, and how close in time each cell's neighbours are.
 
 Every random choice takes the run's seed. The graph of Leiden and UMAP is scanpy's: exact neighbours below 8,192 cells,
 approximate ones (pynndescent) above. Silhouettes and the batch entropy are averaged over at most ``sample_cells``
