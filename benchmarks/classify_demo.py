@@ -5,7 +5,8 @@ On ``test/data/mouse_brain_1k.h5ad`` (``cell_type``; classes of under 10 cells l
 
 * **PCA + LR**: library-size normalisation (to the median total count), log1p, 3,000 highly variable genes (all
   genes when there are fewer: the panel has 1,122), 50 principal components of all cells, then cz-benchmarks'
-  classifier: ``StandardScaler`` and scikit-learn's default ``LogisticRegression``, fitted on the training folds.
+  classifier: ``StandardScaler(with_mean=False)`` and scikit-learn's default ``LogisticRegression``, fitted on the
+  training folds.
 * **demo embeddings + LR**: the same classifier on the frozen cell embeddings of ``models/demo-mouse-brain``.
 * **fine-tuned**: ``transcriptformer finetune --task classify`` on the training folds (rank-8 LoRA adapters on
   attention, FFN and the gene-embedding projection, and a linear head; lr 3e-3; 15% held out, stratified, to keep

@@ -106,7 +106,7 @@ def test_the_demo_model_an_obsm_key_and_the_baselines_side_by_side(demo_report, 
 
 def all_scores(method: dict) -> list[float]:
     folds = [v for scores in method["label_prediction"].values() for values in scores.values() for v in values]
-    transfers = [t[s] for t in method["cross_species"] for s in SCORES if s in t]
+    transfers = [t[s] for t in method["cross_species_label_prediction"] for s in SCORES]
     return (
         folds + transfers + [method["silhouette_label"], method["clustering"]["nmi"], *method["batch_mixing"].values()]
     )
@@ -121,8 +121,8 @@ def test_metrics_are_in_their_ranges(demo_report):
         assert method["clustering"]["clusters"] >= 2
         for scores in method["label_prediction"].values():
             assert all(len(folds) == 5 for folds in scores.values())
-        pairs = {(t["train"], t["test"]) for t in method["cross_species"]}
-        assert pairs == {("first", "second"), ("second", "first")}
+        pairs = {(t["train"], t["test"]) for t in method["cross_species_label_prediction"]}
+        assert pairs == {("first", "second"), ("second", "first"), ("first", "first"), ("second", "second")}
 
 
 def mean_f1(method: dict, classifier: str) -> float:
@@ -138,7 +138,8 @@ def test_pca_and_the_demo_model_beat_a_random_embedding(demo_report):
         assert mean_f1(methods["pca"], classifier) > chance + 0.4, classifier
         assert mean_f1(methods["demo-mouse-brain"], classifier) > chance + 0.2, classifier
     assert methods["pca"]["clustering"]["ari"] > methods["X_random"]["clustering"]["ari"] + 0.2
-    lr_transfer = [t["f1"] for t in methods["pca"]["cross_species"] if t["classifier"] == "lr"]
+    transfers = methods["pca"]["cross_species_label_prediction"]
+    lr_transfer = [t["f1"] for t in transfers if t["classifier"] == "lr" and t["train"] != t["test"]]
     assert min(lr_transfer) > 0.5
 
 
@@ -310,3 +311,60 @@ def test_a_report_is_not_overwritten_unless_asked(capsys, demo_report, mouse_cel
                         output)  # fmt: skip
     assert_one_line_error(code, err, "evaluate", "already holds a report", "--overwrite")
     assert (output / RESULTS_FILE).read_text() == before
+
+
+@pytest.fixture(scope="module")
+def timed_cells(tmp_path_factory) -> Path:
+    """440 PBMCs with a numeric time column (tied to the cell types) and two halves standing in for species."""
+    cells = ad.read_h5ad(PBMC)[::6].copy()
+    rng = np.random.default_rng(0)
+    cells.obs["day"] = (pd.Categorical(cells.obs["cell_type"]).codes % 3).astype(float) * 2
+    cells.obs["day_text"] = cells.obs["day"].map(lambda day: f"day {day:g}")
+    cells.obs["half"] = np.where(rng.random(cells.n_obs) < 0.5, "first", "second")
+    cells.obs["one_species"] = "human"
+    path = tmp_path_factory.mktemp("timed") / "pbmc.h5ad"
+    cells.write_h5ad(path)
+    return path
+
+
+def test_sequential_organisation_species_mixing_and_saved_embeddings(timed_cells, tmp_path):
+    output = tmp_path / "evaluation"
+    code, printed, warned = evaluate("--data-file", timed_cells, "--label-key", "cell_type", "--time-key", "day",
+                                     "--species-key", "half", "--save-embeddings", "--output-path", output)  # fmt: skip
+    assert code == 0, printed + warned
+    assert "embeddings.h5ad" in printed
+    pca = json.loads((output / RESULTS_FILE).read_text())["methods"]["pca"]
+    assert pca["baseline"].startswith("PCA of the counts: cz-benchmarks' baseline of clustering")
+    assert set(pca["label_prediction"]["lr"]) == set(SCORES) == {"accuracy", "f1", "precision", "recall", "auroc"}
+    # the times follow the cell types, which PCA separates; the halves are random, so mixed
+    assert 0.3 < pca["sequential_organisation"]["sequential_alignment"] <= 1
+    assert 0.5 < pca["sequential_organisation"]["silhouette_time"] <= 1
+    assert pca["cross_species_integration"]["entropy"] > 0.9
+    transfers = pca["cross_species_label_prediction"]
+    transferred = {(t["train"], t["test"]) for t in transfers if "split" not in t}
+    assert transferred == {("first", "second"), ("second", "first")}
+    assert len([t for t in transfers if "split" in t]) == 2 * 3 * 5  # two species, three classifiers, five folds
+    assert min(t["f1"] for t in transfers if t["classifier"] == "lr" and "split" not in t) > 0.5
+    saved = ad.read_h5ad(output / "embeddings.h5ad")
+    assert list(saved.obsm) == ["pca"] and saved.n_vars == 0
+    assert list(saved.obs_names) == list(ad.read_h5ad(timed_cells).obs_names)
+    config = EvaluateConfig(data_file=str(timed_cells), label_key="cell_type")
+    np.testing.assert_array_equal(saved.obsm["pca"], pca_embedding(read_cells(config).adata, config).values)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--time-key", "day_text"], ["--time-key 'day_text' is not numeric ('day ", "column of numbers"]),
+        (["--species-key", "one_species"], ["--species-key 'one_species' holds a single value ('human')"]),
+        (["--time-key", "cell_type"], ["--time-key is the label column 'cell_type'"]),
+        (["--sample-key", "half"], ["--sample-key is used by cross-species label prediction", "--species-key"]),
+    ],
+    ids=["time-not-numeric", "one-species", "time-is-label", "samples-without-species"],
+)
+def test_bad_input_of_the_new_tasks_is_a_one_line_error(capsys, tmp_path, timed_cells, args, words):
+    output = tmp_path / "evaluation"
+    code, err = run_cli(capsys, "evaluate", "--data-file", timed_cells, "--label-key", "cell_type", *args,
+                        "--output-path", output)  # fmt: skip
+    assert_one_line_error(code, err, "evaluate", *words)
+    assert not output.exists()

@@ -308,9 +308,6 @@ class SamplingConfig:
         check_range(self, "", "prompt_genes", at_least=0, at_most=MAX_GENES)
 
 
-# Former names of the settings above, for code written against them.
-PredictSettings = PredictConfig
-
 # Keys of published configs that configure the original's data loaders and have no meaning here.
 _IGNORED_KEYS = {"_target_", "aux_vocab_path", "pin_memory", "n_data_workers", "esm2_mappings_path"}
 # DataConfig settings of a run, not of a checkpoint: the original's inference config reset them.

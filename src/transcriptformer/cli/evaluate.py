@@ -27,8 +27,9 @@ documentation: docs/evaluation.md
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of ``evaluate``; their defaults are :class:`EvaluateConfig`'s."""
     parser.description = (
-        "Judge cell embeddings on labelled cells: label prediction (cz-benchmarks' classifiers and a kNN without "
-        "scaling), Leiden clustering, silhouettes, batch mixing and cross-species transfer, for embeddings in obsm, "
+        "Judge cell embeddings on labelled cells with cz-benchmarks 0.15.1's tasks (label prediction, clustering, "
+        "embedding, batch and cross-species integration, cross-species label prediction, sequential organisation) "
+        "and a kNN without scaling, for embeddings in obsm, "
         "checkpoints run here, and the PCA and esm2ce baselines. Prints a table; writes results.json, umap.png "
         "and metrics.png."
     )
@@ -38,7 +39,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     cells.add_argument("--data-file", required=True, help=".h5ad file: counts in raw.X or X, labels in obs")
     cells.add_argument("--label-key", required=True, help="obs column of the cell labels, e.g. cell_type")
     cells.add_argument("--batch-key", help="obs column of the batches: adds batch mixing (entropy, silhouette)")
-    cells.add_argument("--species-key", help="obs column of the species: adds cross-species label transfer")
+    cells.add_argument(
+        "--species-key", help="obs column of the species: adds cross-species integration and label transfer"
+    )
+    cells.add_argument(
+        "--sample-key",
+        help="obs column of the samples (donors): cross-species label prediction on each sample's mean embedding",
+    )
+    cells.add_argument("--time-key", help="obs column of a numeric time (days, hours): adds sequential organisation")
     methods = parser.add_argument_group("embeddings (PCA of the counts is always evaluated)")
     methods.add_argument(
         "--checkpoint-path",
@@ -82,6 +90,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="seed of folds, classifiers, PCA, Leiden and UMAP: the same seed gives the same results "
         "(default: %(default)s, cz-benchmarks')",
     )
+    run.add_argument(
+        "--save-embeddings",
+        action="store_true",
+        help="also write embeddings.h5ad: the evaluated cells with every method's embedding in obsm, named as in "
+        "the report",
+    )
     add_overwrite_argument(run, "a report")
     parser.set_defaults(func=run_evaluate)
 
@@ -91,7 +105,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from transcriptformer.evaluation import require_extra
 
     require_extra()
-    from transcriptformer.evaluation.report import REPORT_FILES, format_table
+    from transcriptformer.evaluation.report import EMBEDDINGS_FILE, REPORT_FILES, format_table
     from transcriptformer.evaluation.run import evaluate
 
     names = {field.name for field in dataclasses.fields(EvaluateConfig)}
@@ -102,5 +116,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"--{name.replace('_', '-')} {rest}" if name in names else str(error)) from None
     results = evaluate(config)
     print(format_table(results))
-    print(f"report written to {config.output_path}: {', '.join(REPORT_FILES)}")
+    files = [*REPORT_FILES, EMBEDDINGS_FILE] if config.save_embeddings else REPORT_FILES
+    print(f"report written to {config.output_path}: {', '.join(files)}")
     return 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transcriptformer.config import PredictSettings
+from transcriptformer.config import PredictConfig
 from transcriptformer.runtime import DEVICES
 from transcriptformer.training.config import SEED_LIMIT
 
@@ -29,7 +29,14 @@ class EvaluateConfig:
     batch_key : str or None
         ``obs`` column of the batches; given, batch mixing is measured.
     species_key : str or None
-        ``obs`` column of the species; given, labels are transferred from each species to each other one.
+        ``obs`` column of the species; given, cross-species integration is measured and labels are transferred from
+        each species to each other one.
+    sample_key : str or None
+        ``obs`` column of the samples (donors); with ``species_key``, cross-species label prediction classifies the
+        samples' mean embeddings (a sample's label is its first cell's), as cz-benchmarks does.
+    time_key : str or None
+        ``obs`` column of a numeric time (a time point, a developmental stage in days); given, the sequential
+        organisation of the embedding is measured (cz-benchmarks' ``SequentialOrganizationTask``).
     checkpoint_path : list of str
         Checkpoints (folders or published names) whose embeddings are computed in the run; each also gives the
         ``esm2ce`` baseline over its gene-embedding table.
@@ -60,6 +67,11 @@ class EvaluateConfig:
         Cells per forward pass of a checkpoint; results do not depend on it.
     device : str
         Where checkpoints run: ``auto``, ``cpu``, ``cuda`` or ``mps``.
+    sequential_neighbors : int
+        Neighbours of each cell whose times are compared with its own in the sequential alignment.
+    save_embeddings : bool
+        Also write ``embeddings.h5ad`` into the report: the evaluated cells (their ``obs``) with every method's
+        embedding in ``obsm``, under its name in the report.
     overwrite : bool
         Replace a report already in ``output_path``.
     """
@@ -68,6 +80,8 @@ class EvaluateConfig:
     label_key: str = ""
     batch_key: str | None = None
     species_key: str | None = None
+    sample_key: str | None = None
+    time_key: str | None = None
     checkpoint_path: list[str] = field(default_factory=list)
     adapter: list[str] = field(default_factory=list)
     obsm_key: list[str] = field(default_factory=list)
@@ -80,8 +94,10 @@ class EvaluateConfig:
     n_pcs: int = 50
     entropy_neighbors: int = 200
     sample_cells: int = 10_000
-    batch_size: int = PredictSettings.batch_size
+    batch_size: int = PredictConfig.batch_size
     device: str = "auto"
+    sequential_neighbors: int = 15
+    save_embeddings: bool = False
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -89,12 +105,22 @@ class EvaluateConfig:
             raise ValueError("data_file is empty: give the .h5ad file of the cells")
         if not self.label_key:
             raise ValueError("label_key is empty: give the obs column of the cell labels")
+        if self.sample_key and not self.species_key:
+            raise ValueError("sample_key is used by cross-species label prediction: give species_key too")
         if self.adapter and len(self.checkpoint_path) != 1:
             raise ValueError(
                 f"{len(self.adapter)} adapter(s) need the one checkpoint they were trained on: give exactly one "
                 f"checkpoint_path (got {len(self.checkpoint_path)})"
             )
-        for name in ("n_folds", "min_class_size", "knn_neighbors", "n_top_genes", "n_pcs", "entropy_neighbors"):
+        for name in (
+            "n_folds",
+            "min_class_size",
+            "knn_neighbors",
+            "n_top_genes",
+            "n_pcs",
+            "entropy_neighbors",
+            "sequential_neighbors",
+        ):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be at least 2, got {getattr(self, name)}")
         if self.sample_cells < 2:
@@ -103,7 +129,7 @@ class EvaluateConfig:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        for name in ("batch_key", "species_key"):
+        for name in ("batch_key", "species_key", "sample_key", "time_key"):
             if getattr(self, name) == self.label_key:
                 raise ValueError(f"{name} is the label column {self.label_key!r}: name another obs column")
         for name in ("checkpoint_path", "adapter", "obsm_key"):

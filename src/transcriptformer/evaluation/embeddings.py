@@ -8,6 +8,7 @@ genes, run through the same batch loop as the model).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +18,27 @@ import numpy as np
 import pandas as pd
 
 from transcriptformer.api import TranscriptFormerModel, load
-from transcriptformer.config import PredictSettings
+from transcriptformer.config import PredictConfig
 from transcriptformer.console import say
 from transcriptformer.data.hdf5 import open_hdf5
 from transcriptformer.data.sources import H5AD, open_counts
 from transcriptformer.errors import UserError, first_few
 from transcriptformer.evaluation.config import EvaluateConfig
 from transcriptformer.pipeline import predict_positions
+
+PCA_NAME = "pca"
+# cz-benchmarks 0.15.1's tasks whose baseline is PCA of the counts (Task.compute_baseline); label prediction's own
+# baseline is the raw expression matrix (MetadataLabelPredictionTask.compute_baseline), the cross-species tasks have
+# none.
+PCA_BASELINE_TASKS = ("clustering", "embedding", "batch integration", "sequential organisation")
+PCA_BASELINE = (
+    "PCA of the counts: cz-benchmarks' baseline of " + ", ".join(PCA_BASELINE_TASKS) + " (label prediction's is the "
+    "raw expression matrix)"
+)
+ESM2CE_BASELINE = (
+    "esm2ce: the mean of the checkpoint's ESM-2 gene-embedding rows over the cell's genes, the model without its "
+    "transformer (not a cz-benchmarks baseline)"
+)
 
 
 @dataclass
@@ -38,11 +53,14 @@ class Embedding:
         Where it comes from, in words.
     values : ndarray
         ``(n_cells, dimensions)`` float32, one row per cell of the file.
+    baseline : str
+        For a baseline, what it is and which cz-benchmarks tasks use it; empty for an embedding under test.
     """
 
     name: str
     source: str
     values: np.ndarray
+    baseline: str = ""
 
 
 @dataclass
@@ -56,21 +74,29 @@ class Cells:
     labels : Series
         The label of every cell, as strings.
     batches, species : Series or None
-        The batch and species of every cell, when their columns are given.
+        The batch and species of every cell, as strings, when their columns are given.
+    times : Series or None
+        The time of every cell, as float64, when its column is given.
+    samples : Series or None
+        The sample of every cell, as strings, when its column is given.
     """
 
     adata: ad.AnnData
     labels: pd.Series
     batches: pd.Series | None
     species: pd.Series | None
+    times: pd.Series | None = None
+    samples: pd.Series | None = None
 
     def subset(self, keep: np.ndarray) -> Cells:
         """The cells where ``keep`` is true."""
         return Cells(
             self.adata[keep].copy(),
             self.labels[keep],
-            None if self.batches is None else self.batches[keep],
-            None if self.species is None else self.species[keep],
+            *(
+                None if column is None else column[keep]
+                for column in (self.batches, self.species, self.times, self.samples)
+            ),
         )
 
 
@@ -81,7 +107,13 @@ def read_cells(config: EvaluateConfig) -> Cells:
         raise ValueError(f"{path}: evaluate reads .h5ad files (the labels are obs columns); got {path.suffix!r}")
     open_hdf5(path, H5AD).close()  # a missing, truncated or foreign file is named with the fix
     adata = ad.read_h5ad(path)
-    columns = {"label_key": config.label_key, "batch_key": config.batch_key, "species_key": config.species_key}
+    columns = {
+        "label_key": config.label_key,
+        "batch_key": config.batch_key,
+        "species_key": config.species_key,
+        "time_key": config.time_key,
+        "sample_key": config.sample_key,
+    }
     given = {name: column for name, column in columns.items() if column is not None}
     for name, column in given.items():
         if column not in adata.obs:
@@ -96,8 +128,23 @@ def read_cells(config: EvaluateConfig) -> Cells:
         adata.obs[config.label_key].astype(str),
         adata.obs[config.batch_key].astype(str) if config.batch_key else None,
         adata.obs[config.species_key].astype(str) if config.species_key else None,
+        numeric_times(adata.obs[config.time_key], config.time_key) if config.time_key else None,
+        adata.obs[config.sample_key].astype(str) if config.sample_key else None,
     )
     return cells if annotated.all() else cells.subset(annotated)
+
+
+def numeric_times(column: pd.Series, name: str) -> pd.Series:
+    """The time column as float64 (numbers, or strings of numbers as cz-benchmarks accepts); one line otherwise."""
+    values = column.astype(object) if isinstance(column.dtype, pd.CategoricalDtype) else column
+    try:
+        return pd.to_numeric(values, errors="raise").astype(np.float64)
+    except (ValueError, TypeError):
+        examples = ", ".join(repr(value) for value in pd.unique(column.dropna())[:3])
+        raise UserError(
+            f"time_key {name!r} is not numeric ({examples}, ...): sequential organisation needs ordered times; name a "
+            "column of numbers (e.g. days or hours)"
+        ) from None
 
 
 def gather_embeddings(cells: Cells, config: EvaluateConfig) -> list[Embedding]:
@@ -154,7 +201,8 @@ def checkpoint_embeddings(adata: ad.AnnData, config: EvaluateConfig) -> Iterator
         say(f"embedding the cells with {path}")
         model = load(path, device=config.device)
         yield Embedding(name, f"checkpoint {path}", model_embedding(model, adata, config.batch_size))
-        yield Embedding(f"esm2ce:{name}", f"esm2ce baseline of {path}", esm2ce_embedding(model, adata, config))
+        esm2ce = esm2ce_embedding(model, adata, config)
+        yield Embedding(f"esm2ce:{name}", f"esm2ce baseline of {path}", esm2ce, ESM2CE_BASELINE)
         for adapter in config.adapter:
             say(f"embedding the cells with {path} and the adapters {adapter}")
             adapted = load(path, device=config.device, adapter=adapter)
@@ -172,7 +220,7 @@ def model_embedding(model: TranscriptFormerModel, adata: ad.AnnData, batch_size:
 
 def esm2ce_embedding(model: TranscriptFormerModel, adata: ad.AnnData, config: EvaluateConfig) -> np.ndarray:
     """The ``esm2ce`` baseline of the model's checkpoint, through the batch loop that runs the model."""
-    settings = PredictSettings(("embeddings",), batch_size=config.batch_size)
+    settings = PredictConfig(("embeddings",), batch_size=config.batch_size)
     esm2ce = model.checkpoint.esm2ce()
     return predict_positions(esm2ce, model.tokenize(adata), settings, model.device)["embeddings"]
 
@@ -180,8 +228,11 @@ def esm2ce_embedding(model: TranscriptFormerModel, adata: ad.AnnData, config: Ev
 def pca_embedding(adata: ad.AnnData, config: EvaluateConfig) -> Embedding:
     """PCA of the counts: library-size normalisation, log1p, highly variable genes, ``n_pcs`` components.
 
-    cz-benchmarks' baseline (src/czbenchmarks/tasks/utils.py, ``run_standard_scrna_workflow``) with its defaults:
-    ``normalize_total`` to the median count, ``log1p``, ``highly_variable_genes`` (seurat flavour), PCA.
+    cz-benchmarks' PCA baseline (``Task.compute_baseline`` and ``run_standard_scrna_workflow`` of
+    src/czbenchmarks/tasks/, 0.15.1) step by step, on the same dense float32 counts: ``normalize_total`` to the
+    median count, ``log1p``, ``highly_variable_genes`` (seurat flavour; scanpy keeps every gene with a dispersion
+    when the file has fewer than ``n_top_genes``), PCA. The counts are densified as cz-benchmarks does: scanpy's PCA
+    of a sparse matrix takes another path, whose components differ by up to 1e-3.
     """
     import scanpy as sc
 
@@ -190,20 +241,24 @@ def pca_embedding(adata: ad.AnnData, config: EvaluateConfig) -> Embedding:
     if adata.X is None and adata.raw is None:
         raise UserError(f"data_file has no counts (no X, no raw.X), which the PCA baseline needs: {fix}")
     with open_counts(adata) as reader:
-        counts = ad.AnnData(reader.rows(0, reader.n_obs).astype(np.float32), var=pd.DataFrame(index=reader.var.index))
+        dense = reader.rows(0, reader.n_obs).toarray().astype(np.float32, copy=False)
+        counts = ad.AnnData(dense, var=pd.DataFrame(index=reader.var.index))
     if counts.n_vars < 2 or counts.X.sum() == 0:
         raise UserError(f"data_file has {counts.n_vars} gene(s) and {counts.X.sum():g} counts: too few for PCA: {fix}")
     counts.var_names_make_unique()
     sc.pp.normalize_total(counts)
     sc.pp.log1p(counts)
-    n_top_genes = min(config.n_top_genes, counts.n_vars)
-    if n_top_genes < counts.n_vars:
-        sc.pp.highly_variable_genes(counts, n_top_genes=n_top_genes)
-        counts = counts[:, counts.var["highly_variable"]].copy()
+    with warnings.catch_warnings():  # n_top_genes above the number of genes: all of them, as scanpy says
+        warnings.simplefilter("ignore", UserWarning)
+        sc.pp.highly_variable_genes(counts, n_top_genes=config.n_top_genes)
+    counts = counts[:, counts.var["highly_variable"]].copy()
     n_pcs = min(config.n_pcs, min(counts.shape) - 1)
     sc.pp.pca(counts, n_comps=n_pcs, random_state=config.seed)
     return Embedding(
-        "pca", f"PCA: normalize_total, log1p, {n_top_genes} genes, {n_pcs} components", counts.obsm["X_pca"]
+        PCA_NAME,
+        f"PCA: normalize_total, log1p, {counts.n_vars} highly variable genes, {n_pcs} components",
+        counts.obsm["X_pca"],
+        PCA_BASELINE,
     )
 
 

@@ -10,17 +10,23 @@ import json
 from pathlib import Path
 from typing import Any
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from transcriptformer.evaluation.embeddings import Embedding
 from transcriptformer.evaluation.tasks import SCORES
 
 RESULTS_FILE = "results.json"
 UMAP_FIGURE = "umap.png"
 METRICS_FIGURE = "metrics.png"
+EMBEDDINGS_FILE = "embeddings.h5ad"  # with save_embeddings
 REPORT_FILES = (RESULTS_FILE, UMAP_FIGURE, METRICS_FIGURE)
+ALL_REPORT_FILES = (*REPORT_FILES, EMBEDDINGS_FILE)
 BATCH_METRICS = {"entropy": "batch entropy", "batch_silhouette": "batch silhouette"}
+SPECIES_METRICS = {"entropy": "species entropy", "batch_silhouette": "species silhouette"}
+SEQUENTIAL_METRICS = {"silhouette_time": "time silhouette", "sequential_alignment": "sequential alignment"}
 
 
 def summary(method: dict[str, Any]) -> dict[str, tuple[float, float]]:
@@ -32,12 +38,21 @@ def summary(method: dict[str, Any]) -> dict[str, tuple[float, float]]:
     rows["Leiden ARI"] = (method["clustering"]["ari"], 0.0)
     rows["Leiden NMI"] = (method["clustering"]["nmi"], 0.0)
     rows["label silhouette"] = (method["silhouette_label"], 0.0)
-    for key, name in BATCH_METRICS.items():
-        if "batch_mixing" in method:
-            rows[name] = (method["batch_mixing"][key], 0.0)
-    for transfer in method.get("cross_species", []):
-        if "f1" in transfer:
-            rows[f"{transfer['train']}->{transfer['test']} {transfer['classifier']} f1"] = (transfer["f1"], 0.0)
+    for task, names in (
+        ("batch_mixing", BATCH_METRICS),
+        ("cross_species_integration", SPECIES_METRICS),
+        ("sequential_organisation", SEQUENTIAL_METRICS),
+    ):
+        for key, name in names.items():
+            if task in method:
+                rows[name] = (method[task][key], 0.0)
+    transfers: dict[str, list[float]] = {}
+    for transfer in method.get("cross_species_label_prediction", []):  # a species with itself: one row per fold
+        transfers.setdefault(f"{transfer['train']}->{transfer['test']} {transfer['classifier']} f1", []).append(
+            transfer["f1"]
+        )
+    for row, values in transfers.items():
+        rows[row] = (float(np.mean(values)), float(np.std(values)))
     return rows
 
 
@@ -60,6 +75,14 @@ def write_json(results: dict[str, Any], folder: Path) -> Path:
     """``results.json``: the settings, the cells and every method's numbers."""
     path = folder / RESULTS_FILE
     path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
+
+
+def write_embeddings(obs: pd.DataFrame, embeddings: list[Embedding], folder: Path) -> Path:
+    """``embeddings.h5ad``: the evaluated cells (their ``obs``, no genes), every method's embedding in ``obsm``."""
+    path = folder / EMBEDDINGS_FILE
+    cells = ad.AnnData(obs=obs.copy(), obsm={embedding.name: embedding.values for embedding in embeddings})
+    cells.write_h5ad(path)
     return path
 
 
@@ -95,7 +118,8 @@ def metrics_figure(results: dict[str, Any], path: Path) -> None:
     The error bars are the standard deviation over folds.
     """
     summaries = {name: summary(method) for name, method in results["methods"].items()}
-    metrics = [row for row in next(iter(summaries.values())) if not row.endswith("accuracy") and "->" not in row]
+    left_out = ("accuracy", "precision", "recall")  # in the table and results.json
+    metrics = [row for row in next(iter(summaries.values())) if not row.endswith(left_out) and "->" not in row]
     width = 0.8 / len(summaries)
     figure = Figure(figsize=(max(8, 0.9 * len(metrics) + 2), 4.5), layout="constrained")
     ax = figure.subplots()

@@ -84,7 +84,7 @@ def evaluate_into(output: Path, config: EvaluateConfig) -> dict[str, Any]:
         "cells_for_label_prediction": int(predictable.sum()),
         "methods": methods,
     }
-    write_report(results, layouts, cells, output)
+    write_report(results, layouts, cells, embeddings if config.save_embeddings else [], output)
     return results
 
 
@@ -100,13 +100,13 @@ def check_output_path(config: EvaluateConfig) -> Path:
         raise UserError(f"output_path {output} holds the working folder; give a folder of its own, e.g. ./evaluation")
     if not output.is_dir():
         return output
-    others = sorted(path.name for path in output.iterdir() if path.name not in report.REPORT_FILES)
+    others = sorted(path.name for path in output.iterdir() if path.name not in report.ALL_REPORT_FILES)
     if others:
         raise UserError(
             f"output_path {output} holds files that are not an evaluation report ({first_few(others)}); give a new or "
             "empty folder: the report folder is replaced as a whole"
         )
-    existing = [name for name in report.REPORT_FILES if (output / name).exists()]
+    existing = [name for name in report.ALL_REPORT_FILES if (output / name).exists()]
     if existing and not config.overwrite:
         raise UserError(f"{output} already holds a report ({', '.join(existing)}); pass --overwrite or another folder")
     return output
@@ -148,6 +148,7 @@ def evaluate_embedding(
     graph = tasks.neighbor_graph(values, config)
     result: dict[str, Any] = {
         "source": embedding.source,
+        **({"baseline": embedding.baseline} if embedding.baseline else {}),
         "dimensions": int(values.shape[1]),
         "label_prediction": tasks.label_prediction(values[predictable], cells.labels[predictable], config),
         "clustering": tasks.clustering(graph, labels, config.seed),
@@ -156,17 +157,28 @@ def evaluate_embedding(
     if cells.batches is not None:
         result["batch_mixing"] = tasks.batch_mixing(values, labels, cells.batches.to_numpy(), sample, config)
     if cells.species is not None:
-        result["cross_species"] = tasks.cross_species(values, cells.labels, cells.species, config)
+        species = cells.species.to_numpy()
+        result["cross_species_integration"] = tasks.batch_mixing(values, labels, species, sample, config)
+        result["cross_species_label_prediction"] = tasks.cross_species_label_prediction(
+            values, cells.labels, cells.species, cells.samples, config
+        )
+    if cells.times is not None:
+        result["sequential_organisation"] = tasks.sequential_organisation(values, cells.times.to_numpy(), config)
     return result, tasks.umap_coordinates(graph, config.seed)
 
 
-def write_report(results: dict[str, Any], layouts: dict[str, np.ndarray], cells: Cells, output: Path) -> None:
-    """``umap.png``, ``metrics.png`` and ``results.json`` (last) in a temporary folder, then renamed to ``output``.
+def write_report(
+    results: dict[str, Any], layouts: dict[str, np.ndarray], cells: Cells, embeddings: list[Embedding], output: Path
+) -> None:
+    """The report's files in a temporary folder (``results.json`` last), then renamed to ``output``.
 
-    A report already there is moved aside first and removed once the new one is in place.
+    ``umap.png``, ``metrics.png``, ``embeddings.h5ad`` when ``embeddings`` are given, ``results.json``. A report
+    already there is moved aside first and removed once the new one is in place.
     """
     temporary = output.with_name(f".{output.name}.{os.getpid()}{PARTIAL_SUFFIX}")
     temporary.mkdir()
+    if embeddings:
+        report.write_embeddings(cells.adata.obs, embeddings, temporary)
     report.umap_figure(layouts, cells.labels, temporary / report.UMAP_FIGURE)
     report.metrics_figure(results, temporary / report.METRICS_FIGURE)
     report.write_json(results, temporary)
