@@ -47,6 +47,12 @@ SEARCH_CHUNK_CELLS = 10_000  # query cells searched at a time
 NAMED_ROWS = 5  # at most this many rows named in a message
 
 
+# Queries below which a search runs on one thread: FAISS starts its OpenMP threads for every search, and beside
+# torch's own OpenMP threads that costs far more than the search (measured: 700 one-cell searches of 700 cells took
+# 136 s on two threads after torch had run in the process, 0.07 s on one).
+PARALLEL_SEARCH_QUERIES = 256
+
+
 def import_faiss() -> Any:
     """The ``faiss`` module, or a ``UserError`` saying how to install it."""
     try:
@@ -206,7 +212,7 @@ class ReferenceIndex:
         Distances are ``1 - cosine similarity`` (cosine) or Euclidean; ``exclude`` lists reference ids left out.
         """
         faiss = import_faiss()
-        faiss.omp_set_num_threads(cpu_threads())
+        faiss.omp_set_num_threads(cpu_threads() if len(vectors) >= PARALLEL_SEARCH_QUERIES else 1)
         selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(exclude.astype(np.int64))) if exclude is not None else None
         if self.exact:
             params = faiss.SearchParameters(sel=selector) if selector else None
