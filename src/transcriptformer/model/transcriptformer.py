@@ -206,8 +206,9 @@ class TranscriptFormer(nn.Module):
         is_gene = ~is_pad[:, -gene_tokens.shape[1] :, None]  # (B, L, 1)
         for layer, output in enumerate(self.transformer_encoder.layer_outputs(x, attention)):
             if layer == embedding_layer:
-                embedded = output[:, -gene_tokens.shape[1] :] * is_gene  # (B, L, E)
+                kept = output
         hidden = output[:, -gene_tokens.shape[1] :] * is_gene  # (B, L, E), the last layer's
+        embedded = hidden if kept is output else kept[:, -gene_tokens.shape[1] :] * is_gene  # (B, L, E)
         out = ModelOutput(hidden=hidden, embeddings=embedded.sum(1) / cfg.seq_len)
         if compute_mu:
             out.mu = self.expected_counts(self.count_logits(hidden, gene_tokens), gene_tokens, gene_counts)
