@@ -108,7 +108,9 @@ def check_output_path(config: EvaluateConfig) -> Path:
         )
     existing = [name for name in report.ALL_REPORT_FILES if (output / name).exists()]
     if existing and not config.overwrite:
-        raise UserError(f"{output} already holds a report ({', '.join(existing)}); pass `overwrite=True` or another folder")
+        raise UserError(
+            f"{output} already holds a report ({', '.join(existing)}); pass `overwrite=True` or another folder"
+        )
     return output
 
 
