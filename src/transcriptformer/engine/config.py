@@ -2,7 +2,7 @@
 
 The settings form one tree::
 
-    model:       ModelRunConfig    checkpoint_path, model_type, adapter, pretrained_embedding,
+    model:       ModelRunConfig    checkpoint_path, model_type, adapter, pretrained_embedding
       data_config:    transcriptformer.config.DataConfig   (gene_col_name, clip_counts, normalize_to_scale, ...)
       model_config:   transcriptformer.config.ModelConfig
       loss_config:    transcriptformer.config.LossConfig
