@@ -1,24 +1,30 @@
-"""Which of the package's modules one cell passes through in ``transcriptformer inference``, and in what order.
+"""Which of the package's modules one cell passes through in ``transcriptformer inference`` and ``perturb``.
 
-Runs the command in-process on a single real cell (all outputs, so that every head and the per-gene mapping run)
-with a profiler hook that records each call from one package module into another. Prints the modules in order of
-first use with their layer, the module-to-module edges, and the calls that go from a lower layer to a higher
-one (a lower layer calling back into a higher one, which the layered design avoids). It also counts, over the
-whole package's source, the imports of a module of a higher layer (at any depth, lazy imports included).
+Runs each command in-process on a single real cell with a profiler hook that records each call from one package
+module into another: ``inference`` with all outputs (so that every head and the per-gene mapping run), ``perturb``
+with one knock-out (the cell's most expressed gene of the vocabulary), each in a process of its own (so that
+nothing one command loaded or cached shortens the other's path). Prints, per command, the modules in order of
+first use with their layer, the module-to-module edges, and the calls that go from a lower layer to a higher one
+(a lower layer calling back into a higher one, which the layered design avoids). It also counts, over the whole
+package's source, the imports of a module of a higher layer (at any depth, lazy imports included).
 
-    python benchmarks/call_path.py                 # this checkout
-    python benchmarks/call_path.py --src OTHER/src # another checkout of the package (e.g. an older commit)
+    python benchmarks/call_path.py                       # this checkout, both commands
+    python benchmarks/call_path.py --command perturb     # one of them
+    python benchmarks/call_path.py --src OTHER/src       # another checkout of the package (e.g. an older commit)
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import anndata as ad
+import h5py
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "transcriptformer"
@@ -48,7 +54,7 @@ def layer_of(module: str) -> int:
     return -1
 
 
-def trace_inference(argv: list[str]) -> list[tuple[str, str]]:
+def trace_command(argv: list[str]) -> list[tuple[str, str]]:
     """Run the CLI with ``argv`` and return the (caller module, callee module) of every cross-module call."""
     from transcriptformer.cli import main
 
@@ -69,7 +75,7 @@ def trace_inference(argv: list[str]) -> list[tuple[str, str]]:
     finally:
         sys.setprofile(None)
     if code:
-        raise SystemExit(f"inference failed with exit code {code}")
+        raise SystemExit(f"{argv[0]} failed with exit code {code}")
     return edges
 
 
@@ -96,25 +102,26 @@ def upward_imports(src: Path) -> list[tuple[str, str]]:
     return found
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", type=Path, default=ROOT / "src", help="the package's source folder")
-    parser.add_argument("--data-dir", type=Path, default=ROOT / "test" / "data", help="checkpoint and cells")
-    args = parser.parse_args()
-    sys.path.insert(0, str(args.src))
+def most_expressed_known_gene(cell: ad.AnnData, checkpoint: Path) -> str:
+    """The Ensembl id of the cell's most expressed gene that the checkpoint's vocabulary holds."""
+    (table,) = (checkpoint / "vocabs").glob("*_gene.h5")
+    with h5py.File(table) as f:
+        known = set(f["keys"][:].astype(str))
+    counts = np.asarray(cell.X.todense() if hasattr(cell.X, "todense") else cell.X).ravel()
+    ids = cell.var["ensembl_id"].to_numpy().astype(str)
+    return next(ids[i] for i in np.argsort(-counts, kind="stable") if counts[i] > 0 and ids[i] in known)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        one_cell = Path(tmp) / "one_cell.h5ad"
-        ad.read_h5ad(args.data_dir / "reference_tiny" / "input.h5ad")[:1].copy().write_h5ad(one_cell)
-        argv = [
-            "inference",
-            "--checkpoint-path", str(args.data_dir / "reference_tiny"),
-            "--data-file", str(one_cell),
-            "--output-path", tmp,
-            "--output-keys", "embeddings", "llh", "gene_llh", "mu", "cge",
-        ]  # fmt: skip
-        edges = trace_inference(argv)
 
+def command_lines(command: str, checkpoint: Path, one_cell: Path, cell: ad.AnnData, output: str) -> list[str]:
+    """The argv of ``command`` on the one cell."""
+    run = ["--checkpoint-path", str(checkpoint), "--data-file", str(one_cell), "--output-path", output]
+    if command == "inference":
+        return ["inference", *run, "--output-keys", "embeddings", "llh", "gene_llh", "mu", "cge"]
+    return ["perturb", *run, "--knock-out", most_expressed_known_gene(cell, checkpoint)]
+
+
+def report_path(command: str, edges: list[tuple[str, str]]) -> None:
+    """Modules in order of first use, distinct edges, and the calls from a lower layer into a higher one."""
     order: list[str] = []
     for caller, callee in edges:
         for module in (caller, callee):
@@ -122,13 +129,38 @@ def main() -> None:
                 order.append(module)
     distinct = list(dict.fromkeys(edges))
     upward = [(a, b) for a, b in distinct if layer_of(a) >= 0 and layer_of(b) > layer_of(a)]
-    print(f"modules passed: {len(order)}")
+    print(f"{command}: modules passed: {len(order)}")
     for module in order:
         print(f"  L{layer_of(module)}  {module}")
-    print(f"distinct module-to-module call edges: {len(distinct)}")
-    print(f"calls from a lower layer into a higher one: {len(upward)}")
+    print(f"{command}: distinct module-to-module call edges: {len(distinct)}")
+    print(f"{command}: calls from a lower layer into a higher one: {len(upward)}")
     for caller, callee in upward:
         print(f"  {caller} (L{layer_of(caller)}) -> {callee} (L{layer_of(callee)})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--src", type=Path, default=ROOT / "src", help="the package's source folder")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "test" / "data", help="checkpoint and cells")
+    parser.add_argument("--command", choices=["inference", "perturb", "both"], default="both", help="what to trace")
+    parser.add_argument("--no-imports", action="store_true", help="leave out the count of imports of a higher layer")
+    args = parser.parse_args()
+
+    if args.command == "both":  # each command in a process of its own
+        for command in ("inference", "perturb"):
+            folders = ["--src", str(args.src), "--data-dir", str(args.data_dir)]
+            subprocess.run([sys.executable, __file__, "--command", command, *folders, "--no-imports"], check=True)
+    else:
+        sys.path.insert(0, str(args.src))
+        checkpoint = args.data_dir / "reference_tiny"
+        with tempfile.TemporaryDirectory() as tmp:
+            cell = ad.read_h5ad(checkpoint / "input.h5ad")[:1].copy()
+            one_cell = Path(tmp) / "one_cell.h5ad"
+            cell.write_h5ad(one_cell)
+            argv = command_lines(args.command, checkpoint, one_cell, cell, str(Path(tmp) / "output"))
+            report_path(args.command, trace_command(argv))
+    if args.no_imports:
+        return
     imports = upward_imports(args.src)
     print(f"imports of a higher layer in the package's source: {len(imports)}")
     for importer, imported in imports:

@@ -19,7 +19,17 @@ from transcriptformer.api import TranscriptFormerModel
 from transcriptformer.cli import COMMANDS, build_parser, subcommand_parser
 from transcriptformer.cli.common import USE_RAW
 from transcriptformer.config import DataConfig, PredictConfig
-from transcriptformer.engine.config import InferenceConfig, ModelRunConfig
+from transcriptformer.engine.config import (
+    FORMER_KEYS,
+    SECTION_OF,
+    SECTIONS,
+    HardwareConfig,
+    InputConfig,
+    ModelRunConfig,
+    OutputConfig,
+    RunConfig,
+    apply_overrides,
+)
 from transcriptformer.evaluation.config import EvaluateConfig
 from transcriptformer.model.lora import LoraConfig
 from transcriptformer.model.outputs import OUTPUT_KEYS
@@ -183,15 +193,15 @@ def flag_defaults(name: str) -> dict[str, object]:
     return {a.dest: a.default for a in actions if a.option_strings and a.help != argparse.SUPPRESS}
 
 
+def run_settings(config: RunConfig) -> dict[str, object]:
+    """Every setting of a run that a flag sets, by name (lists as lists)."""
+    values = {name: getattr(getattr(config, section), name) for name, section in SECTION_OF.items()}
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in values.items()}
+
+
 def test_setting_defaults_are_written_once():
     predict = PredictConfig()
-    inference = InferenceConfig()
-    assert (inference.batch_size, inference.max_tokens, inference.precision) == (
-        predict.batch_size,
-        predict.max_tokens,
-        predict.precision,
-    )
-    assert tuple(inference.output_keys) == predict.output_keys
+    assert RunConfig().predict == predict  # the batch loop's settings are the run's
     api = inspect.signature(TranscriptFormerModel.predict).parameters
     for name in ("output_keys", "batch_size", "max_tokens", "precision"):
         assert api[name].default == getattr(predict, name), name
@@ -207,13 +217,13 @@ def test_setting_defaults_are_written_once():
     score_flags = flag_defaults("score")
     assert score_flags.pop("outlier_threshold") == score.outlier_threshold
     for command, flags, run in [
-        ("inference", flag_defaults("inference"), inference),
-        ("score", score_flags, score.inference_defaults()),
+        ("inference", flag_defaults("inference"), RunConfig()),
+        ("score", score_flags, score.run_defaults()),
     ]:
-        assert USE_RAW[flags.pop("use_raw")] == run.use_raw, command
-        for field in dataclasses.fields(InferenceConfig):
-            if field.name in flags:
-                assert flags[field.name] == getattr(run, field.name), (command, field.name)
+        assert USE_RAW[flags.pop("use_raw")] == run.input.use_raw, command
+        for name, value in run_settings(run).items():
+            if name in flags:
+                assert flags[name] == value, (command, name)
     finetune = flag_defaults("finetune")
     data, optim, trainer = TrainDataConfig(), OptimConfig(), TrainerConfig()
     pairs = {
@@ -249,7 +259,7 @@ def test_setting_defaults_are_written_once():
         assert perturb[field.name] == (list(field.default) if isinstance(field.default, tuple) else field.default)
         if field.name in perturb_api:
             assert perturb_api[field.name].default == field.default, field.name
-    assert perturb["chunk_size"] == perturb_api["chunk_size"].default == InferenceConfig.chunk_size
+    assert perturb["chunk_size"] == perturb_api["chunk_size"].default == OutputConfig.chunk_size
     for name in ("batch_size", "max_tokens", "precision"):
         assert perturb[name] == perturb_api[name].default == getattr(predict, name), name
     assert flag_defaults("predict-labels")["batch_size"] == predict.batch_size
@@ -292,7 +302,7 @@ def field_names(*settings: type, prefix: str = "") -> set[str]:
     return {prefix + field.name for cls in settings for field in dataclasses.fields(cls)}
 
 
-RUN_SETTINGS = field_names(InferenceConfig, ModelRunConfig, DataConfig)
+RUN_SETTINGS = field_names(InputConfig, OutputConfig, PredictConfig, HardwareConfig, ModelRunConfig, DataConfig)
 FINETUNE_SETTINGS = field_names(FinetuneConfig, TrainDataConfig, OptimConfig, TrainerConfig, ClassifyConfig)
 FINETUNE_SETTINGS |= field_names(LoraConfig, prefix="lora_") | {"train_heads"}  # --lora-r: LoraConfig.r
 FINETUNE_SETTINGS |= set(OTHER_NAMES_OF_TRAINER_SETTINGS) | {"overwrite"}  # overwrite: run_finetuning's keyword
@@ -317,12 +327,51 @@ def test_a_flag_and_its_setting_share_one_name(command, fields):
             assert action.option_strings[0] == flag, (command, action.option_strings, action.dest)
 
 
+# The keys of the original release's model.inference_config node (a run's settings before they were split by concern).
+FORMER_INFERENCE_CONFIG = {
+    "data_files", "soma", "census_version", "organism", "obs_filter", "soma_measurement", "soma_x_layer",
+    "output_path", "output_filename", "output_format", "output_soma", "batch_size", "max_tokens", "output_keys",
+    "obs_keys", "precision", "pretrained_embedding", "adapter", "emb_type", "embedding_layer_index", "device",
+    "num_gpus", "n_data_workers", "use_raw", "remove_duplicate_genes", "overwrite", "resume", "chunk_size",
+    "attention_backend", "use_oom_dataloader",
+}  # fmt: skip
+
+
+def test_a_setting_of_a_run_lives_in_one_node_and_its_former_key_still_sets_it():
+    """One dataclass per concern, each setting in one of them; ``model.inference_config.<name>`` still works."""
+    names = [field.name for cls in (*SECTIONS.values(), ModelRunConfig) for field in dataclasses.fields(cls)]
+    assert len(names) == len(set(names)), sorted(name for name in names if names.count(name) > 1)
+    assert all(cls.__name__.endswith("Config") for cls in SECTIONS.values())
+    former = {key.removeprefix("model.inference_config.") for key in FORMER_KEYS if "inference_config" in key}
+    assert former == FORMER_INFERENCE_CONFIG
+    config = apply_overrides(
+        RunConfig(),
+        [
+            "model.inference_config.batch_size=3",
+            "model.inference_config.obs_keys=[cell_type,assay]",
+            "model.inference_config.obs_keys.1=tissue",
+            "model.inference_config.num_gpus=2",
+            "model.inference_config.data_files=[a.h5ad]",
+            "model.inference_config.adapter=adapters",
+            "model.data_config.use_raw=false",  # the original release's place of use_raw
+            "predict.max_tokens=500",
+        ],
+    )
+    assert (config.predict.batch_size, config.predict.max_tokens, config.output.obs_keys) == (
+        3,
+        500,
+        ["cell_type", "tissue"],
+    )
+    assert (config.hardware.num_gpus, config.input.data_files, config.model.adapter) == (2, ["a.h5ad"], "adapters")
+    assert config.input.use_raw is False
+    with pytest.raises(ValueError, match="'batchsize' is no setting of a run"):
+        apply_overrides(RunConfig(), ["model.inference_config.batchsize=3"])
+
+
 # Flags of other programs that library code names in the commands it runs or suggests.
 OTHER_PROGRAMS_FLAGS = {"--query-gpu", "--format", "--yes", "--recursive"}
 # A whole command line, such as the one that wrote a folder ('transcriptformer finetune --task classify').
 COMMAND_LINE = re.compile(r"transcriptformer [a-z][a-z-]*(?:[^'\"`\n\\]|\\\n)*")
-# Modules whose messages still name flags; each is to name parameters, as the rest of the library does.
-STILL_NAMING_FLAGS = {"transcriptformer.evaluation.run"}
 
 
 def flags_in_messages(path: Path) -> set[str]:
@@ -360,9 +409,7 @@ def test_the_library_names_parameters_not_flags():
         name = module_name(path)
         if not name.startswith("transcriptformer.cli") and (flags := flags_in_messages(path) - OTHER_PROGRAMS_FLAGS):
             naming[name] = sorted(flags)
-    unexpected = {name: flags for name, flags in naming.items() if name not in STILL_NAMING_FLAGS}
-    assert not unexpected, f"name the parameter (`overwrite=True`, max_genes), not the flag: {unexpected}"
-    assert set(naming) == STILL_NAMING_FLAGS, "a module names parameters now: take it off STILL_NAMING_FLAGS"
+    assert not naming, f"name the parameter (`overwrite=True`, max_genes), not the flag: {naming}"
 
 
 HEAVY = ("torch", "anndata", "lightning", "peft", "hydra", "scipy")

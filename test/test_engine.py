@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from transcriptformer.engine import InferenceConfig, RunConfig, run_in_memory, run_task
+from transcriptformer.engine import RunConfig, run_in_memory, run_task
 from transcriptformer.engine.session import load_for_run
 from transcriptformer.engine.task import BatchLoopTask, Part
 from transcriptformer.pipeline import GeneOutputs
@@ -43,10 +43,13 @@ class TwoRowsTask(BatchLoopTask):
 
 
 def config(reference_dir, reference_input, tmp_path, **settings) -> RunConfig:
-    inference = InferenceConfig(
-        data_files=[str(reference_input)], output_path=str(tmp_path), output_keys=["embeddings", "llh"], **settings
+    return RunConfig.from_checkpoint(
+        reference_dir,
+        data_files=[str(reference_input)],
+        output_path=str(tmp_path),
+        output_keys=["embeddings", "llh"],
+        **settings,
     )
-    return RunConfig.from_checkpoint(reference_dir, inference)
 
 
 def expected_rows(names: pd.Index, chunk_size: int) -> list[str]:
@@ -80,7 +83,7 @@ def test_rows_of_their_own_are_written_from_files_and_in_memory(reference_dir, r
 
 def test_a_task_whose_rows_are_not_the_cells_cannot_write_a_soma_array(reference_dir, reference_input, tmp_path):
     settings = config(reference_dir, reference_input, tmp_path)
-    settings.inference.output_soma, settings.inference.soma = str(tmp_path / "array"), "experiment"
-    settings.inference.data_files = []
+    settings.output.output_soma, settings.input.soma = str(tmp_path / "array"), "experiment"
+    settings.input.data_files = []
     with pytest.raises(ValueError, match="output_soma holds a row per input cell"):
         run_task(TwoRowsTask(), settings)

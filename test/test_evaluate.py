@@ -301,6 +301,13 @@ def test_the_report_folder_is_its_own(capsys, tmp_path, monkeypatch):
         capsys, "evaluate", "--data-file", MOUSE_BRAIN, "--label-key", "cell_type", "--output-path", "."
     )
     assert_one_line_error(code, err, "evaluate", "holds the working folder", "./evaluation")
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / RESULTS_FILE).write_text("{}")
+    code, err = run_cli(capsys, "evaluate", "--data-file", MOUSE_BRAIN, "--label-key", "cell_type", "--output-path",
+                        report)  # fmt: skip
+    assert_one_line_error(code, err, "evaluate", "already holds a report", "pass --overwrite or another folder")
+    assert (report / RESULTS_FILE).read_text() == "{}"
 
 
 @pytest.mark.slow  # the demo_report fixture: two minutes or more on two cores

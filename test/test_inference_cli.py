@@ -81,14 +81,14 @@ def test_defaults_are_those_of_the_original(reference_dir):
     assert (args.output_path, args.output_filename) == ("./inference_results", "embeddings.h5ad")
     assert (args.use_raw, args.emb_type, args.model_type) == ("auto", "cell", "transcriptformer")
     config = config_from_args(args)  # the data settings come from the checkpoint (a published config.json)
-    data, inference = config.model.data_config, config.inference
-    assert (inference.batch_size, data.gene_col_name, data.clip_counts, data.filter_to_vocabs) == (
+    data, predict = config.model.data_config, config.predict
+    assert (predict.batch_size, data.gene_col_name, data.clip_counts, data.filter_to_vocabs) == (
         8,
         "ensembl_id",
         30.0,
         True,
     )
-    assert inference.output_keys == ["embeddings"]
+    assert predict.output_keys == ("embeddings",)
     assert (args.device, args.num_gpus, args.n_data_workers, args.obs_keys) == ("auto", 1, 0, ["all"])
     assert args.precision is None  # 16-mixed on CUDA, 32 elsewhere
 
@@ -147,7 +147,7 @@ def test_overrides_use_hydra_grammar_lists_included(inference, reference_model, 
         "--config-override",
         "model.inference_config.output_keys=[embeddings,llh]",
         "--config-override",
-        "model.inference_config.obs_keys=[cell_type,assay]",
+        "output.obs_keys=[cell_type,assay]",
         "--config-override",
         "model.data_config.clip_counts=5",
     )
@@ -157,9 +157,10 @@ def test_overrides_use_hydra_grammar_lists_included(inference, reference_model, 
     api = reference_model.predict(reference_input, output_keys=("embeddings", "llh"), clip_counts=5)
     np.testing.assert_array_equal(adata.obsm["embeddings"], api["embeddings"])
     np.testing.assert_array_equal(adata.obs["llh"], api["llh"])
-    settings = json.loads(adata.uns["transcriptformer"]["config"])["model"]
-    assert settings["data_config"]["clip_counts"] == 5
-    assert settings["inference_config"]["output_keys"] == ["embeddings", "llh"]
+    settings = json.loads(adata.uns["transcriptformer"]["config"])
+    assert settings["model"]["data_config"]["clip_counts"] == 5
+    assert settings["predict"]["output_keys"] == ["embeddings", "llh"]
+    assert settings["output"]["obs_keys"] == ["cell_type", "assay"]
 
 
 def test_several_files_with_different_genes(inference, reference_model, reference_input):

@@ -23,7 +23,7 @@ from conftest import PARITY_OUTPUTS
 from transcriptformer.cli import build_parser, subcommand_parser
 from transcriptformer.cli.common import report_user_error
 from transcriptformer.config import PredictConfig
-from transcriptformer.engine.config import InferenceConfig, RunConfig
+from transcriptformer.engine.config import RunConfig
 from transcriptformer.engine.distributed import Rank
 from transcriptformer.engine.parts import load_part, open_parts_dir, part_file, parts_dir
 from transcriptformer.engine.run import process_units
@@ -162,10 +162,8 @@ def test_a_single_cell_that_does_not_fit_is_a_one_line_error(reference_model, ce
 
 def inference_session(reference_dir, reference_input, output, chunk_size):
     """A session of `transcriptformer inference` over the reference cells, embeddings only, 16 cells a batch."""
-    settings = InferenceConfig(
-        data_files=[str(reference_input)], output_path=str(output), batch_size=16, chunk_size=chunk_size
-    )
-    return prepare(RunConfig.from_checkpoint(reference_dir, settings), CPU, EmbedTask())
+    settings = {"data_files": [str(reference_input)], "output_path": str(output), "batch_size": 16}
+    return prepare(RunConfig.from_checkpoint(reference_dir, chunk_size=chunk_size, **settings), CPU, EmbedTask())
 
 
 def test_a_run_keeps_the_lowered_batch_size_for_its_later_units(reference_dir, reference_input, normal_run, tmp_path):

@@ -63,7 +63,7 @@ def original_filters(path, vocab, filter_outliers=0.0, min_expressed_genes=0) ->
 
 @pytest.mark.parametrize(("given", "expected"), [("TRUE", True), ("True", True), ("False", False), ("AUTO", None)])
 def test_use_raw_takes_any_case(reference_dir, given, expected):
-    assert config_from_args(parse(reference_dir, "--use-raw", given)).inference.use_raw is expected
+    assert config_from_args(parse(reference_dir, "--use-raw", given)).input.use_raw is expected
     assert parse(reference_dir, "--use-raw", given).use_raw == given.lower()
 
 
@@ -80,13 +80,13 @@ def test_use_raw_true_and_oom_dataloader_read_the_raw_counts_unchanged(
     output = run_inference(reference_dir, tmp_path / "out", [normalised], "--use-raw", "True", "--oom-dataloader")
     np.testing.assert_allclose(output.obsm["embeddings"], embeddings, rtol=1e-5, atol=1e-6)
     args = parse(reference_dir, "--oom-dataloader")
-    assert args.use_oom_dataloader and config_from_args(args).inference.use_oom_dataloader
+    assert args.use_oom_dataloader and config_from_args(args).input.use_oom_dataloader
 
 
 def test_disable_compile_block_mask_means_attention_without_torch_compile(reference_dir, capsys):
-    assert config_from_args(parse(reference_dir)).inference.attention_backend == "auto"
+    assert config_from_args(parse(reference_dir)).hardware.attention_backend == "auto"
     chosen = [
-        config_from_args(parse(reference_dir, "--disable-compile-block-mask", *backend)).inference.attention_backend
+        config_from_args(parse(reference_dir, "--disable-compile-block-mask", *backend)).hardware.attention_backend
         for backend in ([], ["--attention-backend", "chunked"], ["--attention-backend", "dense"])
     ]
     assert chosen == ["chunked", "chunked", "dense"]
@@ -113,7 +113,7 @@ def test_original_override_keys_are_accepted_and_typed(reference_dir):
     config = config_from_args(args)
     data = config.model.data_config
     assert (data.filter_outliers, data.min_expressed_genes, data.randomize_genes) == (2.0, 10, True)
-    assert config.inference.use_oom_dataloader and data.clip_counts is None
+    assert config.input.use_oom_dataloader and data.clip_counts is None
     with pytest.raises(ValueError, match="filter_outliers must be >= 0"):
         config_from_args(parse(reference_dir, "--config-override", "model.data_config.filter_outliers=-1"))
 

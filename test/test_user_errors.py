@@ -19,7 +19,7 @@ from conftest import DATA_DIR, REFERENCE_DIR, REFERENCE_INPUT, TRAIN_CONFIG, ass
 from local_http_server import LocalServer
 from transcriptformer.cli import build_parser, main, subcommand_parser
 from transcriptformer.cli.common import with_flag_names
-from transcriptformer.engine import InferenceConfig, RunConfig, run_task
+from transcriptformer.engine import HardwareConfig, RunConfig, run_task
 from transcriptformer.tasks.embed import EmbedTask
 
 GENE_TABLE = "vocabs/mus_musculus_gene.h5"
@@ -406,7 +406,7 @@ def test_the_library_names_parameters_and_the_command_line_names_flags(reference
     with pytest.raises(ValueError, match=r"^max_genes must be >= 1 and <= 1000000, got 0$"):
         reference_model.generate(max_genes=0, num_cells=1, library_size=100.0)
     with pytest.raises(ValueError, match=r"^num_gpus must be >= 1 \(or -1: every visible GPU\), got 0$"):
-        InferenceConfig(num_gpus=0)
+        HardwareConfig(num_gpus=0)
     code, err = run_cli(
         capsys, "inference", "--checkpoint-path", REFERENCE_DIR, "--data-file", REFERENCE_INPUT,
         "--output-path", tmp_path, "--num-gpus", "0",
@@ -418,8 +418,8 @@ def test_the_library_names_parameters_and_the_command_line_names_flags(reference
 
 def test_a_dry_run_names_the_parameter_in_python_and_the_flag_on_the_command_line(tmp_path, capsys):
     (tmp_path / "embeddings.h5ad").write_text("an earlier output")
-    settings = InferenceConfig(data_files=[str(REFERENCE_INPUT)], output_path=str(tmp_path))
-    run_task(EmbedTask(), RunConfig.from_checkpoint(REFERENCE_DIR, settings), dry_run=True)
+    settings = RunConfig.from_checkpoint(REFERENCE_DIR, data_files=[str(REFERENCE_INPUT)], output_path=str(tmp_path))
+    run_task(EmbedTask(), settings, dry_run=True)
     assert "(exists; the run would stop: pass `overwrite=True` to replace it)" in capsys.readouterr().out
     argv = ["inference", "--checkpoint-path", REFERENCE_DIR, "--data-file", REFERENCE_INPUT, "--output-path", tmp_path]
     assert main([*map(str, argv), "--dry-run"]) == 0
@@ -440,6 +440,7 @@ def test_a_dry_run_names_the_parameter_in_python_and_the_flag_on_the_command_lin
         ("the run would resume on this device, at the same precision", None),
         ("set `normalize_to_scale` with an override", None),
         ("model.inference_config.batch_size=0: must be >= 1", None),
+        ("predict.batch_size=0: must be >= 1", None),
         ("/data/output_path/cells.h5ad is missing", None),
     ],
 )

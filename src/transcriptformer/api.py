@@ -29,7 +29,7 @@ from transcriptformer.checkpoint import WEIGHTS_FILE, Checkpoint, load_checkpoin
 from transcriptformer.config import PredictConfig
 from transcriptformer.data.sources import read_obs
 from transcriptformer.data.tokenize import TokenizedCells
-from transcriptformer.engine.config import InferenceConfig, ModelRunConfig, RunConfig
+from transcriptformer.engine.config import ModelRunConfig, OutputConfig, RunConfig
 from transcriptformer.engine.run import MemoryResult, run_in_memory
 from transcriptformer.engine.task import Task
 from transcriptformer.errors import UserError
@@ -96,7 +96,8 @@ class TranscriptFormerModel:
         data
             An AnnData, or a ``.h5ad``, ``.zarr`` or 10x ``.h5`` path.
         settings
-            Fields of :class:`~transcriptformer.engine.config.InferenceConfig`: ``output_keys``, ``batch_size``, ...
+            Settings of the run by name (:meth:`~transcriptformer.engine.config.RunConfig.replace`): ``output_keys``,
+            ``batch_size``, ...
         use_raw, remove_duplicate_genes, **data_config
             As for :meth:`tokenize`.
         """
@@ -107,11 +108,9 @@ class TranscriptFormerModel:
             data_config=dataclasses.replace(checkpoint_config.data_config, **data_config),
             model_config=checkpoint_config.model_config,
             loss_config=checkpoint_config.loss_config,
-            inference_config=InferenceConfig(
-                use_raw=use_raw, remove_duplicate_genes=remove_duplicate_genes, **settings
-            ),
         )
-        return run_in_memory(task, self.checkpoint, data, RunConfig(model), self.device)
+        config = RunConfig(model).replace(use_raw=use_raw, remove_duplicate_genes=remove_duplicate_genes, **settings)
+        return run_in_memory(task, self.checkpoint, data, config, self.device)
 
     def tokenize(
         self,
@@ -440,7 +439,7 @@ class TranscriptFormerModel:
         over_express: Sequence[str] | str = PerturbConfig.over_express,
         *,
         top_genes: int = PerturbConfig.top_genes,
-        chunk_size: int = InferenceConfig.chunk_size,
+        chunk_size: int = OutputConfig.chunk_size,
         batch_size: int = PredictConfig.batch_size,
         max_tokens: int | None = PredictConfig.max_tokens,
         precision: str | None = PredictConfig.precision,

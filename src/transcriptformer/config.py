@@ -442,10 +442,21 @@ def _type_name(hint: Any) -> str:
 
 
 def _dataclass_from_dict(cls: type[T], values: dict[str, Any]) -> T:
-    """Instantiate ``cls`` from the keys of ``values`` it knows; warn about unexpected ones."""
+    """Instantiate ``cls`` from the keys of ``values`` it knows; warn about unexpected ones.
+
+    A whole number of a ``float`` setting (``"softcap": 10``) becomes a float, as an override sets it, so that the
+    settings of a run read the same whichever way they were set (what a resumed run compares).
+    """
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known - _IGNORED_KEYS)
     if unknown:
         warnings.warn(f"{cls.__name__}: ignoring unknown config keys {unknown}", stacklevel=3)
+    hints = typing.get_type_hints(cls)
     kwargs = {k: v for k, v in values.items() if k in known and k not in RUN_DATA_KEYS and v is not None}
-    return cls(**kwargs)
+    return cls(**{k: _as_float(v) if _has_type(1.5, hints[k]) else v for k, v in kwargs.items()})
+
+
+def _as_float(value: Any) -> Any:
+    """A whole number (not a boolean) as a float; any other value as it is (for the type check to name)."""
+    is_whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return float(value) if is_whole else value

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import tempfile
 import warnings
 from pathlib import Path
@@ -62,7 +61,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = EXAMPLES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_run_arguments(parser, task.inference_defaults(), checkpoint_required=False)
+    add_run_arguments(parser, task.run_defaults(), checkpoint_required=False)
     reference = parser.add_argument_group("the reference")
     source = reference.add_mutually_exclusive_group(required=True)
     source.add_argument("--reference", metavar="FILE", help="labelled reference cells: .h5ad, .zarr or 10x .h5")
@@ -311,14 +310,12 @@ def embed_reference(
     from transcriptformer.runtime import resolve_device
     from transcriptformer.tasks.embed import EmbedConfig, EmbedTask
 
-    inference = dataclasses.replace(
-        config.inference,
+    reference_config = config.replace(
         data_files=[args.reference],
         pretrained_embedding=args.reference_pretrained_embedding,
         output_keys=["embeddings"],
     )
-    reference_config = dataclasses.replace(config, model=dataclasses.replace(config.model, inference_config=inference))
-    device = resolve_device(inference.device)
+    device = resolve_device(reference_config.hardware.device)
     say(f"Embedding the {len(obs)} reference cells of {args.reference} on {device.type}")
     checkpoint = load_for_run(reference_config, device)
     result = run_in_memory(EmbedTask(settings=EmbedConfig(None)), checkpoint, args.reference, reference_config, device)

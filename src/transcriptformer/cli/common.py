@@ -10,7 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from transcriptformer.config import INVALID_COUNTS, DataConfig
-from transcriptformer.engine.config import ALL_OBS_KEYS, InferenceConfig, ModelRunConfig, RunConfig, apply_overrides
+from transcriptformer.engine.config import ALL_OBS_KEYS, SECTION_OF, RunConfig, apply_overrides
 from transcriptformer.model.outputs import OUTPUT_KEYS
 from transcriptformer.runtime import BACKENDS, DEVICES, PRECISIONS
 
@@ -51,7 +51,7 @@ class FlagNames:
     reads ``--max-genes``. Two forms are translated, so that ordinary words are never touched: a parameter in
     backticks (```resume```, ```invalid_counts='drop'``` becomes ``--invalid-counts drop``, ```overwrite=True```
     the switch ``--overwrite``), and a setting whose name has an underscore, as a whole word (``max_genes``). A
-    name that is no flag of the command and a dotted key (``model.inference_config.batch_size``, as in
+    name that is no flag of the command and a dotted key (``predict.batch_size``, as in
     ``--config-override``) are left as they are. Plain data, so that the processes of a run word alike.
 
     Attributes
@@ -176,14 +176,15 @@ def add_overwrite_argument(group: argparse._ActionsContainer, what: str) -> None
 
 
 def add_run_arguments(
-    parser: argparse.ArgumentParser, defaults: InferenceConfig, checkpoint_required: bool = True
+    parser: argparse.ArgumentParser, defaults: RunConfig, checkpoint_required: bool = True
 ) -> tuple[argparse._ArgumentGroup, argparse._ArgumentGroup, argparse._ArgumentGroup]:
-    """The flags of a run through :func:`~transcriptformer.engine.run.run_task`, with ``defaults``.
+    """The flags of a run through :func:`~transcriptformer.engine.run.run_task`, with the settings ``defaults``.
 
     Returns the groups ``inputs and output``, ``reading the cells`` and ``model and hardware``, for a command's own
     flags. :func:`run_config_from_args` reads them. ``checkpoint_required``: ``False`` for a command that can run
     without a model (it checks ``--checkpoint-path`` itself).
     """
+    inputs, output, predict, hardware = defaults.input, defaults.output, defaults.predict, defaults.hardware
     io = parser.add_argument_group("inputs and output")
     io.add_argument(
         "--checkpoint-path",
@@ -195,7 +196,7 @@ def add_run_arguments(
         "--data-file",
         dest="data_files",
         nargs="+",
-        default=defaults.data_files,
+        default=inputs.data_files,
         metavar="FILE",
         help="input .h5ad, .zarr or 10x .h5 file(s), their cells concatenated in order",
     )
@@ -209,10 +210,8 @@ def add_run_arguments(
         metavar="VERSION",
         help="or the public CELLxGENE Census of this version, e.g. stable (needs the network)",
     )
-    io.add_argument("--output-path", default=defaults.output_path, help="output directory (default: %(default)s)")
-    io.add_argument(
-        "--output-filename", default=defaults.output_filename, help="output file name (default: %(default)s)"
-    )
+    io.add_argument("--output-path", default=output.output_path, help="output directory (default: %(default)s)")
+    io.add_argument("--output-filename", default=output.output_filename, help="output file name (default: %(default)s)")
     add_overwrite_argument(io, "an output file")
     io.add_argument(
         "--resume",
@@ -223,14 +222,14 @@ def add_run_arguments(
         "--output-keys",
         nargs="+",
         choices=OUTPUT_KEYS,
-        default=defaults.output_keys,
+        default=list(predict.output_keys),
         metavar="KEY",
         help=f"outputs to compute, any of {', '.join(OUTPUT_KEYS)} (default: %(default)s)",
     )
     io.add_argument(
         "--obs-keys",
         nargs="+",
-        default=defaults.obs_keys,
+        default=output.obs_keys,
         metavar="COLUMN",
         help=f"obs columns to keep in the output; {ALL_OBS_KEYS}: every column (default: %(default)s)",
     )
@@ -248,10 +247,10 @@ def add_run_arguments(
         "\"tissue_general == 'lung' and is_primary_data == True\"",
     )
     soma.add_argument(
-        "--soma-measurement", default=defaults.soma_measurement, help="measurement to read (default: %(default)s)"
+        "--soma-measurement", default=inputs.soma_measurement, help="measurement to read (default: %(default)s)"
     )
     soma.add_argument(
-        "--soma-x-layer", default=defaults.soma_x_layer, help="X layer of raw counts (default: %(default)s)"
+        "--soma-x-layer", default=inputs.soma_x_layer, help="X layer of raw counts (default: %(default)s)"
     )
 
     data = parser.add_argument_group("reading the cells (defaults: the checkpoint's data_config)")
@@ -284,7 +283,7 @@ def add_run_arguments(
     data.add_argument(
         "--n-data-workers",
         type=non_negative_int,
-        default=defaults.n_data_workers,
+        default=hardware.n_data_workers,
         help="threads reading and tokenizing the next cells while the model runs (default: %(default)s)",
     )
 
@@ -292,35 +291,35 @@ def add_run_arguments(
     model.add_argument(
         "--pretrained-embedding",
         nargs="+",
-        default=defaults.pretrained_embedding,
+        default=defaults.model.pretrained_embedding,
         metavar="H5",
         help="gene-embedding file(s) replacing the model's table, for a species it was not trained on",
     )
     model.add_argument(
         "--adapter",
-        default=defaults.adapter,
+        default=defaults.model.adapter,
         metavar="DIR",
         help="LoRA adapters from 'transcriptformer finetune', merged into the checkpoint's weights",
     )
     add_batch_arguments(
         model,
-        batch_size=defaults.batch_size,
-        max_tokens=defaults.max_tokens,
-        chunk_size=defaults.chunk_size,
+        batch_size=predict.batch_size,
+        max_tokens=predict.max_tokens,
+        chunk_size=output.chunk_size,
         chunk_help="cells read, run and saved together; memory and --resume granularity",
-        precision=defaults.precision,
-        device=defaults.device,
+        precision=predict.precision,
+        device=hardware.device,
     )
     model.add_argument(
         "--num-gpus",
         type=int,
-        default=defaults.num_gpus,
+        default=hardware.num_gpus,
         help="processes, one per GPU; -1: every visible GPU; on CPU, CPU processes (default: %(default)s)",
     )
     model.add_argument(
         "--attention-backend",
         choices=BACKENDS,
-        default=defaults.attention_backend,
+        default=hardware.attention_backend,
         help="auto: compiled flex attention on CUDA, exact chunked attention elsewhere (default: %(default)s)",
     )
     model.add_argument(
@@ -329,7 +328,7 @@ def add_run_arguments(
         default=[],
         metavar="KEY=VALUE",
         help="set any setting, Hydra grammar, repeatable: model.data_config.normalize_to_scale=10000, "
-        "model.inference_config.output_keys=[embeddings,llh], model.data_config.clip_counts=null",
+        "predict.output_keys=[embeddings,llh], model.data_config.clip_counts=null",
     )
     return io, data, model
 
@@ -370,25 +369,21 @@ def add_batch_arguments(
     )
 
 
-def run_config_from_args(
-    args: argparse.Namespace, model_type: str = ModelRunConfig.model_type, **settings: object
-) -> RunConfig:
+def run_config_from_args(args: argparse.Namespace, **settings: object) -> RunConfig:
     """A run's settings from the flags of :func:`add_run_arguments`.
 
     The checkpoint's config, then the flags (and ``settings``, which win), then ``--config-override``. A flag named
-    like an :class:`InferenceConfig` field sets it (a field without a flag keeps its default); one named like a
-    :class:`~transcriptformer.config.DataConfig` field, when given, replaces the checkpoint's value. The cells of a
-    SOMA experiment have their gene ids in var ``feature_id`` unless ``--gene-col-name`` says otherwise.
+    like a setting of a run sets it (:meth:`RunConfig.replace`; a setting without a flag keeps its default); one
+    named like a :class:`~transcriptformer.config.DataConfig` field, when given, replaces the checkpoint's value.
+    The cells of a SOMA experiment have their gene ids in var ``feature_id`` unless ``--gene-col-name`` says
+    otherwise.
     """
     flags = vars(args) | {"use_raw": USE_RAW[args.use_raw]} | settings
     if flags["gene_col_name"] is None and (args.soma or args.census_version):
         from transcriptformer.data.soma import SOMA_GENE_ID_COLUMN
 
         flags["gene_col_name"] = SOMA_GENE_ID_COLUMN
-    inference = InferenceConfig(
-        **{f.name: flags[f.name] for f in dataclasses.fields(InferenceConfig) if f.name in flags}
-    )
-    config = RunConfig.from_checkpoint(args.checkpoint_path, inference, model_type)
+    config = RunConfig.from_checkpoint(args.checkpoint_path, **{k: v for k, v in flags.items() if k in SECTION_OF})
     given = {f.name: flags[f.name] for f in dataclasses.fields(DataConfig) if flags.get(f.name) is not None}
     config.model.data_config = dataclasses.replace(config.model.data_config, **given)  # checks the values
     return apply_overrides(config, args.config_override)

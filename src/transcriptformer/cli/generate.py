@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 
 from transcriptformer.cli.common import USE_RAW, add_overwrite_argument, add_use_raw_argument, positive_int
-from transcriptformer.engine.config import InferenceConfig
+from transcriptformer.engine.config import RunConfig
 from transcriptformer.runtime import DEVICES
 from transcriptformer.tasks.generate import GenerateConfig
 
-OUTPUT_DEFAULTS = InferenceConfig(output_path="./generated", output_filename="generated.h5ad", chunk_size=256)
+OUTPUT_DEFAULTS = RunConfig().replace(output_path="./generated", output_filename="generated.h5ad", chunk_size=256)
 
 EXAMPLES = """\
 examples:
@@ -27,7 +27,7 @@ documentation: docs/generate.md
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of ``generate``; their defaults are :class:`GenerateConfig`'s and :data:`OUTPUT_DEFAULTS`'."""
-    defaults, output = GenerateConfig(), OUTPUT_DEFAULTS
+    defaults, output, hardware = GenerateConfig(), OUTPUT_DEFAULTS.output, OUTPUT_DEFAULTS.hardware
     parser.description = (
         "Sample cells from a TranscriptFormer checkpoint, gene by gene (gene-id head) with their counts (count "
         "head), and write their counts over the vocabulary's genes to an .h5ad file."
@@ -55,11 +55,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue an interrupted run with the same settings from its last completed chunk of cells",
     )
-    io.add_argument("--device", choices=DEVICES, default=output.device, help="where to run (default: %(default)s)")
+    io.add_argument("--device", choices=DEVICES, default=hardware.device, help="where to run (default: %(default)s)")
     io.add_argument(
         "--num-gpus",
         type=int,
-        default=output.num_gpus,
+        default=hardware.num_gpus,
         help="processes, one per GPU; -1: every visible GPU; on CPU, CPU processes (default: %(default)s)",
     )
     io.add_argument(
@@ -142,12 +142,9 @@ def config_from_args(args: argparse.Namespace):
     """The run's settings: the checkpoint's, the output and hardware flags; prompt cells without counts left out."""
     import dataclasses
 
-    from transcriptformer.engine.config import RunConfig
-
     run = {name: getattr(args, name) for name in ("data_files", "output_path", "output_filename", "overwrite")}
     run |= {name: getattr(args, name) for name in ("resume", "device", "num_gpus", "chunk_size")}
-    inference = dataclasses.replace(OUTPUT_DEFAULTS, use_raw=USE_RAW[args.use_raw], **run)
-    config = RunConfig.from_checkpoint(args.checkpoint_path, inference)
+    config = RunConfig.from_checkpoint(args.checkpoint_path, use_raw=USE_RAW[args.use_raw], **run)
     data = {"drop_empty_cells": True} | ({"gene_col_name": args.gene_col_name} if args.gene_col_name else {})
     config.model.data_config = dataclasses.replace(config.model.data_config, **data)
     return config

@@ -9,14 +9,7 @@ from __future__ import annotations
 import argparse
 
 from transcriptformer.cli.common import add_run_arguments, run_config_from_args
-from transcriptformer.engine.config import (
-    EMB_TYPES,
-    MODEL_TYPES,
-    OUTPUT_FORMATS,
-    InferenceConfig,
-    ModelRunConfig,
-    RunConfig,
-)
+from transcriptformer.engine.config import EMB_TYPES, MODEL_TYPES, OUTPUT_FORMATS, ModelRunConfig, RunConfig
 from transcriptformer.errors import UserError
 
 EXAMPLES = """\
@@ -46,8 +39,9 @@ documentation: docs/inference.md
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Add the arguments of ``inference``; their defaults are :class:`InferenceConfig`'s and the checkpoint's."""
-    defaults = InferenceConfig()
+    """Add the arguments of ``inference``; their defaults are :class:`RunConfig`'s and the checkpoint's."""
+    defaults = RunConfig()
+    output = defaults.output
     parser.description = (
         "Run a TranscriptFormer checkpoint on the cells of one or more files (.h5ad, .zarr, 10x .h5) or of a "
         "TileDB-SOMA experiment and write their embeddings and likelihoods to one .h5ad file (or a SOMA array)."
@@ -58,28 +52,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
     io.add_argument(
         "--output-soma",
         metavar="URI",
-        default=defaults.output_soma,
+        default=output.output_soma,
         help="also or instead (--output-format) write the cell embeddings of a SOMA input to a SOMA array here, "
         "indexed by soma_joinid as the Census' hosted embeddings (folder or s3:// URI)",
     )
     io.add_argument(
         "--output-format",
         choices=OUTPUT_FORMATS,
-        default=defaults.output_format,
+        default=output.output_format,
         help="what to write: the .h5ad, the SOMA array (--output-soma), or both (default: soma with --output-soma, "
         "else h5ad)",
     )
     io.add_argument(
         "--emb-type",
         choices=EMB_TYPES,
-        default=defaults.emb_type,
+        default=output.emb_type,
         help="cell: cell embeddings; cge: also contextual gene embeddings, one per gene of each cell "
         "(default: %(default)s)",
     )
     io.add_argument(
         "--embedding-layer-index",
         type=int,
-        default=defaults.embedding_layer_index,
+        default=defaults.predict.embedding_layer_index,
         metavar="N",
         help="the layer whose output the cell embedding pools: 0 the first, negative from the end "
         "(default: %(default)s, the last layer, as the original release)",
@@ -107,7 +101,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run's settings: the checkpoint's config, then the flags, then ``--config-override``."""
-    return run_config_from_args(args, args.model_type, attention_backend=attention_backend_of(args))
+    return run_config_from_args(args, attention_backend=attention_backend_of(args))
 
 
 def attention_backend_of(args: argparse.Namespace) -> str:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 
 from transcriptformer.cli.common import add_run_arguments, run_config_from_args
-from transcriptformer.engine.config import InferenceConfig
+from transcriptformer.engine.config import RunConfig
 
-OUTPUT_DEFAULTS = InferenceConfig(
+OUTPUT_DEFAULTS = RunConfig().replace(
     output_path="./predictions", output_filename="predicted_labels.h5ad", output_keys=["embeddings"]
 )
 

@@ -35,7 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = EXAMPLES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    io, _, _ = add_run_arguments(parser, score.inference_defaults())
+    io, _, _ = add_run_arguments(parser, score.run_defaults())
     io.add_argument(
         "--outlier-threshold",
         type=positive_number,

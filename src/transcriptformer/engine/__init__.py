@@ -1,8 +1,8 @@
 """The engine that runs every job over cells: settings of a run, the task protocol, the run from files and in memory.
 
->>> from transcriptformer.engine import InferenceConfig, RunConfig, run_task
+>>> from transcriptformer.engine import RunConfig, run_task
 >>> from transcriptformer.tasks.embed import EmbedTask
->>> run_task(EmbedTask(), RunConfig.from_checkpoint("ckpt", InferenceConfig(data_files=["cells.h5ad"])))
+>>> run_task(EmbedTask(), RunConfig.from_checkpoint("ckpt", data_files=["cells.h5ad"], batch_size=16))
 
 The names below are imported on first use, so that reading the settings does not load torch.
 """
@@ -11,8 +11,10 @@ import importlib
 
 _EXPORTS = {
     "BatchLoopTask": "transcriptformer.engine.task",
-    "InferenceConfig": "transcriptformer.engine.config",
+    "HardwareConfig": "transcriptformer.engine.config",
+    "InputConfig": "transcriptformer.engine.config",
     "MemoryResult": "transcriptformer.engine.run",
+    "OutputConfig": "transcriptformer.engine.config",
     "RunConfig": "transcriptformer.engine.config",
     "Task": "transcriptformer.engine.task",
     "apply_overrides": "transcriptformer.engine.config",

@@ -31,13 +31,13 @@ MANIFEST = "run.json"
 OBS_INDEX = "obs_index"  # the row names of a part with rows of its own (Part.obs)
 # Settings that change how a run is carried out but not its results; a resumed run may change them.
 RESUMABLE_CHANGES = (
-    "overwrite",
-    "resume",
-    "n_data_workers",
-    "num_gpus",
-    "use_oom_dataloader",
-    "output_format",
-    "output_soma",
+    "output.overwrite",
+    "output.resume",
+    "hardware.n_data_workers",
+    "hardware.num_gpus",
+    "input.use_oom_dataloader",
+    "output.output_format",
+    "output.output_soma",
 )
 
 
@@ -171,12 +171,12 @@ def check_saved_parts(session: Session) -> int:
 
 def weight_files(session: Session) -> list[Path]:
     """The files of weights a run reads: the checkpoint's weights, the adapter's files, the gene-embedding tables."""
-    inference = session.config.inference
-    adapter = Path(inference.adapter) if inference.adapter else None
+    model = session.config.model
+    adapter = Path(model.adapter) if model.adapter else None
     return [
         session.checkpoint.path / WEIGHTS_FILE,
         *([adapter / ADAPTER_CONFIG_FILE, adapter / ADAPTER_WEIGHTS_FILE] if adapter else []),
-        *map(Path, inference.pretrained_embedding),
+        *map(Path, model.pretrained_embedding),
     ]
 
 
@@ -188,7 +188,8 @@ def run_description(session: Session) -> dict:
     """
     settings = session.config.to_dict()
     for key in RESUMABLE_CHANGES:
-        settings["model"]["inference_config"].pop(key)
+        section, name = key.split(".")
+        settings[section].pop(name)
     inputs = {f.name: f.identity for f in session.files}
     weights, *others = weight_files(session)
     contents = {str(weights.resolve()): session.weights_sha256} | {str(p.resolve()): sha256_of(p) for p in others}
@@ -256,7 +257,7 @@ def open_parts_dir(session: Session) -> int:
     manifest = folder / MANIFEST
     description = run_description(session)
     fingerprint = run_fingerprint(description)
-    if session.config.inference.resume and manifest.exists():
+    if session.config.output.resume and manifest.exists():
         interrupted = read_manifest(manifest)
         if interrupted.get("fingerprint") != fingerprint:
             changes = describe_changes(interrupted["run"], description) if "run" in interrupted else []
@@ -268,7 +269,7 @@ def open_parts_dir(session: Session) -> int:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     content = {"fingerprint": fingerprint, "run": description}
-    if session.config.inference.reads_soma:
+    if session.config.input.reads_soma:
         content["unit_soma_joinids"] = unit_joinid_ranges(session)
     manifest.write_text(json.dumps(content))
     return 0
@@ -281,6 +282,6 @@ def unit_joinid_ranges(session: Session) -> list[list[int]]:
 
 def units_to_run(session: Session, units: list[WorkUnit]) -> list[WorkUnit]:
     """``units`` without those already saved when resuming."""
-    if not session.config.inference.resume:
+    if not session.config.output.resume:
         return units
     return [unit for unit in units if not part_file(session, unit).exists()]

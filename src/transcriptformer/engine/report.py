@@ -24,7 +24,7 @@ def counted(count: int, noun: str) -> str:
 
 def describe_source(session: Session) -> str:
     """Where the cells come from: ``"3 files"``, ``"the SOMA experiment /data/census"``."""
-    if session.config.inference.reads_soma:
+    if session.config.input.reads_soma:
         return f"the SOMA experiment {session.files[0].name}"
     return counted(len(session.files), "file")
 
@@ -41,31 +41,30 @@ def describe_inputs(session: Session) -> list[str]:
 
 def count_batches(session: Session) -> int:
     """Forward passes the run will make (reads every unit's counts for their lengths)."""
-    settings = session.config.inference.predict_config
+    settings = session.config.predict
     return sum(len(plan(session.model, session.read_unit(u), settings, session.device)) for u in session.units)
 
 
 def format_plan(session: Session, world_size: int) -> str:
     """What a run would do (``--dry-run``)."""
-    inference = session.config.inference
-    per_batch = (
-        f"of at most {inference.max_tokens} tokens"
-        if inference.max_tokens
-        else f"of up to {inference.batch_size} cells"
-    )
-    embeddings = f", gene embeddings from {inference.pretrained_embedding}" if inference.pretrained_embedding else ""
+    config = session.config
+    predict, output, model = config.predict, config.output, config.model
+    per_batch = f"of up to {predict.batch_size} cells"
+    if predict.max_tokens:
+        per_batch = f"of at most {predict.max_tokens} tokens"
+    embeddings = f", gene embeddings from {model.pretrained_embedding}" if model.pretrained_embedding else ""
     lines = [
         "Dry run: nothing is written.",
-        f"Checkpoint: {session.config.model.checkpoint_path} ({session.config.model.model_type}, "
+        f"Checkpoint: {model.checkpoint_path} ({model.model_type}, "
         f"{len(session.checkpoint.gene_vocab)} vocabulary entries{embeddings})",
         "Inputs:",
         *describe_inputs(session),
         f"Plan: {session.n_cells} cells in {count_batches(session)} batches {per_batch}, "
-        f"{len(session.units)} unit(s) of up to {inference.chunk_size} cells",
+        f"{len(session.units)} unit(s) of up to {output.chunk_size} cells",
         f"Device: {session.device.type} ({counted(world_size, 'process')}), precision {session.precision}",
-        f"Outputs: {', '.join(inference.output_keys)}",
-        *([f"Output file: {session.output_file}{existing_output_note(session)}"] if inference.writes_h5ad else []),
-        *([f"SOMA output: {inference.output_soma} (cell embeddings)"] if inference.writes_soma else []),
+        f"Outputs: {', '.join(predict.output_keys)}",
+        *([f"Output file: {session.output_file}{existing_output_note(session)}"] if output.writes_h5ad else []),
+        *([f"SOMA output: {output.output_soma} (cell embeddings)"] if output.writes_soma else []),
     ]
     return "\n".join(lines)
 
@@ -74,14 +73,14 @@ def existing_output_note(session: Session) -> str:
     """What the run would do to an output file that already exists."""
     if not session.output_file.exists():
         return ""
-    if session.config.inference.overwrite:
+    if session.config.output.overwrite:
         return " (exists; will be replaced)"
     return " (exists; the run would stop: pass `overwrite=True` to replace it)"
 
 
 def format_summary(session: Session, world_size: int, seconds: float) -> str:
     """What a finished run did, and how to open its output (whose path the run prints last)."""
-    path, inference, task = session.output_file.resolve(), session.config.inference, session.task
+    path, output, task = session.output_file.resolve(), session.config.output, session.task
     embeddings = task.rows_are_cells and "embeddings" in task.output_keys(session.config)  # obsm of the cells
     lines = [
         f"{task.name.capitalize()} finished.",
@@ -89,21 +88,21 @@ def format_summary(session: Session, world_size: int, seconds: float) -> str:
         f"{session.n_cells} cells in {seconds:.1f} s ({session.n_cells / seconds:.1f} cells/s) on "
         f"{session.device.type} ({counted(world_size, 'process')}), precision {session.precision}",
     ]
-    if inference.writes_h5ad:
+    if output.writes_h5ad:
         lines.append(
             f'Open it with: adata = anndata.read_h5ad("{path}")'
             + ('; sc.pp.neighbors(adata, use_rep="embeddings")' if embeddings else "")
         )
-    if inference.writes_soma:
+    if output.writes_soma:
         lines.append(
-            f'Read the embeddings with: tiledbsoma.open("{inference.output_soma}").read().tables() (docs/scale.md)'
+            f'Read the embeddings with: tiledbsoma.open("{output.output_soma}").read().tables() (docs/scale.md)'
         )
     return "\n".join(lines)
 
 
 def run_metadata(session: Session, world_size: int) -> dict:
     """``uns["transcriptformer"]``: checkpoint, versions, and the run's settings."""
-    inference = session.config.inference
+    model = session.config.model
     metadata = {
         "package_version": __version__,
         "torch_version": str(torch.__version__),
@@ -125,47 +124,47 @@ def run_metadata(session: Session, world_size: int) -> dict:
         metadata["cells_dropped"] = np.array([f.cells.n_dropped for f in session.files])
     if any(f.cells.n_empty for f in session.files):
         metadata["cells_empty"] = np.array([f.cells.n_empty for f in session.files])
-    if inference.pretrained_embedding:
-        metadata["pretrained_embedding"] = list(inference.pretrained_embedding)
-    if inference.adapter:
-        metadata["adapter"] = str(Path(inference.adapter).resolve())
-    if inference.reads_soma:
+    if model.pretrained_embedding:
+        metadata["pretrained_embedding"] = list(model.pretrained_embedding)
+    if model.adapter:
+        metadata["adapter"] = str(Path(model.adapter).resolve())
+    if session.config.input.reads_soma:
         metadata["soma"] = {k: v for k, v in soma_query(session).items() if v is not None}
     return metadata
 
 
 def soma_query(session: Session) -> dict:
     """Which cells of which SOMA experiment the run read."""
-    inference = session.config.inference
+    inputs = session.config.input
     return {
         "experiment_uri": session.files[0].cells.reader.experiment_uri,
-        "census_version": inference.census_version,
-        "organism": inference.organism,
-        "obs_filter": inference.obs_filter,
-        "measurement": inference.soma_measurement,
-        "x_layer": inference.soma_x_layer,
+        "census_version": inputs.census_version,
+        "organism": inputs.organism,
+        "obs_filter": inputs.obs_filter,
+        "measurement": inputs.soma_measurement,
+        "x_layer": inputs.soma_x_layer,
     }
 
 
 def embedding_info(session: Session) -> dict:
     """The SOMA array's ``CxG_embedding_info``: the Census' fields of a hosted embedding and the run's."""
-    inference, model = session.config.inference, session.config.model
+    inputs, model = session.config.input, session.config.model
     checkpoint = session.checkpoint.path.resolve()
-    organism = inference.organism and experiment_name(inference.organism)
+    organism = inputs.organism and experiment_name(inputs.organism)
     return {
         "id": f"transcriptformer-{checkpoint.name}-{session.weights_sha256[:12]}",
         "title": f"TranscriptFormer {checkpoint.name} cell embeddings ({model.model_type})",
         "description": "Cell embeddings computed with the transcriptformer package from the experiment's raw counts",
         "experiment_name": organism,
-        "measurement_name": inference.soma_measurement,
+        "measurement_name": inputs.soma_measurement,
         "data_type": "obs_embedding",
-        "census_version": inference.census_version,
+        "census_version": inputs.census_version,
         "submission_date": datetime.date.today().isoformat(),
         "model_type": model.model_type,
         "checkpoint_path": str(checkpoint),
         "weights_sha256": session.weights_sha256,
-        "adapter": str(Path(inference.adapter).resolve()) if inference.adapter else None,
-        "pretrained_embedding": list(inference.pretrained_embedding),
+        "adapter": str(Path(model.adapter).resolve()) if model.adapter else None,
+        "pretrained_embedding": list(model.pretrained_embedding),
         "precision": session.precision,
         "package_version": __version__,
         "query": soma_query(session),

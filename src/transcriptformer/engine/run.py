@@ -109,15 +109,15 @@ def merge_and_write(session: Session, world_size: int) -> tuple[list[str], dict]
     written, uns
         Where the outputs are, and the uns entries that the task added.
     """
-    inference = session.config.inference
+    output = session.config.output
     written, added = [], {}
-    if inference.writes_h5ad:
+    if output.writes_h5ad:
         added = write_h5ad(session, world_size)
         written.append(str(session.output_file.resolve()))
-    if inference.writes_soma:
+    if output.writes_soma:
         write_soma(session)
-        local = local_path(inference.output_soma)
-        written.append(str(local.resolve()) if local else inference.output_soma)
+        local = local_path(output.output_soma)
+        written.append(str(local.resolve()) if local else output.output_soma)
     return written, added
 
 
@@ -145,7 +145,7 @@ def write_h5ad(session: Session, world_size: int) -> dict:
         return obs, uns
 
     files = (task.output_files(session.config), lambda folder: task.write_files(folder, finished["obs"], added))
-    overwrite = session.config.inference.overwrite
+    overwrite = session.config.output.overwrite
     try:
         write_output(session.output_file, obs, var, chunks, metadata, overwrite, finish, task.main_layer, files)
     except OSError as error:
@@ -155,7 +155,7 @@ def write_h5ad(session: Session, world_size: int) -> dict:
 
 def write_soma(session: Session) -> None:
     """Write the cell embeddings into the SOMA array ``output_soma`` from the saved units, a few at a time."""
-    uri = session.config.inference.output_soma
+    uri = session.config.output.output_soma
     chunks = (
         (session.unit_joinids(unit), parts.load_part(parts.part_file(session, unit)).outputs.cell_values["embeddings"])
         for unit in session.units
@@ -174,8 +174,8 @@ def run_worker(rank: Rank, init_method: str | None, task: Task, config: RunConfi
 
     ``started`` is the run's start (``time.time()``), for the summary.
     """
-    device = distributed.device_of(rank, resolve_device(config.inference.device))
-    threads = use_cpu_threads(reserved=config.inference.n_data_workers, processes=rank.world_size)
+    device = distributed.device_of(rank, resolve_device(config.hardware.device))
+    threads = use_cpu_threads(reserved=config.hardware.n_data_workers, processes=rank.world_size)
     with (
         distributed.process_group(rank, init_method),
         prepare(config, device, task, distributed.shared_scan(rank)) as session,
@@ -228,11 +228,11 @@ def run_task(task: Task, config: RunConfig, *, dry_run: bool = False) -> Path:
     """
     started = time.time()
     task.check(config)
-    if config.inference.writes_soma and not task.rows_are_cells:
+    if config.output.writes_soma and not task.rows_are_cells:
         raise ValueError(f"output_soma holds a row per input cell, and the rows of task {task.name} are not the cells")
-    device = resolve_device(config.inference.device)
+    device = resolve_device(config.hardware.device)
     launched = distributed.torchrun_rank()
-    world_size = launched.world_size if launched else distributed.resolve_world_size(device, config.inference.num_gpus)
+    world_size = launched.world_size if launched else distributed.resolve_world_size(device, config.hardware.num_gpus)
     if dry_run:
         with prepare(config, device, task) as session:
             print(worded(format_plan(session, world_size)))
@@ -241,11 +241,11 @@ def run_task(task: Task, config: RunConfig, *, dry_run: bool = False) -> Path:
     if launched and not launched.is_main:  # rank 0 holds the output
         run_worker(launched, "env://", task, config, started)
         return path
-    inference = config.inference
+    output = config.output
     beside = task.output_files(config)
-    with claim_output(path, inference.overwrite, inference.writes_h5ad, beside), contextlib.ExitStack() as claims:
-        if inference.writes_soma:
-            claims.enter_context(claim_soma_output(inference.output_soma, inference.overwrite))
+    with claim_output(path, output.overwrite, output.writes_h5ad, beside), contextlib.ExitStack() as claims:
+        if output.writes_soma:
+            claims.enter_context(claim_soma_output(output.output_soma, output.overwrite))
         for stale in remove_stale_temporaries(path):
             print(f"Removed {stale}, left by a run killed while writing the output", flush=True)
         if launched:

@@ -26,7 +26,7 @@ from transcriptformer.checkpoint import WEIGHTS_FILE, Checkpoint, load_checkpoin
 from transcriptformer.data.soma import JOINID, SomaReader, obs_filter_rows
 from transcriptformer.data.sources import CountReader, open_counts
 from transcriptformer.data.tokenize import CellTokenizer, CountScanner, PreparedCells, TokenizedCells, scan_counts
-from transcriptformer.engine.config import ALL_OBS_KEYS, InferenceConfig, RunConfig
+from transcriptformer.engine.config import ALL_OBS_KEYS, RunConfig
 from transcriptformer.engine.task import Task
 from transcriptformer.errors import UserError
 from transcriptformer.model.outputs import OUTPUTS
@@ -175,22 +175,22 @@ class Session:
 
 def output_file_of(config: RunConfig) -> Path:
     """``output_path / output_filename``, with ``.h5ad`` appended when missing."""
-    name = config.inference.output_filename
-    return Path(config.inference.output_path) / (name if name.endswith(".h5ad") else f"{name}.h5ad")
+    name = config.output.output_filename
+    return Path(config.output.output_path) / (name if name.endswith(".h5ad") else f"{name}.h5ad")
 
 
 def load_for_run(config: RunConfig, device: torch.device) -> Checkpoint:
     """The checkpoint with the run's settings, adapters and gene embeddings."""
-    inference = config.inference
+    model = config.model
     checkpoint = load_checkpoint(
-        config.model.checkpoint_path,
+        model.checkpoint_path,
         device,
-        inference.attention_backend,
+        config.hardware.attention_backend,
         config=config.checkpoint_config,
-        adapter=inference.adapter,
+        adapter=model.adapter,
     )
-    if inference.pretrained_embedding:
-        checkpoint = checkpoint.with_gene_embeddings(inference.pretrained_embedding)
+    if model.pretrained_embedding:
+        checkpoint = checkpoint.with_gene_embeddings(model.pretrained_embedding)
     return checkpoint
 
 
@@ -205,8 +205,7 @@ def prepare(config: RunConfig, device: torch.device, task: Task, scan: CountScan
     (:func:`~transcriptformer.engine.output.claim_output`): a dry run reports an existing output instead of
     failing.
     """
-    inference = config.inference
-    if not (inference.data_files or inference.reads_soma) and task.planned_rows(None) is None:
+    if not (config.input.data_files or config.input.reads_soma) and task.planned_rows(None) is None:
         raise ValueError("no input: give files with data_files, or a SOMA experiment with `soma` or census_version")
     return open_session(config, load_for_run(config, device), device, task, scan)
 
@@ -224,33 +223,32 @@ def open_session(
     ``checkpoint`` is loaded with ``config``'s checkpoint settings (:func:`load_for_run`), or given by the Python
     API, whose tokenizer settings are then ``config``'s ``data_config``.
     """
-    inference = config.inference
+    inputs, chunk_size = config.input, config.output.chunk_size
     model = checkpoint.esm2ce() if config.model.model_type == "esm2ce" else checkpoint.model
     tokenizer = checkpoint.tokenizer(
-        remove_duplicate_genes=inference.remove_duplicate_genes, **dataclasses.asdict(config.model.data_config)
+        remove_duplicate_genes=inputs.remove_duplicate_genes, **dataclasses.asdict(config.model.data_config)
     )
     added = (*ENGINE_OBS_COLUMNS, *task.added_obs_columns())
     with contextlib.ExitStack() as open_files:
         if data is not None:
-            reader = open_files.enter_context(open_counts(data, inference.use_raw))
+            reader = open_files.enter_context(open_counts(data, inputs.use_raw))
             name = IN_MEMORY_NAME if isinstance(data, ad.AnnData) else str(data)
             files = [_input(name, reader, [], tokenizer, scan, [], added)]  # no input column: results go into its obs
-        elif inference.reads_soma:
+        elif inputs.reads_soma:
             files = [open_soma_input(config, tokenizer, scan, open_files, added)]
         else:
             files = [
-                open_file_input(Path(name), inference, tokenizer, scan, open_files, added)
-                for name in inference.data_files
+                open_file_input(Path(name), config, tokenizer, scan, open_files, added) for name in inputs.data_files
             ]
         planned = task.planned_rows(sum(len(f.cells) for f in files) if files else None)
         if planned is None:
-            units = plan_units([len(f.cells) for f in files], inference.chunk_size)
+            units = plan_units([len(f.cells) for f in files], chunk_size)
         else:
-            units = plan_units([planned], inference.chunk_size, file_index=TASK_ROWS)
+            units = plan_units([planned], chunk_size, file_index=TASK_ROWS)
         if not units:
-            raise ValueError(f"the input files {inference.data_files} hold no cells")
+            raise ValueError(f"the input files {inputs.data_files} hold no cells")
         genes, gene_columns = gene_axis(files, len(checkpoint.gene_vocab))
-        precision = inference.precision or default_precision(device)  # the batch loop warns about a slow one
+        precision = config.predict.precision or default_precision(device)  # the batch loop warns about a slow one
         return Session(
             config, task, checkpoint, model, device, files, genes, gene_columns, units, precision, open_files.pop_all()
         )
@@ -258,17 +256,17 @@ def open_session(
 
 def open_file_input(
     path: Path,
-    inference: InferenceConfig,
+    config: RunConfig,
     tokenizer: CellTokenizer,
     scan: CountScanner,
     open_files: contextlib.ExitStack,
     added: Sequence[str],
 ) -> InputFile:
     """An input file, open (until ``open_files`` closes) and checked; ``added``: the obs columns the output adds."""
-    reader = open_files.enter_context(open_counts(path, inference.use_raw))
+    reader = open_files.enter_context(open_counts(path, config.input.use_raw))
     stat = path.stat()
     identity = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
-    return _input(str(path), reader, inference.obs_keys, tokenizer, scan, identity, added, inference.obs_filter)
+    return _input(str(path), reader, config.output.obs_keys, tokenizer, scan, identity, added, config.input.obs_filter)
 
 
 def open_soma_input(
@@ -283,21 +281,21 @@ def open_soma_input(
     Only the obs columns that the run keeps (``obs_keys``, which go to the ``.h5ad``: none without one) and reads
     (the checkpoint's aux columns) are read.
     """
-    inference = config.inference
+    inputs = config.input
     aux_columns = config.model.data_config.aux_cols
-    if not inference.writes_h5ad:
+    if not config.output.writes_h5ad:
         obs_keys, columns = [ALL_OBS_KEYS], list(aux_columns)
     else:
-        obs_keys = inference.obs_keys
+        obs_keys = config.output.obs_keys
         columns = None if obs_keys == [ALL_OBS_KEYS] else [*obs_keys, *aux_columns]
     reader = SomaReader(
-        inference.soma,
-        organism=inference.organism,
-        obs_filter=inference.obs_filter,
-        measurement=inference.soma_measurement,
-        x_layer=inference.soma_x_layer,
+        inputs.soma,
+        organism=inputs.organism,
+        obs_filter=inputs.obs_filter,
+        measurement=inputs.soma_measurement,
+        x_layer=inputs.soma_x_layer,
         obs_columns=columns,
-        census_version=inference.census_version,
+        census_version=inputs.census_version,
     )
     open_files.enter_context(reader)
     identity = [reader.experiment_uri, reader.n_obs, reader.query_sha256]
@@ -375,7 +373,7 @@ def plan_units(file_sizes: Sequence[int], chunk_size: int, file_index: int | Non
 
 def read_units(session: Session, units: Sequence[WorkUnit]) -> Iterator[tuple[WorkUnit, TokenizedCells]]:
     """Each unit with its cells, in order; ``n_data_workers`` threads read ahead while the model runs."""
-    workers = session.config.inference.n_data_workers
+    workers = session.config.hardware.n_data_workers
     if workers == 0:
         yield from ((unit, session.read_unit(unit)) for unit in units)
         return

@@ -178,7 +178,7 @@ class BatchLoopTask:
 
     def output_keys(self, config: RunConfig) -> tuple[str, ...]:
         """The run's ``output_keys``."""
-        return tuple(config.inference.output_keys)
+        return config.predict.output_keys
 
     def added_obs_columns(self) -> tuple[str, ...]:
         """None."""
@@ -209,9 +209,7 @@ class BatchLoopTask:
         """The batch loop (:func:`~transcriptformer.pipeline.predict_gene_outputs`) over the unit's cells."""
         from transcriptformer.pipeline import predict_gene_outputs
 
-        settings = dataclasses.replace(
-            session.config.inference.predict_config, output_keys=self.output_keys(session.config)
-        )
+        settings = dataclasses.replace(session.config.predict, output_keys=self.output_keys(session.config))
         outputs = predict_gene_outputs(
             session.model, cells, settings, session.device, session.gene_columns, on_batch=on_batch, limit=limit
         )

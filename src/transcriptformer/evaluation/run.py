@@ -46,7 +46,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         or other files, or one that another run is writing.
     """
     output = check_output_path(config)
-    with hold_output(output, ("--output-path",)):
+    with hold_output(output, ("output_path",)):
         recover_killed_runs(output)
         check_output_path(config)  # again: a run that ended while this one waited may have written it
         return evaluate_into(output, config)
@@ -108,7 +108,9 @@ def check_output_path(config: EvaluateConfig) -> Path:
         )
     existing = [name for name in report.ALL_REPORT_FILES if (output / name).exists()]
     if existing and not config.overwrite:
-        raise UserError(f"{output} already holds a report ({', '.join(existing)}); pass --overwrite or another folder")
+        raise UserError(
+            f"{output} already holds a report ({', '.join(existing)}); pass `overwrite=True` or another folder"
+        )
     return output
 
 

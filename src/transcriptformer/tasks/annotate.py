@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from transcriptformer.annotation.settings import UNKNOWN, AnnotateConfig
-from transcriptformer.engine.config import InferenceConfig, RunConfig
+from transcriptformer.engine.config import RunConfig
 from transcriptformer.engine.task import BatchLoopTask, Part
 from transcriptformer.errors import UserError
 from transcriptformer.tasks.embed import EmbedConfig
@@ -88,9 +88,9 @@ class AnnotateTaskConfig:
     index_id: str = ""
     output_filename: str = "annotated.h5ad"
 
-    def inference_defaults(self) -> InferenceConfig:
+    def run_defaults(self) -> RunConfig:
         """The settings of an annotate run before flags change them: the embeddings, into ``output_filename``."""
-        return InferenceConfig(
+        return RunConfig().replace(
             output_path="./annotate_results", output_filename=self.output_filename, output_keys=[EMBEDDINGS]
         )
 
@@ -123,9 +123,9 @@ class AnnotateTask(BatchLoopTask):
 
     def check(self, config: RunConfig) -> None:
         """The embeddings must be computed; the true labels' column must be kept."""
-        if EMBEDDINGS not in config.inference.output_keys:
+        if EMBEDDINGS not in config.predict.output_keys:
             raise ValueError(f"the query is labelled from its {EMBEDDINGS}: add {EMBEDDINGS} to output_keys")
-        obs_keys = config.inference.obs_keys
+        obs_keys = config.output.obs_keys
         if self.settings.true_key and obs_keys != ["all"] and self.settings.true_key not in obs_keys:
             raise ValueError(f"true_key {self.settings.true_key!r} is not among obs_keys {obs_keys}; keep it")
 

@@ -101,7 +101,7 @@ class ClassifyTask(BatchLoopTask):
             )
         head_sha256 = ""
         if self.classifier is None:
-            adapter = config.inference.adapter
+            adapter = config.model.adapter
             if adapter is None:
                 raise ValueError(
                     "labelling cells needs a classifier: set adapter to a folder written by "
@@ -129,7 +129,7 @@ class ClassifyTask(BatchLoopTask):
 
     def output_keys(self, config: RunConfig) -> tuple[str, ...]:
         """The run's ``output_keys`` and the cell embeddings the head reads."""
-        return tuple(dict.fromkeys([*config.inference.output_keys, EMBEDDINGS]))
+        return tuple(dict.fromkeys([*config.predict.output_keys, EMBEDDINGS]))
 
     def added_obs_columns(self) -> tuple[str, ...]:
         """The predicted class and its probability."""
@@ -147,7 +147,7 @@ class ClassifyTask(BatchLoopTask):
         part = super().run_unit(session, unit, cells, on_batch, limit)
         values = part.outputs.cell_values
         values.update(self.predictions(values[EMBEDDINGS]))
-        if EMBEDDINGS not in session.config.inference.output_keys:
+        if EMBEDDINGS not in session.config.predict.output_keys:
             del values[EMBEDDINGS]
         return part
 

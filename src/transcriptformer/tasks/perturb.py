@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from transcriptformer.engine.config import InferenceConfig, RunConfig
+from transcriptformer.engine.config import RunConfig
 from transcriptformer.engine.task import BatchLoopTask, Part
 from transcriptformer.model.outputs import PERTURBATION_KEYS
 
@@ -37,7 +37,7 @@ class PerturbConfig:
     """What to perturb, and how the results are reduced.
 
     How cells run through the model (batch size, token budget, precision, cells per unit) is the run's
-    :class:`~transcriptformer.engine.config.InferenceConfig`; results depend on none of them.
+    :class:`~transcriptformer.engine.config.RunConfig`; results depend on none of them.
 
     Attributes
     ----------
@@ -66,10 +66,10 @@ class PerturbConfig:
         if self.top_genes < 0:
             raise ValueError(f"top_genes must be >= 0 (0: every gene), got {self.top_genes}")
 
-    def inference_defaults(self) -> InferenceConfig:
+    def run_defaults(self) -> RunConfig:
         """The settings of a perturb run before flags change them."""
-        return InferenceConfig(
-            output_path=self.output_path, output_filename=self.output_filename, output_keys=list(PERTURBATION_KEYS)
+        return RunConfig().replace(
+            output_path=self.output_path, output_filename=self.output_filename, output_keys=PERTURBATION_KEYS
         )
 
 
@@ -93,11 +93,11 @@ class PerturbTask(BatchLoopTask):
         settings = self.settings
         if not settings.knock_out and not settings.over_express:
             raise ValueError("nothing to perturb: give at least one knock_out GENE or over_express GENE[=COUNT]")
-        if sorted(config.inference.output_keys) != sorted(PERTURBATION_KEYS):
+        if sorted(config.predict.output_keys) != sorted(PERTURBATION_KEYS):
             raise ValueError(
                 f"perturb compares the outputs {', '.join(PERTURBATION_KEYS)}; leave output_keys and emb_type unset"
             )
-        if config.inference.pretrained_embedding:
+        if config.model.pretrained_embedding:
             raise ValueError("perturb names genes of the checkpoint's own vocabulary; leave out pretrained_embedding")
         vocab, _ = read_vocabularies(Path(config.model.checkpoint_path), config.checkpoint_config)
         self.perturbations = parse_perturbations(settings.knock_out, settings.over_express, vocab)
@@ -113,7 +113,7 @@ class PerturbTask(BatchLoopTask):
         """The unit's cells perturbed and run with their unperturbed selves (progress: the unit's cells at its end)."""
         from transcriptformer.perturbation.effects import perturb_cells
 
-        predict = session.config.inference.predict_config
+        predict = session.config.predict
         obs, effects = perturb_cells(
             session.model,
             cells,

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from transcriptformer.config import check_range
-from transcriptformer.engine.config import InferenceConfig, RunConfig
+from transcriptformer.engine.config import RunConfig
 from transcriptformer.engine.task import BatchLoopTask
 from transcriptformer.model.outputs import OUTPUTS, SCORE_KEYS
 
@@ -66,9 +66,9 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         check_range(self, "", "outlier_threshold", above=0)
 
-    def inference_defaults(self) -> InferenceConfig:
+    def run_defaults(self) -> RunConfig:
         """The settings of a score run before flags change them: every score output, into ``output_filename``."""
-        return InferenceConfig(output_filename=self.output_filename, output_keys=list(SCORE_KEYS))
+        return RunConfig().replace(output_filename=self.output_filename, output_keys=SCORE_KEYS)
 
 
 @dataclass
@@ -80,7 +80,7 @@ class ScoreTask(BatchLoopTask):
 
     def check(self, config: RunConfig) -> None:
         """Raise a ``ValueError`` when the run does not compute the score that the outlier rule reads."""
-        keys = config.inference.output_keys
+        keys = list(config.predict.output_keys)
         if QC_SCORE not in keys:
             raise ValueError(
                 f"the likelihood outliers are found from {QC_SCORE}, which output_keys {keys} leaves out; add "

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from transcriptformer.engine.config import InferenceConfig, RunConfig
+from transcriptformer.engine.config import RunConfig
 from transcriptformer.engine.task import BatchLoopTask, Part
 from transcriptformer.model.outputs import SCREEN_KEYS
 
@@ -93,10 +93,10 @@ class ScreenConfig:
         parse_state(self.start_state, "start_state")
         parse_state(self.goal_state, "goal_state")
 
-    def inference_defaults(self) -> InferenceConfig:
+    def run_defaults(self) -> RunConfig:
         """The settings of a screen run before flags change them."""
-        return InferenceConfig(
-            output_path=self.output_path, output_filename=self.output_filename, output_keys=list(SCREEN_KEYS)
+        return RunConfig().replace(
+            output_path=self.output_path, output_filename=self.output_filename, output_keys=SCREEN_KEYS
         )
 
 
@@ -113,10 +113,10 @@ class ScreenTask(BatchLoopTask):
     def check(self, config: RunConfig) -> None:
         """The outputs a screen compares, its states' cells and its genes file, before anything is loaded."""
         settings = self.settings
-        if sorted(config.inference.output_keys) != sorted(SCREEN_KEYS):
+        if sorted(config.predict.output_keys) != sorted(SCREEN_KEYS):
             raise ValueError(f"a screen compares the outputs {', '.join(SCREEN_KEYS)}; leave output_keys unset")
         if settings.goal_state is not None:
-            if config.inference.reads_soma:
+            if config.input.reads_soma:
                 raise ValueError("start_state and goal_state select cells of files; give data_files")
             check_states(config, settings)
         if settings.genes_file is not None:
@@ -140,7 +140,7 @@ class ScreenTask(BatchLoopTask):
         from transcriptformer.pipeline import GeneOutputs
 
         settings = self.settings
-        predict = session.config.inference.predict_config
+        predict = session.config.predict
         run = ScreenRun(session.model, predict, session.device, settings.prefix_reuse, session.gene_columns)
         run.limit = limit
         if settings.goal_state is not None:
@@ -238,8 +238,8 @@ def check_states(config: RunConfig, settings: ScreenConfig) -> None:
     from transcriptformer.data.sources import open_counts
 
     counts = {"start_state": 0, "goal_state": 0}
-    for path in config.inference.data_files:
-        with open_counts(Path(path), config.inference.use_raw) as reader:
+    for path in config.input.data_files:
+        with open_counts(Path(path), config.input.use_raw) as reader:
             for name in counts:
                 counts[name] += int(state_rows(reader.obs, getattr(settings, name), name).sum())
     for name, n in counts.items():
