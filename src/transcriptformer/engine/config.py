@@ -39,6 +39,20 @@ EMB_TYPES = ("cell", "cge")
 ALL_OBS_KEYS = "all"
 # What a run writes: the .h5ad, a SOMA array of cell embeddings (at output_soma), or both.
 OUTPUT_FORMATS = ("h5ad", "soma", "both")
+# The output convention of every command. The cell embeddings (the model output "embeddings") go to obsm under
+# EMBEDDING_KEY, from the command line and the Python API alike (scanpy's use_rep, cellxgene's X_<name>); an .h5ad
+# written from files also holds them as EMBEDDING_ALIAS, the original release's key (a hard link: stored once).
+EMBEDDING_KEY, EMBEDDING_ALIAS = "X_transcriptformer", "embeddings"
+
+
+def output_file_name(name: str) -> str:
+    """The one rule for output file names: ``name``, with ``.h5ad`` appended when it does not end so."""
+    return name if name.endswith(".h5ad") else f"{name}.h5ad"
+
+
+def default_output_path(command: str) -> str:
+    """The one rule for default output folders: ``./<command>_results`` (``-`` as ``_``), a folder per command."""
+    return f"./{command.replace('-', '_')}_results"
 
 
 @dataclass
@@ -125,7 +139,7 @@ class InferenceConfig:
     obs_filter: str | None = None
     soma_measurement: str = "RNA"
     soma_x_layer: str = "raw"
-    output_path: str = "./inference_results"
+    output_path: str = default_output_path("inference")
     output_filename: str = "embeddings.h5ad"
     output_format: str | None = None
     output_soma: str | None = None

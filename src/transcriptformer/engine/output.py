@@ -6,7 +6,9 @@ Layout (``n`` cells of all input files); where each output goes is its ``anndata
     obs                 the inputs' obs (original obs_names and order), columns filtered to obs_keys,
                         plus source_file and the per-cell numbers (llh), then the task's columns
                         (transcriptformer.engine.task.Task.finish)
-    obsm[key]           per-cell vectors: (n, E) cell embeddings
+    obsm[key]           per-cell vectors: the (n, E) cell embeddings as obsm["X_transcriptformer"] (scanpy's
+                        use_rep, cellxgene's X_<name>), with obsm["embeddings"] the same HDF5 dataset (a hard link,
+                        stored once) for the original release's readers (EMBEDDING_KEY, EMBEDDING_ALIAS)
     var                 with per-gene layers: the g genes matched in any input, index their gene ids, columns the
                         inputs' var columns (each gene's row from the first file that has it) and input_var_name;
                         without: no genes (g = 0)
@@ -49,6 +51,7 @@ import scipy.sparse as sp
 from anndata.io import sparse_dataset, write_elem
 from filelock import FileLock, Timeout
 
+from transcriptformer.engine.config import EMBEDDING_ALIAS, EMBEDDING_KEY
 from transcriptformer.errors import UserError
 from transcriptformer.model.outputs import OUTPUTS, main_matrix_key
 from transcriptformer.pipeline import GeneOutputs
@@ -56,6 +59,7 @@ from transcriptformer.pipeline import GeneOutputs
 # uns keys of the contextual gene embeddings, as the original release wrote them.
 CGE_EMBEDDINGS, CGE_CELL_INDICES, CGE_GENE_NAMES = "cge_embeddings", "cge_cell_indices", "cge_gene_names"
 GENE_ID = "gene_id"
+OBSM_KEYS = {"embeddings": EMBEDDING_KEY}  # model output -> obsm key, where they differ
 TEMPORARY_SUFFIX = ".tmp.h5ad"
 TEMPORARY_FOLDER_SUFFIX = ".tmp-files"  # the task's files beside the output, while it is written
 # Adds columns to the output's obs once every cell's per-cell numbers are in it; returns the obs to write and uns
@@ -70,6 +74,24 @@ def row_slot(key: str, values: np.ndarray) -> str:
     if key in OUTPUTS:
         return OUTPUTS[key].anndata
     return "obs" if values.ndim == 1 else "obsm"
+
+
+def obsm_key_of(key: str) -> str:
+    """The obsm key that the per-row output ``key`` is written under (``embeddings``: :data:`EMBEDDING_KEY`)."""
+    return OBSM_KEYS.get(key, key)
+
+
+def stored_obsm_key(obsm: Collection[str], key: str) -> str | None:
+    """The key of ``obsm`` that holds the embeddings asked for as ``key``; ``None`` when it holds none.
+
+    ``key`` itself when present; else, for :data:`EMBEDDING_KEY` or :data:`EMBEDDING_ALIAS`, the other of the two, so
+    that files written before the cell embeddings moved to :data:`EMBEDDING_KEY` (only ``embeddings``) and after
+    (or AnnData objects written by the Python API, only ``X_transcriptformer``) are read alike.
+    """
+    if key in obsm:
+        return key
+    pair = {EMBEDDING_KEY: EMBEDDING_ALIAS, EMBEDDING_ALIAS: EMBEDDING_KEY}
+    return pair[key] if key in pair and pair[key] in obsm else None
 
 
 def concat_frames(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
@@ -412,7 +434,8 @@ class _OutputWriter:
             if row_slot(key, values) == "obs":
                 self.obs_values.setdefault(key, []).append(values)
             else:
-                self._dataset(self.file["obsm"], key, (self.n_cells, *values.shape[1:]), values.dtype)[rows] = values
+                obsm, name = self.file["obsm"], obsm_key_of(key)
+                self._dataset(obsm, name, (self.n_cells, *values.shape[1:]), values.dtype)[rows] = values
         for key, matrix in chunk.gene_values.items():
             if key in self.file["layers"]:
                 sparse_dataset(self.file["layers"][key]).append(matrix)
@@ -452,6 +475,8 @@ class _OutputWriter:
         else:
             write_elem(self.file, "var", _as_written_by_anndata(self.var))
             self.file["X"] = self.file["layers"][main_matrix]  # a hard link: the layer is stored once
+        if EMBEDDING_KEY in self.file["obsm"] and EMBEDDING_ALIAS not in self.file["obsm"]:
+            self.file["obsm"][EMBEDDING_ALIAS] = self.file["obsm"][EMBEDDING_KEY]  # a hard link: stored once
         write_elem(self.file["uns"], "transcriptformer", metadata)
         self.file.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
 

@@ -9,7 +9,7 @@ Each process of :func:`run_task` (one, or one per GPU, see :mod:`~transcriptform
    unit's outputs as soon as it is done (:mod:`~transcriptformer.engine.parts`);
 3. rank 0 merges the units in input order, lets the task finish the obs of all cells, writes the ``.h5ad``
    atomically (:mod:`~transcriptformer.engine.output`), prints a summary (:mod:`~transcriptformer.engine.report`;
-   not under ``--quiet``), ``Output: <path>`` and the task's lines (:meth:`Task.describe`).
+   not under ``--quiet``), the task's lines (:meth:`Task.describe`) and, last, ``Output: <path>``.
 
 The process the user started (rank 0 under torchrun) holds the output for the whole run
 (:func:`~transcriptformer.engine.output.claim_output`): its location is checked before anything is loaded, a
@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from transcriptformer.checkpoint import Checkpoint
-from transcriptformer.console import progress_bar, say, worded
+from transcriptformer.console import print_output, progress_bar, say, worded
 from transcriptformer.engine import distributed, parts
 from transcriptformer.engine.config import RunConfig
 from transcriptformer.engine.distributed import Rank
@@ -204,10 +204,10 @@ def run_worker(rank: Rank, init_method: str | None, task: Task, config: RunConfi
             written, added = merge_and_write(session, rank.world_size)
             shutil.rmtree(parts.parts_dir(session))
             say(format_summary(session, rank.world_size, time.time() - started))
-            for output in written:
-                print(f"Output: {output}", flush=True)
             for line in task.describe(added):
                 print(line, flush=True)
+            for output in written:  # the last lines, as every command ends
+                print_output(output)
 
 
 def run_task(task: Task, config: RunConfig, *, dry_run: bool = False) -> Path:

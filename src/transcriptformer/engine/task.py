@@ -22,7 +22,7 @@ The engine calls, in this order (every process runs steps 3-4 for its units; ran
        task.summarize(obs, outputs, genes)   uns entries reduced from every row's outputs, read a part at a time
        task.write_files(folder, obs, uns)    the task's files beside the output (task.output_files(config)),
                                              moved into place with the output in its one atomic write
-    6. task.describe(uns)                    lines printed after the output's path
+    6. task.describe(uns)                    lines printed before the output's path (``Output: <path>``, last)
 
 In memory (the Python API), steps 1-5 (without ``write_files``) run in the calling process, on the same units, and
 ``task.write_into(adata, result)`` stores the results in the user's AnnData instead of step 6.
@@ -155,7 +155,7 @@ class Task(Protocol):
         """
 
     def describe(self, uns: dict) -> list[str]:
-        """Lines printed after the output's path, from the uns entries that :meth:`finish` added."""
+        """Lines printed before the output's path (the last line), from the uns entries that :meth:`finish` added."""
 
     def write_into(self, adata: ad.AnnData, result: MemoryResult) -> None:
         """Store an in-memory run's results in the user's AnnData (the Python API; scvi-tools style)."""

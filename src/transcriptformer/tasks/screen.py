@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from transcriptformer.engine.config import InferenceConfig, RunConfig
+from transcriptformer.engine.config import InferenceConfig, RunConfig, default_output_path
 from transcriptformer.engine.task import BatchLoopTask, Part
 from transcriptformer.model.outputs import SCREEN_KEYS
 
@@ -78,7 +78,7 @@ class ScreenConfig:
     goal_state: str | None = None
     prefix_reuse: bool = True
     null_bins: int = 10
-    output_path: str = "./screen_results"
+    output_path: str = default_output_path("screen")
     output_filename: str = "screen.h5ad"
 
     def __post_init__(self) -> None:
