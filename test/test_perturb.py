@@ -282,6 +282,12 @@ def test_the_command_writes_tables_and_an_anndata_that_scanpy_reads(tmp_path, ge
     assert code == 0, err
     cells = scanpy.read_h5ad(output / "perturbations.h5ad")
     assert list(cells.obs["perturbation"].cat.categories) == [f"ko:{genes.unexpressed}", f"ko:{genes.common}"]
+    # each row carries its input cell's obs columns (cell_type, ..., source_file as inference) after its own
+    inputs = ad.read_h5ad(data).obs
+    assert list(cells.obs.columns[-len(inputs.columns) - 1 :]) == [*inputs.columns, "source_file"]
+    for column in ("cell_type", "assay"):
+        expected = inputs.loc[cells.obs["cell"], column].to_numpy()
+        np.testing.assert_array_equal(cells.obs[column].to_numpy(dtype=str), expected.astype(str))
     assert cells.uns["perturb"]["knock_out"].tolist() == [genes.unexpressed, genes.common]
     summary = pd.read_csv(output / "summary.csv", index_col="perturbation")
     assert summary.loc[f"ko:{genes.unexpressed}", "n_affected"] == 0

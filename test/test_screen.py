@@ -68,6 +68,8 @@ def test_a_screen_writes_its_pairs_and_ranked_genes(tmp_path, capsys):
     pairs = pd.read_parquet(output / "screen_pairs.parquet")
     stored = ad.read_h5ad(output / "screen.h5ad")
     assert stored.n_obs == len(pairs) and set(pairs["cell"]) == set(astrocytes.obs_names)
+    assert (stored.obs["cell_type"] == "astrocyte").all()  # each pair carries its cell's obs columns
+    np.testing.assert_array_equal(stored.obs["assay"], cells.obs.loc[stored.obs["cell"], "assay"])
     assert pairs.groupby("cell").size().max() <= 6 and pairs["count_rank"].max() <= 6
     tokenized = transcriptformer.load(DEMO, device="cpu").tokenize(astrocytes)
     counts = pd.DataFrame(tokenized.counts.toarray(), index=tokenized.obs_names, columns=tokenized.gene_ids)

@@ -95,6 +95,22 @@ def check_rows(task: Task, unit: WorkUnit, part: Part) -> None:
         )
     if not task.rows_are_cells and (part.obs is None or len(part.obs) != part.n_rows):
         raise ValueError(f"task {task.name} returned a unit without the obs of its {part.n_rows} rows")
+    cells = part.cells
+    if cells is not None and (len(cells) != part.n_rows or np.any((cells < 0) | (cells >= unit.stop - unit.start))):
+        raise ValueError(f"task {task.name} named input cells outside unit {unit.index} for its rows")
+
+
+def rows_obs(session: Session, unit: WorkUnit, part: Part) -> pd.DataFrame:
+    """The obs of a part whose rows are not the cells: the task's columns, then those of each row's input cell.
+
+    A row made from an input cell (:attr:`Part.cells`) gets that cell's obs columns (``cell_type``, ...), but for
+    columns that the task writes itself.
+    """
+    if part.cells is None:
+        return part.obs
+    cells = session.files[unit.file_index].obs.iloc[unit.start : unit.stop]
+    carried = cells.drop(columns=[c for c in cells.columns if c in part.obs.columns]).iloc[part.cells]
+    return pd.concat([part.obs, carried.set_axis(part.obs.index)], axis=1)
 
 
 def merge_and_write(session: Session, world_size: int) -> tuple[list[str], dict]:
@@ -127,7 +143,9 @@ def write_h5ad(session: Session, world_size: int) -> dict:
         obs = concat_frames([f.obs for f in session.files])
         obs[SOURCE_FILE_COLUMN] = pd.Categorical(obs[SOURCE_FILE_COLUMN], categories=[f.name for f in session.files])
     else:  # the rows of the parts: read once for the obs (small), again for the outputs
-        obs = concat_frames([parts.load_part(parts.part_file(session, unit)).obs for unit in session.units])
+        obs = concat_frames(
+            [rows_obs(session, unit, parts.load_part(parts.part_file(session, unit))) for unit in session.units]
+        )
     obs.index = obs.index.astype(str)  # a SOMA experiment without obs_id names its cells by joinid
     chunks = (parts.load_part(parts.part_file(session, unit)).outputs for unit in session.units)
     metadata = run_metadata(session, world_size)
@@ -320,15 +338,16 @@ def run_in_memory(
     task.check(config)
     with open_session(config, checkpoint, device, task, data=data) as session:
         limit = MemoryLimit()
-        done = []
+        done, row_obs = [], []
         for unit, cells in read_units(session, session.units):
             done.append(task.run_unit(session, unit, cells, lambda n: None, limit))
             check_rows(task, unit, done[-1])
+            row_obs.append(None if task.rows_are_cells else rows_obs(session, unit, done[-1]))
         outputs = GeneOutputs.concat([part.outputs for part in done])
         if task.rows_are_cells:
             obs = pd.DataFrame(index=session.files[0].obs.index.astype(str))
         else:
-            obs = concat_frames([part.obs for part in done])
+            obs = concat_frames(row_obs)
         for key, values in outputs.cell_values.items():
             if row_slot(key, values) == "obs":
                 obs[key] = values

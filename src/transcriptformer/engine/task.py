@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # a task module is imported by the command line before torch: the heavy imports wait for a run
     import anndata as ad
+    import numpy as np
     import pandas as pd
 
     from transcriptformer.data.tokenize import TokenizedCells
@@ -64,10 +65,16 @@ class Part:
         ``None``: the rows are the unit's cells, in order (the output's obs is the inputs'). Otherwise the rows'
         own obs (index: row names; columns of strings, numbers or booleans), for a task whose rows are not the
         input cells (:attr:`Task.rows_are_cells` ``False``).
+    cells : ndarray or None
+        With ``obs``: each row's input cell, as its position among the unit's cells (``(n_rows,)`` int), for rows
+        made from input cells (a perturbation of a cell); the engine carries that cell's obs columns into the row's
+        obs, after the task's own columns (a column of the task's name keeps the task's values). ``None``: rows
+        not made from one input cell (generated cells).
     """
 
     outputs: GeneOutputs
     obs: pd.DataFrame | None = None
+    cells: np.ndarray | None = None
 
     @property
     def n_rows(self) -> int:

@@ -125,7 +125,7 @@ class PerturbTask(BatchLoopTask):
             limit=limit,
         )
         on_batch(len(cells))
-        return Part(effects, obs)
+        return Part(effects, obs, cells=np.repeat(np.arange(len(cells)), len(self.perturbations)))  # cell by cell
 
     def finish(self, obs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
         """Perturbations as a categorical in the order given; the settings and the model inputs run into uns."""
