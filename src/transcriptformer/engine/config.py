@@ -87,6 +87,10 @@ class InferenceConfig:
     output_soma : str or None
         Folder or URI of the SOMA array of cell embeddings, indexed by the input's ``soma_joinid``, as the Census
         stores its hosted embeddings.
+    keep_counts : bool
+        Write the outputs into a copy of the input: ``X`` the counts read (all the input's genes, its var), per-gene
+        outputs as layers on those genes (0 for genes the vocabulary lacks), for tasks whose rows are the input
+        cells; one input file.
     batch_size : int
         Cells per forward pass; outputs do not depend on it.
     max_tokens : int or None
@@ -143,6 +147,7 @@ class InferenceConfig:
     output_filename: str = "embeddings.h5ad"
     output_format: str | None = None
     output_soma: str | None = None
+    keep_counts: bool = False
     batch_size: int = PredictConfig.batch_size
     max_tokens: int | None = PredictConfig.max_tokens
     output_keys: list[str] = field(default_factory=lambda: list(PredictConfig.output_keys))
@@ -184,6 +189,8 @@ class InferenceConfig:
             raise ValueError(f"obs_keys is empty: list columns, or [{ALL_OBS_KEYS}] for every column")
         self._check_soma_input()
         self._check_soma_output()
+        if self.keep_counts and (self.reads_soma or len(self.data_files) > 1 or not self.writes_h5ad):
+            raise ValueError("keep_counts copies the counts of one input file into the .h5ad: give one of data_files")
 
     def _check_soma_input(self) -> None:
         given = [name for name in ("data_files", "soma", "census_version") if getattr(self, name)]

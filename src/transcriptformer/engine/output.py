@@ -10,8 +10,9 @@ Layout (``n`` cells of all input files); where each output goes is its ``anndata
                         use_rep, cellxgene's X_<name>), with obsm["embeddings"] the same HDF5 dataset (a hard link,
                         stored once) for the original release's readers (EMBEDDING_KEY, EMBEDDING_ALIAS)
     var                 with per-gene layers: the g genes matched in any input, index their gene ids, columns the
-                        inputs' var columns (each gene's row from the first file that has it) and input_var_name;
-                        without: no genes (g = 0)
+                        inputs' var columns (each gene's row from the first file that has it), input_var_name and
+                        symbol (the bundled tables' gene symbols, "" for an id they lack; an input's own symbol
+                        column is kept instead); without: no genes (g = 0)
     layers[key]         per-gene numbers (mu, gene_llh): (n, g) sparse, an entry for each gene whose
                         position holds a value (transcriptformer.model.outputs.gene_positions)
     X                   the layer named by transcriptformer.model.outputs.main_matrix_key (mu first), the same
@@ -59,6 +60,7 @@ from transcriptformer.pipeline import GeneOutputs
 # uns keys of the contextual gene embeddings, as the original release wrote them.
 CGE_EMBEDDINGS, CGE_CELL_INDICES, CGE_GENE_NAMES = "cge_embeddings", "cge_cell_indices", "cge_gene_names"
 GENE_ID = "gene_id"
+SYMBOL = "symbol"  # var column of each gene's symbol
 OBSM_KEYS = {"embeddings": EMBEDDING_KEY}  # model output -> obsm key, where they differ
 TEMPORARY_SUFFIX = ".tmp.h5ad"
 TEMPORARY_FOLDER_SUFFIX = ".tmp-files"  # the task's files beside the output, while it is written
@@ -126,6 +128,20 @@ def concat_var(frames: Sequence[pd.DataFrame], genes: pd.Index) -> pd.DataFrame:
     """
     var = concat_frames(frames).groupby(level=0, sort=False).first().reindex(genes)
     return var.rename_axis(None if GENE_ID in var.columns else GENE_ID)
+
+
+def with_symbols(var: pd.DataFrame) -> pd.DataFrame:
+    """``var`` (index gene ids) with each gene's symbol in column ``symbol``, unless it has that column already.
+
+    Symbols come from the bundled human and mouse tables (:func:`~transcriptformer.data.gene_symbols.symbols_by_id`);
+    ``""`` for an id they lack (another species, a special token).
+    """
+    from transcriptformer.data.gene_symbols import symbols_by_id
+
+    if SYMBOL in var.columns:
+        return var
+    table = symbols_by_id()
+    return var.assign(**{SYMBOL: [table.get(str(gene), "") for gene in var.index]})
 
 
 def lock_file_of(path: Path) -> Path:

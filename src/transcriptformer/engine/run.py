@@ -24,13 +24,14 @@ import contextlib
 import itertools
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
 from transcriptformer.checkpoint import Checkpoint
@@ -44,6 +45,7 @@ from transcriptformer.engine.output import (
     concat_var,
     remove_stale_temporaries,
     row_slot,
+    with_symbols,
     write_output,
 )
 from transcriptformer.engine.report import (
@@ -68,6 +70,8 @@ from transcriptformer.engine.task import Part, Task
 from transcriptformer.errors import UserError
 from transcriptformer.pipeline import GeneOutputs, MemoryLimit
 from transcriptformer.runtime import resolve_device, use_cpu_threads
+
+COUNTS_LAYER = "counts"  # with keep_counts: the input's counts, also X (stored once)
 
 
 def process_units(session: Session, units: Sequence[WorkUnit], rank: Rank) -> None:
@@ -152,6 +156,9 @@ def write_h5ad(session: Session, world_size: int) -> dict:
     var = session.task.output_var(session)
     if var is None:
         var = concat_var([f.var for f in session.files], session.genes)
+    var, main_layer = with_symbols(var), session.task.main_layer
+    if session.config.inference.keep_counts:
+        chunks, var, main_layer = with_input_counts(session, chunks)
     task, added, finished = session.task, {}, {}
 
     def finish(obs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
@@ -165,10 +172,45 @@ def write_h5ad(session: Session, world_size: int) -> dict:
     files = (task.output_files(session.config), lambda folder: task.write_files(folder, finished["obs"], added))
     overwrite = session.config.inference.overwrite
     try:
-        write_output(session.output_file, obs, var, chunks, metadata, overwrite, finish, task.main_layer, files)
+        write_output(session.output_file, obs, var, chunks, metadata, overwrite, finish, main_layer, files)
     except OSError as error:
         raise parts.write_failed(session.output_file, error, parts.parts_dir(session)) from error
     return added
+
+
+def with_input_counts(
+    session: Session, chunks: Iterable[GeneOutputs]
+) -> tuple[Iterator[GeneOutputs], pd.DataFrame, Callable[[Collection[str]], str]]:
+    """The outputs as a copy of the one input file (``keep_counts``): its counts in ``X``, the outputs on its genes.
+
+    Returns the chunks (each with the counts of its cells as the run read them, in the stored type, as layer
+    :data:`COUNTS_LAYER`; every per-gene output, and the genes of contextual embeddings, moved onto the input's var
+    columns), the input's var (of ``raw`` when the counts came from there), and the choice of ``X``: the counts.
+    """
+    file = session.files[0]
+    reader, kept = file.cells.reader, file.cells
+    n_vars = len(reader.var)
+    known = pd.Index(file.var.index).drop_duplicates()
+    columns = np.asarray(kept.selection.columns)[known.get_indexer(session.genes)]  # gene axis -> input column
+
+    def copied() -> Iterator[GeneOutputs]:
+        for unit, outputs in zip(session.units, chunks, strict=True):
+            rows = kept.source_rows(unit.start, unit.stop)  # a unit holds a cell or more
+            counts = sp.csr_matrix(reader.rows(int(rows[0]), int(rows[-1]) + 1)[rows - rows[0]])
+            moved = {key: on_input_genes(m, columns, n_vars) for key, m in outputs.gene_values.items()}
+            outputs.gene_values = {COUNTS_LAYER: counts, **moved}
+            if outputs.cge:
+                outputs.cge["gene_index"] = columns[outputs.cge["gene_index"]]
+            yield outputs
+
+    return copied(), reader.var, lambda layers: COUNTS_LAYER
+
+
+def on_input_genes(matrix: sp.csr_matrix, columns: np.ndarray, n_vars: int) -> sp.csr_matrix:
+    """``matrix`` (cells x gene axis) on the input's ``n_vars`` genes: gene-axis column ``j`` to ``columns[j]``."""
+    moved = sp.csr_matrix((matrix.data, columns[matrix.indices], matrix.indptr), shape=(matrix.shape[0], n_vars))
+    moved.sort_indices()
+    return moved
 
 
 def write_soma(session: Session) -> None:
@@ -246,6 +288,8 @@ def run_task(task: Task, config: RunConfig, *, dry_run: bool = False) -> Path:
     """
     started = time.time()
     task.check(config)
+    if config.inference.keep_counts and not task.rows_are_cells:
+        raise ValueError(f"keep_counts copies the input's cells, and the rows of task {task.name} are not the cells")
     if config.inference.writes_soma and not task.rows_are_cells:
         raise ValueError(f"output_soma holds a row per input cell, and the rows of task {task.name} are not the cells")
     device = resolve_device(config.inference.device)
