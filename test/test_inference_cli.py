@@ -180,7 +180,7 @@ def test_several_files_with_different_genes(inference, reference_model, referenc
     assert set(first_genes) <= set(adata.var_names[:1024])
     assert adata.n_vars == len(set(adata.var_names[:1024]) | set(second.var["ensembl_id"].dropna()) & set(vocab_ids))
     # with the var columns of both files: each gene's values from the first file that has them
-    assert list(adata.var.columns) == [*first.var.columns, "input_var_name", "gene_symbol"]
+    assert list(adata.var.columns) == [*first.var.columns, "input_var_name", "gene_symbol", "symbol"]
     first_var, second_var = (
         v.var.reset_index().set_index("ensembl_id").reindex(adata.var_names) for v in (first, second)
     )

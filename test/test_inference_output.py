@@ -214,11 +214,12 @@ def test_per_gene_outputs_are_layers_over_the_inputs_var(run_inference, referenc
     adata = run_inference("embeddings", "gene_llh", "mu")
     source = ad.read_h5ad(reference_input)
     assert adata.var_names.name == "gene_id" and adata.var_names.is_unique
-    assert list(adata.var.columns) == [*source.var.columns, "input_var_name"]
+    assert list(adata.var.columns) == [*source.var.columns, "input_var_name", "symbol"]
     kept = source.var.loc[adata.var["input_var_name"]]
     assert list(kept["ensembl_id"]) == list(adata.var_names)
     for column in source.var.columns:
         assert list(adata.var[column]) == list(kept[column]), column
+    assert (adata.var["symbol"] == kept["gene_name"].to_numpy()).mean() > 0.95  # the bundled table's symbols
     for key in ("mu", "gene_llh"):
         assert adata.layers[key].shape == adata.shape == (64, adata.n_vars)
     assert (adata.X != adata.layers["mu"]).nnz == 0  # X: the expected counts, a matrix scanpy can work on
