@@ -61,8 +61,8 @@ def test_a_screen_writes_its_pairs_and_ranked_genes(tmp_path, capsys):
     output = tmp_path / "out"
     args = ["screen", "--checkpoint-path", DEMO, "--data-file", HELDOUT, "--output-path", output, "--knock-out", "all"]
     flags = ["--obs-filter", "cell_type == 'astrocyte'", "--max-genes-per-cell", "6", "--null-bins", "2"]
-    code, err = run_cli(capsys, *args, *flags)
-    assert code == 0, err
+    assert main([str(a) for a in [*args, *flags]]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"Output: {(output / 'screen.h5ad').resolve()}"
     cells = ad.read_h5ad(HELDOUT)
     astrocytes = cells[cells.obs["cell_type"] == "astrocyte"]
     pairs = pd.read_parquet(output / "screen_pairs.parquet")
