@@ -76,7 +76,7 @@ def test_obsm_key_without_rejection_equals_scikit_learn_knn(files, tmp_path, cap
     )  # fmt: skip
     assert quietly_main(arguments) == 0
     printed = capsys.readouterr().out
-    assert printed.splitlines()[0] == f"Output: {(output / 'annotated.h5ad').resolve()}"
+    assert printed.splitlines()[-1] == f"Output: {(output / 'annotated.h5ad').resolve()}"
     result = ad.read_h5ad(output / "annotated.h5ad")
     reference, query = ad.read_h5ad(files["reference"]), ad.read_h5ad(files["query"])
     knn = scikit_learn_knn("cosine", AnnotateConfig.n_neighbors).fit(reference.obsm["X_pca"], reference.obs[KEY])
@@ -122,17 +122,19 @@ def test_figures_unknown_rate_and_summary(files, tmp_path):
 
 
 def test_inference_outputs_chained_into_annotate(files, embedded, tmp_path):
-    """``inference`` outputs as both sides (--obsm-key embeddings) give the library's labels on the same vectors."""
+    """``inference`` outputs as both sides (``--obsm-key X_transcriptformer``): the library's labels on them."""
     output = tmp_path / "out"
     arguments = annotate(
         "--reference", embedded["reference"], "--label-key", KEY, "--data-file", embedded["query"],
-        "--obsm-key", "embeddings", "--no-figures", "--output-path", output,
+        "--obsm-key", "X_transcriptformer", "--no-figures", "--output-path", output,
     )  # fmt: skip
     assert quietly_main(arguments) == 0
     reference, query = ad.read_h5ad(embedded["reference"]), ad.read_h5ad(embedded["query"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        expected = transcriptformer.annotate(query.obsm["embeddings"], reference.obsm["embeddings"], reference.obs, KEY)
+        expected = transcriptformer.annotate(
+            query.obsm["X_transcriptformer"], reference.obsm["X_transcriptformer"], reference.obs, KEY
+        )
     result = ad.read_h5ad(output / "annotated.h5ad")
     np.testing.assert_array_equal(result.obs[f"predicted_{KEY}"].astype(str), expected[f"predicted_{KEY}"].astype(str))
     np.testing.assert_allclose(result.obs[f"{KEY}_confidence"], expected[f"{KEY}_confidence"], rtol=1e-6)
@@ -155,10 +157,12 @@ def test_from_a_checkpoint_equals_inference_then_the_library(embedded, from_chec
     """The engine's embeddings of both sides, then the library's label transfer on them."""
     result = from_checkpoint["output"]
     reference, query = ad.read_h5ad(embedded["reference"]), ad.read_h5ad(embedded["query"])
-    np.testing.assert_array_equal(result.obsm["embeddings"], query.obsm["embeddings"])
+    np.testing.assert_array_equal(result.obsm["X_transcriptformer"], query.obsm["X_transcriptformer"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        expected = transcriptformer.annotate(query.obsm["embeddings"], reference.obsm["embeddings"], reference.obs, KEY)
+        expected = transcriptformer.annotate(
+            query.obsm["X_transcriptformer"], reference.obsm["X_transcriptformer"], reference.obs, KEY
+        )
     np.testing.assert_array_equal(result.obs[f"predicted_{KEY}"].astype(str), expected[f"predicted_{KEY}"].astype(str))
     assert result.uns["annotation"]["reference"]["model_id"] == result.uns["transcriptformer"]["weights_sha256"]
     manifest = json.loads((from_checkpoint["index"] / "manifest.json").read_text())
@@ -210,7 +214,9 @@ def test_a_reference_of_another_species_uses_its_own_gene_table(files, from_chec
     )  # fmt: skip
     assert quietly_main(arguments) == 0
     result, mouse = ad.read_h5ad(output / "annotated.h5ad"), from_checkpoint["output"]
-    np.testing.assert_allclose(result.obsm["embeddings"], mouse.obsm["embeddings"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        result.obsm["X_transcriptformer"], mouse.obsm["X_transcriptformer"], rtol=1e-5, atol=1e-6
+    )
     agree = (result.obs[f"predicted_{KEY}"].astype(str) == mouse.obs[f"predicted_{KEY}"].astype(str)).mean()
     assert agree == 1.0
     assert list(result.uns["transcriptformer"]["pretrained_embedding"]) == [str(tmp_path / "frog.h5")]
@@ -225,7 +231,7 @@ def test_the_python_api_runs_the_same_task(files, from_checkpoint):
     first = from_checkpoint["output"]
     np.testing.assert_array_equal(frame[f"predicted_{KEY}"].astype(str), first.obs[f"predicted_{KEY}"].astype(str))
     np.testing.assert_array_equal(query.obs[f"predicted_{KEY}"].astype(str), first.obs[f"predicted_{KEY}"].astype(str))
-    np.testing.assert_array_equal(query.obsm["X_transcriptformer"], first.obsm["embeddings"])
+    np.testing.assert_array_equal(query.obsm["X_transcriptformer"], first.obsm["X_transcriptformer"])
     assert query.uns["annotation"]["summary"][KEY]["cells"] == query.n_obs
     index = ReferenceIndex.load(from_checkpoint["index"])
     again = model.annotate(ad.read_h5ad(files["query"]), index)

@@ -148,7 +148,7 @@ def test_invalid_counts_drop_leaves_those_cells_out_and_keeps_obs_in_step(
     kept = np.setdiff1d(np.arange(64), CORRUPTED_CELLS)
     names = ad.read_h5ad(reference_input).obs_names
     assert list(written.obs_names) == list(names[kept])
-    np.testing.assert_allclose(written.obsm["embeddings"], expected["embeddings"][kept], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(written.obsm["X_transcriptformer"], expected["embeddings"][kept], rtol=1e-5, atol=1e-6)
     assert list(written.uns["transcriptformer"]["cells_dropped"]) == [2]
 
 
@@ -164,7 +164,9 @@ def test_invalid_counts_clip_reads_them_as_zero_or_the_clip(
     X[~np.isfinite(X) | (X < 0)] = becomes
     repaired.X = sp.csr_matrix(X)
     written = ad.read_h5ad(tmp_path / "out" / "embeddings.h5ad")
-    np.testing.assert_allclose(written.obsm["embeddings"], reference_model.embed(repaired, key_added=None), atol=1e-6)
+    np.testing.assert_allclose(
+        written.obsm["X_transcriptformer"], reference_model.embed(repaired, key_added=None), atol=1e-6
+    )
 
 
 def test_clipping_infinite_counts_needs_a_clip_value(cli, reference_model, reference_input, reference_dir, tmp_path):
@@ -233,7 +235,7 @@ def test_empty_cells_get_nan_outputs_and_are_counted(cli, reference_input, refer
     assert "2 of 64 cells have no count among the" in text and "--drop-empty-cells" in text  # the summary
     written = ad.read_h5ad(tmp_path / "out" / "embeddings.h5ad")
     assert written.n_obs == 64 and list(written.uns["transcriptformer"]["cells_empty"]) == [2]
-    embeddings = written.obsm["embeddings"]
+    embeddings = written.obsm["X_transcriptformer"]
     assert np.isnan(embeddings[[3, 10]]).all() and np.isnan(written.obs["llh"].to_numpy()[[3, 10]]).all()
     others = np.setdiff1d(np.arange(64), [3, 10])
     np.testing.assert_allclose(embeddings[others], expected["embeddings"][others], rtol=1e-5, atol=1e-6)
@@ -247,7 +249,7 @@ def test_drop_empty_cells_leaves_them_out(cli, reference_input, reference_dir, e
     written = ad.read_h5ad(tmp_path / "out" / "embeddings.h5ad")
     others = np.setdiff1d(np.arange(64), [3, 10])
     assert list(written.obs_names) == list(ad.read_h5ad(reference_input).obs_names[others])
-    np.testing.assert_allclose(written.obsm["embeddings"], expected["embeddings"][others], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(written.obsm["X_transcriptformer"], expected["embeddings"][others], rtol=1e-5, atol=1e-6)
 
 
 def test_api_gives_empty_cells_nan_embeddings(reference_model, reference_input, tmp_path):

@@ -198,6 +198,7 @@ def test_cli_reports_coverage(tmp_path, fasta, esm_file, capsys):
     assert f"wrote 3 gene vectors of width {WIDTH} to {tmp_path / 'tiny_species_gene.h5'}" in out
     assert "5 FASTA records, 1 without a gene id (skipped), 0 genes truncated" in out
     assert "coverage of the dataset: 3 of 1,122 genes (0.3%)" in out
+    assert out.splitlines()[-1] == f"Output: {(tmp_path / 'tiny_species_gene.h5').resolve()}"
     assert main([*args[:-2], "--layer", "3", "--overwrite"]) == 1
     assert "layer must be between 1 and 2" in capsys.readouterr().err
 

@@ -182,6 +182,7 @@ def test_cli_exit_code_when_a_dataset_fails(server, tmp_path, capsys):
     assert code == 1
     captured = capsys.readouterr()
     assert "0 of 1 datasets ready" in captured.out and "1 failed" in captured.out
+    assert captured.out.splitlines()[-1] == f"Output: {tmp_path.resolve()}"
     assert "HTTP 404" in captured.err
 
 

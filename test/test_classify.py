@@ -160,11 +160,12 @@ def test_training_is_deterministic_with_a_seed(cells, tmp_path, monkeypatch):
 def test_predict_labels_writes_classes_and_probabilities(trained, cells, tmp_path, capsys):
     output, _ = trained
     args = ["--checkpoint-path", DEMO, "--adapter", output, "--data-file", cells, "--output-path", tmp_path]
-    code, _ = run_cli(capsys, "predict-labels", *args, "--device", "cpu")
-    assert code == 0
+    assert main(["predict-labels", *map(str, args), "--device", "cpu", "--keep-counts"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"Output: {(tmp_path / 'predicted_labels.h5ad').resolve()}"
     labelled = ad.read_h5ad(tmp_path / "predicted_labels.h5ad")
     source = ad.read_h5ad(cells)
     assert labelled.obs_names.equals(source.obs_names)
+    assert labelled.var_names.equals(source.var_names) and (labelled.X != source.X).nnz == 0  # --keep-counts
     assert (labelled.obs[LABEL].astype(str) == source.obs[LABEL].astype(str)).all()  # the input's obs is kept
     classes = json.loads((output / CLASSIFIER_CONFIG_FILE).read_text())["classes"]
     assert list(labelled.uns["cell_type_probabilities"]["classes"]) == classes
@@ -267,7 +268,7 @@ def predict_labels_command(trained, cells: Path, output: Path, *extra) -> list[s
 def assert_same_labels(labelled: ad.AnnData, whole: ad.AnnData) -> None:
     assert labelled.obs.equals(whole.obs)
     np.testing.assert_array_equal(labelled.obsm["cell_type_probabilities"], whole.obsm["cell_type_probabilities"])
-    np.testing.assert_array_equal(labelled.obsm["embeddings"], whole.obsm["embeddings"])
+    np.testing.assert_array_equal(labelled.obsm["X_transcriptformer"], whole.obsm["X_transcriptformer"])
 
 
 @pytest.mark.slow  # four fresh processes

@@ -41,7 +41,7 @@ def test_cli_predict_smoke(tmp_path, reference_dir, reference_input, reference_m
     assert (adata.obs["source_file"] == str(reference_input)).all()
 
     # per-cell outputs
-    np.testing.assert_array_equal(adata.obsm["embeddings"], api["embeddings"])
+    np.testing.assert_array_equal(adata.obsm["X_transcriptformer"], api["embeddings"])
     np.testing.assert_array_equal(adata.obs["llh"], api["llh"])
     np.testing.assert_array_equal(adata.uns["llh"]["llh"], api["llh"])
 

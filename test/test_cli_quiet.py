@@ -140,7 +140,7 @@ def test_finetune_is_quiet_by_default_and_writes_a_model_card(tmp_path):
     assert result.returncode == 0, result.stderr
     assert not [noise for noise in LIGHTNING_NOISE if noise in result.stderr], result.stderr
     assert result.stderr.count(SLOW_PRECISION) == 1  # and float16 trained on the CPU, as asked
-    assert result.stdout.rstrip().endswith("adapters saved to adapters")
+    assert result.stdout.splitlines()[-1] == f"Output: {(tmp_path / 'adapters').resolve()}"
     adapters = tmp_path / "adapters"
     files = [name for name in os.listdir(adapters) if "." in name and not name.startswith(".")]  # not the lock
     modes = {name: stat.S_IMODE((adapters / name).stat().st_mode) for name in files}
@@ -161,5 +161,5 @@ def test_verbose_shows_lightning_logs_and_quiet_only_the_result(tmp_path):
     train = ["train", "--quiet", "--config", str(TRAIN_CONFIG)]
     quiet = run_cli([*train, *tiny_train_overrides(tmp_path / "model", "trainer.max_steps=1")], cwd=tmp_path)
     assert quiet.returncode == 0, quiet.stderr
-    assert quiet.stdout == f"checkpoint saved to {tmp_path / 'model'}\n"
+    assert quiet.stdout == f"Output: {(tmp_path / 'model').resolve()}\n"
     assert not [noise for noise in LIGHTNING_NOISE if noise in quiet.stderr], quiet.stderr

@@ -61,7 +61,7 @@ def test_documented_reproduction_command_trains_loadable_adapters(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     assert run_finetune_lora([*BASE, *flags.split()], monkeypatch) == 0
     adapters = tmp_path / "adapters_epoch1.pt"
-    assert "adapters saved to adapters_epoch1.pt" in capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines()[-1] == f"Output: {adapters.resolve()}"
     assert (adapters / ADAPTER_CONFIG_FILE).is_file()
     weights = load_file(adapters / ADAPTER_WEIGHTS_FILE)
     assert {tuple(w.shape) for k, w in weights.items() if "lora_A" in k} == {(4, 64), (4, 128)}
@@ -72,7 +72,9 @@ def test_documented_reproduction_command_trains_loadable_adapters(tmp_path, monk
 
     merged = tmp_path / "merged"
     merge = ["merge-adapters", "--checkpoint-path", str(REFERENCE), "--adapter", str(adapters), "--output-path"]
+    capsys.readouterr()
     assert main([*merge, str(merged)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"Output: {merged.resolve()}"
     assert transcriptformer.load(merged, device="cpu").predict(CELLS, batch_size=32, output_keys=["llh"])[
         "llh"
     ].shape == (64,)

@@ -39,7 +39,7 @@ def assert_same_cells(actual: ad.AnnData, desired: ad.AnnData) -> None:
     assert actual_pairs.equals(desired_pairs)
     assert_close(actual_cge, desired_cge, "cge")
     actual = actual[desired.obs_names, desired.var_names]
-    assert_close(actual.obsm["embeddings"], desired.obsm["embeddings"], "embeddings")
+    assert_close(actual.obsm["X_transcriptformer"], desired.obsm["X_transcriptformer"], "embeddings")
     assert_close(actual.obs["llh"].to_numpy(), desired.obs["llh"].to_numpy(), "llh")
     for layer in ("mu", "gene_llh"):
         got, want = actual.layers[layer].tocsr(), desired.layers[layer].tocsr()

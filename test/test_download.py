@@ -265,7 +265,7 @@ def test_cli_downloads_once_and_reports_failures(server, tmp_path, capsys):
     server.add("/tf_sapiens.tar.gz", checkpoint_archive())
     args = ["download", "tf-sapiens", "--checkpoint-dir", str(tmp_path), "--base-url", server.base_url]
     assert main([*args, "--no-progress"]) == 0
-    assert "tf-sapiens: ready in" in capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines()[-1] == f"Output: {(tmp_path / 'tf_sapiens').resolve()}"
     assert main([*args, "--no-progress"]) == 0  # already complete: nothing fetched again
     assert len(server.requests) == 1
     assert os.listdir(tmp_path / "tf_sapiens")

@@ -49,7 +49,7 @@ def test_the_command_writes_the_layers_embedding(reference_dir, reference_input,
     assert main([*argv, "--output-path", str(tmp_path), "--embedding-layer-index", "0"]) == 0
     written = ad.read_h5ad(tmp_path / "embeddings.h5ad")
     np.testing.assert_array_equal(
-        written.obsm["embeddings"], reference_model.embed(reference_input, embedding_layer_index=0)
+        written.obsm["X_transcriptformer"], reference_model.embed(reference_input, embedding_layer_index=0)
     )
 
 

@@ -65,7 +65,7 @@ def test_rows_of_their_own_are_written_from_files_and_in_memory(reference_dir, r
     names = ad.read_h5ad(reference_input).obs_names
     assert list(written.obs_names) == expected_rows(names, 24) and written.n_obs == 2 * len(names)
     cell = names.get_indexer(written.obs["cell"])
-    np.testing.assert_allclose(written.obsm["embeddings"], expected["embeddings"][cell], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(written.obsm["X_transcriptformer"], expected["embeddings"][cell], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(written.obs["llh"], expected["llh"][cell], rtol=1e-4)
     assert (written.obs["copy_label"] == "copy " + written.obs["copy"].astype(str)).all()
     assert written.uns["rows"] == 128 and "llh_rank" in written.obs
@@ -78,7 +78,7 @@ def test_rows_of_their_own_are_written_from_files_and_in_memory(reference_dir, r
     pd.testing.assert_frame_equal(
         result.obs, written.obs.drop(columns="source_file", errors="ignore"), check_dtype=False, check_categorical=False
     )
-    np.testing.assert_array_equal(result.outputs.cell_values["embeddings"], written.obsm["embeddings"])
+    np.testing.assert_array_equal(result.outputs.cell_values["embeddings"], written.obsm["X_transcriptformer"])
 
 
 def test_a_task_whose_rows_are_not_the_cells_cannot_write_a_soma_array(reference_dir, reference_input, tmp_path):

@@ -146,7 +146,7 @@ def test_pca_and_the_demo_model_beat_a_random_embedding(demo_report):
 @pytest.mark.slow  # the demo_report fixture: two minutes or more on two cores
 def test_the_report_files_are_written(demo_report):
     printed, _, output = demo_report
-    assert f"report written to {output}" in printed
+    assert printed.splitlines()[-1] == f"Output: {output.resolve()}"
     umap, bars = imread(output / UMAP_FIGURE), imread(output / METRICS_FIGURE)
     assert umap.shape[0] > 600 and umap.shape[1] > 1200  # five panels in two rows, and the legend
     assert bars.shape[0] > 300 and bars.shape[1] > 600

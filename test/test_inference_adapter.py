@@ -38,7 +38,7 @@ def test_adapters_change_outputs_the_same_way_in_cli_and_api(
         == 0
     )
     written = ad.read_h5ad(tmp_path / "embeddings.h5ad")
-    np.testing.assert_allclose(written.obsm["embeddings"], adapted["embeddings"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(written.obsm["X_transcriptformer"], adapted["embeddings"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(written.obs["llh"], adapted["llh"], rtol=1e-5)
     assert written.uns["transcriptformer"]["adapter"] == str(adapter.resolve())
 

@@ -155,7 +155,7 @@ def test_overrides_use_hydra_grammar_lists_included(inference, reference_model, 
     adata = ad.read_h5ad(output)
     assert list(adata.obs.columns) == ["cell_type", "assay", "source_file", "llh"]
     api = reference_model.predict(reference_input, output_keys=("embeddings", "llh"), clip_counts=5)
-    np.testing.assert_array_equal(adata.obsm["embeddings"], api["embeddings"])
+    np.testing.assert_array_equal(adata.obsm["X_transcriptformer"], api["embeddings"])
     np.testing.assert_array_equal(adata.obs["llh"], api["llh"])
     settings = json.loads(adata.uns["transcriptformer"]["config"])
     assert settings["model"]["data_config"]["clip_counts"] == 5
@@ -181,7 +181,7 @@ def test_several_files_with_different_genes(inference, reference_model, referenc
     assert set(first_genes) <= set(adata.var_names[:1024])
     assert adata.n_vars == len(set(adata.var_names[:1024]) | set(second.var["ensembl_id"].dropna()) & set(vocab_ids))
     # with the var columns of both files: each gene's values from the first file that has them
-    assert list(adata.var.columns) == [*first.var.columns, "input_var_name", "gene_symbol"]
+    assert list(adata.var.columns) == [*first.var.columns, "input_var_name", "gene_symbol", "symbol"]
     first_var, second_var = (
         v.var.reset_index().set_index("ensembl_id").reindex(adata.var_names) for v in (first, second)
     )
@@ -193,7 +193,7 @@ def test_several_files_with_different_genes(inference, reference_model, referenc
     assert adata.var["gene_symbol"][~in_second].isna().all()
 
     np.testing.assert_array_equal(
-        adata.obsm["embeddings"], np.concatenate([api_first["embeddings"], api_second["embeddings"]])
+        adata.obsm["X_transcriptformer"], np.concatenate([api_first["embeddings"], api_second["embeddings"]])
     )
     mu = adata.layers["mu"]
     np.testing.assert_allclose(
@@ -217,7 +217,7 @@ def test_existing_output_is_kept_unless_overwrite(inference, capsys):
 def test_esm2ce_is_the_mean_of_raw_gene_embedding_rows(inference, reference_model, reference_input):
     code, output = inference("--model-type", "esm2ce")
     assert code == 0
-    embeddings = ad.read_h5ad(output).obsm["embeddings"]
+    embeddings = ad.read_h5ad(output).obsm["X_transcriptformer"]
     table = reference_model.model.gene_embeddings.embedding.weight.numpy()  # the frozen table of the weights
     tokens = reference_model.tokenize(reference_input).batch(np.arange(64)).gene_tokens.numpy()
     assert embeddings.shape == (64, table.shape[1])
@@ -233,10 +233,10 @@ def test_mixed_precision_runs_on_cpu_and_stays_close(inference, reference_model,
     adata = ad.read_h5ad(output)
     assert adata.uns["transcriptformer"]["precision"] == "bf16-mixed"
     api = reference_model.predict(reference_input, output_keys=("embeddings", "llh"))
-    assert not np.array_equal(adata.obsm["embeddings"], api["embeddings"])  # it did run in bfloat16
+    assert not np.array_equal(adata.obsm["X_transcriptformer"], api["embeddings"])  # it did run in bfloat16
     np.testing.assert_allclose(adata.obs["llh"], api["llh"], rtol=0.05)
-    similarity = (adata.obsm["embeddings"] * api["embeddings"]).sum(1) / (
-        np.linalg.norm(adata.obsm["embeddings"], axis=1) * np.linalg.norm(api["embeddings"], axis=1)
+    similarity = (adata.obsm["X_transcriptformer"] * api["embeddings"]).sum(1) / (
+        np.linalg.norm(adata.obsm["X_transcriptformer"], axis=1) * np.linalg.norm(api["embeddings"], axis=1)
     )
     assert similarity.min() > 0.99
 
@@ -249,5 +249,5 @@ def test_reading_ahead_in_threads_gives_the_same_file(inference, reference_dir):
     code, output = inference(*args, "--n-data-workers", "2", "--overwrite")
     assert code == 0
     threaded = ad.read_h5ad(output)
-    np.testing.assert_array_equal(threaded.obsm["embeddings"], plain.obsm["embeddings"])
+    np.testing.assert_array_equal(threaded.obsm["X_transcriptformer"], plain.obsm["X_transcriptformer"])
     assert (threaded.layers["mu"] != plain.layers["mu"]).nnz == 0

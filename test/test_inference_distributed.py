@@ -44,7 +44,7 @@ def assert_same_outputs(merged: ad.AnnData, single: ad.AnnData) -> None:
     assert list(merged.obs_names) == list(single.obs_names)
     assert merged.obs.equals(single.obs)
     assert list(merged.var_names) == list(single.var_names)
-    np.testing.assert_array_equal(merged.obsm["embeddings"], single.obsm["embeddings"])
+    np.testing.assert_array_equal(merged.obsm["X_transcriptformer"], single.obsm["X_transcriptformer"])
     for layer in ("mu", "gene_llh"):
         assert (merged.layers[layer] != single.layers[layer]).nnz == 0, layer
     for key in ("cge_embeddings", "cge_cell_indices", "cge_gene_names"):

@@ -4,6 +4,7 @@ The layout is checked with what users run on it: scanpy's common calls, and code
 """
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -141,7 +142,10 @@ def test_file_written_chunk_by_chunk_holds_every_output(chunk, tmp_path, referen
     back = ad.read_h5ad(tmp_path / "out.h5ad")
     assert list(back.obs_names) == list(obs.index) and list(back.obs["label"]) == list(obs["label"])
     pd.testing.assert_frame_equal(back.var, var)
-    np.testing.assert_array_equal(back.obsm["embeddings"], chunk.cell_values["embeddings"])
+    np.testing.assert_array_equal(back.obsm["X_transcriptformer"], chunk.cell_values["embeddings"])
+    np.testing.assert_array_equal(back.obsm["embeddings"], chunk.cell_values["embeddings"])  # the original's key
+    with h5py.File(tmp_path / "out.h5ad") as f:  # the same dataset under both keys: stored once
+        assert f["obsm/embeddings"] == f["obsm/X_transcriptformer"]
     np.testing.assert_array_equal(back.obs["llh"], chunk.cell_values["llh"])
     np.testing.assert_array_equal(back.uns["llh"]["llh"], chunk.cell_values["llh"])
     for key in ("mu", "gene_llh"):
@@ -202,7 +206,7 @@ def test_cell_outputs_have_no_genes_and_the_readmes_scanpy_calls_work(run_infere
     sc.pl.umap(adata, color="cell_type", show=False)
     sc.tl.leiden(adata, flavor="igraph", n_iterations=2)
     assert adata.obsm["X_umap"].shape == (64, 2) and adata.obs["leiden"].notna().all()
-    adata.obsm["X_pca"] = sc.pp.pca(adata.obsm["embeddings"], n_comps=10)  # PCA of the embeddings (docs)
+    adata.obsm["X_pca"] = sc.pp.pca(adata.obsm["X_transcriptformer"], n_comps=10)  # PCA of the embeddings (docs)
     assert adata.obsm["X_pca"].shape == (64, 10) and np.isfinite(adata.obsm["X_pca"]).all()
 
 
@@ -210,11 +214,12 @@ def test_per_gene_outputs_are_layers_over_the_inputs_var(run_inference, referenc
     adata = run_inference("embeddings", "gene_llh", "mu")
     source = ad.read_h5ad(reference_input)
     assert adata.var_names.name == "gene_id" and adata.var_names.is_unique
-    assert list(adata.var.columns) == [*source.var.columns, "input_var_name"]
+    assert list(adata.var.columns) == [*source.var.columns, "input_var_name", "symbol"]
     kept = source.var.loc[adata.var["input_var_name"]]
     assert list(kept["ensembl_id"]) == list(adata.var_names)
     for column in source.var.columns:
         assert list(adata.var[column]) == list(kept[column]), column
+    assert (adata.var["symbol"] == kept["gene_name"].to_numpy()).mean() > 0.95  # the bundled table's symbols
     for key in ("mu", "gene_llh"):
         assert adata.layers[key].shape == adata.shape == (64, adata.n_vars)
     assert (adata.X != adata.layers["mu"]).nnz == 0  # X: the expected counts, a matrix scanpy can work on

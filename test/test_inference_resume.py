@@ -48,7 +48,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(reference_dir, many_cell
     whole = ad.read_h5ad(tmp_path / "whole" / "embeddings.h5ad")
     again = ad.read_h5ad(tmp_path / "resumed" / "embeddings.h5ad")
     assert list(again.obs_names) == list(whole.obs_names) and again.n_obs == 1280
-    np.testing.assert_array_equal(again.obsm["embeddings"], whole.obsm["embeddings"])
+    np.testing.assert_array_equal(again.obsm["X_transcriptformer"], whole.obsm["X_transcriptformer"])
     np.testing.assert_array_equal(again.obs["llh"], whole.obs["llh"])
     assert (again.layers["mu"] != whole.layers["mu"]).nnz == 0
 

@@ -138,7 +138,7 @@ def test_cli_runs_human_cells_on_the_mouse_model(tmp_path, reference_dir, human_
     assert "40 cells, 300 of 2000 genes in the vocabulary" in capsys.readouterr().out
     adata = ad.read_h5ad(output / "embeddings.h5ad")
     assert set(adata.var_names) <= set(human_genes)
-    assert adata.obsm["embeddings"].shape == (40, 64) and np.isfinite(adata.obs["llh"]).all()
+    assert adata.obsm["X_transcriptformer"].shape == (40, 64) and np.isfinite(adata.obs["llh"]).all()
     assert np.isnan(adata.layers["gene_llh"].data).all()  # no gene of this table has a gene-id class
     assert np.isfinite(adata.layers["mu"].data).all() and adata.layers["mu"].nnz > 0
     assert list(adata.uns["transcriptformer"]["pretrained_embedding"]) == [str(human)]

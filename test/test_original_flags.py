@@ -78,7 +78,7 @@ def test_use_raw_true_and_oom_dataloader_read_the_raw_counts_unchanged(
     normalised = tmp_path / "normalised.h5ad"
     adata.write_h5ad(normalised)
     output = run_inference(reference_dir, tmp_path / "out", [normalised], "--use-raw", "True", "--oom-dataloader")
-    np.testing.assert_allclose(output.obsm["embeddings"], embeddings, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(output.obsm["X_transcriptformer"], embeddings, rtol=1e-5, atol=1e-6)
     args = parse(reference_dir, "--oom-dataloader")
     assert args.use_oom_dataloader and config_from_args(args).input.use_oom_dataloader
 
@@ -169,7 +169,9 @@ def test_inference_filters_each_file_on_its_own_statistics_and_reports_it(
     first, second = ad.read_h5ad(reference_input).obs_names, ad.read_h5ad(MOUSE_10X).obs_names
     assert list(output.obs_names) == [*first[keep_first], *second[keep_second]]
     n_first = int(keep_first.sum())
-    np.testing.assert_allclose(output.obsm["embeddings"][:n_first], embeddings[keep_first], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        output.obsm["X_transcriptformer"][:n_first], embeddings[keep_first], rtol=1e-5, atol=1e-6
+    )
     assert list(output.uns["transcriptformer"]["cells_dropped"]) == [(~keep_first).sum(), (~keep_second).sum()]
     printed = capsys.readouterr()
     assert "inference: warning: " in printed.err and "the cell filters dropped" in printed.err

@@ -14,6 +14,7 @@ import pytest
 import transcriptformer
 from conftest import DATA_DIR, assert_no_output
 from test_user_errors import assert_one_line_error, run_cli
+from transcriptformer.cli import main
 from transcriptformer.data.gene_symbols import symbols_by_id
 from transcriptformer.perturbation.specs import parse_perturbations
 from transcriptformer.perturbation.variants import Variants
@@ -278,10 +279,16 @@ def test_the_command_writes_tables_and_an_anndata_that_scanpy_reads(tmp_path, ge
     output, data = tmp_path / "out", tmp_path / "cells.h5ad"
     ad.read_h5ad(HELDOUT)[:N_CELLS].write_h5ad(data)
     args = ["perturb", "--checkpoint-path", DEMO, "--data-file", data, "--output-path", output]
-    code, err = run_cli(capsys, *args, "--knock-out", genes.unexpressed, genes.common, "--top-genes", "5")
-    assert code == 0, err
+    assert main([str(a) for a in [*args, "--knock-out", genes.unexpressed, genes.common, "--top-genes", "5"]]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"Output: {(output / 'perturbations.h5ad').resolve()}"
     cells = scanpy.read_h5ad(output / "perturbations.h5ad")
     assert list(cells.obs["perturbation"].cat.categories) == [f"ko:{genes.unexpressed}", f"ko:{genes.common}"]
+    # each row carries its input cell's obs columns (cell_type, ..., source_file as inference) after its own
+    inputs = ad.read_h5ad(data).obs
+    assert list(cells.obs.columns[-len(inputs.columns) - 1 :]) == [*inputs.columns, "source_file"]
+    for column in ("cell_type", "assay"):
+        expected = inputs.loc[cells.obs["cell"], column].to_numpy()
+        np.testing.assert_array_equal(cells.obs[column].to_numpy(dtype=str), expected.astype(str))
     assert cells.uns["perturb"]["knock_out"].tolist() == [genes.unexpressed, genes.common]
     summary = pd.read_csv(output / "summary.csv", index_col="perturbation")
     assert summary.loc[f"ko:{genes.unexpressed}", "n_affected"] == 0

@@ -94,7 +94,7 @@ def complete(reference_dir, tmp_path_factory) -> ad.AnnData:
 def assert_same_outputs(written: Path, complete: ad.AnnData) -> None:
     adata = ad.read_h5ad(written)
     assert list(adata.obs_names) == list(complete.obs_names)
-    np.testing.assert_array_equal(adata.obsm["embeddings"], complete.obsm["embeddings"])
+    np.testing.assert_array_equal(adata.obsm["X_transcriptformer"], complete.obsm["X_transcriptformer"])
     np.testing.assert_array_equal(adata.obs["llh"], complete.obs["llh"])
     assert (adata.layers["mu"] != complete.layers["mu"]).nnz == 0
 

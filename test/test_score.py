@@ -187,9 +187,10 @@ def test_an_abnormal_cell_is_flagged(tmp_path, capsys, heldout):
     obs = output.obs
     assert obs.loc["abnormal", "likelihood_outlier"]
     assert obs["likelihood_outlier"].mean() < 0.1
-    assert printed[-1].startswith(
+    assert printed[-2].startswith(
         f"Scored {cells.n_obs} of {cells.n_obs} cells; {obs['likelihood_outlier'].sum()} flagged"
     )
+    assert printed[-1] == f"Output: {(tmp_path / 'scores.h5ad').resolve()}"
     # The rule as recorded, applied to the scores written.
     record = output.uns[QC_KEY]
     values = obs["mean_log_likelihood"].to_numpy(dtype=np.float64)

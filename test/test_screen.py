@@ -61,13 +61,15 @@ def test_a_screen_writes_its_pairs_and_ranked_genes(tmp_path, capsys):
     output = tmp_path / "out"
     args = ["screen", "--checkpoint-path", DEMO, "--data-file", HELDOUT, "--output-path", output, "--knock-out", "all"]
     flags = ["--obs-filter", "cell_type == 'astrocyte'", "--max-genes-per-cell", "6", "--null-bins", "2"]
-    code, err = run_cli(capsys, *args, *flags)
-    assert code == 0, err
+    assert main([str(a) for a in [*args, *flags]]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"Output: {(output / 'screen.h5ad').resolve()}"
     cells = ad.read_h5ad(HELDOUT)
     astrocytes = cells[cells.obs["cell_type"] == "astrocyte"]
     pairs = pd.read_parquet(output / "screen_pairs.parquet")
     stored = ad.read_h5ad(output / "screen.h5ad")
     assert stored.n_obs == len(pairs) and set(pairs["cell"]) == set(astrocytes.obs_names)
+    assert (stored.obs["cell_type"] == "astrocyte").all()  # each pair carries its cell's obs columns
+    np.testing.assert_array_equal(stored.obs["assay"], cells.obs.loc[stored.obs["cell"], "assay"])
     assert pairs.groupby("cell").size().max() <= 6 and pairs["count_rank"].max() <= 6
     tokenized = transcriptformer.load(DEMO, device="cpu").tokenize(astrocytes)
     counts = pd.DataFrame(tokenized.counts.toarray(), index=tokenized.obs_names, columns=tokenized.gene_ids)

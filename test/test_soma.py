@@ -79,14 +79,14 @@ def test_a_soma_experiment_gives_the_h5ad_numbers_and_a_census_style_array(exper
     adata = ad.read_h5ad(tmp_path / "embeddings.h5ad")
     assert list(adata.obs_names) == list(from_h5ad.obs_names)  # from_h5ad kept the names in obs_id
     np.testing.assert_array_equal(adata.obs["soma_joinid"], np.arange(64))
-    np.testing.assert_array_equal(adata.obsm["embeddings"], from_h5ad.obsm["embeddings"])
+    np.testing.assert_array_equal(adata.obsm["X_transcriptformer"], from_h5ad.obsm["X_transcriptformer"])
     np.testing.assert_array_equal(adata.obs["llh"], from_h5ad.obs["llh"])
     recorded = adata.uns["transcriptformer"]["soma"]
     assert recorded["experiment_uri"] == experiment and recorded["x_layer"] == "raw"
 
     joinids, embeddings, metadata = read_array(str(array))
     np.testing.assert_array_equal(joinids, np.arange(64))
-    np.testing.assert_array_equal(embeddings, from_h5ad.obsm["embeddings"])
+    np.testing.assert_array_equal(embeddings, from_h5ad.obsm["X_transcriptformer"])
     assert metadata[COMPLETE] is True
     info = json.loads(metadata[EMBEDDING_INFO])
     assert info["weights_sha256"] == sha256_of(REFERENCE_DIR / "model_weights.pt")
@@ -106,7 +106,7 @@ def test_an_obs_filter_runs_the_cells_it_selects(experiment, from_h5ad, tmp_path
     assert 0 < selected.size < 64
     joinids, embeddings, metadata = read_array(str(array))
     np.testing.assert_array_equal(joinids, selected)
-    np.testing.assert_array_equal(embeddings, from_h5ad.obsm["embeddings"][selected])
+    np.testing.assert_array_equal(embeddings, from_h5ad.obsm["X_transcriptformer"][selected])
     assert json.loads(metadata[EMBEDDING_INFO])["query"]["obs_filter"] == LUNG_LIKE
     with tiledbsoma.open(str(array)) as opened:
         assert opened.shape[0] == selected.max() + 1
@@ -199,7 +199,7 @@ def test_two_processes_write_the_single_process_file(experiment, from_h5ad, tmp_
     merged = ad.read_h5ad(tmp_path / "embeddings.h5ad")
     assert merged.uns["transcriptformer"]["processes"] == 2
     assert list(merged.obs_names) == list(from_h5ad.obs_names)
-    np.testing.assert_array_equal(merged.obsm["embeddings"], from_h5ad.obsm["embeddings"])
+    np.testing.assert_array_equal(merged.obsm["X_transcriptformer"], from_h5ad.obsm["X_transcriptformer"])
 
 
 def test_an_existing_array_is_kept_unless_overwrite(experiment, tmp_path, capsys):

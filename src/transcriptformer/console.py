@@ -1,7 +1,7 @@
 """How much a command tells its user: ``--quiet``, the default, or ``--verbose``.
 
 =========  ================================================================================================
-quiet      errors, warnings and the command's result (``Output: ...``, ``adapters saved to ...``); no progress
+quiet      errors, warnings and the command's result (its last line, ``Output: <path>``); no progress
            messages, no progress bars
 default    also progress messages and bars; informational logs of other libraries (Lightning's
            ``GPU available: ...`` lines and advertisements) and their deprecation warnings are hidden
@@ -66,6 +66,15 @@ def say(message: str) -> None:
     """Print a progress message to stdout, unless quiet (a command's result is printed with ``print``)."""
     if current_verbosity() != "quiet":
         print(worded(message), flush=True)
+
+
+def print_output(path: str | Path) -> None:
+    """Print ``Output: <path>``, the last line of every command that writes something (also under quiet).
+
+    A local path is printed absolute; a URI (``s3://...``) as it is.
+    """
+    shown = path if "://" in str(path) else Path(path).resolve()
+    print(f"Output: {shown}", flush=True)
 
 
 def current_wording() -> Callable[[str], str]:

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from transcriptformer.annotation.settings import METRICS, AnnotateConfig
 from transcriptformer.cli.common import add_run_arguments, positive_int, run_config_from_args
+from transcriptformer.console import print_output
 from transcriptformer.errors import UserError
 from transcriptformer.tasks.annotate import AnnotateTaskConfig
 
 if TYPE_CHECKING:
+    import anndata as ad
     import numpy as np
     import pandas as pd
 
@@ -329,9 +331,21 @@ def read_obsm(path: str, key: str, flag: str) -> tuple[np.ndarray, str | None]:
     import numpy as np
 
     adata = read_annotated(path, flag)
-    if key not in adata.obsm:
-        raise UserError(f"{flag} {path} has no obsm[{key!r}]; it has {', '.join(adata.obsm.keys()) or 'none'}")
+    key = obsm_key_of_file(adata, key, f"{flag} {path}")
     return np.asarray(adata.obsm[key]), recorded_model_id(adata.uns)
+
+
+def obsm_key_of_file(adata: ad.AnnData, key: str, name: str) -> str:
+    """The obsm key of ``adata`` that holds ``key``'s embeddings (``X_transcriptformer`` and ``embeddings`` alike).
+
+    ``name`` names the file (its flag and path) in the error when it has none.
+    """
+    from transcriptformer.engine.output import stored_obsm_key
+
+    stored = stored_obsm_key(adata.obsm, key)
+    if stored is None:
+        raise UserError(f"{name} has no obsm[{key!r}]; it has {', '.join(adata.obsm) or 'none'}")
+    return stored
 
 
 def read_annotated(path: str, flag: str) -> Any:
@@ -354,26 +368,22 @@ def recorded_model_id(uns: Any) -> str | None:
 
 def annotate_precomputed(task: Any, args: argparse.Namespace) -> None:
     """Label the query's ``obsm`` embeddings and write it with the task's files, under the output's lock."""
+    from transcriptformer.engine.config import output_file_name
     from transcriptformer.engine.output import claim_output, remove_stale_temporaries, write_anndata
     from transcriptformer.tasks.annotate import annotate_embeddings
 
-    name = args.output_filename if args.output_filename.endswith(".h5ad") else f"{args.output_filename}.h5ad"
-    path = Path(args.output_path) / name
+    path = Path(args.output_path) / output_file_name(args.output_filename)
     with claim_output(path, args.overwrite, beside=task.output_files()):
         for stale in remove_stale_temporaries(path):
             print(f"Removed {stale}, left by a run killed while writing the output", flush=True)
         query = read_annotated(args.data_files[0], "--data-file")
-        key = args.query_obsm or args.obsm_key
-        if key not in query.obsm:
-            raise UserError(
-                f"--data-file {args.data_files[0]} has no obsm[{key!r}]; it has {', '.join(query.obsm) or 'none'}"
-            )
+        key = obsm_key_of_file(query, args.query_obsm or args.obsm_key, f"--data-file {args.data_files[0]}")
         taken = [column for column in task.added_obs_columns() if column in query.obs]
         if taken:
             raise UserError(f"--data-file {args.data_files[0]} already has obs {taken}; remove them or rename them")
         uns = annotate_embeddings(task, query.obs, query.obsm[key], recorded_model_id(query.uns))
         query.uns.update(uns)
         write_anndata(query, path, (task.output_files(), lambda folder: task.write_files(folder, query.obs, uns)))
-    print(f"Output: {path.resolve()}", flush=True)
     for line in task.describe(uns):
         print(line, flush=True)
+    print_output(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from transcriptformer.cli.common import add_hidden_alias, add_overwrite_argument
+from transcriptformer.console import print_output
 from transcriptformer.data.esm_vocab import DEFAULT_LAYER, DEFAULT_MAX_RESIDUES, GENE_ID_RULES
 from transcriptformer.runtime import resolve_device
 
@@ -93,4 +94,5 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(report.summary())
+    print_output(output)
     return 0

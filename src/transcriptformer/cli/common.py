@@ -176,13 +176,17 @@ def add_overwrite_argument(group: argparse._ActionsContainer, what: str) -> None
 
 
 def add_run_arguments(
-    parser: argparse.ArgumentParser, defaults: RunConfig, checkpoint_required: bool = True
+    parser: argparse.ArgumentParser,
+    defaults: RunConfig,
+    checkpoint_required: bool = True,
+    rows_are_cells: bool = True,
 ) -> tuple[argparse._ArgumentGroup, argparse._ArgumentGroup, argparse._ArgumentGroup]:
     """The flags of a run through :func:`~transcriptformer.engine.run.run_task`, with the settings ``defaults``.
 
     Returns the groups ``inputs and output``, ``reading the cells`` and ``model and hardware``, for a command's own
     flags. :func:`run_config_from_args` reads them. ``checkpoint_required``: ``False`` for a command that can run
-    without a model (it checks ``--checkpoint-path`` itself).
+    without a model (it checks ``--checkpoint-path`` itself); ``rows_are_cells``: ``False`` for a command whose output
+    rows are not the input cells (no ``--keep-counts``).
     """
     inputs, output, predict, hardware = defaults.input, defaults.output, defaults.predict, defaults.hardware
     io = parser.add_argument_group("inputs and output")
@@ -218,6 +222,12 @@ def add_run_arguments(
         action="store_true",
         help="continue an interrupted run with the same settings from its last completed chunk of cells",
     )
+    if rows_are_cells:
+        io.add_argument(
+            "--keep-counts",
+            action="store_true",
+            help="write the outputs into a copy of the input: its counts as X and its var (one --data-file)",
+        )
     io.add_argument(
         "--output-keys",
         nargs="+",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from transcriptformer.cli.common import positive_float, positive_int
+from transcriptformer.console import print_output, say
 from transcriptformer.errors import UserError
 from transcriptformer.hub.artifacts import BASE_URL_ENV, CHOICES, MAX_EXPANSION, download_artifact, resolve_artifacts
 from transcriptformer.hub.http import RetryPolicy
@@ -86,5 +87,6 @@ def run(args: argparse.Namespace) -> int:
             )
         except (UserError, OSError) as error:
             raise UserError(f"{artifact.name}: {error}") from error
-        print(f"{artifact.name}: ready in {path}")
+        say(f"{artifact.name}: ready")
+        print_output(path)
     return 0

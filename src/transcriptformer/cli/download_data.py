@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from transcriptformer.cli.common import add_hidden_alias, positive_int
-from transcriptformer.console import say
+from transcriptformer.console import print_output, say
 from transcriptformer.hub.cellxgene import (
     API_URL_ENV,
     WORKERS,
@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     failed = [o for o in outcomes if o.status == "failed"]
     done = len(outcomes) - len(failed)
     failures = f"; {len(failed)} failed" if failed else ""
-    print(f"{done} of {len(outcomes)} datasets ready in {args.output_path}{failures}")
+    print(f"{done} of {len(outcomes)} datasets ready{failures}")
+    print_output(args.output_path)
     return 1 if failed else 0
 
 

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 
 from transcriptformer.cli.common import add_overwrite_argument, positive_int
+from transcriptformer.console import print_output
 from transcriptformer.errors import UserError
 from transcriptformer.evaluation.config import EvaluateConfig
 from transcriptformer.runtime import DEVICES
@@ -117,5 +118,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     results = evaluate(config)
     print(format_table(results))
     files = [*REPORT_FILES, EMBEDDINGS_FILE] if config.save_embeddings else REPORT_FILES
-    print(f"report written to {config.output_path}: {', '.join(files)}")
+    print(f"Report: {', '.join(files)}")
+    print_output(config.output_path)
     return 0

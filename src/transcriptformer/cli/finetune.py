@@ -22,6 +22,7 @@ from transcriptformer.cli.common import (
     positive_int,
     print_dry_run,
 )
+from transcriptformer.console import print_output
 from transcriptformer.errors import UserError
 from transcriptformer.model.lora import TARGET_ALIASES, LoraConfig
 from transcriptformer.runtime import BACKENDS, PRECISIONS
@@ -280,7 +281,8 @@ def run(args: argparse.Namespace) -> int:
         from lightning.pytorch.utilities import rank_zero_only  # imported by the run already
 
         if rank_zero_only.rank == 0:  # under DDP, every process returns here
-            print(f"{'classifier' if args.task == 'classify' else 'adapters'} saved to {result}")
+            print(f"{'Classifier' if args.task == 'classify' else 'Adapters'} saved.")
+            print_output(result)
     return 0
 
 

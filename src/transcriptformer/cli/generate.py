@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 
 from transcriptformer.cli.common import USE_RAW, add_overwrite_argument, add_use_raw_argument, positive_int
-from transcriptformer.engine.config import RunConfig
+from transcriptformer.engine.config import RunConfig, default_output_path
 from transcriptformer.runtime import DEVICES
 from transcriptformer.tasks.generate import GenerateConfig
 
-OUTPUT_DEFAULTS = RunConfig().replace(output_path="./generated", output_filename="generated.h5ad", chunk_size=256)
+OUTPUT_DEFAULTS = RunConfig().replace(
+    output_path=default_output_path("generate"), output_filename="generated.h5ad", chunk_size=256
+)
 
 EXAMPLES = """\
 examples:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from transcriptformer.cli.common import add_overwrite_argument
+from transcriptformer.console import print_output
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -25,5 +26,5 @@ def run(args: argparse.Namespace) -> int:
     from transcriptformer.training.run import merge_adapters_into_checkpoint
 
     path = merge_adapters_into_checkpoint(args.checkpoint_path, args.adapter, args.output_path, args.overwrite)
-    print(f"merged checkpoint saved to {path}")
+    print_output(path)
     return 0

@@ -36,7 +36,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = EXAMPLES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_run_arguments(parser, perturb.run_defaults())
+    add_run_arguments(parser, perturb.run_defaults(), rows_are_cells=False)
     perturbations = parser.add_argument_group("perturbations (genes by Ensembl id or symbol; '+' joins genes)")
     perturbations.add_argument(
         "--knock-out",

@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 
 from transcriptformer.cli.common import add_run_arguments, run_config_from_args
-from transcriptformer.engine.config import RunConfig
+from transcriptformer.engine.config import RunConfig, default_output_path
 
 OUTPUT_DEFAULTS = RunConfig().replace(
-    output_path="./predictions", output_filename="predicted_labels.h5ad", output_keys=["embeddings"]
+    output_path=default_output_path("predict-labels"),
+    output_filename="predicted_labels.h5ad",
+    output_keys=["embeddings"],
 )
 
 EXAMPLES = """\
@@ -32,7 +34,7 @@ documentation: docs/training.md
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Add the arguments of ``predict-labels``: those of an inference run, into ``predictions/``."""
+    """Add the arguments of ``predict-labels``: those of an inference run, into ``predict_labels_results/``."""
     parser.description = (
         "Label cells with a classifier trained by 'transcriptformer finetune --task classify' (give its folder with "
         "--adapter): write the cells' obs with each cell's predicted class, its probability and the probabilities "

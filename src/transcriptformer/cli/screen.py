@@ -37,7 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = EXAMPLES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_run_arguments(parser, screen.run_defaults())
+    add_run_arguments(parser, screen.run_defaults(), rows_are_cells=False)
     group = parser.add_argument_group("the screen")
     kind = group.add_mutually_exclusive_group(required=True)
     kind.add_argument("--knock-out", choices=["all"], help="knock out every screened gene, one at a time")

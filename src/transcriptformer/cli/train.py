@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from transcriptformer.cli.common import add_overwrite_argument, print_dry_run
+from transcriptformer.console import print_output
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -59,5 +60,5 @@ def run(args: argparse.Namespace) -> int:
         from lightning.pytorch.utilities import rank_zero_only  # imported by the run already
 
         if rank_zero_only.rank == 0:  # under DDP, every process returns here
-            print(f"checkpoint saved to {result}")
+            print_output(result)
     return 0

@@ -44,6 +44,20 @@ EMB_TYPES = ("cell", "cge")
 ALL_OBS_KEYS = "all"
 # What a run writes: the .h5ad, a SOMA array of cell embeddings (at output_soma), or both.
 OUTPUT_FORMATS = ("h5ad", "soma", "both")
+# The output convention of every command. The cell embeddings (the model output "embeddings") go to obsm under
+# EMBEDDING_KEY, from the command line and the Python API alike (scanpy's use_rep, cellxgene's X_<name>); an .h5ad
+# written from files also holds them as EMBEDDING_ALIAS, the original release's key (a hard link: stored once).
+EMBEDDING_KEY, EMBEDDING_ALIAS = "X_transcriptformer", "embeddings"
+
+
+def output_file_name(name: str) -> str:
+    """The one rule for output file names: ``name``, with ``.h5ad`` appended when it does not end so."""
+    return name if name.endswith(".h5ad") else f"{name}.h5ad"
+
+
+def default_output_path(command: str) -> str:
+    """The one rule for default output folders: ``./<command>_results`` (``-`` as ``_``), a folder per command."""
+    return f"./{command.replace('-', '_')}_results"
 
 
 @dataclass
@@ -120,6 +134,10 @@ class OutputConfig:
     output_soma : str or None
         Folder or URI of the SOMA array of cell embeddings, indexed by the input's ``soma_joinid``, as the Census
         stores its hosted embeddings.
+    keep_counts : bool
+        Write the outputs into a copy of the input: ``X`` the counts read (all the input's genes, its var), per-gene
+        outputs as layers on those genes (0 for genes the vocabulary lacks), for tasks whose rows are the input
+        cells; one input file.
     obs_keys : list of str
         ``obs`` columns to keep; ``["all"]`` keeps every column.
     emb_type : str
@@ -133,10 +151,11 @@ class OutputConfig:
         Continue an interrupted run with the same settings: units whose outputs were saved are not run again.
     """
 
-    output_path: str = "./inference_results"
+    output_path: str = default_output_path("inference")
     output_filename: str = "embeddings.h5ad"
     output_format: str | None = None
     output_soma: str | None = None
+    keep_counts: bool = False
     obs_keys: list[str] = field(default_factory=lambda: [ALL_OBS_KEYS])
     emb_type: str = "cell"
     chunk_size: int = 1024
@@ -273,6 +292,10 @@ class RunConfig:
             raise ValueError("gene_llh needs a gene-id head, and this checkpoint has none (gene_id_loss_weight = 0)")
         if self.output.writes_soma:
             self._check_soma_output(wanted)
+        if self.output.keep_counts and (
+            self.input.reads_soma or len(self.input.data_files) > 1 or not self.output.writes_h5ad
+        ):
+            raise ValueError("keep_counts copies the counts of one input file into the .h5ad: give one of data_files")
 
     def _check_soma_output(self, wanted: list[str]) -> None:
         if not self.input.reads_soma:

@@ -6,10 +6,13 @@ Layout (``n`` cells of all input files); where each output goes is its ``anndata
     obs                 the inputs' obs (original obs_names and order), columns filtered to obs_keys,
                         plus source_file and the per-cell numbers (llh), then the task's columns
                         (transcriptformer.engine.task.Task.finish)
-    obsm[key]           per-cell vectors: (n, E) cell embeddings
+    obsm[key]           per-cell vectors: the (n, E) cell embeddings as obsm["X_transcriptformer"] (scanpy's
+                        use_rep, cellxgene's X_<name>), with obsm["embeddings"] the same HDF5 dataset (a hard link,
+                        stored once) for the original release's readers (EMBEDDING_KEY, EMBEDDING_ALIAS)
     var                 with per-gene layers: the g genes matched in any input, index their gene ids, columns the
-                        inputs' var columns (each gene's row from the first file that has it) and input_var_name;
-                        without: no genes (g = 0)
+                        inputs' var columns (each gene's row from the first file that has it), input_var_name and
+                        symbol (the bundled tables' gene symbols, "" for an id they lack; an input's own symbol
+                        column is kept instead); without: no genes (g = 0)
     layers[key]         per-gene numbers (mu, gene_llh): (n, g) sparse, an entry for each gene whose
                         position holds a value (transcriptformer.model.outputs.gene_positions)
     X                   the layer named by transcriptformer.model.outputs.main_matrix_key (mu first), the same
@@ -49,6 +52,7 @@ import scipy.sparse as sp
 from anndata.io import sparse_dataset, write_elem
 from filelock import FileLock, Timeout
 
+from transcriptformer.engine.config import EMBEDDING_ALIAS, EMBEDDING_KEY
 from transcriptformer.errors import UserError
 from transcriptformer.model.outputs import OUTPUTS, main_matrix_key
 from transcriptformer.pipeline import GeneOutputs
@@ -56,6 +60,8 @@ from transcriptformer.pipeline import GeneOutputs
 # uns keys of the contextual gene embeddings, as the original release wrote them.
 CGE_EMBEDDINGS, CGE_CELL_INDICES, CGE_GENE_NAMES = "cge_embeddings", "cge_cell_indices", "cge_gene_names"
 GENE_ID = "gene_id"
+SYMBOL = "symbol"  # var column of each gene's symbol
+OBSM_KEYS = {"embeddings": EMBEDDING_KEY}  # model output -> obsm key, where they differ
 TEMPORARY_SUFFIX = ".tmp.h5ad"
 TEMPORARY_FOLDER_SUFFIX = ".tmp-files"  # the task's files beside the output, while it is written
 # Adds columns to the output's obs once every cell's per-cell numbers are in it; returns the obs to write and uns
@@ -70,6 +76,24 @@ def row_slot(key: str, values: np.ndarray) -> str:
     if key in OUTPUTS:
         return OUTPUTS[key].anndata
     return "obs" if values.ndim == 1 else "obsm"
+
+
+def obsm_key_of(key: str) -> str:
+    """The obsm key that the per-row output ``key`` is written under (``embeddings``: :data:`EMBEDDING_KEY`)."""
+    return OBSM_KEYS.get(key, key)
+
+
+def stored_obsm_key(obsm: Collection[str], key: str) -> str | None:
+    """The key of ``obsm`` that holds the embeddings asked for as ``key``; ``None`` when it holds none.
+
+    ``key`` itself when present; else, for :data:`EMBEDDING_KEY` or :data:`EMBEDDING_ALIAS`, the other of the two, so
+    that files written before the cell embeddings moved to :data:`EMBEDDING_KEY` (only ``embeddings``) and after
+    (or AnnData objects written by the Python API, only ``X_transcriptformer``) are read alike.
+    """
+    if key in obsm:
+        return key
+    pair = {EMBEDDING_KEY: EMBEDDING_ALIAS, EMBEDDING_ALIAS: EMBEDDING_KEY}
+    return pair[key] if key in pair and pair[key] in obsm else None
 
 
 def concat_frames(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
@@ -104,6 +128,20 @@ def concat_var(frames: Sequence[pd.DataFrame], genes: pd.Index) -> pd.DataFrame:
     """
     var = concat_frames(frames).groupby(level=0, sort=False).first().reindex(genes)
     return var.rename_axis(None if GENE_ID in var.columns else GENE_ID)
+
+
+def with_symbols(var: pd.DataFrame) -> pd.DataFrame:
+    """``var`` (index gene ids) with each gene's symbol in column ``symbol``, unless it has that column already.
+
+    Symbols come from the bundled human and mouse tables (:func:`~transcriptformer.data.gene_symbols.symbols_by_id`);
+    ``""`` for an id they lack (another species, a special token).
+    """
+    from transcriptformer.data.gene_symbols import symbols_by_id
+
+    if SYMBOL in var.columns:
+        return var
+    table = symbols_by_id()
+    return var.assign(**{SYMBOL: [table.get(str(gene), "") for gene in var.index]})
 
 
 def lock_file_of(path: Path) -> Path:
@@ -412,7 +450,8 @@ class _OutputWriter:
             if row_slot(key, values) == "obs":
                 self.obs_values.setdefault(key, []).append(values)
             else:
-                self._dataset(self.file["obsm"], key, (self.n_cells, *values.shape[1:]), values.dtype)[rows] = values
+                obsm, name = self.file["obsm"], obsm_key_of(key)
+                self._dataset(obsm, name, (self.n_cells, *values.shape[1:]), values.dtype)[rows] = values
         for key, matrix in chunk.gene_values.items():
             if key in self.file["layers"]:
                 sparse_dataset(self.file["layers"][key]).append(matrix)
@@ -452,6 +491,8 @@ class _OutputWriter:
         else:
             write_elem(self.file, "var", _as_written_by_anndata(self.var))
             self.file["X"] = self.file["layers"][main_matrix]  # a hard link: the layer is stored once
+        if EMBEDDING_KEY in self.file["obsm"] and EMBEDDING_ALIAS not in self.file["obsm"]:
+            self.file["obsm"][EMBEDDING_ALIAS] = self.file["obsm"][EMBEDDING_KEY]  # a hard link: stored once
         write_elem(self.file["uns"], "transcriptformer", metadata)
         self.file.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
 

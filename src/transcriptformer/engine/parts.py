@@ -29,6 +29,7 @@ from transcriptformer.safe_load import load_npz, sha256_of
 
 MANIFEST = "run.json"
 OBS_INDEX = "obs_index"  # the row names of a part with rows of its own (Part.obs)
+ROW_CELLS = "row_cells"  # each such row's input cell, its position among the unit's cells (Part.cells)
 # Settings that change how a run is carried out but not its results; a resumed run may change them.
 RESUMABLE_CHANGES = (
     "output.overwrite",
@@ -71,6 +72,8 @@ def save_part(part: Part, path: Path) -> None:
     if part.obs is not None:
         arrays |= {OBS_INDEX: _storable(part.obs.index.to_numpy(), "obs index")}
         arrays |= {f"obs/{c}": _storable(part.obs[c].to_numpy(), f"obs column {c}") for c in part.obs.columns}
+    if part.cells is not None:
+        arrays[ROW_CELLS] = np.asarray(part.cells, dtype=np.int64)
     temporary = path.with_name(f".{path.name}.tmp")
     try:
         with open(temporary, "wb") as f:
@@ -107,7 +110,7 @@ def load_part(path: Path) -> Part:
     """Read a file written by :func:`save_part` (no pickled objects are accepted)."""
     fix = "delete it and rerun with `resume=True` (only its cells are computed again)"
     arrays = load_npz(path, what="a saved unit of the interrupted run", fix=fix)
-    obs = None
+    obs, cells = None, arrays.pop(ROW_CELLS, None)
     if OBS_INDEX in arrays:
         index = pd.Index(arrays.pop(OBS_INDEX).astype(object))
         columns = {name[len("obs/") :]: arrays.pop(name) for name in list(arrays) if name.startswith("obs/")}
@@ -119,7 +122,7 @@ def load_part(path: Path) -> Part:
         parts = [arrays[f"gene/{key}/{p}"] for p in ("data", "indices", "indptr")]
         outputs.gene_values[key] = sp.csr_matrix(tuple(parts), shape=tuple(arrays[f"gene/{key}/shape"]))
     outputs.cell_values = {k: v.astype(object) if v.dtype.kind == "U" else v for k, v in outputs.cell_values.items()}
-    return Part(outputs, obs)
+    return Part(outputs, obs, cells)
 
 
 def damaged_parts_error(described: list[str], folder: Path) -> UserError:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from transcriptformer.data.soma import experiment_name
+from transcriptformer.engine.config import EMBEDDING_KEY
 from transcriptformer.engine.session import Session
 from transcriptformer.engine.task import task_description
 from transcriptformer.pipeline import plan
@@ -91,7 +92,7 @@ def format_summary(session: Session, world_size: int, seconds: float) -> str:
     if output.writes_h5ad:
         lines.append(
             f'Open it with: adata = anndata.read_h5ad("{path}")'
-            + ('; sc.pp.neighbors(adata, use_rep="embeddings")' if embeddings else "")
+            + (f'; sc.pp.neighbors(adata, use_rep="{EMBEDDING_KEY}")' if embeddings else "")
         )
     if output.writes_soma:
         lines.append(

@@ -9,7 +9,7 @@ Each process of :func:`run_task` (one, or one per GPU, see :mod:`~transcriptform
    unit's outputs as soon as it is done (:mod:`~transcriptformer.engine.parts`);
 3. rank 0 merges the units in input order, lets the task finish the obs of all cells, writes the ``.h5ad``
    atomically (:mod:`~transcriptformer.engine.output`), prints a summary (:mod:`~transcriptformer.engine.report`;
-   not under ``--quiet``), ``Output: <path>`` and the task's lines (:meth:`Task.describe`).
+   not under ``--quiet``), the task's lines (:meth:`Task.describe`) and, last, ``Output: <path>``.
 
 The process the user started (rank 0 under torchrun) holds the output for the whole run
 (:func:`~transcriptformer.engine.output.claim_output`): its location is checked before anything is loaded, a
@@ -24,17 +24,18 @@ import contextlib
 import itertools
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
 from transcriptformer.checkpoint import Checkpoint
-from transcriptformer.console import progress_bar, say, worded
+from transcriptformer.console import print_output, progress_bar, say, worded
 from transcriptformer.engine import distributed, parts
 from transcriptformer.engine.config import RunConfig
 from transcriptformer.engine.distributed import Rank
@@ -44,6 +45,7 @@ from transcriptformer.engine.output import (
     concat_var,
     remove_stale_temporaries,
     row_slot,
+    with_symbols,
     write_output,
 )
 from transcriptformer.engine.report import (
@@ -68,6 +70,8 @@ from transcriptformer.engine.task import Part, Task
 from transcriptformer.errors import UserError
 from transcriptformer.pipeline import GeneOutputs, MemoryLimit
 from transcriptformer.runtime import resolve_device, use_cpu_threads
+
+COUNTS_LAYER = "counts"  # with keep_counts: the input's counts, also X (stored once)
 
 
 def process_units(session: Session, units: Sequence[WorkUnit], rank: Rank) -> None:
@@ -95,6 +99,22 @@ def check_rows(task: Task, unit: WorkUnit, part: Part) -> None:
         )
     if not task.rows_are_cells and (part.obs is None or len(part.obs) != part.n_rows):
         raise ValueError(f"task {task.name} returned a unit without the obs of its {part.n_rows} rows")
+    cells = part.cells
+    if cells is not None and (len(cells) != part.n_rows or np.any((cells < 0) | (cells >= unit.stop - unit.start))):
+        raise ValueError(f"task {task.name} named input cells outside unit {unit.index} for its rows")
+
+
+def rows_obs(session: Session, unit: WorkUnit, part: Part) -> pd.DataFrame:
+    """The obs of a part whose rows are not the cells: the task's columns, then those of each row's input cell.
+
+    A row made from an input cell (:attr:`Part.cells`) gets that cell's obs columns (``cell_type``, ...), but for
+    columns that the task writes itself.
+    """
+    if part.cells is None:
+        return part.obs
+    cells = session.files[unit.file_index].obs.iloc[unit.start : unit.stop]
+    carried = cells.drop(columns=[c for c in cells.columns if c in part.obs.columns]).iloc[part.cells]
+    return pd.concat([part.obs, carried.set_axis(part.obs.index)], axis=1)
 
 
 def merge_and_write(session: Session, world_size: int) -> tuple[list[str], dict]:
@@ -127,13 +147,18 @@ def write_h5ad(session: Session, world_size: int) -> dict:
         obs = concat_frames([f.obs for f in session.files])
         obs[SOURCE_FILE_COLUMN] = pd.Categorical(obs[SOURCE_FILE_COLUMN], categories=[f.name for f in session.files])
     else:  # the rows of the parts: read once for the obs (small), again for the outputs
-        obs = concat_frames([parts.load_part(parts.part_file(session, unit)).obs for unit in session.units])
+        obs = concat_frames(
+            [rows_obs(session, unit, parts.load_part(parts.part_file(session, unit))) for unit in session.units]
+        )
     obs.index = obs.index.astype(str)  # a SOMA experiment without obs_id names its cells by joinid
     chunks = (parts.load_part(parts.part_file(session, unit)).outputs for unit in session.units)
     metadata = run_metadata(session, world_size)
     var = session.task.output_var(session)
     if var is None:
         var = concat_var([f.var for f in session.files], session.genes)
+    var, main_layer = with_symbols(var), session.task.main_layer
+    if session.config.output.keep_counts:
+        chunks, var, main_layer = with_input_counts(session, chunks)
     task, added, finished = session.task, {}, {}
 
     def finish(obs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
@@ -147,10 +172,45 @@ def write_h5ad(session: Session, world_size: int) -> dict:
     files = (task.output_files(session.config), lambda folder: task.write_files(folder, finished["obs"], added))
     overwrite = session.config.output.overwrite
     try:
-        write_output(session.output_file, obs, var, chunks, metadata, overwrite, finish, task.main_layer, files)
+        write_output(session.output_file, obs, var, chunks, metadata, overwrite, finish, main_layer, files)
     except OSError as error:
         raise parts.write_failed(session.output_file, error, parts.parts_dir(session)) from error
     return added
+
+
+def with_input_counts(
+    session: Session, chunks: Iterable[GeneOutputs]
+) -> tuple[Iterator[GeneOutputs], pd.DataFrame, Callable[[Collection[str]], str]]:
+    """The outputs as a copy of the one input file (``keep_counts``): its counts in ``X``, the outputs on its genes.
+
+    Returns the chunks (each with the counts of its cells as the run read them, in the stored type, as layer
+    :data:`COUNTS_LAYER`; every per-gene output, and the genes of contextual embeddings, moved onto the input's var
+    columns), the input's var (of ``raw`` when the counts came from there), and the choice of ``X``: the counts.
+    """
+    file = session.files[0]
+    reader, kept = file.cells.reader, file.cells
+    n_vars = len(reader.var)
+    known = pd.Index(file.var.index).drop_duplicates()
+    columns = np.asarray(kept.selection.columns)[known.get_indexer(session.genes)]  # gene axis -> input column
+
+    def copied() -> Iterator[GeneOutputs]:
+        for unit, outputs in zip(session.units, chunks, strict=True):
+            rows = kept.source_rows(unit.start, unit.stop)  # a unit holds a cell or more
+            counts = sp.csr_matrix(reader.rows(int(rows[0]), int(rows[-1]) + 1)[rows - rows[0]])
+            moved = {key: on_input_genes(m, columns, n_vars) for key, m in outputs.gene_values.items()}
+            outputs.gene_values = {COUNTS_LAYER: counts, **moved}
+            if outputs.cge:
+                outputs.cge["gene_index"] = columns[outputs.cge["gene_index"]]
+            yield outputs
+
+    return copied(), reader.var, lambda layers: COUNTS_LAYER
+
+
+def on_input_genes(matrix: sp.csr_matrix, columns: np.ndarray, n_vars: int) -> sp.csr_matrix:
+    """``matrix`` (cells x gene axis) on the input's ``n_vars`` genes: gene-axis column ``j`` to ``columns[j]``."""
+    moved = sp.csr_matrix((matrix.data, columns[matrix.indices], matrix.indptr), shape=(matrix.shape[0], n_vars))
+    moved.sort_indices()
+    return moved
 
 
 def write_soma(session: Session) -> None:
@@ -204,10 +264,10 @@ def run_worker(rank: Rank, init_method: str | None, task: Task, config: RunConfi
             written, added = merge_and_write(session, rank.world_size)
             shutil.rmtree(parts.parts_dir(session))
             say(format_summary(session, rank.world_size, time.time() - started))
-            for output in written:
-                print(f"Output: {output}", flush=True)
             for line in task.describe(added):
                 print(line, flush=True)
+            for output in written:  # the last lines, as every command ends
+                print_output(output)
 
 
 def run_task(task: Task, config: RunConfig, *, dry_run: bool = False) -> Path:
@@ -228,6 +288,8 @@ def run_task(task: Task, config: RunConfig, *, dry_run: bool = False) -> Path:
     """
     started = time.time()
     task.check(config)
+    if config.output.keep_counts and not task.rows_are_cells:
+        raise ValueError(f"keep_counts copies the input's cells, and the rows of task {task.name} are not the cells")
     if config.output.writes_soma and not task.rows_are_cells:
         raise ValueError(f"output_soma holds a row per input cell, and the rows of task {task.name} are not the cells")
     device = resolve_device(config.hardware.device)
@@ -320,15 +382,16 @@ def run_in_memory(
     task.check(config)
     with open_session(config, checkpoint, device, task, data=data) as session:
         limit = MemoryLimit()
-        done = []
+        done, row_obs = [], []
         for unit, cells in read_units(session, session.units):
             done.append(task.run_unit(session, unit, cells, lambda n: None, limit))
             check_rows(task, unit, done[-1])
+            row_obs.append(None if task.rows_are_cells else rows_obs(session, unit, done[-1]))
         outputs = GeneOutputs.concat([part.outputs for part in done])
         if task.rows_are_cells:
             obs = pd.DataFrame(index=session.files[0].obs.index.astype(str))
         else:
-            obs = concat_frames([part.obs for part in done])
+            obs = concat_frames(row_obs)
         for key, values in outputs.cell_values.items():
             if row_slot(key, values) == "obs":
                 obs[key] = values

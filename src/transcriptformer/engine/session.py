@@ -26,7 +26,7 @@ from transcriptformer.checkpoint import WEIGHTS_FILE, Checkpoint, load_checkpoin
 from transcriptformer.data.soma import JOINID, SomaReader, obs_filter_rows
 from transcriptformer.data.sources import CountReader, open_counts
 from transcriptformer.data.tokenize import CellTokenizer, CountScanner, PreparedCells, TokenizedCells, scan_counts
-from transcriptformer.engine.config import ALL_OBS_KEYS, RunConfig
+from transcriptformer.engine.config import ALL_OBS_KEYS, RunConfig, output_file_name
 from transcriptformer.engine.task import Task
 from transcriptformer.errors import UserError
 from transcriptformer.model.outputs import OUTPUTS
@@ -174,9 +174,8 @@ class Session:
 
 
 def output_file_of(config: RunConfig) -> Path:
-    """``output_path / output_filename``, with ``.h5ad`` appended when missing."""
-    name = config.output.output_filename
-    return Path(config.output.output_path) / (name if name.endswith(".h5ad") else f"{name}.h5ad")
+    """``output_path / output_filename``, named by :func:`~transcriptformer.engine.config.output_file_name`."""
+    return Path(config.output.output_path) / output_file_name(config.output.output_filename)
 
 
 def load_for_run(config: RunConfig, device: torch.device) -> Checkpoint:

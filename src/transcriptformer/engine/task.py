@@ -22,7 +22,7 @@ The engine calls, in this order (every process runs steps 3-4 for its units; ran
        task.summarize(obs, outputs, genes)   uns entries reduced from every row's outputs, read a part at a time
        task.write_files(folder, obs, uns)    the task's files beside the output (task.output_files(config)),
                                              moved into place with the output in its one atomic write
-    6. task.describe(uns)                    lines printed after the output's path
+    6. task.describe(uns)                    lines printed before the output's path (``Output: <path>``, last)
 
 In memory (the Python API), steps 1-5 (without ``write_files``) run in the calling process, on the same units, and
 ``task.write_into(adata, result)`` stores the results in the user's AnnData instead of step 6.
@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # a task module is imported by the command line before torch: the heavy imports wait for a run
     import anndata as ad
+    import numpy as np
     import pandas as pd
 
     from transcriptformer.data.tokenize import TokenizedCells
@@ -64,10 +65,16 @@ class Part:
         ``None``: the rows are the unit's cells, in order (the output's obs is the inputs'). Otherwise the rows'
         own obs (index: row names; columns of strings, numbers or booleans), for a task whose rows are not the
         input cells (:attr:`Task.rows_are_cells` ``False``).
+    cells : ndarray or None
+        With ``obs``: each row's input cell, as its position among the unit's cells (``(n_rows,)`` int), for rows
+        made from input cells (a perturbation of a cell); the engine carries that cell's obs columns into the row's
+        obs, after the task's own columns (a column of the task's name keeps the task's values). ``None``: rows
+        not made from one input cell (generated cells).
     """
 
     outputs: GeneOutputs
     obs: pd.DataFrame | None = None
+    cells: np.ndarray | None = None
 
     @property
     def n_rows(self) -> int:
@@ -155,7 +162,7 @@ class Task(Protocol):
         """
 
     def describe(self, uns: dict) -> list[str]:
-        """Lines printed after the output's path, from the uns entries that :meth:`finish` added."""
+        """Lines printed before the output's path (the last line), from the uns entries that :meth:`finish` added."""
 
     def write_into(self, adata: ad.AnnData, result: MemoryResult) -> None:
         """Store an in-memory run's results in the user's AnnData (the Python API; scvi-tools style)."""

@@ -22,6 +22,7 @@ from transcriptformer.config import PredictConfig
 from transcriptformer.console import say
 from transcriptformer.data.hdf5 import open_hdf5
 from transcriptformer.data.sources import H5AD, open_counts
+from transcriptformer.engine.output import stored_obsm_key
 from transcriptformer.errors import UserError, first_few
 from transcriptformer.evaluation.config import EvaluateConfig
 from transcriptformer.pipeline import predict_positions
@@ -161,12 +162,13 @@ def gather_embeddings(cells: Cells, config: EvaluateConfig) -> list[Embedding]:
 
 
 def obsm_embeddings(adata: ad.AnnData, keys: list[str]) -> Iterator[Embedding]:
-    """The embeddings stored under ``keys`` of ``adata.obsm``."""
+    """The embeddings stored under ``keys`` of ``adata.obsm`` (``X_transcriptformer`` and ``embeddings`` alike)."""
     for key in keys:
-        if key not in adata.obsm:
+        stored = stored_obsm_key(adata.obsm, key)
+        if stored is None:
             available = first_few(list(adata.obsm)) or "none"
             raise KeyError(f"obsm_key {key!r} is not in the file's obsm (its keys: {available})")
-        yield Embedding(key, f"obsm[{key!r}]", stored_embedding(adata, key))
+        yield Embedding(key, f"obsm[{stored!r}]", stored_embedding(adata, stored))
 
 
 def stored_embedding(adata: ad.AnnData, key: str) -> np.ndarray:

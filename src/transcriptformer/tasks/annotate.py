@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from transcriptformer.annotation.settings import UNKNOWN, AnnotateConfig
-from transcriptformer.engine.config import RunConfig
+from transcriptformer.engine.config import RunConfig, default_output_path
 from transcriptformer.engine.task import BatchLoopTask, Part
 from transcriptformer.errors import UserError
 from transcriptformer.tasks.embed import EmbedConfig
@@ -91,7 +91,7 @@ class AnnotateTaskConfig:
     def run_defaults(self) -> RunConfig:
         """The settings of an annotate run before flags change them: the embeddings, into ``output_filename``."""
         return RunConfig().replace(
-            output_path="./annotate_results", output_filename=self.output_filename, output_keys=[EMBEDDINGS]
+            output_path=default_output_path("annotate"), output_filename=self.output_filename, output_keys=[EMBEDDINGS]
         )
 
 

@@ -181,8 +181,14 @@ class GenerateTask(BatchLoopTask):
         return Part(GeneOutputs(len(rows), gene_values={COUNTS: counts, GENERATION_ORDER: order}), obs)
 
     def output_var(self, session: Session) -> pd.DataFrame:
-        """The vocabulary's genes (index the gene ids), with the checkpoint's gene column."""
-        return vocabulary_var(session.checkpoint)
+        """The vocabulary's genes (index the gene ids): the checkpoint's gene column, symbols, the inputs' columns."""
+        from transcriptformer.engine.output import concat_var
+
+        var = vocabulary_var(session.checkpoint)
+        if not session.files:
+            return var
+        inputs = concat_var([f.var for f in session.files], var.index)  # missing for genes no input has
+        return var.join(inputs.drop(columns=[c for c in inputs.columns if c in var.columns]))
 
     def main_layer(self, layers: Collection[str]) -> str:
         """The generated counts."""
@@ -398,8 +404,10 @@ def generate_rows(
 
 
 def vocabulary_var(checkpoint: Checkpoint) -> pd.DataFrame:
-    """The vocabulary's genes, index ``gene_id``, with the checkpoint's gene column."""
+    """The vocabulary's genes, index ``gene_id``, with the checkpoint's gene column and their symbols."""
+    from transcriptformer.engine.output import with_symbols
+
     gene_ids = checkpoint.gene_vocab.gene_ids
     var = pd.DataFrame(index=pd.Index(gene_ids, name="gene_id"))
     var[checkpoint.config.data_config.gene_col_name] = gene_ids
-    return var
+    return with_symbols(var)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from transcriptformer.engine.config import RunConfig
+from transcriptformer.engine.config import RunConfig, default_output_path
 from transcriptformer.engine.task import BatchLoopTask, Part
 from transcriptformer.model.outputs import PERTURBATION_KEYS
 
@@ -56,7 +56,7 @@ class PerturbConfig:
     knock_out: tuple[str, ...] = ()
     over_express: tuple[str, ...] = ()
     top_genes: int = 50
-    output_path: str = "./perturb_results"
+    output_path: str = default_output_path("perturb")
     output_filename: str = "perturbations.h5ad"
 
     def __post_init__(self) -> None:
@@ -125,7 +125,7 @@ class PerturbTask(BatchLoopTask):
             limit=limit,
         )
         on_batch(len(cells))
-        return Part(effects, obs)
+        return Part(effects, obs, cells=np.repeat(np.arange(len(cells)), len(self.perturbations)))  # cell by cell
 
     def finish(self, obs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
         """Perturbations as a categorical in the order given; the settings and the model inputs run into uns."""

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from transcriptformer.config import check_range
-from transcriptformer.engine.config import RunConfig
+from transcriptformer.engine.config import RunConfig, default_output_path
 from transcriptformer.engine.task import BatchLoopTask
 from transcriptformer.model.outputs import OUTPUTS, SCORE_KEYS
 
@@ -68,7 +68,9 @@ class ScoreConfig:
 
     def run_defaults(self) -> RunConfig:
         """The settings of a score run before flags change them: every score output, into ``output_filename``."""
-        return RunConfig().replace(output_filename=self.output_filename, output_keys=SCORE_KEYS)
+        return RunConfig().replace(
+            output_path=default_output_path("score"), output_filename=self.output_filename, output_keys=SCORE_KEYS
+        )
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from transcriptformer.engine.config import RunConfig
+from transcriptformer.engine.config import RunConfig, default_output_path
 from transcriptformer.engine.task import BatchLoopTask, Part
 from transcriptformer.model.outputs import SCREEN_KEYS
 
@@ -78,7 +78,7 @@ class ScreenConfig:
     goal_state: str | None = None
     prefix_reuse: bool = True
     null_bins: int = 10
-    output_path: str = "./screen_results"
+    output_path: str = default_output_path("screen")
     output_filename: str = "screen.h5ad"
 
     def __post_init__(self) -> None:
@@ -155,7 +155,10 @@ class ScreenTask(BatchLoopTask):
             pairs = screen_cells(run, cells, settings.kind, genes, cap, on_pairs=bar.update)
         on_batch(unit.stop - unit.start)
         pairs.index = pd.Index(pairs["gene_id"] + "|" + pairs["cell"])
-        return Part(GeneOutputs(n_cells=len(pairs)), pairs)
+        unit_cells = session.files[unit.file_index].obs.index[unit.start : unit.stop].astype(str)
+        position = pd.Series(np.arange(len(unit_cells)), unit_cells)  # a pair names its cell by obs name
+        cells_of_pairs = position[~position.index.duplicated()][pairs["cell"]].to_numpy()
+        return Part(GeneOutputs(n_cells=len(pairs)), pairs, cells=cells_of_pairs)
 
     def finish(self, obs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
         """The settings, the genes file's genes and the number of pairs into uns."""
