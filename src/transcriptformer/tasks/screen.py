@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from transcriptformer.config import MAX_GENES, check_range, check_types
 from transcriptformer.engine.config import InferenceConfig, RunConfig
 from transcriptformer.engine.task import BatchLoopTask, Part
 from transcriptformer.model.outputs import SCREEN_KEYS
@@ -84,10 +85,9 @@ class ScreenConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {list(KINDS)}, got {self.kind!r}")
-        if self.max_genes_per_cell < 0:
-            raise ValueError(f"max_genes_per_cell must be >= 0 (0: all), got {self.max_genes_per_cell}")
-        if self.null_bins < 1:
-            raise ValueError(f"null_bins must be >= 1, got {self.null_bins}")
+        check_types(self, "")
+        check_range(self, "", "max_genes_per_cell", at_least=0, at_most=MAX_GENES, also="0: all")
+        check_range(self, "", "null_bins", at_least=1, at_most=MAX_GENES)
         if (self.start_state is None) != (self.goal_state is None):
             raise ValueError("start_state and goal_state go together: give both, or neither")
         parse_state(self.start_state, "start_state")
