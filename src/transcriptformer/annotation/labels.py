@@ -69,6 +69,8 @@ def encode_labels(key: str, column: pd.Series) -> LabelTable:
     Raises a ``UserError`` when every value is missing or a class is named ``"Unknown"`` (the name of rejected
     cells); warns when some cells have no label or a class has fewer than ``SMALL_CLASS_CELLS`` cells.
     """
+    if column.empty:
+        raise UserError(f"label key {key!r}: the reference holds no cells; give a reference with labelled cells")
     missing = column.isna().to_numpy() | (column.astype(str).str.strip() == "").to_numpy()
     if missing.all():
         raise UserError(f"label key {key!r}: every reference cell's label is missing; choose a column with labels")

@@ -168,6 +168,9 @@ class InferenceConfig:
         check_range(self, "", "n_data_workers", at_least=0)
         if not self.obs_keys:
             raise ValueError(f"obs_keys is empty: list columns, or [{ALL_OBS_KEYS}] for every column")
+        repeated = sorted({key for key in self.obs_keys if self.obs_keys.count(key) > 1})
+        if repeated:
+            raise ValueError(f"obs_keys names {repeated} more than once; list each column once")
         self._check_soma_input()
         self._check_soma_output()
 
@@ -194,6 +197,13 @@ class InferenceConfig:
                 "output_soma: the array is indexed by the soma_joinid of the input experiment; read the cells with "
                 "`soma` or census_version (or write an .h5ad)"
             )
+        if self.soma and "://" not in self.soma and "://" not in self.output_soma:
+            source, target = Path(self.soma).resolve(), Path(self.output_soma).resolve()
+            if target == source or source in target.parents:
+                raise ValueError(
+                    f"output_soma {self.output_soma} is inside the input experiment {self.soma}, which a run only "
+                    "reads; choose an output_soma outside it"
+                )
         if "embeddings" not in self.output_keys or (not self.writes_h5ad and len(self.output_keys) > 1):
             raise ValueError(
                 f"output_soma holds cell embeddings and output_keys are {self.output_keys}: compute embeddings, and "

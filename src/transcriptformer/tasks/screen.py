@@ -90,8 +90,9 @@ class ScreenConfig:
         check_range(self, "", "null_bins", at_least=1, at_most=MAX_GENES)
         if (self.start_state is None) != (self.goal_state is None):
             raise ValueError("start_state and goal_state go together: give both, or neither")
-        parse_state(self.start_state, "start_state")
-        parse_state(self.goal_state, "goal_state")
+        start, goal = parse_state(self.start_state, "start_state"), parse_state(self.goal_state, "goal_state")
+        if start is not None and start == goal:
+            raise ValueError(f"start_state and goal_state are both {self.start_state!r}: give a goal of other cells")
 
     def inference_defaults(self) -> InferenceConfig:
         """The settings of a screen run before flags change them."""
@@ -210,6 +211,8 @@ def read_genes_file(path: Path, config: RunConfig) -> list[str]:
         names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     except OSError as error:
         raise ValueError(f"genes_file {path}: cannot read it ({error.strerror or error})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"genes_file {path} is not a UTF-8 text file; write one gene a line") from None
     vocab, _ = read_vocabularies(Path(config.model.checkpoint_path), config.checkpoint_config)
     resolver, known, unknown = GeneNames(vocab), [], []
     for name in names:
