@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 
 from test_user_errors import assert_one_line_error, run_cli
 from transcriptformer.checkpoint import load_checkpoint
@@ -20,7 +21,8 @@ from transcriptformer.data.esm_vocab import (
     load_esm2,
     longest_isoforms,
 )
-from transcriptformer.data.vocab import build_gene_vocab, read_embedding_table
+from transcriptformer.data.vocab import build_gene_vocab, partial_table_of, read_embedding_table
+from transcriptformer.engine.output import lock_file_of
 
 REFERENCE = Path(__file__).parent / "data" / "reference_tiny"
 LAYERS, WIDTH = 2, 32  # the reference checkpoint's ESM width is 32, so the table can be swapped into it
@@ -263,7 +265,7 @@ def test_an_existing_table_is_replaced_only_with_overwrite(tmp_path, capsys, fas
     assert table.read_bytes() == b"a table of the user's"
     assert main(build_args(fasta, esm_file[0], tmp_path, "--overwrite")) == 0
     assert read_embedding_table(table)[1].shape == (3, WIDTH)
-    assert [p.name for p in tmp_path.iterdir()] == [table.name]  # the temporary file was renamed
+    assert [p.name for p in tmp_path.iterdir() if p.suffix != ".lock"] == [table.name]  # the temporary file was renamed
 
 
 def test_a_checkpoints_own_table_is_never_replaced(tmp_path, capsys, fasta, esm_file):
@@ -276,3 +278,22 @@ def test_a_checkpoints_own_table_is_never_replaced(tmp_path, capsys, fasta, esm_
     assert_one_line_error(code, err, "build-vocab", "table of the checkpoint", "break the checkpoint")
     assert table.read_bytes() == before
     load_checkpoint(checkpoint)  # still whole
+
+
+def test_a_table_being_written_by_another_run_is_refused(tmp_path, capsys, fasta, esm_file):
+    table = tmp_path / "tiny_species_gene.h5"
+    with FileLock(lock_file_of(table), timeout=0):  # what a run writing the table holds
+        code, err = run_cli(capsys, *build_args(fasta, esm_file[0], tmp_path))
+    assert_one_line_error(code, err, "build-vocab", "being written by another run", "--output-path or --species")
+    assert not table.exists()
+
+
+def test_what_a_killed_run_left_is_removed(tmp_path, fasta, esm_file):
+    table = tmp_path / "tiny_species_gene.h5"
+    killed = partial_table_of(table, 4_000_000)  # a run killed while writing: its temporary file stays
+    killed.write_bytes(b"half a table")
+    other = tmp_path / ".tiny_species_gene.h5.notes.partial"  # not a run's: kept
+    other.write_text("a user's")
+    assert main(build_args(fasta, esm_file[0], tmp_path)) == 0
+    assert not killed.exists() and other.exists()
+    assert read_embedding_table(table)[1].shape == (3, WIDTH)

@@ -192,7 +192,7 @@ def load_checkpoint(
     check_shapes(model.state_dict(), state, path)
     model.load_state_dict(state, strict=True)
     if adapter is not None:
-        model = load_adapters(model, adapter)
+        model = load_adapters(model, adapter, base_weights=path / WEIGHTS_FILE)
     model.to(device).eval()
     return Checkpoint(path=path, config=config, gene_vocab=gene_vocab, aux_vocabs=aux_vocabs, model=model)
 

@@ -53,6 +53,11 @@ def label_columns(labels: Labels, label_keys: str | Sequence[str] | None, n_cell
             raise UserError(f"one column of labels was given for {len(keys)} label keys; give a table, a column each")
         columns = {str(keys[0]): pd.Series(np.asarray(labels, dtype=object))}
     for key, column in columns.items():
+        if not key.strip() or "/" in key:
+            raise UserError(
+                f"label key {key!r} cannot name the output columns predicted_<key> and <key>_confidence (an empty name "
+                "or one with '/', which .h5ad files cannot hold); copy the labels to a column of a plain name"
+            )
         if len(column) != n_cells:
             raise UserError(f"label key {key!r} has {len(column)} values for {n_cells} reference cells; give one each")
     return columns
@@ -64,6 +69,8 @@ def encode_labels(key: str, column: pd.Series) -> LabelTable:
     Raises a ``UserError`` when every value is missing or a class is named ``"Unknown"`` (the name of rejected
     cells); warns when some cells have no label or a class has fewer than ``SMALL_CLASS_CELLS`` cells.
     """
+    if column.empty:
+        raise UserError(f"label key {key!r}: the reference holds no cells; give a reference with labelled cells")
     missing = column.isna().to_numpy() | (column.astype(str).str.strip() == "").to_numpy()
     if missing.all():
         raise UserError(f"label key {key!r}: every reference cell's label is missing; choose a column with labels")

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from transcriptformer.config import check_range, check_types
 from transcriptformer.errors import UserError
 
 METRICS = ("cosine", "euclidean")
 UNKNOWN = "Unknown"
+MAX_NEIGHBORS = 2048  # the most a search returns per query cell (FAISS's limit on a GPU); each gets a row entry
 
 
 @dataclass(frozen=True)
@@ -64,14 +66,11 @@ class AnnotateConfig:
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise UserError(f"metric must be one of {', '.join(METRICS)}, not {self.metric!r}")
-        if self.n_neighbors < 1:
-            raise UserError(f"n_neighbors must be at least 1, not {self.n_neighbors}")
-        if not 0 <= self.false_unknown_rate < 1:
-            raise UserError(f"false_unknown_rate must be in [0, 1), not {self.false_unknown_rate}")
-        if self.calibration_folds < 2:
-            raise UserError(f"calibration_folds must be at least 2, not {self.calibration_folds}")
-        for name in ("calibration_cells", "n_probe", "refine_factor", "chunk_cells"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if self.n_lists is not None and self.n_lists < 1:
-            raise UserError(f"n_lists must be at least 1 (or None), not {self.n_lists}")
+        check_types(self, "")
+        check_range(self, "", "n_neighbors", at_least=1, at_most=MAX_NEIGHBORS)
+        check_range(self, "", "false_unknown_rate", at_least=0, below=1)
+        check_range(self, "", "calibration_folds", at_least=2)
+        for name in ("calibration_cells", "exact_max_cells", "n_probe", "refine_factor", "chunk_cells"):
+            check_range(self, "", name, at_least=1)
+        check_range(self, "", "n_lists", at_least=1, optional=True, also="None: chosen from the reference's size")
+        check_range(self, "", "seed", at_least=0)

@@ -205,6 +205,8 @@ def check_arguments(args: argparse.Namespace) -> None:
             "--reference-soma reads the reference's embeddings from a SOMA array: give --reference-embeddings "
             "(written by inference --soma ... --output-soma)"
         )
+    if args.save_index and Path(args.save_index).is_file():
+        raise UserError(f"--save-index {args.save_index} is a file; give a new folder for the index")
     if args.save_index and Path(args.save_index).exists() and any(Path(args.save_index).iterdir()):
         raise UserError(f"--save-index {args.save_index} exists and is not empty; choose a new folder or remove it")
     if args.reference_pretrained_embedding and (args.index or precomputed(args)):

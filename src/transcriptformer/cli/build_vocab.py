@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transcriptformer.cli.common import add_hidden_alias, add_overwrite_argument
 from transcriptformer.console import print_output
 from transcriptformer.data.esm_vocab import DEFAULT_LAYER, DEFAULT_MAX_RESIDUES, GENE_ID_RULES
 from transcriptformer.runtime import resolve_device
+
+if TYPE_CHECKING:
+    from transcriptformer.data.esm_vocab import VocabReport
 
 EXAMPLES = """\
 examples:
@@ -74,11 +79,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the table and print the report."""
-    from transcriptformer.data.esm_vocab import build_vocab, table_path
+    """Build the table while holding the output's lock (what killed runs left is removed first); print the report."""
+    from transcriptformer.data.esm_vocab import check_output_free, table_path
+    from transcriptformer.data.vocab import remove_partial_tables
+    from transcriptformer.engine.output import hold_output
 
     output = table_path(args.output_path, args.species)
-    report = build_vocab(
+    check_output_free(output, args.overwrite)  # before the lock file: none is left beside a refused output
+    with hold_output(output, ("output_path", "`species`")):
+        remove_partial_tables(output)
+        report = build_table(args, output)
+    print(report.summary())
+    print_output(output)
+    return 0
+
+
+def build_table(args: argparse.Namespace, output: Path) -> VocabReport:
+    """The table of ``args`` written to ``output``."""
+    from transcriptformer.data.esm_vocab import build_vocab
+
+    return build_vocab(
         args.fasta,
         args.esm_model,
         output,
@@ -93,6 +113,3 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         overwrite=args.overwrite,
     )
-    print(report.summary())
-    print_output(output)
-    return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -15,6 +16,7 @@ from transcriptformer.data.hdf5 import open_hdf5
 from transcriptformer.errors import UserError
 
 EMBEDDING_FILE = "a gene-embedding .h5 file"
+PARTIAL_SUFFIX = ".partial"  # .<name>.<pid>.partial: a gene-embedding file being written
 # How to get a valid gene-embedding file, for errors about an invalid one.
 TABLE_FIX = "build the table with 'transcriptformer build-vocab' (dataset 'keys' of strings, group 'arrays' of vectors)"
 
@@ -97,6 +99,24 @@ def read_embedding_table(path: str | Path, gene_ids: Sequence[str] | None = None
     return ids, np.stack(rows) if rows else np.zeros((0, 0), np.float32)
 
 
+def partial_table_of(path: Path, pid: int) -> Path:
+    """Where process ``pid`` writes the gene-embedding file ``path`` before renaming it into place."""
+    return path.with_name(f".{path.name}.{pid}{PARTIAL_SUFFIX}")
+
+
+def remove_partial_tables(path: Path) -> list[Path]:
+    """Delete the temporary files that runs killed while writing ``path`` left; only while holding its lock."""
+    prefix = f".{path.name}."
+    stale = [
+        p
+        for p in path.parent.glob(f"{glob.escape(prefix)}*{PARTIAL_SUFFIX}")
+        if p.name[len(prefix) : -len(PARTIAL_SUFFIX)].isdigit()
+    ]
+    for partial in stale:
+        partial.unlink(missing_ok=True)
+    return stale
+
+
 def write_embedding_table(path: str | Path, vectors: Mapping[str, np.ndarray]) -> None:
     """Write a gene-embedding file (dataset ``keys``, group ``arrays``), atomically."""
     bad = [gene for gene in vectors if "/" in gene or gene in (".", "")]
@@ -104,7 +124,7 @@ def write_embedding_table(path: str | Path, vectors: Mapping[str, np.ndarray]) -
         raise ValueError(f"gene ids cannot be HDF5 names: {bad[:5]} (they contain '/' or are empty)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")  # not mkstemp: the user's umask applies
+    tmp = partial_table_of(path, os.getpid())  # not mkstemp: the user's umask applies
     try:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("keys", data=np.array(list(vectors), dtype="S"))

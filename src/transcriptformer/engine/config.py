@@ -172,6 +172,9 @@ class OutputConfig:
             )
         if not self.obs_keys:
             raise ValueError(f"obs_keys is empty: list columns, or [{ALL_OBS_KEYS}] for every column")
+        repeated = sorted({key for key in self.obs_keys if self.obs_keys.count(key) > 1})
+        if repeated:
+            raise ValueError(f"obs_keys names {repeated} more than once; list each column once")
         if self.output_format is not None:
             _check_choices("output_format", [self.output_format], OUTPUT_FORMATS)
         if not self.writes_soma and self.output_soma:
@@ -303,6 +306,14 @@ class RunConfig:
                 "output_soma: the array is indexed by the soma_joinid of the input experiment; read the cells with "
                 "`soma` or census_version (or write an .h5ad)"
             )
+        soma, output_soma = self.input.soma, self.output.output_soma
+        if soma and "://" not in soma and "://" not in output_soma:
+            source, target = Path(soma).resolve(), Path(output_soma).resolve()
+            if target == source or source in target.parents:
+                raise ValueError(
+                    f"output_soma {output_soma} is inside the input experiment {soma}, which a run only reads; "
+                    "choose an output_soma outside it"
+                )
         if "embeddings" not in wanted or (not self.output.writes_h5ad and len(wanted) > 1):
             raise ValueError(
                 f"output_soma holds cell embeddings and output_keys are {wanted}: compute embeddings, and "

@@ -3,7 +3,8 @@
 Adapters are saved alone in the ``peft`` layout, which Hugging Face users know::
 
     <adapter>/adapter_config.json        rank, alpha, dropout, target modules, base checkpoint path
-    <adapter>/adapter_model.safetensors  the adapter (and trained head) weights only
+    <adapter>/adapter_model.safetensors  the adapter (and trained head) weights only; its metadata records the
+                                         SHA-256 of the base checkpoint's weights file, checked at load
     <adapter>/README.md                  what they are: base checkpoint, LoRA settings, how to load them
 
 >>> from transcriptformer.checkpoint import load_checkpoint
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from transcriptformer.config import check_number
 from transcriptformer.errors import UserError
-from transcriptformer.safe_load import check_safetensors
+from transcriptformer.safe_load import check_safetensors, sha256_of
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 MODEL_CARD_FILE = "README.md"
+# The key, in the metadata of the adapter weights file, of the SHA-256 of the base checkpoint's weights file.
+BASE_WEIGHTS_KEY = "base_weights_sha256"
 
 MODEL_CARD = """\
 ---
@@ -193,10 +197,14 @@ def add_lora_adapters(model: TranscriptFormer, settings: LoraConfig, base_checkp
     return peft.get_peft_model(model, config)
 
 
-def save_adapters(model: PeftModel, path: str | Path, overwrite: bool = False) -> Path:
+def save_adapters(
+    model: PeftModel, path: str | Path, overwrite: bool = False, base_weights_sha256: str | None = None
+) -> Path:
     """Write the adapter weights (safetensors), their config and a model card to the directory ``path``.
 
-    The files get the permissions of any new file of the user (``0o666`` less the umask).
+    The files get the permissions of any new file of the user (``0o666`` less the umask). ``base_weights_sha256``,
+    the SHA-256 of the base checkpoint's weights file, is recorded in the weights file's metadata, so that loading
+    the adapters onto another checkpoint of the same shape is refused.
 
     Raises
     ------
@@ -211,10 +219,53 @@ def save_adapters(model: PeftModel, path: str | Path, overwrite: bool = False) -
             f"{path} already holds adapters; choose another output path, or pass `overwrite=True` to replace them"
         )
     model.save_pretrained(path, safe_serialization=True)
+    if base_weights_sha256 is not None:
+        record_base_weights(path / ADAPTER_WEIGHTS_FILE, base_weights_sha256)
     (path / MODEL_CARD_FILE).write_text(model_card(model, path))  # replaces peft's empty template
     for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MODEL_CARD_FILE):
         (path / name).chmod(new_file_mode())  # safetensors writes its file owner-only (0600)
     return path
+
+
+def record_base_weights(weights_file: Path, base_weights_sha256: str) -> None:
+    """Add the base checkpoint's weights SHA-256 to the metadata of the adapter weights file ``weights_file``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(weights_file, "pt") as file:
+        metadata = file.metadata() or {}
+    save_file(load_file(weights_file), weights_file, metadata=metadata | {BASE_WEIGHTS_KEY: base_weights_sha256})
+
+
+def check_base_weights(folder: Path, base_weights: Path) -> None:
+    """Refuse adapters whose recorded base checkpoint is not the one whose weights file is ``base_weights``.
+
+    Adapters saved without the record (by older versions) load with a warning.
+
+    Raises
+    ------
+    UserError
+        When the SHA-256 recorded in the adapter weights' metadata differs from ``base_weights``'.
+    """
+    from safetensors import safe_open
+
+    with safe_open(folder / ADAPTER_WEIGHTS_FILE, "pt") as file:
+        recorded = (file.metadata() or {}).get(BASE_WEIGHTS_KEY)
+    if recorded is None:
+        warnings.warn(
+            f"the adapters in {folder} do not record the checkpoint they were trained on (saved by an older "
+            f"version); make sure it is {base_weights.parent}, else their outputs are wrong",
+            stacklevel=3,
+        )
+        return
+    actual = sha256_of(base_weights)
+    if recorded != actual:
+        trained_on = json.loads((folder / ADAPTER_CONFIG_FILE).read_text()).get("base_model_name_or_path")
+        raise UserError(
+            f"the adapters in {folder} were trained on the checkpoint {trained_on} (weights SHA-256 {recorded[:12]}), "
+            f"not on {base_weights.parent} (SHA-256 {actual[:12]}): give checkpoint_path the checkpoint they were "
+            "trained on"
+        )
 
 
 def model_card(model: PeftModel, path: Path) -> str:
@@ -245,7 +296,11 @@ def new_file_mode() -> int:
 
 
 def load_adapters(
-    model: TranscriptFormer, path: str | Path, merge: bool = True, trainable: bool = False
+    model: TranscriptFormer,
+    path: str | Path,
+    merge: bool = True,
+    trainable: bool = False,
+    base_weights: str | Path | None = None,
 ) -> TranscriptFormer | PeftModel:
     """Apply saved adapters to a loaded base model.
 
@@ -260,6 +315,9 @@ def load_adapters(
         inference); otherwise return the ``peft`` model with separate adapters.
     trainable
         Keep the adapters trainable (only with ``merge=False``).
+    base_weights
+        The weights file of the checkpoint ``model`` was loaded from: checked against the base checkpoint the
+        adapters record (see :func:`check_base_weights`).
 
     Raises
     ------
@@ -267,8 +325,9 @@ def load_adapters(
         When ``path`` holds no adapters.
     UserError
         Before the base weights change, when ``adapter_config.json`` is not plain LoRA as ``finetune`` writes it
-        (see :func:`read_adapter_config`), or the weights are not finite or do not fit ``model`` (another model,
-        width or rank); after merging, when a merged weight is not finite.
+        (see :func:`read_adapter_config`), the weights are not finite or do not fit ``model`` (another model,
+        width or rank), or they were trained on another base checkpoint than ``base_weights``; after merging, when
+        a merged weight is not finite.
     """
     path = Path(path)
     missing = [name for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE) if not (path / name).is_file()]
@@ -279,6 +338,8 @@ def load_adapters(
     check_safetensors(path / ADAPTER_WEIGHTS_FILE, what="the adapter weights", fix=ADAPTER_FIX)
     config = read_adapter_config(path / ADAPTER_CONFIG_FILE)
     check_adapter_weights(path / ADAPTER_WEIGHTS_FILE, config, model)
+    if base_weights is not None:
+        check_base_weights(path, Path(base_weights))
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(model, path, is_trainable=trainable)

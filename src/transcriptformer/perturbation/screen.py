@@ -196,6 +196,13 @@ def take(cells: TokenizedCells, rows: np.ndarray) -> TokenizedCells:
     return replace(cells, counts=cells.counts[rows], aux_tokens=cells.aux_tokens[rows], obs_names=cells.obs_names[rows])
 
 
+def counts_at(counts: sp.csr_matrix, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """The counts of the (row, column) pairs, as float64 (scipy gives a sparse matrix, not an array, for no pair)."""
+    if not len(rows):
+        return np.zeros(0)
+    return np.asarray(counts[rows, columns], dtype=np.float64).ravel()
+
+
 def screen_group(run: ScreenRun, cells: TokenizedCells, rows: np.ndarray, columns: list[np.ndarray], kind: str):
     """:func:`screen_cells` of the cells ``rows`` (``columns``: the genes screened in each)."""
     variants = cell_variants(cells, rows, columns, kind)
@@ -209,7 +216,7 @@ def screen_group(run: ScreenRun, cells: TokenizedCells, rows: np.ndarray, column
         {
             "cell": np.asarray(group.obs_names[cell_of], dtype=str).astype(object),
             "gene_id": np.asarray(cells.gene_ids[column], dtype=str).astype(object),
-            "count": np.asarray(group.counts[cell_of, column], dtype=np.float64).ravel(),
+            "count": counts_at(group.counts, cell_of, column),
             "count_rank": rank.astype(np.int64),
         }
     )

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from transcriptformer.config import MAX_GENES, check_range, check_types
 from transcriptformer.engine.config import RunConfig, default_output_path
 from transcriptformer.engine.task import BatchLoopTask, Part
 from transcriptformer.model.outputs import PERTURBATION_KEYS
@@ -63,8 +64,8 @@ class PerturbConfig:
         for name in ("knock_out", "over_express"):  # one perturbation may be given as a string
             value = getattr(self, name)
             setattr(self, name, (value,) if isinstance(value, str) else tuple(value))
-        if self.top_genes < 0:
-            raise ValueError(f"top_genes must be >= 0 (0: every gene), got {self.top_genes}")
+        check_types(self, "")
+        check_range(self, "", "top_genes", at_least=0, at_most=MAX_GENES, also="0: every gene")
 
     def run_defaults(self) -> RunConfig:
         """The settings of a perturb run before flags change them."""

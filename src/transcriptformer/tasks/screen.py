@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from transcriptformer.config import MAX_GENES, check_range, check_types
 from transcriptformer.engine.config import RunConfig, default_output_path
 from transcriptformer.engine.task import BatchLoopTask, Part
 from transcriptformer.model.outputs import SCREEN_KEYS
@@ -84,14 +85,14 @@ class ScreenConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {list(KINDS)}, got {self.kind!r}")
-        if self.max_genes_per_cell < 0:
-            raise ValueError(f"max_genes_per_cell must be >= 0 (0: all), got {self.max_genes_per_cell}")
-        if self.null_bins < 1:
-            raise ValueError(f"null_bins must be >= 1, got {self.null_bins}")
+        check_types(self, "")
+        check_range(self, "", "max_genes_per_cell", at_least=0, at_most=MAX_GENES, also="0: all")
+        check_range(self, "", "null_bins", at_least=1, at_most=MAX_GENES)
         if (self.start_state is None) != (self.goal_state is None):
             raise ValueError("start_state and goal_state go together: give both, or neither")
-        parse_state(self.start_state, "start_state")
-        parse_state(self.goal_state, "goal_state")
+        start, goal = parse_state(self.start_state, "start_state"), parse_state(self.goal_state, "goal_state")
+        if start is not None and start == goal:
+            raise ValueError(f"start_state and goal_state are both {self.start_state!r}: give a goal of other cells")
 
     def run_defaults(self) -> RunConfig:
         """The settings of a screen run before flags change them."""
@@ -213,6 +214,8 @@ def read_genes_file(path: Path, config: RunConfig) -> list[str]:
         names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     except OSError as error:
         raise ValueError(f"genes_file {path}: cannot read it ({error.strerror or error})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"genes_file {path} is not a UTF-8 text file; write one gene a line") from None
     vocab, _ = read_vocabularies(Path(config.model.checkpoint_path), config.checkpoint_config)
     resolver, known, unknown = GeneNames(vocab), [], []
     for name in names:

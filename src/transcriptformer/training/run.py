@@ -7,10 +7,10 @@ checkpoint directory in the published layout (pretraining) or an adapter directo
 interrupted writes what it trained to ``<output>/interrupted`` and a resumable ``last.ckpt`` to its run directory
 (see :class:`~transcriptformer.training.trainer.KeepWorkOnFailure`).
 
-Adapters are written as one unit: into a temporary folder inside the output first, then moved into place with
-``adapter_config.json`` (what makes the folder loadable) last, so that a run killed while saving leaves nothing that
-loads. A run replaces none of the files it writes (the model card ``README.md`` included) that are already there,
-unless told to overwrite, and holds the output's lock while it trains.
+Adapters and checkpoints are written as one unit: into a temporary folder inside the output first, then moved into
+place with ``adapter_config.json`` or ``config.json`` (what makes the folder loadable) last, so that a run killed while
+saving leaves nothing that loads. A run replaces none of the files it writes (the model card ``README.md`` included)
+that are already there, unless told to overwrite, and holds the output's lock while it trains (or merges).
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ ADAPTER_OUTPUT_FILES = (
     CLASSIFIER_CONFIG_FILE,
     lora.ADAPTER_CONFIG_FILE,
 )
+# The files of a checkpoint, in the same order: config.json, which makes the folder loadable, last.
+CHECKPOINT_OUTPUT_FILES = (VOCAB_DIR, WEIGHTS_FILE, CONFIG_FILE)
 PARTIAL_PREFIX = ".partial-"  # the temporary folder of a save in progress, inside the output
 
 
@@ -170,10 +172,8 @@ def run_pretraining(
         The checkpoint directory; the loss of the single batch with ``dry_run_only``.
     """
     output = Path(cfg.output_path)
-    if not dry_run_only and not overwrite and (output / CONFIG_FILE).exists():
-        raise FileExistsError(
-            f"{output} already holds a checkpoint; choose another output_path, or pass `overwrite=True` to replace it"
-        )
+    if not dry_run_only:
+        check_checkpoint_output(output, overwrite)
     require_training_files(cfg.data)
     if not dry_run_only:
         check_resume(cfg.trainer, run_dir_of(cfg.trainer, output))
@@ -187,11 +187,13 @@ def run_pretraining(
         return dry_run(module, data, first_device(cfg.trainer))
     gene_files = list(cfg.data_config.esm2_mappings)
 
-    def save(path: Path) -> Path:
+    def write(path: Path, final: Path) -> Path:
         return save_checkpoint(path, checkpoint.config, module.model, checkpoint.aux_vocabs, gene_files, overwrite=True)
 
+    save = partial(save_as_one_unit, write, files=CHECKPOINT_OUTPUT_FILES)
     target = TrainedOutput(output, save, what="model", resume_option="trainer.resume=")
-    fit(module, data, cfg.trainer, run_dir_of(cfg.trainer, output), dataclasses.asdict(cfg), target, callbacks)
+    with hold_output_folder(output, CONFIG_FILE, partial(check_checkpoint_output, output, overwrite)):
+        fit(module, data, cfg.trainer, run_dir_of(cfg.trainer, output), dataclasses.asdict(cfg), target, callbacks)
     return output
 
 
@@ -230,17 +232,18 @@ def run_finetuning(
     else:
         data = build_datamodule(checkpoint, cfg.data, cfg.trainer.seed, device=device)
     model = lora.add_lora_adapters(checkpoint.model, cfg.lora, base_checkpoint=str(checkpoint.path))
+    base_sha256 = sha256_of(checkpoint.path / WEIGHTS_FILE)
     if cfg.task == "classify":
-        module, write = classification_run(cfg, checkpoint, model, data, labels)
+        module, write = classification_run(cfg, checkpoint, model, data, labels, base_sha256)
     else:
         module = TranscriptFormerModule(model, cfg.optim, cfg.trainer.seed)
-        write = partial(write_adapters, model)
+        write = partial(write_adapters, model, base_sha256)
     if dry_run_only:
         return dry_run(module, data, device)
     what = "classifier" if cfg.task == "classify" else "adapters"
     target = TrainedOutput(output, partial(save_as_one_unit, write), what=what, resume_option="`resume` ")
     run_dir = run_dir_of(cfg.trainer, output)
-    with hold_adapter_output(output, overwrite):
+    with hold_output_folder(output, lora.ADAPTER_CONFIG_FILE, partial(check_adapter_output, output, overwrite)):
         trainer = fit(module, data, cfg.trainer, run_dir, dataclasses.asdict(cfg), target, callbacks)
     best = trainer.checkpoint_callback.best_model_score
     if cfg.task == "classify" and best is not None:
@@ -269,46 +272,76 @@ def check_adapter_output(output: Path, overwrite: bool) -> None:
         )
 
 
+def check_checkpoint_output(output: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output that is a file, or that holds a checkpoint's files (without overwrite).
+
+    Raises
+    ------
+    UserError
+        ``output`` is a file.
+    FileExistsError
+        It holds a file of :data:`CHECKPOINT_OUTPUT_FILES` and ``overwrite`` is off.
+    """
+    if output.is_file():
+        raise UserError(f"output_path {output} is a file; a checkpoint is saved as a folder: give a folder")
+    existing = [name for name in CHECKPOINT_OUTPUT_FILES if (output / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{output} already holds a checkpoint ({', '.join(existing)}); choose another output_path, or pass "
+            "`overwrite=True` to replace it"
+        )
+
+
 @contextlib.contextmanager
-def hold_adapter_output(output: Path, overwrite: bool) -> Iterator[None]:
+def hold_output_folder(output: Path, loadable_file: str, check: Callable[[], None]) -> Iterator[None]:
     """Hold the output's lock (first process only) while training; folders of killed saves are removed first.
+
+    The lock is that of ``output / loadable_file``; ``check`` is run again once it is held.
 
     Raises
     ------
     UserError
         Another run holds the output.
     FileExistsError
-        A run that ended in the meantime wrote adapters there (see :func:`check_adapter_output`).
+        A run that ended in the meantime wrote there (raised by ``check``).
     """
     if rank_zero_only.rank != 0:  # the other processes of a DDP run: the first one holds the output
         yield
         return
-    with hold_output(output / lora.ADAPTER_CONFIG_FILE, ("output_path",)):
-        check_adapter_output(output, overwrite)
+    with hold_output(output / loadable_file, ("output_path",)):
+        check()
         for partial_save in output.glob(f"{PARTIAL_PREFIX}*"):
             shutil.rmtree(partial_save, ignore_errors=True)
         yield
 
 
-def write_adapters(model: torch.nn.Module, folder: Path, final: Path) -> None:
-    """Write the adapters of ``model`` to ``folder``, with the model card of their place once moved, ``final``."""
-    lora.save_adapters(model, folder, overwrite=True)
+def write_adapters(model: torch.nn.Module, base_sha256: str, folder: Path, final: Path) -> None:
+    """Write the adapters of ``model`` to ``folder``, with the model card of their place once moved, ``final``.
+
+    ``base_sha256``, the SHA-256 of the base checkpoint's weights file, is recorded with them.
+    """
+    lora.save_adapters(model, folder, overwrite=True, base_weights_sha256=base_sha256)
     (folder / lora.MODEL_CARD_FILE).write_text(lora.model_card(model, final))
 
 
-def save_as_one_unit(write: Callable[[Path, Path], object], output: Path) -> Path:
-    """Write the files of :data:`ADAPTER_OUTPUT_FILES` with ``write`` to a temporary folder, then move them in place.
+def save_as_one_unit(
+    write: Callable[[Path, Path], object], output: Path, files: Sequence[str] = ADAPTER_OUTPUT_FILES
+) -> Path:
+    """Write ``files`` with ``write`` to a temporary folder inside ``output``, then move them into place.
 
-    The loadable file (``adapter_config.json``) of adapters already there is removed first and the new one moved in
-    last: a run killed in between leaves no folder that loads. A file of the list that ``write`` does not write (a
+    The last of ``files`` is what makes the folder loadable (``adapter_config.json``, a checkpoint's
+    ``config.json``): the one already there is removed first and the new one moved in last, so that a run killed in
+    between leaves no folder that loads. A file (or folder) of the list that ``write`` does not write (a
     classifier's, when adapters replace a classifier) is removed.
     """
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=PARTIAL_PREFIX, dir=output) as temporary:
         written = Path(temporary)
         write(written, output)
-        (output / lora.ADAPTER_CONFIG_FILE).unlink(missing_ok=True)
-        for name in ADAPTER_OUTPUT_FILES:
+        (output / files[-1]).unlink(missing_ok=True)
+        for name in files:
+            if (output / name).is_dir():
+                shutil.rmtree(output / name)
             if (written / name).exists():
                 (written / name).replace(output / name)
             else:
@@ -328,11 +361,17 @@ def labelled_cells(cfg: FinetuneConfig) -> tuple[list[ad.AnnData], list[ad.AnnDa
 
 
 def classification_run(
-    cfg: FinetuneConfig, checkpoint: Checkpoint, model: torch.nn.Module, data: CellDataModule, labels: ClassLabels
+    cfg: FinetuneConfig,
+    checkpoint: Checkpoint,
+    model: torch.nn.Module,
+    data: CellDataModule,
+    labels: ClassLabels,
+    base_sha256: str,
 ) -> tuple[ClassificationModule, Callable[[Path, Path], Path]]:
     """The module that trains ``model``'s adapters and a new head, and how the two are written together.
 
-    The writer takes the folder to write and the folder the files end up in (see :func:`save_as_one_unit`).
+    The writer takes the folder to write and the folder the files end up in (see :func:`save_as_one_unit`);
+    ``base_sha256`` is the SHA-256 of the base checkpoint's weights file.
     """
     settings = cfg.classify
     embed_dim = checkpoint.config.model_config.embed_dim
@@ -347,10 +386,9 @@ def classification_run(
         ) from None
     weights = class_weights(training_labels(data), len(labels.classes), settings.class_weights)
     module = ClassificationModule(model, head, weights, cfg.optim, cfg.trainer.seed)
-    base_sha256 = sha256_of(checkpoint.path / WEIGHTS_FILE)
 
     def write(path: Path, final: Path) -> Path:
-        write_adapters(model, path, final)
+        write_adapters(model, base_sha256, path, final)
         info = ClassifierInfo(
             label_key=labels.label_key,
             classes=labels.classes,
@@ -368,9 +406,32 @@ def classification_run(
 def merge_adapters_into_checkpoint(
     checkpoint_path: str | Path, adapter_path: str | Path, output_path: str | Path, overwrite: bool = False
 ) -> Path:
-    """Fold saved adapters into their base checkpoint and write the result as a new checkpoint directory."""
+    """Fold saved adapters into their base checkpoint and write the result as a new checkpoint directory.
+
+    The checkpoint is written as one unit (see :func:`save_as_one_unit`) while holding the output's lock.
+
+    Raises
+    ------
+    UserError
+        When ``output_path`` is the base checkpoint itself (merging in place would replace the weights the adapters
+        belong to), or a file, or another run holds it.
+    FileExistsError
+        When ``output_path`` holds a checkpoint and ``overwrite`` is off.
+    """
+    output = Path(output_path)
+    check_checkpoint_output(output, overwrite)
     checkpoint = load_checkpoint(checkpoint_path)
-    merged = lora.load_adapters(checkpoint.model, adapter_path, merge=True)
+    if output.resolve() == checkpoint.path.resolve():
+        raise UserError(
+            f"output_path {output} is the base checkpoint itself: merging in place would replace the weights the "
+            "adapters were trained on; choose another output_path"
+        )
+    merged = lora.load_adapters(checkpoint.model, adapter_path, merge=True, base_weights=checkpoint.path / WEIGHTS_FILE)
     vocab_dir = checkpoint.path / VOCAB_DIR
     gene_files = [vocab_dir / name for name in checkpoint.config.data_config.esm2_mappings]
-    return save_checkpoint(output_path, checkpoint.config, merged, checkpoint.aux_vocabs, gene_files, overwrite)
+
+    def write(path: Path, final: Path) -> Path:
+        return save_checkpoint(path, checkpoint.config, merged, checkpoint.aux_vocabs, gene_files, overwrite=True)
+
+    with hold_output_folder(output, CONFIG_FILE, partial(check_checkpoint_output, output, overwrite)):
+        return save_as_one_unit(write, output, CHECKPOINT_OUTPUT_FILES)
