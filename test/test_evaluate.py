@@ -253,7 +253,7 @@ ENTRY = "give --obsm-key the key of a cell embedding"
         (["--seed", "-1"], ["--seed must be >= 0 and < 4294967296"]),
         (["--seed", str(2**64)], ["--seed must be >= 0 and < 4294967296"]),
         (["--label-key", "many"], ["'many' has 0 class(es) of at least 10 cells", "'type0': 2"]),
-        (["--data-file", "no_counts"], ["--data-file has no counts (no X, no raw.X)", "give --data-file"]),
+        (["--data-file", "no_counts"], ["nothing to evaluate: the file has no genes", "--obsm-key or --"]),
         (["--batch-key", "missing"], ["'missing' is not an obs column", "and 62 more"]),
     ],
     ids=[
@@ -275,10 +275,9 @@ def test_bad_embeddings_and_settings_are_one_line_errors_before_any_compute(caps
                                                                                words):  # fmt: skip
     output = tmp_path / "evaluation"
     label = [] if "--label-key" in args else ["--label-key", "cell_type"]
-    if "no_counts" in args:  # an inference output: embeddings and labels, no genes
-        cells = ad.read_h5ad(odd_embeddings)
-        ad.AnnData(obs=cells.obs, obsm={"good": cells.obsm["good"]}).write_h5ad(tmp_path / "no_counts.h5ad")
-        args = ["--data-file", tmp_path / "no_counts.h5ad", "--obsm-key", "good"]
+    if "no_counts" in args:  # labels alone: no genes, no embedding
+        ad.AnnData(obs=ad.read_h5ad(odd_embeddings).obs).write_h5ad(tmp_path / "no_counts.h5ad")
+        args = ["--data-file", tmp_path / "no_counts.h5ad"]
     else:
         args = ["--data-file", odd_embeddings, *args]
     code, err = run_cli(capsys, "evaluate", *label, *args, "--output-path", output)
@@ -368,3 +367,46 @@ def test_bad_input_of_the_new_tasks_is_a_one_line_error(capsys, tmp_path, timed_
                         "--output-path", output)  # fmt: skip
     assert_one_line_error(code, err, "evaluate", *words)
     assert not output.exists()
+
+
+HELD_OUT = DATA_DIR / "demo_mouse_brain_heldout.h5ad"
+
+
+def run_command(*args) -> tuple[int, str, str]:
+    """Run ``transcriptformer ARGS`` in-process (quiet); its exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*map(str, args), "--quiet"])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.slow  # a model run and an evaluation each: 20 s or more on two cores
+@pytest.mark.parametrize(
+    ("command", "output_keys", "written", "reason"),
+    [
+        ("inference", [], "embeddings.h5ad", "the file has no genes (no X, no raw.X)"),
+        ("score", ["embeddings", "mu", "mean_log_likelihood"], "scores.h5ad", "X holds the model's 'mu'"),
+    ],
+    ids=["inference", "score-with-mu"],
+)  # fmt: skip
+def test_evaluate_takes_the_outputs_of_inference_and_score(tmp_path, command, output_keys, written, reason):
+    keys = ["--output-keys", *output_keys] if output_keys else []
+    code, _, err = run_command(command, "--checkpoint-path", DEMO, "--data-file", HELD_OUT, "--output-path",
+                               tmp_path / command, *keys)  # fmt: skip
+    assert code == 0, err
+    output = tmp_path / command / written
+    cells = ad.read_h5ad(output)
+    (key,) = [key for key in ("X_transcriptformer", "embeddings") if key in cells.obsm]
+    code, printed, warned = evaluate("--data-file", output, "--label-key", "cell_type", "--output-path", tmp_path / "e")
+    assert code == 0, warned
+    assert f"transcriptformer evaluate: warning: pca baseline skipped: {reason}" in warned
+    results = json.loads((tmp_path / "e" / RESULTS_FILE).read_text())
+    assert list(results["methods"]) == [key]  # the embedding, no baseline computed on mu or on nothing
+    assert results["skipped_baselines"]["pca"].startswith(reason)
+    assert printed.splitlines()[0].split() == [key]
+    assert results["methods"][key]["dimensions"] == cells.obsm[key].shape[1] == 128
+    assert results["cells"] == cells.n_obs == 100
+    code, _, err = run_command("evaluate", "--data-file", output, "--label-key", "cell_type", "--checkpoint-path",
+                               DEMO, "--output-path", tmp_path / "ev2")  # fmt: skip
+    assert_one_line_error(code, err, "evaluate", "--checkpoint-path needs the cells' counts", reason, "--data-file")
+    assert not (tmp_path / "ev2").exists()

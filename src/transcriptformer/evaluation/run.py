@@ -56,7 +56,7 @@ def evaluate_into(output: Path, config: EvaluateConfig) -> dict[str, Any]:
     """The evaluation of :func:`evaluate`, its report written to ``output`` (whose lock the caller holds)."""
     use_cpu_threads()  # torch's threads for the checkpoints: the idle CPUs
     cells = check_columns(read_cells(config), config)
-    embeddings = gather_embeddings(cells, config)
+    embeddings, skipped = gather_embeddings(cells, config)
     embedded = cells_with_every_embedding(embeddings)
     if not embedded.all():
         missing = int((~embedded).sum())
@@ -83,6 +83,7 @@ def evaluate_into(output: Path, config: EvaluateConfig) -> dict[str, Any]:
         "labels": cells.labels.value_counts().to_dict(),
         "cells_for_label_prediction": int(predictable.sum()),
         "methods": methods,
+        "skipped_baselines": skipped,
     }
     write_report(results, layouts, cells, embeddings if config.save_embeddings else [], output)
     return results
