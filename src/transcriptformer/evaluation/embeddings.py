@@ -25,6 +25,11 @@ from transcriptformer.data.hdf5 import open_hdf5
 from transcriptformer.data.sources import H5AD, open_counts
 from transcriptformer.errors import UserError, first_few
 from transcriptformer.evaluation.config import EvaluateConfig
+from transcriptformer.evaluation.perturbation import (
+    PerturbationTruth,
+    model_predictions,
+    perturbation_expression_prediction,
+)
 from transcriptformer.pipeline import predict_positions
 
 PCA_NAME = "pca"
@@ -58,12 +63,15 @@ class Embedding:
         ``(n_cells, dimensions)`` float32, one row per cell of the file.
     baseline : str
         For a baseline, what it is and which cz-benchmarks tasks use it; empty for an embedding under test.
+    perturbation : dict or None
+        For a checkpoint, when perturbed cells are given: its perturbation-expression prediction results.
     """
 
     name: str
     source: str
     values: np.ndarray
     baseline: str = ""
+    perturbation: dict | None = None
 
 
 @dataclass
@@ -116,6 +124,7 @@ def read_cells(config: EvaluateConfig) -> Cells:
         "species_key": config.species_key,
         "time_key": config.time_key,
         "sample_key": config.sample_key,
+        "perturbation_key": config.perturbation_key,
     }
     given = {name: column for name, column in columns.items() if column is not None}
     for name, column in given.items():
@@ -150,10 +159,13 @@ def numeric_times(column: pd.Series, name: str) -> pd.Series:
         ) from None
 
 
-def gather_embeddings(cells: Cells, config: EvaluateConfig) -> tuple[list[Embedding], dict[str, str]]:
+def gather_embeddings(
+    cells: Cells, config: EvaluateConfig, truth: PerturbationTruth | None = None
+) -> tuple[list[Embedding], dict[str, str]]:
     """Every embedding of the run, named uniquely: checkpoints, adapters, ``obsm`` keys, ``esm2ce``, PCA.
 
-    Returns the embeddings and the baselines skipped, each with the reason (said as a warning too).
+    Returns the embeddings and the baselines skipped, each with the reason (said as a warning too). With ``truth``,
+    each checkpoint's ``perturb`` predictions are judged against it (:mod:`.perturbation`).
 
     Raises
     ------
@@ -177,7 +189,7 @@ def gather_embeddings(cells: Cells, config: EvaluateConfig) -> tuple[list[Embedd
             f"({', '.join(DEFAULT_OBSM_KEYS)}): give obsm_key or checkpoint_path"
         )
     pca = [] if skipped else [pca_embedding(cells.adata, config)]  # and the counts, by the baseline needing fewest
-    embeddings = [*checkpoint_embeddings(cells.adata, config), *stored, *pca]
+    embeddings = [*checkpoint_embeddings(cells.adata, config, truth), *stored, *pca]
     seen: dict[str, int] = {}
     for embedding in embeddings:
         seen[embedding.name] = seen.get(embedding.name, 0) + 1
@@ -260,13 +272,20 @@ def stored_embedding(adata: ad.AnnData, key: str) -> np.ndarray:
     return values
 
 
-def checkpoint_embeddings(adata: ad.AnnData, config: EvaluateConfig) -> Iterator[Embedding]:
-    """For each checkpoint: its embeddings, those with each adapter, and its ``esm2ce`` baseline."""
+def checkpoint_embeddings(
+    adata: ad.AnnData, config: EvaluateConfig, truth: PerturbationTruth | None
+) -> Iterator[Embedding]:
+    """For each checkpoint: its embeddings (and perturbation predictions), with each adapter, its ``esm2ce``."""
     for path in config.checkpoint_path:
         name = Path(path).name or str(path)
         say(f"embedding the cells with {path}")
         model = load(path, device=config.device)
-        yield Embedding(name, f"checkpoint {path}", model_embedding(model, adata, config.batch_size))
+        embedding = Embedding(name, f"checkpoint {path}", model_embedding(model, adata, config.batch_size))
+        if truth is not None:
+            say(f"perturbing the matched control cells with {path}")
+            predictions = model_predictions(model, adata, truth, config.batch_size)
+            embedding.perturbation = perturbation_expression_prediction(truth, predictions)
+        yield embedding
         esm2ce = esm2ce_embedding(model, adata, config)
         yield Embedding(f"esm2ce:{name}", f"esm2ce baseline of {path}", esm2ce, ESM2CE_BASELINE)
         for adapter in config.adapter:

@@ -21,6 +21,7 @@ from transcriptformer.engine.output import hold_output
 from transcriptformer.errors import UserError, first_few
 from transcriptformer.evaluation import report, tasks
 from transcriptformer.evaluation.config import EvaluateConfig
+from transcriptformer.evaluation.perturbation import perturbation_truth
 from transcriptformer.evaluation.embeddings import (
     Cells,
     Embedding,
@@ -56,7 +57,8 @@ def evaluate_into(output: Path, config: EvaluateConfig) -> dict[str, Any]:
     """The evaluation of :func:`evaluate`, its report written to ``output`` (whose lock the caller holds)."""
     use_cpu_threads()  # torch's threads for the checkpoints: the idle CPUs
     cells = check_columns(read_cells(config), config)
-    embeddings, skipped = gather_embeddings(cells, config)
+    truth = perturbation_truth(cells.adata, config) if config.perturbation_key else None
+    embeddings, skipped = gather_embeddings(cells, config, truth)
     embedded = cells_with_every_embedding(embeddings)
     if not embedded.all():
         missing = int((~embedded).sum())
@@ -74,6 +76,8 @@ def evaluate_into(output: Path, config: EvaluateConfig) -> dict[str, Any]:
         methods[embedding.name], layouts[embedding.name] = evaluate_embedding(
             embedding, cells, predictable, sample, config
         )
+        if embedding.perturbation is not None:
+            methods[embedding.name]["perturbation_expression_prediction"] = embedding.perturbation
     results = {
         "transcriptformer_version": __version__,
         "data_file": config.data_file,
