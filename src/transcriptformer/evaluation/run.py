@@ -21,7 +21,6 @@ from transcriptformer.engine.output import hold_output
 from transcriptformer.errors import UserError, first_few
 from transcriptformer.evaluation import report, tasks
 from transcriptformer.evaluation.config import EvaluateConfig
-from transcriptformer.evaluation.perturbation import perturbation_truth
 from transcriptformer.evaluation.embeddings import (
     Cells,
     Embedding,
@@ -29,6 +28,7 @@ from transcriptformer.evaluation.embeddings import (
     gather_embeddings,
     read_cells,
 )
+from transcriptformer.evaluation.perturbation import perturbation_truth
 from transcriptformer.runtime import use_cpu_threads
 from transcriptformer.version import __version__
 
