@@ -449,3 +449,29 @@ def knock_out_screen(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def screen_cells(tmp_path_factory) -> Path:
     return knock_out_screen(tmp_path_factory.mktemp("screen") / "screen.h5ad")
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--perturbation-key", "missing"], ["--perturbation-key 'missing' is not an obs column"]),
+        (["--perturbation-key", "perturbation", "--control-value", "none"],
+         ["--perturbation-key 'perturbation' has no control cells (--control-value 'none'", "'Ntrk3'"]),
+        (["--perturbation-key", "cell_type"], ["--perturbation-key is the label column 'cell_type'"]),
+    ],
+    ids=["missing-column", "no-control-cells", "label-column"],
+)  # fmt: skip
+def test_bad_perturbation_input_is_a_one_line_error_before_any_model_runs(capsys, tmp_path, screen_cells, args, words):
+    output = tmp_path / "evaluation"
+    code, err = run_cli(capsys, "evaluate", "--data-file", screen_cells, "--label-key", "cell_type",
+                        "--checkpoint-path", DEMO, *args, "--output-path", output)  # fmt: skip
+    assert_one_line_error(code, err, "evaluate", *words)
+    assert "embedding the cells" not in err
+    assert not output.exists()
+
+
+def test_perturbation_needs_a_checkpoint(capsys, tmp_path, screen_cells):
+    code, err = run_cli(capsys, "evaluate", "--data-file", screen_cells, "--label-key", "cell_type",
+                        "--perturbation-key", "perturbation", "--output-path", tmp_path / "e")  # fmt: skip
+    assert_one_line_error(code, err, "evaluate", "--perturbation-key judges a model's perturb predictions",
+                          "give --checkpoint-path")  # fmt: skip
