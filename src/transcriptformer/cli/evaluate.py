@@ -58,7 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=EvaluateConfig.control_value,
         help="value of --perturbation-key that marks control cells (default: %(default)s)",
     )
-    methods = parser.add_argument_group("embeddings (PCA of the counts is always evaluated)")
+    methods = parser.add_argument_group("embeddings (PCA of the counts too, when the file holds counts)")
     methods.add_argument(
         "--checkpoint-path",
         action="append",
@@ -74,7 +74,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="LoRA adapters of the one --checkpoint-path, evaluated beside it (repeatable)",
     )
     methods.add_argument(
-        "--obsm-key", action="append", default=[], metavar="KEY", help="embedding in the file's obsm (repeatable)"
+        "--obsm-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="embedding in the file's obsm (repeatable); with no --obsm-key nor --checkpoint-path: X_transcriptformer "
+        "or embeddings, when the file has one",
     )
     methods.add_argument(
         "--batch-size",
