@@ -415,24 +415,24 @@ def test_evaluate_takes_the_outputs_of_inference_and_score(tmp_path, command, ou
 KNOCKED_OUT = ("Nfix", "Pou3f3", "Ntrk3")  # the three genes most often detected in the mouse brain cells
 
 
-def knock_out_screen(path: Path) -> Path:
+def knock_out_screen(path: Path, controls: int = 400, per_gene: int = 100, genes: tuple = KNOCKED_OUT) -> Path:
     """Real mouse brain cells laid out as a knock-out screen whose effects are simulated, written to ``path``.
 
-    No Perturb-seq data is bundled: 400 cells are controls (``ctrl``) and three groups of 100 are "knocked out" of
-    one of :data:`KNOCKED_OUT` each: that gene's counts set to 0, 30 other genes thinned (each count kept with
+    No Perturb-seq data is bundled: ``controls`` cells are controls (``ctrl``) and groups of ``per_gene`` are
+    "knocked out" of one of ``genes`` each: that gene's counts set to 0, 30 other genes thinned (each count kept with
     probability 0.2, binomially) and 20 raised (Poisson of three times the count plus one), so that differential
-    expression finds real, known effects in real counts. The other 300 cells are left out.
+    expression finds real, known effects in real counts. The other cells are left out.
     """
     cells = ad.read_h5ad(MOUSE_BRAIN)
     counts = cells.X.toarray()
     rng = np.random.default_rng(0)
     order = rng.permutation(cells.n_obs)
     condition = np.full(cells.n_obs, "", dtype=object)
-    condition[order[:400]] = "ctrl"
+    condition[order[:controls]] = "ctrl"
     symbols = pd.Index(cells.var["gene_name"].astype(str))
     common = np.flatnonzero((counts > 0).mean(axis=0) >= 0.1)
-    for i, gene in enumerate(KNOCKED_OUT):
-        rows = order[400 + 100 * i : 500 + 100 * i]
+    for i, gene in enumerate(genes):
+        rows = order[controls + per_gene * i : controls + per_gene * (i + 1)]
         condition[rows] = gene
         counts[rows, symbols.get_loc(gene)] = 0
         others = rng.choice(np.setdiff1d(common, symbols.get_indexer(KNOCKED_OUT)), 50, replace=False)
@@ -475,3 +475,27 @@ def test_perturbation_needs_a_checkpoint(capsys, tmp_path, screen_cells):
                         "--perturbation-key", "perturbation", "--output-path", tmp_path / "e")  # fmt: skip
     assert_one_line_error(code, err, "evaluate", "--perturbation-key judges a model's perturb predictions",
                           "give --checkpoint-path")  # fmt: skip
+
+
+@pytest.mark.slow  # the demo model embeds 200 cells and perturbs 100, every task on three methods: minutes
+def test_perturbation_expression_prediction_of_the_demo_model(tmp_path):
+    screen = knock_out_screen(tmp_path / "screen.h5ad", controls=100, per_gene=50, genes=KNOCKED_OUT[:2])
+    output = tmp_path / "evaluation"
+    code, printed, warned = evaluate("--data-file", screen, "--label-key", "cell_type", "--perturbation-key",
+                                     "perturbation", "--checkpoint-path", DEMO, "--output-path", output)  # fmt: skip
+    assert code == 0, warned
+    results = json.loads((output / RESULTS_FILE).read_text())
+    judged = results["methods"]["demo-mouse-brain"]["perturbation_expression_prediction"]
+    assert sorted(judged["conditions"]) == sorted(KNOCKED_OUT[:2])
+    for condition in judged["conditions"].values():
+        assert -1 <= condition["spearman"] <= 1
+        assert condition["cells"] == 50 and condition["genes"] >= 1
+        assert condition["operation"] in ("ratio", "difference")
+    assert judged["mean_spearman"] == pytest.approx(np.mean([c["spearman"] for c in judged["conditions"].values()]))
+    assert judged["baseline"].startswith("none: cz-benchmarks 0.15.1 defines no baseline")
+    assert all(
+        "perturbation_expression_prediction" not in m for n, m in results["methods"].items() if n != "demo-mouse-brain"
+    )
+    row = next(line for line in printed.splitlines() if line.startswith("perturbation spearman"))
+    assert row.split()[2:] == [f"{judged['mean_spearman']:.3f}", "-", "-"]
+    assert results["settings"]["perturbation_key"] == "perturbation"

@@ -29,6 +29,7 @@ from transcriptformer.evaluation.perturbation import (
     PerturbationTruth,
     model_predictions,
     perturbation_expression_prediction,
+    perturbation_truth,
 )
 from transcriptformer.pipeline import predict_positions
 
@@ -159,13 +160,12 @@ def numeric_times(column: pd.Series, name: str) -> pd.Series:
         ) from None
 
 
-def gather_embeddings(
-    cells: Cells, config: EvaluateConfig, truth: PerturbationTruth | None = None
-) -> tuple[list[Embedding], dict[str, str]]:
+def gather_embeddings(cells: Cells, config: EvaluateConfig) -> tuple[list[Embedding], dict[str, str]]:
     """Every embedding of the run, named uniquely: checkpoints, adapters, ``obsm`` keys, ``esm2ce``, PCA.
 
-    Returns the embeddings and the baselines skipped, each with the reason (said as a warning too). With ``truth``,
-    each checkpoint's ``perturb`` predictions are judged against it (:mod:`.perturbation`).
+    Returns the embeddings and the baselines skipped, each with the reason (said as a warning too). With
+    ``perturbation_key``, each checkpoint's ``perturb`` predictions are judged too (:mod:`.perturbation`): the ground
+    truth is built first, so that its errors come before any model runs.
 
     Raises
     ------
@@ -180,6 +180,7 @@ def gather_embeddings(
             f"checkpoint_path needs the cells' counts, and {no_counts}: give data_file the counts that the model reads "
             "(e.g. the input file of that run, its labels in obs)"
         )
+    truth = perturbation_truth(cells.adata, config) if config.perturbation_key else None
     skipped = {PCA_NAME: no_counts} if no_counts else {}
     for name, reason in skipped.items():
         warnings.warn(f"{name} baseline skipped: {reason}", stacklevel=2)

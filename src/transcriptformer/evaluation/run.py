@@ -28,7 +28,6 @@ from transcriptformer.evaluation.embeddings import (
     gather_embeddings,
     read_cells,
 )
-from transcriptformer.evaluation.perturbation import perturbation_truth
 from transcriptformer.runtime import use_cpu_threads
 from transcriptformer.version import __version__
 
@@ -57,8 +56,7 @@ def evaluate_into(output: Path, config: EvaluateConfig) -> dict[str, Any]:
     """The evaluation of :func:`evaluate`, its report written to ``output`` (whose lock the caller holds)."""
     use_cpu_threads()  # torch's threads for the checkpoints: the idle CPUs
     cells = check_columns(read_cells(config), config)
-    truth = perturbation_truth(cells.adata, config) if config.perturbation_key else None
-    embeddings, skipped = gather_embeddings(cells, config, truth)
+    embeddings, skipped = gather_embeddings(cells, config)
     embedded = cells_with_every_embedding(embeddings)
     if not embedded.all():
         missing = int((~embedded).sum())
