@@ -253,7 +253,7 @@ ENTRY = "give --obsm-key the key of a cell embedding"
         (["--seed", "-1"], ["--seed must be >= 0 and < 4294967296"]),
         (["--seed", str(2**64)], ["--seed must be >= 0 and < 4294967296"]),
         (["--label-key", "many"], ["'many' has 0 class(es) of at least 10 cells", "'type0': 2"]),
-        (["--data-file", "no_counts"], ["--data-file has no counts (no X, no raw.X)", "give --data-file"]),
+        (["--data-file", "no_counts"], ["nothing to evaluate: the file has no genes", "--obsm-key or --"]),
         (["--batch-key", "missing"], ["'missing' is not an obs column", "and 62 more"]),
     ],
     ids=[
@@ -275,10 +275,9 @@ def test_bad_embeddings_and_settings_are_one_line_errors_before_any_compute(caps
                                                                                words):  # fmt: skip
     output = tmp_path / "evaluation"
     label = [] if "--label-key" in args else ["--label-key", "cell_type"]
-    if "no_counts" in args:  # an inference output: embeddings and labels, no genes
-        cells = ad.read_h5ad(odd_embeddings)
-        ad.AnnData(obs=cells.obs, obsm={"good": cells.obsm["good"]}).write_h5ad(tmp_path / "no_counts.h5ad")
-        args = ["--data-file", tmp_path / "no_counts.h5ad", "--obsm-key", "good"]
+    if "no_counts" in args:  # labels alone: no genes, no embedding
+        ad.AnnData(obs=ad.read_h5ad(odd_embeddings).obs).write_h5ad(tmp_path / "no_counts.h5ad")
+        args = ["--data-file", tmp_path / "no_counts.h5ad"]
     else:
         args = ["--data-file", odd_embeddings, *args]
     code, err = run_cli(capsys, "evaluate", *label, *args, "--output-path", output)
@@ -375,3 +374,135 @@ def test_bad_input_of_the_new_tasks_is_a_one_line_error(capsys, tmp_path, timed_
                         "--output-path", output)  # fmt: skip
     assert_one_line_error(code, err, "evaluate", *words)
     assert not output.exists()
+
+
+HELD_OUT = DATA_DIR / "demo_mouse_brain_heldout.h5ad"
+
+
+def run_command(*args) -> tuple[int, str, str]:
+    """Run ``transcriptformer ARGS`` in-process (quiet); its exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*map(str, args), "--quiet"])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.slow  # a model run and an evaluation each: 20 s or more on two cores
+@pytest.mark.parametrize(
+    ("command", "output_keys", "written", "reason"),
+    [
+        ("inference", [], "embeddings.h5ad", "the file has no genes (no X, no raw.X)"),
+        ("score", ["embeddings", "mu", "mean_log_likelihood"], "scores.h5ad", "X holds the model's 'mu'"),
+    ],
+    ids=["inference", "score-with-mu"],
+)  # fmt: skip
+def test_evaluate_takes_the_outputs_of_inference_and_score(tmp_path, command, output_keys, written, reason):
+    keys = ["--output-keys", *output_keys] if output_keys else []
+    code, _, err = run_command(command, "--checkpoint-path", DEMO, "--data-file", HELD_OUT, "--output-path",
+                               tmp_path / command, *keys)  # fmt: skip
+    assert code == 0, err
+    output = tmp_path / command / written
+    cells = ad.read_h5ad(output)
+    (key,) = [key for key in ("X_transcriptformer", "embeddings") if key in cells.obsm]
+    code, printed, warned = evaluate("--data-file", output, "--label-key", "cell_type", "--output-path", tmp_path / "e")
+    assert code == 0, warned
+    assert f"transcriptformer evaluate: warning: pca baseline skipped: {reason}" in warned
+    results = json.loads((tmp_path / "e" / RESULTS_FILE).read_text())
+    assert list(results["methods"]) == [key]  # the embedding, no baseline computed on mu or on nothing
+    assert results["skipped_baselines"]["pca"].startswith(reason)
+    assert printed.splitlines()[0].split() == [key]
+    assert results["methods"][key]["dimensions"] == cells.obsm[key].shape[1] == 128
+    assert results["cells"] == cells.n_obs == 100
+    code, _, err = run_command("evaluate", "--data-file", output, "--label-key", "cell_type", "--checkpoint-path",
+                               DEMO, "--output-path", tmp_path / "ev2")  # fmt: skip
+    assert_one_line_error(code, err, "evaluate", "--checkpoint-path needs the cells' counts", reason, "--data-file")
+    assert not (tmp_path / "ev2").exists()
+
+
+KNOCKED_OUT = ("Nfix", "Pou3f3", "Ntrk3")  # the three genes most often detected in the mouse brain cells
+
+
+def knock_out_screen(path: Path, controls: int = 400, per_gene: int = 100, genes: tuple = KNOCKED_OUT) -> Path:
+    """Real mouse brain cells laid out as a knock-out screen whose effects are simulated, written to ``path``.
+
+    No Perturb-seq data is bundled: ``controls`` cells are controls (``ctrl``) and groups of ``per_gene`` are
+    "knocked out" of one of ``genes`` each: that gene's counts set to 0, 30 other genes thinned (each count kept with
+    probability 0.2, binomially) and 20 raised (Poisson of three times the count plus one), so that differential
+    expression finds real, known effects in real counts. The other cells are left out.
+    """
+    cells = ad.read_h5ad(MOUSE_BRAIN)
+    counts = cells.X.toarray()
+    rng = np.random.default_rng(0)
+    order = rng.permutation(cells.n_obs)
+    condition = np.full(cells.n_obs, "", dtype=object)
+    condition[order[:controls]] = "ctrl"
+    symbols = pd.Index(cells.var["gene_name"].astype(str))
+    common = np.flatnonzero((counts > 0).mean(axis=0) >= 0.1)
+    for i, gene in enumerate(genes):
+        rows = order[controls + per_gene * i : controls + per_gene * (i + 1)]
+        condition[rows] = gene
+        counts[rows, symbols.get_loc(gene)] = 0
+        others = rng.choice(np.setdiff1d(common, symbols.get_indexer(KNOCKED_OUT)), 50, replace=False)
+        down, up = np.ix_(rows, others[:30]), np.ix_(rows, others[30:])
+        counts[down] = rng.binomial(counts[down].astype(np.int64), 0.2)
+        counts[up] = rng.poisson(3 * counts[up] + 1)
+    cells.X = sp.csr_matrix(counts)
+    cells.obs["perturbation"] = condition
+    screen = cells[condition != ""].copy()
+    screen.write_h5ad(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def screen_cells(tmp_path_factory) -> Path:
+    return knock_out_screen(tmp_path_factory.mktemp("screen") / "screen.h5ad")
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--perturbation-key", "missing"], ["--perturbation-key 'missing' is not an obs column"]),
+        (["--perturbation-key", "perturbation", "--control-value", "none"],
+         ["--perturbation-key 'perturbation' has no control cells (--control-value 'none'", "'Ntrk3'"]),
+        (["--perturbation-key", "cell_type"], ["--perturbation-key is the label column 'cell_type'"]),
+    ],
+    ids=["missing-column", "no-control-cells", "label-column"],
+)  # fmt: skip
+def test_bad_perturbation_input_is_a_one_line_error_before_any_model_runs(capsys, tmp_path, screen_cells, args, words):
+    output = tmp_path / "evaluation"
+    code, err = run_cli(capsys, "evaluate", "--data-file", screen_cells, "--label-key", "cell_type",
+                        "--checkpoint-path", DEMO, *args, "--output-path", output)  # fmt: skip
+    assert_one_line_error(code, err, "evaluate", *words)
+    assert "embedding the cells" not in err
+    assert not output.exists()
+
+
+def test_perturbation_needs_a_checkpoint(capsys, tmp_path, screen_cells):
+    code, err = run_cli(capsys, "evaluate", "--data-file", screen_cells, "--label-key", "cell_type",
+                        "--perturbation-key", "perturbation", "--output-path", tmp_path / "e")  # fmt: skip
+    assert_one_line_error(code, err, "evaluate", "--perturbation-key judges a model's perturb predictions",
+                          "give --checkpoint-path")  # fmt: skip
+
+
+@pytest.mark.slow  # the demo model embeds 200 cells and perturbs 100, every task on three methods: minutes
+def test_perturbation_expression_prediction_of_the_demo_model(tmp_path):
+    screen = knock_out_screen(tmp_path / "screen.h5ad", controls=100, per_gene=50, genes=KNOCKED_OUT[:2])
+    output = tmp_path / "evaluation"
+    code, printed, warned = evaluate("--data-file", screen, "--label-key", "cell_type", "--perturbation-key",
+                                     "perturbation", "--checkpoint-path", DEMO, "--output-path", output)  # fmt: skip
+    assert code == 0, warned
+    results = json.loads((output / RESULTS_FILE).read_text())
+    judged = results["methods"]["demo-mouse-brain"]["perturbation_expression_prediction"]
+    assert sorted(judged["conditions"]) == sorted(KNOCKED_OUT[:2])
+    for condition in judged["conditions"].values():
+        assert -1 <= condition["spearman"] <= 1
+        assert condition["cells"] == 50 and condition["genes"] >= 1
+        assert condition["operation"] in ("ratio", "difference")
+    assert judged["mean_spearman"] == pytest.approx(np.mean([c["spearman"] for c in judged["conditions"].values()]))
+    assert judged["baseline"].startswith("none: cz-benchmarks 0.15.1 defines no baseline")
+    assert all(
+        "perturbation_expression_prediction" not in m for n, m in results["methods"].items() if n != "demo-mouse-brain"
+    )
+    row = next(line for line in printed.splitlines() if line.startswith("perturbation spearman"))
+    assert row.split()[2:] == [f"{judged['mean_spearman']:.3f}", "-", "-"]
+    assert results["settings"]["perturbation_key"] == "perturbation"

@@ -29,7 +29,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of ``evaluate``; their defaults are :class:`EvaluateConfig`'s."""
     parser.description = (
         "Judge cell embeddings on labelled cells with cz-benchmarks 0.15.1's tasks (label prediction, clustering, "
-        "embedding, batch and cross-species integration, cross-species label prediction, sequential organisation) "
+        "embedding, batch and cross-species integration, cross-species label prediction, sequential organisation, "
+        "perturbation-expression prediction) "
         "and a kNN without scaling, for embeddings in obsm, "
         "checkpoints run here, and the PCA and esm2ce baselines. Prints a table; writes results.json, umap.png "
         "and metrics.png."
@@ -48,7 +49,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="obs column of the samples (donors): cross-species label prediction on each sample's mean embedding",
     )
     cells.add_argument("--time-key", help="obs column of a numeric time (days, hours): adds sequential organisation")
-    methods = parser.add_argument_group("embeddings (PCA of the counts is always evaluated)")
+    cells.add_argument(
+        "--perturbation-key",
+        help="obs column of each cell's perturbation (the gene(s) perturbed, or --control-value): judges the "
+        "--checkpoint-path models' perturb predictions (cz-benchmarks' perturbation-expression prediction)",
+    )
+    cells.add_argument(
+        "--control-value",
+        default=EvaluateConfig.control_value,
+        help="value of --perturbation-key that marks control cells (default: %(default)s)",
+    )
+    methods = parser.add_argument_group("embeddings (PCA of the counts too, when the file holds counts)")
     methods.add_argument(
         "--checkpoint-path",
         action="append",
@@ -64,7 +75,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="LoRA adapters of the one --checkpoint-path, evaluated beside it (repeatable)",
     )
     methods.add_argument(
-        "--obsm-key", action="append", default=[], metavar="KEY", help="embedding in the file's obsm (repeatable)"
+        "--obsm-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="embedding in the file's obsm (repeatable); with no --obsm-key nor --checkpoint-path: X_transcriptformer "
+        "or embeddings, when the file has one",
     )
     methods.add_argument(
         "--batch-size",

@@ -37,6 +37,12 @@ class EvaluateConfig:
     time_key : str or None
         ``obs`` column of a numeric time (a time point, a developmental stage in days); given, the sequential
         organisation of the embedding is measured (cz-benchmarks' ``SequentialOrganizationTask``).
+    perturbation_key : str or None
+        ``obs`` column of the perturbation of each cell (``control_value`` for control cells, else the gene or genes
+        perturbed, ``A+B`` for several); given, each checkpoint's ``perturb`` predictions are judged by cz-benchmarks'
+        perturbation-expression prediction (``PerturbationExpressionPredictionTask``).
+    control_value : str
+        The value of ``perturbation_key`` that marks control cells (cz-benchmarks' default).
     checkpoint_path : list of str
         Checkpoints (folders or published names) whose embeddings are computed in the run; each also gives the
         ``esm2ce`` baseline over its gene-embedding table.
@@ -82,6 +88,8 @@ class EvaluateConfig:
     species_key: str | None = None
     sample_key: str | None = None
     time_key: str | None = None
+    perturbation_key: str | None = None
+    control_value: str = "ctrl"
     checkpoint_path: list[str] = field(default_factory=list)
     adapter: list[str] = field(default_factory=list)
     obsm_key: list[str] = field(default_factory=list)
@@ -107,6 +115,10 @@ class EvaluateConfig:
             raise ValueError("label_key is empty: give the obs column of the cell labels")
         if self.sample_key and not self.species_key:
             raise ValueError("sample_key is used by cross-species label prediction: give species_key too")
+        if self.perturbation_key and not self.checkpoint_path:
+            raise ValueError(
+                "perturbation_key judges a model's perturb predictions: give checkpoint_path (the model to perturb)"
+            )
         if self.adapter and len(self.checkpoint_path) != 1:
             raise ValueError(
                 f"{len(self.adapter)} adapter(s) need the one checkpoint they were trained on: give exactly one "
@@ -129,7 +141,7 @@ class EvaluateConfig:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        for name in ("batch_key", "species_key", "sample_key", "time_key"):
+        for name in ("batch_key", "species_key", "sample_key", "time_key", "perturbation_key"):
             if getattr(self, name) == self.label_key:
                 raise ValueError(f"{name} is the label column {self.label_key!r}: name another obs column")
         for name in ("checkpoint_path", "adapter", "obsm_key"):

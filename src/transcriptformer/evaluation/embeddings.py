@@ -16,6 +16,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from transcriptformer.api import TranscriptFormerModel, load
 from transcriptformer.config import PredictConfig
@@ -25,6 +26,12 @@ from transcriptformer.data.sources import H5AD, open_counts
 from transcriptformer.engine.output import stored_obsm_key
 from transcriptformer.errors import UserError, first_few
 from transcriptformer.evaluation.config import EvaluateConfig
+from transcriptformer.evaluation.perturbation import (
+    PerturbationTruth,
+    model_predictions,
+    perturbation_expression_prediction,
+    perturbation_truth,
+)
 from transcriptformer.pipeline import predict_positions
 
 PCA_NAME = "pca"
@@ -36,6 +43,8 @@ PCA_BASELINE = (
     "PCA of the counts: cz-benchmarks' baseline of " + ", ".join(PCA_BASELINE_TASKS) + " (label prediction's is the "
     "raw expression matrix)"
 )
+# Where the commands of this package put cell embeddings, looked for when no method is named.
+DEFAULT_OBSM_KEYS = ("X_transcriptformer", "embeddings")
 ESM2CE_BASELINE = (
     "esm2ce: the mean of the checkpoint's ESM-2 gene-embedding rows over the cell's genes, the model without its "
     "transformer (not a cz-benchmarks baseline)"
@@ -56,12 +65,15 @@ class Embedding:
         ``(n_cells, dimensions)`` float32, one row per cell of the file.
     baseline : str
         For a baseline, what it is and which cz-benchmarks tasks use it; empty for an embedding under test.
+    perturbation : dict or None
+        For a checkpoint, when perturbed cells are given: its perturbation-expression prediction results.
     """
 
     name: str
     source: str
     values: np.ndarray
     baseline: str = ""
+    perturbation: dict | None = None
 
 
 @dataclass
@@ -114,6 +126,7 @@ def read_cells(config: EvaluateConfig) -> Cells:
         "species_key": config.species_key,
         "time_key": config.time_key,
         "sample_key": config.sample_key,
+        "perturbation_key": config.perturbation_key,
     }
     given = {name: column for name, column in columns.items() if column is not None}
     for name, column in given.items():
@@ -148,17 +161,83 @@ def numeric_times(column: pd.Series, name: str) -> pd.Series:
         ) from None
 
 
-def gather_embeddings(cells: Cells, config: EvaluateConfig) -> list[Embedding]:
-    """Every embedding of the run, named uniquely: checkpoints, adapters, ``obsm`` keys, ``esm2ce``, PCA."""
-    stored = list(obsm_embeddings(cells.adata, config.obsm_key))  # checked before any model runs
-    pca = pca_embedding(cells.adata, config)  # and the counts, by the baseline that needs the fewest
-    embeddings = [*checkpoint_embeddings(cells.adata, config), *stored, pca]
+def gather_embeddings(cells: Cells, config: EvaluateConfig) -> tuple[list[Embedding], dict[str, str]]:
+    """Every embedding of the run, named uniquely: checkpoints, adapters, ``obsm`` keys, ``esm2ce``, PCA.
+
+    Returns the embeddings and the baselines skipped, each with the reason (said as a warning too). With
+    ``perturbation_key``, each checkpoint's ``perturb`` predictions are judged too (:mod:`.perturbation`): the ground
+    truth is built first, so that its errors come before any model runs.
+
+    Raises
+    ------
+    UserError
+        When a checkpoint is named but the file holds no counts for it to read, or nothing is left to evaluate.
+    """
+    keys = config.obsm_key or default_obsm_keys(cells.adata, config)
+    stored = list(obsm_embeddings(cells.adata, keys))  # checked before any model runs
+    no_counts = why_not_counts(cells.adata)
+    if no_counts and config.checkpoint_path:
+        raise UserError(
+            f"checkpoint_path needs the cells' counts, and {no_counts}: give data_file the counts that the model reads "
+            "(e.g. the input file of that run, its labels in obs)"
+        )
+    truth = perturbation_truth(cells.adata, config) if config.perturbation_key else None
+    skipped = {PCA_NAME: no_counts} if no_counts else {}
+    for name, reason in skipped.items():
+        warnings.warn(f"{name} baseline skipped: {reason}", stacklevel=2)
+    if not stored and not config.checkpoint_path and skipped:
+        raise UserError(
+            f"nothing to evaluate: {skipped[PCA_NAME]}, and no embedding was named or found in obsm "
+            f"({', '.join(DEFAULT_OBSM_KEYS)}): give obsm_key or checkpoint_path"
+        )
+    pca = [] if skipped else [pca_embedding(cells.adata, config)]  # and the counts, by the baseline needing fewest
+    embeddings = [*checkpoint_embeddings(cells.adata, config, truth), *stored, *pca]
     seen: dict[str, int] = {}
     for embedding in embeddings:
         seen[embedding.name] = seen.get(embedding.name, 0) + 1
         if seen[embedding.name] > 1:
             embedding.name = f"{embedding.name}#{seen[embedding.name]}"
-    return embeddings
+    return embeddings, skipped
+
+
+def default_obsm_keys(adata: ad.AnnData, config: EvaluateConfig) -> list[str]:
+    """With no method named, the first of :data:`DEFAULT_OBSM_KEYS` in the file's ``obsm``, when there is one."""
+    if config.checkpoint_path:
+        return []
+    found = [key for key in DEFAULT_OBSM_KEYS if key in adata.obsm]
+    if found:
+        say(f"evaluating obsm[{found[0]!r}] (no obsm_key or checkpoint_path given)")
+    return found[:1]
+
+
+def why_not_counts(adata: ad.AnnData) -> str:
+    """Why the file holds no counts that a baseline or a model can read; ``""`` when it does.
+
+    The counts are ``raw.X`` when present, else ``X``. A file written by a ``transcriptformer`` command (it carries
+    ``uns["transcriptformer"]``) whose ``X`` is one of its layers holds the model's outputs there (``mu``, per-gene
+    log-likelihoods, generated counts), not the cells' measured counts.
+    """
+    if adata.raw is not None:
+        return ""
+    if adata.X is None or adata.n_vars == 0:
+        return "the file has no genes (no X, no raw.X), as an inference output holds embeddings only"
+    layer = layer_in_x(adata) if "transcriptformer" in adata.uns else None
+    if layer is not None:
+        return f"X holds the model's {layer!r} output (a transcriptformer output file), not the cells' counts"
+    return ""
+
+
+def layer_in_x(adata: ad.AnnData) -> str | None:
+    """The layer that ``X`` equals (the output files keep their main layer as ``X``), if any."""
+    for key, layer in adata.layers.items():
+        if layer.shape != adata.X.shape:
+            continue
+        if sp.issparse(layer) or sp.issparse(adata.X):
+            if (sp.csr_matrix(layer) != sp.csr_matrix(adata.X)).nnz == 0:
+                return key
+        elif np.array_equal(layer, adata.X):
+            return key
+    return None
 
 
 def obsm_embeddings(adata: ad.AnnData, keys: list[str]) -> Iterator[Embedding]:
@@ -196,13 +275,20 @@ def stored_embedding(adata: ad.AnnData, key: str) -> np.ndarray:
     return values
 
 
-def checkpoint_embeddings(adata: ad.AnnData, config: EvaluateConfig) -> Iterator[Embedding]:
-    """For each checkpoint: its embeddings, those with each adapter, and its ``esm2ce`` baseline."""
+def checkpoint_embeddings(
+    adata: ad.AnnData, config: EvaluateConfig, truth: PerturbationTruth | None
+) -> Iterator[Embedding]:
+    """For each checkpoint: its embeddings (and perturbation predictions), with each adapter, its ``esm2ce``."""
     for path in config.checkpoint_path:
         name = Path(path).name or str(path)
         say(f"embedding the cells with {path}")
         model = load(path, device=config.device)
-        yield Embedding(name, f"checkpoint {path}", model_embedding(model, adata, config.batch_size))
+        embedding = Embedding(name, f"checkpoint {path}", model_embedding(model, adata, config.batch_size))
+        if truth is not None:
+            say(f"perturbing the matched control cells with {path}")
+            predictions = model_predictions(model, adata, truth, config.batch_size)
+            embedding.perturbation = perturbation_expression_prediction(truth, predictions)
+        yield embedding
         esm2ce = esm2ce_embedding(model, adata, config)
         yield Embedding(f"esm2ce:{name}", f"esm2ce baseline of {path}", esm2ce, ESM2CE_BASELINE)
         for adapter in config.adapter:

@@ -46,6 +46,9 @@ def summary(method: dict[str, Any]) -> dict[str, tuple[float, float]]:
         for key, name in names.items():
             if task in method:
                 rows[name] = (method[task][key], 0.0)
+    if "perturbation_expression_prediction" in method:  # a checkpoint's perturb predictions
+        per_condition = [c["spearman"] for c in method["perturbation_expression_prediction"]["conditions"].values()]
+        rows["perturbation spearman"] = (float(np.mean(per_condition)), float(np.std(per_condition)))
     transfers: dict[str, list[float]] = {}
     for transfer in method.get("cross_species_label_prediction", []):  # a species with itself: one row per fold
         transfers.setdefault(f"{transfer['train']}->{transfer['test']} {transfer['classifier']} f1", []).append(
@@ -125,7 +128,7 @@ def metrics_figure(results: dict[str, Any], path: Path) -> None:
     ax = figure.subplots()
     positions = np.arange(len(metrics))
     for i, (name, rows) in enumerate(summaries.items()):
-        values = [rows[metric] for metric in metrics]
+        values = [rows.get(metric, (np.nan, 0.0)) for metric in metrics]  # a row of checkpoints alone: NaN
         ax.bar(positions + i * width, [v for v, _ in values], width, yerr=[s for _, s in values], label=name, capsize=2)
     ax.set_xticks(positions + width * (len(summaries) - 1) / 2, metrics, rotation=45, ha="right")
     ax.set(ylim=(0, 1), ylabel="score (1 is best)", title=f"{Path(results['data_file']).name}: {results['label_key']}")

@@ -56,7 +56,7 @@ def evaluate_into(output: Path, config: EvaluateConfig) -> dict[str, Any]:
     """The evaluation of :func:`evaluate`, its report written to ``output`` (whose lock the caller holds)."""
     use_cpu_threads()  # torch's threads for the checkpoints: the idle CPUs
     cells = check_columns(read_cells(config), config)
-    embeddings = gather_embeddings(cells, config)
+    embeddings, skipped = gather_embeddings(cells, config)
     embedded = cells_with_every_embedding(embeddings)
     if not embedded.all():
         missing = int((~embedded).sum())
@@ -74,6 +74,8 @@ def evaluate_into(output: Path, config: EvaluateConfig) -> dict[str, Any]:
         methods[embedding.name], layouts[embedding.name] = evaluate_embedding(
             embedding, cells, predictable, sample, config
         )
+        if embedding.perturbation is not None:
+            methods[embedding.name]["perturbation_expression_prediction"] = embedding.perturbation
     results = {
         "transcriptformer_version": __version__,
         "data_file": config.data_file,
@@ -83,6 +85,7 @@ def evaluate_into(output: Path, config: EvaluateConfig) -> dict[str, Any]:
         "labels": cells.labels.value_counts().to_dict(),
         "cells_for_label_prediction": int(predictable.sum()),
         "methods": methods,
+        "skipped_baselines": skipped,
     }
     write_report(results, layouts, cells, embeddings if config.save_embeddings else [], output)
     return results
