@@ -66,6 +66,7 @@ def main() -> None:
         env["OMP_NUM_THREADS"] = str(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         cells = ad.read_h5ad(args.data)[: args.cells].copy()
+        cells.obs["sample"] = Path(args.data).stem  # the original writes no output for cells without obs columns
         data = Path(tmp) / "cells.h5ad"
         cells.write_h5ad(data)
         checkpoint = build_checkpoint(args.size, gene_ids_of(cells), Path(tmp), args.seq_len)

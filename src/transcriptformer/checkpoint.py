@@ -180,19 +180,20 @@ def load_checkpoint(
             f"from {config.data_config.esm2_mappings} and the special tokens has {len(gene_vocab)} entries"
         )
     check_gene_table(table, gene_vocab, [path / VOCAB_DIR / name for name in config.data_config.esm2_mappings])
-    with torch.device("meta"):  # no memory and no random initialisation for weights that the file replaces
-        model = TranscriptFormer(
-            config.model_config,
-            config.loss_config,
-            gene_table=torch.empty_like(table, device="meta"),
-            special_tokens=special_tokens_of(gene_vocab, config.data_config.gene_pad_token),
-            aux_vocabs=aux_vocabs,
-            aux_pad_token=config.data_config.aux_pad_token,
-            attention_backend=attention_backend,
-        )
+    model = TranscriptFormer(
+        config.model_config,
+        config.loss_config,
+        gene_table=table,
+        special_tokens=special_tokens_of(gene_vocab, config.data_config.gene_pad_token),
+        aux_vocabs=aux_vocabs,
+        aux_pad_token=config.data_config.aux_pad_token,
+        attention_backend=attention_backend,
+    )
     expected = model.state_dict()
     check_shapes(expected, state, path)
-    # The file's tensors become the weights, in the dtype the architecture declares (as copying into them would).
+    # The file's tensors become the weights (no copy), in the dtype the architecture declares (as a copy would be).
+    # A model built on the meta device would skip the random initialisation too, but its initialisers import
+    # torch's compiler, which costs more than they do.
     model.load_state_dict({key: state[key].to(expected[key].dtype) for key in expected}, strict=True, assign=True)
     if adapter is not None:
         model = load_adapters(model, adapter)
