@@ -123,8 +123,8 @@ def test_no_module_imports_from_a_higher_layer(path):
         assert layer(imported) <= layer(importer), f"{importer} (layer {layer(importer)}) imports {imported}"
 
 
-# The commands that run through the engine (transcriptformer.engine.run.run_task), each with the task it runs.
-# The commands that run their task through the engine (engine.run.run_task), and their task.
+# The commands that run their task through the engine (engine.run.run_task, by way of cli.common.run_task, which
+# checks the task's settings before torch loads), and their task.
 ENGINE_COMMANDS = {
     "inference": "EmbedTask",
     "score": "ScoreTask",
@@ -139,7 +139,8 @@ ENGINE_COMMANDS = {
 @pytest.mark.parametrize("command", sorted(ENGINE_COMMANDS))
 def test_commands_run_their_task_through_the_engine(command):
     imported = package_imports(MODULES[f"transcriptformer.cli.{command.replace('-', '_')}"])
-    assert "transcriptformer.engine.run.run_task" in imported, command
+    assert "transcriptformer.cli.common.run_task" in imported, command
+    assert "transcriptformer.engine.run.run_task" in package_imports(MODULES["transcriptformer.cli.common"])
     assert any(name.endswith(f".{ENGINE_COMMANDS[command]}") for name in imported), command
 
 

@@ -6,6 +6,7 @@ import torch
 from transcriptformer.cli import main
 from transcriptformer.config import ModelConfig
 from transcriptformer.doctor import (
+    BF16_PAYS,
     INSTALL_TORCH,
     PUBLISHED_MODELS,
     CudaDevice,
@@ -273,7 +274,8 @@ def test_cpu_bf16_matrix_instructions(tmp_path):
     assert {"avx512f", "avx512_bf16"} <= flags and "model" not in flags
     assert cpu_flags(str(tmp_path / "absent")) is None
     avx = cpu_bf16_finding(flags)
-    assert avx.message == "CPU bf16 matrix instructions: AVX512-BF16 (bf16-mixed runs matrix products in bf16)"
+    assert avx.message == f"CPU bf16 matrix instructions: AVX512-BF16 ({BF16_PAYS})"
+    assert "pays from a few hundred cells" in avx.message
     assert "AMX-BF16, AVX512-BF16" in cpu_bf16_finding(flags | {"amx_bf16"}).message
     assert "use precision 32" in cpu_bf16_finding(frozenset({"avx2"})).message
     assert "unknown" in cpu_bf16_finding(None).message

@@ -5,7 +5,10 @@ code, the absence of a traceback, the message's key words, and that nothing that
 was written.
 """
 
+import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -460,3 +463,57 @@ def test_an_output_file_name_cannot_leave_the_output_folder(tmp_path, capsys, co
     )  # fmt: skip
     assert_one_line_error(code, err, command, f"--output-filename {name!r} is not a file name", "--output-path")
     assert not list(tmp_path.rglob("*.h5ad"))
+
+
+# Mistakes in the arguments of each command (argparse's usage errors aside), with words of the one-line message.
+CHECKPOINT = ["--checkpoint-path", REFERENCE_DIR]
+RUN = [*CHECKPOINT, "--data-file", REFERENCE_INPUT]
+ARGUMENT_MISTAKES = [
+    (["inference", *RUN, "--config-override", "model.inference_config.batch_size=0"], "batch_size must be >= 1"),
+    (["inference", *RUN, "--disable-compile-block-mask", "--attention-backend", "flex"], "drop one of the two"),
+    (["score", *RUN, "--output-keys", "embeddings"], "add mean_log_likelihood"),
+    (["perturb", *RUN], "nothing to perturb"),
+    (["perturb", *RUN, "--knock-out", "Gad2", "--output-keys", "embeddings"], "leave --output-keys"),
+    (["screen", *RUN, "--knock-out", "all", "--output-keys", "embeddings"], "leave --output-keys"),
+    (["predict-labels", *RUN], "needs a classifier"),
+    (["annotate", *RUN, "--reference", REFERENCE_INPUT], "give --label-key"),
+    (["generate", *CHECKPOINT, "--num-cells", "3"], "give --library-size"),
+    (["finetune", *CHECKPOINT, "--train-files", REFERENCE_INPUT], "--output-path is required"),
+    (
+        ["finetune", *CHECKPOINT, "--task", "classify", "--train-files", REFERENCE_INPUT, "--output-path", "out"],
+        "--label-key",
+    ),
+    (["train"], "no training file given"),
+    (["evaluate", "--data-file", REFERENCE_INPUT, "--label-key", "cell_type", "--seed", "-1"], "--seed must be"),
+    (["download", "all", "--sha256", "0" * 64], "--sha256 applies to a single model"),
+]
+
+
+def test_argument_mistakes_are_reported_before_torch_loads(tmp_path):
+    """Every command refuses its arguments before it imports torch, Lightning or peft: the answer comes at once.
+
+    One fresh interpreter runs the commands one after another and records, after each, which heavy libraries are
+    imported (the first command that imports one is the one at fault).
+    """
+    argvs = [[str(arg) for arg in argv] for argv, _ in ARGUMENT_MISTAKES]
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from transcriptformer.cli import main\n"
+        f"for argv in {argvs!r}:\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        try:\n"
+        "            code = main(argv)\n"
+        "        except SystemExit as exit_:\n"
+        "            code = exit_.code\n"
+        "    heavy = [m for m in ('torch', 'lightning', 'peft') if m in sys.modules]\n"
+        "    print(json.dumps({'code': code, 'err': err.getvalue(), 'heavy': heavy}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    answers = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(answers) == len(argvs), result.stdout[-2000:]
+    for argv, (_, words), answer in zip(argvs, ARGUMENT_MISTAKES, answers, strict=True):
+        assert_one_line_error(answer["code"], answer["err"], argv[0], words)
+        assert answer["heavy"] == [], f"transcriptformer {' '.join(argv)} imported {answer['heavy']} before its error"
+    assert list(tmp_path.iterdir()) == []  # nothing written

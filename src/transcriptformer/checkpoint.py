@@ -183,14 +183,18 @@ def load_checkpoint(
     model = TranscriptFormer(
         config.model_config,
         config.loss_config,
-        gene_table=torch.zeros_like(table),
+        gene_table=table,
         special_tokens=special_tokens_of(gene_vocab, config.data_config.gene_pad_token),
         aux_vocabs=aux_vocabs,
         aux_pad_token=config.data_config.aux_pad_token,
         attention_backend=attention_backend,
     )
-    check_shapes(model.state_dict(), state, path)
-    model.load_state_dict(state, strict=True)
+    expected = model.state_dict()
+    check_shapes(expected, state, path)
+    # The file's tensors become the weights (no copy), in the dtype the architecture declares (as a copy would be).
+    # A model built on the meta device would skip the random initialisation too, but its initialisers import
+    # torch's compiler, which costs more than they do.
+    model.load_state_dict({key: state[key].to(expected[key].dtype) for key in expected}, strict=True, assign=True)
     if adapter is not None:
         model = load_adapters(model, adapter, base_weights=path / WEIGHTS_FILE)
     model.to(device).eval()

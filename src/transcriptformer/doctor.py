@@ -121,6 +121,12 @@ BYTES_PER_POSITION_PER_VOCAB = 14.0
 MEMORY_HEADROOM = 0.85
 # CPU flags (Linux /proc/cpuinfo) of bfloat16 matrix instructions, fastest first, and their names.
 CPU_BF16_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}
+# When bf16-mixed beats precision 32 on such a CPU (the CLI, fresh processes, mid-size model: 0.38x at 16 cells,
+# 0.86x at 64, 1.42x at 256; benchmarks/README.md).
+BF16_PAYS = (
+    "bf16-mixed runs matrix products in bf16; it pays from a few hundred cells a run: each process first compiles "
+    "its attention loop for seconds"
+)
 
 
 def gather_environment() -> Environment:
@@ -230,7 +236,7 @@ def cpu_bf16_finding(flags: frozenset[str] | None) -> Finding:
         return Finding("info", f"{prefix} unknown on this system; on the CPU, precision 32 is the safe choice")
     found = [name for flag, name in CPU_BF16_FLAGS.items() if flag in flags]
     if found:
-        return Finding("info", f"{prefix} {', '.join(found)} (bf16-mixed runs matrix products in bf16)")
+        return Finding("info", f"{prefix} {', '.join(found)} ({BF16_PAYS})")
     return Finding("info", f"{prefix} none (bf16-mixed would run slower than 32 here); on the CPU use precision 32")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transcriptformer.annotation.settings import METRICS, AnnotateConfig
-from transcriptformer.cli.common import add_run_arguments, positive_int, run_config_from_args
+from transcriptformer.cli.common import add_run_arguments, positive_int, run_config_from_args, run_task
 from transcriptformer.console import print_output
 from transcriptformer.errors import UserError
 from transcriptformer.tasks.annotate import AnnotateTaskConfig
@@ -158,8 +158,6 @@ def run(args: argparse.Namespace) -> int:
         if config is None:
             annotate_precomputed(task, args)
         else:
-            from transcriptformer.engine.run import run_task
-
             run_task(task, config, dry_run=args.dry_run)
     return 0
 
@@ -172,8 +170,6 @@ def dry_run(args: argparse.Namespace, config: RunConfig | None, soma_filter: tup
     check_labels(obs, args.label_key)
     print(f"Reference: {len(obs)} cells, label keys {', '.join(args.label_key)}")
     if config is not None:
-        from transcriptformer.engine.run import run_task
-
         run_task(AnnotateTask(settings=AnnotateTaskConfig(label_keys=args.label_key)), config, dry_run=True)
     return 0
 

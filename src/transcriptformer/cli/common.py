@@ -15,6 +15,9 @@ from transcriptformer.model.outputs import OUTPUT_KEYS
 from transcriptformer.runtime import BACKENDS, DEVICES, PRECISIONS
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from transcriptformer.engine.task import Task
     from transcriptformer.training.objective import ObjectiveTerms
 
 # --use-raw: which count matrix to read.
@@ -397,6 +400,18 @@ def run_config_from_args(args: argparse.Namespace, **settings: object) -> RunCon
     given = {f.name: flags[f.name] for f in dataclasses.fields(DataConfig) if flags.get(f.name) is not None}
     config.model.data_config = dataclasses.replace(config.model.data_config, **given)  # checks the values
     return apply_overrides(config, args.config_override)
+
+
+def run_task(task: Task, config: RunConfig, dry_run: bool = False) -> Path:
+    """Check ``task`` against ``config``, then run it with :func:`transcriptformer.engine.run.run_task`.
+
+    The check runs before the engine, torch and the model are imported: a task's checks of its settings come before
+    anything heavy, so that a mistake in the arguments is reported at once.
+    """
+    task.check(config)
+    from transcriptformer.engine.run import run_task as run_checked_task
+
+    return run_checked_task(task, config, dry_run=dry_run, checked=True)
 
 
 def print_dry_run(terms: ObjectiveTerms) -> None:

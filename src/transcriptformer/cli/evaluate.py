@@ -118,19 +118,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    """Evaluate, print the table, say where the report is."""
-    from transcriptformer.evaluation import require_extra
-
-    require_extra()
-    from transcriptformer.evaluation.report import EMBEDDINGS_FILE, REPORT_FILES, format_table
-    from transcriptformer.evaluation.run import evaluate
-
+    """Evaluate, print the table, say where the report is; the flags are checked before anything heavy loads."""
     names = {field.name for field in dataclasses.fields(EvaluateConfig)}
     try:
         config = EvaluateConfig(**{name: value for name, value in vars(args).items() if name in names})
     except ValueError as error:  # its messages start with the setting's name
         name, _, rest = str(error).partition(" ")
         raise UserError(f"--{name.replace('_', '-')} {rest}" if name in names else str(error)) from None
+    from transcriptformer.evaluation import require_extra
+
+    require_extra()
+    from transcriptformer.evaluation.report import EMBEDDINGS_FILE, REPORT_FILES, format_table
+    from transcriptformer.evaluation.run import evaluate
+
     results = evaluate(config)
     print(format_table(results))
     files = [*REPORT_FILES, EMBEDDINGS_FILE] if config.save_embeddings else REPORT_FILES

@@ -265,15 +265,15 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Fine-tune, or check the setup with ``--dry-run``."""
-    from transcriptformer.training.run import run_finetuning
-
+    """Fine-tune, or check the setup with ``--dry-run``; the flags are checked before torch and Lightning load."""
     if not args.output_path and not args.dry_run:
         raise ValueError("--output-path is required (unless --dry-run)")
     try:
         config = config_from_args(args)
     except ValueError as error:
         raise UserError(with_flag_of_setting(str(error))) from None
+    from transcriptformer.training.run import run_finetuning
+
     result = run_finetuning(config, dry_run_only=args.dry_run, overwrite=args.overwrite)
     if args.dry_run:
         print_dry_run(result)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from transcriptformer.cli.common import USE_RAW, add_overwrite_argument, add_use_raw_argument, positive_int
+from transcriptformer.cli.common import USE_RAW, add_overwrite_argument, add_use_raw_argument, positive_int, run_task
 from transcriptformer.engine.config import RunConfig, default_output_path
 from transcriptformer.runtime import DEVICES
-from transcriptformer.tasks.generate import GenerateConfig
+from transcriptformer.tasks.generate import GenerateConfig, GenerateTask
 
 OUTPUT_DEFAULTS = RunConfig().replace(
     output_path=default_output_path("generate"), output_filename="generated.h5ad", chunk_size=256
@@ -163,8 +163,8 @@ def parse_aux(values: list[str]) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``transcriptformer generate``; returns the exit code."""
-    from transcriptformer.engine.run import run_task
-    from transcriptformer.tasks.generate import GenerateTask
-
-    run_task(GenerateTask(settings=settings_from_args(args)), config_from_args(args))
+    task = GenerateTask(settings=settings_from_args(args))
+    if not args.data_files:
+        task.planned_rows(None)  # the settings that stand in for prompt cells, checked before torch loads
+    run_task(task, config_from_args(args))
     return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from transcriptformer.cli.common import add_run_arguments, run_config_from_args
+from transcriptformer.cli.common import add_run_arguments, run_config_from_args, run_task
 from transcriptformer.engine.config import EMB_TYPES, MODEL_TYPES, OUTPUT_FORMATS, ModelRunConfig, RunConfig
 from transcriptformer.errors import UserError
 
@@ -118,7 +118,6 @@ def attention_backend_of(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``transcriptformer inference``; returns the exit code."""
-    from transcriptformer.engine.run import run_task
     from transcriptformer.tasks.embed import EmbedTask
 
     run_task(EmbedTask(), config_from_args(args), dry_run=args.dry_run)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from transcriptformer.cli.common import add_run_arguments, non_negative_int, run_config_from_args
+from transcriptformer.cli.common import add_run_arguments, non_negative_int, run_config_from_args, run_task
 from transcriptformer.tasks.perturb import PerturbConfig
 
 EXAMPLES = """\
@@ -66,7 +66,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``transcriptformer perturb``; returns the exit code."""
-    from transcriptformer.engine.run import run_task
     from transcriptformer.tasks.perturb import PerturbTask
 
     task = PerturbTask(settings=PerturbConfig(args.knock_out, args.over_express, args.top_genes))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from transcriptformer.cli.common import add_run_arguments, run_config_from_args
+from transcriptformer.cli.common import add_run_arguments, run_config_from_args, run_task
 from transcriptformer.engine.config import RunConfig, default_output_path
 
 OUTPUT_DEFAULTS = RunConfig().replace(
@@ -48,7 +48,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``transcriptformer predict-labels``; returns the exit code."""
-    from transcriptformer.engine.run import run_task
     from transcriptformer.tasks.classify import ClassifyTask
 
     run_task(ClassifyTask(), run_config_from_args(args), dry_run=args.dry_run)

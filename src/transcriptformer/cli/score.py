@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from transcriptformer.cli.common import add_run_arguments, positive_number, run_config_from_args
+from transcriptformer.cli.common import add_run_arguments, positive_number, run_config_from_args, run_task
 from transcriptformer.tasks.score import ScoreConfig
 
 EXAMPLES = """\
@@ -49,7 +49,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``transcriptformer score``; returns the exit code."""
-    from transcriptformer.engine.run import run_task
     from transcriptformer.tasks.score import ScoreTask
 
     task = ScoreTask(settings=ScoreConfig(args.outlier_threshold))

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import argparse
 
-from transcriptformer.cli.common import add_run_arguments, non_negative_int, positive_int, run_config_from_args
+from transcriptformer.cli.common import (
+    add_run_arguments,
+    non_negative_int,
+    positive_int,
+    run_config_from_args,
+    run_task,
+)
 from transcriptformer.tasks.screen import ScreenConfig
 
 EXAMPLES = """\
@@ -75,7 +81,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``transcriptformer screen``; returns the exit code."""
-    from transcriptformer.engine.run import run_task
     from transcriptformer.tasks.screen import ScreenTask
 
     settings = ScreenConfig(

@@ -43,16 +43,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Compose the config, then train (or print it, or dry-run)."""
+    """Compose the config, then train (or print it, or dry-run); the config is checked before torch loads."""
     from omegaconf import OmegaConf
 
-    from transcriptformer.training.config import compose_train_config
-    from transcriptformer.training.run import run_pretraining
+    from transcriptformer.training.config import compose_train_config, require_training_files
 
     config = compose_train_config(args.config, args.overrides)
     if args.print_config:
         print(OmegaConf.to_yaml(OmegaConf.structured(config)), end="")
         return 0
+    require_training_files(config.data)
+    from transcriptformer.training.run import run_pretraining
+
     result = run_pretraining(config, dry_run_only=args.dry_run, overwrite=args.overwrite)
     if args.dry_run:
         print_dry_run(result)

@@ -106,9 +106,11 @@ def looks_like_ensembl_id(value: str) -> bool:
 
 def symbol_species(values: pd.Series) -> str | None:
     """The species whose table knows most of ``values``, if it knows at least :data:`MIN_SYMBOL_FRACTION`."""
+    if values.empty:  # Ensembl ids only: the tables are not read
+        return None
     hits = {species: int(values.isin(symbol_index(species)[0].keys()).sum()) for species in SPECIES}
     species = max(hits, key=hits.get)
-    return species if len(values) and hits[species] >= MIN_SYMBOL_FRACTION * len(values) else None
+    return species if hits[species] >= MIN_SYMBOL_FRACTION * len(values) else None
 
 
 def map_symbols_to_ensembl(ids: pd.Series, species: str | None = None) -> tuple[pd.Series, SymbolMapping]:

@@ -270,7 +270,7 @@ def run_worker(rank: Rank, init_method: str | None, task: Task, config: RunConfi
                 print_output(output)
 
 
-def run_task(task: Task, config: RunConfig, *, dry_run: bool = False) -> Path:
+def run_task(task: Task, config: RunConfig, *, dry_run: bool = False, checked: bool = False) -> Path:
     """Run ``task`` over the inputs of ``config`` and return the output file's path (``output_format`` soma: its place).
 
     Parameters
@@ -281,13 +281,16 @@ def run_task(task: Task, config: RunConfig, *, dry_run: bool = False) -> Path:
         Every setting of the run; see :class:`~transcriptformer.engine.config.RunConfig`.
     dry_run
         Check the checkpoint, the inputs and their overlap with the vocabulary, print the plan, write nothing.
+    checked
+        The caller has run ``task.check(config)`` already (the command line does, before torch loads).
 
     Notes
     -----
     Under torchrun each process runs its share; otherwise ``num_gpus`` > 1 spawns that many processes.
     """
     started = time.time()
-    task.check(config)
+    if not checked:
+        task.check(config)
     if config.output.keep_counts and not task.rows_are_cells:
         raise ValueError(f"keep_counts copies the input's cells, and the rows of task {task.name} are not the cells")
     if config.output.writes_soma and not task.rows_are_cells:

@@ -24,6 +24,9 @@ The engine calls, in this order (every process runs steps 3-4 for its units; ran
                                              moved into place with the output in its one atomic write
     6. task.describe(uns)                    lines printed before the output's path (``Output: <path>``, last)
 
+``check`` refuses settings before it imports anything heavy: the command line runs it before torch loads
+(:func:`transcriptformer.cli.common.run_task`), so that a mistake in the arguments is reported at once.
+
 In memory (the Python API), steps 1-5 (without ``write_files``) run in the calling process, on the same units, and
 ``task.write_into(adata, result)`` stores the results in the user's AnnData instead of step 6.
 

@@ -90,23 +90,23 @@ class ClassifyTask(BatchLoopTask):
             When the classifier's files do not belong together or to the checkpoint
             (:func:`~transcriptformer.model.classifier.load_classifier`).
         """
-        from transcriptformer.checkpoint import WEIGHTS_FILE
-        from transcriptformer.model.classifier import CLASSIFIER_WEIGHTS_FILE, load_classifier
-        from transcriptformer.safe_load import sha256_of
-
         if config.model.model_type != "transcriptformer":
             raise ValueError(
                 f"the classifier reads the cell embeddings of the checkpoint's model, not those of model_type "
                 f"{config.model.model_type}: leave model_type at transcriptformer"
             )
+        adapter = config.model.adapter
+        if self.classifier is None and adapter is None:
+            raise ValueError(
+                "labelling cells needs a classifier: set adapter to a folder written by "
+                "'transcriptformer finetune --task classify'"
+            )
+        from transcriptformer.checkpoint import WEIGHTS_FILE
+        from transcriptformer.model.classifier import CLASSIFIER_WEIGHTS_FILE, load_classifier
+        from transcriptformer.safe_load import sha256_of
+
         head_sha256 = ""
         if self.classifier is None:
-            adapter = config.model.adapter
-            if adapter is None:
-                raise ValueError(
-                    "labelling cells needs a classifier: set adapter to a folder written by "
-                    "'transcriptformer finetune --task classify'"
-                )
             self.classifier = load_classifier(adapter, Path(config.model.checkpoint_path) / WEIGHTS_FILE)
             head_sha256 = sha256_of(Path(adapter) / CLASSIFIER_WEIGHTS_FILE)
         info = self.classifier.info

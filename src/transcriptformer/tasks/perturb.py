@@ -88,9 +88,6 @@ class PerturbTask(BatchLoopTask):
 
     def check(self, config: RunConfig) -> None:
         """Parse the perturbations in the checkpoint's vocabulary; the run computes the outputs they compare."""
-        from transcriptformer.checkpoint import read_vocabularies
-        from transcriptformer.perturbation.specs import parse_perturbations
-
         settings = self.settings
         if not settings.knock_out and not settings.over_express:
             raise ValueError("nothing to perturb: give at least one knock_out GENE or over_express GENE[=COUNT]")
@@ -100,6 +97,9 @@ class PerturbTask(BatchLoopTask):
             )
         if config.model.pretrained_embedding:
             raise ValueError("perturb names genes of the checkpoint's own vocabulary; leave out pretrained_embedding")
+        from transcriptformer.checkpoint import read_vocabularies
+        from transcriptformer.perturbation.specs import parse_perturbations
+
         vocab, _ = read_vocabularies(Path(config.model.checkpoint_path), config.checkpoint_config)
         self.perturbations = parse_perturbations(settings.knock_out, settings.over_express, vocab)
 

@@ -72,6 +72,12 @@ class TrainDataConfig:
         check_range(self, "data", "n_data_workers", at_least=0)
 
 
+def require_training_files(data: TrainDataConfig) -> None:
+    """Fail early, with a clear message, when no training file is given."""
+    if not data.train_files:
+        raise ValueError("no training file given (data.train_files / train_files)")
+
+
 @dataclass
 class OptimConfig:
     """AdamW with linear warm-up and cosine decay.

@@ -53,7 +53,13 @@ from transcriptformer.training.classify import (
     labels_of_cells,
     training_labels,
 )
-from transcriptformer.training.config import FinetuneConfig, TrainConfig, TrainDataConfig, TrainerConfig
+from transcriptformer.training.config import (
+    FinetuneConfig,
+    TrainConfig,
+    TrainDataConfig,
+    TrainerConfig,
+    require_training_files,
+)
 from transcriptformer.training.datamodule import CellDataModule, build_datasets
 from transcriptformer.training.module import TranscriptFormerModule
 from transcriptformer.training.objective import LossTerms, ObjectiveTerms
@@ -123,12 +129,6 @@ def build_datamodule(
     train_set, val_set = build_datasets(train, val, data.val_fraction, seed, train_labels, val_labels)
     multiple = checkpoint.model.length_multiple(device or torch.device("cpu"))
     return CellDataModule(train_set, val_set, train[0].pad_index, data.batch_size, data.n_data_workers, seed, multiple)
-
-
-def require_training_files(data: TrainDataConfig) -> None:
-    """Fail early, with a clear message, when no training file is given."""
-    if not data.train_files:
-        raise ValueError("no training file given (data.train_files / train_files)")
 
 
 def run_dir_of(trainer: TrainerConfig, output: str | Path) -> Path:

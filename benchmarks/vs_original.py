@@ -1,0 +1,99 @@
+"""End to end, as a user runs them: ``transcriptformer inference`` of this project against the original release's.
+
+Builds a random-weight checkpoint of a named size (``bench_inference.SIZES``; ``mid`` by default: 6 layers, 512 wide)
+whose vocabulary holds the genes of the first ``--cells`` real human cells, writes those cells to an ``.h5ad``, and
+runs both command lines on them, each as a fresh process: process wall time, CPU time (user + system, of the process
+and its children) and peak RSS, everything included (Python's start, imports, reading, the model, writing). Runs
+alternate between the two commands; the fastest of ``--runs`` is reported, with the load average beside it.
+
+The original release is installed apart, e.g. (its pins ask for torch 2.5.1; ``--no-deps`` and a ``.pth`` file
+borrow torch and the rest of this project's environment instead; it writes its output only with its own anndata
+and pandas, which need zarr 2)::
+
+    python -m venv /tmp/tf061
+    /tmp/tf061/bin/pip install --no-deps transcriptformer==0.6.1 anndata==0.11.4 pandas==2.2.2 "zarr<3" \
+        numcodecs==0.13.1 asciitree fasteners timeout-decorator pynvml boto3
+    echo "$(python -c 'import site; print(site.getsitepackages()[0])')" > /tmp/tf061/lib/python3.11/site-packages/zz.pth
+
+    python benchmarks/vs_original.py --original /tmp/tf061/bin/transcriptformer --cells 16
+
+``--threads N`` sets ``OMP_NUM_THREADS`` for both (default: each command's own choice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anndata as ad
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_inference import DEFAULT_DATA, build_checkpoint, gene_ids_of  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure(argv: list[str], env: dict[str, str], log: Path) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (MiB) of one run of ``argv``; its output into ``log``."""
+    with log.open("w") as output:
+        started = time.perf_counter()
+        process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{log.read_text()[-3000:]}")
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--original", required=True, help="the original release's transcriptformer executable")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="real cells with raw counts, var['ensembl_id']")
+    parser.add_argument("--cells", type=int, default=16)
+    parser.add_argument("--size", default="mid")
+    parser.add_argument("--seq-len", type=int, default=2047)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: unset)")
+    args = parser.parse_args()
+
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        cells = ad.read_h5ad(args.data)[: args.cells].copy()
+        cells.obs["sample"] = Path(args.data).stem  # the original writes no output for cells without obs columns
+        data = Path(tmp) / "cells.h5ad"
+        cells.write_h5ad(data)
+        checkpoint = build_checkpoint(args.size, gene_ids_of(cells), Path(tmp), args.seq_len)
+        common = ["--checkpoint-path", str(checkpoint), "--data-file", str(data), "--gene-col-name", "ensembl_id"]
+        common += ["--remove-duplicate-genes", "--batch-size", "8", "--precision", "32", "--device", "cpu"]
+        original_env = {name: value for name, value in env.items() if name != "PYTHONPATH"}  # its own package
+        commands = {
+            "this project": ([sys.executable, "-m", "transcriptformer", "inference", *common], env),
+            "original 0.6.1": ([args.original, "inference", *common], original_env),
+        }
+        best: dict[str, tuple[float, float, float]] = {}
+        for run in range(args.runs):
+            for name, (argv, environment) in commands.items():
+                output = Path(tmp) / f"out_{name[0]}_{run}"
+                result = measure([*argv, "--output-path", str(output)], environment, Path(tmp) / f"{name[0]}.log")
+                written = ad.read_h5ad(next(output.glob("*.h5ad")), backed="r")
+                if written.n_obs != args.cells or "embeddings" not in written.obsm:
+                    raise SystemExit(f"{name} wrote {written.n_obs} cells, obsm {list(written.obsm)}")
+                best[name] = min(best.get(name, result), result)
+    print(f"{args.cells} cells, {args.size} model, fp32, CPU, OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'unset')}")
+    print(f"load average after the runs: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{'command':<16} {'wall s':>8} {'CPU s':>8} {'peak MiB':>9}")
+    for name, (wall, cpu, mib) in best.items():
+        print(f"{name:<16} {wall:>8.1f} {cpu:>8.1f} {mib:>9.0f}")
+    ours, original = best["this project"], best["original 0.6.1"]
+    print(f"ratio original / this project: wall {original[0] / ours[0]:.1f}x, CPU {original[1] / ours[1]:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
