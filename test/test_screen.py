@@ -14,6 +14,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import scipy.stats
 import torch
@@ -28,9 +29,10 @@ from transcriptformer.perturbation.screen import (
     ScreenRun,
     check_disk_space,
     gene_statistics,
+    merge_pair_files,
+    pair_writer,
     planned_pairs,
     screen_cells,
-    write_pairs,
 )
 
 DEMO = DATA_DIR.parent.parent / "models" / "demo-mouse-brain"
@@ -101,12 +103,20 @@ def screened_pairs() -> pd.DataFrame:
     return screen_of(model, model.tokenize(ad.read_h5ad(HELDOUT)[:30].copy()), True, cap=20)
 
 
-def test_gene_statistics_read_a_file_at_a_time_equal_those_of_all_pairs_at_once(tmp_path, screened_pairs):
+def test_gene_statistics_read_a_row_group_at_a_time_equal_those_of_all_pairs_at_once(tmp_path, screened_pairs):
     pairs = screened_pairs
-    files = []
-    for i, cells in enumerate(np.array_split(pairs["cell"].unique(), 4)):  # a cell's pairs in one file, as units
-        files.append(tmp_path / f"pairs-{i}.parquet")
-        write_pairs(pairs[pairs["cell"].isin(cells)], files[-1], with_goal=False)
+    files = [tmp_path / "pairs-0.parquet", tmp_path / "pairs-1.parquet"]
+    for file, cells in zip(files, np.array_split(pairs["cell"].unique(), 2), strict=True):  # as two units
+        with pair_writer(file, with_goal=False) as write:
+            for group in np.array_split(cells, 3):  # a cell's pairs in one row group, as groups of cells
+                write(pairs[pairs["cell"].isin(group)])
+    assert [pq.ParquetFile(file).num_row_groups for file in files] == [3, 3]
+    merged = tmp_path / "merged.parquet"
+    assert merge_pair_files(files, merged, with_goal=False) == len(pairs)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(merged).set_index(["cell", "gene_id"]).sort_index(),
+        pairs.set_index(["cell", "gene_id"]).sort_index(),
+    )
     for n_bins in (1, 3, 10):
         streamed, whole = gene_statistics(files, "cosine_shift", n_bins), gene_statistics(pairs, "cosine_shift", n_bins)
         pd.testing.assert_frame_equal(streamed, whole, rtol=1e-12)

@@ -23,6 +23,7 @@ similar count (docs/perturb.md, "Screens").
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -168,31 +169,31 @@ class ScreenRun:
         return {key: value.float().cpu().numpy() for key, value in after.items()}
 
 
-def screen_cells(
-    run: ScreenRun,
-    cells: TokenizedCells,
-    kind: str,
-    genes: np.ndarray | None,
-    max_genes_per_cell: int,
-    on_pairs: Callable[[int], object] | None = None,
-) -> pd.DataFrame:
-    """Every screened gene of every cell perturbed: one row per changed (cell, gene) pair, cell by cell.
+def screen_groups(
+    run: ScreenRun, cells: TokenizedCells, kind: str, genes: np.ndarray | None, max_genes_per_cell: int
+) -> Iterator[pd.DataFrame]:
+    """Every screened gene of every cell perturbed: the changed (cell, gene) pairs, a group of whole cells at a time.
 
     Columns: ``cell``, ``gene_id``, ``count`` (the gene's count in the cell before), ``count_rank`` (1: the cell's
     most expressed), ``cosine_shift``, ``delta_log_likelihood``, ``delta_mean_log_likelihood`` and, with a goal,
-    ``goal_shift``. ``genes``: columns of the genes to screen (``None``: every expressed gene); ``on_pairs`` is
-    called with the pairs of each group of cells done.
+    ``goal_shift``. ``genes``: columns of the genes to screen (``None``: every expressed gene). A group holds the
+    cells whose variants fit one call (:data:`VARIANTS_PER_CALL`).
     """
     columns = [screened_columns(cells, row, kind, genes, max_genes_per_cell) for row in range(len(cells))]
-    frames, start = [], 0
-    while start < len(cells):  # groups of cells whose variants fit one call
+    start = 0
+    while start < len(cells):
         stop, n = start + 1, len(columns[start])
         while stop < len(cells) and n + len(columns[stop]) <= VARIANTS_PER_CALL:
             n, stop = n + len(columns[stop]), stop + 1
-        frames.append(screen_group(run, cells, np.arange(start, stop), columns[start:stop], kind))
-        if on_pairs is not None:
-            on_pairs(len(frames[-1]))
+        yield screen_group(run, cells, np.arange(start, stop), columns[start:stop], kind)
         start = stop
+
+
+def screen_cells(
+    run: ScreenRun, cells: TokenizedCells, kind: str, genes: np.ndarray | None, max_genes_per_cell: int
+) -> pd.DataFrame:
+    """The pairs of :func:`screen_groups` in one frame."""
+    frames = list(screen_groups(run, cells, kind, genes, max_genes_per_cell))
     if not frames:  # no cell
         return pair_schema(run.goal is not None).empty_table().to_pandas()
     return pd.concat(frames, ignore_index=True)
@@ -204,7 +205,7 @@ def take(cells: TokenizedCells, rows: np.ndarray) -> TokenizedCells:
 
 
 def screen_group(run: ScreenRun, cells: TokenizedCells, rows: np.ndarray, columns: list[np.ndarray], kind: str):
-    """:func:`screen_cells` of the cells ``rows`` (``columns``: the genes screened in each)."""
+    """The pairs of the cells ``rows`` (``columns``: the genes screened in each), as :func:`screen_groups`."""
     variants = cell_variants(cells, rows, columns, kind)
     cell_of = np.repeat(np.arange(len(rows)), [len(c) for c in columns])
     column = np.concatenate(columns)
@@ -255,35 +256,53 @@ def pair_schema(with_goal: bool) -> pa.Schema:
     return pa.schema([(name, kind) for name, kind in PAIR_COLUMNS.items() if with_goal or name != "goal_shift"])
 
 
-def write_pairs(pairs: pd.DataFrame, path: Path, with_goal: bool) -> None:
-    """Write ``pairs`` to the Parquet file ``path`` through a temporary name: a partial file never exists."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    table = pa.Table.from_pandas(pairs, schema=pair_schema(with_goal), preserve_index=False)
-    pq.write_table(table, temporary)
+@contextlib.contextmanager
+def pair_writer(path: Path, with_goal: bool) -> Iterator[Callable[[pd.DataFrame], None]]:
+    """A function that writes pairs to the Parquet file ``path``, a row group per call, in the block.
+
+    The file is written under a temporary name and renamed when the block ends: a partial file never exists.
+    """
+    temporary, schema = path.with_name(f".{path.name}.tmp"), pair_schema(with_goal)
+    try:
+        with pq.ParquetWriter(temporary, schema) as writer:
+            yield lambda pairs: writer.write_table(pa.Table.from_pandas(pairs, schema=schema, preserve_index=False))
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     os.replace(temporary, path)
 
 
-def merge_pair_files(files: Sequence[Path], path: Path, with_goal: bool) -> int:
-    """Write the pairs of ``files``, in order, into one Parquet file, a row group per file; returns the pairs.
+def write_pairs(pairs: pd.DataFrame, path: Path, with_goal: bool) -> None:
+    """Write ``pairs`` to the Parquet file ``path`` in one row group (:func:`pair_writer`)."""
+    with pair_writer(path, with_goal) as write:
+        write(pairs)
 
-    One file's pairs are in memory at a time.
+
+def merge_pair_files(files: Sequence[Path], path: Path, with_goal: bool) -> int:
+    """Write the pairs of ``files``, in order, into one Parquet file, row group by row group; returns the pairs.
+
+    One row group (a group of cells) is in memory at a time.
     """
     n_pairs = 0
     with pq.ParquetWriter(path, pair_schema(with_goal)) as writer:
         for file in files:
-            table = pq.read_table(file, schema=pair_schema(with_goal))
-            writer.write_table(table)
-            n_pairs += table.num_rows
+            groups = pq.ParquetFile(file)
+            for i in range(groups.num_row_groups):
+                table = groups.read_row_group(i)
+                writer.write_table(table)
+                n_pairs += table.num_rows
     return n_pairs
 
 
 def pair_chunks(pairs: pd.DataFrame | Sequence[Path], columns: Sequence[str] | None = None) -> Iterator[pd.DataFrame]:
-    """The pairs a frame (or a Parquet file of pairs) at a time; ``columns``: only these."""
+    """The pairs a frame (or a row group of the Parquet files of pairs, whole cells) at a time; only ``columns``."""
     if isinstance(pairs, pd.DataFrame):
         yield pairs if columns is None else pairs[list(columns)]
         return
     for file in pairs:
-        yield pq.read_table(file, columns=None if columns is None else list(columns)).to_pandas()
+        groups = pq.ParquetFile(file)
+        for i in range(groups.num_row_groups):
+            yield groups.read_row_group(i, columns=None if columns is None else list(columns)).to_pandas()
 
 
 def planned_pairs(expressed: np.ndarray, kind: str, n_genes: int | None, cap: int, seq_len: int) -> np.ndarray:
@@ -397,8 +416,9 @@ def add_gene_sums(total: pd.DataFrame | None, more: pd.DataFrame) -> pd.DataFram
 def gene_statistics(pairs: pd.DataFrame | Sequence[Path], effect: str, n_bins: int = 10) -> pd.DataFrame:
     """Per screened gene: its mean effects, and a test of ``effect`` against the null of :func:`null_residuals`.
 
-    ``pairs``: a frame, or Parquet files of pairs (:func:`write_pairs`) read one at a time (a cell's pairs in one
-    file): the counts once for the bins (:func:`count_bin_edges`), then each file's residuals summed per gene.
+    ``pairs``: a frame, or Parquet files of pairs (:func:`pair_writer`) read a row group at a time (a cell's pairs
+    in one row group): the counts once for the bins (:func:`count_bin_edges`), then each group's residuals summed
+    per gene.
 
     Returns one row per gene in order of first appearance, ranked by p-value then by ``mean_residual``, largest
     first: ``n_cells``, the means of the pairs' effects, ``mean_residual`` (in null standard deviations), ``t`` and

@@ -1,7 +1,7 @@
 """``screen``: every expressed gene of each cell knocked out (or over-expressed), ranked with statistics.
 
 Each work unit's cells (those of ``obs_filter``, and of the start state when a goal state is given) are screened by
-:func:`~transcriptformer.perturbation.screen.screen_cells`: a row per changed (cell, gene) pair with its effects,
+:func:`~transcriptformer.perturbation.screen.screen_groups`: a row per changed (cell, gene) pair with its effects,
 written at once to the unit's Parquet file beside the unit's saved part (:func:`pairs_file`), so that resume and
 several processes keep them as they keep the units. The output's rows are the screened cells (``n_pairs``). Once
 every unit is done, :meth:`ScreenTask.summarize` ranks the genes against a null of other genes with a similar count
@@ -171,9 +171,12 @@ class ScreenTask(BatchLoopTask):
         on_batch: Callable[[int], object],
         limit: MemoryLimit,
     ) -> Part:
-        """The unit's pairs into its Parquet file (:func:`pairs_file`); the Part: a row per screened cell."""
+        """The unit's pairs into its Parquet file (:func:`pairs_file`); the Part: a row per screened cell, its pairs.
+
+        A row group per group of cells, written as each is done: memory holds one group's pairs.
+        """
         from transcriptformer.engine.parts import parts_dir
-        from transcriptformer.perturbation.screen import ScreenRun, screen_cells, take, write_pairs
+        from transcriptformer.perturbation.screen import ScreenRun, pair_writer, screen_groups, take
         from transcriptformer.pipeline import GeneOutputs
 
         settings = self.settings
@@ -185,10 +188,14 @@ class ScreenTask(BatchLoopTask):
             run.goal = self.goal
             cells = take(cells, np.flatnonzero(in_state(session, unit, settings.start_state)))
         genes = None if self.gene_ids is None else np.flatnonzero(np.isin(cells.gene_ids, self.gene_ids))
-        pairs = screen_cells(run, cells, settings.kind, genes, settings.max_genes_per_cell, on_pairs=on_batch)
-        write_pairs(pairs, pairs_file(parts_dir(session), unit.index), settings.goal_state is not None)
         screened = pd.Series(cells.obs_names.astype(str), dtype=object)
-        n_pairs = screened.map(pairs["cell"].value_counts()).fillna(0).to_numpy(dtype=np.int64)
+        n_pairs = pd.Series(0, index=pd.unique(screened), dtype=np.int64)
+        with pair_writer(pairs_file(parts_dir(session), unit.index), settings.goal_state is not None) as write:
+            for pairs in screen_groups(run, cells, settings.kind, genes, settings.max_genes_per_cell):
+                write(pairs)
+                n_pairs = n_pairs.add(pairs["cell"].value_counts(), fill_value=0).astype(np.int64)
+                on_batch(len(pairs))
+        n_pairs = screened.map(n_pairs).to_numpy(dtype=np.int64)
         obs = pd.DataFrame({N_PAIRS_COLUMN: n_pairs}, index=pd.Index(screened, name=None))
         return Part(GeneOutputs(n_cells=len(obs)), obs)
 
