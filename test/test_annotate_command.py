@@ -257,6 +257,60 @@ def test_a_soma_experiment_with_its_embeddings_array_as_reference(files, from_ch
     np.testing.assert_array_equal(result.obs[f"predicted_{KEY}"].astype(str), first.obs[f"predicted_{KEY}"].astype(str))
 
 
+@pytest.mark.slow  # three runs of the command (about 40 s on two busy cores)
+def test_a_soma_experiment_embedded_by_the_checkpoint_as_reference(files, from_checkpoint, tmp_path):
+    """Without an embeddings array the reference's SOMA cells are embedded, streamed as inference reads them."""
+    from test_soma import write_experiment
+
+    experiment = write_experiment(files["reference"], tmp_path / "soma")
+    output, index = tmp_path / "out", tmp_path / "index"
+    arguments = annotate(
+        "--checkpoint-path", REFERENCE_DIR, "--reference-soma", experiment, "--label-key", KEY, "--chunk-size", 100,
+        "--data-file", files["query"], "--save-index", index, "--no-figures", "--output-path", output,
+    )  # fmt: skip
+    assert quietly_main(arguments) == 0
+    result, first = ad.read_h5ad(output / "annotated.h5ad"), from_checkpoint["output"]
+    np.testing.assert_array_equal(result.obs[f"predicted_{KEY}"].astype(str), first.obs[f"predicted_{KEY}"].astype(str))
+    np.testing.assert_allclose(result.obs[f"{KEY}_confidence"], first.obs[f"{KEY}_confidence"], rtol=1e-5)
+    reference = ad.read_h5ad(files["reference"])
+    assert ReferenceIndex.load(index).n_cells == reference.n_obs
+    filtered = annotate(
+        "--checkpoint-path", REFERENCE_DIR, "--reference-soma", experiment, "--obs-filter", f"{KEY} != 'astrocyte'",
+        "--label-key", KEY, "--data-file", files["query"], "--no-figures", "--output-path", tmp_path / "filtered",
+    )  # fmt: skip
+    assert quietly_main(filtered) == 0
+    labels = ad.read_h5ad(tmp_path / "filtered" / "annotated.h5ad").obs[f"predicted_{KEY}"].astype(str)
+    assert "astrocyte" not in set(labels) and "astrocyte" in set(first.obs[f"predicted_{KEY}"].astype(str))
+    again = annotate(
+        "--checkpoint-path", REFERENCE_DIR, "--index", index, "--data-file", files["query"], "--no-figures",
+        "--output-path", tmp_path / "again",
+    )  # fmt: skip
+    assert quietly_main(again) == 0
+    reused = ad.read_h5ad(tmp_path / "again" / "annotated.h5ad").obs[f"predicted_{KEY}"].astype(str)
+    np.testing.assert_array_equal(reused, result.obs[f"predicted_{KEY}"].astype(str))
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (
+            ["--checkpoint-path", str(REFERENCE_DIR), "--reference", "REFERENCE", "--reference-embeddings", "a.soma"],
+            ["--reference-embeddings", "SOMA"],
+        ),
+        (["--reference-census", "stable", "--obsm-key", "X_pca"], ["--reference-embeddings", "--checkpoint-path"]),
+    ],
+    ids=["embeddings-of-a-file", "census-without-embeddings"],
+)
+def test_census_reference_arguments_are_checked_before_anything_is_read(files, tmp_path, capsys, extra, words):
+    extra = [str(files["reference"]) if e == "REFERENCE" else e for e in extra]
+    output = tmp_path / "out"
+    code, err = run_cli(
+        capsys, *annotate(*extra, "--label-key", KEY, "--data-file", files["query"], "--output-path", output)
+    )
+    assert_one_line_error(code, err, "annotate", *words)
+    assert_no_output(output)
+
+
 def test_mistakes_are_one_line_before_any_compute(files, embedded, tmp_path, capsys):
     output = tmp_path / "out"
     common = ["--data-file", files["query"], "--output-path", output]

@@ -6,6 +6,7 @@ ranked genes with p-values and FDR; bad input stops before any work with a one-l
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import scipy.stats
 import torch
@@ -23,7 +25,15 @@ from test_inference_resume import kill_after_some_units
 from test_user_errors import assert_one_line_error, run_cli
 from transcriptformer.cli import main
 from transcriptformer.config import PredictConfig
-from transcriptformer.perturbation.screen import ScreenRun, screen_cells
+from transcriptformer.perturbation.screen import (
+    ScreenRun,
+    check_disk_space,
+    gene_statistics,
+    merge_pair_files,
+    pair_writer,
+    planned_pairs,
+    screen_cells,
+)
 
 DEMO = DATA_DIR.parent.parent / "models" / "demo-mouse-brain"
 HELDOUT = DATA_DIR / "demo_mouse_brain_heldout.h5ad"
@@ -66,10 +76,12 @@ def test_a_screen_writes_its_pairs_and_ranked_genes(tmp_path, capsys):
     cells = ad.read_h5ad(HELDOUT)
     astrocytes = cells[cells.obs["cell_type"] == "astrocyte"]
     pairs = pd.read_parquet(output / "screen_pairs.parquet")
-    stored = ad.read_h5ad(output / "screen.h5ad")
-    assert stored.n_obs == len(pairs) and set(pairs["cell"]) == set(astrocytes.obs_names)
-    assert (stored.obs["cell_type"] == "astrocyte").all()  # each pair carries its cell's obs columns
-    np.testing.assert_array_equal(stored.obs["assay"], cells.obs.loc[stored.obs["cell"], "assay"])
+    stored = ad.read_h5ad(output / "screen.h5ad")  # a row per screened cell, its pairs
+    assert list(stored.obs_names) == list(astrocytes.obs_names) and set(pairs["cell"]) == set(astrocytes.obs_names)
+    assert (stored.obs["n_pairs"] == pairs["cell"].value_counts()[stored.obs_names]).all()
+    assert stored.uns["screen"]["n_pairs"] == len(pairs)
+    assert (stored.obs["cell_type"] == "astrocyte").all()  # each screened cell's row carries its obs columns
+    np.testing.assert_array_equal(stored.obs["assay"], cells.obs.loc[stored.obs_names, "assay"])
     assert pairs.groupby("cell").size().max() <= 6 and pairs["count_rank"].max() <= 6
     tokenized = transcriptformer.load(DEMO, device="cpu").tokenize(astrocytes)
     counts = pd.DataFrame(tokenized.counts.toarray(), index=tokenized.obs_names, columns=tokenized.gene_ids)
@@ -84,6 +96,77 @@ def test_a_screen_writes_its_pairs_and_ranked_genes(tmp_path, capsys):
     np.testing.assert_allclose(genes.set_index("gene_id")["mean_cosine_shift"], means[genes["gene_id"]])
     for gene in tested["gene_id"].iloc[[0, -1]]:  # the first and last ranked: p-values recomputed pair by pair
         assert tested.set_index("gene_id").loc[gene, "p_value"] == pytest.approx(null_p_value(pairs, gene, 2))
+
+
+@pytest.fixture(scope="module")
+def screened_pairs() -> pd.DataFrame:
+    """The knock-out pairs of 30 held-out cells, 20 genes a cell at most."""
+    model = transcriptformer.load(DEMO, device="cpu")
+    return screen_of(model, model.tokenize(ad.read_h5ad(HELDOUT)[:30].copy()), True, cap=20)
+
+
+def test_gene_statistics_read_a_row_group_at_a_time_equal_those_of_all_pairs_at_once(tmp_path, screened_pairs):
+    pairs = screened_pairs
+    files = [tmp_path / "pairs-0.parquet", tmp_path / "pairs-1.parquet"]
+    for file, cells in zip(files, np.array_split(pairs["cell"].unique(), 2), strict=True):  # as two units
+        with pair_writer(file, with_goal=False) as write:
+            for group in np.array_split(cells, 3):  # a cell's pairs in one row group, as groups of cells
+                write(pairs[pairs["cell"].isin(group)])
+    assert [pq.ParquetFile(file).num_row_groups for file in files] == [3, 3]
+    merged = tmp_path / "merged.parquet"
+    assert merge_pair_files(files, merged, with_goal=False) == len(pairs)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(merged).set_index(["cell", "gene_id"]).sort_index(),
+        pairs.set_index(["cell", "gene_id"]).sort_index(),
+    )
+    for n_bins in (1, 3, 10):
+        streamed, whole = gene_statistics(files, "cosine_shift", n_bins), gene_statistics(pairs, "cosine_shift", n_bins)
+        pd.testing.assert_frame_equal(streamed, whole, rtol=1e-12)
+        expected = gene_statistics_at_once(pairs, n_bins)  # pandas' qcut and groupby over all pairs
+        pd.testing.assert_frame_equal(streamed, expected, rtol=1e-9, check_dtype=False, check_names=False)
+        assert streamed["p_value"].notna().sum() > 10
+
+
+def test_the_planned_pairs_bound_the_pairs_of_each_cell(screened_pairs):
+    model = transcriptformer.load(DEMO, device="cpu")
+    cells = model.tokenize(ad.read_h5ad(HELDOUT)[:30].copy())
+    expressed = np.diff(cells.counts.indptr)
+    planned = pd.Series(planned_pairs(expressed, "knock_out", None, 20, cells.seq_len), index=cells.obs_names)
+    done = screened_pairs["cell"].value_counts().reindex(planned.index, fill_value=0)
+    assert (done <= planned).all() and (done == planned).mean() > 0.9  # a variant that changes nothing has no row
+    assert (planned_pairs(expressed, "knock_out", None, 0, 50) == np.minimum(expressed, 50)).all()  # cut at seq_len
+    assert (planned_pairs(expressed, "over_express", 7, 0, 50) == 7).all()  # genes a cell lacks are screened too
+
+
+def test_a_screen_larger_than_the_free_disk_space_is_refused_before_any_work(tmp_path):
+    check_disk_space(tmp_path, 1000)  # 128 kB
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(
+        ValueError, match=r"plans up to [\d,]+ \(cell, gene\) pairs, about .* GiB of files, and .* free"
+    ):
+        check_disk_space(tmp_path, free // 64)
+
+
+def gene_statistics_at_once(pairs: pd.DataFrame, n_bins: int) -> pd.DataFrame:
+    """The gene table of :func:`gene_statistics`, computed from every pair in memory with pandas alone."""
+    bins = pd.qcut(np.log1p(pairs["count"]), n_bins, labels=False, duplicates="drop")
+    groups = pairs.groupby([pairs["cell"], bins], sort=False)["cosine_shift"]
+    size, total, sd = groups.transform("size"), groups.transform("sum"), groups.transform("std")
+    residual = ((pairs["cosine_shift"] - (total - pairs["cosine_shift"]) / (size - 1)) / sd).where(
+        (size >= 3) & (sd > 0)
+    )
+    grouped = pairs.assign(residual=residual).groupby("gene_id", sort=False)
+    table = grouped[EFFECTS].mean().add_prefix("mean_")
+    table.insert(0, "n_cells", grouped.size())
+    n, mean, sd = grouped["residual"].count(), grouped["residual"].mean(), grouped["residual"].std()
+    table["mean_residual"], table["t"] = mean, mean / (sd / np.sqrt(n))
+    table["p_value"] = pd.Series(scipy.stats.t.sf(table["t"], n - 1), index=n.index).where(n >= 3)
+    valid = table["p_value"].notna()
+    table["fdr"] = np.nan
+    table.loc[valid, "fdr"] = scipy.stats.false_discovery_control(table.loc[valid, "p_value"].to_numpy())
+    table = table.sort_values(["p_value", "mean_residual"], ascending=[True, False], na_position="last", kind="stable")
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    return table
 
 
 def null_p_value(pairs: pd.DataFrame, gene: str, n_bins: int) -> float:

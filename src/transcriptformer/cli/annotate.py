@@ -1,9 +1,11 @@
 """``transcriptformer annotate``: label query cells from a labelled reference (docs/annotate.md).
 
-The reference is a file (``--reference``), the cells of a SOMA experiment with their embeddings array
-(``--reference-soma``), or a saved index (``--index``); the query is ``--data-file``. Cells are embedded by the
-checkpoint through the engine (the query as the engine's rows, resumable; the reference in memory), or taken from
-``obsm`` (``--obsm-key``: no checkpoint). The labels and the summary are written as ``annotated.h5ad`` with the
+The reference is a file (``--reference``), the cells of a SOMA experiment (``--reference-soma``) or of the
+CELLxGENE Census (``--reference-census``), selected by ``--organism`` and ``--obs-filter``, or a saved index
+(``--index``); the query is ``--data-file``. Cells are embedded by the checkpoint through the engine (the query as
+the engine's rows, resumable; the reference in memory, a SOMA reference streamed as ``inference --soma`` reads it),
+read from a SOMA array of the reference's embeddings (``--reference-embeddings``), or taken from ``obsm``
+(``--obsm-key``: no checkpoint). The labels and the summary are written as ``annotated.h5ad`` with the
 summary table and figures beside it, in one atomic write.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import tempfile
 import warnings
 from pathlib import Path
@@ -35,6 +38,10 @@ examples:
   # a labelled reference and a query, both embedded by the checkpoint; the index kept for later queries
   transcriptformer annotate --checkpoint-path models/demo-mouse-brain --reference reference.h5ad \\
       --label-key cell_type --data-file query.h5ad --output-path annotated --save-index brain_index
+
+  # the cells of a SOMA experiment (or --reference-census stable --organism ...) as reference, embedded once
+  transcriptformer annotate --checkpoint-path models/demo-mouse-brain --reference-soma reference_soma \
+      --obs-filter "cell_type != 'unknown'" --label-key cell_type --data-file query.h5ad --save-index soma_index
 
   # more query cells against the saved index (embedded by the index's checkpoint)
   transcriptformer annotate --checkpoint-path models/demo-mouse-brain --index brain_index \\
@@ -70,13 +77,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--reference-soma",
         metavar="URI",
-        help="or a SOMA experiment's cells (selected by --obs-filter, --organism) with --reference-embeddings",
+        help="or a SOMA experiment's cells, selected by --obs-filter and --organism",
+    )
+    source.add_argument(
+        "--reference-census",
+        metavar="VERSION",
+        help="or the cells of the public CELLxGENE Census of this version (e.g. stable; needs the network), selected "
+        "by --organism and --obs-filter",
     )
     source.add_argument("--index", metavar="DIR", help="or a reference index saved by --save-index")
     reference.add_argument(
         "--reference-embeddings",
         metavar="URI",
-        help="the SOMA array of the --reference-soma cells' embeddings (inference --output-soma), by soma_joinid",
+        help="the SOMA array of the SOMA reference's embeddings (inference --output-soma), by soma_joinid; "
+        "without it the checkpoint embeds them",
     )
     reference.add_argument(
         "--label-key",
@@ -136,8 +150,9 @@ def run(args: argparse.Namespace) -> int:
     settings = AnnotateConfig(
         n_neighbors=args.n_neighbors, metric=args.metric, false_unknown_rate=args.false_unknown_rate
     )
-    reference_filter = (args.organism, args.obs_filter) if args.reference_soma else (None, None)
-    if args.reference_soma:  # they select the reference's cells, not the query's
+    reference_filter = (None, None)
+    if soma_reference(args):  # they select the reference's cells, not the query's
+        reference_filter = (args.organism, args.obs_filter)
         args.organism = args.obs_filter = None
     config = None if precomputed(args) else run_config_from_args(args)
     if args.dry_run and not args.index:
@@ -179,6 +194,11 @@ def precomputed(args: argparse.Namespace) -> bool:
     return bool(args.obsm_key or args.reference_obsm or args.query_obsm)
 
 
+def soma_reference(args: argparse.Namespace) -> bool:
+    """Whether the reference's cells are those of a SOMA experiment or of the Census."""
+    return bool(args.reference_soma or args.reference_census)
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse combinations of flags that cannot run, before anything is read."""
     if precomputed(args):
@@ -188,7 +208,10 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise UserError("--obsm-key reads the query's obsm: give the query as --data-file")
         if len(args.data_files) > 1:
             raise UserError("--obsm-key reads one query file: give one --data-file")
-        if not (args.index or args.reference_soma) and not (args.reference_obsm or args.obsm_key):
+        if args.reference_census or args.reference_soma:
+            if not args.reference_embeddings:
+                raise UserError("--obsm-key: give --reference-embeddings for a SOMA reference, or --checkpoint-path")
+        elif not args.index and not (args.reference_obsm or args.obsm_key):
             raise UserError("give --obsm-key (both files) or --reference-obsm for the reference's embeddings")
         if not args.query_obsm and not args.obsm_key:
             raise UserError("give --obsm-key (both files) or --query-obsm for the query's embeddings")
@@ -196,10 +219,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError("give --checkpoint-path to embed the cells, or --obsm-key for embeddings already in obsm")
     if not args.index and not args.label_key:
         raise UserError("give --label-key: the reference obs column(s) of labels to transfer")
-    if args.reference_soma and not args.reference_embeddings:
+    if args.reference_embeddings and not soma_reference(args):
         raise UserError(
-            "--reference-soma reads the reference's embeddings from a SOMA array: give --reference-embeddings "
-            "(written by inference --soma ... --output-soma)"
+            "--reference-embeddings are those of a SOMA reference: give --reference-soma or --reference-census"
         )
     if args.save_index and Path(args.save_index).is_file():
         raise UserError(f"--save-index {args.save_index} is a file; give a new folder for the index")
@@ -267,7 +289,7 @@ def check_labels(obs: pd.DataFrame, label_keys: list[str]) -> None:
 
 def reference_obs(args: argparse.Namespace, soma_filter: tuple[str | None, str | None]) -> pd.DataFrame:
     """The reference cells' obs (with its labels), read without the counts."""
-    if args.reference_soma:
+    if soma_reference(args):
         with soma_reader(args, soma_filter) as reader:
             return reader.obs.copy()
     from transcriptformer.data.sources import read_obs
@@ -276,18 +298,25 @@ def reference_obs(args: argparse.Namespace, soma_filter: tuple[str | None, str |
 
 
 def soma_reader(args: argparse.Namespace, soma_filter: tuple[str | None, str | None]) -> Any:
-    """The reference cells of the SOMA experiment ``--reference-soma``."""
+    """The reference cells of the SOMA experiment ``--reference-soma`` (or of the Census)."""
     from transcriptformer.data.soma import SomaReader
 
     organism, obs_filter = soma_filter
-    return SomaReader(args.reference_soma, organism, obs_filter, args.soma_measurement, args.soma_x_layer)
+    return SomaReader(
+        args.reference_soma,
+        organism,
+        obs_filter,
+        args.soma_measurement,
+        args.soma_x_layer,
+        census_version=args.reference_census,
+    )
 
 
 def reference_embeddings(
     args: argparse.Namespace, obs: pd.DataFrame, config: RunConfig | None, soma_filter: tuple[str | None, str | None]
 ) -> tuple[np.ndarray, pd.DataFrame, str | None]:
     """The reference's embeddings, its obs row for each, and the id of the model that computed them."""
-    if args.reference_soma:
+    if soma_reference(args) and args.reference_embeddings:
         from transcriptformer.annotation.soma import read_soma_embeddings
 
         with soma_reader(args, soma_filter) as reader:
@@ -297,30 +326,50 @@ def reference_embeddings(
     if config is None:
         embeddings, model_id = read_obsm(args.reference, args.reference_obsm or args.obsm_key, "--reference")
         return embeddings, obs, model_id
-    return embed_reference(args, obs, config)
+    return embed_reference(args, obs, config, soma_filter)
 
 
 def embed_reference(
-    args: argparse.Namespace, obs: pd.DataFrame, config: RunConfig
+    args: argparse.Namespace, obs: pd.DataFrame, config: RunConfig, soma_filter: tuple[str | None, str | None]
 ) -> tuple[np.ndarray, pd.DataFrame, str]:
-    """The reference cells embedded by the engine in memory, with the reference's own gene table when given."""
+    """The reference cells embedded by the engine in memory, with the reference's own gene table when given.
+
+    The cells of a SOMA reference are read as ``inference --soma`` reads them: those of the filter, a unit at a
+    time, their gene ids in var ``feature_id`` unless ``--gene-col-name`` names another column.
+    """
     from transcriptformer.console import say
     from transcriptformer.engine.run import run_in_memory
     from transcriptformer.engine.session import load_for_run
     from transcriptformer.runtime import resolve_device
     from transcriptformer.tasks.embed import EmbedConfig, EmbedTask
 
-    reference_config = config.replace(
-        data_files=[args.reference],
-        pretrained_embedding=args.reference_pretrained_embedding,
-        output_keys=["embeddings"],
-    )
+    settings = dict(pretrained_embedding=args.reference_pretrained_embedding, output_keys=["embeddings"])
+    if soma_reference(args):
+        from transcriptformer.data.soma import SOMA_GENE_ID_COLUMN
+
+        organism, obs_filter = soma_filter
+        settings |= dict(
+            data_files=[],
+            soma=args.reference_soma,
+            census_version=args.reference_census,
+            organism=organism,
+            obs_filter=obs_filter,
+        )
+        data_config = dataclasses.replace(
+            config.model.data_config, gene_col_name=args.gene_col_name or SOMA_GENE_ID_COLUMN
+        )
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, data_config=data_config))
+        data, source = None, args.reference_soma or f"the CELLxGENE Census {args.reference_census}"
+    else:
+        settings |= dict(data_files=[args.reference])
+        data, source = args.reference, args.reference
+    reference_config = config.replace(**settings)
     device = resolve_device(reference_config.hardware.device)
-    say(f"Embedding the {len(obs)} reference cells of {args.reference} on {device.type}")
+    say(f"Embedding the {len(obs)} reference cells of {source} on {device.type}")
     checkpoint = load_for_run(reference_config, device)
-    result = run_in_memory(EmbedTask(settings=EmbedConfig(None)), checkpoint, args.reference, reference_config, device)
+    result = run_in_memory(EmbedTask(settings=EmbedConfig(None)), checkpoint, data, reference_config, device)
     if len(result.obs) != len(obs):  # cells left out by the cell filters (--drop-empty-cells)
-        obs = obs.loc[result.obs.index]
+        obs = obs.set_axis(obs.index.astype(str)).loc[result.obs.index]
     return result.outputs.cell_values["embeddings"], obs, model_id_of(config)
 
 

@@ -514,7 +514,9 @@ class CellTokenizer:
         keep, dropped = filter_cells(scanned, config)
         kept = None if keep.all() else np.flatnonzero(keep)
         n_empty = int((keep & (scanned.expressed == 0)).sum())
-        cells = PreparedCells(reader, selection, aux, config, self.seq_len, pad_index, kept, dropped, n_empty)
+        cells = PreparedCells(
+            reader, selection, aux, config, self.seq_len, pad_index, kept, dropped, n_empty, scanned.expressed
+        )
         if reader.n_obs and not len(cells):
             raise ValueError(
                 f"{reader.source}: {cells.describe_dropped()}; relax them: raise model.data_config.filter_outliers, "
@@ -533,7 +535,8 @@ class PreparedCells:
 
     When a cell filter (:func:`filter_cells`) dropped cells, the cells are those of the source that the filters
     keep: ``kept`` holds their rows in the source and ``dropped`` how many cells each filter dropped. ``n_empty``
-    cells kept have no count among the genes read; the batch loop gives them NaN outputs.
+    cells kept have no count among the genes read; the batch loop gives them NaN outputs. ``expressed``: each
+    source row's positive counts among the genes read (from the pass that checked them).
     """
 
     reader: CountReader
@@ -545,6 +548,7 @@ class PreparedCells:
     kept: np.ndarray | None = None
     dropped: dict[str, int] = field(default_factory=dict)
     n_empty: int = 0
+    expressed: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.reader.n_obs if self.kept is None else self.kept.size
@@ -578,6 +582,10 @@ class PreparedCells:
         """Rows in the source of cells ``start .. stop - 1`` (all by default)."""
         stop = len(self) if stop is None else stop
         return np.arange(start, stop) if self.kept is None else self.kept[start:stop]
+
+    def n_expressed(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """``(stop - start,)`` positive counts among the genes read of cells ``start .. stop - 1`` (all by default)."""
+        return self.expressed[self.source_rows(start, stop)]
 
     def cells(self, start: int = 0, stop: int | None = None) -> TokenizedCells:
         """Tokenized cells ``start .. stop - 1`` (all by default)."""

@@ -81,9 +81,9 @@ def process_units(session: Session, units: Sequence[WorkUnit], rank: Rank) -> No
     """
     units = parts.units_to_run(session, list(units))
     limit = MemoryLimit()  # lowered by an out-of-memory error, for the rest of the run
-    n_cells = sum(unit.stop - unit.start for unit in units)
+    total, unit_name = session.task.progress(session, units)
     description = f"rank {rank.rank}" if rank.world_size > 1 else session.task.name
-    with progress_bar(total=n_cells, unit="cell", desc=description, position=rank.rank, disable=None, delay=1) as bar:
+    with progress_bar(total=total, unit=unit_name, desc=description, position=rank.rank, disable=None, delay=1) as bar:
         for unit, cells in read_units(session, units):
             part = session.task.run_unit(session, unit, cells, bar.update, limit)
             check_rows(session.task, unit, part)
@@ -246,6 +246,7 @@ def run_worker(rank: Rank, init_method: str | None, task: Task, config: RunConfi
                 f"({counted(rank.world_size, 'process')}, {counted(threads, 'CPU thread')}"
                 f"{' each' if rank.world_size > 1 else ''}), precision {session.precision}"
             )
+            session.task.check_plan(session)
             done = parts.open_parts_dir(session)
             if done:
                 say(f"Resuming: {done} of {len(session.units)} units were already done")

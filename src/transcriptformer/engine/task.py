@@ -13,6 +13,9 @@ The engine calls, in this order (every process runs steps 3-4 for its units; ran
     2. task.added_obs_columns()              while opening the inputs: input obs columns of these names are an error
        task.planned_rows(input_cells)        once the inputs are open: None (units of the input cells), or the
                                              number of rows the task plans itself (units of rows, cells None)
+       task.check_plan(session)              process 0, once the units are planned, before any runs: the work
+                                             planned against the machine (the output's disk space)
+       task.progress(session, units)         the total of the progress bar over a process's units, and its unit
     3. task.output_keys(config)              the model outputs of each unit's batch loop
     4. task.run_unit(session, unit, cells, ...)  per work unit: its Part, saved at once (resume)
     5. task.finish(obs)                      obs of every row, per-row numbers included: the obs to write and
@@ -38,7 +41,7 @@ are part of the run's description, so a resumed run with other task settings is 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -123,6 +126,12 @@ class Task(Protocol):
         plan.
         """
 
+    def check_plan(self, session: Session) -> None:
+        """Raise a ``ValueError`` naming what to change when the planned units cannot be done (before any runs)."""
+
+    def progress(self, session: Session, units: Sequence[WorkUnit]) -> tuple[int, str]:
+        """The work of ``units`` in the progress bar's unit, and that unit's name (``"cell"``, ``"pair"``)."""
+
     def run_unit(
         self,
         session: Session,
@@ -133,7 +142,7 @@ class Task(Protocol):
     ) -> Part:
         """The outputs of one unit's cells (per-gene outputs on the session's gene axis), or of its planned rows.
 
-        ``on_batch`` takes the number of input cells (or rows) done (the progress bar); ``limit`` is the batch
+        ``on_batch`` takes the work done, in the unit of :meth:`progress` (the progress bar); ``limit`` is the batch
         loop's memory limit, kept across units. ``session.files[unit.file_index].obs.iloc[unit.start:unit.stop]``
         is the cells' obs. ``cells`` is ``None`` for a unit of rows that the task plans (:meth:`planned_rows`),
         which reads what it needs of the inputs itself (``session.files``).
@@ -201,6 +210,13 @@ class BatchLoopTask:
     def output_var(self, session: Session) -> pd.DataFrame | None:
         """``None``: the per-gene outputs are on the inputs' matched genes."""
         return None
+
+    def check_plan(self, session: Session) -> None:
+        """Nothing to check: the output of a row per cell is small beside its inputs."""
+
+    def progress(self, session: Session, units: Sequence[WorkUnit]) -> tuple[int, str]:
+        """The cells (or planned rows) of ``units``."""
+        return sum(unit.stop - unit.start for unit in units), "cell"
 
     def main_layer(self, layers: Collection[str]) -> str | None:
         """The first of :data:`~transcriptformer.model.outputs.MAIN_MATRIX_ORDER` among ``layers``."""

@@ -23,11 +23,17 @@ similar count (docs/perturb.md, "Screens").
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import scipy.sparse as sp
 import scipy.stats
 import torch
@@ -163,31 +169,33 @@ class ScreenRun:
         return {key: value.float().cpu().numpy() for key, value in after.items()}
 
 
-def screen_cells(
-    run: ScreenRun,
-    cells: TokenizedCells,
-    kind: str,
-    genes: np.ndarray | None,
-    max_genes_per_cell: int,
-    on_pairs: Callable[[int], object] | None = None,
-) -> pd.DataFrame:
-    """Every screened gene of every cell perturbed: one row per changed (cell, gene) pair, cell by cell.
+def screen_groups(
+    run: ScreenRun, cells: TokenizedCells, kind: str, genes: np.ndarray | None, max_genes_per_cell: int
+) -> Iterator[pd.DataFrame]:
+    """Every screened gene of every cell perturbed: the changed (cell, gene) pairs, a group of whole cells at a time.
 
     Columns: ``cell``, ``gene_id``, ``count`` (the gene's count in the cell before), ``count_rank`` (1: the cell's
     most expressed), ``cosine_shift``, ``delta_log_likelihood``, ``delta_mean_log_likelihood`` and, with a goal,
-    ``goal_shift``. ``genes``: columns of the genes to screen (``None``: every expressed gene); ``on_pairs`` is
-    called with the pairs of each group of cells done.
+    ``goal_shift``. ``genes``: columns of the genes to screen (``None``: every expressed gene). A group holds the
+    cells whose variants fit one call (:data:`VARIANTS_PER_CALL`).
     """
-    frames, start = [], 0
     columns = [screened_columns(cells, row, kind, genes, max_genes_per_cell) for row in range(len(cells))]
-    while start < len(cells):  # groups of cells whose variants fit one call
+    start = 0
+    while start < len(cells):
         stop, n = start + 1, len(columns[start])
         while stop < len(cells) and n + len(columns[stop]) <= VARIANTS_PER_CALL:
             n, stop = n + len(columns[stop]), stop + 1
-        frames.append(screen_group(run, cells, np.arange(start, stop), columns[start:stop], kind))
-        if on_pairs is not None:
-            on_pairs(len(frames[-1]))
+        yield screen_group(run, cells, np.arange(start, stop), columns[start:stop], kind)
         start = stop
+
+
+def screen_cells(
+    run: ScreenRun, cells: TokenizedCells, kind: str, genes: np.ndarray | None, max_genes_per_cell: int
+) -> pd.DataFrame:
+    """The pairs of :func:`screen_groups` in one frame."""
+    frames = list(screen_groups(run, cells, kind, genes, max_genes_per_cell))
+    if not frames:  # no cell
+        return pair_schema(run.goal is not None).empty_table().to_pandas()
     return pd.concat(frames, ignore_index=True)
 
 
@@ -204,7 +212,7 @@ def counts_at(counts: sp.csr_matrix, rows: np.ndarray, columns: np.ndarray) -> n
 
 
 def screen_group(run: ScreenRun, cells: TokenizedCells, rows: np.ndarray, columns: list[np.ndarray], kind: str):
-    """:func:`screen_cells` of the cells ``rows`` (``columns``: the genes screened in each)."""
+    """The pairs of the cells ``rows`` (``columns``: the genes screened in each), as :func:`screen_groups`."""
     variants = cell_variants(cells, rows, columns, kind)
     cell_of = np.repeat(np.arange(len(rows)), [len(c) for c in columns])
     column = np.concatenate(columns)
@@ -234,14 +242,146 @@ def screen_group(run: ScreenRun, cells: TokenizedCells, rows: np.ndarray, column
     return frame
 
 
-def null_residuals(pairs: pd.DataFrame, effect: str, n_bins: int) -> np.ndarray:
+# The columns of a screen's pairs, as its Parquet files store them (goal_shift only with a goal state).
+PAIR_COLUMNS = {
+    "cell": pa.string(),
+    "gene_id": pa.string(),
+    "count": pa.float64(),
+    "count_rank": pa.int64(),
+    "cosine_shift": pa.float64(),
+    "delta_log_likelihood": pa.float64(),
+    "delta_mean_log_likelihood": pa.float64(),
+    "goal_shift": pa.float64(),
+}
+EFFECTS = ("cosine_shift", "goal_shift", "delta_log_likelihood", "delta_mean_log_likelihood")
+# Bytes a pair takes in a Parquet file of pairs, at most (measured: benchmarks/screen.py, about 40 with a goal).
+PAIR_BYTES = 64
+
+
+def pair_schema(with_goal: bool) -> pa.Schema:
+    """The schema of a screen's pairs."""
+    return pa.schema([(name, kind) for name, kind in PAIR_COLUMNS.items() if with_goal or name != "goal_shift"])
+
+
+@contextlib.contextmanager
+def pair_writer(path: Path, with_goal: bool) -> Iterator[Callable[[pd.DataFrame], None]]:
+    """A function that writes pairs to the Parquet file ``path``, a row group per call, in the block.
+
+    The file is written under a temporary name and renamed when the block ends: a partial file never exists.
+    """
+    temporary, schema = path.with_name(f".{path.name}.tmp"), pair_schema(with_goal)
+    try:
+        with pq.ParquetWriter(temporary, schema) as writer:
+            yield lambda pairs: writer.write_table(pa.Table.from_pandas(pairs, schema=schema, preserve_index=False))
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    os.replace(temporary, path)
+
+
+def write_pairs(pairs: pd.DataFrame, path: Path, with_goal: bool) -> None:
+    """Write ``pairs`` to the Parquet file ``path`` in one row group (:func:`pair_writer`)."""
+    with pair_writer(path, with_goal) as write:
+        write(pairs)
+
+
+def merge_pair_files(files: Sequence[Path], path: Path, with_goal: bool) -> int:
+    """Write the pairs of ``files``, in order, into one Parquet file, row group by row group; returns the pairs.
+
+    One row group (a group of cells) is in memory at a time.
+    """
+    n_pairs = 0
+    with pq.ParquetWriter(path, pair_schema(with_goal)) as writer:
+        for file in files:
+            groups = pq.ParquetFile(file)
+            for i in range(groups.num_row_groups):
+                table = groups.read_row_group(i)
+                writer.write_table(table)
+                n_pairs += table.num_rows
+    return n_pairs
+
+
+def pair_chunks(pairs: pd.DataFrame | Sequence[Path], columns: Sequence[str] | None = None) -> Iterator[pd.DataFrame]:
+    """The pairs a frame (or a row group of the Parquet files of pairs, whole cells) at a time; only ``columns``."""
+    if isinstance(pairs, pd.DataFrame):
+        yield pairs if columns is None else pairs[list(columns)]
+        return
+    for file in pairs:
+        groups = pq.ParquetFile(file)
+        for i in range(groups.num_row_groups):
+            yield groups.read_row_group(i, columns=None if columns is None else list(columns)).to_pandas()
+
+
+def planned_pairs(expressed: np.ndarray, kind: str, n_genes: int | None, cap: int, seq_len: int) -> np.ndarray:
+    """``(n_cells,)`` the pairs planned per cell of ``expressed`` genes: an upper bound of the rows of a screen.
+
+    ``n_genes``: the genes of a genes file (``None``: every expressed gene); ``cap``: ``max_genes_per_cell`` (0: all).
+    A knock-out of a gene past the cell's cut at ``seq_len`` changes nothing, so a knock-out screen plans at most
+    ``seq_len`` pairs a cell; an over-expression screens the genes file's genes a cell lacks too.
+    """
+    planned = np.asarray(expressed, dtype=np.int64)
+    if n_genes is not None:
+        planned = np.minimum(planned, n_genes) if kind == KNOCK_OUT else np.full_like(planned, n_genes)
+    if cap:
+        planned = np.minimum(planned, cap)
+    return np.minimum(planned, seq_len) if kind == KNOCK_OUT else planned
+
+
+def check_disk_space(folder: Path, n_pairs: int) -> None:
+    """Raise a ``ValueError`` when the disk of ``folder`` lacks room for the files of a screen of ``n_pairs`` pairs.
+
+    The pairs are written twice: each unit's file while the screen runs, then the merged file (:data:`PAIR_BYTES`).
+    """
+    needed, free = 2 * n_pairs * PAIR_BYTES, shutil.disk_usage(folder).free
+    if needed > free:
+        raise ValueError(
+            f"the screen plans up to {n_pairs:,} (cell, gene) pairs, about {needed / 2**30:.1f} GiB of files, and "
+            f"{folder} has {free / 2**30:.1f} GiB free; free disk space, choose another output_path, or screen fewer "
+            "cells or genes (obs_filter, max_genes_per_cell)"
+        )
+
+
+def count_bin_edges(counts: Iterable[np.ndarray], n_bins: int) -> np.ndarray:
+    """The edges of ``n_bins`` quantile bins of ``log1p(count)`` over all pairs, duplicates dropped.
+
+    As ``pandas.qcut`` places them (linear interpolation, as ``numpy.quantile``), from the counts' distinct values
+    and their frequencies: memory holds the distinct counts, not the pairs.
+    """
+    frequencies = pd.Series(dtype=np.int64)
+    for chunk in counts:
+        values, n = np.unique(np.asarray(chunk, dtype=np.float64), return_counts=True)
+        frequencies = frequencies.add(pd.Series(n, index=values), fill_value=0)
+    frequencies = frequencies.sort_index()
+    values, cumulative = np.log1p(frequencies.index.to_numpy()), np.cumsum(frequencies.to_numpy()).astype(np.int64)
+    if not len(values):
+        return np.zeros(0)
+    quantiles = (np.linspace(0, 1, n_bins + 1) * 100) / 100  # as pandas hands them to numpy.percentile
+    position = (cumulative[-1] - 1) * quantiles
+    below = np.floor(position)
+    above = np.minimum(below + 1, cumulative[-1] - 1)
+    low, high = (values[np.searchsorted(cumulative, p, side="right")] for p in (below, above))
+    gamma = position - below
+    edges = np.where(gamma >= 0.5, high - (high - low) * (1 - gamma), low + (high - low) * gamma)
+    return edges if len(edges) == 2 else pd.unique(edges)  # pandas keeps the two edges of one bin
+
+
+def count_bins(counts: pd.Series, edges: np.ndarray) -> np.ndarray:
+    """The bin of each count among ``edges`` (:func:`count_bin_edges`), as ``pandas.qcut`` labels it; NaN outside."""
+    x = np.log1p(counts.to_numpy(dtype=np.float64))
+    if not len(edges):
+        return np.full(len(x), np.nan)
+    ids = np.searchsorted(edges, x, side="left")
+    ids[x == edges[0]] = 1  # the lowest edge belongs to the first bin
+    return np.where((ids == 0) | (ids == len(edges)), np.nan, ids - 1)
+
+
+def null_residuals(pairs: pd.DataFrame, effect: str, bins: np.ndarray) -> np.ndarray:
     """Each pair's ``effect`` against the same cell's pairs of other genes with a similar count, in their sd.
 
-    Counts are cut into ``n_bins`` quantile bins over all pairs; a pair's null is the pairs of its cell in its bin,
-    itself left out: ``(x - mean of the others) / sd of the group``. NaN where the group has fewer than
-    :data:`MIN_GROUP` pairs or no spread.
+    ``bins``: each pair's count bin (:func:`count_bins`, quantile bins over all pairs); a pair's null is the pairs
+    of its cell in its bin, itself left out: ``(x - mean of the others) / sd of the group``. NaN where the group has
+    fewer than :data:`MIN_GROUP` pairs or no spread.
     """
-    bins = pd.qcut(np.log1p(pairs["count"]), n_bins, labels=False, duplicates="drop")
     groups = pairs.groupby([pairs["cell"], bins], sort=False)[effect]
     size, total, sd = groups.transform("size"), groups.transform("sum"), groups.transform("std")
     values = pairs[effect]
@@ -250,24 +390,59 @@ def null_residuals(pairs: pd.DataFrame, effect: str, n_bins: int) -> np.ndarray:
     return residual.where((size >= MIN_GROUP) & (sd > 0)).to_numpy()
 
 
-def gene_statistics(pairs: pd.DataFrame, effect: str, n_bins: int = 10) -> pd.DataFrame:
+def gene_sums(pairs: pd.DataFrame, residual: np.ndarray, effects: Sequence[str]) -> pd.DataFrame:
+    """Per gene of ``pairs``: its pairs, the sums of ``effects``, its residuals' count, mean and squared deviations."""
+    frame = pairs[["gene_id", *effects]].assign(residual=residual)
+    grouped = frame.groupby("gene_id", sort=False)
+    sums = grouped[list(effects)].sum()
+    sums.insert(0, "n_cells", grouped.size())
+    residuals = grouped["residual"]
+    n = residuals.count()
+    sums["n_residuals"], sums["residual_mean"] = n, residuals.mean()
+    sums["residual_m2"] = (residuals.var() * (n - 1)).where(n > 1, 0.0)
+    return sums
+
+
+def add_gene_sums(total: pd.DataFrame | None, more: pd.DataFrame) -> pd.DataFrame:
+    """The sums of :func:`gene_sums` of two sets of pairs (the residuals' moments by Chan's formula); genes in order."""
+    if total is None:
+        return more
+    genes = total.index.append(more.index.difference(total.index, sort=False))
+    a, b = total.reindex(genes), more.reindex(genes)
+    summed = a.add(b, fill_value=0)
+    na, nb = a["n_residuals"].fillna(0), b["n_residuals"].fillna(0)
+    n = na + nb
+    ma, mb = a["residual_mean"].fillna(0), b["residual_mean"].fillna(0)
+    delta = mb - ma
+    summed["residual_mean"] = (ma + delta * nb / n).where(n > 0)
+    spread = delta**2 * na * nb / n.where(n > 0, 1)
+    summed["residual_m2"] = a["residual_m2"].fillna(0) + b["residual_m2"].fillna(0) + spread
+    return summed
+
+
+def gene_statistics(pairs: pd.DataFrame | Sequence[Path], effect: str, n_bins: int = 10) -> pd.DataFrame:
     """Per screened gene: its mean effects, and a test of ``effect`` against the null of :func:`null_residuals`.
 
-    Returns one row per gene, ranked by p-value then by ``mean_residual``, largest first: ``n_cells``, the means
-    of the pairs' effects, ``mean_residual`` (in null standard deviations), ``t`` and ``p_value`` (a one-sample t
-    test of the residuals across the gene's cells, one-sided: the gene's perturbation moves the cells more than the
-    null's, or further toward the goal), ``fdr`` (Benjamini-Hochberg over the genes with a p-value,
-    ``scipy.stats.false_discovery_control``) and ``rank``.
+    ``pairs``: a frame, or Parquet files of pairs (:func:`pair_writer`) read a row group at a time (a cell's pairs
+    in one row group): the counts once for the bins (:func:`count_bin_edges`), then each group's residuals summed
+    per gene.
+
+    Returns one row per gene in order of first appearance, ranked by p-value then by ``mean_residual``, largest
+    first: ``n_cells``, the means of the pairs' effects, ``mean_residual`` (in null standard deviations), ``t`` and
+    ``p_value`` (a one-sample t test of the residuals across the gene's cells, one-sided: the gene's perturbation
+    moves the cells more than the null's, or further toward the goal), ``fdr`` (Benjamini-Hochberg over the genes
+    with a p-value, ``scipy.stats.false_discovery_control``) and ``rank``.
     """
-    effects = [
-        c for c in ("cosine_shift", "goal_shift", "delta_log_likelihood", "delta_mean_log_likelihood") if c in pairs
-    ]
-    frame = pairs.assign(residual=null_residuals(pairs, effect, n_bins))
-    grouped = frame.groupby("gene_id", sort=False)
-    table = grouped[effects].mean().add_prefix("mean_")
-    table.insert(0, "n_cells", grouped.size())
-    residual = grouped["residual"]
-    n, mean, sd = residual.count(), residual.mean(), residual.std()
+    edges = count_bin_edges((chunk["count"] for chunk in pair_chunks(pairs, ["count"])), n_bins)
+    sums = None
+    for chunk in pair_chunks(pairs):
+        effects = [c for c in EFFECTS if c in chunk]
+        residual = null_residuals(chunk, effect, count_bins(chunk["count"], edges))
+        sums = add_gene_sums(sums, gene_sums(chunk, residual, effects))
+    table = sums[effects].div(sums["n_cells"], axis=0).add_prefix("mean_")
+    table.insert(0, "n_cells", sums["n_cells"].astype(np.int64))
+    n, mean = sums["n_residuals"], sums["residual_mean"]
+    sd = np.sqrt(sums["residual_m2"] / (n - 1)).where(n > 1)
     t = mean / (sd / np.sqrt(n))
     p = pd.Series(scipy.stats.t.sf(t, n - 1), index=t.index).where(n >= MIN_CELLS)  # one-sided: above the null
     table["mean_residual"], table["t"], table["p_value"] = mean, t, p
@@ -276,4 +451,4 @@ def gene_statistics(pairs: pd.DataFrame, effect: str, n_bins: int = 10) -> pd.Da
     table.loc[valid, "fdr"] = scipy.stats.false_discovery_control(p[valid].to_numpy())
     table = table.sort_values(["p_value", "mean_residual"], ascending=[True, False], na_position="last", kind="stable")
     table.insert(0, "rank", np.arange(1, len(table) + 1))
-    return table
+    return table.rename_axis("gene_id")

@@ -1,17 +1,20 @@
 """``screen``: every expressed gene of each cell knocked out (or over-expressed), ranked with statistics.
 
 Each work unit's cells (those of ``obs_filter``, and of the start state when a goal state is given) are screened by
-:func:`~transcriptformer.perturbation.screen.screen_cells`: a row per changed (cell, gene) pair, with its effects in
-obs, and no per-gene arrays. Once every unit is done, :meth:`ScreenTask.summarize` ranks the genes against a null of
-other genes with a similar count in the same cells (:func:`~transcriptformer.perturbation.screen.gene_statistics`),
-and :meth:`ScreenTask.write_files` writes the ranked genes and the pairs as tables beside ``screen.h5ad``.
-Resume, several processes and the output lock are the engine's, as for every task.
+:func:`~transcriptformer.perturbation.screen.screen_groups`: a row per changed (cell, gene) pair with its effects,
+written at once to the unit's Parquet file beside the unit's saved part (:func:`pairs_file`), so that resume and
+several processes keep them as they keep the units. The output's rows are the screened cells (``n_pairs``). Once
+every unit is done, :meth:`ScreenTask.summarize` ranks the genes against a null of other genes with a similar count
+in the same cells (:func:`~transcriptformer.perturbation.screen.gene_statistics`), and
+:meth:`ScreenTask.write_files` writes the ranked genes and merges the units' pairs, a file at a time, beside
+``screen.h5ad``: memory holds one unit's pairs, never all of them. Before any unit runs, the planned pairs are
+checked against the output disk's free space; the progress bar counts pairs.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +37,13 @@ KINDS = ("knock_out", "over_express")
 # uns keys and the files beside the output.
 SETTINGS_KEY, GENES_KEY = "screen", "screen_genes"
 GENES_FILES, PAIRS_FILE = ("screen_genes.csv", "screen_genes.parquet"), "screen_pairs.parquet"
+N_PAIRS_COLUMN = "n_pairs"  # obs of the output: a row per screened cell, its pairs
+PAIRS_PREFIX = "pairs-"  # the units' pair files in the run's folder of saved units
+
+
+def pairs_file(folder: Path, unit_index: int) -> Path:
+    """The Parquet file of one unit's pairs in the run's folder of saved units."""
+    return folder / f"{PAIRS_PREFIX}{unit_index:06d}.parquet"
 
 
 def parse_state(text: str | None, name: str) -> tuple[str, str] | None:
@@ -110,6 +120,7 @@ class ScreenTask(BatchLoopTask):
     rows_are_cells: bool = False
     gene_ids: list[str] | None = field(default=None, repr=False)  # of genes_file, resolved by check
     goal: GoalStates | None = field(default=None, repr=False, compare=False)  # per process, on first use
+    pairs_folder: Path | None = field(default=None, repr=False, compare=False)  # process 0's, set by check_plan
 
     def check(self, config: RunConfig) -> None:
         """The outputs a screen compares, its states' cells and its genes file, before anything is loaded."""
@@ -127,6 +138,32 @@ class ScreenTask(BatchLoopTask):
         """The per-cell outputs a screen compares."""
         return SCREEN_KEYS
 
+    def check_plan(self, session: Session) -> None:
+        """The output's disk holds the files of every planned pair (:func:`~.perturbation.screen.check_disk_space`).
+
+        Also where this process (process 0, which merges) finds the units' pairs: the run's folder of saved units.
+        """
+        from transcriptformer.engine.parts import parts_dir
+        from transcriptformer.perturbation.screen import check_disk_space
+
+        self.pairs_folder = parts_dir(session)
+        check_disk_space(session.output_file.parent, self.progress(session, session.units)[0])
+
+    def progress(self, session: Session, units: Sequence[WorkUnit]) -> tuple[int, str]:
+        """The pairs planned in ``units`` (an upper bound: unchanged variants have no row)."""
+        return sum(int(self.planned_pairs(session, unit).sum()) for unit in units), "pair"
+
+    def planned_pairs(self, session: Session, unit: WorkUnit) -> np.ndarray:
+        """The pairs planned per screened cell of ``unit`` (:func:`~.perturbation.screen.planned_pairs`)."""
+        from transcriptformer.perturbation.screen import planned_pairs
+
+        settings, cells = self.settings, session.files[unit.file_index].cells
+        expressed = cells.n_expressed(unit.start, unit.stop)
+        if settings.goal_state is not None:
+            expressed = expressed[in_state(session, unit, settings.start_state)]
+        n_genes = None if self.gene_ids is None else len(self.gene_ids)
+        return planned_pairs(expressed, settings.kind, n_genes, settings.max_genes_per_cell, cells.seq_len)
+
     def run_unit(
         self,
         session: Session,
@@ -135,9 +172,12 @@ class ScreenTask(BatchLoopTask):
         on_batch: Callable[[int], object],
         limit: MemoryLimit,
     ) -> Part:
-        """The unit's screened cells, their pairs and effects (a progress bar of pairs within the unit)."""
-        from transcriptformer.console import progress_bar
-        from transcriptformer.perturbation.screen import ScreenRun, screen_cells, take
+        """The unit's pairs into its Parquet file (:func:`pairs_file`); the Part: a row per screened cell, its pairs.
+
+        A row group per group of cells, written as each is done: memory holds one group's pairs.
+        """
+        from transcriptformer.engine.parts import parts_dir
+        from transcriptformer.perturbation.screen import ScreenRun, pair_writer, screen_groups, take
         from transcriptformer.pipeline import GeneOutputs
 
         settings = self.settings
@@ -149,49 +189,75 @@ class ScreenTask(BatchLoopTask):
             run.goal = self.goal
             cells = take(cells, np.flatnonzero(in_state(session, unit, settings.start_state)))
         genes = None if self.gene_ids is None else np.flatnonzero(np.isin(cells.gene_ids, self.gene_ids))
-        cap = settings.max_genes_per_cell
-        expressed = np.diff(cells.counts.indptr)  # pairs of a whole screen, before unchanged ones are left out
-        expected = int(np.minimum(expressed, cap or cells.counts.shape[1]).sum()) if genes is None else None
-        with progress_bar(total=expected, unit="pair", desc="pairs", leave=False, disable=None, delay=1) as bar:
-            pairs = screen_cells(run, cells, settings.kind, genes, cap, on_pairs=bar.update)
-        on_batch(unit.stop - unit.start)
-        pairs.index = pd.Index(pairs["gene_id"] + "|" + pairs["cell"])
+        screened = pd.Series(cells.obs_names.astype(str), dtype=object)
+        n_pairs = pd.Series(0, index=pd.unique(screened), dtype=np.int64)
+        with pair_writer(pairs_file(parts_dir(session), unit.index), settings.goal_state is not None) as write:
+            for pairs in screen_groups(run, cells, settings.kind, genes, settings.max_genes_per_cell):
+                write(pairs)
+                n_pairs = n_pairs.add(pairs["cell"].value_counts(), fill_value=0).astype(np.int64)
+                on_batch(len(pairs))
+        n_pairs = screened.map(n_pairs).to_numpy(dtype=np.int64)
+        obs = pd.DataFrame({N_PAIRS_COLUMN: n_pairs}, index=pd.Index(screened, name=None))
         unit_cells = session.files[unit.file_index].obs.index[unit.start : unit.stop].astype(str)
-        position = pd.Series(np.arange(len(unit_cells)), unit_cells)  # a pair names its cell by obs name
-        cells_of_pairs = position[~position.index.duplicated()][pairs["cell"]].to_numpy()
-        return Part(GeneOutputs(n_cells=len(pairs)), pairs, cells=cells_of_pairs)
+        position = pd.Series(np.arange(len(unit_cells)), unit_cells)  # a screened cell by its obs name
+        cells_of_rows = position[~position.index.duplicated()][screened].to_numpy()
+        return Part(GeneOutputs(n_cells=len(obs)), obs, cells=cells_of_rows)
 
     def finish(self, obs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-        """The settings, the genes file's genes and the number of pairs into uns."""
+        """The settings, the genes file's genes and the numbers of pairs and cells into uns."""
         from dataclasses import asdict
 
-        if obs.empty:
+        n_pairs = int(obs[N_PAIRS_COLUMN].sum()) if len(obs) else 0
+        if n_pairs == 0:
             raise ValueError(
                 "the screen found no gene to perturb in the cells selected; check obs_filter and the states"
             )
         settings = {k: v for k, v in asdict(self.settings).items() if v is not None}
-        return obs, {SETTINGS_KEY: settings | {"n_pairs": len(obs), "n_cells": int(obs["cell"].nunique())}}
+        n_cells = int((obs[N_PAIRS_COLUMN] > 0).sum())
+        return obs, {SETTINGS_KEY: settings | {"n_pairs": n_pairs, "n_cells": n_cells}}
 
     def summarize(self, obs: pd.DataFrame, outputs: Iterable[GeneOutputs], genes: pd.Index) -> dict:
-        """The genes ranked against the null (:func:`~transcriptformer.perturbation.screen.gene_statistics`)."""
+        """The genes ranked against the null (:func:`~transcriptformer.perturbation.screen.gene_statistics`).
+
+        Read from the units' pair files, one at a time; they must hold the pairs that the units counted.
+        """
         from transcriptformer.perturbation.screen import gene_statistics
         from transcriptformer.perturbation.summary import gene_symbols
 
+        files = self.pair_files(int(obs[N_PAIRS_COLUMN].sum()))
         effect = "goal_shift" if self.settings.goal_state is not None else "cosine_shift"
-        table = gene_statistics(obs, effect, self.settings.null_bins)
+        table = gene_statistics(files, effect, self.settings.null_bins)
         table.insert(1, "symbol", gene_symbols(table.index))
         return {GENES_KEY: table.reset_index()}
+
+    def pair_files(self, n_pairs: int) -> list[Path]:
+        """The units' pair files, in unit order; a ``UserError`` when they do not hold ``n_pairs`` pairs."""
+        import pyarrow.parquet as pq
+
+        from transcriptformer.errors import UserError
+
+        files = sorted(self.pairs_folder.glob(f"{PAIRS_PREFIX}*.parquet"))  # unit order: zero-padded numbers
+        found = sum(pq.ParquetFile(file).metadata.num_rows for file in files)
+        if found != n_pairs:
+            raise UserError(
+                f"the pair files in {self.pairs_folder} hold {found} pairs and the saved units {n_pairs}: a file is "
+                "missing or foreign; run without `resume` to start over"
+            )
+        return files
 
     def output_files(self, config: RunConfig) -> tuple[str, ...]:
         """The ranked genes (CSV, Parquet) and every pair (Parquet)."""
         return (*GENES_FILES, PAIRS_FILE)
 
     def write_files(self, folder: Path, obs: pd.DataFrame, uns: dict) -> None:
-        """The tables of :meth:`output_files`, through pyarrow."""
+        """The tables of :meth:`output_files`, through pyarrow; the pairs merged from the units' files."""
+        from transcriptformer.perturbation.screen import merge_pair_files
+
         table = uns[GENES_KEY]
         table.to_csv(folder / GENES_FILES[0], index=False)
         table.to_parquet(folder / GENES_FILES[1], index=False)
-        obs.to_parquet(folder / PAIRS_FILE)
+        files = self.pair_files(int(obs[N_PAIRS_COLUMN].sum()))
+        merge_pair_files(files, folder / PAIRS_FILE, self.settings.goal_state is not None)
 
     def describe(self, uns: dict) -> list[str]:
         """The pairs screened and the ten first genes."""
