@@ -14,6 +14,11 @@ from transcriptformer.engine.config import ALL_OBS_KEYS, InferenceConfig, ModelR
 from transcriptformer.model.outputs import OUTPUT_KEYS
 from transcriptformer.runtime import BACKENDS, DEVICES, PRECISIONS
 
+CHECKPOINT_HELP = (
+    "checkpoint folder (config.json, model_weights.pt, vocabs/), or a published model: tf-sapiens, tf-exemplar, "
+    "tf-metazoa (downloaded into the cache on first use)"
+)
+
 if TYPE_CHECKING:
     from transcriptformer.training.objective import ObjectiveTerms
 
@@ -188,7 +193,7 @@ def add_run_arguments(
     io.add_argument(
         "--checkpoint-path",
         required=checkpoint_required,
-        help="checkpoint directory (config.json, model_weights.pt)",
+        help=CHECKPOINT_HELP,
     )
     cells = io.add_mutually_exclusive_group(required=True)
     cells.add_argument(
@@ -370,6 +375,13 @@ def add_batch_arguments(
     )
 
 
+def checkpoint_folder(name_or_path: str) -> str:
+    """The folder of ``--checkpoint-path``: a folder, or a published name downloaded into the cache on first use."""
+    from transcriptformer.hub.cache import resolve_checkpoint
+
+    return str(resolve_checkpoint(name_or_path))
+
+
 def run_config_from_args(
     args: argparse.Namespace, model_type: str = ModelRunConfig.model_type, **settings: object
 ) -> RunConfig:
@@ -388,7 +400,7 @@ def run_config_from_args(
     inference = InferenceConfig(
         **{f.name: flags[f.name] for f in dataclasses.fields(InferenceConfig) if f.name in flags}
     )
-    config = RunConfig.from_checkpoint(args.checkpoint_path, inference, model_type)
+    config = RunConfig.from_checkpoint(checkpoint_folder(args.checkpoint_path), inference, model_type)
     given = {f.name: flags[f.name] for f in dataclasses.fields(DataConfig) if flags.get(f.name) is not None}
     config.model.data_config = dataclasses.replace(config.model.data_config, **given)  # checks the values
     return apply_overrides(config, args.config_override)

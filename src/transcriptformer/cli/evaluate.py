@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from transcriptformer.cli.common import add_overwrite_argument, positive_int
+from transcriptformer.cli.common import CHECKPOINT_HELP, add_overwrite_argument, checkpoint_folder, positive_int
 from transcriptformer.errors import UserError
 from transcriptformer.evaluation.config import EvaluateConfig
 from transcriptformer.runtime import DEVICES
@@ -53,7 +53,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATH",
-        help="checkpoint folder or published name, run on the cells; also gives its esm2ce baseline (repeatable)",
+        help=f"{CHECKPOINT_HELP}; run on the cells, it also gives its esm2ce baseline (repeatable)",
     )
     methods.add_argument(
         "--adapter",
@@ -114,6 +114,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     except ValueError as error:  # its messages start with the setting's name
         name, _, rest = str(error).partition(" ")
         raise UserError(f"--{name.replace('_', '-')} {rest}" if name in names else str(error)) from None
+    config.checkpoint_path = [checkpoint_folder(path) for path in config.checkpoint_path]
     results = evaluate(config)
     print(format_table(results))
     files = [*REPORT_FILES, EMBEDDINGS_FILE] if config.save_embeddings else REPORT_FILES

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from transcriptformer.cli.common import USE_RAW, add_overwrite_argument, add_use_raw_argument, positive_int
+from transcriptformer.cli.common import (
+    CHECKPOINT_HELP,
+    USE_RAW,
+    add_overwrite_argument,
+    add_use_raw_argument,
+    checkpoint_folder,
+    positive_int,
+)
 from transcriptformer.engine.config import InferenceConfig
 from transcriptformer.runtime import DEVICES
 from transcriptformer.tasks.generate import GenerateConfig
@@ -35,7 +42,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     io = parser.add_argument_group("inputs and output")
-    io.add_argument("--checkpoint-path", required=True, help="checkpoint directory (config.json, model_weights.pt)")
+    io.add_argument("--checkpoint-path", required=True, help=CHECKPOINT_HELP)
     io.add_argument(
         "--data-file",
         dest="data_files",
@@ -147,7 +154,7 @@ def config_from_args(args: argparse.Namespace):
     run = {name: getattr(args, name) for name in ("data_files", "output_path", "output_filename", "overwrite")}
     run |= {name: getattr(args, name) for name in ("resume", "device", "num_gpus", "chunk_size")}
     inference = dataclasses.replace(OUTPUT_DEFAULTS, use_raw=USE_RAW[args.use_raw], **run)
-    config = RunConfig.from_checkpoint(args.checkpoint_path, inference)
+    config = RunConfig.from_checkpoint(checkpoint_folder(args.checkpoint_path), inference)
     data = {"drop_empty_cells": True} | ({"gene_col_name": args.gene_col_name} if args.gene_col_name else {})
     config.model.data_config = dataclasses.replace(config.model.data_config, **data)
     return config
