@@ -22,7 +22,7 @@ import scipy.sparse as sp
 import torch
 
 from transcriptformer.config import DataConfig
-from transcriptformer.data.gene_symbols import ensembl_ids_for_symbols
+from transcriptformer.data.gene_symbols import ensembl_ids_for_symbols, species_mismatch
 from transcriptformer.data.hdf5 import open_hdf5
 from transcriptformer.data.sources import H5AD, CountReader, open_counts
 from transcriptformer.data.vocab import GeneVocab
@@ -455,10 +455,19 @@ def select_genes(
             "pass `filter_to_vocabs=True` to drop them"
         )
     keep &= tokens >= 0
+    # A file of another species shares few genes (orthologues under other ids) with the vocabulary.
+    mismatch = species_mismatch(gene_ids.dropna(), gene_vocab.gene_ids) if keep.sum() < len(keep) / 2 else None
     if not keep.any():
         raise ValueError(
             f"none of the {len(gene_ids)} genes of the data is in the model's vocabulary "
             f"(gene ids read from var[{gene_col_name!r}], e.g. {list(gene_ids.dropna()[:3])})"
+            + (f": {mismatch}" if mismatch else "")
+        )
+    if mismatch:
+        warnings.warn(
+            f"only {int(keep.sum())} of the {len(gene_ids)} genes of the data are in the model's vocabulary: "
+            f"{mismatch}",
+            stacklevel=2,
         )
     columns = np.flatnonzero(keep)
     return GeneSelection(columns=columns, tokens=tokens[columns], gene_ids=gene_ids.to_numpy()[columns])

@@ -88,6 +88,7 @@ class PerturbTask(BatchLoopTask):
     def check(self, config: RunConfig) -> None:
         """Parse the perturbations in the checkpoint's vocabulary; the run computes the outputs they compare."""
         from transcriptformer.checkpoint import read_vocabularies
+        from transcriptformer.data.sources import read_var
         from transcriptformer.perturbation.specs import parse_perturbations
 
         settings = self.settings
@@ -100,7 +101,8 @@ class PerturbTask(BatchLoopTask):
         if config.inference.pretrained_embedding:
             raise ValueError("perturb names genes of the checkpoint's own vocabulary; leave out pretrained_embedding")
         vocab, _ = read_vocabularies(Path(config.model.checkpoint_path), config.checkpoint_config)
-        self.perturbations = parse_perturbations(settings.knock_out, settings.over_express, vocab)
+        input_var = read_var(config.inference.data_files) if config.inference.data_files else None
+        self.perturbations = parse_perturbations(settings.knock_out, settings.over_express, vocab, input_var)
 
     def run_unit(
         self,
