@@ -256,14 +256,17 @@ def add_run_arguments(
         "--soma-measurement", default=defaults.soma_measurement, help="measurement to read (default: %(default)s)"
     )
     soma.add_argument(
-        "--soma-x-layer", default=defaults.soma_x_layer, help="X layer of raw counts (default: %(default)s)"
+        "--soma-x-layer",
+        default=defaults.soma_x_layer,
+        help="X layer of raw counts (default: %(default)s, or the experiment's one layer when it has no such layer)",
     )
 
     data = parser.add_argument_group("reading the cells (defaults: the checkpoint's data_config)")
     data.add_argument(
         "--gene-col-name",
         default=None,
-        help="var column with gene ids; 'index': var_names (default: the checkpoint's; feature_id for SOMA)",
+        help="var column with gene ids; 'index': var_names (default: the checkpoint's, else feature_id, else var "
+        "names that hold gene ids)",
     )
     add_use_raw_argument(data)
     data.add_argument("--clip-counts", type=positive_number, default=None, help="clip counts to at most this value")
@@ -389,14 +392,9 @@ def run_config_from_args(
 
     The checkpoint's config, then the flags (and ``settings``, which win), then ``--config-override``. A flag named
     like an :class:`InferenceConfig` field sets it (a field without a flag keeps its default); one named like a
-    :class:`~transcriptformer.config.DataConfig` field, when given, replaces the checkpoint's value. The cells of a
-    SOMA experiment have their gene ids in var ``feature_id`` unless ``--gene-col-name`` says otherwise.
+    :class:`~transcriptformer.config.DataConfig` field, when given, replaces the checkpoint's value.
     """
     flags = vars(args) | {"use_raw": USE_RAW[args.use_raw]} | settings
-    if flags["gene_col_name"] is None and (args.soma or args.census_version):
-        from transcriptformer.data.soma import SOMA_GENE_ID_COLUMN
-
-        flags["gene_col_name"] = SOMA_GENE_ID_COLUMN
     inference = InferenceConfig(
         **{f.name: flags[f.name] for f in dataclasses.fields(InferenceConfig) if f.name in flags}
     )

@@ -136,14 +136,14 @@ def run_metadata(session: Session, world_size: int) -> dict:
 
 def soma_query(session: Session) -> dict:
     """Which cells of which SOMA experiment the run read."""
-    inference = session.config.inference
+    inference, reader = session.config.inference, session.files[0].cells.reader
     return {
-        "experiment_uri": session.files[0].cells.reader.experiment_uri,
+        "experiment_uri": reader.experiment_uri,
         "census_version": inference.census_version,
         "organism": inference.organism,
         "obs_filter": inference.obs_filter,
         "measurement": inference.soma_measurement,
-        "x_layer": inference.soma_x_layer,
+        "x_layer": reader.x_layer,
     }
 
 
