@@ -15,7 +15,7 @@ from test_user_errors import assert_one_line_error, run_cli
 from transcriptformer.checkpoint import read_vocabularies, vocabulary_genes
 from transcriptformer.cli import main
 from transcriptformer.config import CONFIG_FILE, TranscriptFormerConfig
-from transcriptformer.data.gene_symbols import id_species, symbols_by_id
+from transcriptformer.data.gene_symbols import id_species, species_mismatch, symbols_by_id
 from transcriptformer.data.tokenize import select_genes
 from transcriptformer.perturbation.specs import parse_perturbations
 
@@ -78,6 +78,8 @@ def test_the_perturbation_is_labelled_with_the_canonical_symbol(tmp_path):
 def test_a_file_of_another_species_is_named(tmp_path, capsys, vocab):
     human = ad.read_h5ad(HUMAN, backed="r").var
     assert id_species(human["ensembl_id"].dropna()) == "human" and id_species(vocab.gene_ids) == "mouse"
+    # a vocabulary of several species (TF-Metazoa's) that holds the data's species is no mismatch
+    assert species_mismatch(human["ensembl_id"].dropna(), [*vocab.gene_ids, *human["ensembl_id"].dropna()[:5]]) is None
     code, err = run_cli(
         capsys, "inference", "--checkpoint-path", DEMO, "--data-file", HUMAN, "--output-path", tmp_path / "out"
     )

@@ -198,24 +198,34 @@ ID_PREFIX_SPECIES = {
 GENE_ID_PREFIX = re.compile(r"^(ENS[A-Z]*G|FBgn|WBGene)\d")
 
 
+def id_prefixes(gene_ids: Iterable[object]) -> Counter:
+    """How many of ``gene_ids`` carry each known prefix (``ENSG``, ``ENSMUSG``, ``FBgn``, ...)."""
+    found = Counter(match.group(1) for gene in gene_ids if (match := GENE_ID_PREFIX.match(str(gene))))
+    return Counter({prefix: n for prefix, n in found.items() if prefix in ID_PREFIX_SPECIES})
+
+
 def id_species(gene_ids: Iterable[object]) -> str | None:
     """The species most of ``gene_ids`` belong to, by their prefix (``ENSG``: human, ``ENSMUSG``: mouse, ...).
 
     ``None`` when no id has a known prefix.
     """
-    prefixes = Counter(match.group(1) for gene in gene_ids if (match := GENE_ID_PREFIX.match(str(gene))))
-    known = [(count, prefix) for prefix, count in prefixes.items() if prefix in ID_PREFIX_SPECIES]
-    return ID_PREFIX_SPECIES[max(known)[1]] if known else None
+    prefixes = id_prefixes(gene_ids)
+    return ID_PREFIX_SPECIES[prefixes.most_common(1)[0][0]] if prefixes else None
 
 
 def species_mismatch(data_ids: Iterable[object], vocab_ids: Iterable[object]) -> str | None:
-    """``the data's gene ids look human (ENSG...), the vocabulary's mouse ...`` when the two species differ."""
-    data, vocab = id_species(data_ids), id_species(vocab_ids)
-    if data is None or vocab is None or data == vocab:
+    """Why the data barely meets the vocabulary, when the vocabulary holds no gene of the data's species.
+
+    ``the data's gene ids look human and the checkpoint's vocabulary is mouse: ...``; ``None`` when the species
+    match or are unknown. A vocabulary of several species (TF-Metazoa's) counts every species it holds.
+    """
+    data = id_species(data_ids)
+    vocab = sorted({ID_PREFIX_SPECIES[prefix] for prefix in id_prefixes(vocab_ids)})
+    if data is None or not vocab or data in vocab:
         return None
     return (
-        f"the data's gene ids look {data} and the checkpoint's vocabulary is {vocab}: use a checkpoint whose "
-        f"vocabulary holds {data} genes (tf-sapiens: human; tf-exemplar and tf-metazoa: several species)"
+        f"the data's gene ids look {data} and the checkpoint's vocabulary is {', '.join(vocab)}: use a checkpoint "
+        f"whose vocabulary holds {data} genes (tf-sapiens: human; tf-exemplar and tf-metazoa: several species)"
     )
 
 
