@@ -8,14 +8,15 @@ On ``test/data/mouse_brain_1k.h5ad`` (``cell_type``; classes of under 10 cells l
   classifier: ``StandardScaler(with_mean=False)`` and scikit-learn's default ``LogisticRegression``, fitted on the
   training folds.
 * **demo embeddings + LR**: the same classifier on the frozen cell embeddings of ``models/demo-mouse-brain``.
-* **fine-tuned**: ``transcriptformer finetune --task classify`` on the training folds (rank-8 LoRA adapters on
-  attention, FFN and the gene-embedding projection, and a linear head; lr 3e-3; 15% held out, stratified, to keep
-  the best validation macro F1 and stop after 8 epochs without a better one), then ``model.classify`` on the
-  held-out fold.
+* **majority class**: every held-out cell called the most common class of the training folds.
+* **fine-tuned**: ``transcriptformer finetune --task classify`` on the training folds with the defaults of the
+  classify task (``training.config.CLASSIFY_DEFAULTS``: rank-8 LoRA adapters on attention, FFN and the
+  gene-embedding projection, and a linear head; lr 3e-3; 15% held out, stratified, to keep the best validation
+  macro F1 and stop after 8 epochs without a better one, at most 40), then ``model.classify`` on the held-out fold.
 
-The score is the macro F1 on the held-out fold (scikit-learn). Run from the repository root::
+The scores are the macro F1 and the accuracy on the held-out fold (scikit-learn). Run from the repository root::
 
-    python benchmarks/classify_demo.py                      # 5 folds, the settings of docs/training.md
+    python benchmarks/classify_demo.py                      # 5 folds, the classify task's defaults
     python benchmarks/classify_demo.py --folds 2 --epochs 5  # a quicker look
 
 ``--json FILE`` also writes the settings and each fold's scores (``scripts/evaluation_docs.py`` reads it).
@@ -31,7 +32,8 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 from sklearn.base import clone
-from sklearn.metrics import f1_score
+from sklearn.dummy import DummyClassifier
+from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import StratifiedKFold
 
 import transcriptformer
@@ -46,6 +48,7 @@ from transcriptformer.training.config import (
     OptimConfig,
     TrainDataConfig,
     TrainerConfig,
+    task_default,
 )
 from transcriptformer.training.run import run_finetuning
 
@@ -55,8 +58,6 @@ MODEL = REPO / "models/demo-mouse-brain"
 LABEL = "cell_type"
 MIN_CELLS = 10
 SEED = 42  # cz-benchmarks' RANDOM_SEED
-# The linear layers that project the frozen gene-embedding table into the model: adapted too.
-GENE_PROJECTION = ["gene_embeddings.mlp.layers.0", "gene_embeddings.mlp.layers.4"]
 
 
 def labelled_cells(path: Path) -> ad.AnnData:
@@ -67,14 +68,21 @@ def labelled_cells(path: Path) -> ad.AnnData:
     return adata
 
 
-def logistic_regression_f1(features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> float:
-    """Macro F1 on ``test`` of cz-benchmarks' logistic regression (evaluate's ``lr``) fitted on ``train``."""
+def logistic_regression(features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """Classes of ``test`` from cz-benchmarks' logistic regression (evaluate's ``lr``) fitted on ``train``."""
     classifier = clone(classifiers(SEED, EvaluateConfig.knn_neighbors)["lr"]).fit(features[train], labels[train])
-    return f1_score(labels[test], classifier.predict(features[test]), average="macro")
+    return classifier.predict(features[test])
 
 
-def finetuned_f1(adata: ad.AnnData, train: np.ndarray, test: np.ndarray, args: argparse.Namespace, work: Path) -> float:
-    """Macro F1 on ``test`` of a classifier fine-tuned on ``train``."""
+def majority_class(labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """The most common class of ``train`` for every cell of ``test``."""
+    return DummyClassifier(strategy="most_frequent").fit(train[:, None], labels[train]).predict(test[:, None])
+
+
+def finetuned(
+    adata: ad.AnnData, train: np.ndarray, test: np.ndarray, args: argparse.Namespace, work: Path
+) -> np.ndarray:
+    """Classes of ``test`` from a classifier fine-tuned on ``train``."""
     train_file = work / "train.h5ad"
     adata[train].copy().write_h5ad(train_file)
     config = FinetuneConfig(
@@ -93,22 +101,27 @@ def finetuned_f1(adata: ad.AnnData, train: np.ndarray, test: np.ndarray, args: a
         run_finetuning(config, overwrite=True)
     model = transcriptformer.load(MODEL, device="cpu", adapter=work / "classifier")
     probabilities = model.classify(adata[test].copy())
-    predicted = probabilities.columns[probabilities.to_numpy().argmax(axis=1)]
-    return f1_score(adata.obs[LABEL].to_numpy()[test], predicted, average="macro")
+    return probabilities.columns[probabilities.to_numpy().argmax(axis=1)].to_numpy()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folds", type=int, default=5, help="folds to run, of the 5 (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--patience", type=int, default=8, help="early stopping on validation macro F1")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--warmup-steps", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lora-r", type=int, default=8)
-    parser.add_argument("--lora-targets", nargs="+", default=[*LoraConfig().target_modules, *GENE_PROJECTION])
-    parser.add_argument("--head-hidden-dim", type=int, default=0)
-    parser.add_argument("--val-fraction", type=float, default=0.15)
+    # The fine-tuning settings default to the classify task's (training.config.CLASSIFY_DEFAULTS).
+    parser.add_argument("--epochs", type=int, default=task_default("classify", "trainer", "max_epochs"))
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=task_default("classify", "trainer", "early_stopping_patience"),
+        help="early stopping on validation macro F1",
+    )
+    parser.add_argument("--lr", type=float, default=task_default("classify", "optim", "lr"))
+    parser.add_argument("--warmup-steps", type=int, default=task_default("classify", "optim", "warmup_steps"))
+    parser.add_argument("--batch-size", type=int, default=task_default("classify", "data", "batch_size"))
+    parser.add_argument("--lora-r", type=int, default=task_default("classify", "lora", "r"))
+    parser.add_argument("--lora-targets", nargs="+", default=task_default("classify", "lora", "target_modules"))
+    parser.add_argument("--head-hidden-dim", type=int, default=ClassifyConfig.head_hidden_dim)
+    parser.add_argument("--val-fraction", type=float, default=task_default("classify", "data", "val_fraction"))
     parser.add_argument("--seed", type=int, default=0, help="seed of fine-tuning (the folds use 42)")
     parser.add_argument("--skip-finetune", action="store_true", help="baselines only")
     parser.add_argument("--json", type=Path, help="also write the settings and every fold's scores here")
@@ -121,23 +134,31 @@ def main() -> None:
     pca = pca_embedding(adata, EvaluateConfig(data_file=str(DATA), label_key=LABEL, seed=SEED)).values
     frozen = transcriptformer.load(MODEL, device="cpu").embed(adata, key_added=None)
     folds = list(StratifiedKFold(n_splits=5, shuffle=True, random_state=SEED).split(pca, labels))[: args.folds]
-    rows = []
+    rows, accuracies = [], []
     for fold, (train, test) in enumerate(folds):
         start = time.perf_counter()
-        row = {"PCA + LR": logistic_regression_f1(pca, labels, train, test)}
-        row["demo embeddings + LR"] = logistic_regression_f1(frozen, labels, train, test)
+        predicted = {
+            "majority class": majority_class(labels, train, test),
+            "PCA + LR": logistic_regression(pca, labels, train, test),
+            "demo embeddings + LR": logistic_regression(frozen, labels, train, test),
+        }
         if not args.skip_finetune:
             with tempfile.TemporaryDirectory() as work:
-                row["fine-tuned"] = finetuned_f1(adata, train, test, args, Path(work))
-        rows.append(row)
-        scores = ", ".join(f"{name} {value:.4f}" for name, value in row.items())
-        print(f"fold {fold}: {scores} ({time.perf_counter() - start:.0f} s)", flush=True)
+                predicted["fine-tuned"] = finetuned(adata, train, test, args, Path(work))
+        rows.append({name: f1_score(labels[test], p, average="macro") for name, p in predicted.items()})
+        accuracies.append({name: accuracy_score(labels[test], p) for name, p in predicted.items()})
+        scores = ", ".join(f"{name} {rows[-1][name]:.4f} ({accuracies[-1][name]:.3f})" for name in predicted)
+        print(f"fold {fold}: macro F1 (accuracy): {scores} ({time.perf_counter() - start:.0f} s)", flush=True)
     for name in rows[0]:
-        values = np.array([row[name] for row in rows])
-        print(f"mean macro F1 over {len(rows)} folds, {name}: {values.mean():.4f} (sd {values.std():.4f})")
+        f1, accuracy = (np.array([row[name] for row in table]) for table in (rows, accuracies))
+        print(
+            f"mean over {len(rows)} folds, {name}: macro F1 {f1.mean():.4f} (sd {f1.std():.4f}), "
+            f"accuracy {accuracy.mean():.4f}"
+        )
     if args.json:
         settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-        args.json.write_text(json.dumps({"settings": settings, "macro_f1_per_fold": rows}, indent=2) + "\n")
+        result = {"settings": settings, "macro_f1_per_fold": rows, "accuracy_per_fold": accuracies}
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

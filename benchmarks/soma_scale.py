@@ -128,9 +128,10 @@ READER = (
     + """
 import json, time
 from transcriptformer.checkpoint import load_checkpoint
-from transcriptformer.data.soma import SOMA_GENE_ID_COLUMN, SomaReader
+from transcriptformer.data.soma import SomaReader
+from transcriptformer.data.tokenize import FEATURE_ID_COLUMN
 uri, chunk = sys.argv[1], int(sys.argv[2])
-tokenizer = load_checkpoint(sys.argv[3], "cpu").tokenizer(gene_col_name=SOMA_GENE_ID_COLUMN)
+tokenizer = load_checkpoint(sys.argv[3], "cpu").tokenizer(gene_col_name=FEATURE_ID_COLUMN)
 start = time.perf_counter()
 with SomaReader(uri, obs_columns=["assay"]) as reader:
     opened = time.perf_counter() - start

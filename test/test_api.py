@@ -62,3 +62,11 @@ def test_embed_refuses_to_fill_obsm_when_filters_drop_cells(reference_model, ref
     with pytest.warns(UserWarning, match="dropped"):
         kept = reference_model.embed(adata, key_added=None, min_expressed_genes=100)
     assert 0 < len(kept) < 64
+
+
+def test_the_model_says_what_it_is(reference_model):
+    n_parameters = sum(p.numel() for p in reference_model.model.parameters())
+    assert repr(reference_model) == (
+        f"TranscriptFormerModel(reference_tiny: {n_parameters:,} parameters, "
+        f"{len(reference_model.checkpoint.gene_vocab.gene_ids):,} genes of mus_musculus, on cpu)"
+    )

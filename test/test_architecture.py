@@ -37,11 +37,14 @@ from transcriptformer.tasks.embed import EmbedTask
 from transcriptformer.tasks.perturb import PerturbConfig
 from transcriptformer.tasks.score import ScoreConfig, ScoreTask
 from transcriptformer.training.config import (
+    CLASSIFY_DEFAULTS,
+    TASKS,
     ClassifyConfig,
     FinetuneConfig,
     OptimConfig,
     TrainDataConfig,
     TrainerConfig,
+    task_default,
 )
 
 PACKAGE = Path(transcriptformer.__file__).parent
@@ -227,18 +230,28 @@ def test_setting_defaults_are_written_once():
                 assert flags[name] == value, (command, name)
     finetune = flag_defaults("finetune")
     data, optim, trainer = TrainDataConfig(), OptimConfig(), TrainerConfig()
+    # The settings whose default depends on the task: no flag default; the task's, from the dataclasses and
+    # CLASSIFY_DEFAULTS, applied when the flag is left out.
+    for dest, section, name in [
+        ("batch_size", "data", "batch_size"),
+        ("val_fraction", "data", "val_fraction"),
+        ("lr", "optim", "lr"),
+        ("warmup_steps", "optim", "warmup_steps"),
+        ("epochs", "trainer", "max_epochs"),
+        ("early_stopping_patience", "trainer", "early_stopping_patience"),
+        ("lora_target_modules", "lora", "target_modules"),
+    ]:
+        assert finetune.pop(dest) is None, dest
+        for task in TASKS:
+            expected = CLASSIFY_DEFAULTS.get(section, {}).get(name) if task == "classify" else None
+            section_defaults = {"data": data, "optim": optim, "trainer": trainer, "lora": LoraConfig()}[section]
+            assert task_default(task, section, name) == (expected or getattr(section_defaults, name)), (task, dest)
     pairs = {
-        "batch_size": data.batch_size,
-        "val_fraction": data.val_fraction,
         "n_data_workers": data.n_data_workers,
-        "lr": optim.lr,
         "weight_decay": optim.weight_decay,
-        "warmup_steps": optim.warmup_steps,
-        "epochs": trainer.max_epochs,
         "max_steps": trainer.max_steps,
         "precision": trainer.precision,
         "attention_backend": trainer.attention_backend,
-        "early_stopping_patience": trainer.early_stopping_patience,
         "device": trainer.device,
         "seed": trainer.seed,
         "task": FinetuneConfig.task,

@@ -5,6 +5,7 @@ card of saved adapters.
 """
 
 import argparse
+import io
 import os
 import stat
 import subprocess
@@ -163,3 +164,17 @@ def test_verbose_shows_lightning_logs_and_quiet_only_the_result(tmp_path):
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stdout == f"Output: {(tmp_path / 'model').resolve()}\n"
     assert not [noise for noise in LIGHTNING_NOISE if noise in quiet.stderr], quiet.stderr
+
+
+def test_progress_bars_are_labelled_with_the_command():
+    from transcriptformer.console import progress_bar, verbosity
+
+    stream = io.StringIO()
+    with (
+        verbosity("normal", "transcriptformer predict-labels"),
+        progress_bar(total=2, desc="classify", file=stream) as bar,
+    ):
+        bar.update(2)
+    assert stream.getvalue().splitlines()[-1].strip().startswith("transcriptformer predict-labels: classify: 100%")
+    with progress_bar(total=1, file=stream) as bar:  # outside a command: the package's name
+        assert bar.desc.startswith("transcriptformer")

@@ -84,7 +84,7 @@ def test_documented_reproduction_command_trains_loadable_adapters(tmp_path, monk
 def test_finetune_reports_bad_input(tmp_path, capsys):
     missing = ["--checkpoint-path", str(tmp_path / "missing"), "--train-files", str(CELLS), "--dry-run"]
     assert main(["finetune", *missing]) == 1
-    assert "is not a TranscriptFormer checkpoint" in capsys.readouterr().err
+    assert "missing': no such checkpoint folder" in capsys.readouterr().err
     assert main(["finetune", *BASE, "--lora-target-modules", "qkv", "--dry-run"]) == 1
     assert "'qkv' matches no linear layer" in capsys.readouterr().err
     assert main(["finetune", *BASE]) == 1

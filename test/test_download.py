@@ -23,7 +23,7 @@ from transcriptformer.hub.artifacts import (
     download_artifact,
     resolve_artifacts,
 )
-from transcriptformer.hub.cache import CACHE_ENV, resolve_checkpoint
+from transcriptformer.hub.cache import CACHE_ENV, CheckpointNotFoundError, resolve_checkpoint
 from transcriptformer.hub.http import ChecksumError, DownloadError, RetryPolicy, download_file
 
 REFERENCE = Path(__file__).parent / "data" / "reference_tiny"
@@ -325,7 +325,8 @@ def test_concurrent_loads_share_one_download(server, tmp_path, monkeypatch):
 
 
 def test_load_names_a_published_model_or_a_folder(tmp_path, reference_dir):
-    with pytest.raises(FileNotFoundError, match="did you mean 'tf-sapiens'.*tf-sapiens, tf-exemplar, tf-metazoa$"):
+    pattern = "did you mean 'tf-sapiens'.*tf-sapiens, tf-exemplar, tf-metazoa .*`transcriptformer download NAME`"
+    with pytest.raises(CheckpointNotFoundError, match=pattern):
         transcriptformer.load("tf-sapien", cache_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="'all-embeddings': no such checkpoint folder, and not a published"):
         transcriptformer.load("all-embeddings", cache_dir=tmp_path)

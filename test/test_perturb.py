@@ -268,9 +268,12 @@ def test_genes_are_named_by_id_or_symbol(model, genes):
     vocab = model.checkpoint.gene_vocab
     symbol = symbols_by_id()[genes.common]
     names = [genes.common, f"{genes.common}.4", symbol, symbol.upper(), symbol.lower()]
-    resolved = [p.gene_ids for p in parse_perturbations(names, [], vocab)]
-    assert resolved == [(genes.common,)] * len(names)
-    with pytest.raises(KeyError, match=f"close matches: .*{symbol}"):
+    perturbations = parse_perturbations(names, [], vocab)
+    assert [p.gene_ids for p in perturbations] == [(genes.common,)] * 3  # a symbol in any case is one perturbation
+    assert [p.name for p in perturbations] == [f"ko:{genes.common}", f"ko:{genes.common}.4", f"ko:{symbol}"]
+    with pytest.raises(
+        KeyError, match=f"is not in the checkpoint's vocabulary; close matches in the vocabulary: .*{symbol}"
+    ):
         parse_perturbations([symbol[:-1] + "x" + symbol[-1]], [], vocab)
 
 

@@ -217,12 +217,13 @@ def test_bad_input_is_a_one_line_error_before_any_work(tmp_path, capsys, flags, 
 
 def test_unknown_genes_of_a_genes_file_are_named_and_skipped(tmp_path, capsys):
     genes_file = tmp_path / "genes.txt"
-    genes_file.write_text("Gja1\nNotAGene\nAcsbg1\n")
+    genes_file.write_text("Gja1\nNotAGene\nAcsbg1\nGfap\n")
     output = tmp_path / "out"
     args = ["screen", "--checkpoint-path", DEMO, "--data-file", HELDOUT, "--output-path", output, "--knock-out", "all"]
     code, err = run_cli(capsys, *args, "--genes-file", genes_file, "--obs-filter", "cell_type == 'astrocyte'")
     assert code == 0, err
-    assert "warning: --genes-file" in err and "1 unknown gene(s) skipped: NotAGene" in err
+    skipped = "2 unknown gene(s) skipped: 1 in the input file but not in the vocabulary (Gfap); 1 not in the vocabulary"
+    assert "warning: --genes-file" in err and f"{skipped} (NotAGene)" in err
     pairs = pd.read_parquet(output / "screen_pairs.parquet")
     assert set(pairs["gene_id"]) <= {"ENSMUSG00000050953", "ENSMUSG00000032281"}
 

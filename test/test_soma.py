@@ -97,6 +97,30 @@ def test_a_soma_experiment_gives_the_h5ad_numbers_and_a_census_style_array(exper
     assert not list(tmp_path.glob(".embeddings.soma.*-soma"))  # the temporary array was renamed into place
 
 
+def test_an_experiment_made_with_from_anndata_defaults_runs_without_flags(from_h5ad, tmp_path, capsys):
+    # tiledbsoma.io.from_anndata as a user calls it: X layer "data", var as the file's (no feature_id).
+    uri = tiledbsoma.io.from_anndata(str(tmp_path / "experiment"), ad.read_h5ad(REFERENCE_INPUT), "RNA")
+    output = tmp_path / "out"
+    assert main(inference(uri, output, "--output-keys", "embeddings", "llh")) == 0
+    assert "reading the experiment's one X layer 'data' (it has no layer 'raw')" in capsys.readouterr().out
+    adata = ad.read_h5ad(output / "embeddings.h5ad")
+    np.testing.assert_array_equal(adata.obsm["embeddings"], from_h5ad.obsm["embeddings"])
+    np.testing.assert_array_equal(adata.obs["llh"], from_h5ad.obs["llh"])
+    assert adata.uns["transcriptformer"]["soma"]["x_layer"] == "data"  # the layer read, not the default asked
+
+
+def test_without_a_gene_id_column_the_hint_names_the_columns_of_ids(tmp_path, capsys):
+    cells = ad.read_h5ad(REFERENCE_INPUT)
+    cells.var = cells.var[["ensembl_id"]].rename(columns={"ensembl_id": "gene_ids"})
+    cells.var_names = [str(i) for i in range(cells.n_vars)]  # var_id holds 0, 1, ...: no gene ids
+    uri = tiledbsoma.io.from_anndata(str(tmp_path / "experiment"), cells, "RNA")
+    code, err = run_cli(capsys, *inference(uri, tmp_path / "out"))
+    assert_one_line_error(
+        code, err, "inference", "gene id column 'ensembl_id' not in var", "pass --gene-col-name gene_ids"
+    )
+    assert_no_output(tmp_path / "out")
+
+
 def test_an_obs_filter_runs_the_cells_it_selects(experiment, from_h5ad, tmp_path):
     array = tmp_path / "astrocytes"
     assert main(inference(experiment, tmp_path, "--obs-filter", LUNG_LIKE, "--output-soma", array)) == 0
@@ -235,7 +259,6 @@ def test_the_public_census_offline_is_one_clear_line(tmp_path, monkeypatch, caps
         (["--obs-filter", "cell_type == 'nothing'"], ["selects no cells", "relax it"]),
         (["--soma-x-layer", "normalized"], ["--soma-x-layer normalized", "it has raw"]),
         (["--soma-measurement", "ATAC"], ["--soma-measurement ATAC", "it has RNA"]),
-        (["--gene-col-name", "gene_id"], ["gene id column 'gene_id' not in var", "feature_id"]),
         (["--output-format", "soma"], ["writes a SOMA array", "--output-soma"]),
         (["--output-soma", "x.soma", "--output-keys", "llh"], ["holds cell embeddings", "--output-format both"]),
     ],

@@ -106,11 +106,18 @@ def test_vocabulary_filtering(tokenize, adata):
 
 
 def test_gene_column_choice(tokenize, adata, expected):
-    with pytest.raises(KeyError, match="'gene_symbol' not in var.*gene_col_name='index'"):
+    # var names that are no gene ids: the message names the columns that hold ids (Ensembl ids or symbols)
+    with pytest.raises(KeyError, match="'gene_symbol' not in var.*pass .*`gene_col_name='ensembl_id'`"):
         tokenize(adata, gene_col_name="gene_symbol")
     adata.var_names = adata.var["ensembl_id"].astype(str)
     batch = full_batch(tokenize(adata, gene_col_name="index"))
     np.testing.assert_array_equal(batch.gene_tokens.numpy(), expected["gene_token_indices"])
+    # var names of gene ids are read when the column is missing, then feature_id when there is one
+    without = full_batch(tokenize(adata, gene_col_name="gene_symbol"))
+    np.testing.assert_array_equal(without.gene_tokens.numpy(), expected["gene_token_indices"])
+    adata.var["feature_id"], adata.var_names = adata.var["ensembl_id"], [f"g{i}" for i in range(adata.n_vars)]
+    from_feature_id = full_batch(tokenize(adata, gene_col_name="gene_symbol"))
+    np.testing.assert_array_equal(from_feature_id.gene_tokens.numpy(), expected["gene_token_indices"])
 
 
 def test_without_pad_zeros_unexpressed_genes_fill_in_var_order(tokenize, adata):

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from transcriptformer.annotation.settings import AnnotateConfig
-from transcriptformer.checkpoint import WEIGHTS_FILE, Checkpoint, load_checkpoint
+from transcriptformer.checkpoint import GENE_FILE_SUFFIX, WEIGHTS_FILE, Checkpoint, load_checkpoint
 from transcriptformer.config import PredictConfig
 from transcriptformer.data.sources import read_obs
 from transcriptformer.data.tokenize import TokenizedCells
@@ -75,6 +75,21 @@ class TranscriptFormerModel:
     def model(self) -> torch.nn.Module:
         """The underlying :class:`~transcriptformer.model.transcriptformer.TranscriptFormer`."""
         return self.checkpoint.model
+
+    def __repr__(self) -> str:
+        """``TranscriptFormerModel(tf_sapiens: 1,062,542,849 parameters, 23,829 genes of homo_sapiens, on cpu)``."""
+        n_parameters = sum(parameter.numel() for parameter in self.model.parameters())
+        species = ", ".join(
+            name.removesuffix(GENE_FILE_SUFFIX) for name in self.checkpoint.config.data_config.esm2_mappings
+        )
+        text = (
+            f"{self.checkpoint.path.name}: {n_parameters:,} parameters, {len(self.checkpoint.gene_vocab.gene_ids):,} "
+            f"genes of {species}, on {self.device}"
+        )
+        if self.classifier is not None:
+            info = self.classifier.info
+            text += f", classifier of {info.label_key} ({len(info.classes)} classes)"
+        return f"{type(self).__name__}({text})"
 
     def run_task(
         self,

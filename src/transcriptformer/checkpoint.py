@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from transcriptformer.config import CONFIG_FILE, VOCAB_DIR, WEIGHTS_FILE, ModelConfig, TranscriptFormerConfig
+from transcriptformer.data.gene_symbols import symbols_by_id
 from transcriptformer.data.tokenize import CellTokenizer
 from transcriptformer.data.vocab import (
     GeneVocab,
@@ -129,6 +131,48 @@ def read_vocabularies(path: Path, config: TranscriptFormerConfig) -> tuple[GeneV
     gene_vocab = build_gene_vocab(data.special_tokens, gene_files)
     aux_vocabs = {col: load_aux_vocab(f, data.aux_pad_token) for col, f in aux_files.items()}
     return gene_vocab, aux_vocabs
+
+
+GENE_FILE_SUFFIX = "_gene.h5"
+
+
+def vocabulary_genes(path: str | Path, search: str | None = None) -> pd.DataFrame:
+    """The genes of a checkpoint's vocabulary, in vocabulary order.
+
+    Parameters
+    ----------
+    path
+        The checkpoint directory.
+    search
+        Keep the genes whose id or symbol contains this text, ignoring case.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``gene_id``, ``symbol`` (from the bundled human and mouse tables; empty when they lack the gene) and
+        ``species`` (the gene-embedding file it comes from: ``mus_musculus`` for ``mus_musculus_gene.h5``).
+    """
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a TranscriptFormer checkpoint: {CONFIG_FILE} is missing")
+    config = TranscriptFormerConfig.from_json(path / CONFIG_FILE)
+    vocab, _ = read_vocabularies(path, config)
+    species = {}
+    for name in config.data_config.esm2_mappings:
+        for gene in read_embedding_keys(path / VOCAB_DIR / name):
+            species.setdefault(gene, name.removesuffix(GENE_FILE_SUFFIX))
+    symbols = symbols_by_id()
+    genes = vocab.gene_ids
+    table = pd.DataFrame(
+        {"gene_id": genes, "symbol": [symbols.get(g, "") for g in genes], "species": [species[g] for g in genes]}
+    )
+    if search:
+        text = search.lower()
+        table = table[
+            table["gene_id"].str.lower().str.contains(text, regex=False)
+            | table["symbol"].str.lower().str.contains(text, regex=False)
+        ]
+    return table.reset_index(drop=True)
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

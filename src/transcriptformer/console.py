@@ -93,6 +93,8 @@ def _same_words(message: str) -> str:
 
 # How this package's messages are worded for the user: a command names settings by their flags (verbosity()).
 _wording: Callable[[str], str] = _same_words
+# Who speaks: the running command (``transcriptformer inference``), in warnings and progress bars (verbosity()).
+_name = "transcriptformer"
 
 
 def show_progress() -> bool:
@@ -100,16 +102,20 @@ def show_progress() -> bool:
     return current_verbosity() != "quiet"
 
 
-def progress_bar(*args: Any, disable: bool | None = False, **kwargs: Any) -> tqdm:
-    """A ``tqdm.auto`` progress bar, hidden when quiet; the arguments are tqdm's."""
+def progress_bar(*args: Any, desc: str | None = None, disable: bool | None = False, **kwargs: Any) -> tqdm:
+    """A ``tqdm.auto`` progress bar, hidden when quiet; the arguments are tqdm's.
+
+    Its label names the running command (``transcriptformer inference: embed``; see :func:`verbosity`), then ``desc``.
+    """
     from tqdm.auto import tqdm
 
-    return tqdm(*args, disable=disable if show_progress() else True, **kwargs)
+    label = f"{_name}: {desc}" if desc else _name
+    return tqdm(*args, desc=label, disable=disable if show_progress() else True, **kwargs)
 
 
 @contextlib.contextmanager
 def verbosity(
-    level: Verbosity | None = None, name: str = "transcriptformer", wording: Callable[[str], str] | None = None
+    level: Verbosity | None = None, name: str | None = None, wording: Callable[[str], str] | None = None
 ) -> Iterator[None]:
     """Within the block, messages, logs and warnings follow ``level``; everything is restored after it.
 
@@ -118,19 +124,21 @@ def verbosity(
     level
         quiet, normal or verbose (see the module's description); ``None``: the inherited one.
     name
-        Prefix of this package's warnings, which are printed on one line: ``NAME: warning: MESSAGE``.
+        Prefix of this package's warnings, which are printed on one line: ``NAME: warning: MESSAGE``, and the label
+        of its progress bars; ``None``: the inherited one (``transcriptformer`` outside any block).
     wording
         Rewords this package's messages (:func:`say`) and warnings for the user: the command line names the
         settings that library code names as parameters by their flags.
     """
-    global _wording
+    global _wording, _name
     level = level or current_verbosity()
     with contextlib.ExitStack() as restore, warnings.catch_warnings():
         restore.callback(_set_environ, os.environ.get(VERBOSITY_ENV))
         os.environ[VERBOSITY_ENV] = level
         restore.callback(setattr, sys.modules[__name__], "_wording", _wording)
-        _wording = wording or _wording
-        warnings.showwarning = _one_line_for_package(name, warnings.showwarning)
+        restore.callback(setattr, sys.modules[__name__], "_name", _name)
+        _wording, _name = wording or _wording, name or _name
+        warnings.showwarning = _one_line_for_package(_name, warnings.showwarning)
         if level == "verbose":
             warnings.simplefilter("default")
             restore.enter_context(_root_log_handler(logging.INFO))

@@ -40,6 +40,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "judge cell embeddings against baselines on labelled cells: table, JSON, figures",
     "download": "download and unpack published checkpoints",
     "download-data": "download CELLxGENE Discover datasets by species",
+    "genes": "list the genes of a checkpoint's vocabulary (id, symbol, species)",
     "doctor": "check the environment: torch build, GPU, FlexAttention, batch sizes",
     "build-vocab": "build <species>_gene.h5 from a protein FASTA with a local ESM-2 model",
 }

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import tempfile
 import warnings
 from pathlib import Path
@@ -345,8 +344,6 @@ def embed_reference(
 
     settings = dict(pretrained_embedding=args.reference_pretrained_embedding, output_keys=["embeddings"])
     if soma_reference(args):
-        from transcriptformer.data.soma import SOMA_GENE_ID_COLUMN
-
         organism, obs_filter = soma_filter
         settings |= dict(
             data_files=[],
@@ -355,10 +352,6 @@ def embed_reference(
             organism=organism,
             obs_filter=obs_filter,
         )
-        data_config = dataclasses.replace(
-            config.model.data_config, gene_col_name=args.gene_col_name or SOMA_GENE_ID_COLUMN
-        )
-        config = dataclasses.replace(config, model=dataclasses.replace(config.model, data_config=data_config))
         data, source = None, args.reference_soma or f"the CELLxGENE Census {args.reference_census}"
     else:
         settings |= dict(data_files=[args.reference])

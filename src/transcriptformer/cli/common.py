@@ -14,6 +14,11 @@ from transcriptformer.engine.config import ALL_OBS_KEYS, SECTION_OF, RunConfig, 
 from transcriptformer.model.outputs import OUTPUT_KEYS
 from transcriptformer.runtime import BACKENDS, DEVICES, PRECISIONS
 
+CHECKPOINT_HELP = (
+    "checkpoint folder (config.json, model_weights.pt, vocabs/), or a published model: tf-sapiens, tf-exemplar, "
+    "tf-metazoa (downloaded into the cache on first use)"
+)
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -196,7 +201,7 @@ def add_run_arguments(
     io.add_argument(
         "--checkpoint-path",
         required=checkpoint_required,
-        help="checkpoint directory (config.json, model_weights.pt)",
+        help=CHECKPOINT_HELP,
     )
     cells = io.add_mutually_exclusive_group(required=True)
     cells.add_argument(
@@ -263,14 +268,17 @@ def add_run_arguments(
         "--soma-measurement", default=inputs.soma_measurement, help="measurement to read (default: %(default)s)"
     )
     soma.add_argument(
-        "--soma-x-layer", default=inputs.soma_x_layer, help="X layer of raw counts (default: %(default)s)"
+        "--soma-x-layer",
+        default=inputs.soma_x_layer,
+        help="X layer of raw counts (default: %(default)s, or the experiment's one layer when it has no such layer)",
     )
 
     data = parser.add_argument_group("reading the cells (defaults: the checkpoint's data_config)")
     data.add_argument(
         "--gene-col-name",
         default=None,
-        help="var column with gene ids; 'index': var_names (default: the checkpoint's; feature_id for SOMA)",
+        help="var column with gene ids; 'index': var_names (default: the checkpoint's, else feature_id, else var "
+        "names that hold gene ids)",
     )
     add_use_raw_argument(data)
     data.add_argument("--clip-counts", type=positive_number, default=None, help="clip counts to at most this value")
@@ -382,21 +390,24 @@ def add_batch_arguments(
     )
 
 
+def checkpoint_folder(name_or_path: str) -> str:
+    """The folder of ``--checkpoint-path``: a folder, or a published name downloaded into the cache on first use."""
+    from transcriptformer.hub.cache import resolve_checkpoint
+
+    return str(resolve_checkpoint(name_or_path))
+
+
 def run_config_from_args(args: argparse.Namespace, **settings: object) -> RunConfig:
     """A run's settings from the flags of :func:`add_run_arguments`.
 
     The checkpoint's config, then the flags (and ``settings``, which win), then ``--config-override``. A flag named
     like a setting of a run sets it (:meth:`RunConfig.replace`; a setting without a flag keeps its default); one
     named like a :class:`~transcriptformer.config.DataConfig` field, when given, replaces the checkpoint's value.
-    The cells of a SOMA experiment have their gene ids in var ``feature_id`` unless ``--gene-col-name`` says
-    otherwise.
     """
     flags = vars(args) | {"use_raw": USE_RAW[args.use_raw]} | settings
-    if flags["gene_col_name"] is None and (args.soma or args.census_version):
-        from transcriptformer.data.soma import SOMA_GENE_ID_COLUMN
-
-        flags["gene_col_name"] = SOMA_GENE_ID_COLUMN
-    config = RunConfig.from_checkpoint(args.checkpoint_path, **{k: v for k, v in flags.items() if k in SECTION_OF})
+    config = RunConfig.from_checkpoint(
+        checkpoint_folder(args.checkpoint_path), **{k: v for k, v in flags.items() if k in SECTION_OF}
+    )
     given = {f.name: flags[f.name] for f in dataclasses.fields(DataConfig) if flags.get(f.name) is not None}
     config.model.data_config = dataclasses.replace(config.model.data_config, **given)  # checks the values
     return apply_overrides(config, args.config_override)

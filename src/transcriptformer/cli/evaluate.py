@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from transcriptformer.cli.common import add_overwrite_argument, positive_int
+from transcriptformer.cli.common import CHECKPOINT_HELP, add_overwrite_argument, checkpoint_folder, positive_int
 from transcriptformer.console import print_output
 from transcriptformer.errors import UserError
 from transcriptformer.evaluation.config import EvaluateConfig
@@ -65,7 +65,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATH",
-        help="checkpoint folder or published name, run on the cells; also gives its esm2ce baseline (repeatable)",
+        help=f"{CHECKPOINT_HELP}; run on the cells, it also gives its esm2ce baseline (repeatable)",
     )
     methods.add_argument(
         "--adapter",
@@ -125,6 +125,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     except ValueError as error:  # its messages start with the setting's name
         name, _, rest = str(error).partition(" ")
         raise UserError(f"--{name.replace('_', '-')} {rest}" if name in names else str(error)) from None
+    config.checkpoint_path = [checkpoint_folder(path) for path in config.checkpoint_path]
     from transcriptformer.evaluation import require_extra
 
     require_extra()

@@ -13,11 +13,13 @@ import argparse
 import re
 
 from transcriptformer.cli.common import (
+    CHECKPOINT_HELP,
     USE_RAW,
     add_hidden_alias,
     add_invalid_counts_argument,
     add_overwrite_argument,
     add_use_raw_argument,
+    checkpoint_folder,
     non_negative_int,
     positive_int,
     print_dry_run,
@@ -34,6 +36,8 @@ from transcriptformer.training.config import (
     OptimConfig,
     TrainDataConfig,
     TrainerConfig,
+    task_default,
+    task_section,
 )
 
 # The settings whose flag is not ``--<name>`` (or ``--lora-<name>``).
@@ -53,6 +57,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
+def default_by_task(section: str, name: str) -> str:
+    """``(default: 0.0001; with --task classify: 0.003)``: the defaults of a setting that depends on the task."""
+    shown = [task_default(task, section, name) for task in TASKS]
+    shown = [" ".join(value) if isinstance(value, list) else str(value) for value in shown]
+    return f"(default: {shown[0]}; with --task classify: {shown[1]})"
+
+
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``finetune`` (shared with ``finetune_lora.py``)."""
     lora, optim, trainer, data = LoraConfig(), OptimConfig(), TrainerConfig(), TrainDataConfig()
@@ -65,14 +76,14 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     io = parser.add_argument_group("model and data")
-    io.add_argument("--checkpoint-path", required=True, help="base checkpoint directory (published layout)")
+    io.add_argument("--checkpoint-path", required=True, help=f"base checkpoint: {CHECKPOINT_HELP}")
     io.add_argument("--train-files", nargs="+", required=True, metavar="H5AD", help="training cells (.h5ad files)")
     io.add_argument("--val-files", nargs="+", default=[], metavar="H5AD", help="validation cells (.h5ad files)")
     io.add_argument(
         "--val-fraction",
         type=float,
-        default=data.val_fraction,
-        help="share of the training cells held out for validation when no --val-files are given (default: %(default)s)",
+        help="share of the training cells held out for validation when no --val-files are given "
+        + default_by_task("data", "val_fraction"),
     )
     io.add_argument(
         "--gene-col-name", default=data.gene_col_name, help="var column with gene ids (default: the checkpoint's)"
@@ -124,9 +135,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     adapters.add_argument(
         "--lora-target-modules",
         nargs="+",
-        default=lora.target_modules,
         metavar="MODULE",
-        help=f"layers to adapt: {', '.join(TARGET_ALIASES)} or module names such as linears.0 (default: %(default)s)",
+        help=f"layers to adapt: {', '.join(TARGET_ALIASES)} or module names such as linears.0 "
+        + default_by_task("lora", "target_modules"),
     )
     adapters.add_argument(
         "--train-heads", action="store_true", help="also train full copies of the count and gene-id heads"
@@ -134,7 +145,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
     loop = parser.add_argument_group("optimisation")
     loop.add_argument(
-        "--epochs", type=int, default=trainer.max_epochs, help="passes over the training cells (default: %(default)s)"
+        "--epochs", type=int, help="passes over the training cells " + default_by_task("trainer", "max_epochs")
     )
     loop.add_argument(
         "--max-steps",
@@ -145,8 +156,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument(
         "--batch-size",
         type=positive_int,
-        default=data.batch_size,
-        help="cells per batch and device (default: %(default)s)",
+        help="cells per batch and device " + default_by_task("data", "batch_size"),
     )
     loop.add_argument(
         "--accumulate-grad-batches",
@@ -154,12 +164,12 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
         default=trainer.accumulate_grad_batches,
         help="batches per optimizer step (default: %(default)s)",
     )
-    loop.add_argument("--lr", type=float, default=optim.lr, help="peak learning rate (default: %(default)s)")
+    loop.add_argument("--lr", type=float, help="peak learning rate " + default_by_task("optim", "lr"))
     loop.add_argument(
         "--weight-decay", type=float, default=optim.weight_decay, help="AdamW weight decay (default: %(default)s)"
     )
     loop.add_argument(
-        "--warmup-steps", type=int, default=optim.warmup_steps, help="linear warm-up steps (default: %(default)s)"
+        "--warmup-steps", type=int, help="linear warm-up steps " + default_by_task("optim", "warmup_steps")
     )
     loop.add_argument(
         "--gradient-clip",
@@ -170,9 +180,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument(
         "--early-stopping-patience",
         type=int,
-        default=trainer.early_stopping_patience,
         help="stop after this many validations without improvement (of the loss; of the macro F1 with --task "
-        "classify), 0: off; needs validation cells (default: %(default)s)",
+        "classify), 0: off; needs validation cells " + default_by_task("trainer", "early_stopping_patience"),
     )
     loop.add_argument(
         "--seed", type=int, default=trainer.seed, help="seed of data order, split and dropout (default: %(default)s)"
@@ -219,10 +228,12 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     """The :class:`FinetuneConfig` the flags describe."""
     use_raw = USE_RAW[args.use_raw]
     return FinetuneConfig(
-        checkpoint_path=args.checkpoint_path,
+        checkpoint_path=checkpoint_folder(args.checkpoint_path),
         output_path=args.output_path or "",
         task=args.task,
-        data=TrainDataConfig(
+        data=task_section(
+            args.task,
+            "data",
             train_files=list(args.train_files),
             val_files=list(args.val_files),
             val_fraction=args.val_fraction,
@@ -232,8 +243,12 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
             batch_size=args.batch_size,
             n_data_workers=args.n_data_workers,
         ),
-        optim=OptimConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps),
-        trainer=TrainerConfig(
+        optim=task_section(
+            args.task, "optim", lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps
+        ),
+        trainer=task_section(
+            args.task,
+            "trainer",
             device=args.device,
             num_nodes=args.num_nodes,
             precision=args.precision,
@@ -248,11 +263,13 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
             resume=args.resume,
             attention_backend=args.attention_backend,
         ),
-        lora=LoraConfig(
+        lora=task_section(
+            args.task,
+            "lora",
             r=args.lora_r,
             alpha=args.lora_alpha,
             dropout=args.lora_dropout,
-            target_modules=list(args.lora_target_modules),
+            target_modules=args.lora_target_modules and list(args.lora_target_modules),
             train_heads=args.train_heads,
         ),
         classify=ClassifyConfig(

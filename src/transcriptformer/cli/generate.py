@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from transcriptformer.cli.common import USE_RAW, add_overwrite_argument, add_use_raw_argument, positive_int, run_task
+from transcriptformer.cli.common import (
+    CHECKPOINT_HELP,
+    USE_RAW,
+    add_overwrite_argument,
+    add_use_raw_argument,
+    checkpoint_folder,
+    positive_int,
+    run_task,
+)
 from transcriptformer.engine.config import RunConfig, default_output_path
 from transcriptformer.runtime import DEVICES
 from transcriptformer.tasks.generate import GenerateConfig, GenerateTask
@@ -37,7 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     io = parser.add_argument_group("inputs and output")
-    io.add_argument("--checkpoint-path", required=True, help="checkpoint directory (config.json, model_weights.pt)")
+    io.add_argument("--checkpoint-path", required=True, help=CHECKPOINT_HELP)
     io.add_argument(
         "--data-file",
         dest="data_files",
@@ -146,7 +154,7 @@ def config_from_args(args: argparse.Namespace):
 
     run = {name: getattr(args, name) for name in ("data_files", "output_path", "output_filename", "overwrite")}
     run |= {name: getattr(args, name) for name in ("resume", "device", "num_gpus", "chunk_size")}
-    config = RunConfig.from_checkpoint(args.checkpoint_path, use_raw=USE_RAW[args.use_raw], **run)
+    config = RunConfig.from_checkpoint(checkpoint_folder(args.checkpoint_path), use_raw=USE_RAW[args.use_raw], **run)
     data = {"drop_empty_cells": True} | ({"gene_col_name": args.gene_col_name} if args.gene_col_name else {})
     config.model.data_config = dataclasses.replace(config.model.data_config, **data)
     return config

@@ -20,6 +20,8 @@ import functools
 import logging
 import re
 import warnings
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING
@@ -177,34 +179,123 @@ def symbols_by_id() -> dict[str, str]:
     return {gene: symbol for table in tables for gene, symbol in zip(table["ensembl_id"], table["symbol"], strict=True)}
 
 
+# Ensembl gene-id prefixes (and the ids of FlyBase and WormBase) -> the species they belong to.
+ID_PREFIX_SPECIES = {
+    "ENSG": "human",
+    "ENSMUSG": "mouse",
+    "ENSRNOG": "rat",
+    "ENSMMUG": "rhesus macaque",
+    "ENSPTRG": "chimpanzee",
+    "ENSSSCG": "pig",
+    "ENSBTAG": "cow",
+    "ENSCAFG": "dog",
+    "ENSGALG": "chicken",
+    "ENSXETG": "frog (Xenopus tropicalis)",
+    "ENSDARG": "zebrafish",
+    "ENSPMAG": "sea lamprey",
+    "ENSORLG": "medaka",
+    "FBgn": "fruit fly",
+    "WBGene": "C. elegans",
+}
+GENE_ID_PREFIX = re.compile(r"^(ENS[A-Z]*G|FBgn|WBGene)\d")
+
+
+def id_prefixes(gene_ids: Iterable[object]) -> Counter:
+    """How many of ``gene_ids`` carry each known prefix (``ENSG``, ``ENSMUSG``, ``FBgn``, ...)."""
+    found = Counter(match.group(1) for gene in gene_ids if (match := GENE_ID_PREFIX.match(str(gene))))
+    return Counter({prefix: n for prefix, n in found.items() if prefix in ID_PREFIX_SPECIES})
+
+
+def id_species(gene_ids: Iterable[object]) -> str | None:
+    """The species most of ``gene_ids`` belong to, by their prefix (``ENSG``: human, ``ENSMUSG``: mouse, ...).
+
+    ``None`` when no id has a known prefix.
+    """
+    prefixes = id_prefixes(gene_ids)
+    return ID_PREFIX_SPECIES[prefixes.most_common(1)[0][0]] if prefixes else None
+
+
+def species_mismatch(data_ids: Iterable[object], vocab_ids: Iterable[object]) -> str | None:
+    """Why the data barely meets the vocabulary, when the vocabulary holds no gene of the data's species.
+
+    ``the data's gene ids look human and the checkpoint's vocabulary is mouse: ...``; ``None`` when the species
+    match or are unknown. A vocabulary of several species (TF-Metazoa's) counts every species it holds.
+    """
+    data = id_species(data_ids)
+    vocab = sorted({ID_PREFIX_SPECIES[prefix] for prefix in id_prefixes(vocab_ids)})
+    if data is None or not vocab or data in vocab:
+        return None
+    return (
+        f"the data's gene ids look {data} and the checkpoint's vocabulary is {', '.join(vocab)}: use a checkpoint "
+        f"whose vocabulary holds {data} genes (tf-sapiens: human; tf-exemplar and tf-metazoa: several species)"
+    )
+
+
 class GeneNames:
-    """Resolves a gene name (Ensembl id or symbol) to an Ensembl id of a vocabulary.
+    """Resolves a gene name (Ensembl id or symbol, any case) to an Ensembl id of a vocabulary.
 
     Parameters
     ----------
     vocab
         The checkpoint's gene vocabulary.
+    input_var
+        The input file's var, when there is one: an unknown gene is then said to be in the input or not.
     """
 
-    def __init__(self, vocab: GeneVocab):
+    def __init__(self, vocab: GeneVocab, input_var: pd.DataFrame | None = None):
         self.gene_ids = frozenset(vocab.gene_ids)
         self.symbols: dict[str, str] = {}
         for species in SPECIES:
             for symbol, gene_id in symbol_index(species)[0].items():
                 if gene_id in self.gene_ids:
                     self.symbols.setdefault(symbol, gene_id)
-        self.lower_case = {symbol.lower(): gene_id for symbol, gene_id in reversed(self.symbols.items())}
+        # lower-case symbol -> the symbol as the tables write it; the first (human before mouse) wins
+        self.canonical_symbols = {symbol.lower(): symbol for symbol in reversed(self.symbols)}
+        self.input_names = None if input_var is None else names_in_var(input_var)
 
     def resolve(self, name: str, flag: str, spec: str) -> str:
-        """The Ensembl id of ``name``; a ``KeyError`` names ``flag`` and ``spec`` and suggests close matches."""
+        """The Ensembl id of ``name``; a ``KeyError`` (:meth:`unknown`) for a gene the vocabulary lacks."""
         gene_id = name.split(".", 1)[0] if looks_like_ensembl_id(name) else name
         if gene_id in self.gene_ids:
             return gene_id
-        found = self.symbols.get(name) or self.lower_case.get(name.lower())
-        if found is not None:
-            return found
-        close = difflib.get_close_matches(name, list(self.symbols), n=3)
+        symbol = self.canonical(name)
+        if symbol in self.symbols:
+            return self.symbols[symbol]
+        raise KeyError(self.unknown(name, flag, spec))
+
+    def canonical(self, name: str) -> str:
+        """``name`` as the tables write it: a symbol matched ignoring case (``sox10``) under its own (``Sox10``)."""
+        if name in self.symbols or name in self.gene_ids:
+            return name
+        return self.canonical_symbols.get(name.lower(), name)
+
+    def in_input(self, name: str) -> bool | None:
+        """Whether the input file has the gene ``name`` (by id, or by symbol in var or through the tables)."""
+        if self.input_names is None:
+            return None
+        spellings = {name, name.upper(), name.capitalize()}
+        ids = {symbol_index(species)[0].get(spelling) for species in SPECIES for spelling in spellings}
+        wanted = {name.lower(), name.split(".", 1)[0].lower()} | {gene.lower() for gene in ids if gene}
+        return not wanted.isdisjoint(self.input_names)
+
+    def unknown(self, name: str, flag: str, spec: str) -> str:
+        """The one message for a gene the vocabulary lacks: whether the input has it, close matches, the listing."""
+        where = {
+            None: "is not in the checkpoint's vocabulary",
+            True: "is in the input file but not in the checkpoint's vocabulary, so the model cannot read it",
+            False: "is neither in the checkpoint's vocabulary nor in the input file",
+        }[self.in_input(name)]
+        close = difflib.get_close_matches(name.lower(), list(self.canonical_symbols), n=3)
         hint = (
-            f"close matches: {', '.join(close)}" if close else "name it by an Ensembl id of the vocabulary or a symbol"
+            f"close matches in the vocabulary: {', '.join(self.canonical_symbols[c] for c in close)}"
+            if close
+            else "name a gene by an Ensembl id or a symbol of the vocabulary"
         )
-        raise KeyError(f"{flag} {spec!r}: {name!r} is not a gene of the checkpoint's vocabulary; {hint}")
+        return f"{flag} {spec!r}: {name!r} {where}; {hint} (`transcriptformer genes` lists the vocabulary)"
+
+
+def names_in_var(var: pd.DataFrame) -> frozenset[str]:
+    """Every gene name of a var, lower-case: its index and its text columns (ids without version, symbols)."""
+    columns = [var.index, *(var[c] for c in var.columns if not pd.api.types.is_numeric_dtype(var[c]))]
+    values = (str(value).lower() for column in columns for value in column if isinstance(value, str))
+    return frozenset(value.split(".", 1)[0] if looks_like_ensembl_id(value.upper()) else value for value in values)

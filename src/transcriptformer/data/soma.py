@@ -8,8 +8,10 @@ holds one block of cells whatever the size of the query. The query's obs (the re
 
 An experiment is opened from its URI (``tiledbsoma.open``), or from a collection of experiments such as the Census
 (``census_data/<organism>``), or from the public Census through ``cellxgene_census.open_soma``. Gene ids are read
-from var like an ``.h5ad`` file's (:func:`~transcriptformer.data.tokenize.select_genes`); the CELLxGENE schema keeps
-them in ``feature_id`` (:data:`SOMA_GENE_ID_COLUMN`).
+from var like an ``.h5ad`` file's (:func:`~transcriptformer.data.tokenize.gene_id_column`: the checkpoint's column,
+else ``feature_id`` of the CELLxGENE schema and the Census, else var names that hold gene ids). The counts are the
+X layer ``x_layer``; an experiment without a ``raw`` layer (the Census's name) but with one layer, such as the
+``data`` of ``tiledbsoma.io.from_anndata``'s defaults, is read from that one.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from transcriptformer.console import say
 from transcriptformer.data.sources import CountReader
 from transcriptformer.errors import UserError
 
 SOMA_INSTALL = 'pip install "transcriptformer[soma]"'
-# The var column of the CELLxGENE schema (and the Census) that holds each gene's Ensembl id.
-SOMA_GENE_ID_COLUMN = "feature_id"
+# The X layer of raw counts in the Census.
+CENSUS_X_LAYER = "raw"
 JOINID = "soma_joinid"
 # The obs and var columns where tiledbsoma.io.from_h5ad keeps the AnnData's obs_names and var_names.
 OBS_NAME_COLUMN, VAR_NAME_COLUMN = "obs_id", "var_id"
@@ -147,6 +150,15 @@ def _member(collection, key: str, flag: str, what: str):
     return collection[key]
 
 
+def only_layer(layers, x_layer: str) -> str:
+    """``x_layer``; for the Census's ``raw`` in an experiment that lacks it and has one layer, that layer."""
+    names = list(layers.keys())
+    if x_layer == CENSUS_X_LAYER and x_layer not in names and len(names) == 1:
+        say(f"reading the experiment's one X layer {names[0]!r} (it has no layer {x_layer!r})")
+        return names[0]
+    return x_layer
+
+
 class SomaReader(CountReader):
     """The cells of a SOMA experiment that an obs value filter selects, in ascending ``soma_joinid`` order.
 
@@ -161,7 +173,8 @@ class SomaReader(CountReader):
         A SOMA value filter on obs columns, e.g. ``"tissue_general == 'lung' and is_primary_data == True"``;
         ``None``: every cell.
     measurement, x_layer
-        The measurement (``RNA``) and its X layer of counts (``raw``).
+        The measurement (``RNA``) and its X layer of counts (``raw``, or the one layer of an experiment without
+        ``raw``).
     obs_columns
         The obs columns to read besides ``soma_joinid``; ``None``: all. Names the experiment lacks are left out.
     census_version
@@ -179,6 +192,8 @@ class SomaReader(CountReader):
         ``(n_obs,)`` int64 ``soma_joinid`` of each cell, ascending.
     experiment_uri : str
         Where the experiment is.
+    x_layer : str
+        The X layer read.
     """
 
     def __init__(
@@ -187,7 +202,7 @@ class SomaReader(CountReader):
         organism: str | None = None,
         obs_filter: str | None = None,
         measurement: str = "RNA",
-        x_layer: str = "raw",
+        x_layer: str = CENSUS_X_LAYER,
         obs_columns: Sequence[str] | None = None,
         census_version: str | None = None,
     ):
@@ -200,7 +215,8 @@ class SomaReader(CountReader):
                 self.source = f"{self.source} ({experiment_name(organism)})"
             self.experiment_uri = experiment.uri
             ms = _member(experiment.ms, measurement, "soma_measurement", "measurement")
-            self._x = _member(ms.X, x_layer, "soma_x_layer", "X layer")
+            self.x_layer = only_layer(ms.X, x_layer)
+            self._x = _member(ms.X, self.x_layer, "soma_x_layer", "X layer")
             self.var = self._read_var(ms.var)
             self.obs = self._read_obs(experiment.obs, obs_filter, obs_columns)
         except BaseException:

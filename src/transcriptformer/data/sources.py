@@ -8,6 +8,7 @@ does not grow with the number of cells.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -284,6 +285,15 @@ def open_counts(data: ad.AnnData | str | Path, use_raw: bool | None = None) -> C
             raise ValueError(f"{path}: a 10x .h5 file has no raw matrix")
         return TenXH5Reader(path)
     raise ValueError(f"{path}: unsupported file type {suffix!r}; expected one of {SUFFIXES}")
+
+
+def read_var(paths: Sequence[str | Path]) -> pd.DataFrame:
+    """The var of the genes of ``.h5ad``, ``.zarr`` or 10x ``.h5`` files, one after the other, without their counts."""
+    frames = []
+    for path in paths:
+        with open_counts(path) as reader:
+            frames.append(reader.var.copy())
+    return pd.concat(frames) if frames else pd.DataFrame()
 
 
 def read_obs(path: str | Path) -> pd.DataFrame:

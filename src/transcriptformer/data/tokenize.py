@@ -22,11 +22,20 @@ import scipy.sparse as sp
 import torch
 
 from transcriptformer.config import DataConfig
-from transcriptformer.data.gene_symbols import ensembl_ids_for_symbols
+from transcriptformer.console import say
+from transcriptformer.data.gene_symbols import (
+    ensembl_ids_for_symbols,
+    looks_like_ensembl_id,
+    species_mismatch,
+    symbol_species,
+)
 from transcriptformer.data.hdf5 import open_hdf5
 from transcriptformer.data.sources import H5AD, CountReader, open_counts
 from transcriptformer.data.vocab import GeneVocab
 from transcriptformer.errors import UserError
+
+# The var column of the CELLxGENE schema (its files, the Census, SOMA experiments made from them) of Ensembl ids.
+FEATURE_ID_COLUMN = "feature_id"
 
 
 @dataclass
@@ -181,22 +190,44 @@ def read_anndata(data: ad.AnnData | str | Path) -> ad.AnnData:
 def gene_ids_from_var(var: pd.DataFrame, gene_col_name: str) -> pd.Series:
     """Gene ids of each column, version suffix dropped; NaN or empty ids become ``None``.
 
-    ``gene_col_name`` names a ``var`` column, or ``"index"`` for ``var_names``. Gene symbols in it are mapped to
-    Ensembl ids (see :mod:`transcriptformer.data.gene_symbols`), with a report of how many mapped.
+    ``gene_col_name`` names a ``var`` column, or ``"index"`` for ``var_names``; a var without that column is read
+    from the first of :func:`gene_id_column`'s choices. Gene symbols in it are mapped to Ensembl ids (see
+    :mod:`transcriptformer.data.gene_symbols`), with a report of how many mapped.
     """
-    if gene_col_name == "index":
-        raw_ids = var.index.to_series()
-    elif gene_col_name in var.columns:
-        raw_ids = var[gene_col_name]
-    else:
-        raise KeyError(
-            f"gene id column {gene_col_name!r} not in var (columns: {list(var.columns)}); "
-            "pass gene_col_name='index' to use var_names"
-        )
+    gene_col_name = gene_id_column(var, gene_col_name)
+    raw_ids = var.index.to_series() if gene_col_name == "index" else var[gene_col_name]
     ids = raw_ids.astype("object").where(raw_ids.notna(), None)
     ids = ensembl_ids_for_symbols(ids, source=f"var[{gene_col_name!r}]")
     ids = ids.map(lambda g: None if g is None else str(g).strip().split(".", 1)[0] or None)
     return ids.reset_index(drop=True)
+
+
+def gene_id_column(var: pd.DataFrame, gene_col_name: str) -> str:
+    """The var column of the gene ids: ``gene_col_name``, else ``feature_id``, else ``"index"`` (var names).
+
+    ``feature_id`` is where the CELLxGENE schema, the Census and ``tiledbsoma.io.from_anndata`` of such files keep
+    Ensembl ids; var names count when most of them are gene ids or symbols. A var with none of them is a
+    ``KeyError`` that names the columns holding gene ids, if any, as ``gene_col_name`` values.
+    """
+    if gene_col_name == "index" or gene_col_name in var.columns:
+        return gene_col_name
+    fallback = FEATURE_ID_COLUMN if FEATURE_ID_COLUMN in var.columns else "index" if gene_id_kind(var.index) else None
+    if fallback is not None:
+        shown = "var names" if fallback == "index" else f"var[{fallback!r}]"
+        say(f"gene ids read from {shown}: var has no column {gene_col_name!r}")
+        return fallback
+    kinds = {str(column): gene_id_kind(var[column]) for column in var.columns}
+    candidates = sorted((c for c, kind in kinds.items() if kind), key=lambda c: -kinds[c])  # Ensembl ids first
+    fix = " or ".join(f"`gene_col_name='{c}'`" for c in candidates[:3]) or "`gene_col_name`: the column of gene ids"
+    raise KeyError(f"gene id column {gene_col_name!r} not in var (columns: {list(var.columns)}); pass {fix}")
+
+
+def gene_id_kind(values: pd.Index | pd.Series) -> int:
+    """2 when most ``values`` are Ensembl gene ids, 1 when they are gene symbols of a bundled table, else 0."""
+    text = pd.Series(values[:2000], dtype="object").dropna().astype(str)
+    if text.empty:
+        return 0
+    return 2 if text.map(looks_like_ensembl_id).mean() >= 0.5 else int(symbol_species(text) is not None)
 
 
 def check_duplicates(gene_ids: pd.Series, keep_first: bool) -> np.ndarray:
@@ -455,10 +486,19 @@ def select_genes(
             "pass `filter_to_vocabs=True` to drop them"
         )
     keep &= tokens >= 0
+    # A file of another species shares few genes (orthologues under other ids) with the vocabulary.
+    mismatch = species_mismatch(gene_ids.dropna(), gene_vocab.gene_ids) if keep.sum() < len(keep) / 2 else None
     if not keep.any():
         raise ValueError(
             f"none of the {len(gene_ids)} genes of the data is in the model's vocabulary "
             f"(gene ids read from var[{gene_col_name!r}], e.g. {list(gene_ids.dropna()[:3])})"
+            + (f": {mismatch}" if mismatch else "")
+        )
+    if mismatch:
+        warnings.warn(
+            f"only {int(keep.sum())} of the {len(gene_ids)} genes of the data are in the model's vocabulary: "
+            f"{mismatch}",
+            stacklevel=2,
         )
     columns = np.flatnonzero(keep)
     return GeneSelection(columns=columns, tokens=tokens[columns], gene_ids=gene_ids.to_numpy()[columns])

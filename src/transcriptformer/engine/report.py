@@ -136,14 +136,14 @@ def run_metadata(session: Session, world_size: int) -> dict:
 
 def soma_query(session: Session) -> dict:
     """Which cells of which SOMA experiment the run read."""
-    inputs = session.config.input
+    inputs, reader = session.config.input, session.files[0].cells.reader
     return {
-        "experiment_uri": session.files[0].cells.reader.experiment_uri,
+        "experiment_uri": reader.experiment_uri,
         "census_version": inputs.census_version,
         "organism": inputs.organism,
         "obs_filter": inputs.obs_filter,
         "measurement": inputs.soma_measurement,
-        "x_layer": inputs.soma_x_layer,
+        "x_layer": reader.x_layer,
     }
 
 

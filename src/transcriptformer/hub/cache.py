@@ -20,11 +20,16 @@ from pathlib import Path
 import platformdirs
 from filelock import FileLock
 
+from transcriptformer.errors import UserError
 from transcriptformer.hub.artifacts import ARTIFACTS, Artifact, download_artifact, is_complete
 
 CACHE_ENV = "TRANSCRIPTFORMER_CACHE"
 LOCKS_DIR = ".locks"
 MODELS: tuple[str, ...] = tuple(name for name, artifact in ARTIFACTS.items() if artifact.is_model)
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    """Neither a checkpoint folder nor the name of a published model."""
 
 
 def default_cache_dir() -> Path:
@@ -34,33 +39,39 @@ def default_cache_dir() -> Path:
 
 
 def resolve_checkpoint(name_or_path: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """The checkpoint folder behind a path or a published model name.
+    """The checkpoint folder behind a path or a published model name: the one resolver of every command and the API.
 
     Parameters
     ----------
     name_or_path
-        An existing folder (taken as it is, as before), or one of :data:`MODELS` (``tf-sapiens``,
-        ``tf-exemplar``, ``tf-metazoa``), downloaded into the cache on first use.
+        An existing folder (taken as it is), or one of :data:`MODELS` (``tf-sapiens``, ``tf-exemplar``,
+        ``tf-metazoa``), downloaded into the cache on first use and read from it, offline, afterwards.
     cache_dir
         The cache folder; :func:`default_cache_dir` when omitted.
 
     Raises
     ------
-    FileNotFoundError
-        Neither a folder nor a published model; the message lists the names.
+    CheckpointNotFoundError
+        Neither a folder nor a published model; the one-line message lists the names and the download command.
     """
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
     name = str(name_or_path)
     if name not in MODELS:
-        close = difflib.get_close_matches(name, MODELS, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise FileNotFoundError(
-            f"{name!r}: no such checkpoint folder, and not a published model; {hint}published models: "
-            f"{', '.join(MODELS)}"
-        )
+        raise CheckpointNotFoundError(not_found_message(name))
     return cached_checkpoint(ARTIFACTS[name], cache_dir)
+
+
+def not_found_message(name: str) -> str:
+    """What a name that is neither a folder nor a published model is told (one line)."""
+    close = difflib.get_close_matches(name, MODELS, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return (
+        f"{name!r}: no such checkpoint folder, and not a published model; {hint}published models: "
+        f"{', '.join(MODELS)} (downloaded into the cache on first use, or ahead of time with "
+        "`transcriptformer download NAME`)"
+    )
 
 
 def cached_checkpoint(artifact: Artifact, cache_dir: str | Path | None = None) -> Path:

@@ -3,7 +3,8 @@
 A perturbation edits one or more genes of every cell: a knock-out sets the gene's count to 0, an over-expression
 to a given count or, by default, to the cell's highest count. Genes are named by a gene id of the checkpoint's
 vocabulary (an Ensembl id's version suffix is dropped) or by a symbol of the bundled human and mouse tables
-(:mod:`transcriptformer.data.gene_symbols`), matched exactly, then ignoring case.
+(:mod:`transcriptformer.data.gene_symbols`), matched exactly, then ignoring case; a perturbation is named by the
+symbols as the tables write them (``sox10`` gives ``ko:Sox10``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from transcriptformer.data.gene_symbols import GeneNames
 from transcriptformer.data.vocab import GeneVocab
@@ -83,7 +85,7 @@ def parse_count(text: str, flag: str, spec: str) -> float:
 
 def parse_perturbation(spec: str, kind: str, names: GeneNames) -> Perturbation:
     """One perturbation from its text (``Gad1``, ``Gad1=20``, ``Gad1+Gad2``) and its kind."""
-    edits = []
+    edits, written = [], []
     for part in spec.split(GENE_SEPARATOR):
         name, has_count, count_text = part.strip().partition(COUNT_SEPARATOR)
         name = name.strip()
@@ -93,15 +95,21 @@ def parse_perturbation(spec: str, kind: str, names: GeneNames) -> Perturbation:
             raise ValueError(f"{kind} {spec!r}: a knock-out takes no count; use over_express GENE=COUNT to set one")
         count = 0.0 if kind == KNOCK_OUT else parse_count(count_text.strip(), kind, spec) if has_count else None
         edits.append(Edit(names.resolve(name, kind, spec), count))
+        written.append(names.canonical(name) + (COUNT_SEPARATOR + count_text.strip() if has_count else ""))
     genes = [edit.gene_id for edit in edits]
     if len(set(genes)) < len(genes):
         raise ValueError(f"{kind} {spec!r} names a gene twice; name each gene once")
-    return Perturbation(f"{NAME_PREFIX[kind]}:{spec.strip()}", kind, tuple(edits))
+    return Perturbation(f"{NAME_PREFIX[kind]}:{GENE_SEPARATOR.join(written)}", kind, tuple(edits))
 
 
-def parse_perturbations(knock_out: Sequence[str], over_express: Sequence[str], vocab: GeneVocab) -> list[Perturbation]:
-    """The perturbations of ``knock_out`` then ``over_express``, each once, genes resolved in ``vocab``."""
-    names = GeneNames(vocab)
+def parse_perturbations(
+    knock_out: Sequence[str], over_express: Sequence[str], vocab: GeneVocab, input_var: pd.DataFrame | None = None
+) -> list[Perturbation]:
+    """The perturbations of ``knock_out`` then ``over_express``, each once, genes resolved in ``vocab``.
+
+    ``input_var``: the var of the input files, so that a gene the vocabulary lacks is said to be in them or not.
+    """
+    names = GeneNames(vocab, input_var)
     specs = [(spec, KNOCK_OUT) for spec in knock_out] + [(spec, OVER_EXPRESS) for spec in over_express]
     perturbations = {}
     for spec, kind in specs:

@@ -98,10 +98,12 @@ class PerturbTask(BatchLoopTask):
         if config.model.pretrained_embedding:
             raise ValueError("perturb names genes of the checkpoint's own vocabulary; leave out pretrained_embedding")
         from transcriptformer.checkpoint import read_vocabularies
+        from transcriptformer.data.sources import read_var
         from transcriptformer.perturbation.specs import parse_perturbations
 
         vocab, _ = read_vocabularies(Path(config.model.checkpoint_path), config.checkpoint_config)
-        self.perturbations = parse_perturbations(settings.knock_out, settings.over_express, vocab)
+        input_var = read_var(config.input.data_files) if config.input.data_files else None
+        self.perturbations = parse_perturbations(settings.knock_out, settings.over_express, vocab, input_var)
 
     def run_unit(
         self,

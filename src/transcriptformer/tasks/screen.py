@@ -25,6 +25,7 @@ import pandas as pd
 from transcriptformer.config import MAX_GENES, check_range, check_types
 from transcriptformer.engine.config import RunConfig, default_output_path
 from transcriptformer.engine.task import BatchLoopTask, Part
+from transcriptformer.errors import first_few
 from transcriptformer.model.outputs import SCREEN_KEYS
 
 if TYPE_CHECKING:
@@ -275,6 +276,7 @@ def read_genes_file(path: Path, config: RunConfig) -> list[str]:
     """The gene ids of a genes file, resolved in the checkpoint's vocabulary; unknown names are warned about."""
     from transcriptformer.checkpoint import read_vocabularies
     from transcriptformer.data.gene_symbols import GeneNames
+    from transcriptformer.data.sources import read_var
 
     try:
         names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
@@ -283,7 +285,8 @@ def read_genes_file(path: Path, config: RunConfig) -> list[str]:
     except UnicodeDecodeError:
         raise ValueError(f"genes_file {path} is not a UTF-8 text file; write one gene a line") from None
     vocab, _ = read_vocabularies(Path(config.model.checkpoint_path), config.checkpoint_config)
-    resolver, known, unknown = GeneNames(vocab), [], []
+    input_var = read_var(config.input.data_files) if config.input.data_files else None
+    resolver, known, unknown = GeneNames(vocab, input_var), [], []
     for name in names:
         try:
             known.append(resolver.resolve(name, "genes_file", name))
@@ -292,8 +295,15 @@ def read_genes_file(path: Path, config: RunConfig) -> list[str]:
     if not known:
         raise ValueError(f"genes_file {path}: none of its {len(names)} genes is in the checkpoint's vocabulary")
     if unknown:
-        shown = ", ".join(unknown[:10]) + (", ..." if len(unknown) > 10 else "")
-        warnings.warn(f"genes_file {path}: {len(unknown)} unknown gene(s) skipped: {shown}", stacklevel=2)
+        groups = {"in the input file but not in the vocabulary": [], "not in the vocabulary": []}
+        for name in unknown:
+            groups[next(iter(groups)) if resolver.in_input(name) else "not in the vocabulary"].append(name)
+        parts = [f"{len(group)} {where} ({first_few(group)})" for where, group in groups.items() if group]
+        warnings.warn(
+            f"genes_file {path}: {len(unknown)} unknown gene(s) skipped: {'; '.join(parts)} "
+            "(`transcriptformer genes` lists the vocabulary)",
+            stacklevel=2,
+        )
     return list(dict.fromkeys(known))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from transcriptformer.config import DataConfig, LossConfig, ModelConfig, check_number, check_range, check_types
 from transcriptformer.model.lora import LoraConfig
@@ -250,6 +251,43 @@ class ClassifyConfig:
         check_range(self, "classify", "head_hidden_dim", at_least=0, also="0: a linear head")
 
 
+# The projection of the frozen gene-embedding table into the model (two linear layers), adapted by the classify task.
+GENE_PROJECTION = ["gene_embeddings.mlp.layers.0", "gene_embeddings.mlp.layers.4"]
+# The settings whose default differs for the classify task, by section of FinetuneConfig: the recipe that
+# benchmarks/classify_demo.py measures on the bundled cells (docs/training.md). 15% of the cells validate, to keep the
+# best validation macro F1 and stop 8 epochs after it. Every other setting, and every setting of the generative
+# task, keeps its dataclass default.
+CLASSIFY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {"val_fraction": 0.15, "batch_size": 16},
+    "optim": {"lr": 3e-3, "warmup_steps": 20},
+    "trainer": {"max_epochs": 40, "early_stopping_patience": 8},
+    "lora": {"target_modules": [*LoraConfig().target_modules, *GENE_PROJECTION]},
+}
+TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {"generative": {}, "classify": CLASSIFY_DEFAULTS}
+SECTIONS = {"data": TrainDataConfig, "optim": OptimConfig, "trainer": TrainerConfig, "lora": LoraConfig}
+
+
+def task_section(task: str, section: str, **given: Any) -> Any:
+    """The ``section`` settings of fine-tuning for ``task``: the task's defaults, then the ``given`` values not None.
+
+    Parameters
+    ----------
+    task
+        One of :data:`TASKS`.
+    section
+        ``data``, ``optim``, ``trainer`` or ``lora`` (see :data:`SECTIONS`).
+    given
+        Settings of the section; ``None`` takes the task's default.
+    """
+    chosen = {name: value for name, value in given.items() if value is not None}
+    return SECTIONS[section](**(TASK_DEFAULTS[task].get(section, {}) | chosen))
+
+
+def task_default(task: str, section: str, name: str) -> Any:
+    """The default of the setting ``section.name`` for ``task``."""
+    return getattr(task_section(task, section), name)
+
+
 @dataclass
 class FinetuneConfig:
     """LoRA fine-tuning of a checkpoint (``transcriptformer finetune``).
@@ -267,21 +305,25 @@ class FinetuneConfig:
         ``classify.label_key``.
     data, optim, trainer, lora, classify
         See :class:`TrainDataConfig`, :class:`OptimConfig`, :class:`TrainerConfig`, :class:`LoraConfig`,
-        :class:`ClassifyConfig`.
+        :class:`ClassifyConfig`. A section left out (``None``) takes the task's defaults (:func:`task_section`:
+        for ``classify``, :data:`CLASSIFY_DEFAULTS`).
     """
 
     checkpoint_path: str
     output_path: str
     task: str = "generative"
-    data: TrainDataConfig = field(default_factory=TrainDataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: TrainDataConfig | None = None
+    optim: OptimConfig | None = None
+    trainer: TrainerConfig | None = None
+    lora: LoraConfig | None = None
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        for section in SECTIONS:
+            if getattr(self, section) is None:
+                setattr(self, section, task_section(self.task, section))
         has_labels = self.classify.label_key is not None
         if self.task == "classify" and not has_labels:
             raise ValueError("the classify task needs label_key: the obs column that holds each cell's class")
