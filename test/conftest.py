@@ -19,14 +19,19 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(platformdirs.user_cache_dir("t
 use_cpu_threads()
 
 
+# Workers of `-n auto` at most: each holds its own torch and fixtures (about 1.5 GB), and with a file's tests in one
+# worker, the largest files (a tenth of the suite) leave more workers idle.
+MAX_WORKERS = 8
+
+
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
-    """``-n auto`` (pyproject.toml's addopts): one pytest-xdist worker per CPU this process may use.
+    """``-n auto`` (pyproject.toml's addopts): one pytest-xdist worker per CPU this process may use, up to MAX_WORKERS.
 
     Its affinity and container quota are counted, as a run counts them, where xdist would count the machine's cores.
     """
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None  # xdist's own hook reads it
-    return usable_cpus()
+    return min(usable_cpus(), MAX_WORKERS)
 
 
 def pytest_configure(config: pytest.Config) -> None:
