@@ -9,7 +9,7 @@ import platformdirs
 import pytest
 
 import transcriptformer
-from transcriptformer.runtime import use_cpu_threads
+from transcriptformer.runtime import usable_cpus, use_cpu_threads
 
 # numba (scanpy's neighbours, UMAP) keeps what it compiles with cache=True in one folder for every test run and
 # every process a test starts, wherever the package is installed. Set before a test module imports numba.
@@ -17,6 +17,33 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(platformdirs.user_cache_dir("t
 # torch's CPU threads for the tests' own work, as a command sets them: on a busy machine, more threads than idle
 # CPUs make every parallel operation wait for a paused thread.
 use_cpu_threads()
+
+
+# Workers of `-n auto` at most: each holds its own torch and fixtures (about 1.5 GB), and with a file's tests in one
+# worker, the largest files (a tenth of the suite) leave more workers idle.
+MAX_WORKERS = 8
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` (pyproject.toml's addopts): one pytest-xdist worker per CPU this process may use, up to MAX_WORKERS.
+
+    Its affinity and container quota are counted, as a run counts them, where xdist would count the machine's cores.
+    """
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it
+    return min(usable_cpus(), MAX_WORKERS)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker's OpenMP (torch) and BLAS threads get the worker's share of the CPUs.
+
+    Set here, in the process that starts the workers, so that a worker has it before it imports numpy or torch, and
+    passes it on to the processes its tests start. An OMP_NUM_THREADS of the user's own is kept.
+    """
+    workers = getattr(config.option, "numprocesses", None)
+    if workers:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // workers)))
+
 
 DATA_DIR = Path(__file__).parent / "data"
 REFERENCE_DIR = DATA_DIR / "reference_tiny"
