@@ -329,6 +329,11 @@ def test_mistakes_are_one_line_before_any_compute(files, embedded, tmp_path, cap
             + ["--obsm-key", "X_pca"],
             ["--obsm-key", "--checkpoint-path"],
         ),
+        (
+            ["--reference", files["reference"], "--label-key", KEY, "--checkpoint-path", REFERENCE_DIR]
+            + ["--true-key", "celltype"],  # before the reference is embedded
+            ["--true-key", "'celltype'", "cell_type"],
+        ),
     ]
     for extra, words in cases:
         code, err = run_cli(capsys, *annotate(*extra, *common))

@@ -146,6 +146,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``transcriptformer annotate``; returns the exit code."""
     check_arguments(args)
+    check_query_columns(args)
     settings = AnnotateConfig(
         n_neighbors=args.n_neighbors, metric=args.metric, false_unknown_rate=args.false_unknown_rate
     )
@@ -196,6 +197,18 @@ def precomputed(args: argparse.Namespace) -> bool:
 def soma_reference(args: argparse.Namespace) -> bool:
     """Whether the reference's cells are those of a SOMA experiment or of the Census."""
     return bool(args.reference_soma or args.reference_census)
+
+
+def check_query_columns(args: argparse.Namespace) -> None:
+    """The query files hold the ``--true-key`` column: checked before the reference or the query is embedded."""
+    from transcriptformer.data.sources import read_obs
+    from transcriptformer.tasks.annotate import check_true_key
+
+    for path in args.data_files if args.true_key else ():
+        try:
+            check_true_key(args.true_key, read_obs(path).columns)
+        except ValueError as error:
+            raise UserError(str(error)) from None
 
 
 def check_arguments(args: argparse.Namespace) -> None:

@@ -15,7 +15,7 @@ The command line reads :class:`AnnotateTaskConfig` before torch, so the heavy im
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +26,6 @@ import pandas as pd
 from transcriptformer.annotation.settings import UNKNOWN, AnnotateConfig
 from transcriptformer.engine.config import RunConfig, default_output_path
 from transcriptformer.engine.task import BatchLoopTask, Part
-from transcriptformer.errors import UserError
 from transcriptformer.tasks.embed import EmbedConfig
 
 if TYPE_CHECKING:
@@ -128,6 +127,11 @@ class AnnotateTask(BatchLoopTask):
         obs_keys = config.output.obs_keys
         if self.settings.true_key and obs_keys != ["all"] and self.settings.true_key not in obs_keys:
             raise ValueError(f"true_key {self.settings.true_key!r} is not among obs_keys {obs_keys}; keep it")
+
+    def check_plan(self, session: Session) -> None:
+        """The query's obs holds ``true_key`` (checked once the inputs are open, before any cell is embedded)."""
+        for file in session.files:
+            check_true_key(self.settings.true_key, file.obs.columns)
 
     def added_obs_columns(self) -> tuple[str, ...]:
         """``predicted_<key>`` and ``<key>_confidence`` of each label key."""
@@ -245,6 +249,12 @@ def summary_record(obs: pd.DataFrame, label_keys: list[str]) -> dict:
     return summary
 
 
+def check_true_key(true_key: str | None, columns: Sequence[str]) -> None:
+    """Raise a ``ValueError`` when ``true_key`` is given and not among the query's obs ``columns``."""
+    if true_key and true_key not in columns:
+        raise ValueError(f"true_key {true_key!r} is not a column of the query's obs; choose among {list(columns)[:20]}")
+
+
 def evaluate(obs: pd.DataFrame, true_key: str, label_key: str) -> dict:
     """Accuracy and macro F1 of the predictions against ``obs[true_key]`` (F1 as ``evaluate``: binary for 2 classes).
 
@@ -253,8 +263,7 @@ def evaluate(obs: pd.DataFrame, true_key: str, label_key: str) -> dict:
     """
     from sklearn.metrics import accuracy_score, f1_score
 
-    if true_key not in obs:
-        raise UserError(f"true_key {true_key!r} is not a column of the query's obs; choose among {list(obs)[:20]}")
+    check_true_key(true_key, obs.columns)
     truth, predicted = obs[true_key], obs[predicted_column(label_key)]
     scored = truth.notna().to_numpy() & predicted.notna().to_numpy()
     truth, predicted = truth[scored].astype(str).to_numpy(), predicted[scored].astype(str).to_numpy()
