@@ -11,15 +11,17 @@ spread over the sequence, which keeps the average position of a knock-out), each
 Prints pairs/s of each path, the speed-up, the largest difference between the two paths' outputs (relative to
 each output's largest value) and the peak RSS (``--paths`` runs one path per process, so that each gets its own).
 
-Sizes: ``demo`` (models/demo-mouse-brain on the bundled held-out mouse brain cells) and ``mid`` (a random-weight
+Sizes: ``demo`` (models/demo-mouse-brain on the bundled held-out mouse brain cells), ``mid`` (a random-weight
 checkpoint of 6 layers x 512, seq_len 2047, built as benchmarks/bench_inference.py builds it, on full-transcriptome
-human cells, cut at seq_len).
+human cells, cut at seq_len) and ``sapiens`` (the same at TF-Sapiens' shape: 12 layers x 2048, its vocabulary size;
+for a GPU).
 
 Examples::
 
     python benchmarks/prefix_reuse.py --size demo --cells 20
     python benchmarks/prefix_reuse.py --size mid --cells 1 --genes-per-cell 32
     python benchmarks/prefix_reuse.py --size mid --cells 8 --genes-per-cell 256 --device cuda
+    python benchmarks/prefix_reuse.py --size sapiens --cells 8 --genes-per-cell 256 --device cuda  # the GPU check
 """
 
 import argparse
@@ -135,16 +137,16 @@ def load(args, device):
         return model, model.tokenize(HELDOUT, drop_empty_cells=True)
     adata = ad.read_h5ad(args.data)
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_checkpoint("mid", gene_ids_of(adata), Path(tmp), args.seq_len)
+        path = build_checkpoint(args.size, gene_ids_of(adata), Path(tmp), args.seq_len)
         model = transcriptformer.load(path, device=device)
     return model, model.tokenize(adata)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=("demo", "mid"), default="demo")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="h5ad of the mid size's cells")
-    parser.add_argument("--seq-len", type=int, default=2047, help="of the mid size")
+    parser.add_argument("--size", choices=("demo", "mid", "sapiens"), default="demo")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="h5ad of the random-weight sizes' cells")
+    parser.add_argument("--seq-len", type=int, default=2047, help="of the random-weight sizes")
     parser.add_argument("--cells", type=int, default=20, help="cells screened (the first ones)")
     parser.add_argument("--genes-per-cell", type=int, default=None, help="knock-outs per cell (default: all)")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="positions per batch, both paths")
