@@ -403,7 +403,7 @@ def test_evaluate_takes_the_outputs_of_inference_and_score(tmp_path, command, ou
     assert code == 0, err
     output = tmp_path / command / written
     cells = ad.read_h5ad(output)
-    (key,) = [key for key in ("X_transcriptformer", "embeddings") if key in cells.obsm]
+    key = next(key for key in ("X_transcriptformer", "embeddings") if key in cells.obsm)
     code, printed, warned = evaluate("--data-file", output, "--label-key", "cell_type", "--output-path", tmp_path / "e")
     assert code == 0, warned
     assert f"transcriptformer evaluate: warning: pca baseline skipped: {reason}" in warned

@@ -124,8 +124,9 @@ def test_a_second_run_on_the_same_output_fails_at_once(reference_dir, many_cells
         while not list((tmp_path / PARTS).glob("unit-*.npz")) and first.poll() is None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        assert first.poll() is None, "the first run ended before it was caught running"
+        os.killpg(first.pid, signal.SIGSTOP)  # paused, holding its lock, however fast the machine
         second = run_apart(arguments(reference_dir, tmp_path, "--output-keys", "embeddings"))
-        assert first.poll() is None, "the first run ended before the second one started"
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()

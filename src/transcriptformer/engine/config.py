@@ -48,6 +48,7 @@ OUTPUT_FORMATS = ("h5ad", "soma", "both")
 # EMBEDDING_KEY, from the command line and the Python API alike (scanpy's use_rep, cellxgene's X_<name>); an .h5ad
 # written from files also holds them as EMBEDDING_ALIAS, the original release's key (a hard link: stored once).
 EMBEDDING_KEY, EMBEDDING_ALIAS = "X_transcriptformer", "embeddings"
+COUNTS_LAYER = "counts"  # with keep_counts: the input's counts, also X (stored once)
 
 
 def output_file_name(name: str) -> str:

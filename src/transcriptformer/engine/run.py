@@ -37,7 +37,7 @@ import torch
 from transcriptformer.checkpoint import Checkpoint
 from transcriptformer.console import print_output, progress_bar, say, worded
 from transcriptformer.engine import distributed, parts
-from transcriptformer.engine.config import RunConfig
+from transcriptformer.engine.config import COUNTS_LAYER, RunConfig
 from transcriptformer.engine.distributed import Rank
 from transcriptformer.engine.output import (
     claim_output,
@@ -70,8 +70,6 @@ from transcriptformer.engine.task import Part, Task
 from transcriptformer.errors import UserError
 from transcriptformer.pipeline import GeneOutputs, MemoryLimit
 from transcriptformer.runtime import resolve_device, use_cpu_threads
-
-COUNTS_LAYER = "counts"  # with keep_counts: the input's counts, also X (stored once)
 
 
 def process_units(session: Session, units: Sequence[WorkUnit], rank: Rank) -> None:

@@ -23,6 +23,7 @@ from transcriptformer.config import PredictConfig
 from transcriptformer.console import say
 from transcriptformer.data.hdf5 import open_hdf5
 from transcriptformer.data.sources import H5AD, open_counts
+from transcriptformer.engine.config import COUNTS_LAYER
 from transcriptformer.engine.output import stored_obsm_key
 from transcriptformer.errors import UserError, first_few
 from transcriptformer.evaluation.config import EvaluateConfig
@@ -228,9 +229,12 @@ def why_not_counts(adata: ad.AnnData) -> str:
 
 
 def layer_in_x(adata: ad.AnnData) -> str | None:
-    """The layer that ``X`` equals (the output files keep their main layer as ``X``), if any."""
+    """The model output layer that ``X`` equals (the output files keep their main layer as ``X``), if any.
+
+    The counts layer of a ``keep_counts`` output is the input's counts, not a model output.
+    """
     for key, layer in adata.layers.items():
-        if layer.shape != adata.X.shape:
+        if key == COUNTS_LAYER or layer.shape != adata.X.shape:
             continue
         if sp.issparse(layer) or sp.issparse(adata.X):
             if (sp.csr_matrix(layer) != sp.csr_matrix(adata.X)).nnz == 0:
