@@ -20,7 +20,7 @@ def test_a_readme_in_the_output_folder_is_kept_and_nothing_is_trained(capsys, tm
     monkeypatch.chdir(tmp_path)  # --output-path .: a project folder with its own README
     (tmp_path / MODEL_CARD_FILE).write_text("# my project\n")
     code, err = run_cli(capsys, *FINETUNE, *SHORT, "--output-path", ".")
-    assert_one_line_error(code, err, "finetune", "already holds README.md", "--overwrite", "another output path")
+    assert_one_line_error(code, err, "finetune", "already holds", "README.md", "--overwrite", "another --output-path")
     assert (tmp_path / MODEL_CARD_FILE).read_text() == "# my project\n"
     assert sorted(os.listdir(tmp_path)) == [MODEL_CARD_FILE]  # refused before training: no run folder, no lock
 

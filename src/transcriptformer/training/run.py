@@ -252,43 +252,39 @@ def run_finetuning(
 
 
 def check_adapter_output(output: Path, overwrite: bool) -> None:
-    """Refuse, before any work, an output that is a file, or that holds files the run writes (without overwrite).
+    """Refuse, before any work, an output that is a file, or that holds files fine-tuning writes (without overwrite).
 
-    Raises
-    ------
-    UserError
-        ``output`` is a file.
-    FileExistsError
-        It holds adapters, a classifier or a ``README.md`` (any file of :data:`ADAPTER_OUTPUT_FILES`), and
-        ``overwrite`` is off.
+    Those are the adapters, a classifier and a ``README.md`` (:data:`ADAPTER_OUTPUT_FILES`): see
+    :func:`check_folder_output`.
     """
-    if output.is_file():
-        raise UserError(f"output_path {output} is a file; adapters are saved as a folder: give a folder")
-    existing = [name for name in ADAPTER_OUTPUT_FILES if (output / name).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"{output} already holds {', '.join(existing)}, which fine-tuning writes; choose another output path, or "
-            "pass `overwrite=True` to replace them"
-        )
+    check_folder_output(output, ADAPTER_OUTPUT_FILES, "fine-tuning's files", overwrite)
 
 
 def check_checkpoint_output(output: Path, overwrite: bool) -> None:
     """Refuse, before any work, an output that is a file, or that holds a checkpoint's files (without overwrite).
 
+    Those are the files of :data:`CHECKPOINT_OUTPUT_FILES`: see :func:`check_folder_output`.
+    """
+    check_folder_output(output, CHECKPOINT_OUTPUT_FILES, "a checkpoint", overwrite)
+
+
+def check_folder_output(output: Path, files: Sequence[str], what: str, overwrite: bool) -> None:
+    """Refuse an output folder that is a file, or that holds any of ``files`` (the run writes them) without overwrite.
+
     Raises
     ------
     UserError
-        ``output`` is a file.
+        ``output`` is a file (``what``, a folder of files, is written there).
     FileExistsError
-        It holds a file of :data:`CHECKPOINT_OUTPUT_FILES` and ``overwrite`` is off.
+        It holds a file of ``files`` and ``overwrite`` is off.
     """
     if output.is_file():
-        raise UserError(f"output_path {output} is a file; a checkpoint is saved as a folder: give a folder")
-    existing = [name for name in CHECKPOINT_OUTPUT_FILES if (output / name).exists()]
+        raise UserError(f"output_path {output} is a file; give a folder for {what}")
+    existing = [name for name in files if (output / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(
-            f"{output} already holds a checkpoint ({', '.join(existing)}); choose another output_path, or pass "
-            "`overwrite=True` to replace it"
+            f"{output} already holds {what} ({', '.join(existing)}); choose another output_path, or pass "
+            "`overwrite=True` to replace them"
         )
 
 
