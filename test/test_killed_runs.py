@@ -1,4 +1,4 @@
-"""``evaluate`` and ``finetune`` killed (SIGTERM) at several points.
+"""``evaluate``, ``finetune`` and ``perturb`` killed (SIGTERM) at several points.
 
 The previous output stays whole, or nothing that looks complete is left; a second run on the same output is refused
 while the first holds it; a rerun works. The commands run as processes here (a signal is under test).
@@ -14,14 +14,17 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 
 import transcriptformer
 from conftest import DATA_DIR, REFERENCE_DIR
 from test_user_errors import assert_one_line_error, run_cli
 from transcriptformer.cli import main
+from transcriptformer.engine.output import TEMPORARY_SUFFIX
 from transcriptformer.evaluation.report import REPORT_FILES, RESULTS_FILE
 from transcriptformer.model.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+from transcriptformer.perturbation.output import table_files
 from transcriptformer.training.trainer import INTERRUPTED_DIR
 
 SIGTERM_EXIT = 128 + signal.SIGTERM
@@ -140,3 +143,44 @@ def test_finetune_killed_at_any_point_keeps_the_previous_adapters_or_leaves_none
     assert main([*map(str, args), "--overwrite", "--max-steps", "2", "--quiet"]) == 0
     assert not list(output.glob(".partial-*"))
     transcriptformer.load(REFERENCE_DIR, device="cpu", adapter=output)
+
+
+DEMO = DATA_DIR.parent.parent / "models" / "demo-mouse-brain"
+PERTURB = ["perturb", "--checkpoint-path", DEMO, "--data-file", DATA_DIR / "demo_mouse_brain_heldout.h5ad",
+           "--device", "cpu", "--chunk-size", "4", "--batch-size", "4"]  # fmt: skip
+
+
+def perturbations_of(output: Path) -> set[str] | None:
+    """The perturbations of the ``.h5ad`` and of every table beside it (one run's), or ``None`` where there is none.
+
+    A folder holding some of the files, or files of two runs, fails the test.
+    """
+    files = [output / "perturbations.h5ad", *(output / name for name in table_files())]
+    present = [file.name for file in files if file.exists()]
+    if not present:
+        return None
+    assert len(present) == len(files), f"an incomplete output: {present}"
+    found = set(ad.read_h5ad(files[0]).obs["perturbation"])
+    for name in ("summary.csv", "genes.csv"):
+        assert set(pd.read_csv(output / name)["perturbation"]) == found, f"{name} is of another run"
+    return found
+
+
+@pytest.mark.slow  # two perturb runs to the end and three started: about a minute on two cores
+def test_perturb_killed_at_any_point_leaves_one_runs_files(tmp_path):
+    output = tmp_path / "perturbed"
+    assert main([*map(str, PERTURB), "--knock-out", "Pou3f3", "--output-path", str(output), "--quiet"]) == 0
+    previous = perturbations_of(output)
+    assert previous == {"ko:Pou3f3"}
+    args = [*PERTURB, "--knock-out", "Gad2", "--output-path", output, "--overwrite"]  # another run's files
+    points = {
+        "starting": lambda: True,
+        "computing": lambda: any((output / ".perturbations.h5ad.parts").glob("unit-*")),
+        "writing": beside(output / "perturbations", TEMPORARY_SUFFIX),  # the new .h5ad, before the renames
+    }
+    for point, ready in points.items():
+        terminate_when(start(args, tmp_path / f"{point}.log"), ready)
+        assert perturbations_of(output) in (previous, {"ko:Gad2"}), point  # one run's files, never a mix
+
+    assert main([*map(str, args), "--quiet"]) == 0
+    assert perturbations_of(output) == {"ko:Gad2"}

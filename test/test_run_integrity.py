@@ -389,3 +389,16 @@ def test_full_disk_while_saving_units_leaves_no_partial_unit(reference_dir, tmp_
     assert sorted(p.name for p in (tmp_path / PARTS).iterdir()) == ["run.json"]  # no partial unit file
     assert json.loads((tmp_path / PARTS / "run.json").read_text())["fingerprint"]
     assert not (tmp_path / OUTPUT).exists()
+
+
+def test_a_stop_signal_waits_until_an_output_and_its_files_are_in_place():
+    """SIGINT (as SIGTERM) while an output and its files are moved into place acts once they all are: never a mix."""
+    from transcriptformer.engine.output import termination_deferred
+
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    steps = []
+    with pytest.raises(KeyboardInterrupt), termination_deferred():
+        signal.raise_signal(signal.SIGINT)  # arrives between two moves
+        steps.append("the last move")
+    assert steps == ["the last move"]
+    assert {number: signal.getsignal(number) for number in handlers} == handlers

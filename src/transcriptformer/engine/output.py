@@ -40,6 +40,8 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -147,6 +149,10 @@ def with_symbols(var: pd.DataFrame) -> pd.DataFrame:
 def lock_file_of(path: Path) -> Path:
     """The lock file of the output ``path``: ``.<name>.lock`` beside it (empty; it stays when the run ends)."""
     return path.with_name(f".{path.name}.lock")
+
+
+# The signals that stop a run, held while an output and its files are moved into place.
+TERMINATION = (signal.SIGTERM, signal.SIGINT)
 
 
 def temporary_file_of(path: Path, pid: int) -> Path:
@@ -329,11 +335,42 @@ def write_output(
         if write_files is not None:
             folder.mkdir()
             write_files(folder)
-            move_files(folder, beside)
-        os.replace(temporary, path)
+        put_in_place(temporary, path, folder if write_files is not None else None, beside)
     finally:
         temporary.unlink(missing_ok=True)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def put_in_place(temporary: Path, path: Path, folder: Path | None, beside: Sequence[Path]) -> None:
+    """Move the task's files of ``folder`` to ``beside``, then the output ``temporary`` to ``path``, as one step.
+
+    SIGTERM and SIGINT wait until every file is in place (:func:`termination_deferred`), so that a run stopped then
+    leaves the previous output and its files, or the new ones: never the new files beside the previous output.
+    """
+    with termination_deferred():
+        if folder is not None:
+            move_files(folder, beside)
+        os.replace(temporary, path)
+
+
+@contextmanager
+def termination_deferred() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT for the block (a few renames), then act on one that came, as it would have.
+
+    Only the main thread can set signal handlers; elsewhere the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    handlers = {number: signal.signal(number, lambda n, _: received.append(n)) for number in TERMINATION}
+    try:
+        yield
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        if received:
+            signal.raise_signal(received[0])
 
 
 def move_files(folder: Path, targets: Sequence[Path]) -> None:
@@ -359,8 +396,7 @@ def write_anndata(adata: ad.AnnData, path: Path, files: tuple[Sequence[str], Fil
         if write_files is not None:
             folder.mkdir()
             write_files(folder)
-            move_files(folder, [path.with_name(name) for name in names])
-        os.replace(temporary, path)
+        put_in_place(temporary, path, folder if write_files is not None else None, [path.with_name(n) for n in names])
     finally:
         temporary.unlink(missing_ok=True)
         shutil.rmtree(folder, ignore_errors=True)
