@@ -4,11 +4,13 @@ from pathlib import Path
 
 import anndata as ad
 import pytest
+from filelock import FileLock
 
 from local_http_server import LocalServer, unused_port_url
 from transcriptformer.cli import main
 from transcriptformer.hub.cellxgene import (
     DATASETS_ENDPOINT,
+    DOWNLOAD_LOCK,
     METADATA_FILE,
     SUCCESS_MARKER,
     DatasetFilter,
@@ -291,3 +293,15 @@ def test_output_path_that_is_a_file_is_one_clear_line(server, tmp_path, capsys):
     message = f"{a_file} is a file, not a folder: choose another --output-path"
     assert err == f"transcriptformer download-data: error: {message}"
     assert a_file.read_text() == "not a folder"
+
+
+def test_a_dataset_another_run_is_downloading_is_left_to_it(server, tmp_path):
+    dataset = add_dataset(server, "held", MOUSE, organisms=(MOUSE_ORGANISM,))
+    folder = tmp_path / "out" / "held"
+    folder.mkdir(parents=True)
+    with FileLock(folder / DOWNLOAD_LOCK):  # as another download-data run holds it
+        (outcome,) = download_datasets([dataset], tmp_path / "out", retry=FAST)
+    assert outcome.status == "failed" and "being downloaded by another run" in outcome.error
+    assert "/held.h5ad" not in server.paths_requested() and not (folder / "full.h5ad").exists()
+    (outcome,) = download_datasets([dataset], tmp_path / "out", retry=FAST)  # once it is free
+    assert outcome.status == "downloaded" and (folder / "full.h5ad").read_bytes() == MOUSE

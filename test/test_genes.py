@@ -4,6 +4,10 @@ The vocabulary listed (`transcriptformer genes`), one message for an unknown gen
 canonical spelling, and a file of another species named as such.
 """
 
+import fcntl
+import os
+import subprocess
+import sys
 import warnings
 
 import anndata as ad
@@ -42,6 +46,19 @@ def test_the_genes_command_lists_the_vocabulary(vocab, capsys):
     assert capsys.readouterr().out.splitlines()[1].split() == ["mus_musculus", str(len(vocab.gene_ids))]
     assert main(["genes", "--checkpoint-path", str(DEMO), "--search", "no-such-gene"]) == 0
     assert capsys.readouterr().out.strip() == "no gene of the vocabulary matches 'no-such-gene'"
+
+
+def test_a_reader_that_stops_early_ends_the_listing_quietly():
+    """``transcriptformer genes | head -1``: the process ends as Unix tools do (SIGPIPE's status), no error line."""
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)  # smaller than the listing: the writer waits for the reader
+    command = [sys.executable, "-m", "transcriptformer", "genes", "--checkpoint-path", str(DEMO)]
+    with subprocess.Popen(command, stdout=write_end, stderr=subprocess.PIPE, text=True) as process:
+        os.close(write_end)
+        with os.fdopen(read_end) as listing:
+            assert listing.readline().split() == ["gene_id", "symbol", "species"]  # then closed, as head does
+        err = process.stderr.read()
+    assert process.returncode == 141 and err == ""
 
 
 def test_symbols_of_any_case_are_named_as_the_tables_write_them(vocab):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -117,8 +118,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with verbosity(args.verbosity, name, FlagNames.of(command)), torch_threads_kept():
             return int(args.func(args) or 0)
+    except BrokenPipeError:  # what reads the output stopped early (`| head`): end quietly, as Unix tools do
+        stop_writing_stdout()
+        return 128 + 13  # the shell's status of a process that SIGPIPE ended
     except USER_ERRORS as error:
         return report_user_error(args.command, error, command)
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
+
+
+def stop_writing_stdout() -> None:
+    """Point standard output at the null device, so that Python's flush at exit does not fail on the closed pipe."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # a stream without a file descriptor (io.UnsupportedOperation is both)
+        pass

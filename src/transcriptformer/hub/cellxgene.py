@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from filelock import FileLock, Timeout
+
 from transcriptformer.hub.http import SHA256_HEX, DownloadError, RetryPolicy, download_file, fetch_json
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ API_URL_ENV = "TRANSCRIPTFORMER_CELLXGENE_API"
 DATASETS_ENDPOINT = "/curation/v1/datasets"
 DATASET_FILE = "full.h5ad"
 SUCCESS_MARKER = "__success__"
+DOWNLOAD_LOCK = ".download.lock"  # held in a dataset's folder while one run downloads it
 METADATA_FILE = "dataset_metadata.json"
 WORKERS = 4  # parallel downloads
 SAFE_DATASET_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # matched whole (fullmatch)
@@ -192,6 +195,20 @@ def download_dataset(
         return DatasetOutcome(dataset_id, "failed", error=f"refusing unsafe dataset id {dataset_id!r}")
     folder = Path(output_path) / dataset_id
     if (folder / SUCCESS_MARKER).exists():
+        return DatasetOutcome(dataset_id, "skipped", folder / DATASET_FILE)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(folder / DOWNLOAD_LOCK, timeout=0):
+            return _download_held(dataset, dataset_id, folder, retry, progress)
+    except Timeout:
+        return DatasetOutcome(dataset_id, "failed", error=f"{folder} is being downloaded by another run; wait for it")
+
+
+def _download_held(
+    dataset: Dataset, dataset_id: str, folder: Path, retry: RetryPolicy | None, progress: bool
+) -> DatasetOutcome:
+    """:func:`download_dataset` of a dataset whose folder this process holds."""
+    if (folder / SUCCESS_MARKER).exists():  # another run finished it before this one took the lock
         return DatasetOutcome(dataset_id, "skipped", folder / DATASET_FILE)
     asset = h5ad_asset(dataset)
     if asset is None:
