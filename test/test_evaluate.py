@@ -299,7 +299,7 @@ def test_the_report_folder_is_its_own(capsys, tmp_path, monkeypatch):
     code, err = run_cli(
         capsys, "evaluate", "--data-file", MOUSE_BRAIN, "--label-key", "cell_type", "--output-path", "."
     )
-    assert_one_line_error(code, err, "evaluate", "holds the working folder", "./evaluation")
+    assert_one_line_error(code, err, "evaluate", "holds the working folder", "./evaluate_results")
     report = tmp_path / "report"
     report.mkdir()
     (report / RESULTS_FILE).write_text("{}")

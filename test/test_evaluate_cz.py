@@ -10,6 +10,7 @@ numpy, scikit-learn and scanpy, and cz-benchmarks brings what only it needs (jax
 Without it (or with cz-benchmarks installed here) the tests are skipped with the command that runs them.
 """
 
+import dataclasses
 import os
 import site
 
@@ -158,7 +159,7 @@ def test_sequential_organisation_equals_cz_benchmarks(mouse_brain):
     assert 0.1 < mine["sequential_alignment"] < 1
 
 
-@pytest.mark.parametrize("aggregation", ["none", "mean"])
+@pytest.mark.parametrize("aggregation", ["none", "mean", "median"])
 def test_cross_species_label_prediction_equals_cz_benchmarks(mouse_brain, aggregation):
     config, cells, ours, _ = mouse_brain
     top = cells.labels.isin(cells.labels.value_counts().index[:4]).to_numpy()  # the labels both halves have
@@ -166,8 +167,9 @@ def test_cross_species_label_prediction_equals_cz_benchmarks(mouse_brain, aggreg
     rng = np.random.default_rng(0)
     species = pd.Series(np.where(rng.random(len(labels)) < 0.5, "human", "mouse"))
     samples = pd.Series([f"{label}-{name}-{rng.integers(6)}" for label, name in zip(labels, species, strict=True)])
-    samples = samples if aggregation == "mean" else None
-    mine = tasks.cross_species_label_prediction(values, labels, species, samples, config)
+    samples = None if aggregation == "none" else samples
+    chosen = config if samples is None else dataclasses.replace(config, sample_aggregation=aggregation)
+    mine = tasks.cross_species_label_prediction(values, labels, species, samples, chosen)
     each = {name: (species == name).to_numpy() for name in ("human", "mouse")}
     task_input = CrossSpeciesLabelPredictionTaskInput(
         labels=[labels[cells].reset_index(drop=True) for cells in each.values()],

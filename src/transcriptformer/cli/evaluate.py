@@ -8,7 +8,7 @@ import dataclasses
 from transcriptformer.cli.common import CHECKPOINT_HELP, add_overwrite_argument, checkpoint_folder, positive_int
 from transcriptformer.console import print_output
 from transcriptformer.errors import UserError
-from transcriptformer.evaluation.config import EvaluateConfig
+from transcriptformer.evaluation.config import SAMPLE_AGGREGATIONS, EvaluateConfig
 from transcriptformer.runtime import DEVICES
 
 EXAMPLES = """\
@@ -46,7 +46,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     cells.add_argument(
         "--sample-key",
-        help="obs column of the samples (donors): cross-species label prediction on each sample's mean embedding",
+        help="obs column of the samples (donors): cross-species label prediction on each sample's embedding",
+    )
+    cells.add_argument(
+        "--sample-aggregation",
+        choices=SAMPLE_AGGREGATIONS,
+        default=EvaluateConfig.sample_aggregation,
+        help="how --sample-key's cells make a sample's embedding (default: %(default)s)",
     )
     cells.add_argument("--time-key", help="obs column of a numeric time (days, hours): adds sequential organisation")
     cells.add_argument(

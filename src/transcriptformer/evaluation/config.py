@@ -8,12 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from transcriptformer.config import PredictConfig
+from transcriptformer.engine.config import default_output_path
 from transcriptformer.runtime import DEVICES
 from transcriptformer.training.config import SEED_LIMIT
 
 # cz-benchmarks' defaults (src/czbenchmarks/tasks/constants.py: RANDOM_SEED, N_FOLDS, MIN_CLASS_SIZE) and its PCA
 # baseline (src/czbenchmarks/tasks/utils.py: run_standard_scrna_workflow: 3,000 genes, 50 components).
 CZ_BENCHMARKS_SEED = 42
+# How cross-species label prediction aggregates a sample's cells (cz-benchmarks' aggregation_method).
+SAMPLE_AGGREGATIONS = ("mean", "median")
 
 
 @dataclass
@@ -33,7 +36,10 @@ class EvaluateConfig:
         each species to each other one.
     sample_key : str or None
         ``obs`` column of the samples (donors); with ``species_key``, cross-species label prediction classifies the
-        samples' mean embeddings (a sample's label is its first cell's), as cz-benchmarks does.
+        samples' aggregated embeddings (a sample's label is its first cell's), as cz-benchmarks does.
+    sample_aggregation : str
+        How a sample's cells make its embedding: ``mean`` or ``median`` of each dimension (cz-benchmarks'
+        ``aggregation_method``).
     time_key : str or None
         ``obs`` column of a numeric time (a time point, a developmental stage in days); given, the sequential
         organisation of the embedding is measured (cz-benchmarks' ``SequentialOrganizationTask``).
@@ -87,13 +93,14 @@ class EvaluateConfig:
     batch_key: str | None = None
     species_key: str | None = None
     sample_key: str | None = None
+    sample_aggregation: str = "mean"
     time_key: str | None = None
     perturbation_key: str | None = None
     control_value: str = "ctrl"
     checkpoint_path: list[str] = field(default_factory=list)
     adapter: list[str] = field(default_factory=list)
     obsm_key: list[str] = field(default_factory=list)
-    output_path: str = "./evaluation"
+    output_path: str = default_output_path("evaluate")
     seed: int = CZ_BENCHMARKS_SEED
     n_folds: int = 5
     min_class_size: int = 10
@@ -113,6 +120,10 @@ class EvaluateConfig:
             raise ValueError("data_file is empty: give the .h5ad file of the cells")
         if not self.label_key:
             raise ValueError("label_key is empty: give the obs column of the cell labels")
+        if self.sample_aggregation not in SAMPLE_AGGREGATIONS:
+            raise ValueError(
+                f"sample_aggregation must be one of {list(SAMPLE_AGGREGATIONS)}, not {self.sample_aggregation!r}"
+            )
         if self.sample_key and not self.species_key:
             raise ValueError("sample_key is used by cross-species label prediction: give species_key too")
         if self.perturbation_key and not self.checkpoint_path:

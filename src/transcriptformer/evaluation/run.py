@@ -100,7 +100,9 @@ def check_output_path(config: EvaluateConfig) -> Path:
     if output.exists() and not output.is_dir():
         raise UserError(f"output_path {output} is a file; give a folder for the report")
     if output == Path.cwd() or output in Path.cwd().parents:
-        raise UserError(f"output_path {output} holds the working folder; give a folder of its own, e.g. ./evaluation")
+        raise UserError(
+            f"output_path {output} holds the working folder; give a folder of its own, e.g. ./evaluate_results"
+        )
     if not output.is_dir():
         return output
     others = sorted(path.name for path in output.iterdir() if path.name not in report.ALL_REPORT_FILES)

@@ -283,14 +283,17 @@ def cross_species_classifiers(seed: int) -> dict[str, ClassifierMixin]:
 
 
 def aggregate_samples(
-    values: np.ndarray, labels: pd.Series, samples: pd.Series
+    values: np.ndarray, labels: pd.Series, samples: pd.Series, how: str = "mean"
 ) -> tuple[np.ndarray, pd.Series, pd.Series]:
-    """Mean embedding of each sample (sorted by name) and its first cell's label: cz-benchmarks' aggregation."""
+    """Each sample's embedding (``how``: mean or median; samples sorted by name) and its first cell's label.
+
+    cz-benchmarks' ``aggregate_cells_to_samples``.
+    """
     frame = pd.DataFrame(values)
     frame["sample"] = samples.to_numpy()
-    means = frame.groupby("sample").agg("mean")
-    first = pd.Series(labels.to_numpy(), index=samples.to_numpy()).groupby(level=0).first().reindex(means.index)
-    return means.to_numpy(), first.reset_index(drop=True), pd.Series(means.index.to_numpy())
+    aggregated = frame.groupby("sample").agg(how)
+    first = pd.Series(labels.to_numpy(), index=samples.to_numpy()).groupby(level=0).first().reindex(aggregated.index)
+    return aggregated.to_numpy(), first.reset_index(drop=True), pd.Series(aggregated.index.to_numpy())
 
 
 def cross_species_label_prediction(
@@ -298,7 +301,8 @@ def cross_species_label_prediction(
 ) -> list[dict[str, Any]]:
     """cz-benchmarks' ``CrossSpeciesLabelPredictionTask``: for every ordered pair of species, the classifiers.
 
-    With ``samples``, each species' cells are first averaged per sample (the label of a sample is its first cell's).
+    With ``samples``, each species' cells are first aggregated per sample (``sample_aggregation``: mean or median; the
+    label of a sample is its first cell's).
     A species against itself is ``n_folds``-fold cross-validation (grouped by sample, so that no sample is on both
     sides); against another species, trained on one, tested on the other, on the training species' labels.
     """
@@ -309,7 +313,9 @@ def cross_species_label_prediction(
         if samples is None:
             per_species[name] = (values[cells], labels[cells].reset_index(drop=True), None)
         else:
-            per_species[name] = aggregate_samples(values[cells], labels[cells], samples[cells])
+            per_species[name] = aggregate_samples(
+                values[cells], labels[cells], samples[cells], config.sample_aggregation
+            )
     results = []
     for train, test in itertools.product(per_species, per_species):
         if train == test:
