@@ -10,7 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from transcriptformer.config import INVALID_COUNTS, DataConfig
-from transcriptformer.engine.config import ALL_OBS_KEYS, SECTION_OF, RunConfig, apply_overrides
+from transcriptformer.engine.config import ALL_OBS_KEYS, SECTION_OF, OutputConfig, RunConfig, apply_overrides
 from transcriptformer.model.outputs import OUTPUT_KEYS
 from transcriptformer.runtime import BACKENDS, DEVICES, PRECISIONS
 
@@ -222,14 +222,7 @@ def add_run_arguments(
         metavar="VERSION",
         help="or the public CELLxGENE Census of this version, e.g. stable (needs the network)",
     )
-    io.add_argument("--output-path", default=output.output_path, help="output directory (default: %(default)s)")
-    io.add_argument("--output-filename", default=output.output_filename, help="output file name (default: %(default)s)")
-    add_overwrite_argument(io, "an output file")
-    io.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue an interrupted run with the same settings from its last completed chunk of cells",
-    )
+    add_output_arguments(io, output)
     if rows_are_cells:
         io.add_argument(
             "--keep-counts",
@@ -331,12 +324,7 @@ def add_run_arguments(
         precision=predict.precision,
         device=hardware.device,
     )
-    model.add_argument(
-        "--num-gpus",
-        type=int,
-        default=hardware.num_gpus,
-        help="processes, one per GPU; -1: every visible GPU; on CPU, CPU processes (default: %(default)s)",
-    )
+    add_num_gpus_argument(model, hardware.num_gpus)
     model.add_argument(
         "--attention-backend",
         choices=BACKENDS,
@@ -352,6 +340,30 @@ def add_run_arguments(
         "predict.output_keys=[embeddings,llh], model.data_config.clip_counts=null",
     )
     return io, data, model
+
+
+def add_output_arguments(group: argparse._ActionsContainer, output: OutputConfig) -> None:
+    """The flags of where a run through the engine writes: output folder and file name, overwrite, resume."""
+    group.add_argument("--output-path", default=output.output_path, help="output directory (default: %(default)s)")
+    group.add_argument(
+        "--output-filename", default=output.output_filename, help="output file name (default: %(default)s)"
+    )
+    add_overwrite_argument(group, "an output file")
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run with the same settings from its last completed chunk of cells",
+    )
+
+
+def add_num_gpus_argument(group: argparse._ActionsContainer, num_gpus: int) -> None:
+    """``--num-gpus``: the processes of a run through the engine."""
+    group.add_argument(
+        "--num-gpus",
+        type=int,
+        default=num_gpus,
+        help="processes, one per GPU; -1: every visible GPU; on CPU, CPU processes (default: %(default)s)",
+    )
 
 
 def add_batch_arguments(

@@ -7,7 +7,8 @@ import argparse
 from transcriptformer.cli.common import (
     CHECKPOINT_HELP,
     USE_RAW,
-    add_overwrite_argument,
+    add_num_gpus_argument,
+    add_output_arguments,
     add_use_raw_argument,
     checkpoint_folder,
     positive_int,
@@ -57,21 +58,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     add_use_raw_argument(io)
     io.add_argument("--gene-col-name", default=None, help="var column of the --data-file with gene ids")
-    io.add_argument("--output-path", default=output.output_path, help="output directory (default: %(default)s)")
-    io.add_argument("--output-filename", default=output.output_filename, help="output file name (default: %(default)s)")
-    add_overwrite_argument(io, "an output file")
-    io.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue an interrupted run with the same settings from its last completed chunk of cells",
-    )
+    add_output_arguments(io, output)
     io.add_argument("--device", choices=DEVICES, default=hardware.device, help="where to run (default: %(default)s)")
-    io.add_argument(
-        "--num-gpus",
-        type=int,
-        default=hardware.num_gpus,
-        help="processes, one per GPU; -1: every visible GPU; on CPU, CPU processes (default: %(default)s)",
-    )
+    add_num_gpus_argument(io, hardware.num_gpus)
     io.add_argument(
         "--chunk-size",
         type=positive_int,

@@ -23,7 +23,7 @@ from transcriptformer.config import PredictConfig
 from transcriptformer.console import say
 from transcriptformer.data.hdf5 import open_hdf5
 from transcriptformer.data.sources import H5AD, open_counts
-from transcriptformer.engine.config import COUNTS_LAYER
+from transcriptformer.engine.config import COUNTS_LAYER, EMBEDDING_ALIAS, EMBEDDING_KEY
 from transcriptformer.engine.output import stored_obsm_key
 from transcriptformer.errors import UserError, first_few
 from transcriptformer.evaluation.config import EvaluateConfig
@@ -45,7 +45,7 @@ PCA_BASELINE = (
     "raw expression matrix)"
 )
 # Where the commands of this package put cell embeddings, looked for when no method is named.
-DEFAULT_OBSM_KEYS = ("X_transcriptformer", "embeddings")
+DEFAULT_OBSM_KEYS = (EMBEDDING_KEY, EMBEDDING_ALIAS)
 ESM2CE_BASELINE = (
     "esm2ce: the mean of the checkpoint's ESM-2 gene-embedding rows over the cell's genes, the model without its "
     "transformer (not a cz-benchmarks baseline)"

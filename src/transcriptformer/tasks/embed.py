@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from transcriptformer.engine.config import EMBEDDING_KEY
 from transcriptformer.engine.task import BatchLoopTask
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ class EmbedConfig:
         scvi-tools' ``X_scVI``); ``None`` leaves the AnnData unchanged.
     """
 
-    key_added: str | None = "X_transcriptformer"
+    key_added: str | None = EMBEDDING_KEY
 
 
 @dataclass
