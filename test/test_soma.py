@@ -15,6 +15,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import tiledbsoma
 import tiledbsoma.io
@@ -205,19 +206,36 @@ def test_a_query_read_in_blocks_gives_the_cells_of_the_file(experiment, cell_fil
 
 
 def test_blocks_smaller_than_the_units_give_the_same_outputs(experiment, from_h5ad, tmp_path):
-    array = tmp_path / "embeddings.soma"
-    blocks = ["--config-override", "input.soma_block_cells=7", "--chunk-size", "16", "--obs-keys", "cell_type"]
-    extra = ["--output-keys", "embeddings", "llh", "--output-format", "both", "--output-soma", array, *blocks]
-    assert main(inference(experiment, tmp_path, *extra)) == 0
-    adata = ad.read_h5ad(tmp_path / "embeddings.h5ad")
+    def run(folder: Path, block_cells: int) -> ad.AnnData:
+        blocks = ["--config-override", f"input.soma_block_cells={block_cells}", "--chunk-size", "16"]
+        extra = ["--output-keys", "embeddings", "llh", "--output-format", "both", "--output-soma", folder / "e.soma"]
+        assert main(inference(experiment, folder, *extra, *blocks)) == 0
+        return ad.read_h5ad(folder / "embeddings.h5ad")
+
+    adata, one_block = run(tmp_path / "blocks", 7), run(tmp_path / "one", SOMA_BLOCK_CELLS)
+    pd.testing.assert_frame_equal(adata.obs, one_block.obs)  # every obs column, read a block at a time
     assert list(adata.obs_names) == list(from_h5ad.obs_names)
     assert list(adata.obs["cell_type"]) == list(from_h5ad.obs["cell_type"])
     np.testing.assert_array_equal(adata.obs["soma_joinid"], np.arange(64))
     np.testing.assert_array_equal(adata.obsm["X_transcriptformer"], from_h5ad.obsm["X_transcriptformer"])
     np.testing.assert_array_equal(adata.obs["llh"], from_h5ad.obs["llh"])
-    joinids, embeddings, _ = read_array(str(array))
+    joinids, embeddings, _ = read_array(str(tmp_path / "blocks" / "e.soma"))
     np.testing.assert_array_equal(joinids, np.arange(64))
     np.testing.assert_array_equal(embeddings, from_h5ad.obsm["X_transcriptformer"])
+
+
+def test_invalid_counts_of_a_query_name_the_cell_read_from_its_block(tmp_path, capsys):
+    cells = ad.read_h5ad(REFERENCE_INPUT)
+    cells.X = cells.X.tocsr().astype(np.float32)
+    cells.X.data[cells.X.indptr[40] : cells.X.indptr[41]] = np.nan  # every stored count of cell 40
+    corrupted = tmp_path / "nan.h5ad"
+    cells.write_h5ad(corrupted)
+    experiment = write_experiment(corrupted, tmp_path / "soma")
+    blocks = ["--config-override", "input.soma_block_cells=16"]
+    code, err = run_cli(capsys, *inference(experiment, tmp_path / "out", *blocks))
+    words = ["NaN, infinite or negative", "in 1 cell(s)", f"value nan of cell {cells.obs_names[40]!r} (row 40)"]
+    assert_one_line_error(code, err, "inference", *words, "--invalid-counts drop")
+    assert_no_output(tmp_path / "out")
 
 
 def soma_session(experiment: str, output: Path, obs_filter: str | None, block_cells: int):
