@@ -15,15 +15,24 @@ Then, each in a fresh child process that prints its own peak RSS (``ru_maxrss``)
     cheap model, so that reading, tokenizing and writing dominate) over the first N cells for each N of
     ``--esm2ce-cells`` (10k, 100k, 1M), embeddings written to a SOMA array: peak RSS against N;
 (c) ``demo``: the demo model (``models/demo-mouse-brain``) over the first N cells for each N of ``--demo-cells``,
-    embeddings written to a SOMA array: peak RSS against N.
+    embeddings written to a SOMA array: peak RSS against N;
+(d) ``query-memory``: ``--model-type esm2ce`` as in (b) over a 10,000- and a 100,000-cell query (``--obs-filter
+    "soma_joinid < N"``) and over the query of every cell (no filter), the same units of ``--chunk-size`` cells
+    computed at a time: whether the peak RSS depends on the size of the query (it should not: nothing is held per
+    query cell). The array writer holds one fragment of about two million values (some 170 MB), which a query of
+    10,000 cells does not fill: compare the larger queries for the write.
 
 Cells are chosen with ``--obs-filter "soma_joinid < N"``. Usage::
 
-    nice python benchmarks/soma_scale.py [--cells 1000000] [--experiment /tmp/soma_1m] [--only reader esm2ce demo]
+    nice python benchmarks/soma_scale.py [--cells 1000000] [--experiment /tmp/soma_1m] \
+        [--only reader esm2ce demo query-memory]
+
+``PYTHONPATH=<a checkout>/src`` measures that checkout's code: the children inherit it.
 """
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -155,10 +164,14 @@ def measure_reader(uri: str, chunk: int) -> None:
     )
 
 
-def measure_inference(uri: str, n_cells: int, extra: list[str], label: str, tmp: Path) -> None:
+def measure_inference(
+    uri: str, n_cells: int, extra: list[str], label: str, tmp: Path, whole_query: bool = False
+) -> None:
+    """A run over the first ``n_cells`` cells (``whole_query``: the query of every cell, without a filter)."""
     output = tmp / f"{label.split()[0]}-{n_cells}"
+    query = [] if whole_query else ["--obs-filter", f"soma_joinid < {n_cells}"]
     arguments = [
-        "inference", "--checkpoint-path", str(DEMO), "--soma", uri, "--obs-filter", f"soma_joinid < {n_cells}",
+        "inference", "--checkpoint-path", str(DEMO), "--soma", uri, *query,
         "--obs-keys", "assay", "--output-path", str(output), "--output-soma", str(output / "embeddings.soma"),
         "--device", "cpu", *extra,
     ]  # fmt: skip
@@ -178,7 +191,8 @@ def main() -> None:
     parser.add_argument("--esm2ce-cells", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--demo-cells", type=int, nargs="+", default=[10_000, 30_000, 100_000])
     parser.add_argument("--chunk-size", type=int, default=1024)
-    parser.add_argument("--only", nargs="+", choices=["reader", "esm2ce", "demo"], default=["reader", "esm2ce", "demo"])
+    modes = ["reader", "esm2ce", "demo", "query-memory"]
+    parser.add_argument("--only", nargs="+", choices=modes, default=modes[:3])
     args = parser.parse_args()
 
     uri = args.experiment
@@ -200,6 +214,13 @@ def main() -> None:
         if "demo" in args.only:
             for cells in args.demo_cells:
                 measure_inference(uri, min(cells, n_cells), [], "(c) demo model", Path(tmp))
+        if "query-memory" in args.only:
+            print(f"load average {os.getloadavg()[0]:.1f}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+            esm2ce = ["--model-type", "esm2ce", "--chunk-size", str(args.chunk_size)]
+            for cells in (10_000, 100_000):
+                measure_inference(uri, min(cells, n_cells), esm2ce, f"(d) {cells:,}-cell query", Path(tmp))
+            measure_inference(uri, n_cells, esm2ce, "(d) whole query", Path(tmp), whole_query=True)
+            print(f"load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -347,7 +347,7 @@ FORMER_INFERENCE_CONFIG = {
     "output_path", "output_filename", "output_format", "output_soma", "batch_size", "max_tokens", "output_keys",
     "obs_keys", "precision", "pretrained_embedding", "adapter", "emb_type", "embedding_layer_index", "device",
     "num_gpus", "n_data_workers", "use_raw", "remove_duplicate_genes", "overwrite", "resume", "chunk_size",
-    "attention_backend", "use_oom_dataloader", "keep_counts",
+    "attention_backend", "use_oom_dataloader", "keep_counts", "soma_block_cells",
 }  # fmt: skip
 
 

@@ -5,25 +5,35 @@ CELLxGENE schema's ``feature_id``; a run over one must give the numbers of a run
 cell (matched by ``soma_joinid``), in one process or several, killed and resumed or not.
 """
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import tiledbsoma
 import tiledbsoma.io
+import torch
 
 from conftest import REFERENCE_DIR, REFERENCE_INPUT, assert_no_output
 from test_inference_resume import kill_after_some_units
 from test_user_errors import assert_one_line_error, run_cli
+from transcriptformer.checkpoint import load_checkpoint
 from transcriptformer.cli import main
+from transcriptformer.config import SOMA_BLOCK_CELLS
 from transcriptformer.data.soma import SomaReader
-from transcriptformer.engine.session import sha256_of
+from transcriptformer.data.sources import open_counts
+from transcriptformer.engine import RunConfig, parts
+from transcriptformer.engine.session import prepare, sha256_of
 from transcriptformer.engine.soma_output import COMPLETE, EMBEDDING_INFO
+from transcriptformer.errors import UserError
+from transcriptformer.tasks.embed import EmbedTask
 
 BIN = Path(sys.executable).parent
 LUNG_LIKE = "cell_type == 'astrocyte' and cluster_confidence_score > 0.5"  # a filter on two obs columns
@@ -154,16 +164,102 @@ def test_a_census_folder_needs_the_organism(tmp_path, capsys):
     assert "Plan: 64 cells" in capsys.readouterr().out
 
 
-def test_reader_streams_the_queried_rows(experiment):
+@pytest.mark.parametrize("block_cells", [5, SOMA_BLOCK_CELLS])  # blocks smaller than the query, or one block
+def test_reader_streams_the_queried_rows_in_blocks(experiment, block_cells):
     cells = ad.read_h5ad(REFERENCE_INPUT)
-    with SomaReader(experiment, obs_filter="cluster_confidence_score > 0.5", obs_columns=["assay"]) as reader:
-        expected = np.flatnonzero(cells.obs["cluster_confidence_score"] > 0.5)
-        np.testing.assert_array_equal(reader.joinids, expected)
-        assert list(reader.obs.columns) == ["soma_joinid", "assay"]
-        assert list(reader.obs.index) == list(cells.obs_names[expected])
+    expected = np.flatnonzero(cells.obs["cluster_confidence_score"] > 0.5)
+    query = {"obs_filter": "cluster_confidence_score > 0.5", "obs_columns": ["assay"], "block_cells": block_cells}
+    with SomaReader(experiment, **query) as reader:
+        assert (reader.n_obs, reader.max_joinid) == (expected.size, expected[-1])
+        assert reader.query_sha256 == hashlib.sha256(expected.astype(np.int64).tobytes()).hexdigest()
+        np.testing.assert_array_equal(reader.joinids(), expected)
+        np.testing.assert_array_equal(reader.joinids(3, 12), expected[3:12])  # three blocks of 5
+        obs = reader.read_obs()
+        assert list(obs.columns) == reader.obs_columns == ["soma_joinid", "assay"]
+        assert list(obs.index) == list(cells.obs_names[expected])
+        np.testing.assert_array_equal(obs["soma_joinid"], expected)
+        assert list(reader.read_obs(4, 11).index) == list(cells.obs_names[expected[4:11]])
         block = reader.rows(3, 20)
         assert (block != cells.X[expected[3:20]]).nnz == 0 and block.dtype == np.float32
         assert reader.rows(5, 5).shape == (0, cells.n_vars)
+
+
+@pytest.mark.parametrize("cell_filters", [{}, {"min_expressed_genes": 40, "drop_empty_cells": True}])
+def test_a_query_read_in_blocks_gives_the_cells_of_the_file(experiment, cell_filters):
+    """Tokenized in units that straddle the query's blocks, the cells are the file's: counts, aux tokens, names.
+
+    The pass over the query's counts keeps no statistics per cell (those of a file serve the screen's plan).
+    """
+    tokenizer = load_checkpoint(REFERENCE_DIR, "cpu").tokenizer(gene_col_name="ensembl_id", **cell_filters)
+    with open_counts(REFERENCE_INPUT) as file, SomaReader(experiment, block_cells=7) as reader:
+        from_file, streamed = tokenizer.prepare(file), tokenizer.prepare(reader)
+        assert len(streamed) == len(from_file) and streamed.dropped == from_file.dropped
+        assert streamed.expressed is None and from_file.expressed is not None
+        for start in range(0, len(from_file), 10):
+            stop = min(start + 10, len(from_file))
+            a, b = from_file.cells(start, stop), streamed.cells(start, stop)
+            assert list(b.obs_names) == list(a.obs_names)
+            assert (a.counts != b.counts).nnz == 0
+            np.testing.assert_array_equal(b.aux_tokens, a.aux_tokens)
+    if cell_filters:
+        assert 0 < from_file.n_dropped < 64  # the filters dropped cells between others
+
+
+def test_blocks_smaller_than_the_units_give_the_same_outputs(experiment, from_h5ad, tmp_path):
+    def run(folder: Path, block_cells: int) -> ad.AnnData:
+        blocks = ["--config-override", f"input.soma_block_cells={block_cells}", "--chunk-size", "16"]
+        extra = ["--output-keys", "embeddings", "llh", "--output-format", "both", "--output-soma", folder / "e.soma"]
+        assert main(inference(experiment, folder, *extra, *blocks)) == 0
+        return ad.read_h5ad(folder / "embeddings.h5ad")
+
+    adata, one_block = run(tmp_path / "blocks", 7), run(tmp_path / "one", SOMA_BLOCK_CELLS)
+    pd.testing.assert_frame_equal(adata.obs, one_block.obs)  # every obs column, read a block at a time
+    assert list(adata.obs_names) == list(from_h5ad.obs_names)
+    assert list(adata.obs["cell_type"]) == list(from_h5ad.obs["cell_type"])
+    np.testing.assert_array_equal(adata.obs["soma_joinid"], np.arange(64))
+    np.testing.assert_array_equal(adata.obsm["X_transcriptformer"], from_h5ad.obsm["X_transcriptformer"])
+    np.testing.assert_array_equal(adata.obs["llh"], from_h5ad.obs["llh"])
+    joinids, embeddings, _ = read_array(str(tmp_path / "blocks" / "e.soma"))
+    np.testing.assert_array_equal(joinids, np.arange(64))
+    np.testing.assert_array_equal(embeddings, from_h5ad.obsm["X_transcriptformer"])
+
+
+def test_invalid_counts_of_a_query_name_the_cell_read_from_its_block(tmp_path, capsys):
+    cells = ad.read_h5ad(REFERENCE_INPUT)
+    cells.X = cells.X.tocsr().astype(np.float32)
+    cells.X.data[cells.X.indptr[40] : cells.X.indptr[41]] = np.nan  # every stored count of cell 40
+    corrupted = tmp_path / "nan.h5ad"
+    cells.write_h5ad(corrupted)
+    experiment = write_experiment(corrupted, tmp_path / "soma")
+    blocks = ["--config-override", "input.soma_block_cells=16"]
+    code, err = run_cli(capsys, *inference(experiment, tmp_path / "out", *blocks))
+    words = ["NaN, infinite or negative", "in 1 cell(s)", f"value nan of cell {cells.obs_names[40]!r} (row 40)"]
+    assert_one_line_error(code, err, "inference", *words, "--invalid-counts drop")
+    assert_no_output(tmp_path / "out")
+
+
+def soma_session(experiment: str, output: Path, obs_filter: str | None, block_cells: int):
+    config = RunConfig.from_checkpoint(
+        REFERENCE_DIR, soma=str(experiment), obs_filter=obs_filter, soma_block_cells=block_cells, chunk_size=8,
+        output_path=str(output), output_soma=str(output / "array.soma"), resume=True, device="cpu",
+    )  # fmt: skip
+    config.model.data_config = replace(config.model.data_config, gene_col_name="feature_id", min_expressed_genes=40)
+    return prepare(config, torch.device("cpu"), EmbedTask())
+
+
+def test_resume_takes_the_same_units_whatever_the_blocks_and_refuses_another_query(experiment, tmp_path):
+    with soma_session(experiment, tmp_path, "cluster_confidence_score > 0.2", 5) as session:
+        assert parts.open_parts_dir(session) == 0
+        units = [session.unit_joinids(unit) for unit in session.units]
+    manifest = json.loads((parts.parts_dir(session) / parts.MANIFEST).read_text())
+    assert manifest["unit_soma_joinids"] == [[int(u[0]), int(u[-1])] for u in units]
+    with soma_session(experiment, tmp_path, "cluster_confidence_score > 0.2", 64) as again:
+        assert parts.open_parts_dir(again) == 0  # the same run: resumed
+        for unit, joinids in zip(again.units, units, strict=True):
+            np.testing.assert_array_equal(again.unit_joinids(unit), joinids)
+    with soma_session(experiment, tmp_path, "cluster_confidence_score > 0.3", 5) as other:
+        with pytest.raises(UserError, match="the cells of its query"):
+            parts.open_parts_dir(other)
 
 
 def run_command(arguments: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -238,6 +238,9 @@ class PredictConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
+# Cells of a SOMA query per block of its obs (joinids, names, columns) read at a time (InputConfig.soma_block_cells).
+SOMA_BLOCK_CELLS = 65_536
+
 # Cells of one generate run at most: its plan, output matrix and obs are held in memory (run again with another
 # seed for more cells). Genes per cell at most: more than any vocabulary holds.
 MAX_GENERATED_CELLS = 1_000_000

@@ -303,7 +303,7 @@ def reference_obs(args: argparse.Namespace, soma_filter: tuple[str | None, str |
     """The reference cells' obs (with its labels), read without the counts."""
     if soma_reference(args):
         with soma_reader(args, soma_filter) as reader:
-            return reader.obs.copy()
+            return reader.read_obs().copy()
     from transcriptformer.data.sources import read_obs
 
     return read_obs(args.reference)
@@ -332,7 +332,7 @@ def reference_embeddings(
         from transcriptformer.annotation.soma import read_soma_embeddings
 
         with soma_reader(args, soma_filter) as reader:
-            joinids = reader.joinids
+            joinids = reader.joinids()
         embeddings, model_id = read_soma_embeddings(args.reference_embeddings, joinids)
         return embeddings, obs, model_id
     if config is None:

@@ -2,9 +2,10 @@
 
 A :class:`SomaReader` is a :class:`~transcriptformer.data.sources.CountReader` over one query: the cells of an
 experiment that a SOMA value filter selects (all of them without a filter), in ascending ``soma_joinid`` order.
-``rows(start, stop)`` reads those cells' counts from one X layer of one measurement with tiledbsoma, so memory
-holds one block of cells whatever the size of the query. The query's obs (the requested columns and
-``soma_joinid``) and the measurement's var are read when it opens.
+``rows(start, stop)`` reads those cells' counts from one X layer of one measurement with tiledbsoma, and
+``read_obs(start, stop)`` their obs (the requested columns and ``soma_joinid``), so memory holds a few blocks of
+cells whatever the size of the query: nothing is kept per cell of the query. The measurement's var is read when it
+opens, and the query's joinids are streamed once (their number, their SHA-256, the first of each block).
 
 An experiment is opened from its URI (``tiledbsoma.open``), or from a collection of experiments such as the Census
 (``census_data/<organism>``), or from the public Census through ``cellxgene_census.open_soma``. Gene ids are read
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -26,6 +27,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from transcriptformer.config import SOMA_BLOCK_CELLS
 from transcriptformer.console import say
 from transcriptformer.data.sources import CountReader
 from transcriptformer.errors import UserError
@@ -162,6 +164,10 @@ def only_layer(layers, x_layer: str) -> str:
 class SomaReader(CountReader):
     """The cells of a SOMA experiment that an obs value filter selects, in ascending ``soma_joinid`` order.
 
+    Nothing of the query is held per cell: opening it streams its joinids once, keeping their number, their SHA-256
+    and the first joinid of every block of ``block_cells`` cells; the joinids, names and obs columns of a block are
+    read again when its cells are (:meth:`read_obs`, :meth:`joinids`, :meth:`rows`; the last two blocks are kept).
+
     Parameters
     ----------
     uri
@@ -179,22 +185,24 @@ class SomaReader(CountReader):
         The obs columns to read besides ``soma_joinid``; ``None``: all. Names the experiment lacks are left out.
     census_version
         Open the public CELLxGENE Census of this version instead of ``uri`` (needs the network).
+    block_cells
+        Cells of the query per block of obs read at a time.
 
     Attributes
     ----------
-    obs : DataFrame
-        The cells' requested columns and ``soma_joinid``, indexed by their names: ``obs_id`` when the experiment
-        has it (as written by ``tiledbsoma.io.from_h5ad``), else the joinids (integers; an ``.h5ad`` output
-        writes them as strings).
     var : DataFrame
         The measurement's var, in ``soma_joinid`` order, indexed by ``var_id`` when present, else the joinid.
-    joinids : ndarray
-        ``(n_obs,)`` int64 ``soma_joinid`` of each cell, ascending.
     experiment_uri : str
         Where the experiment is.
     x_layer : str
         The X layer read.
+    max_joinid : int
+        The largest ``soma_joinid`` of the query.
+    query_sha256 : str
+        SHA-256 of the query's joinids (``int64``, ascending): what changes when the filter selects other cells.
     """
+
+    streamed = True
 
     def __init__(
         self,
@@ -205,10 +213,14 @@ class SomaReader(CountReader):
         x_layer: str = CENSUS_X_LAYER,
         obs_columns: Sequence[str] | None = None,
         census_version: str | None = None,
+        block_cells: int = SOMA_BLOCK_CELLS,
     ):
         self.source = uri if census_version is None else f"the CELLxGENE Census {census_version}"
         self._root = open_census(census_version) if census_version is not None else open_soma_uri(uri)
         self._lock = threading.Lock()  # one read of X at a time: TileDB parallelises each read itself
+        self._obs_lock = threading.Lock()  # one read of a block of obs at a time, into the cache
+        self._blocks: dict[int, tuple[np.ndarray, pd.DataFrame]] = {}
+        self._block_cells, self._filter = block_cells, obs_filter
         try:
             experiment = select_experiment(self._root, organism, self.source)
             if experiment is not self._root:
@@ -218,11 +230,12 @@ class SomaReader(CountReader):
             self.x_layer = only_layer(ms.X, x_layer)
             self._x = _member(ms.X, self.x_layer, "soma_x_layer", "X layer")
             self.var = self._read_var(ms.var)
-            self.obs = self._read_obs(experiment.obs, obs_filter, obs_columns)
+            self._obs = experiment.obs
+            self._columns = self._obs_columns_read(obs_columns)
+            self._index_query()
         except BaseException:
             self._root.close()
             raise
-        self.joinids = self.obs[JOINID].to_numpy(dtype=np.int64)
         self._var_joinids = self.var[JOINID].to_numpy(dtype=np.int64)
 
     def _read_var(self, var) -> pd.DataFrame:
@@ -230,36 +243,102 @@ class SomaReader(CountReader):
         names = frame[VAR_NAME_COLUMN] if VAR_NAME_COLUMN in frame.columns else frame[JOINID]
         return frame.set_index(pd.Index(names.astype(str).to_numpy()))
 
-    def _read_obs(self, obs, obs_filter: str | None, columns: Sequence[str] | None) -> pd.DataFrame:
-        stored = obs.schema.names
-        if columns is not None:
-            wanted = [JOINID, *columns, OBS_NAME_COLUMN]
-            columns = list(dict.fromkeys(c for c in wanted if c in stored))
-        try:
-            frame = obs.read(value_filter=obs_filter, column_names=columns).concat().to_pandas()
-        except Exception as error:  # tiledbsoma raises SOMAError, TypeError or ValueError for a filter it cannot use
-            if obs_filter is None:
-                raise
-            shown = ", ".join(c for c in stored[:12] if c != JOINID) + (", ..." if len(stored) > 12 else "")
-            raise UserError(
-                f"obs_filter {obs_filter!r} is not a valid SOMA value filter on obs ({first_line(error)}); write "
-                f"it like {FILTER_EXAMPLE} with obs columns of {self.source} ({shown})"
-            ) from None
-        if frame.empty:
+    def _obs_columns_read(self, columns: Sequence[str] | None) -> list[str]:
+        """The obs columns read: ``soma_joinid``, ``columns`` (all without them) and ``obs_id``, those obs has."""
+        stored = self._obs.schema.names
+        wanted = stored if columns is None else [JOINID, *columns, OBS_NAME_COLUMN]
+        return list(dict.fromkeys(c for c in wanted if c in stored))
+
+    def _index_query(self) -> None:
+        """Stream the query's joinids once: their number, their SHA-256 and the first joinid of each block."""
+        sha, firsts, n, last = hashlib.sha256(), [], 0, -1
+        for joinids in self._query_joinids():
+            if joinids.size and (joinids[0] <= last or np.any(np.diff(joinids) <= 0)):
+                raise ValueError(f"{self.source}: obs returned the query's joinids out of order")
+            firsts.append(joinids[(-n) % self._block_cells :: self._block_cells])
+            sha.update(joinids.tobytes())
+            n += joinids.size
+            last = int(joinids[-1]) if joinids.size else last
+        if not n:
             raise UserError(
                 f"{self.source} holds no cells"
-                if obs_filter is None
-                else f"obs_filter {obs_filter!r} selects no cells of {self.source}; relax it"
+                if self._filter is None
+                else f"obs_filter {self._filter!r} selects no cells of {self.source}; relax it"
             )
-        frame = frame.sort_values(JOINID, kind="stable")[columns or frame.columns]  # tiledbsoma adds filtered ones
-        if OBS_NAME_COLUMN in frame.columns:
-            return frame.set_index(pd.Index(frame.pop(OBS_NAME_COLUMN).astype(str).to_numpy()))
-        return frame.set_index(pd.Index(frame[JOINID].to_numpy()))  # integers: 8 bytes a cell, not a string
+        self._n_obs, self.max_joinid, self.query_sha256 = n, last, sha.hexdigest()
+        self._block_firsts = np.concatenate(firsts)
+
+    def _query_joinids(self) -> Iterator[np.ndarray]:
+        """The query's joinids, ascending, in tiledbsoma's batches; a filter it cannot use is a ``UserError``."""
+        try:
+            read = self._obs.read(value_filter=self._filter, column_names=[JOINID], result_order="row-major")
+            for table in read:
+                yield table[JOINID].to_numpy().astype(np.int64, copy=False)
+        except Exception as error:  # tiledbsoma raises SOMAError, TypeError or ValueError for a filter it cannot use
+            if self._filter is None:
+                raise
+            stored = self._obs.schema.names
+            shown = ", ".join(c for c in stored[:12] if c != JOINID) + (", ..." if len(stored) > 12 else "")
+            raise UserError(
+                f"obs_filter {self._filter!r} is not a valid SOMA value filter on obs ({first_line(error)}); write "
+                f"it like {FILTER_EXAMPLE} with obs columns of {self.source} ({shown})"
+            ) from None
 
     @property
-    def query_sha256(self) -> str:
-        """SHA-256 of the query's joinids: what changes when the filter selects other cells."""
-        return hashlib.sha256(self.joinids.tobytes()).hexdigest()
+    def n_obs(self) -> int:
+        """Cells of the query."""
+        return self._n_obs
+
+    @property
+    def obs_columns(self) -> list[str]:
+        """The columns of :meth:`read_obs`: ``soma_joinid`` and the requested ones the experiment has."""
+        return [c for c in self._columns if c != OBS_NAME_COLUMN]
+
+    def _block(self, index: int) -> tuple[np.ndarray, pd.DataFrame]:
+        """The joinids and obs of the query's block ``index`` (the last two blocks read are kept)."""
+        with self._obs_lock:
+            if index not in self._blocks:
+                if len(self._blocks) == 2:
+                    del self._blocks[next(iter(self._blocks))]
+                frame = self._read_block(index)
+                self._blocks[index] = (frame[JOINID].to_numpy(dtype=np.int64), frame)
+            return self._blocks[index]
+
+    def _read_block(self, index: int) -> pd.DataFrame:
+        """The obs of the query's block ``index``: the filter's cells among the block's range of joinids."""
+        firsts = self._block_firsts
+        last = int(firsts[index + 1]) - 1 if index + 1 < firsts.size else self.max_joinid
+        coords = (slice(int(firsts[index]), last),)  # both ends included
+        read = self._obs.read(coords=coords, value_filter=self._filter, column_names=self._columns)
+        frame = read.concat().to_pandas().sort_values(JOINID, kind="stable")[self._columns]
+        expected = min(self._block_cells, self.n_obs - index * self._block_cells)
+        if len(frame) != expected:
+            raise ValueError(f"{self.source}: block {index} of the query holds {len(frame)} cells, not {expected}")
+        names = frame.pop(OBS_NAME_COLUMN).astype(str) if OBS_NAME_COLUMN in frame.columns else frame[JOINID]
+        return frame.set_index(pd.Index(names.to_numpy()))  # joinids: integers, 8 bytes a cell
+
+    def _blocks_of(self, start: int, stop: int | None) -> Iterator[tuple[tuple[np.ndarray, pd.DataFrame], slice]]:
+        """Each block holding cells ``start .. stop - 1`` of the query, with the slice of those cells in it."""
+        stop = self.n_obs if stop is None else min(stop, self.n_obs)
+        for index in range(start // self._block_cells, -(-stop // self._block_cells)):
+            offset = index * self._block_cells
+            yield self._block(index), slice(max(start - offset, 0), stop - offset)
+
+    def joinids(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """``(stop - start,)`` int64 ``soma_joinid`` of cells ``start .. stop - 1`` of the query (all by default)."""
+        blocks = [joinids[cells] for (joinids, _), cells in self._blocks_of(start, stop)]
+        return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64)
+
+    def read_obs(self, start: int = 0, stop: int | None = None) -> pd.DataFrame:
+        """The obs of cells ``start .. stop - 1`` of the query (all by default): :attr:`obs_columns`, indexed by name.
+
+        Names are ``obs_id`` when the experiment has it (as written by ``tiledbsoma.io.from_h5ad``), else the joinids
+        (integers; an ``.h5ad`` output writes them as strings).
+        """
+        frames = [obs.iloc[cells] for (_, obs), cells in self._blocks_of(start, stop)]
+        if not frames:
+            return pd.DataFrame(columns=self.obs_columns)
+        return frames[0] if len(frames) == 1 else pd.concat(frames)
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         """Counts of cells ``start .. stop - 1`` of the query (their joinids' rows of X), over the genes of var.
@@ -268,7 +347,7 @@ class SomaReader(CountReader):
         placed by joinid (both axes' joinids are ascending). ``blockwise().scipy()`` of tiledbsoma does the same,
         but with it the peak memory grew with the cells read (190 MB over 400,000 cells of the benchmark).
         """
-        joinids = self.joinids[start:stop]
+        joinids = self.joinids(start, stop)
         if not joinids.size:
             return sp.csr_matrix((0, len(self.var)), dtype=np.float32)
         with self._lock:

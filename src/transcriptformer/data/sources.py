@@ -39,16 +39,30 @@ TENX_DATASETS = (
 
 
 class CountReader(ABC):
-    """Counts of ``n_obs`` cells over the genes of ``var``, read in row blocks."""
+    """Counts of ``n_obs`` cells over the genes of ``var``, read in row blocks.
+
+    A file's reader holds its ``obs``; a ``streamed`` reader (the cells of a SOMA query) holds nothing per cell and
+    reads the obs of a block of cells with its counts (:meth:`read_obs`).
+    """
 
     var: pd.DataFrame
     obs: pd.DataFrame
     source: str
+    streamed = False
 
     @property
     def n_obs(self) -> int:
         """Number of cells."""
         return len(self.obs)
+
+    @property
+    def obs_columns(self) -> list[str]:
+        """The columns of :meth:`read_obs`."""
+        return list(self.obs.columns)
+
+    def read_obs(self, start: int = 0, stop: int | None = None) -> pd.DataFrame:
+        """The obs of cells ``start .. stop - 1`` (all by default), indexed by the cells' names."""
+        return self.obs.iloc[start:stop]
 
     @abstractmethod
     def rows(self, start: int, stop: int) -> sp.csr_matrix:

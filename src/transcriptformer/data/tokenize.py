@@ -243,6 +243,13 @@ def check_duplicates(gene_ids: pd.Series, keep_first: bool) -> np.ndarray:
     return ~duplicated.to_numpy()
 
 
+def warn_missing_aux_columns(columns: Sequence[str], aux_vocabs: Mapping[str, Mapping[str, int]]) -> None:
+    """Warn once per aux column that obs lacks: :func:`aux_tokens_from_obs` reads every cell's as unknown."""
+    for col in aux_vocabs:
+        if col not in columns:
+            warnings.warn(f"aux column {col!r} not in obs; treating every cell's {col} as unknown", stacklevel=3)
+
+
 def aux_tokens_from_obs(
     obs: pd.DataFrame, aux_vocabs: Mapping[str, Mapping[str, int]], aux_pad_token: str = "unknown"
 ) -> np.ndarray:
@@ -251,7 +258,6 @@ def aux_tokens_from_obs(
     for col, vocab in aux_vocabs.items():
         unknown = vocab[aux_pad_token]
         if col not in obs.columns:
-            warnings.warn(f"aux column {col!r} not in obs; treating every cell's {col} as unknown", stacklevel=3)
             columns.append(np.full(len(obs), unknown, dtype=np.int64))
             continue
         # Each distinct value is looked up once (a million cells hold a handful of assays); missing ones get code -1.
@@ -301,12 +307,19 @@ class CountScan:
 
     Attributes
     ----------
-    totals : ndarray
-        ``(n_cells,)`` total count of each cell, with invalid entries cleaned (:func:`clean_counts`).
-    expressed : ndarray
+    totals : ndarray or None
+        ``(n_cells,)`` total count of each cell, with invalid entries cleaned (:func:`clean_counts`); ``None``, like
+        ``expressed`` and ``invalid``, for a pass that keeps nothing per cell (the counts below only).
+    expressed : ndarray or None
         ``(n_cells,)`` number of positive counts of each cell (after cleaning).
-    invalid : ndarray
+    invalid : ndarray or None
         ``(n_cells,)`` number of NaN, infinite or negative entries of each cell.
+    n_invalid : int
+        Entries that are NaN, infinite or negative.
+    n_invalid_cells : int
+        Cells with such an entry.
+    n_empty : int
+        Cells without a positive count (after cleaning).
     n_infinite : int
         Entries that are ``+inf``.
     n_stored : int
@@ -317,9 +330,12 @@ class CountScan:
         The first such entry, in row order.
     """
 
-    totals: np.ndarray
-    expressed: np.ndarray
-    invalid: np.ndarray
+    totals: np.ndarray | None
+    expressed: np.ndarray | None
+    invalid: np.ndarray | None
+    n_invalid: int = 0
+    n_invalid_cells: int = 0
+    n_empty: int = 0
     n_infinite: int = 0
     n_stored: int = 0
     non_integer: int = 0
@@ -333,7 +349,9 @@ class CountScan:
         values = counts.data
         invalid = is_invalid(values)
         fractional = ~invalid & (np.mod(np.where(invalid, 0.0, values), 1) != 0)
-        self.invalid[start:stop] = np.bincount(rows[invalid] - start, minlength=stop - start)
+        invalid_per_cell = np.bincount(rows[invalid] - start, minlength=stop - start)
+        self.n_invalid += int(invalid.sum())
+        self.n_invalid_cells += int(np.count_nonzero(invalid_per_cell))
         self.n_infinite += int(np.isposinf(values).sum())
         self.n_stored += values.size
         self.non_integer += int(fractional.sum())
@@ -342,8 +360,12 @@ class CountScan:
         if self.first_non_integer is None and fractional.any():
             self.first_non_integer = _entry(rows, counts, np.flatnonzero(fractional)[0])
         cleaned = clean_counts(counts, infinite_to)
-        self.totals[start:stop] = cleaned.astype(np.float64).sum(axis=1).A1
-        self.expressed[start:stop] = (cleaned > 0).sum(axis=1).A1
+        expressed = (cleaned > 0).sum(axis=1).A1
+        self.n_empty += int(np.count_nonzero(expressed == 0))
+        if self.totals is not None:
+            self.invalid[start:stop] = invalid_per_cell
+            self.totals[start:stop] = cleaned.astype(np.float64).sum(axis=1).A1
+            self.expressed[start:stop] = expressed
 
 
 def _entry(rows: np.ndarray, counts: sp.csr_matrix, index: int) -> Entry:
@@ -354,6 +376,7 @@ def scan_counts(
     reader: CountReader,
     columns: np.ndarray,
     infinite_to: float | None = None,
+    per_cell: bool = True,
     block_cells: int = SCAN_BLOCK_CELLS,
     blocks: slice = slice(None),
 ) -> CountScan:
@@ -367,6 +390,8 @@ def scan_counts(
         The columns the model reads.
     infinite_to
         What infinite counts count as in ``totals`` (``clip_counts`` when they are clipped).
+    per_cell
+        Keep each cell's statistics (what the cell filters read); else only the counts over all cells.
     block_cells
         Cells per block read.
     blocks
@@ -374,14 +399,28 @@ def scan_counts(
         share a pass with ``slice(rank, None, world_size)`` and sum their scans.
     """
     n = reader.n_obs
-    scan = CountScan(np.zeros(n, np.float64), np.zeros(n, np.int64), np.zeros(n, np.int64))
+    if per_cell:
+        scan = CountScan(np.zeros(n, np.float64), np.zeros(n, np.int64), np.zeros(n, np.int64))
+    else:
+        scan = CountScan(None, None, None)
     for start in range(0, n, block_cells)[blocks]:
         scan.add_block(start, read_counts(reader, columns, start, min(start + block_cells, n)), infinite_to)
     return scan
 
 
-# A pass over a source's counts: (reader, columns read, what infinite counts count as) -> statistics.
-CountScanner = Callable[[CountReader, np.ndarray, float | None], CountScan]
+# A pass over a source's counts: (reader, columns read, what infinite counts count as, whether to keep each cell's
+# statistics) -> statistics.
+CountScanner = Callable[[CountReader, np.ndarray, float | None, bool], CountScan]
+
+
+def drops_cells(config: DataConfig) -> bool:
+    """Whether a cell filter of :func:`filter_cells` is on: only then are each cell's statistics needed."""
+    return (
+        config.invalid_counts == "drop"
+        or config.filter_outliers > 0
+        or config.min_expressed_genes > 0
+        or config.drop_empty_cells
+    )
 
 
 def filter_cells(scan: CountScan, config: DataConfig) -> tuple[np.ndarray, dict[str, int]]:
@@ -430,12 +469,12 @@ def check_counts(scan: CountScan, reader: CountReader, selection: GeneSelection,
         With ``invalid_counts="error"``, for NaN, infinite or negative counts: the file, how many, the first cell
         and gene; with ``invalid_counts="clip"``, for infinite counts when ``clip_counts`` is off.
     """
-    n_invalid = int(scan.invalid.sum())
+    n_invalid = scan.n_invalid
     if n_invalid and config.invalid_counts == "error":
         first = describe_entry(scan.first_invalid, reader, selection)
         raise UserError(
             f"{reader.source}: {n_invalid} count(s) of the {len(selection.columns)} genes read are NaN, infinite or "
-            f"negative, in {int((scan.invalid > 0).sum())} cell(s) (first: {first}); "
+            f"negative, in {scan.n_invalid_cells} cell(s) (first: {first}); "
             "fix the data, or pass `invalid_counts='drop'` to leave those cells out, or `invalid_counts='clip'` to set "
             "NaN and negative counts to 0 and infinite ones to clip_counts"
         )
@@ -455,7 +494,7 @@ def check_counts(scan: CountScan, reader: CountReader, selection: GeneSelection,
 
 def describe_entry(entry: Entry, reader: CountReader, selection: GeneSelection) -> str:
     """``value 0.5 of cell 'AAAC-1' (row 3), gene ENSG...``."""
-    cell = reader.obs.index[entry.row]
+    cell = reader.read_obs(entry.row, entry.row + 1).index[0]
     return f"value {entry.value:g} of cell {cell!r} (row {entry.row}), gene {selection.gene_ids[entry.column]}"
 
 
@@ -537,26 +576,32 @@ class CellTokenizer:
             return self.prepare(reader).cells()
 
     def prepare(self, reader: CountReader, scan: CountScanner = scan_counts) -> PreparedCells:
-        """Select the reader's genes, read its aux columns, check its counts and choose the cells to run.
+        """Select the reader's genes, check its counts and choose the cells to run.
 
         One pass over the counts (``scan``: :func:`scan_counts`, or a pass that several processes share) checks
-        them (:func:`check_counts`) and applies the cell filters (:func:`filter_cells`); the cells' counts are read
-        again later, in row blocks.
+        them (:func:`check_counts`) and applies the cell filters (:func:`filter_cells`); the cells' counts and obs
+        (their aux columns) are read again later, in row blocks. The pass keeps each cell's statistics when a cell
+        filter is on or the reader holds its obs (a file); for a streamed reader (a SOMA query) without cell
+        filters nothing is kept per cell, and with them only the rows of the cells kept once they are chosen.
         """
         config = self.data_config
         selection = select_genes(
             reader.var, self.gene_vocab, config.gene_col_name, config.filter_to_vocabs, self.remove_duplicate_genes
         )
-        aux = aux_tokens_from_obs(reader.obs, self.aux_vocabs, config.aux_pad_token)
+        warn_missing_aux_columns(reader.obs_columns, self.aux_vocabs)
         pad_index = self.gene_vocab.special(config.gene_pad_token)
-        scanned = scan(reader, selection.columns, config.clip_counts)
+        per_cell = drops_cells(config) or not reader.streamed
+        scanned = scan(reader, selection.columns, config.clip_counts, per_cell)
         check_counts(scanned, reader, selection, config)
-        keep, dropped = filter_cells(scanned, config)
-        kept = None if keep.all() else np.flatnonzero(keep)
-        n_empty = int((keep & (scanned.expressed == 0)).sum())
+        kept, dropped, n_empty = None, {}, scanned.n_empty
+        if drops_cells(config):
+            keep, dropped = filter_cells(scanned, config)
+            kept = None if keep.all() else np.flatnonzero(keep)
+            n_empty = int((keep & (scanned.expressed == 0)).sum())
         cells = PreparedCells(
-            reader, selection, aux, config, self.seq_len, pad_index, kept, dropped, n_empty, scanned.expressed
-        )
+            reader, selection, self.aux_vocabs, config, self.seq_len, pad_index, kept, dropped, n_empty,
+            None if reader.streamed else scanned.expressed,
+        )  # fmt: skip
         if reader.n_obs and not len(cells):
             raise ValueError(
                 f"{reader.source}: {cells.describe_dropped()}; relax them: raise model.data_config.filter_outliers, "
@@ -576,12 +621,13 @@ class PreparedCells:
     When a cell filter (:func:`filter_cells`) dropped cells, the cells are those of the source that the filters
     keep: ``kept`` holds their rows in the source and ``dropped`` how many cells each filter dropped. ``n_empty``
     cells kept have no count among the genes read; the batch loop gives them NaN outputs. ``expressed``: each
-    source row's positive counts among the genes read (from the pass that checked them).
+    source row's positive counts among the genes read (from the pass that checked them; ``None`` for a streamed
+    reader). The aux tokens of a block of cells come from its obs, read with its counts.
     """
 
     reader: CountReader
     selection: GeneSelection
-    aux_tokens: np.ndarray
+    aux_vocabs: Mapping[str, Mapping[str, int]]
     data_config: DataConfig
     seq_len: int
     pad_index: int
@@ -624,7 +670,12 @@ class PreparedCells:
         return np.arange(start, stop) if self.kept is None else self.kept[start:stop]
 
     def n_expressed(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """``(stop - start,)`` positive counts among the genes read of cells ``start .. stop - 1`` (all by default)."""
+        """``(stop - start,)`` positive counts among the genes read of cells ``start .. stop - 1`` (all by default).
+
+        Not for a streamed reader (a SOMA query), which keeps nothing per cell.
+        """
+        if self.expressed is None:
+            raise ValueError(f"{self.reader.source}: a streamed reader keeps no statistics per cell")
         return self.expressed[self.source_rows(start, stop)]
 
     def cells(self, start: int = 0, stop: int | None = None) -> TokenizedCells:
@@ -632,14 +683,15 @@ class PreparedCells:
         rows = self.source_rows(start, stop)
         first, last = (int(rows[0]), int(rows[-1]) + 1) if rows.size else (0, 0)
         counts = read_counts(self.reader, self.selection.columns, first, last)
+        obs = self.reader.read_obs(first, last)
         if counts.shape[0] != rows.size:  # cells dropped between first and last
-            counts = counts[rows - first]
+            counts, obs = counts[rows - first], obs.iloc[rows - first]
         return TokenizedCells(
             counts=clean_counts(counts, self.data_config.clip_counts),
             gene_tokens=self.selection.tokens,
             gene_ids=self.selection.gene_ids,
-            aux_tokens=self.aux_tokens[rows],
-            obs_names=self.reader.obs.index[rows],
+            aux_tokens=aux_tokens_from_obs(obs, self.aux_vocabs, self.data_config.aux_pad_token),
+            obs_names=obs.index,
             data_config=self.data_config,
             seq_len=self.seq_len,
             pad_index=self.pad_index,

@@ -29,6 +29,7 @@ from typing import Any
 
 from transcriptformer.config import (
     CONFIG_FILE,
+    SOMA_BLOCK_CELLS,
     DataConfig,
     LossConfig,
     ModelConfig,
@@ -84,6 +85,9 @@ class InputConfig:
         language selects cells by their obs (:func:`~transcriptformer.data.soma.obs_filter_rows`).
     soma_measurement, soma_x_layer : str
         The experiment's measurement and its X layer of raw counts.
+    soma_block_cells : int
+        Cells of the query per block of its obs (joinids, names, the columns read) read at a time: memory holds two
+        blocks, whatever the size of the query.
     use_raw : bool or None
         Counts from ``adata.raw.X`` (True), ``adata.X`` (False), or ``raw`` when present (None).
     remove_duplicate_genes : bool
@@ -101,11 +105,13 @@ class InputConfig:
     obs_filter: str | None = None
     soma_measurement: str = "RNA"
     soma_x_layer: str = "raw"
+    soma_block_cells: int = SOMA_BLOCK_CELLS
     use_raw: bool | None = None
     remove_duplicate_genes: bool = False
     use_oom_dataloader: bool = False
 
     def __post_init__(self) -> None:
+        check_range(self, "", "soma_block_cells", at_least=1)
         given = [name for name in ("data_files", "soma", "census_version") if getattr(self, name)]
         if len(given) > 1:
             raise ValueError(f"{' and '.join(given)} are alternatives: read the cells from one of them")

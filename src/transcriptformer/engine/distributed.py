@@ -110,13 +110,17 @@ def shared_scan(rank: Rank) -> CountScanner:
     if rank.world_size == 1:
         return scan_counts
 
-    def scan(reader: CountReader, columns: np.ndarray, infinite_to: float | None) -> CountScan:
-        own = scan_counts(reader, columns, infinite_to, blocks=slice(rank.rank, None, rank.world_size))
-        for values in (own.totals, own.expressed, own.invalid):
-            dist.all_reduce(torch.from_numpy(values))  # in place, into the numpy arrays
-        sums = torch.tensor([own.n_infinite, own.n_stored, own.non_integer], dtype=torch.int64)
+    def scan(reader: CountReader, columns: np.ndarray, infinite_to: float | None, per_cell: bool) -> CountScan:
+        blocks = slice(rank.rank, None, rank.world_size)
+        own = scan_counts(reader, columns, infinite_to, blocks=blocks, per_cell=per_cell)
+        if per_cell:
+            for values in (own.totals, own.expressed, own.invalid):
+                dist.all_reduce(torch.from_numpy(values))  # in place, into the numpy arrays
+        counted = ("n_invalid", "n_invalid_cells", "n_empty", "n_infinite", "n_stored", "non_integer")
+        sums = torch.tensor([getattr(own, name) for name in counted], dtype=torch.int64)
         dist.all_reduce(sums)
-        own.n_infinite, own.n_stored, own.non_integer = sums.tolist()
+        for name, value in zip(counted, sums.tolist(), strict=True):
+            setattr(own, name, value)
         firsts = [None] * rank.world_size
         dist.all_gather_object(firsts, (own.first_invalid, own.first_non_integer))
         own.first_invalid, own.first_non_integer = (_first([f[i] for f in firsts]) for i in range(2))

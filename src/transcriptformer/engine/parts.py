@@ -39,6 +39,7 @@ RESUMABLE_CHANGES = (
     "input.use_oom_dataloader",
     "output.output_format",
     "output.output_soma",
+    "input.soma_block_cells",
 )
 
 

@@ -110,7 +110,7 @@ def rows_obs(session: Session, unit: WorkUnit, part: Part) -> pd.DataFrame:
     """
     if part.cells is None:
         return part.obs
-    cells = session.files[unit.file_index].obs.iloc[unit.start : unit.stop]
+    cells = session.files[unit.file_index].obs_rows(unit.start, unit.stop)
     carried = cells.drop(columns=[c for c in cells.columns if c in part.obs.columns]).iloc[part.cells]
     return pd.concat([part.obs, carried.set_axis(part.obs.index)], axis=1)
 
@@ -219,7 +219,7 @@ def write_soma(session: Session) -> None:
         for unit in session.units
     )
     first = next(chunks)
-    n_rows = int(session.files[0].cells.reader.joinids[-1]) + 1
+    n_rows = session.files[0].cells.reader.max_joinid + 1
     try:
         write_soma_embeddings(uri, itertools.chain([first], chunks), n_rows, first[1].shape[1], embedding_info(session))
     except OSError as error:

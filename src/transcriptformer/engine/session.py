@@ -47,14 +47,16 @@ INPUT_VAR_NAME_COLUMN = "input_var_name"
 class InputFile:
     """One input, open for row-block reading: a file, or the cells of a SOMA experiment that a query selects.
 
+    The obs of its cells is read a unit at a time (:meth:`obs_rows`): a SOMA query's reader holds nothing per cell.
+
     Attributes
     ----------
     name : str
         The file's path, or the experiment's URI, as given (the output's ``source_file``).
     cells : PreparedCells
         Its genes matched with the vocabulary and its cells that the cell filters keep; counts are read per unit.
-    obs : DataFrame
-        The obs of those cells, filtered to the requested columns, with ``source_file`` (and ``soma_joinid``).
+    obs_keys : list of str
+        The obs columns kept.
     identity : list
         What a resumed run compares: a file's location, size and modification time; a query's experiment, number of
         cells and SHA-256 of their joinids.
@@ -62,8 +64,54 @@ class InputFile:
 
     name: str
     cells: PreparedCells
-    obs: pd.DataFrame
+    obs_keys: list[str]
     identity: list
+
+    @property
+    def reads_soma(self) -> bool:
+        """Whether the cells are those of a SOMA query (their obs has ``soma_joinid``)."""
+        return isinstance(self.cells.reader, SomaReader)
+
+    @property
+    def obs_columns(self) -> list[str]:
+        """The columns of :meth:`obs_rows`: the kept ones, ``soma_joinid`` (a SOMA query) and ``source_file``."""
+        joinid = [JOINID] if self.reads_soma and JOINID not in self.obs_keys else []
+        return [*self.obs_keys, *joinid, SOURCE_FILE_COLUMN]
+
+    def obs_rows(self, start: int = 0, stop: int | None = None) -> pd.DataFrame:
+        """The obs of cells ``start .. stop - 1`` (all by default), indexed by their names: :attr:`obs_columns`."""
+        first, last, offsets = self._source_block(start, stop)
+        read = self.cells.reader.read_obs(first, last)
+        read = read if offsets is None else read.iloc[offsets]
+        obs = read[self.obs_keys].copy()
+        if self.reads_soma:
+            obs[JOINID] = read[JOINID].to_numpy(dtype=np.int64)
+        obs[SOURCE_FILE_COLUMN] = self.name
+        return obs
+
+    @functools.cached_property
+    def obs(self) -> pd.DataFrame:
+        """The obs of every cell (:meth:`obs_rows`); a SOMA query's is read here, for the ``.h5ad`` that holds it."""
+        return self.obs_rows()
+
+    def joinids(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+        """``soma_joinid`` of cells ``start .. stop - 1`` (all by default) of a SOMA input; ``None`` for a file."""
+        if not self.reads_soma:
+            return None
+        first, last, offsets = self._source_block(start, stop)
+        joinids = self.cells.reader.joinids(first, last)
+        return joinids if offsets is None else joinids[offsets]
+
+    def _source_block(self, start: int, stop: int | None) -> tuple[int, int, np.ndarray | None]:
+        """The source rows ``first .. last - 1`` holding cells ``start .. stop - 1``, and the cells' among them.
+
+        The positions are ``None`` when no cell between them was dropped by a cell filter.
+        """
+        rows = self.cells.source_rows(start, stop)
+        if not rows.size:
+            return 0, 0, None
+        first, last = int(rows[0]), int(rows[-1]) + 1
+        return first, last, None if last - first == rows.size else rows - first
 
     @property
     def n_genes(self) -> int:
@@ -74,11 +122,6 @@ class InputFile:
     def n_matched(self) -> int:
         """Genes of the file that the vocabulary holds."""
         return len(self.cells.selection.columns)
-
-    @property
-    def joinids(self) -> np.ndarray | None:
-        """``soma_joinid`` of each cell of a SOMA input; ``None`` for a file."""
-        return self.obs[JOINID].to_numpy(dtype=np.int64) if isinstance(self.cells.reader, SomaReader) else None
 
     @property
     def var(self) -> pd.DataFrame:
@@ -163,8 +206,7 @@ class Session:
 
     def unit_joinids(self, unit: WorkUnit) -> np.ndarray | None:
         """``soma_joinid`` of a unit's cells when they come from a SOMA experiment; ``None`` for a file."""
-        joinids = self.files[unit.file_index].joinids
-        return None if joinids is None else joinids[unit.start : unit.stop]
+        return self.files[unit.file_index].joinids(unit.start, unit.stop)
 
     def read_unit(self, unit: WorkUnit) -> TokenizedCells | None:
         """The tokenized cells of one unit, read from its file; ``None`` for rows that the task plans."""
@@ -295,6 +337,7 @@ def open_soma_input(
         x_layer=inputs.soma_x_layer,
         obs_columns=columns,
         census_version=inputs.census_version,
+        block_cells=inputs.soma_block_cells,
     )
     open_files.enter_context(reader)
     identity = [reader.experiment_uri, reader.n_obs, reader.query_sha256]
@@ -315,32 +358,28 @@ def _input(
 
     ``obs_filter`` selects the cells of a file (a SOMA reader applies it when it reads obs).
     """
-    obs = select_obs(reader.obs, obs_keys, name, added)
-    if isinstance(reader, SomaReader):
-        obs[JOINID] = reader.joinids
+    keys = select_obs_keys(reader.obs_columns, obs_keys, name, added)
     cells = tokenizer.prepare(reader, scan)
     if obs_filter is not None and not isinstance(reader, SomaReader):
         cells = cells.keep_only(obs_filter_rows(reader.obs, obs_filter, name), "obs_filter")
         if not len(cells):
             raise UserError(f"{name}: {cells.describe_dropped()}; relax obs_filter or the cell filters")
-    obs = obs.iloc[cells.source_rows()].copy() if cells.n_dropped else obs
-    obs[SOURCE_FILE_COLUMN] = name
-    return InputFile(name, cells, obs, identity)
+    return InputFile(name, cells, keys, identity)
 
 
-def select_obs(obs: pd.DataFrame, keys: Sequence[str], path: Path | str, added: Sequence[str]) -> pd.DataFrame:
-    """The requested obs columns (all for ``["all"]``), with the original obs_names; none may be in ``added``."""
+def select_obs_keys(columns: Sequence[str], keys: Sequence[str], path: Path | str, added: Sequence[str]) -> list[str]:
+    """The requested obs columns among ``columns`` (all for ``["all"]``); none may be missing, or in ``added``."""
     if list(keys) == [ALL_OBS_KEYS]:
-        keys = list(obs.columns)
-    missing = [k for k in keys if k not in obs.columns]
+        keys = list(columns)
+    missing = [k for k in keys if k not in columns]
     if missing:
-        raise KeyError(f"{path}: obs has no column(s) {missing} (columns: {list(obs.columns)})")
+        raise KeyError(f"{path}: obs has no column(s) {missing} (columns: {list(columns)})")
     clashing = [k for k in keys if k in added]
     if clashing:
         raise ValueError(
             f"{path}: obs column(s) {clashing} would be overwritten by the output's; choose others with obs_keys"
         )
-    return obs[list(keys)].copy()
+    return list(keys)
 
 
 def gene_axis(files: Sequence[InputFile], vocab_size: int) -> tuple[pd.Index, np.ndarray]:

@@ -143,7 +143,7 @@ class Task(Protocol):
         """The outputs of one unit's cells (per-gene outputs on the session's gene axis), or of its planned rows.
 
         ``on_batch`` takes the work done, in the unit of :meth:`progress` (the progress bar); ``limit`` is the batch
-        loop's memory limit, kept across units. ``session.files[unit.file_index].obs.iloc[unit.start:unit.stop]``
+        loop's memory limit, kept across units. ``session.files[unit.file_index].obs_rows(unit.start, unit.stop)``
         is the cells' obs. ``cells`` is ``None`` for a unit of rows that the task plans (:meth:`planned_rows`),
         which reads what it needs of the inputs itself (``session.files``).
         """

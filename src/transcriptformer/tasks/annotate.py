@@ -131,7 +131,7 @@ class AnnotateTask(BatchLoopTask):
     def check_plan(self, session: Session) -> None:
         """The query's obs holds ``true_key`` (checked once the inputs are open, before any cell is embedded)."""
         for file in session.files:
-            check_true_key(self.settings.true_key, file.obs.columns)
+            check_true_key(self.settings.true_key, file.obs_columns)
 
     def added_obs_columns(self) -> tuple[str, ...]:
         """``predicted_<key>`` and ``<key>_confidence`` of each label key."""
