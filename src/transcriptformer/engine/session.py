@@ -13,7 +13,7 @@ import dataclasses
 import functools
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,8 +126,6 @@ class Session:
         ``(vocab_size,)`` column of each vocabulary entry on the gene axis, ``-1`` when absent.
     units : list of WorkUnit
     precision : str
-    weights_digest : Future or None
-        The SHA-256 of the checkpoint's weights file being computed beside the loading (:func:`prepare`).
     """
 
     config: RunConfig
@@ -141,7 +139,6 @@ class Session:
     units: list[WorkUnit]
     precision: str
     open_files: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
-    weights_digest: Future[str] | None = None
 
     def __enter__(self) -> Session:
         return self
@@ -162,8 +159,6 @@ class Session:
     @functools.cached_property
     def weights_sha256(self) -> str:
         """SHA-256 of the checkpoint's weights file, read once per run (it is large)."""
-        if self.weights_digest is not None:
-            return self.weights_digest.result()
         return sha256_of(self.checkpoint.path / WEIGHTS_FILE)
 
     def unit_joinids(self, unit: WorkUnit) -> np.ndarray | None:
@@ -211,22 +206,7 @@ def prepare(config: RunConfig, device: torch.device, task: Task, scan: CountScan
     """
     if not (config.input.data_files or config.input.reads_soma) and task.planned_rows(None) is None:
         raise ValueError("no input: give files with data_files, or a SOMA experiment with `soma` or census_version")
-    digest = sha256_in_background(Path(config.model.checkpoint_path) / WEIGHTS_FILE)
-    session = open_session(config, load_for_run(config, device), device, task, scan)
-    session.weights_digest = digest
-    return session
-
-
-def sha256_in_background(path: Path) -> Future[str]:
-    """The SHA-256 of a file, computed in a thread of its own while the caller goes on.
-
-    hashlib lets other threads run while it hashes, so the weights file of a run (hundreds of MB, what the run's
-    fingerprint and metadata name) is hashed while the model is loaded and the inputs opened, on another core.
-    """
-    hashing = ThreadPoolExecutor(1, thread_name_prefix="sha256")
-    digest = hashing.submit(sha256_of, path)
-    hashing.shutdown(wait=False)  # the thread ends with the hash
-    return digest
+    return open_session(config, load_for_run(config, device), device, task, scan)
 
 
 def open_session(
