@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import PARITY_OUTPUTS
-from transcriptformer.data.batching import batch_length, plan_batches
+from transcriptformer.data.batching import MAX_PADDING, batch_length, plan_batches
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +39,45 @@ def test_plan_covers_every_cell_once(n_tokens, batch_size, max_tokens, window):
             assert len(batch.rows) * batch.length <= max_tokens or len(batch.rows) == 1
         # sorting stays within a window
         assert len({int(r) // window for r in batch.rows}) == 1
+        assert padding_share(batch, n_tokens) <= MAX_PADDING
+
+
+def padding_share(batch, n_tokens, seq_len=127, multiple=1):
+    """Share of the batch's positions that pad its cells beyond the length each would have in a batch alone."""
+    alone = [batch_length(int(n), seq_len, multiple) for n in n_tokens[batch.rows]]
+    return 1 - sum(alone) / (len(alone) * batch.length)
+
+
+@pytest.mark.parametrize("max_padding", [0.0, 0.05, 0.3])
+def test_a_batch_ends_where_padding_would_exceed_its_share(n_tokens, max_padding):
+    plan = plan_batches(n_tokens, 127, batch_size=16, max_padding=max_padding)
+    for batch, following in zip(plan, plan[1:], strict=False):
+        assert padding_share(batch, n_tokens) <= max_padding
+        if len(batch.rows) < 16 and batch.length == following.length == 127:
+            pytest.fail("cells of the same length were split")
+        if len(batch.rows) < 16:  # the next cell would have padded the batch beyond the share
+            grown = type(batch)(np.append(batch.rows, following.rows[0]), batch.length)
+            assert padding_share(grown, n_tokens) > max_padding
+    assert len(plan) > len(plan_batches(n_tokens, 127, batch_size=16, max_padding=1.0))
+
+
+def test_padding_from_rounding_to_the_length_multiple_does_not_split_batches(n_tokens):
+    short = n_tokens[n_tokens < 63]  # cells of 16 to 62 tokens, each alone in a batch of 64 positions
+    assert len(np.unique(short)) > 10
+    assert [(len(b.rows), b.length) for b in plan_batches(short, 127, batch_size=64, multiple=64)] == [(len(short), 64)]
+
+
+def test_without_a_padding_limit_batches_are_full(n_tokens):
+    plan = plan_batches(n_tokens, 127, batch_size=8, max_padding=1.0)
+    assert [len(b.rows) for b in plan] == [8] * (len(n_tokens) // 8)
 
 
 def test_batching_saves_padding(n_tokens):
-    plan = plan_batches(n_tokens, 127, batch_size=8)
-    padded_positions = sum(len(b.rows) * b.length for b in plan)
-    assert padded_positions < 0.9 * len(n_tokens) * 127
+    for max_padding in (1.0, MAX_PADDING):
+        plan = plan_batches(n_tokens, 127, batch_size=8, max_padding=max_padding)
+        padded_positions = sum(len(b.rows) * b.length for b in plan)
+        assert padded_positions < 0.9 * len(n_tokens) * 127
+    assert padded_positions <= np.minimum(n_tokens + 1, 127).sum() / (1 - MAX_PADDING)
 
 
 def test_bad_plans_are_rejected(n_tokens):
@@ -52,6 +85,8 @@ def test_bad_plans_are_rejected(n_tokens):
         plan_batches(n_tokens, 127, batch_size=0)
     with pytest.raises(ValueError, match="max_tokens must be >= 1"):
         plan_batches(n_tokens, 127, max_tokens=0)
+    with pytest.raises(ValueError, match=r"max_padding must be within \[0, 1\], got 1.5"):
+        plan_batches(n_tokens, 127, max_padding=1.5)
 
 
 def test_token_budget_gives_reference_outputs(reference_model, reference_input, expected):

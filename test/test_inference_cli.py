@@ -99,7 +99,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(inference, reference_dir, ca
     plan = capsys.readouterr().out
     assert "input.h5ad: 64 cells, 1024 of 1122 genes in the vocabulary" in plan
     assert "mouse_10x_40cells.h5ad: 40 cells, 38 of 1000 genes in the vocabulary" in plan
-    assert "104 cells in 13 batches of up to 8 cells" in plan
+    assert "104 cells in 23 batches of up to 8 cells" in plan
     assert "Device: cpu (1 process), precision 32" in plan
     assert not output.parent.exists()
 

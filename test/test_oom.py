@@ -170,10 +170,12 @@ def test_a_run_keeps_the_lowered_batch_size_for_its_later_units(reference_dir, r
     chunk_size = 16
     with inference_session(reference_dir, reference_input, tmp_path, chunk_size) as session:
         seq_len = session.model.seq_len
-        n_tokens = session.files[0].cells.cells().n_tokens()
-        # The premise: every unit holds a cell longer than half the sequence, so 16 of them would not fit.
-        assert all(n_tokens[start : start + chunk_size].max() >= seq_len / 2 for start in range(0, 64, chunk_size))
-        session.model = device = SmallDevice(session.model, capacity=8 * seq_len)  # any 8 cells fit
+        first_batches = [
+            plan(session.model, session.read_unit(u), session.config.predict, CPU)[0] for u in session.units
+        ]
+        # The premise: every unit's first batch holds several full-length cells, which would not fit.
+        assert all(len(batch.rows) >= 2 and batch.length == seq_len for batch in first_batches)
+        session.model = device = SmallDevice(session.model, capacity=seq_len)  # any one cell fits
         open_parts_dir(session)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -182,9 +184,10 @@ def test_a_run_keeps_the_lowered_batch_size_for_its_later_units(reference_dir, r
         assert len(session.units) == 4
         assert len(device.failures()) == 1  # in the first unit only: the later ones start at the lowered size
         assert device.cells_computed() == 64
-        assert all(n <= 8 for n, _, _ in device.tried[1:])
+        lowered = len(first_batches[0].rows) // 2
+        assert all(n <= lowered for n, _, _ in device.tried[1:])
         messages = [str(w.message) for w in caught if "out of memory" in str(w.message)]
-        assert len(messages) == 1 and "continuing with `batch_size=8`" in messages[0]
+        assert len(messages) == 1 and f"continuing with `batch_size={lowered}`" in messages[0]
         for unit in session.units:
             saved = load_part(part_file(session, unit)).outputs.cell_values["embeddings"]
             desired = normal_run["embeddings"][unit.start : unit.stop]

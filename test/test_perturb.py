@@ -256,7 +256,9 @@ def test_results_do_not_depend_on_batch_size_or_chunking(model, adata, genes):
     for run in runs:
         assert run.inputs_run == reference.inputs_run
         pd.testing.assert_series_equal(run.cells.obs["affected"], reference.cells.obs["affected"])
-        np.testing.assert_allclose(run.cells.obs[numbers], reference.cells.obs[numbers], rtol=1e-4, atol=1e-6)
+        # The deltas are differences of log-likelihoods of hundreds of nats, summed in float32: a float32 spacing
+        # there is 6e-5, and another batch may round a sum one or two spacings apart.
+        np.testing.assert_allclose(run.cells.obs[numbers], reference.cells.obs[numbers], rtol=1e-4, atol=2.5e-4)
         got, want = run.cells.X, reference.cells.X
         np.testing.assert_array_equal(got.indptr, want.indptr)
         np.testing.assert_array_equal(got.indices, want.indices)

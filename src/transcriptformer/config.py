@@ -212,7 +212,8 @@ class PredictConfig:
     output_keys : tuple of str
         Outputs to compute, names of :data:`transcriptformer.model.outputs.OUTPUTS`.
     batch_size : int
-        Cells per forward pass.
+        Cells per forward pass at most (fewer where their lengths differ much: see
+        :func:`~transcriptformer.data.batching.plan_batches`).
     max_tokens : int or None
         Token budget per forward pass (cells x batch length) instead of a fixed ``batch_size``.
     precision : str or None

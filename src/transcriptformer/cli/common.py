@@ -378,7 +378,10 @@ def add_batch_arguments(
 ) -> None:
     """The flags of how cells run through the batch loop: batch size or token budget, chunks, precision, device."""
     group.add_argument(
-        "--batch-size", type=positive_int, default=batch_size, help="cells per forward pass (default: %(default)s)"
+        "--batch-size",
+        type=positive_int,
+        default=batch_size,
+        help="cells per forward pass at most (default: %(default)s)",
     )
     budget = group.add_argument(
         "--max-tokens",
