@@ -218,7 +218,8 @@ def test_blocks_smaller_than_the_units_give_the_same_outputs(experiment, from_h5
     assert list(adata.obs["cell_type"]) == list(from_h5ad.obs["cell_type"])
     np.testing.assert_array_equal(adata.obs["soma_joinid"], np.arange(64))
     np.testing.assert_array_equal(adata.obsm["X_transcriptformer"], from_h5ad.obsm["X_transcriptformer"])
-    np.testing.assert_array_equal(adata.obs["llh"], from_h5ad.obs["llh"])
+    # Units of 16 cells batch differently from the whole file: a sum over a cell's genes moves by float32 rounding.
+    np.testing.assert_allclose(adata.obs["llh"], from_h5ad.obs["llh"], rtol=1e-6)
     joinids, embeddings, _ = read_array(str(tmp_path / "blocks" / "e.soma"))
     np.testing.assert_array_equal(joinids, np.arange(64))
     np.testing.assert_array_equal(embeddings, from_h5ad.obsm["X_transcriptformer"])
