@@ -1,0 +1,103 @@
+"""The compiled bf16 score loop of attention on the CPU: its package in the cache folder, reuse and fallbacks."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from transcriptformer.model.attention import CachedScoreLoop, probabilities
+
+NEVER = 1 << 62  # score elements: a loop that never builds its package
+
+
+def score_inputs(batch: int, heads: int, rows: int, keys: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """bf16 products, count bias, padding (the first keys of cell 0) and the rows that see no key."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = (4 * torch.randn(batch, heads, rows, keys, generator=gen)).bfloat16()
+    count_bias = torch.log1p(torch.rand(batch, keys, generator=gen) * 20)
+    kv_is_pad = torch.zeros(batch, keys, dtype=torch.bool)
+    kv_is_pad[0, :3] = True
+    q_idx = torch.arange(keys - rows, keys)[:, None]
+    sees_nothing = (q_idx < 3) & (torch.arange(batch) == 0)[:, None, None, None]  # (B, 1, R, 1)
+    return scores, count_bias, kv_is_pad, sees_nothing if sees_nothing.any() else None
+
+
+def eager(scores, count_bias, kv_is_pad, sees_nothing, cap=10.0, embed_mode=False):
+    start = scores.shape[-1] - scores.shape[-2]
+    return probabilities(scores.clone(), count_bias, kv_is_pad, start, cap, embed_mode, sees_nothing, torch.bfloat16)
+
+
+SHAPES = [(3, 2, 40, 40), (2, 4, 7, 130), (1, 2, 1, 5), (4, 3, 64, 64)]  # whole sequences, row blocks, one row
+
+
+@pytest.mark.slow  # compiles the package: 20-50 s on two busy cores
+@pytest.mark.parametrize("embed_mode", [False, True])
+def test_compiled_score_loop_matches_eager_and_a_second_process_loads_it(tmp_path, embed_mode):
+    loop = CachedScoreLoop(10.0, embed_mode, torch.bfloat16, torch.bfloat16, cache_dir=tmp_path, build_after=0)
+    assert loop.loop is None and not loop.path.exists()
+    outputs = []
+    for seed, shape in enumerate(SHAPES):
+        inputs = score_inputs(*shape, seed=seed)
+        got = loop(inputs[0].clone(), *inputs[1:])
+        expected = eager(*inputs, embed_mode=embed_mode)
+        assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+        torch.testing.assert_close(got, expected)  # bf16 rounding of the same float32 values
+        if inputs[3] is not None:
+            assert torch.equal(got[0, :, :3], torch.zeros_like(got[0, :, :3]))  # rows that see nothing: zeros
+        outputs.append(got)
+    assert loop.loop is not None and loop.path.is_file()
+    assert [p.name for p in loop.path.parent.iterdir()] == [loop.path.name]  # no partial file left behind
+
+    again = CachedScoreLoop(10.0, embed_mode, torch.bfloat16, torch.bfloat16, cache_dir=tmp_path, build_after=NEVER)
+    assert again.loop is not None  # loaded from the cache folder, nothing compiled
+    for seed, (shape, first) in enumerate(zip(SHAPES, outputs, strict=True)):
+        inputs = score_inputs(*shape, seed=seed)
+        assert torch.equal(again(inputs[0].clone(), *inputs[1:]), first)
+    other = CachedScoreLoop(5.0, embed_mode, torch.bfloat16, torch.bfloat16, cache_dir=tmp_path, build_after=NEVER)
+    assert other.path != loop.path and other.loop is None  # another softcap: another package
+
+
+def test_short_runs_stay_eager_and_build_nothing(tmp_path):
+    inputs = score_inputs(2, 2, 30, 50, seed=1)
+    loop = CachedScoreLoop(10.0, False, torch.bfloat16, torch.bfloat16, cache_dir=tmp_path, build_after=NEVER)
+    assert torch.equal(loop(inputs[0].clone(), *inputs[1:]), eager(*inputs))
+    assert loop.loop is None and loop.eager_elements == inputs[0].numel() and not tmp_path.joinpath("compiled").exists()
+
+
+def test_corrupt_package_warns_once_and_runs_eagerly(tmp_path):
+    settings = (10.0, False, torch.bfloat16, torch.bfloat16)
+    path = CachedScoreLoop(*settings, cache_dir=tmp_path, build_after=NEVER).path
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"PK\x03\x04 not a package")
+    with pytest.warns(UserWarning, match="cannot be loaded .*running uncompiled, slower"):
+        loop = CachedScoreLoop(*settings, cache_dir=tmp_path, build_after=NEVER)
+    assert loop.loop is None
+    inputs = score_inputs(3, 2, 40, 40, seed=2)
+    assert torch.equal(loop(inputs[0].clone(), *inputs[1:]), eager(*inputs))
+
+
+def test_without_a_cxx_compiler_the_build_fails_with_a_warning_and_runs_eagerly(tmp_path):
+    script = textwrap.dedent(f"""
+        import warnings
+        import torch
+        from test_score_loop import eager, score_inputs
+        from transcriptformer.model.attention import CachedScoreLoop
+
+        loop = CachedScoreLoop(10.0, False, torch.bfloat16, torch.bfloat16, cache_dir={str(tmp_path)!r}, build_after=0)
+        inputs = score_inputs(3, 2, 40, 40, seed=3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first, second = (loop(inputs[0].clone(), *inputs[1:]) for _ in range(2))
+        assert torch.equal(first, eager(*inputs)) and torch.equal(second, first)
+        assert loop.loop is None and loop.build_failed and not loop.path.exists()
+        print([str(w.message) for w in caught])
+    """)
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler")}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("could not be compiled") == 1 and "running uncompiled, slower" in result.stdout
+    assert list(tmp_path.joinpath("compiled").iterdir()) == []  # the partial file removed
