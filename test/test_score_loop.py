@@ -1,4 +1,4 @@
-"""The compiled bf16 score loop of attention on the CPU: its package in the cache folder, reuse and fallbacks."""
+"""The compiled score loop of attention on the CPU: its package in the cache folder, parity, reuse and fallbacks."""
 
 import os
 import subprocess
@@ -13,50 +13,58 @@ from transcriptformer.model.attention import CachedScoreLoop, probabilities
 NEVER = 1 << 62  # score elements: a loop that never builds its package
 
 
-def score_inputs(batch: int, heads: int, rows: int, keys: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """bf16 products, count bias, padding (the first keys of cell 0) and the rows that see no key."""
+def score_inputs(
+    batch: int, heads: int, rows: int, keys: int, seed: int, dtype: torch.dtype = torch.bfloat16
+) -> tuple[torch.Tensor, ...]:
+    """Products, count bias, padding (the first keys of cell 0) and the rows that see no key.
+
+    Bias and padding are the first ``keys`` columns of longer ones, as a row block's are (not contiguous).
+    """
     gen = torch.Generator().manual_seed(seed)
-    scores = (4 * torch.randn(batch, heads, rows, keys, generator=gen)).bfloat16()
-    count_bias = torch.log1p(torch.rand(batch, keys, generator=gen) * 20)
-    kv_is_pad = torch.zeros(batch, keys, dtype=torch.bool)
+    scores = (4 * torch.randn(batch, heads, rows, keys, generator=gen)).to(dtype)
+    count_bias = torch.log1p(torch.rand(batch, keys + 9, generator=gen) * 20)[:, :keys]
+    kv_is_pad = (torch.rand(batch, keys + 9, generator=gen) < 0.2)[:, :keys]
     kv_is_pad[0, :3] = True
-    q_idx = torch.arange(keys - rows, keys)[:, None]
-    sees_nothing = (q_idx < 3) & (torch.arange(batch) == 0)[:, None, None, None]  # (B, 1, R, 1)
+    visible = ~kv_is_pad
+    first_visible = torch.where(visible.any(1), visible.int().argmax(1), keys)
+    sees_nothing = torch.arange(keys - rows, keys)[:, None] < first_visible[:, None, None, None]  # (B, 1, R, 1)
     return scores, count_bias, kv_is_pad, sees_nothing if sees_nothing.any() else None
 
 
 def eager(scores, count_bias, kv_is_pad, sees_nothing, cap=10.0, embed_mode=False):
     start = scores.shape[-1] - scores.shape[-2]
-    return probabilities(scores.clone(), count_bias, kv_is_pad, start, cap, embed_mode, sees_nothing, torch.bfloat16)
+    return probabilities(scores.clone(), count_bias, kv_is_pad, start, cap, embed_mode, sees_nothing, scores.dtype)
 
 
 SHAPES = [(3, 2, 40, 40), (2, 4, 7, 130), (1, 2, 1, 5), (4, 3, 64, 64)]  # whole sequences, row blocks, one row
 
 
 @pytest.mark.slow  # compiles the package: 20-50 s on two busy cores
-@pytest.mark.parametrize("embed_mode", [False, True])
-def test_compiled_score_loop_matches_eager_and_a_second_process_loads_it(tmp_path, embed_mode):
-    loop = CachedScoreLoop(10.0, embed_mode, torch.bfloat16, torch.bfloat16, cache_dir=tmp_path, build_after=0)
+@pytest.mark.parametrize("embed_mode, dtype", [(False, torch.bfloat16), (True, torch.bfloat16), (False, torch.float32)])
+def test_compiled_score_loop_matches_eager_and_a_second_process_loads_it(tmp_path, embed_mode, dtype):
+    loop = CachedScoreLoop(10.0, embed_mode, dtype, dtype, cache_dir=tmp_path, build_after=0)
     assert loop.loop is None and not loop.path.exists()
     outputs = []
     for seed, shape in enumerate(SHAPES):
-        inputs = score_inputs(*shape, seed=seed)
+        inputs = score_inputs(*shape, seed=seed, dtype=dtype)
         got = loop(inputs[0].clone(), *inputs[1:])
         expected = eager(*inputs, embed_mode=embed_mode)
-        assert got.dtype == torch.bfloat16 and got.shape == expected.shape
-        torch.testing.assert_close(got, expected)  # bf16 rounding of the same float32 values
+        assert got.dtype == dtype and got.shape == expected.shape
+        # bf16: the rounding of the same float32 values; float32: summation order (parity tests allow 1e-4)
+        torch.testing.assert_close(got, expected, **({} if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-7)))
         if inputs[3] is not None:
             assert torch.equal(got[0, :, :3], torch.zeros_like(got[0, :, :3]))  # rows that see nothing: zeros
+        assert torch.isfinite(got).all()
         outputs.append(got)
     assert loop.loop is not None and loop.path.is_file()
     assert [p.name for p in loop.path.parent.iterdir()] == [loop.path.name]  # no partial file left behind
 
-    again = CachedScoreLoop(10.0, embed_mode, torch.bfloat16, torch.bfloat16, cache_dir=tmp_path, build_after=NEVER)
+    again = CachedScoreLoop(10.0, embed_mode, dtype, dtype, cache_dir=tmp_path, build_after=NEVER)
     assert again.loop is not None  # loaded from the cache folder, nothing compiled
     for seed, (shape, first) in enumerate(zip(SHAPES, outputs, strict=True)):
-        inputs = score_inputs(*shape, seed=seed)
+        inputs = score_inputs(*shape, seed=seed, dtype=dtype)
         assert torch.equal(again(inputs[0].clone(), *inputs[1:]), first)
-    other = CachedScoreLoop(5.0, embed_mode, torch.bfloat16, torch.bfloat16, cache_dir=tmp_path, build_after=NEVER)
+    other = CachedScoreLoop(5.0, embed_mode, dtype, dtype, cache_dir=tmp_path, build_after=NEVER)
     assert other.path != loop.path and other.loop is None  # another softcap: another package
 
 

@@ -344,7 +344,7 @@ def attend_row_blocks(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) 
     keys = k.shape[2]
     first = keys - rows
     bound = inputs.max_score_elements
-    if bound is not None and compiles_scores(q):
+    if bound is not None and q.dtype == torch.bfloat16 and compiles_scores(q):
         # The compiled loop's bfloat16 scores and probabilities take half the memory of the eager float32 ones;
         # larger blocks also spare the bfloat16 products copies of their key blocks (one per block)
         bound *= 2
@@ -363,9 +363,8 @@ def attend_rows(q: Tensor, k: Tensor, v: Tensor, start: int, inputs: AttentionIn
     """Attention of the query rows ``start .. start + R - 1`` over the keys ``0 .. start + R - 1``.
 
     The one implementation of the score rule for the chunked backend and for decoding with a key/value cache.
-    Under bfloat16 autocast on the CPU, the two products run in bfloat16 and the score work between them is one
-    compiled loop where it pays (:func:`compiled_probabilities`); otherwise everything runs eagerly in the inputs'
-    precision.
+    The two products run in the inputs' precision (bfloat16 under bfloat16 autocast). On the CPU the score work
+    between them is one compiled loop where it pays (:func:`compiled_probabilities`); otherwise it runs eagerly.
 
     Parameters
     ----------
@@ -393,8 +392,11 @@ def attend_rows(q: Tensor, k: Tensor, v: Tensor, start: int, inputs: AttentionIn
 
 
 def compiles_scores(x: Tensor) -> bool:
-    """Whether attention over ``x`` (queries or products) computes its probabilities with the compiled loop."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu"
+    """Whether attention over ``x`` (queries or products) computes its probabilities with a compiled loop.
+
+    On the CPU, for bfloat16 and float32 products: the eager steps would take a large part of the time of attention.
+    """
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
 
 
 def probabilities(
@@ -448,13 +450,16 @@ def compiled_probabilities(
 ) -> Tensor:
     """:func:`probabilities` of the last ``R`` of ``K`` rows (``start = K - R``) as one compiled loop where it pays.
 
-    Used for bfloat16 products on the CPU, where the eager steps would take most of the time of attention. Without
-    gradients the loop is the :class:`ScoreLoop` package of these settings, compiled once per machine and loaded
-    from the user's cache folder (:class:`CachedScoreLoop`); with gradients (training) it is compiled by
-    ``torch.compile`` in each process. Wherever it cannot compile, it runs eagerly (warned once).
+    Used on the CPU (:func:`compiles_scores`). Without gradients the loop is the :class:`ScoreLoop` package of these
+    settings, compiled once per machine and loaded from the user's cache folder (:class:`CachedScoreLoop`); with
+    gradients (training) bfloat16 products go through ``torch.compile`` in each process and float32 ones run
+    eagerly. Wherever it cannot compile, it runs eagerly (warned once).
     """
-    if scores.requires_grad:
+    if scores.requires_grad and scores.dtype == torch.bfloat16:
         return _traced_probabilities(scores, count_bias, kv_is_pad, cap, embed_mode, sees_nothing, dtype)
+    if scores.requires_grad:
+        start = scores.shape[-1] - scores.shape[-2]
+        return probabilities(scores, count_bias, kv_is_pad, start, cap, embed_mode, sees_nothing, dtype)
     return cached_score_loop(cap, embed_mode, scores.dtype, dtype)(scores, count_bias, kv_is_pad, sees_nothing)
 
 
@@ -544,11 +549,13 @@ class CachedScoreLoop:
             self.eager_elements += scores.numel()
             if self.eager_elements > self.build_after:
                 self.build()
-        if self.loop is None:
+        if self.loop is None or count_bias.dtype != torch.float32:
             return self.module(scores, count_bias, kv_is_pad, sees_nothing)
         if sees_nothing is None:
             sees_nothing = torch.zeros(scores.shape[0], 1, scores.shape[2], 1, dtype=torch.bool)
-        return self.loop(scores, count_bias, kv_is_pad, sees_nothing)
+        # The compiled code indexes its inputs as laid out contiguously (the key slices of a row block are not)
+        inputs = (scores, count_bias, kv_is_pad, sees_nothing)
+        return self.loop(*(x.contiguous() for x in inputs))
 
     def build(self) -> None:
         """Compile the package into the cache folder and use it (eager from now on if that fails)."""
