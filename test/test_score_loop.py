@@ -88,7 +88,7 @@ def test_corrupt_package_warns_once_and_runs_eagerly(tmp_path):
 
 
 def test_without_a_cxx_compiler_the_build_fails_with_a_warning_and_runs_eagerly(tmp_path):
-    script = textwrap.dedent(f"""
+    script = f"""
         import warnings
         import torch
         from test_score_loop import eager, score_inputs
@@ -102,10 +102,45 @@ def test_without_a_cxx_compiler_the_build_fails_with_a_warning_and_runs_eagerly(
         assert torch.equal(first, eager(*inputs)) and torch.equal(second, first)
         assert loop.loop is None and loop.build_failed and not loop.path.exists()
         print([str(w.message) for w in caught])
-    """)
-    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler")}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    """
+    result = run_with_test_modules(script, {"CXX": str(tmp_path / "no-such-compiler")})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("could not be compiled") == 1 and "running uncompiled, slower" in result.stdout
     assert list(tmp_path.joinpath("compiled").iterdir()) == []  # the partial file removed
+
+
+def run_with_test_modules(script: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``script`` in a fresh process that imports this folder's modules."""
+    env = {
+        **os.environ,
+        **env,
+        "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True)
+
+
+@pytest.mark.slow  # compiles two packages, then the reference cells
+def test_float32_outputs_through_the_cached_compiled_loop_match_the_reference(tmp_path):
+    script = """
+        import numpy as np
+        import torch
+        import transcriptformer
+        from conftest import REFERENCE_DIR, REFERENCE_INPUT
+        from test_parity import OUTPUTS, assert_matches_reference
+        from test_score_loop import score_inputs
+        from transcriptformer.model.attention import CachedScoreLoop, cached_score_loop
+
+        for embed_mode in (True, False):  # the packages of the reference's softcap, compiled into the cache folder
+            CachedScoreLoop(10.0, embed_mode, torch.float32, torch.float32, build_after=0)(
+                *score_inputs(2, 2, 5, 9, seed=0, dtype=torch.float32)
+            )
+        model = transcriptformer.load(REFERENCE_DIR, device="cpu")
+        result = model.predict(REFERENCE_INPUT, batch_size=16, output_keys=OUTPUTS)
+        assert cached_score_loop.cache_info().currsize >= 1
+        assert cached_score_loop(10.0, True, torch.float32, torch.float32).loop is not None  # loaded, so used
+        with np.load(REFERENCE_DIR / "expected.npz") as expected:
+            assert_matches_reference(result, dict(expected))
+    """
+    result = run_with_test_modules(script, {"TRANSCRIPTFORMER_CACHE": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(tmp_path.joinpath("compiled").glob("attention_scores-*.pt2"))) == 2

@@ -81,7 +81,7 @@ def build_package(
 
     ``example_inputs`` fix the dtypes and the layout; every size named in ``dynamic_shapes`` may differ later.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # compiled code: the owner's alone
     fd, partial = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".pt2", dir=path.parent)
     os.close(fd)
     try:
