@@ -4,7 +4,7 @@ Builds a random-weight checkpoint of a named size (``bench_inference.SIZES``; ``
 whose vocabulary holds the genes of the real human cells, and runs ``python -m transcriptformer inference`` on the
 first N cells for each ``--cells`` count, each run a fresh process. bf16 and fp32 runs alternate; the best of
 ``--runs`` is reported (the CLI's line ``N cells in X s (Y cells/s)``, and the process wall time), with the bf16/fp32
-ratios and the load average.
+ratios and the load average. ``--threads N`` sets ``OMP_NUM_THREADS`` for both (default: the CLI's own choice).
 
 The compiled bf16 score loop is kept in the user's cache folder (``$TRANSCRIPTFORMER_CACHE``, else
 ``~/.cache/transcriptformer``). ``--empty-cache`` points the runs at a new, empty cache folder instead, as on a new
@@ -58,9 +58,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2047)
     parser.add_argument("--runs", type=int, default=2, help="runs of each precision per cell count (best reported)")
     parser.add_argument("--empty-cache", action="store_true", help="start from a new, empty cache folder")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: unset)")
     args = parser.parse_args()
 
     env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         if args.empty_cache:
             env["TRANSCRIPTFORMER_CACHE"] = str(Path(tmp) / "cache")
@@ -87,19 +90,30 @@ def main() -> None:
                     best[key] = max(best.get(key, (0.0, 0.0)), (speed, -wall))
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     cache = "a new, empty cache folder" if args.empty_cache else "the user's cache folder as it was"
-    print(f"\n{args.size} model, CPU, fresh processes, best of {args.runs}, {cache}; load average after: {load}")
-    print(
-        f"{'cells':>6} {'fp32 cells/s':>13} {'bf16 cells/s':>13} {'ratio':>6} {'first bf16':>11} {'ratio':>6}", end=""
-    )
-    print(f" {'fp32 wall s':>12} {'bf16 wall s':>12}")
-    for n_cells in args.cells:
+    threads = f"OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'unset')}"
+    print(f"\n{args.size} model, CPU, {threads}, fresh processes, best of {args.runs}, {cache}")
+    print(f"load average after the runs: {load}")
+    print_table(args.cells, best, first_bf16)
+
+
+def print_table(
+    cell_counts: list[int], best: dict[tuple[int, str], tuple[float, float]], first_bf16: dict[int, float]
+) -> None:
+    """One row per cell count: best cells/s of each precision, their ratio, the first bf16 run's, best walls."""
+    columns = ("cells", "fp32 cells/s", "bf16 cells/s", "ratio", "first bf16", "ratio", "fp32 wall s", "bf16 wall s")
+    print(" ".join(f"{name:>12}" for name in columns))
+    for n_cells in cell_counts:
         (fp32, fp32_wall), (bf16, bf16_wall) = best[n_cells, "32"], best[n_cells, "bf16-mixed"]
         first = first_bf16[n_cells]
-        print(
-            f"{n_cells:>6} {fp32:>13.2f} {bf16:>13.2f} {bf16 / fp32:>5.2f}x {first:>11.2f} {first / fp32:>5.2f}x",
-            end="",
+        row = (
+            f"{n_cells}",
+            f"{fp32:.2f}",
+            f"{bf16:.2f}",
+            f"{bf16 / fp32:.2f}x",
+            f"{first:.2f}",
+            f"{first / fp32:.2f}x",
         )
-        print(f" {-fp32_wall:>12.1f} {-bf16_wall:>12.1f}")
+        print(" ".join(f"{value:>12}" for value in (*row, f"{-fp32_wall:.1f}", f"{-bf16_wall:.1f}")))
 
 
 if __name__ == "__main__":
