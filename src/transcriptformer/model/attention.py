@@ -487,7 +487,7 @@ class ScoreLoop(nn.Module):
 
     def example_inputs(self, scores_dtype: torch.dtype) -> tuple[Tensor, ...]:
         """Inputs that fix dtypes and layout for the export (every size stays dynamic)."""
-        batch, heads, rows, keys = 2, 3, 5, 7
+        batch, heads, rows, keys = 4, 8, 64, 2048
         sees_nothing = torch.zeros(batch, 1, rows, 1, dtype=torch.bool)
         padding = torch.zeros(batch, keys, dtype=torch.bool)
         return (
