@@ -121,11 +121,11 @@ BYTES_PER_POSITION_PER_VOCAB = 14.0
 MEMORY_HEADROOM = 0.85
 # CPU flags (Linux /proc/cpuinfo) of bfloat16 matrix instructions, fastest first, and their names.
 CPU_BF16_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}
-# When bf16-mixed beats precision 32 on such a CPU (the CLI, fresh processes, mid-size model: 0.38x at 16 cells,
-# 0.86x at 64, 1.42x at 256; benchmarks/README.md).
+# When bf16-mixed beats precision 32 on such a CPU (the CLI, fresh processes, mid-size model, 2 threads, the compiled
+# score loops in the cache folder: 1.37x at 16 cells, 1.46x at 256; benchmarks/README.md, benchmarks/bf16_cli.py).
 BF16_PAYS = (
-    "bf16-mixed runs matrix products in bf16; it pays from a few hundred cells a run: each process first compiles "
-    "its attention loop for seconds"
+    "bf16-mixed runs matrix products in bf16, faster than 32 from a few cells on; the attention's score loop is "
+    "compiled once per machine, by the first run of more than about 30 cells, and kept in the cache folder"
 )
 
 

@@ -1,4 +1,4 @@
-"""Where and how the model runs: the device, the numeric precision and the CPU threads.
+"""Where and how the model runs: the device, the numeric precision, the CPU threads and the user's cache folder.
 
 This module is at the bottom of the package (it imports nothing of it) and imports torch only when a function
 needs it, so that the command line can offer these choices without loading torch.
@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -23,6 +24,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 Backend = Literal["auto", "flex", "chunked", "dense"]
 BACKENDS: tuple[Backend, ...] = ("auto", "flex", "chunked", "dense")
+# The environment variable that moves the user's cache folder (published checkpoints, compiled code).
+CACHE_ENV = "TRANSCRIPTFORMER_CACHE"
 # Environment variables that set torch's CPU threads, as torch reads them: the first one set wins.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -226,3 +229,11 @@ def torch_threads_kept() -> Iterator[None]:
     finally:
         if threads is not None:
             torch.set_num_threads(threads)
+
+
+def default_cache_dir() -> Path:
+    """``$TRANSCRIPTFORMER_CACHE``, else the platform's user cache folder for ``transcriptformer``."""
+    import platformdirs
+
+    configured = os.environ.get(CACHE_ENV)
+    return Path(configured).expanduser() if configured else Path(platformdirs.user_cache_dir("transcriptformer"))

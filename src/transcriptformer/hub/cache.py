@@ -14,28 +14,21 @@ platform (through ``platformdirs``): ``~/.cache/transcriptformer`` on Linux (``$
 from __future__ import annotations
 
 import difflib
-import os
 from pathlib import Path
 
-import platformdirs
 from filelock import FileLock
 
 from transcriptformer.errors import UserError
 from transcriptformer.hub.artifacts import ARTIFACTS, Artifact, download_artifact, is_complete
+from transcriptformer.runtime import CACHE_ENV as CACHE_ENV
+from transcriptformer.runtime import default_cache_dir
 
-CACHE_ENV = "TRANSCRIPTFORMER_CACHE"
 LOCKS_DIR = ".locks"
 MODELS: tuple[str, ...] = tuple(name for name, artifact in ARTIFACTS.items() if artifact.is_model)
 
 
 class CheckpointNotFoundError(UserError, FileNotFoundError):
     """Neither a checkpoint folder nor the name of a published model."""
-
-
-def default_cache_dir() -> Path:
-    """``$TRANSCRIPTFORMER_CACHE``, else the platform's user cache folder for ``transcriptformer``."""
-    configured = os.environ.get(CACHE_ENV)
-    return Path(configured).expanduser() if configured else Path(platformdirs.user_cache_dir("transcriptformer"))
 
 
 def resolve_checkpoint(name_or_path: str | Path, cache_dir: str | Path | None = None) -> Path:

@@ -29,11 +29,14 @@ build.
 from __future__ import annotations
 
 import functools
+import hashlib
+import inspect
 import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -41,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from transcriptformer.model import aot
 from transcriptformer.runtime import BACKENDS, Backend
 
 # Block size of flex attention's block masks.
@@ -340,7 +344,7 @@ def attend_row_blocks(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) 
     keys = k.shape[2]
     first = keys - rows
     bound = inputs.max_score_elements
-    if bound is not None and compiles_scores(q):
+    if bound is not None and q.dtype == torch.bfloat16 and compiles_scores(q):
         # The compiled loop's bfloat16 scores and probabilities take half the memory of the eager float32 ones;
         # larger blocks also spare the bfloat16 products copies of their key blocks (one per block)
         bound *= 2
@@ -359,8 +363,8 @@ def attend_rows(q: Tensor, k: Tensor, v: Tensor, start: int, inputs: AttentionIn
     """Attention of the query rows ``start .. start + R - 1`` over the keys ``0 .. start + R - 1``.
 
     The one implementation of the score rule for the chunked backend and for decoding with a key/value cache.
-    Under bfloat16 autocast on the CPU, the two products run in bfloat16 and the score work between them is one
-    compiled loop (:func:`compiled_probabilities`); otherwise everything runs eagerly in the inputs' precision.
+    The two products run in the inputs' precision (bfloat16 under bfloat16 autocast). On the CPU the score work
+    between them is one compiled loop where it pays (:func:`compiled_probabilities`); otherwise it runs eagerly.
 
     Parameters
     ----------
@@ -378,15 +382,21 @@ def attend_rows(q: Tensor, k: Tensor, v: Tensor, start: int, inputs: AttentionIn
     scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, R, K)
     q_idx = torch.arange(start, stop, device=q.device)[:, None]  # (R, 1)
     sees_nothing = q_idx < _first_visible_key(kv_is_pad)[:, None, None, None]  # (B, 1, R, 1): all -inf rows
-    score_args = (inputs.count_bias[:, :stop], kv_is_pad, start, inputs.softcap, inputs.embed_mode)
-    probabilities_of = compiled_probabilities if compiles_scores(scores) else probabilities
-    probs = probabilities_of(scores, *score_args, sees_nothing if sees_nothing.any() else None, v.dtype)
+    score_args = (inputs.count_bias[:, :stop], kv_is_pad, inputs.softcap, inputs.embed_mode)
+    sees_nothing = sees_nothing if sees_nothing.any() else None
+    if compiles_scores(scores):
+        probs = compiled_probabilities(scores, *score_args, sees_nothing, v.dtype)
+    else:
+        probs = probabilities(scores, score_args[0], kv_is_pad, start, *score_args[2:], sees_nothing, v.dtype)
     return torch.matmul(probs, v)
 
 
 def compiles_scores(x: Tensor) -> bool:
-    """Whether attention over ``x`` (queries or products) computes its probabilities with the compiled loop."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu"
+    """Whether attention over ``x`` (queries or products) computes its probabilities with a compiled loop.
+
+    On the CPU, for bfloat16 and float32 products: the eager steps would take a large part of the time of attention.
+    """
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
 
 
 def probabilities(
@@ -429,19 +439,148 @@ def probabilities(
     return probs.masked_fill(sees_nothing, 0.0).to(dtype)
 
 
-def compiled_probabilities(scores: Tensor, *args) -> Tensor:
-    """:func:`probabilities` compiled into one loop over the scores (torch.compile; eager where it cannot compile).
+def compiled_probabilities(
+    scores: Tensor,
+    count_bias: Tensor,
+    kv_is_pad: Tensor,
+    cap: float,
+    embed_mode: bool,
+    sees_nothing: Tensor | None,
+    dtype: torch.dtype,
+) -> Tensor:
+    """:func:`probabilities` of the last ``R`` of ``K`` rows (``start = K - R``) as one compiled loop where it pays.
 
-    Used for bfloat16 products on the CPU, where the eager steps would take most of the time of attention.
+    Used on the CPU (:func:`compiles_scores`). Without gradients the loop is the :class:`ScoreLoop` package of these
+    settings, compiled once per machine and loaded from the user's cache folder (:class:`CachedScoreLoop`); with
+    gradients (training) bfloat16 products go through ``torch.compile`` in each process and float32 ones run
+    eagerly. Wherever it cannot compile, it runs eagerly (warned once).
     """
+    if scores.requires_grad and scores.dtype == torch.bfloat16:
+        return _traced_probabilities(scores, count_bias, kv_is_pad, cap, embed_mode, sees_nothing, dtype)
+    if scores.requires_grad:
+        start = scores.shape[-1] - scores.shape[-2]
+        return probabilities(scores, count_bias, kv_is_pad, start, cap, embed_mode, sees_nothing, dtype)
+    return cached_score_loop(cap, embed_mode, scores.dtype, dtype)(scores, count_bias, kv_is_pad, sees_nothing)
+
+
+# Score work (batch x heads x query rows x keys) that a process computes eagerly before it builds the compiled
+# loop whose package the cache folder lacks: a short run does not pay the build (about 20 s of CPU), a longer one
+# builds it once for every later process.
+BUILD_SCORE_LOOP_AFTER = 2_000_000_000
+
+
+class ScoreLoop(nn.Module):
+    """:func:`probabilities` with constant settings, in the form that is exported and compiled ahead of time.
+
+    The first row is derived from the shapes (``start = K - R``, as in every call of :func:`attend_rows`), so the
+    loop takes tensors only and every size may change from call to call; ``sees_nothing`` is always a tensor.
+    """
+
+    def __init__(self, cap: float, embed_mode: bool, dtype: torch.dtype):
+        super().__init__()
+        self.cap, self.embed_mode, self.dtype = cap, embed_mode, dtype
+
+    def forward(self, scores: Tensor, count_bias: Tensor, kv_is_pad: Tensor, sees_nothing: Tensor | None) -> Tensor:
+        """:func:`probabilities` of the last ``R`` of the ``K`` rows of ``scores``."""
+        start = scores.shape[-1] - scores.shape[-2]
+        return probabilities(scores, count_bias, kv_is_pad, start, self.cap, self.embed_mode, sees_nothing, self.dtype)
+
+    def example_inputs(self, scores_dtype: torch.dtype) -> tuple[Tensor, ...]:
+        """Inputs that fix dtypes and layout for the export (every size stays dynamic)."""
+        batch, heads, rows, keys = 4, 8, 64, 2048
+        sees_nothing = torch.zeros(batch, 1, rows, 1, dtype=torch.bool)
+        padding = torch.zeros(batch, keys, dtype=torch.bool)
+        return (
+            torch.zeros(batch, heads, rows, keys, dtype=scores_dtype),
+            torch.zeros(batch, keys),
+            padding,
+            sees_nothing,
+        )
+
+    @staticmethod
+    def dynamic_shapes() -> tuple[dict[int, object], ...]:
+        """Batch, heads, rows and keys dynamic, the same names where two inputs share a size."""
+        dim = torch.export.Dim
+        batch, heads, rows, keys = dim("batch"), dim("heads"), dim("rows"), dim("keys")
+        return {0: batch, 1: heads, 2: rows, 3: keys}, {0: batch, 1: keys}, {0: batch, 1: keys}, {0: batch, 2: rows}
+
+
+class CachedScoreLoop:
+    """The compiled :class:`ScoreLoop` of one setting, kept across processes in the user's cache folder.
+
+    Loaded (milliseconds) when the cache folder holds it; otherwise the scores run eagerly until this process has
+    computed ``build_after`` score elements, then the package is compiled, saved (:mod:`transcriptformer.model.aot`)
+    and used. A loop that cannot be built or loaded runs eagerly, warned once.
+
+    Parameters
+    ----------
+    cap, embed_mode, dtype
+        The constant settings of :func:`probabilities`.
+    scores_dtype : torch.dtype
+        Dtype of the products.
+    cache_dir : str or Path, optional
+        The cache folder; :func:`transcriptformer.runtime.default_cache_dir` when omitted.
+    build_after : int
+        Score elements computed eagerly before a missing package is built.
+    """
+
+    def __init__(
+        self,
+        cap: float,
+        embed_mode: bool,
+        scores_dtype: torch.dtype,
+        dtype: torch.dtype,
+        cache_dir: str | Path | None = None,
+        build_after: int = BUILD_SCORE_LOOP_AFTER,
+    ):
+        self.module = ScoreLoop(cap, embed_mode, dtype)
+        self.scores_dtype = scores_dtype
+        sources = [inspect.getsource(f) for f in (probabilities, softcap_, ScoreLoop)]
+        settings = [hashlib.sha256("".join(sources).encode()).hexdigest(), cap, embed_mode, scores_dtype, dtype]
+        self.path = aot.package_path("attention_scores", settings, cache_dir)
+        self.loop = aot.load_package(self.path)
+        self.build_after = build_after
+        self.eager_elements = 0
+        self.build_failed = False
+
+    def __call__(self, scores: Tensor, count_bias: Tensor, kv_is_pad: Tensor, sees_nothing: Tensor | None) -> Tensor:
+        """:func:`probabilities` of the last ``R`` of the ``K`` rows of ``scores``: compiled, else eagerly."""
+        if self.loop is None and not self.build_failed:
+            self.eager_elements += scores.numel()
+            if self.eager_elements > self.build_after:
+                self.build()
+        if self.loop is None or count_bias.dtype != torch.float32:
+            return self.module(scores, count_bias, kv_is_pad, sees_nothing)
+        if sees_nothing is None:
+            sees_nothing = torch.zeros(scores.shape[0], 1, scores.shape[2], 1, dtype=torch.bool)
+        # The compiled code indexes its inputs as laid out contiguously (the key slices of a row block are not)
+        inputs = (scores, count_bias, kv_is_pad, sees_nothing)
+        return self.loop(*(x.contiguous() for x in inputs))
+
+    def build(self) -> None:
+        """Compile the package into the cache folder and use it (eager from now on if that fails)."""
+        inputs = self.module.example_inputs(self.scores_dtype)
+        self.loop = aot.build_package(self.module, inputs, ScoreLoop.dynamic_shapes(), self.path)
+        self.build_failed = self.loop is None
+
+
+@functools.cache
+def cached_score_loop(cap: float, embed_mode: bool, scores_dtype: torch.dtype, dtype: torch.dtype) -> CachedScoreLoop:
+    """The :class:`CachedScoreLoop` of these settings in the user's cache folder (one per process)."""
+    return CachedScoreLoop(cap, embed_mode, scores_dtype, dtype)
+
+
+def _traced_probabilities(scores: Tensor, count_bias: Tensor, kv_is_pad: Tensor, *args) -> Tensor:
+    """:func:`probabilities` of the last rows compiled by ``torch.compile`` (with gradients); eager where it fails."""
     global _compile_failed
+    start = scores.shape[-1] - scores.shape[-2]
     if not _compile_failed:
         try:
-            return _compiled_probabilities()(scores, *args)
+            return _compiled_probabilities()(scores, count_bias, kv_is_pad, start, *args)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             _compile_failed = True
             warnings.warn(f"bf16 attention runs uncompiled, slower: torch.compile failed ({error})", stacklevel=2)
-    return probabilities(scores, *args)
+    return probabilities(scores, count_bias, kv_is_pad, start, *args)
 
 
 _compile_failed = False
