@@ -15,6 +15,7 @@ Examples::
 """
 
 import argparse
+import os
 import resource
 import tempfile
 import time
@@ -45,6 +46,22 @@ SAPIENS_VOCAB = 23_829
 DTYPES = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
 # The same precisions as named by PredictConfig (the batch loop then applies the same autocast).
 PRECISION_NAMES = {"32": "32", "bf16": "bf16-mixed", "16": "16-mixed"}
+
+
+def add_cli_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the scripts that time fresh command-line processes: the cells, the model size, the threads."""
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="real cells with raw counts, var['ensembl_id']")
+    parser.add_argument("--size", default="mid")
+    parser.add_argument("--seq-len", type=int, default=2047)
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every run (default: unset)")
+
+
+def environment_with_threads(threads: int | None) -> dict[str, str]:
+    """The environment of this process, with ``OMP_NUM_THREADS`` set to ``threads`` when given."""
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
 
 
 def build_checkpoint(size: str, gene_ids: list[str], directory: Path, seq_len: int) -> Path:

@@ -29,7 +29,7 @@ from pathlib import Path
 import anndata as ad
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_inference import DEFAULT_DATA, build_checkpoint, gene_ids_of  # noqa: E402
+from bench_inference import add_cli_run_arguments, build_checkpoint, environment_with_threads, gene_ids_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS_PER_S = re.compile(r"(\d+) cells in ([\d.]+) s \(([\d.]+) cells/s\)")
@@ -52,18 +52,13 @@ def run_inference(command: list[str], env: dict[str, str], log: Path) -> tuple[f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="real cells with raw counts, var['ensembl_id']")
+    add_cli_run_arguments(parser)
     parser.add_argument("--cells", type=int, nargs="+", default=[16, 64, 256], help="cell counts, one table row each")
-    parser.add_argument("--size", default="mid")
-    parser.add_argument("--seq-len", type=int, default=2047)
     parser.add_argument("--runs", type=int, default=2, help="runs of each precision per cell count (best reported)")
     parser.add_argument("--empty-cache", action="store_true", help="start from a new, empty cache folder")
-    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: unset)")
     args = parser.parse_args()
 
-    env = dict(os.environ)
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    env = environment_with_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         if args.empty_cache:
             env["TRANSCRIPTFORMER_CACHE"] = str(Path(tmp) / "cache")

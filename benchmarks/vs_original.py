@@ -43,7 +43,7 @@ from pathlib import Path
 import anndata as ad
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_inference import DEFAULT_DATA, build_checkpoint, gene_ids_of  # noqa: E402
+from bench_inference import add_cli_run_arguments, build_checkpoint, environment_with_threads, gene_ids_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL_CACHED = "original 0.6.1, cached kernels"
@@ -65,17 +65,12 @@ def measure(argv: list[str], env: dict[str, str], log: Path) -> tuple[float, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--original", required=True, help="the original release's transcriptformer executable")
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="real cells with raw counts, var['ensembl_id']")
+    add_cli_run_arguments(parser)
     parser.add_argument("--cells", type=int, default=16)
-    parser.add_argument("--size", default="mid")
-    parser.add_argument("--seq-len", type=int, default=2047)
     parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: unset)")
     args = parser.parse_args()
 
-    env = dict(os.environ)
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    env = environment_with_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         cells = ad.read_h5ad(args.data)[: args.cells].copy()
         cells.obs["sample"] = Path(args.data).stem  # the original writes no output for cells without obs columns
