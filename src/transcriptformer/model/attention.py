@@ -344,7 +344,7 @@ def attend_row_blocks(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) 
     keys = k.shape[2]
     first = keys - rows
     bound = inputs.max_score_elements
-    if bound is not None and q.dtype == torch.bfloat16 and compiles_scores(q):
+    if bound is not None and compiles_scores(q):
         # The compiled loop's bfloat16 scores and probabilities take half the memory of the eager float32 ones;
         # larger blocks also spare the bfloat16 products copies of their key blocks (one per block)
         bound *= 2
@@ -394,9 +394,11 @@ def attend_rows(q: Tensor, k: Tensor, v: Tensor, start: int, inputs: AttentionIn
 def compiles_scores(x: Tensor) -> bool:
     """Whether attention over ``x`` (queries or products) computes its probabilities with a compiled loop.
 
-    On the CPU, for bfloat16 and float32 products: the eager steps would take a large part of the time of attention.
+    For bfloat16 products on the CPU, where the eager steps would take most of the time of attention. float32 runs
+    the eager steps always: its numbers then depend neither on the cache folder's packages nor on how a run was
+    split into processes or resumed (the compiled loop agrees with them within float32 rounding, not bit for bit).
     """
-    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16
 
 
 def probabilities(
@@ -450,16 +452,13 @@ def compiled_probabilities(
 ) -> Tensor:
     """:func:`probabilities` of the last ``R`` of ``K`` rows (``start = K - R``) as one compiled loop where it pays.
 
-    Used on the CPU (:func:`compiles_scores`). Without gradients the loop is the :class:`ScoreLoop` package of these
-    settings, compiled once per machine and loaded from the user's cache folder (:class:`CachedScoreLoop`); with
-    gradients (training) bfloat16 products go through ``torch.compile`` in each process and float32 ones run
-    eagerly. Wherever it cannot compile, it runs eagerly (warned once).
+    Used for bfloat16 products on the CPU (:func:`compiles_scores`). Without gradients the loop is the
+    :class:`ScoreLoop` package of these settings, compiled once per machine and loaded from the user's cache folder
+    (:class:`CachedScoreLoop`); with gradients (training) it goes through ``torch.compile`` in each process. Wherever
+    it cannot compile, it runs eagerly (warned once).
     """
-    if scores.requires_grad and scores.dtype == torch.bfloat16:
-        return _traced_probabilities(scores, count_bias, kv_is_pad, cap, embed_mode, sees_nothing, dtype)
     if scores.requires_grad:
-        start = scores.shape[-1] - scores.shape[-2]
-        return probabilities(scores, count_bias, kv_is_pad, start, cap, embed_mode, sees_nothing, dtype)
+        return _traced_probabilities(scores, count_bias, kv_is_pad, cap, embed_mode, sees_nothing, dtype)
     return cached_score_loop(cap, embed_mode, scores.dtype, dtype)(scores, count_bias, kv_is_pad, sees_nothing)
 
 
