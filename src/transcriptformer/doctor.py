@@ -122,7 +122,7 @@ MEMORY_HEADROOM = 0.85
 # CPU flags (Linux /proc/cpuinfo) of bfloat16 matrix instructions, fastest first, and their names.
 CPU_BF16_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}
 # When bf16-mixed beats precision 32 on such a CPU (the CLI, fresh processes, mid-size model, 2 threads, quiet
-# machine: 1.22x at 16 cells uncompiled, 1.49x at 256 with the compiled score loops in the cache folder;
+# machine: 1.16x at 16 cells uncompiled, 1.67x at 256 with the compiled bf16 score loop in the cache folder;
 # benchmarks/README.md, benchmarks/bf16_cli.py).
 BF16_PAYS = (
     "bf16-mixed runs matrix products in bf16, faster than 32 from a few cells on; the attention's score loop is "
