@@ -51,6 +51,13 @@ def one_line(error: BaseException) -> str:
     return message
 
 
+def refusal(error: BaseException, words) -> None:
+    """Record a refused input and check that its one-line message names one of ``words`` (a setting or the subject)."""
+    message = one_line(error)
+    event("refused")
+    assert any(word in message for word in words), message
+
+
 def finite(values) -> bool:
     """Whether the numbers of a table or an array are finite where they are not NaN (NaN marks a missing value)."""
     if isinstance(values, pd.DataFrame):
@@ -99,9 +106,7 @@ def test_perturb_returns_finite_effects_or_a_clear_error(model, cells, settings)
     try:
         result = model.perturb(cells[:3].copy(), **settings)
     except (UserError, ValueError, KeyError) as error:
-        message = one_line(error)
-        event("refused")
-        assert any(word in message for word in (*settings, "gene")), message
+        refusal(error, (*settings, "gene"))
         return
     event("perturbed")
     assert settings.get("knock_out") or settings.get("over_express"), "a run without perturbations must be refused"
@@ -158,9 +163,7 @@ def test_annotate_returns_finite_confidences_or_a_clear_error(model, cells, sett
     try:
         table = model.annotate(query, reference, label_key, **settings)
     except (UserError, ValueError, KeyError) as error:
-        message = one_line(error)
-        event("refused")
-        assert any(word in message for word in (*settings, "label")), message
+        refusal(error, (*settings, "label"))
         return
     event("annotated")
     assert label_key == "cell_type" and labels != "all_nan"
