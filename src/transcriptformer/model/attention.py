@@ -382,12 +382,12 @@ def attend_rows(q: Tensor, k: Tensor, v: Tensor, start: int, inputs: AttentionIn
     scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, R, K)
     q_idx = torch.arange(start, stop, device=q.device)[:, None]  # (R, 1)
     sees_nothing = q_idx < _first_visible_key(kv_is_pad)[:, None, None, None]  # (B, 1, R, 1): all -inf rows
-    score_args = (inputs.count_bias[:, :stop], kv_is_pad, inputs.softcap, inputs.embed_mode)
+    count_bias, cap, embed_mode = inputs.count_bias[:, :stop], inputs.softcap, inputs.embed_mode
     sees_nothing = sees_nothing if sees_nothing.any() else None
-    if compiles_scores(scores):
-        probs = compiled_probabilities(scores, *score_args, sees_nothing, v.dtype)
+    if compiles_scores(scores):  # the first row is derived from the shapes there (start = K - R)
+        probs = compiled_probabilities(scores, count_bias, kv_is_pad, cap, embed_mode, sees_nothing, v.dtype)
     else:
-        probs = probabilities(scores, score_args[0], kv_is_pad, start, *score_args[2:], sees_nothing, v.dtype)
+        probs = probabilities(scores, count_bias, kv_is_pad, start, cap, embed_mode, sees_nothing, v.dtype)
     return torch.matmul(probs, v)
 
 
